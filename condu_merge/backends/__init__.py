@@ -1,0 +1,96 @@
+"""Backend registry and the ``backend="auto"`` dispatch.
+
+A backend implements :class:`~condu_merge.backends.base.MergeBackend` on flat tensors. Register
+one with :func:`register_backend`; built-in optional backends are imported lazily, so a missing
+optional dependency (triton, numba) only makes that backend unavailable.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+import torch
+
+from .base import FlatMergeResult, MergeBackend, opmath_dtype, opmath_scalar
+from .torch_backend import TorchBackend
+
+__all__ = [
+    "FlatMergeResult",
+    "MergeBackend",
+    "TorchBackend",
+    "available_backends",
+    "get_backend",
+    "register_backend",
+    "resolve_backend",
+    "opmath_dtype",
+    "opmath_scalar",
+]
+
+# name -> factory, or "module:attr" imported on first use
+_FACTORIES: dict[str, Callable[[], MergeBackend] | str] = {"torch": TorchBackend}
+_INSTANCES: dict[str, MergeBackend | None] = {}
+
+# What "auto" tries, in order, per device type; the first available one that supports the device wins.
+AUTO_ORDER: dict[str, list[str]] = {"cuda": ["torch"], "cpu": ["torch"]}
+
+
+def register_backend(name: str, factory: Callable[[], MergeBackend] | str, *, auto_for: dict[str, int] | None = None) -> None:
+    """Register ``factory`` (a callable or a ``"module:attr"`` string) under ``name``.
+
+    ``auto_for`` maps a device type to the position ``name`` takes in that type's auto order.
+    """
+    _FACTORIES[name] = factory
+    _INSTANCES.pop(name, None)
+    for dev, pos in (auto_for or {}).items():
+        order = AUTO_ORDER.setdefault(dev, ["torch"])
+        if name in order:
+            order.remove(name)
+        order.insert(pos, name)
+
+
+def _instance(name: str) -> MergeBackend | None:
+    if name not in _INSTANCES:
+        factory = _FACTORIES.get(name)
+        if factory is None:
+            return None
+        try:
+            if isinstance(factory, str):
+                mod, _, attr = factory.partition(":")
+                factory = getattr(importlib.import_module(mod), attr)
+            inst = factory()
+            _INSTANCES[name] = inst if inst.available() else None
+        except ImportError:
+            _INSTANCES[name] = None
+    return _INSTANCES[name]
+
+
+def available_backends() -> list[str]:
+    """Names of the registered backends that can run in this environment."""
+    return [n for n in _FACTORIES if _instance(n) is not None]
+
+
+def get_backend(name: str) -> MergeBackend:
+    """The backend registered as ``name``; a clear error if unknown or unavailable here."""
+    if name not in _FACTORIES:
+        raise ValueError(f"unknown backend {name!r}; registered: {sorted(_FACTORIES)}")
+    inst = _instance(name)
+    if inst is None:
+        raise RuntimeError(f"backend {name!r} is not available here (its optional dependency is missing)")
+    return inst
+
+
+def resolve_backend(backend: str | MergeBackend, device: torch.device) -> MergeBackend:
+    """Turn a ``backend=`` argument into a backend object for tensors on ``device``."""
+    if not isinstance(backend, str):
+        return backend
+    if backend != "auto":
+        inst = get_backend(backend)
+        if not inst.supports(device):
+            raise ValueError(f"backend {backend!r} does not run on {device.type} tensors")
+        return inst
+    for name in AUTO_ORDER.get(device.type, ["torch"]):
+        inst = _instance(name)
+        if inst is not None and inst.supports(device):
+            return inst
+    return get_backend("torch")

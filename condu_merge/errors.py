@@ -1,0 +1,42 @@
+"""Exception types. Every message names the key, the task and (where there is one) the file."""
+
+from __future__ import annotations
+
+
+class ConduError(Exception):
+    """Base class of every error raised on purpose by condu-merge."""
+
+
+class MergeInputError(ConduError, ValueError):
+    """The deltas handed to a merge are unusable (empty, mismatched, non-float, non-finite)."""
+
+
+class KeyMismatchError(MergeInputError):
+    """Two tasks (or a task and the session) do not have the same tensor names."""
+
+
+class ShapeMismatchError(MergeInputError):
+    """A tensor's shape differs between tasks."""
+
+
+class DtypeMismatchError(MergeInputError):
+    """A tensor's dtype differs between tasks, or is not floating point."""
+
+
+class NonFiniteError(MergeInputError):
+    """A delta holds NaN or Inf."""
+
+
+class DuplicateTaskError(ConduError, ValueError):
+    """A task name is already used in the session."""
+
+
+class UnknownTaskError(ConduError, KeyError):
+    """No task of that name in the session."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0]) if self.args else ""
+
+
+class FormatError(ConduError, ValueError):
+    """A file is corrupt, truncated, of an unknown format version, or not ours."""

@@ -1,0 +1,84 @@
+"""``ContinualMerger``: a continual ConDU session held in memory."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+from .backends import MergeBackend
+from .core import RESCALER_MODES, add_task as _add_task, decouple as _decouple
+from .errors import DuplicateTaskError, UnknownTaskError
+from .trigger import TaskTrigger
+
+
+class ContinualMerger:
+    """A continual session: the unified delta ``u`` plus one :class:`TaskTrigger` per task.
+
+    Each :meth:`add_task` is one session of the paper (decouple every earlier expert, unify them
+    with the new delta), computed without materialising experts. A failed ``add_task`` (bad
+    input, NaN, …) leaves the merger exactly as it was.
+    """
+
+    def __init__(self, rescaler: str = "tensor_mean", *, backend: str | MergeBackend = "auto"):
+        if rescaler not in RESCALER_MODES:
+            raise ValueError(f"unknown rescaler {rescaler!r}; choose one of {RESCALER_MODES}")
+        self.rescaler = rescaler
+        self.backend = backend
+        self._unified: dict[str, torch.Tensor] = {}
+        self._triggers: list[TaskTrigger] = []
+
+    # ------------------------------------------------------------------ state
+    @property
+    def task_names(self) -> list[str]:
+        """Task names in the order they were added."""
+        return [t.task for t in self._triggers]  # type: ignore[misc]
+
+    @property
+    def unified(self) -> dict[str, torch.Tensor]:
+        """The unified delta ``u`` (a new dict each call; the tensors are the session's own)."""
+        return dict(self._unified)
+
+    @property
+    def triggers(self) -> list[TaskTrigger]:
+        return list(self._triggers)
+
+    def trigger(self, name: str) -> TaskTrigger:
+        return self._triggers[self._index(name)]
+
+    def __len__(self) -> int:
+        return len(self._triggers)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.task_names
+
+    def _index(self, name: str) -> int:
+        try:
+            return self.task_names.index(name)
+        except ValueError:
+            raise UnknownTaskError(f"no task {name!r} in this session; tasks: {self.task_names}") from None
+
+    # ------------------------------------------------------------------ operations
+    def add_task(self, name: str, delta: Mapping[str, torch.Tensor]) -> TaskTrigger:
+        """Fold task ``name`` with ``delta`` (``θ_t − θ_0``) into the session; returns its trigger.
+
+        The earlier tasks' masks and rescalers are updated too, as the method prescribes.
+        """
+        if not isinstance(name, str) or not name:
+            raise ValueError("a task name must be a non-empty string")
+        if name in self.task_names:
+            raise DuplicateTaskError(f"task {name!r} is already in this session; task names are unique")
+        unified, triggers = _add_task(
+            self._unified, self._triggers, delta, rescaler=self.rescaler, backend=self.backend, task_name=name
+        )
+        # commit only after everything succeeded
+        self._unified, self._triggers = unified, triggers
+        return triggers[-1]
+
+    def decouple(self, name: str, *, base: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Task ``name``'s reconstructed delta ``λ M ⊙ u``; with ``base``, its full expert ``θ_0 + δ̃``."""
+        return _decouple(self._unified, self._triggers[self._index(name)], base=base, backend=self.backend)
+
+    def __repr__(self) -> str:
+        n = sum(t.numel() for t in self._unified.values())
+        return f"ContinualMerger(tasks={self.task_names}, tensors={len(self._unified)}, params={n}, rescaler={self.rescaler!r})"
