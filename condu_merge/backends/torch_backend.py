@@ -64,7 +64,7 @@ class TorchBackend:
         for s in range(0, N, self.chunk):
             e = min(N, s + self.chunk)
             D = torch.stack([d[s:e] for d in deltas])  # [n, C]: one chunk, never a whole tensor
-            total = D[0].to(torch.float64)
+            total = D[0].to(torch.float64, copy=True)  # D[0] itself when D is float64
             for i in range(1, n):  # task order, float64: the documented election sum
                 total += D[i]
             pos = (total > 0).unsqueeze(0)

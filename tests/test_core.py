@@ -1,0 +1,374 @@
+"""Unit tests of the exact ConDU rules (issue 2), by hand and against tests/reference.py."""
+
+import math
+import warnings
+
+import pytest
+import torch
+
+from condu_merge import (
+    ContinualMerger,
+    DtypeMismatchError,
+    DuplicateTaskError,
+    KeyMismatchError,
+    MergeInputError,
+    NonFiniteError,
+    RescalerWarning,
+    TaskTrigger,
+    pack_mask,
+    ShapeMismatchError,
+    UnknownTaskError,
+    add_task,
+    apply_delta,
+    decouple,
+    delta_from_state_dicts,
+    unify,
+)
+from condu_merge.backends import TorchBackend
+
+from reference import ref_decouple, ref_lambda, ref_unify
+
+
+def sd(**kw):
+    return {k: torch.tensor(v, dtype=torch.float32) for k, v in kw.items()}
+
+
+# ----------------------------------------------------------------------------- rules by hand
+
+def test_hand_example_sign_mask_max():
+    d1 = sd(w=[1.0, -2.0, 3.0, 0.0, 1.0])
+    d2 = sd(w=[2.0, 1.0, -1.0, 0.0, -1.0])
+    u, (t1, t2) = unify([d1, d2])
+    # sums: 3, -1, 2, 0 (-> -1), 0 (-> -1)
+    assert u["w"].tolist() == [2.0, -2.0, 3.0, 0.0, -1.0]
+    assert t1.mask("w").tolist() == [True, True, True, False, False]
+    assert t2.mask("w").tolist() == [True, False, False, False, True]
+
+
+def test_exact_zero_sum_elects_minus():
+    with pytest.warns(RescalerWarning, match="task #0"):
+        u, (a, b) = unify([sd(w=[2.0]), sd(w=[-2.0])])
+    assert u["w"].item() == -2.0
+    assert not a.mask("w").item() and b.mask("w").item()
+
+
+def test_ties_in_magnitude():
+    with pytest.warns(RescalerWarning, match="task #2"):  # the third task never has the elected sign
+        u, ts = unify([sd(w=[1.5, -1.5]), sd(w=[1.5, -1.5]), sd(w=[-1.0, 1.0])])
+    assert u["w"].tolist() == [1.5, -1.5]
+    assert [t.mask("w").tolist() for t in ts] == [[True, True], [True, True], [False, False]]
+
+
+def test_zeros_never_selected_and_positive_zero_in_u():
+    u, (t,) = unify([sd(w=[0.0, -0.0, 1.0])])
+    assert t.mask("w").tolist() == [False, False, True]
+    assert all(math.copysign(1, x) == 1 for x in u["w"][:2].tolist())  # +0.0, not -0.0
+
+
+def test_rescalers_by_hand_all_modes():
+    d1 = sd(a=[1.0, -2.0], b=[4.0, 0.0, 0.0, 0.0])
+    d2 = sd(a=[3.0, 1.0], b=[-1.0, 0.0, 0.0, 2.0])
+    # a: sums 4, -1 -> u=[3,-2]; M1=[1,1], M2=[1,0]; b: sums 3,0,0,2 -> u=[4,0,0,2]; M1=[1,0,0,0], M2=[0,0,0,1]
+    for mode in ("tensor_mean", "l1", "per_tensor"):
+        u, (t1, t2) = unify([d1, d2], rescaler=mode)
+        if mode == "l1":
+            assert t1.rescaler == pytest.approx((3 + 4) / (5 + 4))
+            assert t2.rescaler == pytest.approx((4 + 3) / (3 + 2))
+        elif mode == "tensor_mean":
+            assert t1.rescaler == pytest.approx((3 / 2 + 4 / 4) / (5 / 2 + 4 / 4))
+            assert t2.rescaler == pytest.approx((4 / 2 + 3 / 4) / (3 / 2 + 2 / 4))
+        else:
+            assert t1.rescaler == pytest.approx({"a": 3 / 5, "b": 1.0})
+            assert t2.rescaler == pytest.approx({"a": 4 / 3, "b": 3 / 2})
+        assert isinstance(t1.rescaler, dict) == (mode == "per_tensor")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_single_task_round_trip_exact(dtype):
+    g = torch.Generator().manual_seed(1)
+    d = {"w": torch.randn(37, 5, generator=g).to(dtype), "b": torch.randn(3, generator=g).to(dtype)}
+    d["w"][0, :3] = 0
+    u, (t,) = unify([d])
+    assert t.rescaler == 1.0
+    rec = decouple(u, t)
+    for k in d:
+        assert rec[k].dtype == dtype and torch.equal(rec[k], d[k])
+
+
+def test_all_zero_deltas_vanish_with_warning():
+    with pytest.warns(RescalerWarning, match="task #1"):
+        u, ts = unify([sd(w=[1.0, 2.0]), sd(w=[0.0, 0.0])])
+    assert ts[1].rescaler == 0.0
+    assert torch.equal(decouple(u, ts[1])["w"], torch.zeros(2))
+
+
+def test_vanished_expert_warning_names_task():
+    # task 'small' disagrees everywhere with the elected sign
+    with pytest.warns(RescalerWarning, match="'small'"):
+        _, ts = unify([sd(w=[5.0, 5.0]), sd(w=[-1.0, -1.0])], task_names=["big", "small"])
+    assert ts[1].rescaler == 0.0
+
+
+def test_one_element_and_empty_tensors():
+    ds = [
+        {"one": torch.tensor([v]), "empty": torch.zeros(0), "empty2d": torch.zeros(3, 0)}
+        for v in (1.0, -3.0, 0.5)
+    ]
+    with pytest.warns(RescalerWarning):  # tasks 0 and 2 lose their only element
+        u, ts = unify(ds)
+    assert u["one"].tolist() == [-3.0]
+    assert u["empty"].shape == (0,) and u["empty2d"].shape == (3, 0)
+    assert ts[1].mask("empty2d").shape == (3, 0)
+    rec = decouple(u, ts[1])
+    assert rec["empty2d"].shape == (3, 0)
+    # tensor_mean skips empty tensors instead of dividing by zero
+    assert ts[1].rescaler == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_dtypes_kept_and_exact(dtype):
+    g = torch.Generator().manual_seed(2)
+    ds = [{"w": torch.randn(1000, generator=g).to(dtype)} for _ in range(4)]
+    u, ts = unify(ds, rescaler="l1")
+    ru, rm, rl = ref_unify(ds, "l1")
+    assert u["w"].dtype == dtype
+    assert torch.equal(u["w"], ru["w"].to(dtype))
+    for t, m, lam in zip(ts, rm, rl):
+        assert torch.equal(t.mask("w"), m["w"])
+        assert t.rescaler == pytest.approx(lam, rel=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["tensor_mean", "l1", "per_tensor"])
+def test_unify_matches_reference_random(mode):
+    g = torch.Generator().manual_seed(3)
+    shapes = {"a": (17, 3), "b": (64,), "c": (5, 5, 2)}
+    ds = [{k: torch.randn(s, generator=g) for k, s in shapes.items()} for _ in range(6)]
+    ds[2]["b"][:10] = 0
+    u, ts = unify(ds, rescaler=mode)
+    ru, rm, rl = ref_unify(ds, mode)
+    for k in shapes:
+        assert torch.equal(u[k], ru[k].float())
+        for t, m in zip(ts, rm):
+            assert torch.equal(t.mask(k), m[k])
+    for t, lam, m in zip(ts, rl, rm):
+        if mode == "per_tensor":
+            assert t.rescaler == pytest.approx(lam, rel=1e-12)
+        else:
+            assert t.rescaler == pytest.approx(lam, rel=1e-12)
+        rec = decouple(u, t)
+        expect = ref_decouple(ru, m, lam)
+        for k in shapes:
+            torch.testing.assert_close(rec[k].double(), expect[k], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 12])
+def test_chunking_does_not_change_results(n):
+    g = torch.Generator().manual_seed(n)
+    ds = [{"w": torch.randn(1001, generator=g), "v": torch.randn(7, generator=g)} for _ in range(n)]
+    small = TorchBackend(chunk=16)
+    u1, t1 = unify(ds, backend=small)
+    u2, t2 = unify(ds)
+    assert all(torch.equal(u1[k], u2[k]) for k in u1)
+    assert all(torch.equal(a.packed[k], b.packed[k]) for a, b in zip(t1, t2) for k in u1)
+    assert [a.rescaler for a in t1] == pytest.approx([b.rescaler for b in t2], rel=1e-12)
+    # continual step too
+    d_new = {"w": torch.randn(1001, generator=g), "v": torch.randn(7, generator=g)}
+    a_u, a_t = add_task(u1, t1, d_new, backend=small)
+    b_u, b_t = add_task(u2, t2, d_new)
+    assert all(torch.equal(a_u[k], b_u[k]) for k in a_u)
+    assert all(torch.equal(a.packed[k], b.packed[k]) for a, b in zip(a_t, b_t) for k in a_u)
+    dec_small = decouple(a_u, a_t[0], backend=small)
+    dec = decouple(b_u, b_t[0])
+    assert all(torch.equal(dec_small[k], dec[k]) for k in dec)
+
+
+def test_masks_are_bit_packed():
+    ds = [{"w": torch.randn(1000)} for _ in range(3)]
+    _, ts = unify(ds)
+    assert ts[0].packed["w"].dtype == torch.uint8 and ts[0].packed["w"].numel() == 125
+    assert ts[0].nbytes == 125
+
+
+# ----------------------------------------------------------------------------- continual step
+
+def naive_session(unified, triggers, delta, mode):
+    """decouple every earlier expert, then unify them with the new delta (the definition)."""
+    experts = [decouple(unified, t) for t in triggers]
+    return unify(experts + [delta], rescaler=mode)
+
+
+@pytest.mark.parametrize("mode", ["tensor_mean", "l1", "per_tensor"])
+def test_add_task_equals_naive_float64_many_sessions(mode):
+    g = torch.Generator().manual_seed(4)
+    shapes = {"a": (33, 4), "b": (101,)}
+    fast_u, fast_t = {}, []
+    slow_u, slow_t = None, None
+    for s in range(9):
+        d = {k: torch.randn(sh, generator=g, dtype=torch.float64) * (1 + s % 3) for k, sh in shapes.items()}
+        fast_u, fast_t = add_task(fast_u, fast_t, d, rescaler=mode)
+        if slow_u is None:
+            slow_u, slow_t = unify([d], rescaler=mode)
+        else:
+            slow_u, slow_t = naive_session(slow_u, slow_t, d, mode)
+        for k in shapes:
+            torch.testing.assert_close(fast_u[k], slow_u[k], rtol=1e-12, atol=0)
+            for a, b in zip(fast_t, slow_t):
+                assert torch.equal(a.packed[k], b.packed[k]), (s, k)
+        for a, b in zip(fast_t, slow_t):
+            if mode == "per_tensor":
+                assert a.rescaler == pytest.approx(b.rescaler, rel=1e-12)
+            else:
+                assert a.rescaler == pytest.approx(b.rescaler, rel=1e-12)
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-6), (torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
+def test_add_task_equals_naive_low_precision(dtype, rtol):
+    g = torch.Generator().manual_seed(5)
+    ds = [{"w": torch.randn(4000, generator=g).to(dtype)} for _ in range(5)]
+    u, ts = unify(ds[:4])
+    new = ds[4]
+    fu, ft = add_task(u, ts, new)
+    nu, nt = naive_session(u, ts, new, "tensor_mean")
+    # masks may differ only where the naive election sum is within rounding of zero
+    experts = [decouple(u, t)["w"].double() for t in ts] + [new["w"].double()]
+    total = torch.stack(experts).sum(0)
+    scale = torch.stack(experts).abs().sum(0)
+    eps = torch.finfo(dtype).eps
+    close = total.abs() <= 4 * eps * scale
+    for a, b in zip(ft, nt):
+        diff = a.mask("w") != b.mask("w")
+        assert not (diff & ~close).any()
+    same = ~close
+    assert torch.equal(fu["w"][same], nu["w"][same])
+    for a, b in zip(ft, nt):
+        assert a.rescaler == pytest.approx(b.rescaler, rel=rtol)
+
+
+def test_add_task_does_not_modify_inputs():
+    ds = [{"w": torch.randn(50)} for _ in range(3)]
+    u, ts = unify(ds[:2])
+    u_copy = {k: v.clone() for k, v in u.items()}
+    packed = [{k: p.clone() for k, p in t.packed.items()} for t in ts]
+    add_task(u, ts, ds[2])
+    assert all(torch.equal(u[k], u_copy[k]) for k in u)
+    assert all(torch.equal(t.packed[k], p[k]) for t, p in zip(ts, packed) for k in p)
+
+
+def test_zero_rescaler_expert_never_selected_again():
+    with pytest.warns(RescalerWarning):
+        u, ts = unify([sd(w=[5.0, 5.0]), sd(w=[-1.0, -1.0])], task_names=["a", "b"])
+    with pytest.warns(RescalerWarning, match="task 'b'"):
+        u2, ts2 = add_task(u, ts, sd(w=[-1.0, 1.0]), task_name="c")
+    # b's expert is zero: it cannot contribute a mask bit
+    assert not ts2[1].mask("w").any()
+
+
+# ----------------------------------------------------------------------------- merger
+
+def test_merger_order_names_and_decouple():
+    m = ContinualMerger()
+    ds = {n: {"w": torch.randn(20)} for n in ("z", "a", "m")}
+    for n, d in ds.items():
+        m.add_task(n, d)
+    assert m.task_names == ["z", "a", "m"] and len(m) == 3 and "a" in m
+    assert m.trigger("a").task == "a"
+    u, ts = unify(list(ds.values()))
+    # a continual session differs from one-shot unify in general, but the first expert after one task is exact
+    m1 = ContinualMerger()
+    m1.add_task("only", ds["z"])
+    assert torch.equal(m1.decouple("only")["w"], ds["z"]["w"])
+    base = {"w": torch.ones(20), "buf": torch.arange(3)}
+    full = m1.decouple("only", base=base)
+    assert torch.equal(full["w"], 1 + ds["z"]["w"]) and torch.equal(full["buf"], base["buf"])
+
+
+def test_merger_errors_leave_state_unchanged():
+    m = ContinualMerger()
+    m.add_task("a", {"w": torch.randn(8), "v": torch.randn(2, 2)})
+    m.add_task("b", {"w": torch.randn(8), "v": torch.randn(2, 2)})
+    before_u = {k: v.clone() for k, v in m.unified.items()}
+    before_t = [(t.task, t.rescaler, {k: p.clone() for k, p in t.packed.items()}) for t in m.triggers]
+
+    bad_inputs = [
+        ("a", {"w": torch.randn(8), "v": torch.randn(2, 2)}, DuplicateTaskError, "'a'"),
+        ("c", {"w": torch.randn(8)}, KeyMismatchError, r"missing keys \['v'\]"),
+        ("c", {"w": torch.randn(8), "v": torch.randn(2, 2), "x": torch.randn(1)}, KeyMismatchError, r"extra keys \['x'\]"),
+        ("c", {"w": torch.randn(9), "v": torch.randn(2, 2)}, ShapeMismatchError, "'w'"),
+        ("c", {"w": torch.randn(8).double(), "v": torch.randn(2, 2)}, DtypeMismatchError, "'w'"),
+        ("c", {"w": torch.arange(8), "v": torch.randn(2, 2)}, DtypeMismatchError, "non-floating"),
+        ("c", {"w": torch.randn(8), "v": torch.tensor([[1.0, float("nan")], [0, 0]])}, NonFiniteError, "'v'.*NaN"),
+        ("c", {"w": torch.tensor([float("inf")] + [0.0] * 7), "v": torch.randn(2, 2)}, NonFiniteError, "task 'c'"),
+    ]
+    for name, delta, exc, pattern in bad_inputs:
+        with pytest.raises(exc, match=pattern):
+            m.add_task(name, delta)
+        assert m.task_names == ["a", "b"]
+        assert all(torch.equal(m.unified[k], before_u[k]) for k in before_u)
+        for t, (name0, lam, packed) in zip(m.triggers, before_t):
+            assert t.task == name0 and t.rescaler == lam
+            assert all(torch.equal(t.packed[k], packed[k]) for k in packed)
+    with pytest.raises(UnknownTaskError, match="'nope'"):
+        m.decouple("nope")
+    with pytest.raises(ValueError):
+        m.add_task("", {"w": torch.randn(8), "v": torch.randn(2, 2)})
+
+
+def test_unify_bad_input_messages():
+    with pytest.raises(MergeInputError, match="no tasks"):
+        unify([])
+    with pytest.raises(MergeInputError, match="no tensors"):
+        unify([{}])
+    with pytest.raises(MergeInputError, match="sequence of state dicts"):
+        unify({"w": torch.zeros(1)})
+    with pytest.raises(KeyMismatchError, match=r"task 'b'.*missing keys \['y'\]"):
+        unify([{"x": torch.zeros(1), "y": torch.zeros(1)}, {"x": torch.zeros(1)}], task_names=["a", "b"])
+    with pytest.raises(ShapeMismatchError, match=r"task #1: tensor 'x' has shape \(2,\)"):
+        unify([{"x": torch.zeros(1)}, {"x": torch.zeros(2)}])
+    with pytest.raises(DtypeMismatchError, match="'x'.*mixed dtypes"):
+        unify([{"x": torch.zeros(1)}, {"x": torch.zeros(1, dtype=torch.float16)}])
+    with pytest.raises(NonFiniteError, match=r"task #2: tensor 'x'.*flat index 3"):
+        unify([{"x": torch.zeros(5)}, {"x": torch.ones(5)}, {"x": torch.tensor([0, 0, 0, float("nan"), 0])}])
+    with pytest.raises(ValueError, match="unknown rescaler"):
+        unify([{"x": torch.zeros(1)}], rescaler="mean")
+
+
+def test_decouple_checks_keys_and_shapes():
+    u, (t,) = unify([{"x": torch.ones(4)}])
+    with pytest.raises(KeyMismatchError):
+        decouple({"y": torch.ones(4)}, t)
+    with pytest.raises(ShapeMismatchError):
+        decouple({"x": torch.ones(5)}, t)
+    with pytest.raises(KeyMismatchError, match="base"):
+        decouple(u, t, base={"z": torch.ones(4)})
+
+
+def test_delta_helpers_skip_integer_buffers():
+    base = {"w": torch.ones(3), "pos": torch.arange(3), "h": torch.zeros(2, dtype=torch.float16)}
+    ft = {"w": torch.tensor([2.0, 1.0, 0.0]), "pos": torch.arange(3), "h": torch.ones(2, dtype=torch.float16)}
+    d = delta_from_state_dicts(base, ft)
+    assert set(d) == {"w", "h"} and d["h"].dtype == torch.float16
+    assert d["w"].tolist() == [1.0, 0.0, -1.0]
+    back = apply_delta(base, d)
+    assert torch.equal(back["w"], ft["w"]) and torch.equal(back["pos"], base["pos"])
+    with pytest.raises(ShapeMismatchError, match="'w'"):
+        delta_from_state_dicts({"w": torch.ones(2)}, ft, keys=["w"])
+
+
+def test_add_task_exact_zero_sum_elects_minus():
+    u, ts = unify([sd(w=[1.0, 2.0])])
+    u2, ts2 = add_task(u, ts, sd(w=[-1.0, -1.0]))  # sums 0 and 1
+    assert u2["w"].tolist() == [-1.0, 2.0]
+    assert ts2[0].mask("w").tolist() == [False, True]
+    assert ts2[1].mask("w").tolist() == [True, False]
+
+
+def test_add_task_expert_rounding_to_zero_is_not_selected():
+    tiny = torch.tensor([2.0**-24, 1.0], dtype=torch.float16)  # the smallest fp16 subnormal
+    trig = TaskTrigger({"w": pack_mask(torch.tensor([True, True]))}, {"w": (2,)}, 0.4, "a")
+    new = {"w": torch.tensor([0.0, 0.0], dtype=torch.float16)}
+    with pytest.warns(RescalerWarning, match="#1"):  # the new task's delta is all zero
+        u2, ts2 = add_task({"w": tiny}, [trig], new)
+    naive_expert = decouple({"w": tiny}, trig)["w"]
+    assert naive_expert.tolist()[0] == 0.0  # 0.4 * 2^-24 rounds to zero in fp16
+    assert ts2[0].mask("w").tolist() == [False, True]
+    assert u2["w"].tolist()[0] == 0.0
