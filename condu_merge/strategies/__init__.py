@@ -1,0 +1,57 @@
+"""Continual strategies behind one interface (:class:`ContinualStrategy`) and a registry.
+
+>>> from condu_merge.strategies import get_strategy, available_strategies
+>>> strat = get_strategy("pam", base=trainable_state_dict)   # doctest: +SKIP
+
+Names: ``condu``, ``pam``, ``magmax``, ``task_arithmetic``, ``ties``, ``emr``, ``continual_ft``.
+See docs/strategies.md.
+"""
+
+from .base import (
+    ContinualStrategy,
+    StorageReport,
+    StrategyStateError,
+    TaskStart,
+    TrainingHook,
+    available_strategies,
+    get_strategy,
+    register_strategy,
+    state_nbytes,
+)
+from .condu import ConDU
+from .continual_ft import ContinualFT
+from .emr import EMR
+from .magmax import MagMax, max_magnitude_update
+from .pam import PAM, SignAlignmentHook, pam_merge_tensor, sign_agreement
+from .task_arithmetic import TaskArithmetic, task_arithmetic_tensor
+from .ties import TIES, ties_tensor, trim_threshold
+
+for _cls in (ConDU, PAM, MagMax, TaskArithmetic, TIES, EMR, ContinualFT):
+    register_strategy(_cls.name, _cls)
+del _cls
+
+__all__ = [
+    "ConDU",
+    "ContinualFT",
+    "ContinualStrategy",
+    "EMR",
+    "MagMax",
+    "PAM",
+    "SignAlignmentHook",
+    "StorageReport",
+    "StrategyStateError",
+    "TIES",
+    "TaskArithmetic",
+    "TaskStart",
+    "TrainingHook",
+    "available_strategies",
+    "get_strategy",
+    "max_magnitude_update",
+    "pam_merge_tensor",
+    "register_strategy",
+    "sign_agreement",
+    "state_nbytes",
+    "task_arithmetic_tensor",
+    "ties_tensor",
+    "trim_threshold",
+]

@@ -1,0 +1,42 @@
+"""Continual fine-tuning (no merging): the lower baseline.
+
+Math: task ``t`` starts from θ_{t−1} (θ_0 for the first) and its trained weights replace the
+model: ``θ = θ_t``. Nothing per task is kept, so earlier tasks are forgotten as much as training
+on later ones moves the weights ("Continual FT" in the ConDU and MTIL papers; e.g. Zheng et al.,
+"Preventing Zero-Shot Transfer Degradation in Continual Learning of Vision-Language Models",
+ICCV 2023).
+
+Stores: one delta ``θ_t − θ_0`` (the current model), shared.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import ContinualStrategy, StorageReport, TaskStart, state_nbytes
+
+
+class ContinualFT(ContinualStrategy):
+    """Sequential fine-tuning; the model after the last task is used for every task."""
+
+    name = "continual_ft"
+
+    def __init__(self, base, *, copy_base: bool = True):
+        super().__init__(base, copy_base=copy_base)
+        self._delta: dict[str, torch.Tensor] | None = None
+
+    def _start(self, name: str) -> TaskStart:
+        if self._delta is None:
+            return TaskStart({k: v.clone() for k, v in self._base.items()}, "base")
+        return TaskStart(self._absolute(self._delta), "previous")
+
+    def _fold(self, name: str, delta: dict[str, torch.Tensor]) -> None:
+        self._delta = delta
+
+    def _merged_delta(self) -> dict[str, torch.Tensor]:
+        assert self._delta is not None
+        return self._delta
+
+    def _storage(self) -> StorageReport:
+        shared = state_nbytes(self._delta) if self._delta is not None else 0
+        return StorageReport(shared, {t: 0 for t in self._tasks}, "the current model's delta θ_t − θ_0 (one model)")

@@ -1,0 +1,66 @@
+"""EMR-style one-shot unify (Huang et al., "EMR-Merging: Tuning-Free High-Performance Model
+Merging", NeurIPS 2024, arXiv:2405.17461), through the core's :func:`condu_merge.unify`: a
+non-continual reference.
+
+Math, with deltas ``d_i = θ_i − θ_0`` (every task fine-tuned from θ_0), per element ``k``:
+``s_k = sign(Σ_i d_ik)``, ``M_ik = [d_ik s_k > 0]``, ``u_k = s_k max_i M_ik |d_ik|``,
+``λ_i`` = the rescaler (see :data:`condu_merge.RESCALER_MODES`); task ``i``'s expert is
+``θ_0 + λ_i M_i ⊙ u``. Unlike ConDU, all stored deltas are unified at once (after the last task,
+or whenever the model is asked for), never re-unifying decoupled experts.
+
+Stores: every task delta d_i (one full delta per task); the unified ``u`` and the triggers are a
+cache rebuilt from them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..core import RESCALER_MODES, decouple, unify
+from ..trigger import TaskTrigger
+from .base import ContinualStrategy, StorageReport, state_nbytes
+
+
+class EMR(ContinualStrategy):
+    """One-shot unify over all stored deltas; task-aware inference with the task's trigger."""
+
+    name = "emr"
+    task_aware = True
+    continual = False
+
+    def __init__(self, base, *, rescaler: str = "tensor_mean", backend="auto", copy_base: bool = True):
+        super().__init__(base, copy_base=copy_base)
+        if rescaler not in RESCALER_MODES:
+            raise ValueError(f"unknown rescaler {rescaler!r}; choose one of {RESCALER_MODES}")
+        self.rescaler = rescaler
+        self.backend = backend
+        self._deltas: dict[str, dict[str, torch.Tensor]] = {}
+        self._cache: tuple[dict[str, torch.Tensor], dict[str, TaskTrigger]] | None = None
+
+    def _fold(self, name: str, delta: dict[str, torch.Tensor]) -> None:
+        self._deltas[name] = delta
+        self._cache = None
+
+    def _unified(self) -> tuple[dict[str, torch.Tensor], dict[str, TaskTrigger]]:
+        if self._cache is None:
+            names = list(self._tasks)
+            u, triggers = unify(
+                [self._deltas[t] for t in names], rescaler=self.rescaler, backend=self.backend, task_names=names
+            )
+            self._cache = (u, dict(zip(names, triggers)))
+        return self._cache
+
+    def _merged_delta(self) -> dict[str, torch.Tensor]:
+        return self._unified()[0]
+
+    def _expert_delta(self, name: str) -> dict[str, torch.Tensor]:
+        u, triggers = self._unified()
+        return decouple(u, triggers[name], backend=self.backend)
+
+    def trigger(self, name: str) -> TaskTrigger:
+        """Task ``name``'s trigger from the current one-shot unify."""
+        self._require(name)
+        return self._unified()[1][name]
+
+    def _storage(self) -> StorageReport:
+        return StorageReport(0, {t: state_nbytes(self._deltas[t]) for t in self._tasks}, "every task delta d_i (one model per task)")

@@ -1,0 +1,66 @@
+"""MagMax (Marczak, Twardowski, Trzciński, Cygert, "MagMax: Leveraging Model Merging for
+Seamless Continual Learning", ECCV 2024, arXiv:2407.06322).
+
+Math: training is sequential fine-tuning (task ``t`` starts from θ_{t−1}); the task vector is
+``τ_t = θ_t − θ_0``. The merged vector takes, per parameter ``k``, the entry of largest magnitude
+across tasks::
+
+    τ_MM[k] = τ_{i*}[k],   i* = argmax_i |τ_i[k]|        (the earliest task wins an exact tie)
+    θ = θ_0 + λ · τ_MM
+
+computed incrementally (``τ_MM ← where(|τ_t| > |τ_MM|, τ_t, τ_MM)``), so it is continual: O(1)
+models whatever the number of tasks. ``λ`` (``scale``) defaults to 1; the paper tunes it on
+held-out data.
+
+Stores: the running ``τ_MM`` and the last task's ``τ_t`` (needed to start the next task): two
+model-sized deltas, shared.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import ContinualStrategy, StorageReport, TaskStart, state_nbytes
+
+
+def max_magnitude_update(merged: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """``where(|τ| > |merged|, τ, merged)``: one incremental step of max-magnitude selection."""
+    return torch.where(tau.abs() > merged.abs(), tau, merged)
+
+
+class MagMax(ContinualStrategy):
+    """Sequential fine-tuning, then per-parameter maximum-magnitude task-vector merging."""
+
+    name = "magmax"
+
+    def __init__(self, base, *, scale: float = 1.0, copy_base: bool = True):
+        super().__init__(base, copy_base=copy_base)
+        self.scale = float(scale)
+        self._merged: dict[str, torch.Tensor] | None = None
+        self._last: dict[str, torch.Tensor] | None = None
+
+    def _start(self, name: str) -> TaskStart:
+        if self._last is None:
+            return TaskStart({k: v.clone() for k, v in self._base.items()}, "base")
+        return TaskStart(self._absolute(self._last), "previous")
+
+    def _fold(self, name: str, delta: dict[str, torch.Tensor]) -> None:
+        if self._merged is None:
+            merged = {k: v.clone() for k, v in delta.items()}
+        else:
+            merged = {k: max_magnitude_update(self._merged[k], delta[k]) for k in self._base}
+        self._merged, self._last = merged, delta
+
+    def _merged_delta(self) -> dict[str, torch.Tensor]:
+        assert self._merged is not None
+        if self.scale == 1.0:
+            return self._merged
+        return {k: v * self.scale for k, v in self._merged.items()}
+
+    def _storage(self) -> StorageReport:
+        shared = 0
+        if self._merged is not None:
+            shared = state_nbytes(self._merged) + state_nbytes(self._last)  # type: ignore[arg-type]
+        return StorageReport(
+            shared, {t: 0 for t in self._tasks}, "running max-magnitude vector τ_MM + last task vector (two models)"
+        )
