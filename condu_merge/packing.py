@@ -26,6 +26,37 @@ def packed_nbytes(numel: int) -> int:
     return (int(numel) + 7) // 8
 
 
+# Multiplying 8 bytes of 0/1 (one int64, little-endian) by this gathers byte j into bit 56 + j;
+# the cross terms land at distinct bits below 56 or above 63, so no carry reaches the top byte.
+_GATHER = 0x0102040810204080
+# Replicating a byte 8 times, then keeping bit j of byte j, spreads its bits one per byte.
+_SPREAD = 0x0101010101010101
+_SELECT = 0x8040201008040201 - (1 << 64)  # as a signed int64
+
+
+def pack_rows(bits: torch.Tensor) -> torch.Tensor:
+    """Pack each row of a ``bool``/0-1 ``uint8`` tensor ``[t, n]`` into ``uint8 [t, ceil(n/8)]``."""
+    t, n = bits.shape
+    b = bits.to(torch.uint8)
+    pad = (-n) % 8
+    if pad:
+        b = torch.cat([b, b.new_zeros(t, pad)], dim=1)
+    b = b.contiguous()
+    if b.numel() == 0:
+        return b.new_zeros(t, 0)
+    words = b.view(torch.int64)  # [t, ceil(n/8)]: 8 mask bytes per word
+    return ((words * _GATHER) >> 56).to(torch.uint8)
+
+
+def unpack_rows(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_rows`: ``uint8 [t, B]`` -> ``bool [t, n]`` (``n <= 8B``)."""
+    t = packed.shape[0]
+    if packed.numel() == 0:
+        return torch.zeros(t, n, dtype=torch.bool, device=packed.device)
+    words = (packed.to(torch.int64) * _SPREAD) & _SELECT
+    return (words.view(torch.uint8).view(t, -1)[:, :n] != 0)
+
+
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
     """Pack a boolean tensor (any shape) into a 1-D ``uint8`` tensor of ``ceil(numel/8)`` bytes.
 
@@ -33,14 +64,7 @@ def pack_mask(mask: torch.Tensor) -> torch.Tensor:
     """
     if mask.dtype != torch.bool:
         raise TypeError(f"pack_mask expects a torch.bool tensor, got {mask.dtype}")
-    flat = mask.reshape(-1)
-    n = flat.numel()
-    pad = (-n) % 8
-    bits = flat.to(torch.uint8)
-    if pad:
-        bits = torch.cat([bits, bits.new_zeros(pad)])
-    bits = bits.view(-1, 8) << _shifts(bits.device)
-    return bits.sum(dim=1, dtype=torch.uint8)
+    return pack_rows(mask.reshape(1, -1))[0]
 
 
 def unpack_mask(packed: torch.Tensor, numel: int | None = None, shape: tuple[int, ...] | torch.Size | None = None) -> torch.Tensor:
@@ -64,9 +88,7 @@ def unpack_mask(packed: torch.Tensor, numel: int | None = None, shape: tuple[int
         raise ValueError(
             f"packed mask has {packed.numel()} bytes, expected {packed_nbytes(numel)} for {numel} elements"
         )
-    flat = packed.reshape(-1)
-    bits = (flat.unsqueeze(1) >> _shifts(flat.device)) & 1
-    out = bits.reshape(-1)[:numel].to(torch.bool)
+    out = unpack_rows(packed.reshape(1, -1), numel)[0]
     return out.reshape(shape) if shape is not None else out
 
 
