@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Mapping
 
 import torch
@@ -78,6 +79,25 @@ class ContinualMerger:
     def decouple(self, name: str, *, base: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Task ``name``'s reconstructed delta ``λ M ⊙ u``; with ``base``, its full expert ``θ_0 + δ̃``."""
         return _decouple(self._unified, self._triggers[self._index(name)], base=base, backend=self.backend)
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the session to a store directory (see :class:`condu_merge.store.Store`), crash-safely:
+        the directory then holds either its previous content or this session, never a mix."""
+        from .store import Store
+
+        with Store(path, verify=False) as st:
+            st.write_session(self._unified, self._triggers, self.rescaler)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, verify: bool = True, backend: str | MergeBackend = "auto") -> "ContinualMerger":
+        """Read a store directory into memory; ``verify`` checks every file's sha256 first.
+        For lazy access to a large store use :class:`condu_merge.store.Store` directly."""
+        from .store import Store
+
+        with Store(path, verify=verify) as st:
+            st._require()
+            return st.to_merger(backend=backend)
 
     def __repr__(self) -> str:
         n = sum(t.numel() for t in self._unified.values())

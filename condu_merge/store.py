@@ -1,0 +1,936 @@
+"""A continual session on disk: crash-safe generations, integrity checks, lazy reads.
+
+Layout of a store directory::
+
+    STORE/manifest.json              the current state (replaced atomically)
+    STORE/.lock                      writers hold an exclusive flock on it
+    STORE/gen-000004/unified.safetensors        u, in the deltas' dtype
+    STORE/gen-000004/masks/0000.safetensors     task 0's masks: uint8, 1 bit per element
+    STORE/gen-000004/prototypes/0000.safetensors  optional per-task tensors (e.g. prototypes)
+
+``manifest.json`` holds the format version, the rescaler mode, the tensors (name, dtype, shape,
+in order), the tasks in order with their rescalers, the base checkpoint's identity, creation
+times, the sha256 and size of every data file, and a checksum of itself.
+
+Crash safety: a write (add a task, save a session, save prototypes) builds a complete new
+generation directory beside the current one, fsyncs its files and the directory, then
+replaces ``manifest.json`` with ``os.replace`` (after fsync) and fsyncs ``STORE``; only then are
+older generations deleted. A process killed at any point leaves ``manifest.json`` naming either
+the old or the new generation, both complete. Leftovers of a killed writer are removed by the
+next writer.
+
+Streaming: :meth:`Store.add_task` reads the current ``u`` and masks one tensor at a time,
+computes the continual step with :func:`condu_merge.core.add_task_tensor` and writes the result
+into the new generation with :class:`GenerationWriter` (the per-tensor write path distributed
+merging can reuse), so peak memory is one tensor's work whatever the model size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import errno
+import fcntl
+import hashlib
+import json
+import math
+import os
+import shutil
+import signal
+from dataclasses import dataclass
+from typing import Callable, Iterator, Mapping, Sequence
+
+import torch
+
+from .backends import MergeBackend, resolve_backend
+from .checkpoints import (
+    Checkpoint,
+    MemoryCheckpoint,
+    PeftAdapter,
+    SafetensorsFile,
+    TaskDelta,
+    checkpoint_identity,
+    open_checkpoint,
+    select_keys,
+    sha256_file,
+)
+from .core import RESCALER_MODES, add_task_tensor, compute_rescalers, unify_tensor
+from .errors import (
+    ConduError,
+    DtypeMismatchError,
+    DuplicateTaskError,
+    FormatError,
+    KeyMismatchError,
+    MergeInputError,
+    ShapeMismatchError,
+    UnknownTaskError,
+)
+from .packing import packed_nbytes
+from .safetensors_writer import DTYPE_TO_ST, ST_TO_DTYPE, StreamingSafetensorsWriter, TensorSpec, dtype_itemsize
+from .trigger import Rescaler, TaskTrigger
+
+STORE_FORMAT = "condu-merge/store"
+STORE_VERSION = 1
+MANIFEST = "manifest.json"
+LOCK = ".lock"
+UNIFIED = "unified.safetensors"
+CRASH_ENV = "CONDU_MERGE_CRASH_AT"
+"""Test hook: when set to a step name, the process SIGKILLs itself on reaching that step.
+
+Steps: ``write:start`` (lock taken, nothing written), ``write:tensor`` (first tensor written),
+``write:data`` (every data file written and fsynced, manifest not yet), ``commit:tmp``
+(new manifest fsynced beside the old one), ``commit:switched`` (manifest replaced, old
+generation still there), ``commit:cleanup`` (old generation partly deleted)."""
+
+
+class StoreLockedError(ConduError, RuntimeError):
+    """Another process is writing the store."""
+
+
+def _crash_point(step: str) -> None:
+    if os.environ.get(CRASH_ENV) == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _manifest_checksum(manifest: Mapping[str, object]) -> str:
+    body = {k: v for k, v in manifest.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def popcount_bytes(packed: torch.Tensor) -> int:
+    """Set bits of a packed mask, counted by bitarray (no unpacking)."""
+    from bitarray import bitarray
+
+    if packed.numel() == 0:
+        return 0
+    arr = packed.contiguous().numpy()
+    return bitarray(buffer=memoryview(arr), endian="little").count(1)
+
+
+def _mask_file(index: int) -> str:
+    return f"masks/{index:04d}.safetensors"
+
+
+def _proto_file(index: int) -> str:
+    return f"prototypes/{index:04d}.safetensors"
+
+
+# ---------------------------------------------------------------------------- lock
+
+class StoreLock:
+    """Exclusive, non-blocking ``flock`` on ``STORE/.lock``; the second writer gets
+    :class:`StoreLockedError` naming the holder's pid. Released on close or process death."""
+
+    def __init__(self, root: str):
+        self.path = os.path.join(root, LOCK)
+        self._fd: int | None = None
+
+    def acquire(self) -> "StoreLock":
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = ""
+            with contextlib.suppress(OSError, ValueError):
+                holder = os.pread(fd, 64, 0).decode().strip()
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise StoreLockedError(
+                    f"{os.path.dirname(self.path)}: another process{f' (pid {holder})' if holder else ''} is writing this store; "
+                    "try again when it has finished"
+                ) from None
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, 0)
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None
+
+    def __enter__(self) -> "StoreLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+# ---------------------------------------------------------------------------- generation writer
+
+class GenerationWriter:
+    """Writes one complete generation, one tensor at a time.
+
+    ``write(key, u, masks)`` appends tensor ``key``'s unified values and its ``t`` mask rows
+    (``uint8 [t, ceil(N/8)]``, the layout of :class:`~condu_merge.backends.FlatMergeResult`)
+    in the order of ``specs``; :meth:`finish` fsyncs and returns ``{relative path: {"sha256",
+    "bytes"}}``. Any caller that produces per-tensor merge results (the store's streaming
+    ``add_task``, a distributed merge's gather) writes through this.
+    """
+
+    def __init__(self, gen_dir: str, specs: Sequence[TensorSpec], n_tasks: int):
+        self.dir = gen_dir
+        self.specs = list(specs)
+        self.n_tasks = n_tasks
+        os.makedirs(os.path.join(gen_dir, "masks"), exist_ok=False)
+        self.mask_bits = [0] * n_tasks
+        mask_specs = [TensorSpec(s.name, torch.uint8, (packed_nbytes(math.prod(s.shape)),)) for s in self.specs]
+        meta = {"format": STORE_FORMAT, "version": str(STORE_VERSION)}
+        self._writers: dict[str, StreamingSafetensorsWriter] = {}
+        try:
+            self._writers[UNIFIED] = StreamingSafetensorsWriter(os.path.join(gen_dir, UNIFIED), self.specs, {**meta, "content": "unified"})
+            for i in range(n_tasks):
+                rel = _mask_file(i)
+                self._writers[rel] = StreamingSafetensorsWriter(
+                    os.path.join(gen_dir, rel), mask_specs, {**meta, "content": "masks", "task_index": str(i)}
+                )
+        except BaseException:
+            self.abort()
+            raise
+
+    def write(self, key: str, u: torch.Tensor, masks: torch.Tensor) -> None:
+        """Append tensor ``key``: ``u`` (any shape, the declared dtype) and ``masks`` (``[t, B]`` uint8)."""
+        if masks.dim() != 2 or masks.shape[0] != self.n_tasks:
+            raise ValueError(f"tensor {key!r}: expected {self.n_tasks} mask rows, got {tuple(masks.shape)}")
+        masks = masks.cpu()
+        self._writers[UNIFIED].write(key, u.reshape(-1))
+        for i in range(self.n_tasks):
+            row = masks[i]
+            self.mask_bits[i] += popcount_bytes(row)
+            self._writers[_mask_file(i)].write(key, row)
+
+    def finish(self) -> dict[str, dict[str, object]]:
+        files = {}
+        for rel, w in self._writers.items():
+            sha, size = w.close()
+            files[rel] = {"sha256": sha, "bytes": size}
+        _fsync_dir(os.path.join(self.dir, "masks"))
+        _fsync_dir(self.dir)
+        return files
+
+    def abort(self) -> None:
+        for w in self._writers.values():
+            with contextlib.suppress(Exception):
+                w.abort()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _write_prototype_file(path: str, tensors: Mapping[str, torch.Tensor], task: str) -> dict[str, object]:
+    specs = []
+    for k, v in tensors.items():
+        if not isinstance(v, torch.Tensor):
+            raise MergeInputError(f"prototypes of task {task!r}: {k!r} is a {type(v).__name__}, not a tensor")
+        specs.append(TensorSpec(k, v.dtype, tuple(v.shape)))
+    w = StreamingSafetensorsWriter(path, specs, {"format": STORE_FORMAT, "content": "prototypes", "task": task})
+    with w:
+        for k, v in tensors.items():
+            w.write(k, v)
+        sha, size = w.close()
+    return {"sha256": sha, "bytes": size}
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """Hard-link an immutable data file into a new generation (copy where links are impossible)."""
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+        with open(dst, "rb") as fh:
+            os.fsync(fh.fileno())
+
+
+# ---------------------------------------------------------------------------- the store
+
+@dataclass
+class VerifyReport:
+    files: int
+    bytes: int
+
+
+class Store:
+    """A store directory. Opening reads ``manifest.json`` and checks every data file's size and
+    header (and, with ``verify=True``, its sha256); a missing manifest is an empty store that the
+    first :meth:`add_task` creates. Reads are lazy: :meth:`decouple` of one task reads only ``u``
+    and that task's masks, tensor by tensor.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, verify: bool = True):
+        self.root = os.path.abspath(os.fspath(path))
+        self.verify_on_load = verify
+        self.manifest: dict | None = None
+        self._files: dict[str, SafetensorsFile] = {}
+        self._load(verify)
+
+    # ------------------------------------------------------------------ loading
+    @property
+    def exists(self) -> bool:
+        return self.manifest is not None
+
+    def _manifest_path(self) -> str:
+        return os.path.join(self.root, MANIFEST)
+
+    def _close_files(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files = {}
+
+    def close(self) -> None:
+        self._close_files()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _load(self, verify: bool) -> None:
+        self._close_files()
+        mpath = self._manifest_path()
+        if not os.path.exists(mpath):
+            if os.path.isdir(self.root) and any(n.startswith("gen-") for n in os.listdir(self.root)):
+                pass  # a first write was killed before its switch: still an empty store
+            self.manifest = None
+            return
+        try:
+            with open(mpath, encoding="utf-8") as fh:
+                m = json.load(fh)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise FormatError(f"{mpath}: damaged store manifest (not valid JSON: {exc})") from exc
+        if not isinstance(m, dict) or m.get("format") != STORE_FORMAT:
+            raise FormatError(f"{mpath}: not a condu-merge store manifest")
+        if m.get("version") != STORE_VERSION:
+            raise FormatError(
+                f"{mpath}: store format version {m.get('version')!r} is not supported (this condu-merge reads version {STORE_VERSION})"
+            )
+        if m.get("checksum") != _manifest_checksum(m):
+            raise FormatError(f"{mpath}: manifest checksum mismatch (the manifest was modified or damaged)")
+        gen = os.path.join(self.root, m["generation_dir"])
+        for rel, info in m["files"].items():
+            p = os.path.join(gen, rel)
+            if not os.path.exists(p):
+                raise FormatError(f"{p}: data file is missing from the store")
+            size = os.path.getsize(p)
+            if size != info["bytes"]:
+                raise FormatError(f"{p}: has {size} bytes, the manifest records {info['bytes']} (truncated or damaged)")
+            if verify and sha256_file(p) != info["sha256"]:
+                raise FormatError(f"{p}: sha256 mismatch: the file is damaged (a byte differs from what was written)")
+        self.manifest = m
+        files = {UNIFIED: None, **{t["masks"]: None for t in m["tasks"]}}
+        try:
+            for rel in files:
+                self._files[rel] = SafetensorsFile(os.path.join(gen, rel))
+        except BaseException:
+            self._close_files()
+            raise
+        self._check_headers()
+
+    def _check_headers(self) -> None:
+        specs = self.specs
+        for rel, f in self._files.items():
+            if f.keys() != [s.name for s in specs]:
+                raise FormatError(f"{f.path}: its tensors differ from the manifest's")
+            for s in specs:
+                got = f.spec(s.name)
+                want = s if rel == UNIFIED else TensorSpec(s.name, torch.uint8, (packed_nbytes(math.prod(s.shape)),))
+                if got.dtype != want.dtype or tuple(got.shape) != tuple(want.shape):
+                    raise FormatError(f"{f.path}: tensor {s.name!r} is {got.shape} {got.dtype}, the manifest says {want.shape} {want.dtype}")
+
+    def reload(self, *, verify: bool | None = None) -> None:
+        """Re-read ``manifest.json`` (after another process wrote)."""
+        self._load(self.verify_on_load if verify is None else verify)
+
+    def verify(self) -> VerifyReport:
+        """Check every data file against its recorded size and sha256; :class:`FormatError` naming the first bad file."""
+        self._load(True)
+        if self.manifest is None:
+            return VerifyReport(0, 0)
+        return VerifyReport(len(self.manifest["files"]), sum(int(i["bytes"]) for i in self.manifest["files"].values()))
+
+    # ------------------------------------------------------------------ accessors
+    def _require(self) -> dict:
+        if self.manifest is None:
+            raise FileNotFoundError(f"{self.root}: no condu-merge store here (no {MANIFEST}); add a task first")
+        return self.manifest
+
+    @property
+    def gen_dir(self) -> str:
+        return os.path.join(self.root, self._require()["generation_dir"])
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t["name"] for t in self.manifest["tasks"]] if self.manifest else []
+
+    @property
+    def rescaler(self) -> str | None:
+        return self.manifest["rescaler"] if self.manifest else None
+
+    @property
+    def specs(self) -> list[TensorSpec]:
+        m = self._require()
+        return [TensorSpec(t["name"], ST_TO_DTYPE[t["dtype"]], tuple(t["shape"])) for t in m["tensors"]]
+
+    @property
+    def keys(self) -> list[str]:
+        return [t["name"] for t in self._require()["tensors"]]
+
+    def _task_index(self, task: str) -> int:
+        names = self.task_names
+        if task not in names:
+            raise UnknownTaskError(f"{self.root}: no task {task!r} in this store; tasks: {names}")
+        return names.index(task)
+
+    def task_info(self, task: str) -> dict:
+        return self._require()["tasks"][self._task_index(task)]
+
+    def rescaler_of(self, task: str) -> Rescaler:
+        r = self.task_info(task)["rescaler"]
+        return {k: float(v) for k, v in r.items()} if isinstance(r, dict) else float(r)
+
+    def unified_tensor(self, key: str) -> torch.Tensor:
+        """``u[key]`` read from disk."""
+        return self._files[UNIFIED].get(key)
+
+    def packed_mask(self, task: str, key: str) -> torch.Tensor:
+        """Task ``task``'s packed mask of tensor ``key`` (``uint8``, 1 bit per element)."""
+        return self._files[self.task_info(task)["masks"]].get(key)
+
+    def trigger(self, task: str) -> TaskTrigger:
+        """Task ``task``'s :class:`TaskTrigger` (its masks read into memory)."""
+        rel = self.task_info(task)["masks"]
+        specs = self.specs
+        return TaskTrigger(
+            {s.name: self._files[rel].get(s.name) for s in specs},
+            {s.name: tuple(s.shape) for s in specs},
+            self.rescaler_of(task),
+            task,
+        )
+
+    # ------------------------------------------------------------------ lazy reads
+    def iter_decouple(
+        self,
+        task: str,
+        *,
+        base: Checkpoint | Mapping[str, torch.Tensor] | None = None,
+        backend: str | MergeBackend = "auto",
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(key, λ M ⊙ u)`` per stored tensor (``base + λ M ⊙ u`` in base's dtype with ``base``),
+        reading ``u`` and this task's masks one tensor at a time."""
+        info = self.task_info(task)
+        masks = self._files[info["masks"]]
+        resc = self.rescaler_of(task)
+        bck = MemoryCheckpoint(base) if isinstance(base, Mapping) else base
+        for s in self.specs:
+            u = self.unified_tensor(s.name).reshape(-1)
+            lam = resc[s.name] if isinstance(resc, dict) else resc
+            b = None
+            if bck is not None:
+                b = bck.get(s.name)
+                if tuple(b.shape) != tuple(s.shape):
+                    raise ShapeMismatchError(f"{bck.path}: base tensor {s.name!r} has shape {tuple(b.shape)}, the store has {s.shape}")
+                b = b.reshape(-1)
+            be = resolve_backend(backend, u.device)
+            yield s.name, be.decouple_flat(u, masks.get(s.name), lam, b).reshape(s.shape)
+
+    def decouple(
+        self,
+        task: str,
+        *,
+        base: Checkpoint | Mapping[str, torch.Tensor] | None = None,
+        backend: str | MergeBackend = "auto",
+    ) -> dict[str, torch.Tensor]:
+        """Task ``task``'s reconstructed delta (or expert with ``base``; base entries the store does
+        not cover are returned unchanged), read lazily -- see :meth:`iter_decouple`."""
+        out = dict(self.iter_decouple(task, base=base, backend=backend))
+        if isinstance(base, Mapping):
+            for k, v in base.items():
+                out.setdefault(k, v)
+        return out
+
+    def to_merger(self, *, backend: str | MergeBackend = "auto"):
+        """An in-memory :class:`~condu_merge.ContinualMerger` holding this session (eager)."""
+        from .merger import ContinualMerger
+
+        m = ContinualMerger(self.rescaler or "tensor_mean", backend=backend)
+        if self.manifest is None:
+            return m
+        m._unified = {s.name: self.unified_tensor(s.name) for s in self.specs}
+        m._triggers = [self.trigger(t) for t in self.task_names]
+        return m
+
+    # ------------------------------------------------------------------ prototypes
+    def load_prototypes(self, task: str) -> dict[str, torch.Tensor] | None:
+        """The tensors saved with :meth:`save_prototypes` for ``task``, or ``None``."""
+        rel = self.task_info(task).get("prototypes")
+        if rel is None:
+            return None
+        with SafetensorsFile(os.path.join(self.gen_dir, rel)) as f:
+            return {k: f.get(k) for k in f.keys()}
+
+    def save_prototypes(self, task: str, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Store ``tensors`` (e.g. a task's prototypes) with ``task``, replacing earlier ones, as a new
+        generation (crash-safe like every write)."""
+        with self._writer_lock():
+            self._load(False)
+            idx = self._task_index(task)
+            new_gen, gen_dir = self._new_generation_dir()
+            try:
+                os.makedirs(gen_dir)
+                _crash_point("write:start")
+                m = json.loads(json.dumps(self.manifest))
+                files = self._carry_files(gen_dir, skip={_proto_file(idx)})
+                rel = _proto_file(idx)
+                os.makedirs(os.path.join(gen_dir, "prototypes"), exist_ok=True)
+                files[rel] = _write_prototype_file(os.path.join(gen_dir, rel), tensors, task)
+                _crash_point("write:tensor")
+                _fsync_dir(os.path.join(gen_dir, "prototypes"))
+                _fsync_dir(gen_dir)
+                _crash_point("write:data")
+                m["tasks"][idx]["prototypes"] = rel
+                m["files"] = files
+                self._commit(m, new_gen, gen_dir)
+            except BaseException:
+                if self.manifest is None or self.manifest["generation_dir"] != new_gen:
+                    shutil.rmtree(gen_dir, ignore_errors=True)
+                raise
+
+    # ------------------------------------------------------------------ writing
+    @contextlib.contextmanager
+    def _writer_lock(self) -> Iterator[None]:
+        os.makedirs(self.root, exist_ok=True)
+        lock = StoreLock(self.root).acquire()
+        try:
+            yield
+        finally:
+            lock.release()
+
+    def _new_generation_dir(self) -> tuple[str, str]:
+        """Remove leftovers of killed writers (we hold the lock), then name the next generation."""
+        current = self.manifest["generation_dir"] if self.manifest else None
+        numbers = [0]
+        for n in os.listdir(self.root):
+            if n.startswith("gen-"):
+                with contextlib.suppress(ValueError):
+                    numbers.append(int(n[4:]))
+                if n != current:
+                    shutil.rmtree(os.path.join(self.root, n), ignore_errors=True)
+            elif n.startswith(MANIFEST + ".tmp"):
+                os.unlink(os.path.join(self.root, n))
+        name = f"gen-{max(numbers) + 1:06d}"
+        return name, os.path.join(self.root, name)
+
+    def _carry_files(self, gen_dir: str, skip: set[str] = frozenset()) -> dict[str, dict[str, object]]:
+        if self.manifest is None:
+            return {}
+        files = {}
+        for rel, info in self.manifest["files"].items():
+            if rel in skip:
+                continue
+            _link_or_copy(os.path.join(self.gen_dir, rel), os.path.join(gen_dir, rel))
+            files[rel] = dict(info)
+        for sub in ("masks", "prototypes"):
+            if os.path.isdir(os.path.join(gen_dir, sub)):
+                _fsync_dir(os.path.join(gen_dir, sub))
+        return files
+
+    def _commit(self, manifest: dict, gen_name: str, gen_dir: str) -> None:
+        """The atomic switch: fsynced manifest replaces the old one; then old generations go."""
+        manifest["generation_dir"] = gen_name
+        manifest["generation"] = int(gen_name[4:])
+        manifest["updated"] = _now()
+        manifest["checksum"] = _manifest_checksum(manifest)
+        mpath = self._manifest_path()
+        tmp = f"{mpath}.tmp-{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(manifest, fh, indent=1)
+            fh.flush()
+            os.fsync(fh.fileno())
+        _crash_point("commit:tmp")
+        os.replace(tmp, mpath)
+        _fsync_dir(self.root)
+        _crash_point("commit:switched")
+        old = self.manifest["generation_dir"] if self.manifest else None
+        self.manifest = None
+        self._close_files()
+        if old and old != gen_name:
+            old_dir = os.path.join(self.root, old)
+            first = True
+            for dirpath, _, names in os.walk(old_dir):
+                for n in names:
+                    os.unlink(os.path.join(dirpath, n))
+                    if first:
+                        _crash_point("commit:cleanup")
+                        first = False
+            shutil.rmtree(old_dir, ignore_errors=True)
+        self._load(False)  # what we just wrote; hashes were computed while writing
+
+    def _base_manifest(self, rescaler: str, specs: Sequence[TensorSpec]) -> dict:
+        return {
+            "format": STORE_FORMAT,
+            "version": STORE_VERSION,
+            "created": _now(),
+            "rescaler": rescaler,
+            "tensors": [{"name": s.name, "dtype": DTYPE_TO_ST[s.dtype], "shape": list(s.shape)} for s in specs],
+            "tasks": [],
+            "base": None,
+            "selection": None,
+            "files": {},
+        }
+
+    def _stream_add(
+        self,
+        name: str,
+        delta_of: Callable[[str], torch.Tensor],
+        specs: Sequence[TensorSpec],
+        *,
+        rescaler: str,
+        backend: str | MergeBackend,
+        progress: bool,
+        source: dict | None,
+        base_identity: dict | None,
+        selection: dict | None,
+    ) -> None:
+        """The streaming continual step (caller holds the lock and has reloaded)."""
+        if name in self.task_names:
+            raise DuplicateTaskError(f"{self.root}: task {name!r} is already in this store; task names are unique")
+        m_old = self.manifest
+        t_prev = len(m_old["tasks"]) if m_old else 0
+        names = self.task_names + [name]
+        mode = m_old["rescaler"] if m_old else rescaler
+        label = f"task {name!r}"
+        new_gen, gen_dir = self._new_generation_dir()
+        writer = GenerationWriter(gen_dir, specs, t_prev + 1)
+        committed = False
+        try:
+            _crash_point("write:start")
+            num: list[dict[str, float]] = [{} for _ in names]
+            den: list[dict[str, float]] = [{} for _ in names]
+            numel: dict[str, int] = {}
+            old_masks = [self._files[t["masks"]] for t in m_old["tasks"]] if m_old else []
+            old_lams = [self.rescaler_of(t) for t in self.task_names]
+            from tqdm.auto import tqdm
+
+            total = sum(math.prod(s.shape) for s in specs)
+            with tqdm(total=total, unit="param", unit_scale=True, desc=f"add {name}", disable=not progress, leave=False) as bar:
+                for s in specs:
+                    d = delta_of(s.name)
+                    if tuple(d.shape) != tuple(s.shape):
+                        raise ShapeMismatchError(f"{label}: tensor {s.name!r} has shape {tuple(d.shape)}, the store has {s.shape}")
+                    if d.dtype != s.dtype:
+                        raise DtypeMismatchError(f"{label}: tensor {s.name!r} is {d.dtype}, the store keeps {s.dtype}")
+                    if t_prev == 0:
+                        res = unify_tensor([d], backend=backend, key=s.name, labels=[label])
+                    else:
+                        u = self.unified_tensor(s.name)
+                        res = add_task_tensor(
+                            u,
+                            [f.get(s.name) for f in old_masks],
+                            [lam[s.name] if isinstance(lam, dict) else lam for lam in old_lams],
+                            d,
+                            backend=backend,
+                            key=s.name,
+                            label=label,
+                        )
+                    del d
+                    writer.write(s.name, res.u, res.masks)
+                    numel[s.name] = math.prod(s.shape)
+                    for i, (a, b) in enumerate(zip(res.num.tolist(), res.den.tolist())):
+                        num[i][s.name] = a
+                        den[i][s.name] = b
+                    del res
+                    _crash_point("write:tensor")
+                    bar.update(numel[s.name])
+            self._check_read_hashes()
+            lams = compute_rescalers(num, den, numel, mode, names)
+            files = writer.finish()
+            # prototypes of earlier tasks keep their index, so they are carried by hard link
+            protos = {t["prototypes"] for t in m_old["tasks"] if t.get("prototypes")} if m_old else set()
+            for rel in sorted(protos):
+                _link_or_copy(os.path.join(self.gen_dir, rel), os.path.join(gen_dir, rel))
+                files[rel] = dict(m_old["files"][rel])
+            if protos:
+                _fsync_dir(os.path.join(gen_dir, "prototypes"))
+            _fsync_dir(gen_dir)
+            _crash_point("write:data")
+            m = json.loads(json.dumps(m_old)) if m_old else self._base_manifest(mode, specs)
+            if base_identity is not None and m.get("base") is None:
+                m["base"] = base_identity
+            if selection is not None and m.get("selection") is None:
+                m["selection"] = selection
+            m["tasks"].append({"name": name, "masks": _mask_file(t_prev), "added": _now(), "source": source, "prototypes": None})
+            for i, t in enumerate(m["tasks"]):
+                t["rescaler"] = lams[i]
+                t["mask_bits"] = writer.mask_bits[i]
+            m["files"] = files
+            self._commit(m, new_gen, gen_dir)
+            committed = True
+        finally:
+            if not committed:
+                writer.abort()
+
+    def _check_read_hashes(self) -> None:
+        """The old generation was read front to back while merging; check what was read against the
+        manifest, so a damaged store is never merged into a fresh generation with fresh hashes."""
+        for rel, f in self._files.items():
+            want = self.manifest["files"][rel]["sha256"]
+            got = f.sequential_sha256()
+            if got is None:
+                got = sha256_file(f.path)
+            if got != want:
+                raise FormatError(f"{f.path}: sha256 mismatch: the file is damaged (a byte differs from what was written)")
+
+    def add_task(
+        self,
+        name: str,
+        delta: Mapping[str, torch.Tensor],
+        *,
+        rescaler: str = "tensor_mean",
+        backend: str | MergeBackend = "auto",
+        progress: bool = False,
+        source: dict | None = None,
+    ) -> None:
+        """Fold task ``name`` with ``delta`` (a mapping; lazy mappings are read one key at a time)
+        into the store, as a new generation. ``rescaler`` applies when the store is created."""
+        _check_name(name)
+        if rescaler not in RESCALER_MODES:
+            raise ValueError(f"unknown rescaler {rescaler!r}; choose one of {RESCALER_MODES}")
+        with self._writer_lock():
+            self._load(False)
+            if self.manifest is None:
+                keys = list(delta.keys())
+                if not keys:
+                    raise MergeInputError(f"task {name!r} has no tensors")
+                specs = []
+                for k in keys:
+                    t = delta[k]
+                    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                        raise DtypeMismatchError(f"task {name!r}: tensor {k!r} is not a floating-point tensor")
+                    specs.append(TensorSpec(k, t.dtype, tuple(t.shape)))
+            else:
+                specs = self.specs
+                have, want = set(delta.keys()), {s.name for s in specs}
+                if have != want:
+                    raise KeyMismatchError(
+                        f"task {name!r} does not match the store's tensors: missing {sorted(want - have)[:8]}, extra {sorted(have - want)[:8]}"
+                    )
+            self._stream_add(
+                name, lambda k: delta[k], specs, rescaler=rescaler, backend=backend, progress=progress,
+                source=source, base_identity=None, selection=None,
+            )
+
+    def add_task_from_checkpoints(
+        self,
+        name: str,
+        base: str | os.PathLike | Checkpoint,
+        finetuned: str | os.PathLike | Checkpoint | PeftAdapter,
+        *,
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] | None = None,
+        dtype: torch.dtype | None = None,
+        rescaler: str = "tensor_mean",
+        backend: str | MergeBackend = "auto",
+        progress: bool = False,
+        check_base: bool = True,
+    ) -> None:
+        """Fold a fine-tuned checkpoint (or PEFT adapter) into the store, streaming.
+
+        The delta ``finetuned − base`` of each tensor is computed when that tensor is merged.
+        On creation the tensors taking part are the ``include``/``exclude`` selection (fnmatch
+        globs) of the default set (every floating-point tensor, or the adapter's); later tasks
+        use the store's set, and their deltas are cast to the store's dtype per tensor. With
+        ``check_base``, a base that differs from the store's (sha256) is refused.
+        """
+        _check_name(name)
+        if rescaler not in RESCALER_MODES:
+            raise ValueError(f"unknown rescaler {rescaler!r}; choose one of {RESCALER_MODES}")
+        bck = open_checkpoint(base) if isinstance(base, (str, os.PathLike)) else base
+        fck = open_checkpoint(finetuned) if isinstance(finetuned, (str, os.PathLike)) else finetuned
+        if isinstance(bck, PeftAdapter):
+            raise MergeInputError(f"{bck.path}: the base must be a full checkpoint, not an adapter")
+        td = TaskDelta(bck, fck)
+        try:
+            with self._writer_lock():
+                self._load(False)
+                ident = None
+                if self.manifest is None:
+                    if include:
+                        keys = select_keys(td.candidate_keys(), include, exclude)
+                    else:
+                        keys = select_keys(td.default_keys(), None, exclude)
+                    if not keys:
+                        raise KeyMismatchError(f"{fck.path}: no tensor is selected (include={list(include or [])}, exclude={list(exclude or [])})")
+                    specs = []
+                    for k in keys:
+                        if not td.is_adapter and k in fck.keys():
+                            dt = dtype or fck.spec(k).dtype
+                        else:
+                            dt = dtype or bck.spec(k).dtype
+                        specs.append(TensorSpec(k, dt, tuple(bck.spec(k).shape)))
+                    if check_base and bck.files():
+                        ident = checkpoint_identity(bck)
+                else:
+                    specs = self.specs
+                    if check_base:
+                        self._check_base(bck)
+                if td.is_adapter:
+                    sel = set(s.name for s in specs)
+                    outside = [k for k in fck.delta_keys() if k not in sel]
+                    if outside:
+                        raise KeyMismatchError(
+                            f"{fck.path}: the adapter changes tensors the store does not hold: {outside[:5]} "
+                            "(create the store with --include patterns that cover them)"
+                        )
+                for s in specs:
+                    td.check(s.name, s.shape)
+                source = {"path": os.path.abspath(fck.path), "kind": "peft-lora" if td.is_adapter else "checkpoint"}
+                selection = {"include": list(include or []), "exclude": list(exclude or [])}
+                store_dtype = {s.name: s.dtype for s in specs}
+                self._stream_add(
+                    name, lambda k: td.delta(k, store_dtype[k]), specs, rescaler=rescaler, backend=backend,
+                    progress=progress, source=source, base_identity=ident, selection=selection,
+                )
+        finally:
+            td.close()
+
+    def _check_base(self, bck: Checkpoint) -> None:
+        rec = self.manifest.get("base")
+        if not rec or rec.get("sha256") is None or not bck.files():
+            return
+        files = bck.files()
+        same_file = len(files) == 1 and os.path.abspath(files[0]) == rec["path"]
+        size = sum(os.path.getsize(f) for f in files)
+        if size != rec["bytes"] or checkpoint_identity(bck)["sha256"] != rec["sha256"]:
+            where = "was modified since" if same_file else "differs from the one"
+            raise MergeInputError(
+                f"{bck.path}: this base checkpoint {where} the store was created with ({rec['path']}, sha256 {rec['sha256'][:12]}…); "
+                "deltas against another base cannot be merged"
+            )
+
+    def write_session(self, unified: Mapping[str, torch.Tensor], triggers: Sequence[TaskTrigger], rescaler: str) -> None:
+        """Replace the store's content with an in-memory session (``ContinualMerger.save``).
+        Prototypes of tasks that keep their name and position are carried over."""
+        names = [t.task for t in triggers]
+        if any(not isinstance(n, str) or not n for n in names) or len(set(names)) != len(names):
+            raise ValueError(f"a stored session needs unique task names; got {names}")
+        with self._writer_lock():
+            self._load(False)
+            specs = [TensorSpec(k, v.dtype, tuple(v.shape)) for k, v in unified.items()]
+            new_gen, gen_dir = self._new_generation_dir()
+            writer = GenerationWriter(gen_dir, specs, len(triggers))
+            committed = False
+            try:
+                _crash_point("write:start")
+                for s in specs:
+                    rows = [tr.packed[s.name].reshape(-1) for tr in triggers]
+                    masks = torch.stack(rows) if rows else torch.empty((0, packed_nbytes(math.prod(s.shape))), dtype=torch.uint8)
+                    writer.write(s.name, unified[s.name].detach(), masks)
+                    _crash_point("write:tensor")
+                files = writer.finish()
+                m = self._base_manifest(rescaler, specs)
+                if self.manifest is not None:
+                    m["created"] = self.manifest.get("created", m["created"])
+                    m["base"] = self.manifest.get("base")
+                old_tasks = self.manifest["tasks"] if self.manifest else []
+                for i, tr in enumerate(triggers):
+                    r = tr.rescaler
+                    entry = {"name": tr.task, "masks": _mask_file(i), "added": _now(), "source": None, "prototypes": None,
+                             "rescaler": dict(r) if isinstance(r, dict) else float(r), "mask_bits": writer.mask_bits[i]}
+                    if i < len(old_tasks) and old_tasks[i]["name"] == tr.task:
+                        entry["added"] = old_tasks[i].get("added", entry["added"])
+                        entry["source"] = old_tasks[i].get("source")
+                        rel = old_tasks[i].get("prototypes")
+                        if rel:
+                            _link_or_copy(os.path.join(self.gen_dir, rel), os.path.join(gen_dir, rel))
+                            files[rel] = dict(self.manifest["files"][rel])
+                            entry["prototypes"] = rel
+                    m["tasks"].append(entry)
+                if os.path.isdir(os.path.join(gen_dir, "prototypes")):
+                    _fsync_dir(os.path.join(gen_dir, "prototypes"))
+                _fsync_dir(gen_dir)
+                _crash_point("write:data")
+                m["files"] = files
+                self._commit(m, new_gen, gen_dir)
+                committed = True
+            finally:
+                if not committed:
+                    writer.abort()
+
+    # ------------------------------------------------------------------ reporting
+    def storage(self) -> dict[str, object]:
+        """Bytes on disk against storing every fine-tuned model (the paper's Appendix H comparison)."""
+        m = self._require()
+        params = sum(math.prod(s.shape) for s in self.specs)
+        u_bytes = int(m["files"][UNIFIED]["bytes"])
+        u_data = sum(math.prod(s.shape) * dtype_itemsize(s.dtype) for s in self.specs)
+        mask_bytes = [int(m["files"][t["masks"]]["bytes"]) for t in m["tasks"]]
+        mask_data = sum(packed_nbytes(math.prod(s.shape)) for s in self.specs)
+        proto_bytes = sum(int(m["files"][t["prototypes"]]["bytes"]) for t in m["tasks"] if t.get("prototypes"))
+        manifest_bytes = os.path.getsize(self._manifest_path())
+        base_bytes = int(m["base"]["bytes"]) if m.get("base") else None
+        model_bytes = base_bytes if base_bytes is not None else u_data
+        n = len(m["tasks"])
+        store_bytes = u_bytes + sum(mask_bytes) + proto_bytes + manifest_bytes
+        return {
+            "params": params,
+            "tasks": n,
+            "unified_bytes": u_bytes,
+            "mask_bytes_per_task": mask_bytes,
+            "mask_bits_per_param": (mask_data * 8 / params) if params else 0.0,
+            "prototype_bytes": proto_bytes,
+            "manifest_bytes": manifest_bytes,
+            "store_bytes": store_bytes,
+            "base_bytes": base_bytes,
+            "condu_total_bytes": store_bytes + (base_bytes or 0),
+            "individual_bytes": n * model_bytes,
+        }
+
+    def mask_stats(self, *, progress: bool = False) -> dict[str, object]:
+        """Per-task mask density and pairwise overlaps ``|M_i ∧ M_j|`` (bitarray popcounts), streamed per tensor."""
+        from bitarray import bitarray
+        from bitarray.util import count_and, count_or
+
+        m = self._require()
+        names = self.task_names
+        n = len(names)
+        inter = [[0] * n for _ in range(n)]
+        union = [[0] * n for _ in range(n)]
+        from tqdm.auto import tqdm
+
+        for s in tqdm(self.specs, desc="masks", disable=not progress, leave=False):
+            bas = []
+            for t in m["tasks"]:
+                arr = self._files[t["masks"]].get(s.name).numpy()
+                bas.append(bitarray(buffer=memoryview(arr), endian="little") if arr.size else bitarray())
+            for i in range(n):
+                for j in range(i, n):
+                    inter[i][j] += count_and(bas[i], bas[j]) if j != i else bas[i].count(1)
+                    union[i][j] += count_or(bas[i], bas[j]) if j != i else bas[i].count(1)
+        params = sum(math.prod(s.shape) for s in self.specs)
+        for i in range(n):
+            for j in range(i):
+                inter[i][j], union[i][j] = inter[j][i], union[j][i]
+        return {
+            "density": {names[i]: (inter[i][i] / params if params else 0.0) for i in range(n)},
+            "overlap_bits": inter,
+            "jaccard": [[(inter[i][j] / union[i][j] if union[i][j] else 0.0) for j in range(n)] for i in range(n)],
+        }
+
+
+def _check_name(name: object) -> None:
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError("a task name must be a non-empty string")
