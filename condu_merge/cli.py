@@ -1,54 +1,376 @@
-"""``condu-merge`` command line."""
+"""``condu-merge`` command line: add-task, export, inspect, verify, demo.
+
+User errors print one line (``condu-merge: error: …``) and exit 1; ``--debug`` shows the traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import os
 import sys
+import tempfile
 import time
+from typing import Any
+
+_DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
-def _demo(args: argparse.Namespace) -> int:
+def _mb(n: int | float | None) -> str:
+    return "-" if n is None else f"{n / 1e6:.2f} MB"
+
+
+def _emit(args: argparse.Namespace, data: dict[str, Any], lines: list[str]) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(data, indent=1, default=str))
+    elif not getattr(args, "quiet", False):
+        for line in lines:
+            print(line)
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    return not getattr(args, "quiet", False) and not getattr(args, "json", False) and sys.stderr.isatty()
+
+
+# ---------------------------------------------------------------------------- add-task
+
+def _add_task(args: argparse.Namespace) -> int:
     import torch
 
-    from . import ContinualMerger
+    from .store import Store
 
-    gen = torch.Generator().manual_seed(args.seed)
-    shapes = {"encoder.weight": (256, 128), "encoder.bias": (256,), "head.weight": (10, 256)}
-    base = {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
-    merger = ContinualMerger(rescaler=args.rescaler)
-    deltas = {}
     t0 = time.perf_counter()
-    for i in range(args.tasks):
-        name = f"task{i + 1}"
-        deltas[name] = {k: 0.01 * torch.randn(s, generator=gen) for k, s in shapes.items()}
-        merger.add_task(name, deltas[name])
-    elapsed = time.perf_counter() - t0
-    print(f"merged {args.tasks} tasks of {sum(v.numel() for v in base.values())} parameters in {elapsed * 1e3:.1f} ms")
-    for name in merger.task_names:
-        rec = merger.decouple(name)
-        a = torch.cat([v.flatten() for v in deltas[name].values()])
-        b = torch.cat([rec[k].flatten() for k in deltas[name]])
-        cos = torch.nn.functional.cosine_similarity(a, b, dim=0).item()
-        rel = ((a - b).norm() / a.norm()).item()
-        trig = merger.trigger(name)
-        print(f"  {name}: lambda={trig.rescaler:.4f} mask density={trig.density():.3f} cos={cos:.4f} rel.L2 err={rel:.4f}")
+    with Store(args.store, verify=False) as st:
+        st.add_task_from_checkpoints(
+            args.name,
+            args.base,
+            args.finetuned,
+            include=args.include,
+            exclude=args.exclude,
+            dtype=getattr(torch, args.dtype) if args.dtype else None,
+            rescaler=args.rescaler,
+            backend=args.backend,
+            progress=_progress(args),
+            check_base=not args.no_check_base,
+        )
+        elapsed = time.perf_counter() - t0
+        r = st.rescaler_of(args.name)
+        info = st.task_info(args.name)
+        data = {
+            "store": st.root,
+            "task": args.name,
+            "tasks": st.task_names,
+            "params": sum(math.prod(s.shape) for s in st.specs),
+            "rescaler": r,
+            "mask_bits": info["mask_bits"],
+            "seconds": elapsed,
+        }
+    lam = f"{r:.4f}" if isinstance(r, float) else f"per tensor ({len(r)})"
+    _emit(args, data, [f"added {args.name!r} to {data['store']} ({len(data['tasks'])} tasks, {data['params']:,} params, lambda={lam}) in {elapsed:.2f} s"])
     return 0
 
 
+# ---------------------------------------------------------------------------- export
+
+def _export(args: argparse.Namespace) -> int:
+    from .checkpoints import MemoryCheckpoint, open_checkpoint
+    from .safetensors_writer import StreamingSafetensorsWriter, TensorSpec
+    from .store import Store
+
+    t0 = time.perf_counter()
+    with Store(args.store, verify=not args.no_verify) as st:
+        st._require()
+        st.task_info(args.task)  # unknown task: clear error before writing anything
+        out = os.path.abspath(args.output)
+        tmp = f"{out}.tmp-{os.getpid()}"
+        meta = {"condu-merge-task": args.task, "condu-merge-store": st.root, "content": "delta" if args.delta else "model"}
+        from tqdm.auto import tqdm
+
+        if args.delta:
+            specs = st.specs
+            source = st.iter_decouple(args.task, backend=args.backend)
+            base = None
+        else:
+            base_path = args.base or ((st.manifest.get("base") or {}).get("path"))
+            if not base_path:
+                raise ValueError("this store does not record its base checkpoint; pass --base (or use --delta)")
+            base = open_checkpoint(base_path)
+            if not args.no_check_base:
+                st._check_base(base)
+            stored = set(st.keys)
+            specs = [base.spec(k) for k in base.keys()]
+            missing = stored - {s.name for s in specs}
+            if missing:
+                raise ValueError(f"{base.path}: base lacks stored tensors {sorted(missing)[:5]}")
+            merged = st.iter_decouple(args.task, base=base, backend=args.backend)
+
+            def _full():
+                pending = dict()
+                for s in specs:
+                    if s.name in stored:
+                        while s.name not in pending:
+                            k, v = next(merged)
+                            pending[k] = v
+                        yield s.name, pending.pop(s.name)
+                    else:
+                        yield s.name, base.get(s.name)
+
+            source = _full()
+        try:
+            w = StreamingSafetensorsWriter(tmp, [TensorSpec(s.name, s.dtype, tuple(s.shape)) for s in specs], meta)
+            with w:
+                for k, v in tqdm(source, total=len(specs), desc=f"export {args.task}", disable=not _progress(args), leave=False):
+                    w.write(k, v)
+                sha, size = w.close()
+            os.replace(tmp, out)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            if base is not None:
+                base.close()
+    elapsed = time.perf_counter() - t0
+    data = {"output": out, "task": args.task, "delta": bool(args.delta), "tensors": len(specs), "bytes": size, "sha256": sha, "seconds": elapsed}
+    _emit(args, data, [f"wrote {'delta' if args.delta else 'model'} of {args.task!r} to {out} ({len(specs)} tensors, {_mb(size)}) in {elapsed:.2f} s"])
+    return 0
+
+
+# ---------------------------------------------------------------------------- inspect / verify
+
+def _inspect(args: argparse.Namespace) -> int:
+    from .store import Store
+
+    with Store(args.store, verify=False) as st:
+        m = st._require()
+        storage = st.storage()
+        stats = None if args.no_overlaps else st.mask_stats(progress=_progress(args))
+        tasks = []
+        for i, t in enumerate(m["tasks"]):
+            r = t["rescaler"]
+            tasks.append(
+                {
+                    "name": t["name"],
+                    "added": t.get("added"),
+                    "rescaler": r,
+                    "mask_bytes": storage["mask_bytes_per_task"][i],
+                    "density": t["mask_bits"] / storage["params"] if storage["params"] else 0.0,
+                    "source": (t.get("source") or {}).get("path"),
+                    "prototypes": bool(t.get("prototypes")),
+                }
+            )
+        data = {
+            "store": st.root,
+            "generation": m["generation"],
+            "rescaler": m["rescaler"],
+            "tensors": len(m["tensors"]),
+            "base": m.get("base"),
+            "tasks": tasks,
+            "storage": storage,
+            "overlaps": stats,
+        }
+    lines = [
+        f"store {data['store']} (generation {data['generation']}, rescaler {data['rescaler']})",
+        f"  {storage['params']:,} parameters in {data['tensors']} tensors; base: {(data['base'] or {}).get('path', 'not recorded')}",
+        f"  {'task':<20} {'lambda':>10} {'density':>8} {'mask bytes':>12}",
+    ]
+    for t in tasks:
+        lam = f"{t['rescaler']:.4f}" if isinstance(t["rescaler"], float) else "per-tensor"
+        lines.append(f"  {t['name']:<20} {lam:>10} {t['density']:>8.3f} {t['mask_bytes']:>12,}")
+    if stats and len(tasks) > 1:
+        lines.append("  pairwise mask overlap (Jaccard |Mi & Mj| / |Mi | Mj|):")
+        w = max(len(t["name"]) for t in tasks)
+        for i, t in enumerate(tasks):
+            lines.append("    " + t["name"].ljust(w) + " " + " ".join(f"{x:5.2f}" for x in stats["jaccard"][i]))
+    s = storage
+    lines += [
+        f"  storage: unified delta {_mb(s['unified_bytes'])} + masks {_mb(sum(s['mask_bytes_per_task']))} "
+        f"({s['mask_bits_per_param']:.3f} bit/param/task) + prototypes {_mb(s['prototype_bytes'])} + manifest {_mb(s['manifest_bytes'])}"
+        f" = {_mb(s['store_bytes'])}",
+        f"  with the base model ({_mb(s['base_bytes'])}): {_mb(s['condu_total_bytes'])} vs {s['tasks']} individual models: {_mb(s['individual_bytes'])}"
+        + (f" ({s['individual_bytes'] / s['condu_total_bytes']:.1f}x)" if s["condu_total_bytes"] else ""),
+        "  (the paper, 11 CLIP ViT-B/16 tasks: base 570.86 + unified 570.86 + masks 196.20 + rescalers 0.75 = 1377.92 MB vs 11 x 570.86 = 6279.46 MB)",
+    ]
+    _emit(args, data, lines)
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from .store import Store
+
+    t0 = time.perf_counter()
+    with Store(args.store, verify=False) as st:
+        st._require()
+        rep = st.verify()
+        data = {"store": st.root, "ok": True, "files": rep.files, "bytes": rep.bytes, "tasks": st.task_names, "seconds": time.perf_counter() - t0}
+    _emit(args, data, [f"ok: {rep.files} files, {_mb(rep.bytes)}, {len(data['tasks'])} tasks verified (sha256) in {data['seconds']:.2f} s"])
+    return 0
+
+
+# ---------------------------------------------------------------------------- demo
+
+def _demo(args: argparse.Namespace) -> int:
+    """A seeded model family (a base and ``tasks`` fine-tuned variants sharing some direction),
+    merged continually through a store in a temporary directory, then every expert decoupled."""
+    import torch
+
+    from .safetensors_writer import save_file_streaming
+    from .store import Store
+
+    gen = torch.Generator().manual_seed(args.seed)
+    shapes = {
+        "embed.weight": (512, 64),
+        "block.0.attn.weight": (192, 64),
+        "block.0.mlp.weight": (256, 64),
+        "block.0.norm.bias": (64,),
+        "head.weight": (10, 64),
+    }
+    base = {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
+    shared = {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
+    work = args.keep or tempfile.mkdtemp(prefix="condu-demo-")
+    os.makedirs(work, exist_ok=True)
+    store_dir = os.path.join(work, "store")
+    deltas: dict[str, dict] = {}
+    t_merge = 0.0
+    save_file_streaming(base, os.path.join(work, "base.safetensors"))
+    with Store(store_dir, verify=False) as st:
+        for i in range(args.tasks):
+            name = f"task{i + 1}"
+            finetuned = {k: base[k] + 0.01 * (0.5 * shared[k] + torch.randn(s, generator=gen)) for k, s in shapes.items()}
+            deltas[name] = {k: finetuned[k] - base[k] for k in shapes}
+            ft = os.path.join(work, f"{name}.safetensors")
+            save_file_streaming(finetuned, ft)
+            t0 = time.perf_counter()
+            st.add_task_from_checkpoints(name, os.path.join(work, "base.safetensors"), ft, rescaler=args.rescaler)
+            t_merge += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        st.verify()
+        t_verify = time.perf_counter() - t0
+        storage = st.storage()
+        rows = []
+        t0 = time.perf_counter()
+        for name in st.task_names:
+            true_delta = {k: deltas[name][k] for k in shapes}  # what the checkpoint holds: ft - base
+            rec = st.decouple(name)
+            a = torch.cat([true_delta[k].flatten() for k in shapes])
+            b = torch.cat([rec[k].flatten() for k in shapes])
+            rows.append(
+                {
+                    "task": name,
+                    "rescaler": st.rescaler_of(name),
+                    "density": st.task_info(name)["mask_bits"] / storage["params"],
+                    "cosine": torch.nn.functional.cosine_similarity(a, b, dim=0).item(),
+                    "rel_l2_error": ((a - b).norm() / a.norm()).item(),
+                }
+            )
+        t_decouple = time.perf_counter() - t0
+    data = {
+        "workdir": work if args.keep else None,
+        "tasks": args.tasks,
+        "params": storage["params"],
+        "storage": storage,
+        "experts": rows,
+        "seconds": {"merge": t_merge, "verify": t_verify, "decouple_all": t_decouple},
+    }
+    lines = [
+        f"merged {args.tasks} tasks of {storage['params']:,} parameters through a store in {t_merge * 1e3:.0f} ms "
+        f"(verify {t_verify * 1e3:.0f} ms, decouple all {t_decouple * 1e3:.0f} ms)",
+        f"stored: unified delta {_mb(storage['unified_bytes'])} + masks {_mb(sum(storage['mask_bytes_per_task']))} "
+        f"({storage['mask_bits_per_param']:.3f} bit/param/task) + manifest {_mb(storage['manifest_bytes'])}; "
+        f"with the base {_mb(storage['condu_total_bytes'])} vs {args.tasks} individual models {_mb(storage['individual_bytes'])}",
+    ]
+    for r in rows:
+        lines.append(
+            f"  {r['task']}: lambda={r['rescaler']:.4f} mask density={r['density']:.3f} cos={r['cosine']:.4f} rel.L2 err={r['rel_l2_error']:.4f}"
+        )
+    if args.keep:
+        lines.append(f"files kept in {work} (try: condu-merge inspect {store_dir})")
+    else:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+    _emit(args, data, lines)
+    return 0
+
+
+# ---------------------------------------------------------------------------- parser
+
+def _common() -> argparse.ArgumentParser:
+    # SUPPRESS: flags given before or after the subcommand both count, neither overrides the other
+    c = argparse.ArgumentParser(add_help=False)
+    c.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars or messages")
+    c.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output on stdout")
+    c.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    return c
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="condu-merge", description="Continual model merging (ConDU)")
+    common = _common()
+    p = argparse.ArgumentParser(prog="condu-merge", description="Continual model merging (ConDU)", parents=[common])
     sub = p.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="run a continual session on a small seeded model family")
+
+    a = sub.add_parser("add-task", parents=[common], help="merge a fine-tuned checkpoint into a store (created on first use)")
+    a.add_argument("store")
+    a.add_argument("--base", required=True, help="pretrained checkpoint (safetensors file, sharded index, folder, .pt/.bin)")
+    a.add_argument("--finetuned", required=True, help="fine-tuned checkpoint or PEFT LoRA adapter folder")
+    a.add_argument("--name", required=True, help="task name (unique in the store)")
+    a.add_argument("--include", action="append", metavar="GLOB", help="tensors taking part (fnmatch on names; repeatable; first task only)")
+    a.add_argument("--exclude", action="append", metavar="GLOB", help="tensors left out (carried unchanged from the base)")
+    a.add_argument("--rescaler", default="tensor_mean", help="tensor_mean | l1 | per_tensor (first task only)")
+    a.add_argument("--dtype", choices=_DTYPES, help="dtype the store keeps u in (first task only; default: the checkpoint's)")
+    a.add_argument("--backend", default="auto")
+    a.add_argument("--no-check-base", action="store_true", help="do not compare the base's sha256 with the store's")
+    a.set_defaults(func=_add_task)
+
+    e = sub.add_parser("export", parents=[common], help="write one task's reconstructed checkpoint (or delta) as safetensors")
+    e.add_argument("store")
+    e.add_argument("--task", required=True)
+    e.add_argument("-o", "--output", required=True)
+    e.add_argument("--delta", action="store_true", help="the delta alone (no base needed)")
+    e.add_argument("--base", help="base checkpoint (default: the one recorded in the store)")
+    e.add_argument("--backend", default="auto")
+    e.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the store")
+    e.add_argument("--no-check-base", action="store_true")
+    e.set_defaults(func=_export)
+
+    i = sub.add_parser("inspect", parents=[common], help="tasks, sizes, mask density and overlaps, storage vs individual models")
+    i.add_argument("store")
+    i.add_argument("--no-overlaps", action="store_true", help="skip the pairwise mask overlaps (reads every mask)")
+    i.set_defaults(func=_inspect)
+
+    v = sub.add_parser("verify", parents=[common], help="check every file of a store against its sha256")
+    v.add_argument("store")
+    v.set_defaults(func=_verify)
+
+    d = sub.add_parser("demo", parents=[common], help="continual session on a small seeded model family, through a store")
     d.add_argument("--tasks", type=int, default=5)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--rescaler", default="tensor_mean")
+    d.add_argument("--keep", metavar="DIR", help="work in DIR and keep the files (default: a temporary directory)")
     d.set_defaults(func=_demo)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    debug = getattr(args, "debug", False)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("condu-merge: interrupted", file=sys.stderr)
+        return 130
+    except (Exception,) as exc:  # noqa: BLE001 -- one clear line for users; --debug for the rest
+        from .errors import ConduError
+
+        if debug:
+            raise
+        expected = isinstance(exc, (ConduError, OSError, ValueError, KeyError, TypeError))
+        msg = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+        if not expected:
+            msg = f"{type(exc).__name__}: {msg} (run with --debug for the traceback)"
+        print(f"condu-merge: error: {msg}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
