@@ -1,0 +1,236 @@
+"""The persistent store: bit-exact against the in-memory merger, integrity, locking, prototypes."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from condu_merge import ContinualMerger, FormatError, NonFiniteError
+from condu_merge.errors import DuplicateTaskError, KeyMismatchError, UnknownTaskError
+from condu_merge.store import MANIFEST, Store, StoreLock, StoreLockedError
+
+SHAPES = {"enc.weight": (33, 17), "enc.bias": (5,), "head.weight": (64, 40), "empty": (0, 3)}
+
+
+def _deltas(n, shapes=SHAPES, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shared = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+    return [
+        {k: (0.5 * shared[k] + torch.randn(s, generator=g)).to(dtype) for k, s in shapes.items()}
+        for _ in range(n)
+    ]
+
+
+def _assert_same_session(st: Store, m: ContinualMerger):
+    assert st.task_names == m.task_names
+    for k, v in m.unified.items():
+        assert torch.equal(st.unified_tensor(k), v), k
+    for name in m.task_names:
+        tr = m.trigger(name)
+        assert st.rescaler_of(name) == tr.rescaler
+        for k in tr.names:
+            assert torch.equal(st.packed_mask(name, k), tr.packed[k]), (name, k)
+        rec, ref = st.decouple(name), m.decouple(name)
+        assert all(torch.equal(rec[k], ref[k]) for k in ref)
+
+
+@pytest.mark.parametrize("rescaler", ["tensor_mean", "l1", "per_tensor"])
+def test_streaming_add_task_is_bit_exact_with_the_merger(tmp_path, rescaler):
+    m = ContinualMerger(rescaler=rescaler)
+    st = Store(tmp_path / "s")
+    for i, d in enumerate(_deltas(4)):
+        m.add_task(f"t{i}", d)
+        st.add_task(f"t{i}", d, rescaler=rescaler)
+        _assert_same_session(Store(tmp_path / "s"), m)  # a fresh open, hashes verified
+    assert st.rescaler == rescaler
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_dtypes_round_trip(tmp_path, dtype):
+    m = ContinualMerger()
+    for i, d in enumerate(_deltas(3, dtype=dtype)):
+        m.add_task(f"t{i}", d)
+    m.save(tmp_path / "s")
+    m2 = ContinualMerger.load(tmp_path / "s")
+    assert all(v.dtype == dtype for v in m2.unified.values())
+    _assert_same_session(Store(tmp_path / "s"), m)
+    m2.add_task("t3", _deltas(1, dtype=dtype, seed=9)[0])  # the loaded merger is usable
+    m.add_task("t3", _deltas(1, dtype=dtype, seed=9)[0])
+    assert all(torch.equal(m.unified[k], m2.unified[k]) for k in SHAPES)
+
+
+def test_save_load_and_continue_on_disk(tmp_path):
+    ds = _deltas(4)
+    m = ContinualMerger()
+    for i, d in enumerate(ds[:2]):
+        m.add_task(f"t{i}", d)
+    m.save(tmp_path / "s")
+    st = Store(tmp_path / "s")
+    st.add_task("t2", ds[2])
+    m.add_task("t2", ds[2])
+    _assert_same_session(st, m)
+    # save over an existing store replaces it as one new generation
+    m.add_task("t3", ds[3])
+    m.save(tmp_path / "s")
+    _assert_same_session(Store(tmp_path / "s"), m)
+    assert [n for n in os.listdir(tmp_path / "s") if n.startswith("gen-")] == [Store(tmp_path / "s").manifest["generation_dir"]]
+
+
+def test_masks_cost_one_bit_per_parameter_per_task(tmp_path):
+    shapes = {"a": (512, 256), "b": (1000,), "c": (3, 7)}
+    st = Store(tmp_path / "s")
+    for i, d in enumerate(_deltas(3, shapes)):
+        st.add_task(f"t{i}", d)
+    params = sum(math.prod(s) for s in shapes.values())
+    for rel in (t["masks"] for t in st.manifest["tasks"]):
+        size = os.path.getsize(os.path.join(st.gen_dir, rel))
+        header = 8 + int.from_bytes(open(os.path.join(st.gen_dir, rel), "rb").read(8), "little")
+        assert size - header <= params / 8 * 1.01 + len(shapes)  # data: ceil(N/8) per tensor
+        assert header < 1024  # the constant
+    s = st.storage()
+    assert abs(s["mask_bits_per_param"] - 1.0) < 0.01
+    assert s["individual_bytes"] == 3 * params * 4
+
+
+def test_rejected_task_leaves_store_unchanged(tmp_path):
+    ds = _deltas(2)
+    st = Store(tmp_path / "s")
+    st.add_task("a", ds[0])
+    before = json.loads((tmp_path / "s" / MANIFEST).read_text())
+    bad = dict(ds[1])
+    bad["head.weight"] = bad["head.weight"].clone()
+    bad["head.weight"][3, 4] = float("nan")
+    with pytest.raises(NonFiniteError, match="head.weight"):
+        st.add_task("b", bad)
+    with pytest.raises(DuplicateTaskError):
+        st.add_task("a", ds[1])
+    with pytest.raises(KeyMismatchError, match="enc.bias"):
+        st.add_task("c", {k: v for k, v in ds[1].items() if k != "enc.bias"})
+    assert json.loads((tmp_path / "s" / MANIFEST).read_text()) == before
+    assert sorted(n for n in os.listdir(tmp_path / "s") if n.startswith("gen-")) == [before["generation_dir"]]
+    st2 = Store(tmp_path / "s")
+    st2.add_task("b", ds[1])
+    assert st2.task_names == ["a", "b"]
+
+
+def test_unknown_task_and_missing_store(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no condu-merge store"):
+        ContinualMerger.load(tmp_path / "nothing")
+    st = Store(tmp_path / "s")
+    st.add_task("a", _deltas(1)[0])
+    with pytest.raises(UnknownTaskError, match="'zz'"):
+        st.decouple("zz")
+
+
+# ---------------------------------------------------------------------------- integrity
+
+def _store(tmp_path, n=3):
+    m = ContinualMerger()
+    for i, d in enumerate(_deltas(n)):
+        m.add_task(f"t{i}", d)
+    m.save(tmp_path / "s")
+    return tmp_path / "s", Store(tmp_path / "s")
+
+
+@pytest.mark.parametrize("target", ["unified.safetensors", "masks/0001.safetensors"])
+def test_flipped_byte_is_refused_naming_the_file(tmp_path, target):
+    root, st = _store(tmp_path)
+    p = os.path.join(st.gen_dir, target)
+    raw = bytearray(open(p, "rb").read())
+    raw[-5] ^= 0x10
+    open(p, "wb").write(bytes(raw))
+    with pytest.raises(FormatError, match=target.replace("/", ".")):
+        Store(root)
+    with pytest.raises(FormatError, match="sha256"):
+        ContinualMerger.load(root)
+    Store(root, verify=False)  # the fast path skips hashes (sizes still match) ...
+    st2 = Store(root, verify=False)
+    with pytest.raises(FormatError, match="sha256"):  # ... but a writer reading it still notices
+        st2.add_task("t9", _deltas(1, seed=5)[0])
+    assert Store(root, verify=False).task_names == ["t0", "t1", "t2"]
+
+
+def test_truncated_and_missing_files(tmp_path):
+    root, st = _store(tmp_path)
+    p = os.path.join(st.gen_dir, "masks/0000.safetensors")
+    raw = open(p, "rb").read()
+    open(p, "wb").write(raw[:-3])
+    with pytest.raises(FormatError, match="0000.safetensors.*truncated"):
+        Store(root, verify=False)
+    os.unlink(p)
+    with pytest.raises(FormatError, match="0000.safetensors.*missing"):
+        Store(root, verify=False)
+
+
+def test_unknown_version_and_damaged_manifest(tmp_path):
+    root, _ = _store(tmp_path)
+    mp = root / MANIFEST
+    good = mp.read_text()
+    m = json.loads(good)
+    m["version"] = 99
+    mp.write_text(json.dumps(m))
+    with pytest.raises(FormatError, match="manifest.json.*version 99"):
+        Store(root)
+    mp.write_text(good.replace('"t1"', '"tX"'))
+    with pytest.raises(FormatError, match="manifest.json.*checksum"):
+        Store(root)
+    mp.write_text(good[: len(good) // 2])
+    with pytest.raises(FormatError, match="manifest.json.*JSON"):
+        Store(root)
+
+
+def test_second_writer_gets_a_clear_error(tmp_path):
+    root, st = _store(tmp_path)
+    before = (root / MANIFEST).read_text()
+    with StoreLock(str(root)):  # another open file description: flock conflicts even in-process
+        with pytest.raises(StoreLockedError, match=f"pid {os.getpid()}"):
+            Store(root).add_task("t9", _deltas(1, seed=3)[0])
+        with pytest.raises(StoreLockedError):
+            Store(root).save_prototypes("t0", {"p": torch.ones(2)})
+        assert Store(root).task_names == ["t0", "t1", "t2"]  # readers are not blocked
+    assert (root / MANIFEST).read_text() == before
+    Store(root).add_task("t9", _deltas(1, seed=3)[0])
+
+
+# ---------------------------------------------------------------------------- prototypes
+
+def test_prototypes_are_stored_hashed_and_carried(tmp_path):
+    root, st = _store(tmp_path)
+    assert st.load_prototypes("t1") is None
+    protos = {"mean": torch.randn(4, 8), "count": torch.tensor([3, 4], dtype=torch.int64)}
+    st.save_prototypes("t1", protos)
+    got = Store(root).load_prototypes("t1")
+    assert set(got) == set(protos) and all(torch.equal(got[k], protos[k]) for k in protos)
+    rel = Store(root).task_info("t1")["prototypes"]
+    assert rel in Store(root).manifest["files"]
+    st = Store(root)
+    st.add_task("t3", _deltas(1, seed=11)[0])  # a new generation carries them
+    got = Store(root).load_prototypes("t1")
+    assert torch.equal(got["mean"], protos["mean"])
+    st.save_prototypes("t1", {"mean": torch.zeros(1)})  # replacing
+    assert torch.equal(Store(root).load_prototypes("t1")["mean"], torch.zeros(1))
+    p = os.path.join(Store(root).gen_dir, rel)
+    raw = bytearray(open(p, "rb").read())
+    raw[-1] ^= 1
+    open(p, "wb").write(bytes(raw))
+    with pytest.raises(FormatError, match="prototypes"):
+        Store(root)
+    with pytest.raises(UnknownTaskError):
+        Store(root, verify=False).save_prototypes("nope", {"x": torch.ones(1)})
+
+
+def test_lazy_decouple_with_base(tmp_path):
+    root, st = _store(tmp_path)
+    m = ContinualMerger.load(root)
+    g = torch.Generator().manual_seed(7)
+    base = {k: torch.randn(s, generator=g).to(torch.float64) for k, s in SHAPES.items()}
+    base["extra.buffer"] = torch.arange(3)
+    got = st.decouple("t2", base=base)
+    ref = m.decouple("t2", base=base)
+    assert set(got) == set(ref)
+    assert all(torch.equal(got[k], ref[k]) for k in ref)
+    assert got["enc.weight"].dtype == torch.float64
