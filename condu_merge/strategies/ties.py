@@ -4,10 +4,12 @@ Merging Models", NeurIPS 2023, arXiv:2306.01708): a non-continual reference.
 Math, with task vectors ``τ_i = θ_i − θ_0`` (every task fine-tuned from θ_0):
 
 1. **Trim**: keep the top ``k`` fraction (``density``) of each ``τ_i`` by magnitude, zero the
-   rest: ``τ̂_i = τ_i ⊙ [|τ_i| ≥ q_i]`` where ``q_i`` is the ``(N − ⌊kN⌋)``-th smallest ``|τ_i|``
-   (the released code's ``kthvalue`` rule; entries tied with the threshold are kept; ``k = 1``
-   keeps everything). ``trim_scope="global"`` (default, as the paper) takes ``N`` over the whole
-   task vector; ``"tensor"`` thresholds each tensor on its own.
+   rest: ``τ̂_i = τ_i ⊙ [|τ_i| ≥ q_i]`` where ``q_i`` is the ``⌈kN⌉``-th largest ``|τ_i|``
+   (entries tied with the threshold are kept; ``k = 1`` keeps everything; a nonempty tensor
+   keeps at least one entry). The released code's ``kthvalue`` rule keeps ``⌊kN⌋ + 1``
+   entries; the difference is one entry per trimmed vector. ``trim_scope="global"`` (default,
+   as the paper) takes ``N`` over the whole task vector; ``"tensor"`` thresholds each tensor on
+   its own.
 2. **Elect**: ``γ[k] = sign(Σ_i τ̂_i[k])`` (sign of the summed mass; an exact zero elects +1).
 3. **Disjoint merge**: ``τ_m[k] = Σ_{i∈A_k} τ̂_i[k] / |A_k|`` over
    ``A_k = {i : sign(τ̂_i[k]) = γ[k], τ̂_i[k] ≠ 0}`` (0 where ``A_k`` is empty).
@@ -21,6 +23,8 @@ Stores: every task vector τ_i (one full delta per task) plus one float threshol
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .base import ContinualStrategy, StorageReport, state_nbytes
@@ -29,17 +33,15 @@ TRIM_SCOPES = ("global", "tensor")
 
 
 def trim_threshold(abs_values: torch.Tensor, density: float) -> float:
-    """The magnitude ``q`` such that ``|τ| ≥ q`` keeps the top ``density`` fraction:
-    the ``(N − ⌊density·N⌋)``-th smallest value (``-inf``, i.e. keep all, when that index is 0)."""
+    """The magnitude ``q`` such that ``|τ| ≥ q`` keeps the top ``density`` fraction: the
+    ``⌈density·N⌉``-th largest of ``abs_values`` (``+inf`` for an empty tensor)."""
     n = abs_values.numel()
     if n == 0:
         return float("inf")
-    k = n - int(n * density)
-    if k <= 0:
-        return float("-inf")
+    keep = min(n, max(1, math.ceil(density * n - 1e-9)))
     flat = abs_values.reshape(-1)
     flat = flat.to(torch.promote_types(flat.dtype, torch.float32))
-    return float(flat.kthvalue(k).values)
+    return float(flat.kthvalue(n - keep + 1).values)
 
 
 def ties_tensor(trimmed: list[torch.Tensor]) -> torch.Tensor:
