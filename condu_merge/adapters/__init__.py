@@ -18,8 +18,28 @@ from .clip import (
     select_names,
     swap_params,
 )
+from .lora import (
+    ExportReport,
+    LoraAdapter,
+    LoraCompatibilityError,
+    check_compatible,
+    dense_delta,
+    export_peft,
+    factor_delta,
+    factor_expert,
+    record_init,
+)
 
 __all__ = [
+    "ExportReport",
+    "LoraAdapter",
+    "LoraCompatibilityError",
+    "check_compatible",
+    "dense_delta",
+    "export_peft",
+    "factor_delta",
+    "factor_expert",
+    "record_init",
     "MODES",
     "ClipAdapterError",
     "ClipExperts",

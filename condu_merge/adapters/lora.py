@@ -1,0 +1,381 @@
+"""PEFT LoRA adapters: load/save, factor-wise and dense ConDU merges, export by truncated SVD.
+
+A LoRA module adds ``ΔW = s · B A`` to a base weight ``W [out, in]``, with ``A [r, in]``,
+``B [out, r]`` and scaling ``s = lora_alpha / r`` (``lora_alpha / √r`` with ``use_rslora``;
+per-module ``rank_pattern`` / ``alpha_pattern`` honoured). A PEFT adapter folder holds
+``adapter_config.json`` and ``adapter_model.safetensors`` with keys
+``base_model.model.<module>.lora_A.weight`` / ``...lora_B.weight``.
+
+Two merge modes:
+
+* **factor-wise** (the paper's ConDU (LoRA)): a task's delta is ``(A_t − A_0, B_t − B_0)`` per
+  module, relative to the *shared initialisation* ``(A_0, B_0)``; the factors themselves are
+  unified element-wise. Adapters must agree in ranks, targets, scaling and initialisation, or
+  the merge is refused (:class:`LoraCompatibilityError`). A decoupled expert is ``init + δ̃``,
+  a regular adapter (:func:`factor_expert`).
+* **dense**: each module's ``ΔW = s · B A`` is merged as a full-weight delta keyed
+  ``<module>.weight`` (the base model's own names, so :class:`~condu_merge.adapters.ClipExperts`
+  and :func:`~condu_merge.adapters.swap_params` apply it directly). :func:`export_peft` turns a
+  decoupled dense expert back into a PEFT folder of rank ``r`` by truncated SVD and reports the
+  truncation error.
+
+Other LoRA formats (e.g. a training script's own factors on attention/MLP projections) enter
+through :meth:`LoraAdapter.from_factors`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from ..errors import ConduError, FormatError, KeyMismatchError, ShapeMismatchError
+
+__all__ = [
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+    "INIT_RECORD_NAME",
+    "ExportReport",
+    "LoraAdapter",
+    "LoraCompatibilityError",
+    "check_compatible",
+    "dense_delta",
+    "export_peft",
+    "factor_delta",
+    "factor_expert",
+    "record_init",
+]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+INIT_RECORD_NAME = "condu_lora_init.json"
+_PREFIX = "base_model.model."
+_KEY = re.compile(r"^(?:base_model\.model\.)?(.+)\.(lora_A|lora_B)(?:\.([A-Za-z0-9_\-]+))?\.weight$")
+
+# config fields that must agree for a factor-wise merge (they change what the factors mean)
+_MUST_MATCH = ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "fan_in_fan_out",
+               "init_lora_weights", "use_dora", "lora_bias")
+
+
+class LoraCompatibilityError(ConduError, ValueError):
+    """LoRA adapters that cannot be merged factor-wise (rank, targets, scaling or init differ)."""
+
+
+def _pattern_key(patterns: Mapping[str, Any], module: str) -> str | None:
+    """PEFT's rule: a ``rank_pattern``/``alpha_pattern`` key matches a module name it ends
+    (at a dot boundary), read as a regular expression."""
+    for pat in patterns:
+        if re.match(rf"(.*\.)?({pat})$", module):
+            return pat
+    return None
+
+
+@dataclass
+class LoraAdapter:
+    """One LoRA adapter: ``factors[module] = (A, B)`` plus its PEFT config (a plain dict).
+
+    ``path`` is where it was loaded from (used in error messages only)."""
+
+    config: dict[str, Any]
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    path: str | None = None
+    init_fingerprint: str | None = field(default=None)
+
+    # ------------------------------------------------------------------ io
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> "LoraAdapter":
+        """Read a PEFT LoRA folder (``adapter_config.json`` + ``adapter_model.safetensors``)."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        path = os.fspath(path)
+        cfg_path, w_path = os.path.join(path, CONFIG_NAME), os.path.join(path, WEIGHTS_NAME)
+        for p in (cfg_path, w_path):
+            if not os.path.isfile(p):
+                raise FormatError(f"{p}: missing; a PEFT LoRA folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+        try:
+            with open(cfg_path, encoding="utf-8") as f:
+                config = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise FormatError(f"{cfg_path}: unreadable adapter config ({e})") from None
+        if not isinstance(config, dict) or str(config.get("peft_type", "")).upper() != "LORA":
+            raise FormatError(f"{cfg_path}: not a LoRA adapter config (peft_type={config.get('peft_type') if isinstance(config, dict) else None!r})")
+        try:
+            tensors = load_file(w_path)
+        except (SafetensorError, OSError) as e:
+            raise FormatError(f"{w_path}: unreadable safetensors file ({e})") from None
+        init = None
+        rec = os.path.join(path, INIT_RECORD_NAME)
+        if os.path.isfile(rec):
+            try:
+                with open(rec, encoding="utf-8") as f:
+                    init = json.load(f)["init_fingerprint"]
+            except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+                raise FormatError(f"{rec}: unreadable init record ({e})") from None
+        return cls(config=config, factors=_parse_factors(tensors, w_path), path=path, init_fingerprint=init)
+
+    @classmethod
+    def from_factors(cls, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], *, r: int, lora_alpha: float,
+                     use_rslora: bool = False, base_model_name_or_path: str | None = None) -> "LoraAdapter":
+        """Wrap factors of any origin: ``factors[module] = (A [r, in], B [out, r])``, module names
+        as in the base model (``...q_proj``, without ``.weight``)."""
+        for m, (a, b) in factors.items():
+            if a.shape[0] != r or b.shape[1] != r:
+                raise ShapeMismatchError(f"module {m!r}: A {tuple(a.shape)} / B {tuple(b.shape)} are not rank {r}")
+        config = _peft_config(sorted(factors), r=r, lora_alpha=lora_alpha, use_rslora=use_rslora,
+                              base_model_name_or_path=base_model_name_or_path)
+        return cls(config=config, factors={m: (a, b) for m, (a, b) in factors.items()})
+
+    def save(self, path: str | os.PathLike[str]) -> str:
+        """Write a PEFT folder that ``peft.PeftModel.from_pretrained(base, path)`` loads."""
+        from safetensors.torch import save_file
+
+        path = os.fspath(path)
+        os.makedirs(path, exist_ok=True)
+        tensors = {}
+        for m, (a, b) in self.factors.items():
+            tensors[f"{_PREFIX}{m}.lora_A.weight"] = a.detach().contiguous().cpu()
+            tensors[f"{_PREFIX}{m}.lora_B.weight"] = b.detach().contiguous().cpu()
+        save_file(tensors, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
+        with open(os.path.join(path, CONFIG_NAME), "w", encoding="utf-8") as f:
+            json.dump(self.config, f, indent=2, sort_keys=True)
+        if self.init_fingerprint is not None:
+            record_init(path, self.init_fingerprint)
+        return path
+
+    # ------------------------------------------------------------------ math
+    @property
+    def modules(self) -> list[str]:
+        return sorted(self.factors)
+
+    def rank(self, module: str) -> int:
+        pat = _pattern_key(self.config.get("rank_pattern") or {}, module)
+        return int(self.config["rank_pattern"][pat]) if pat is not None else int(self.config["r"])
+
+    def scaling(self, module: str) -> float:
+        """``lora_alpha / r`` for this module (``/ √r`` with ``use_rslora``), patterns honoured."""
+        r = self.rank(module)
+        pat = _pattern_key(self.config.get("alpha_pattern") or {}, module)
+        alpha = float(self.config["alpha_pattern"][pat]) if pat is not None else float(self.config["lora_alpha"])
+        return alpha / math.sqrt(r) if self.config.get("use_rslora") else alpha / r
+
+    def fingerprint(self) -> str:
+        """SHA-256 over module names, shapes, dtypes and bytes of the factors (identifies an init)."""
+        h = hashlib.sha256()
+        for m in self.modules:
+            for t in self.factors[m]:
+                c = t.detach().contiguous().cpu()
+                h.update(f"{m}|{tuple(c.shape)}|{c.dtype}|".encode())
+                h.update(c.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+
+    def who(self) -> str:
+        return f"adapter {self.path!r}" if self.path else "adapter"
+
+
+def _parse_factors(tensors: Mapping[str, torch.Tensor], where: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for k, t in tensors.items():
+        m = _KEY.match(k)
+        if m is None:
+            raise FormatError(
+                f"{where}: tensor {k!r} is not a LoRA factor (lora_A/lora_B); DoRA magnitudes, LoRA "
+                "biases, embedding LoRA and modules_to_save are not supported"
+            )
+        parts.setdefault(m.group(1), {})[m.group(2)] = t
+    out = {}
+    for mod, p in parts.items():
+        if set(p) != {"lora_A", "lora_B"}:
+            raise FormatError(f"{where}: module {mod!r} has {sorted(p)} but needs both lora_A and lora_B")
+        a, b = p["lora_A"], p["lora_B"]
+        if a.shape[0] != b.shape[1]:
+            raise ShapeMismatchError(f"{where}: module {mod!r}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} disagree on the rank")
+        out[mod] = (a, b)
+    return out
+
+
+def _peft_config(modules: Sequence[str], *, r: int, lora_alpha: float, use_rslora: bool = False,
+                 base_model_name_or_path: str | None = None) -> dict[str, Any]:
+    """A minimal LoRA ``adapter_config.json`` (PEFT fills the rest with its defaults); targets are
+    full module names, so exactly those modules get a LoRA."""
+    return {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": int(r),
+        "lora_alpha": lora_alpha,
+        "target_modules": list(modules),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": use_rslora,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "modules_to_save": None,
+        "inference_mode": True,
+    }
+
+
+def record_init(path: str | os.PathLike[str], init: "LoraAdapter | str") -> str:
+    """Write ``condu_lora_init.json`` into an adapter folder: the fingerprint of the shared
+    initialisation it was trained from (call it right after training, with the init adapter)."""
+    fp = init if isinstance(init, str) else init.fingerprint()
+    rec = os.path.join(os.fspath(path), INIT_RECORD_NAME)
+    with open(rec, "w", encoding="utf-8") as f:
+        json.dump({"init_fingerprint": fp}, f)
+    return rec
+
+
+# ---------------------------------------------------------------------------- factor-wise
+
+def _targets(cfg: Mapping[str, Any]) -> Any:
+    t = cfg.get("target_modules")
+    return sorted(t) if isinstance(t, (list, tuple, set)) else t
+
+
+def check_compatible(adapters: Sequence[LoraAdapter], init: LoraAdapter) -> None:
+    """Refuse (``LoraCompatibilityError`` naming the adapter and the field) unless every adapter
+    has the init's modules, factor shapes (ranks), scaling settings, targets and base model,
+    and any recorded initialisation fingerprint equals the init's."""
+    ref_fp = None
+    for ad in adapters:
+        who = ad.who()
+        for k in _MUST_MATCH:
+            a, b = ad.config.get(k), init.config.get(k)
+            if (a or None) != (b or None) and a != b:
+                raise LoraCompatibilityError(f"{who}: config {k}={a!r} differs from the init's {b!r}; factor-wise merge refused")
+        if _targets(ad.config) != _targets(init.config):
+            raise LoraCompatibilityError(
+                f"{who}: target_modules {_targets(ad.config)!r} differ from the init's {_targets(init.config)!r}; factor-wise merge refused"
+            )
+        ba, bi = ad.config.get("base_model_name_or_path"), init.config.get("base_model_name_or_path")
+        if ba and bi and ba != bi:
+            raise LoraCompatibilityError(f"{who}: base model {ba!r} differs from the init's {bi!r}")
+        if set(ad.factors) != set(init.factors):
+            missing, extra = sorted(set(init.factors) - set(ad.factors)), sorted(set(ad.factors) - set(init.factors))
+            raise LoraCompatibilityError(f"{who}: LoRA modules differ from the init's (missing {missing[:5]}, extra {extra[:5]})")
+        for m, (a, b) in ad.factors.items():
+            a0, b0 = init.factors[m]
+            if a.shape != a0.shape or b.shape != b0.shape:
+                raise LoraCompatibilityError(
+                    f"{who}: module {m!r} has A {tuple(a.shape)} / B {tuple(b.shape)}, the init A {tuple(a0.shape)} / "
+                    f"B {tuple(b0.shape)} (rank {a.shape[0]} vs {a0.shape[0]}); factor-wise merge refused"
+                )
+            if a.dtype != a0.dtype or b.dtype != b0.dtype:
+                raise LoraCompatibilityError(f"{who}: module {m!r} dtype {a.dtype} differs from the init's {a0.dtype}")
+        if ad.init_fingerprint is not None:
+            ref_fp = ref_fp or init.fingerprint()
+            if ad.init_fingerprint != ref_fp:
+                raise LoraCompatibilityError(
+                    f"{who}: recorded initialisation {ad.init_fingerprint[:12]}… is not the given init "
+                    f"({ref_fp[:12]}…); the factors do not share a starting point, factor-wise merge refused"
+                )
+
+
+def factor_delta(adapter: LoraAdapter, init: LoraAdapter) -> dict[str, torch.Tensor]:
+    """The task delta for a factor-wise merge: ``{<module>.lora_A.weight: A_t − A_0,
+    <module>.lora_B.weight: B_t − B_0}`` (after :func:`check_compatible`)."""
+    check_compatible([adapter], init)
+    out = {}
+    for m in init.modules:
+        (a, b), (a0, b0) = adapter.factors[m], init.factors[m]
+        out[f"{m}.lora_A.weight"] = a - a0
+        out[f"{m}.lora_B.weight"] = b - b0
+    return out
+
+
+def factor_expert(init: LoraAdapter, delta: Mapping[str, torch.Tensor]) -> LoraAdapter:
+    """``init + δ̃`` as an adapter with the init's config (``delta`` from ``decouple``)."""
+    expected = {f"{m}.lora_{x}.weight" for m in init.modules for x in "AB"}
+    if set(delta) != expected:
+        missing, extra = sorted(expected - set(delta)), sorted(set(delta) - expected)
+        raise KeyMismatchError(f"factor delta does not match the init's modules (missing {missing[:5]}, extra {extra[:5]})")
+    factors = {}
+    for m, (a0, b0) in init.factors.items():
+        da, db = delta[f"{m}.lora_A.weight"], delta[f"{m}.lora_B.weight"]
+        factors[m] = ((a0 + da.to(a0.dtype)).to(a0.dtype), (b0 + db.to(b0.dtype)).to(b0.dtype))
+    return LoraAdapter(config=dict(init.config), factors=factors, init_fingerprint=init.fingerprint())
+
+
+# ---------------------------------------------------------------------------- dense
+
+def dense_delta(adapter: LoraAdapter, *, dtype: torch.dtype | None = torch.float32) -> dict[str, torch.Tensor]:
+    """``{<module>.weight: s · B A}`` per module (float32 by default). Linear LoRA gives
+    ``[out, in]``; conv LoRA (``A [r, in, kh, kw]``, ``B [out, r, 1, 1]``) gives the kernel
+    ``(B.flatten(1) @ A.flatten(1)).reshape(out, in, kh, kw)``; ``fan_in_fan_out`` transposes."""
+    out = {}
+    for m in adapter.modules:
+        a, b = adapter.factors[m]
+        wide = dtype or a.dtype
+        if a.dim() == 2 and b.dim() == 2:
+            d = b.to(wide) @ a.to(wide)
+            if adapter.config.get("fan_in_fan_out"):
+                d = d.t()
+        elif a.dim() == 4 and b.dim() == 4 and b.shape[2:] == (1, 1):
+            d = (b.flatten(1).to(wide) @ a.flatten(1).to(wide)).reshape(b.shape[0], *a.shape[1:])
+        else:
+            raise ShapeMismatchError(f"{adapter.who()}: module {m!r}: unsupported LoRA factor shapes A {tuple(a.shape)}, B {tuple(b.shape)}")
+        out[f"{m}.weight"] = (d * adapter.scaling(m)).contiguous()
+    return out
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    """Truncation error of :func:`export_peft`: per module ``‖ΔW − ΔW_r‖_F / ‖ΔW‖_F`` (0 for a
+    zero ΔW) and over all modules ``√(Σ‖ΔW − ΔW_r‖²) / √(Σ‖ΔW‖²)``; ``rank`` as written."""
+
+    rank: int
+    per_module: dict[str, float]
+    total: float
+    path: str
+
+
+def export_peft(delta: Mapping[str, torch.Tensor], path: str | os.PathLike[str], rank: int, *,
+                lora_alpha: float | None = None, base_model_name_or_path: str | None = None) -> ExportReport:
+    """Write a dense expert ``{<module>.weight: ΔW [out, in]}`` as a PEFT LoRA folder of rank ``rank``.
+
+    Per module ``ΔW = U S Vᵀ`` (SVD in float64), ``ΔW_r = U_r S_r V_rᵀ`` (Eckart–Young: the best
+    rank-``r`` approximation in Frobenius norm); with ``s = lora_alpha / r`` (default
+    ``lora_alpha = r``, so ``s = 1``) the factors are ``B = U_r √S_r / √s``, ``A = √S_r V_rᵀ / √s``,
+    so that ``s · B A = ΔW_r``. Matrices of rank below ``r`` are padded with zero factors. The
+    residual comes from the discarded singular values. Factors keep ``ΔW``'s dtype.
+    """
+    if rank < 1:
+        raise ValueError(f"export rank must be >= 1, got {rank}")
+    alpha = float(rank) if lora_alpha is None else float(lora_alpha)
+    scale = alpha / rank
+    if scale <= 0:
+        raise ValueError(f"lora_alpha must be positive, got {lora_alpha}")
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    per_module: dict[str, float] = {}
+    res2 = tot2 = 0.0
+    for key, d in delta.items():
+        if not key.endswith(".weight"):
+            raise KeyMismatchError(f"dense delta key {key!r} is not a '<module>.weight' name")
+        if d.dim() != 2:
+            raise ShapeMismatchError(f"dense delta {key!r} has shape {tuple(d.shape)}; only 2-D (linear) weights export to LoRA")
+        module = key[: -len(".weight")]
+        w = d.detach().to(torch.float64)
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        k = min(rank, s.numel())
+        root = s[:k].sqrt() / math.sqrt(scale)
+        b = torch.zeros(w.shape[0], rank, dtype=torch.float64, device=w.device)
+        a = torch.zeros(rank, w.shape[1], dtype=torch.float64, device=w.device)
+        b[:, :k] = u[:, :k] * root
+        a[:k] = root[:, None] * vh[:k]
+        r2, t2 = float((s[k:] ** 2).sum()), float((s ** 2).sum())
+        per_module[module] = math.sqrt(r2 / t2) if t2 > 0 else 0.0
+        res2, tot2 = res2 + r2, tot2 + t2
+        factors[module] = (a.to(d.dtype).cpu(), b.to(d.dtype).cpu())
+    ad = LoraAdapter(config=_peft_config(sorted(factors), r=rank, lora_alpha=alpha,
+                                         base_model_name_or_path=base_model_name_or_path), factors=factors)
+    out = ad.save(path)
+    return ExportReport(rank=rank, per_module=per_module, total=math.sqrt(res2 / tot2) if tot2 > 0 else 0.0, path=out)

@@ -1,0 +1,226 @@
+"""PEFT LoRA adapter: factor-wise and dense ConDU merges on a tiny transformers CLIP; exports load
+with peft.PeftModel.from_pretrained."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+from condu_merge import ContinualMerger, FormatError  # noqa: E402
+from condu_merge.adapters.clip import ClipExperts  # noqa: E402
+from condu_merge.adapters.lora import (  # noqa: E402
+    LoraAdapter,
+    LoraCompatibilityError,
+    dense_delta,
+    export_peft,
+    factor_delta,
+    factor_expert,
+    record_init,
+)
+
+VOCAB, CTX = 64, 12
+TARGETS = ["q_proj", "v_proj", "fc1"]
+
+
+def tiny_hf() -> "transformers.CLIPModel":
+    torch.manual_seed(0)
+    cfg = transformers.CLIPConfig(
+        projection_dim=16,
+        text_config=dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                         num_hidden_layers=2, max_position_embeddings=CTX, eos_token_id=VOCAB - 1, bos_token_id=VOCAB - 2),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2,
+                           image_size=32, patch_size=8),
+    )
+    return transformers.CLIPModel(cfg).eval()
+
+
+def tokens(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randint(1, VOCAB - 2, (n, CTX), generator=g)
+    t[:, -1] = VOCAB - 1
+    return t
+
+
+def images(n: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def feats(model, x, t):
+    with torch.no_grad():
+        i = model.get_image_features(pixel_values=x)
+        s = model.get_text_features(input_ids=t)
+    return getattr(i, "pooler_output", i), getattr(s, "pooler_output", s)
+
+
+def train_lora(pm, init_sd, seed: int, steps: int = 3):
+    """Reset the PEFT model's LoRA to the shared init, then a few AdamW steps (A and B both move)."""
+    peft.set_peft_model_state_dict(pm, init_sd)
+    params = [p for n, p in pm.named_parameters() if "lora_" in n]
+    opt = torch.optim.AdamW(params, lr=2e-2)
+    x, t = images(8, seed), tokens(8, seed)
+    for _ in range(steps):
+        out = pm(input_ids=t, pixel_values=x)
+        y = torch.arange(8)
+        loss = torch.nn.functional.cross_entropy(out.logits_per_image, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora")
+    base = tiny_hf()
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    init_sd = {k: v.clone() for k, v in peft.get_peft_model_state_dict(pm).items()}
+    pm.save_pretrained(root / "init")
+    out = {"base": base, "root": root, "init": LoraAdapter.load(root / "init")}
+    x, t = images(3, 99), tokens(4, 98)
+    for name, seed in (("a", 1), ("b", 2)):
+        train_lora(pm, init_sd, seed)
+        pm.save_pretrained(root / name)
+        record_init(root / name, out["init"])
+        out[name] = LoraAdapter.load(root / name)
+        out[f"feats_{name}"] = feats(pm, x, t)
+    out["x"], out["t"] = x, t
+    return out
+
+
+def _load_peft(base, path):
+    return peft.PeftModel.from_pretrained(copy.deepcopy(base), str(path)).eval()
+
+
+def test_load_parses_peft_folder(setup):
+    a = setup["a"]
+    assert len(a.modules) == 2 * 2 * len(TARGETS)  # 2 towers x 2 layers x targets
+    assert all(m.startswith(("text_model.", "vision_model.")) for m in a.modules)
+    m = a.modules[0]
+    assert a.factors[m][0].shape[0] == 4 and a.scaling(m) == 2.0
+    init = setup["init"]
+    assert all(float(init.factors[m][1].abs().max()) == 0 for m in init.modules)  # PEFT init: B0 = 0
+    assert a.init_fingerprint == init.fingerprint()
+    assert any(not torch.equal(a.factors[m][0], init.factors[m][0]) for m in a.modules)
+    # training moved the outputs well beyond the tolerances used below
+    bi, bt = feats(setup["base"], setup["x"], setup["t"])
+    ai, at = setup["feats_a"]
+    assert float((ai - bi).abs().max()) > 1e-2 and float((at - bt).abs().max()) > 1e-2
+
+
+def test_factorwise_single_task_round_trip(setup, tmp_path):
+    init, a = setup["init"], setup["a"]
+    merger = ContinualMerger()
+    merger.add_task("a", factor_delta(a, init))
+    expert = factor_expert(init, merger.decouple("a"))
+    expert.save(tmp_path / "a_hat")
+    for m in a.modules:
+        torch.testing.assert_close(expert.factors[m][0], a.factors[m][0], atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(expert.factors[m][1], a.factors[m][1], atol=1e-6, rtol=1e-6)
+    loaded = _load_peft(setup["base"], tmp_path / "a_hat")
+    fi, ft = feats(loaded, setup["x"], setup["t"])
+    ri, rt = setup["feats_a"]
+    torch.testing.assert_close(fi, ri, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ft, rt, atol=1e-5, rtol=1e-5)
+
+
+def test_factorwise_two_tasks_is_the_core_merge(setup):
+    init, a, b = setup["init"], setup["a"], setup["b"]
+    merger = ContinualMerger()
+    merger.add_task("a", factor_delta(a, init))
+    merger.add_task("b", factor_delta(b, init))
+    for name, ad in (("a", a), ("b", b)):
+        exp = factor_expert(init, merger.decouple(name))
+        # decoupled factors keep the sign pattern of the true update where the mask is set
+        for m in ad.modules[:3]:
+            d_true = ad.factors[m][0] - init.factors[m][0]
+            d_hat = exp.factors[m][0] - init.factors[m][0]
+            nz = d_hat != 0
+            assert bool(nz.any()) and bool((torch.sign(d_hat[nz]) == torch.sign(d_true[nz])).all())
+
+
+def test_factorwise_refusals(setup, tmp_path):
+    init, a = setup["init"], setup["a"]
+    # different rank
+    r2 = LoraAdapter(config={**a.config, "r": 2},
+                     factors={m: (A[:2], B[:, :2]) for m, (A, B) in a.factors.items()}, path="r2")
+    with pytest.raises(LoraCompatibilityError, match=r"'r2'.*\br=2"):
+        factor_delta(r2, init)
+    # different targets
+    fewer = LoraAdapter(config={**a.config, "target_modules": ["q_proj"]},
+                        factors={m: f for m, f in a.factors.items() if m.endswith("q_proj")}, path="few")
+    with pytest.raises(LoraCompatibilityError, match="target_modules"):
+        factor_delta(fewer, init)
+    # recorded initialisation differs
+    shutil_copy(setup["root"] / "a", tmp_path / "other")
+    record_init(tmp_path / "other", "0" * 64)
+    other = LoraAdapter.load(tmp_path / "other")
+    with pytest.raises(LoraCompatibilityError, match="initialisation"):
+        factor_delta(other, init)
+    # same shapes but a different scaling
+    alpha = LoraAdapter(config={**a.config, "lora_alpha": 16}, factors=a.factors, path="alpha")
+    with pytest.raises(LoraCompatibilityError, match="lora_alpha"):
+        factor_delta(alpha, init)
+
+
+def shutil_copy(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+
+
+def test_dense_merge_applies_and_exports(setup, tmp_path):
+    base, a = setup["base"], setup["a"]
+    dd = dense_delta(a)
+    # ΔW equals what PEFT itself merges into the base weights
+    merged = _load_peft(base, setup["root"] / "a").merge_and_unload().state_dict()
+    bsd = base.state_dict()
+    for k, d in dd.items():
+        torch.testing.assert_close(merged[k] - bsd[k], d, atol=1e-6, rtol=1e-5)
+    merger = ContinualMerger()
+    merger.add_task("a", dd)
+    experts = ClipExperts(copy.deepcopy(base), merger.unified, merger.triggers)
+    x, t = setup["x"], setup["t"]
+    ri, rt = setup["feats_a"]
+    torch.testing.assert_close(experts.encode_image("a", x), ri, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(experts.encode_text("a", t), rt, atol=1e-5, rtol=1e-5)
+
+    # export at the true rank: (near) lossless, and loads in PEFT
+    rep = export_peft(merger.decouple("a"), tmp_path / "dense_r4", rank=4)
+    assert rep.total < 1e-5 and max(rep.per_module.values()) < 1e-5
+    cfg = json.loads((tmp_path / "dense_r4" / "adapter_config.json").read_text())
+    assert cfg["r"] == 4 and sorted(cfg["target_modules"]) == sorted(a.modules)
+    loaded = _load_peft(base, tmp_path / "dense_r4")
+    fi, ft = feats(loaded, x, t)
+    torch.testing.assert_close(fi, ri, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ft, rt, atol=1e-4, rtol=1e-4)
+
+    # export at rank 1: the reported error is the measured one
+    rep1 = export_peft(dd, tmp_path / "dense_r1", rank=1, lora_alpha=3.0)
+    low = _load_peft(base, tmp_path / "dense_r1").merge_and_unload().state_dict()
+    res2 = tot2 = 0.0
+    for k, d in dd.items():
+        approx = low[k] - bsd[k]
+        e2, n2 = float(((d - approx).double() ** 2).sum()), float((d.double() ** 2).sum())
+        m = k[: -len(".weight")]
+        assert rep1.per_module[m] == pytest.approx((e2 / n2) ** 0.5, rel=1e-3, abs=1e-6)
+        res2, tot2 = res2 + e2, tot2 + n2
+    assert rep1.total == pytest.approx((res2 / tot2) ** 0.5, rel=1e-3)
+    assert 0 < rep1.total < 1
+
+
+def test_load_errors_name_the_file(tmp_path):
+    with pytest.raises(FormatError, match="adapter_config.json"):
+        LoraAdapter.load(tmp_path)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"junk")
+    with pytest.raises(FormatError, match="not a LoRA"):
+        LoraAdapter.load(tmp_path)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2}))
+    with pytest.raises(FormatError, match=os.path.join(str(tmp_path), "adapter_model.safetensors").replace("\\", "\\\\")):
+        LoraAdapter.load(tmp_path)
