@@ -183,6 +183,24 @@ def test_params_from_a_module_state_dict_are_copied():
     assert_close(s.base, before, atol=0)
 
 
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dtype_kept_and_no_aliasing(name, dtype):
+    base = rand_state(0, dtype=dtype)
+    deltas = [rand_state(i, dtype=dtype) for i in (1, 2, 3)]
+    keep = [{k: v.clone() for k, v in d.items()} for d in deltas]
+    s = run_deltas(get_strategy(name, base), deltas)
+    before = s.model_for_inference("t1")
+    for d in deltas:  # the caller reuses its buffers: the strategy must not see it
+        for v in d.values():
+            v.mul_(-7.0)
+    after = s.model_for_inference("t1")
+    assert_close(after, before, atol=0)
+    assert all(v.dtype == dtype for v in after.values())
+    ref = run_deltas(get_strategy(name, base), keep).model_for_inference("t1")
+    assert_close(after, ref, atol=0)
+
+
 # ---------------------------------------------------------------------------- merge rules vs float64
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -209,7 +209,8 @@ class ContinualStrategy(ABC):
         else:
             assert delta is not None
             self._check_state(delta, who + " (delta)")
-            d = {k: delta[k].detach().to(self._base[k].dtype) for k in self._base}
+            # copy=True: the strategy must not alias tensors the caller may reuse
+            d = {k: delta[k].detach().to(device=b.device, dtype=b.dtype, copy=True) for k, b in self._base.items()}
         self._check_finite(d, who)
         self._fold(name, d)  # must commit only on success
         self._tasks.append(name)
