@@ -28,11 +28,16 @@ __all__ = [
 ]
 
 # name -> factory, or "module:attr" imported on first use
-_FACTORIES: dict[str, Callable[[], MergeBackend] | str] = {"torch": TorchBackend}
+_FACTORIES: dict[str, Callable[[], MergeBackend] | str] = {
+    "torch": TorchBackend,
+    # optional fused kernels (condu_merge.kernels): imported on first use only
+    "numba": "condu_merge.kernels.numba_backend:NumbaBackend",
+    "triton": "condu_merge.kernels.triton_backend:TritonBackend",
+}
 _INSTANCES: dict[str, MergeBackend | None] = {}
 
 # What "auto" tries, in order, per device type; the first available one that supports the device wins.
-AUTO_ORDER: dict[str, list[str]] = {"cuda": ["torch"], "cpu": ["torch"]}
+AUTO_ORDER: dict[str, list[str]] = {"cuda": ["triton", "torch"], "cpu": ["numba", "torch"]}
 
 
 def register_backend(name: str, factory: Callable[[], MergeBackend] | str, *, auto_for: dict[str, int] | None = None) -> None:
