@@ -25,7 +25,7 @@ computed once per (expert, dataset) and cached.
 from __future__ import annotations
 
 import os
-from typing import Callable, Iterable, Mapping, Protocol, Sequence
+from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +40,7 @@ __all__ = [
     "compute_prototypes",
     "load_prototypes",
     "prototypes_from_encoders",
+    "prototypes_from_store",
     "route",
     "route_scores",
     "save_prototypes",
@@ -125,9 +126,22 @@ def prototypes_from_encoders(encode_image: Callable[[torch.Tensor], torch.Tensor
     return compute_prototypes(img, lab, text)
 
 
+def prototypes_from_store(store: Any, tasks: Sequence[str] | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    """``{task: tensors}`` saved with ``store.save_prototypes(task, compute_prototypes(...))`` for
+    ``tasks`` (default: all of the store's tasks); a task without prototypes raises, naming it."""
+    out = {}
+    for task in store.task_names if tasks is None else tasks:
+        p = store.load_prototypes(task)
+        if p is None:
+            raise KeyMismatchError(f"store {getattr(store, 'root', store)!r} holds no prototypes for task {task!r}")
+        out[task] = p
+    return out
+
+
 def save_prototypes(path: str | os.PathLike[str], prototypes: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
-    """Write ``{task: {name: tensor}}`` to one safetensors file (keys ``task/name``). Task names must
-    not contain ``/``. Prefer the project store's ``save_prototypes`` where a store is used."""
+    """Write ``{task: {name: tensor}}`` to one safetensors file (keys ``task/name``), for use without
+    a store. Task names must not contain ``/``. With a :class:`condu_merge.store.Store`, use its
+    ``save_prototypes(task, tensors)`` and :func:`prototypes_from_store` instead."""
     from safetensors.torch import save_file
 
     flat = {}

@@ -30,7 +30,17 @@ from condu_merge.adapters.clip import (  # noqa: E402
 VOCAB, CTX = 64, 12
 
 
+_BASES: dict = {}
+
+
 def tiny_open_clip(seed: int = 0) -> CLIP:
+    """A tiny random CLIP, shared per seed across tests (callers must not modify it: deep-copy first)."""
+    if seed not in _BASES:
+        _BASES[seed] = _tiny_open_clip(seed)
+    return _BASES[seed]
+
+
+def _tiny_open_clip(seed: int) -> CLIP:
     torch.manual_seed(seed)
     return CLIP(
         embed_dim=16,
@@ -138,7 +148,7 @@ def test_openclip_to_hf_outputs_match(base):
 
 def test_hf_to_openclip_outputs_match(base):
     hf = tiny_hf_from(base, load=False)  # its own random init, unrelated to base's
-    oc = tiny_open_clip(seed=7)
+    oc = copy.deepcopy(tiny_open_clip(seed=7))
     missing, unexpected = oc.load_state_dict(hf_to_openclip(hf.state_dict()), strict=False)
     assert missing == [] and unexpected == []
     x, t = images(3), tokens(4)

@@ -203,3 +203,35 @@ def test_aggregator_with_clip_experts():
         ref = reference_logits(experts, sel, merger.task_names, x, prompts)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-5)
     assert sel.sum(1).eq(2).all()
+
+
+def test_store_integration(tmp_path):
+    """Prototypes and experts straight from a persistent store give the same logits as in memory."""
+    pytest.importorskip("open_clip")
+    store_mod = pytest.importorskip("condu_merge.store")
+    from test_adapters_clip import finetune, images, tiny_open_clip, tokens
+
+    from condu_merge.adapters.clip import ClipExperts, clip_delta
+    from condu_merge.routing import prototypes_from_store
+
+    base = tiny_open_clip()
+    store = store_mod.Store(tmp_path / "s")
+    merger = ContinualMerger()
+    prompts = tokens(6, seed=61).reshape(3, 2, -1)
+    with torch.no_grad():
+        txt = base.encode_text(prompts.reshape(6, -1)).reshape(3, 2, -1)
+    protos = {}
+    for i, s in enumerate((3, 22)):
+        d = clip_delta(base, finetune(base, "whole", seed=s))
+        merger.add_task(f"t{i}", d)
+        store.add_task(f"t{i}", d)
+        with torch.no_grad():
+            protos[f"t{i}"] = compute_prototypes(base.encode_image(images(3, seed=70 + i)), torch.tensor([0, 1, 2]), txt)
+        store.save_prototypes(f"t{i}", protos[f"t{i}"])
+    loaded = prototypes_from_store(store_mod.Store(tmp_path / "s"))
+    assert set(loaded) == {"t0", "t1"} and torch.equal(loaded["t1"]["prototypes"], protos["t1"]["prototypes"])
+    x = images(4, seed=80)
+    with torch.no_grad():
+        a = SemanticAggregator(ClipExperts.from_store(copy.deepcopy(base), store), loaded, k=1).logits(x, "ds", prompts)
+        b = SemanticAggregator(ClipExperts.from_merger(copy.deepcopy(base), merger), protos, k=1).logits(x, "ds", prompts)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ..core import decouple as _decouple
-from ..errors import ConduError, KeyMismatchError, ShapeMismatchError
+from ..errors import ConduError, KeyMismatchError, ShapeMismatchError, UnknownTaskError
 from ..trigger import TaskTrigger
 
 __all__ = [
@@ -63,12 +63,14 @@ class ClipAdapterError(ConduError, ValueError):
 
 # ---------------------------------------------------------------------------- flavours and modes
 
-def _keys_of(obj: StateLike) -> list[str]:
-    return list(obj.state_dict().keys()) if isinstance(obj, nn.Module) else list(obj.keys())
+def _keys_of(obj: StateLike | Sequence[str]) -> list[str]:
+    if isinstance(obj, nn.Module):
+        return list(obj.state_dict().keys())
+    return list(obj.keys()) if isinstance(obj, Mapping) else list(obj)
 
 
-def clip_flavor(obj: StateLike) -> str:
-    """``"open_clip"`` or ``"hf"``, from the model's class or the state dict's key names."""
+def clip_flavor(obj: StateLike | Sequence[str]) -> str:
+    """``"open_clip"`` or ``"hf"``, from a model, a state dict or a list of tensor names."""
     keys = _keys_of(obj)
     if any(k.startswith(("vision_model.", "text_model.")) for k in keys):
         return "hf"
@@ -413,38 +415,58 @@ class ClipExperts:
     it, so no copy of the base is kept). ``unified``/``triggers`` come from a
     :class:`~condu_merge.ContinualMerger` (pass ``merger.unified, merger.triggers``) or a store;
     their names may be of the other flavour: they are converted per expert with
-    :func:`openclip_to_hf` / :func:`hf_to_openclip`. At most ``cache_size`` reconstructed experts
+    :func:`openclip_to_hf` / :func:`hf_to_openclip`. :meth:`from_merger` and :meth:`from_store`
+    build it from a merger or a persistent store (read lazily). At most ``cache_size`` reconstructed experts
     are kept (LRU): memory for ``K`` experts is one model plus ``cache_size`` experts' trained
     tensors, never ``K`` models. Task ``None`` means the pretrained model.
     """
 
     def __init__(self, model: nn.Module, unified: Mapping[str, torch.Tensor], triggers: Sequence[TaskTrigger],
                  *, backend: str = "auto", cache_size: int = 1):
+        triggers_by_task = {t.task: t for t in triggers}
+        if None in triggers_by_task:
+            raise ValueError("every trigger needs a task name to be addressed by ClipExperts")
+        self._init(model, list(triggers_by_task), list(unified.keys()),
+                   lambda task: _decouple(unified, triggers_by_task[task], backend=backend), cache_size)
+
+    @classmethod
+    def from_merger(cls, model: nn.Module, merger: Any, *, cache_size: int = 1) -> "ClipExperts":
+        """Experts of an in-memory :class:`~condu_merge.ContinualMerger`."""
+        self = cls.__new__(cls)
+        self._init(model, merger.task_names, list(merger.unified.keys()), merger.decouple, cache_size)
+        return self
+
+    @classmethod
+    def from_store(cls, model: nn.Module, store: Any, *, backend: str = "auto", cache_size: int = 1) -> "ClipExperts":
+        """Experts of a :class:`condu_merge.store.Store`, read lazily (``u`` and one task's masks,
+        tensor by tensor) when an expert is first needed."""
+        self = cls.__new__(cls)
+        self._init(model, store.task_names, store.keys,
+                   lambda task: dict(store.iter_decouple(task, backend=backend)), cache_size)
+        return self
+
+    def _init(self, model: nn.Module, tasks: Sequence[str], names: Sequence[str],
+              decouple_fn: Callable[[str], Mapping[str, torch.Tensor]], cache_size: int) -> None:
         self.model = model
         self.flavor = clip_flavor(model)
-        self.source_flavor = clip_flavor(unified) if unified else self.flavor
-        self.unified = unified
-        self.triggers = {t.task: t for t in triggers}
-        if None in self.triggers:
-            raise ValueError("every trigger needs a task name to be addressed by ClipExperts")
-        self.backend = backend
+        self.source_flavor = clip_flavor(names) if names else self.flavor
+        self._tasks = list(tasks)
+        self._decouple_fn = decouple_fn
         self.cache_size = max(0, int(cache_size))
         self._cache: MutableMapping[str, dict[str, torch.Tensor]] = OrderedDict()
 
     @property
     def tasks(self) -> list[str]:
-        return list(self.triggers)
+        return list(self._tasks)
 
     def params(self, task: str) -> dict[str, torch.Tensor]:
         """The expert's tensors ``θ_0 + δ̃`` in the model's names and dtypes (cached, LRU)."""
         if task in self._cache:
             self._cache.move_to_end(task)  # type: ignore[attr-defined]
             return self._cache[task]
-        if task not in self.triggers:
-            from ..errors import UnknownTaskError
-
+        if task not in self._tasks:
             raise UnknownTaskError(f"no expert for task {task!r}; tasks: {self.tasks}")
-        delta = _decouple(self.unified, self.triggers[task], backend=self.backend)
+        delta = self._decouple_fn(task)
         delta = convert_names(delta, self.source_flavor, self.flavor)
         sd = self.model.state_dict()
         out = {}
