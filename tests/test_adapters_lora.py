@@ -224,3 +224,17 @@ def test_load_errors_name_the_file(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2}))
     with pytest.raises(FormatError, match=os.path.join(str(tmp_path), "adapter_model.safetensors").replace("\\", "\\\\")):
         LoraAdapter.load(tmp_path)
+
+
+def test_dense_delta_agrees_with_checkpoint_reader(setup):
+    """The store's lazy PEFT reader (condu_merge.checkpoints.PeftAdapter) and dense_delta give the
+    same ΔW under the same names, so stores built either way are interchangeable."""
+    ck = pytest.importorskip("condu_merge.checkpoints")
+    if not hasattr(ck, "PeftAdapter"):
+        pytest.skip("no PeftAdapter reader in this checkout")
+    reader = ck.PeftAdapter(setup["root"] / "a")
+    dd = dense_delta(setup["a"])
+    assert sorted(reader.delta_keys()) == sorted(dd)
+    bsd = setup["base"].state_dict()
+    for k, d in dd.items():
+        torch.testing.assert_close(reader.delta(k, bsd[k]).float(), d, atol=1e-6, rtol=1e-5)
