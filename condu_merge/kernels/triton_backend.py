@@ -32,16 +32,28 @@ INTERPRET_BLOCK = 64  # the interpreter runs numpy per program: small blocks kee
 
 
 @triton.jit
-def _round_to(x, DT: tl.constexpr):
-    """``x`` (float32 or float64) rounded to ``DT`` and widened back (round to nearest even)."""
+def _widen(v, OP: tl.constexpr):
+    """A loaded value in opmath ``OP``. bfloat16 is widened through its bits (exact everywhere,
+    subnormals included; the interpreter's own bf16 conversion mishandles subnormals)."""
+    if v.dtype == tl.bfloat16:
+        v = (v.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    return v.to(OP)
+
+
+@triton.jit
+def _narrow(x, DT: tl.constexpr):
+    """``x`` (float32 or float64) rounded to ``DT``, round to nearest even (bf16 via its bits)."""
     if DT == tl.bfloat16:
         b = x.to(tl.float32).to(tl.uint32, bitcast=True)
-        r = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        return r.to(x.dtype)
-    elif DT == tl.float16:
-        return x.to(tl.float16).to(x.dtype)
+        return ((b + 0x7FFF + ((b >> 16) & 1)) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
-        return x.to(DT).to(x.dtype)
+        return x.to(DT)
+
+
+@triton.jit
+def _round_to(x, DT: tl.constexpr):
+    """``x`` (float32 or float64) rounded to ``DT`` and widened back to ``x``'s type."""
+    return _widen(_narrow(x, DT), x.dtype)
 
 
 @triton.jit
@@ -70,14 +82,14 @@ def _unify_kernel(ptrs, n, u_ptr, masks_ptr, num_part, den_part, N, B, DT: tl.co
     total = tl.zeros([BLOCK], dtype=tl.float64)
     for i in range(n):  # the float64 election sum, in task order
         p = tl.load(ptrs + i).to(tl.pointer_type(DT))
-        total += tl.load(p + offs, mask=inb, other=0.0).to(tl.float64)
+        total += _widen(tl.load(p + offs, mask=inb, other=0.0), tl.float64)
     pos = total > 0
     sgn = tl.where(pos, 1.0, -1.0).to(OP)
     best = tl.zeros([BLOCK], dtype=OP)
     mrow = masks_ptr
     for i in range(n):
         p = tl.load(ptrs + i).to(tl.pointer_type(DT))
-        d = tl.load(p + offs, mask=inb, other=0.0).to(OP)
+        d = _widen(tl.load(p + offs, mask=inb, other=0.0), OP)
         ad = tl.abs(d)
         agree = d * sgn > 0  # exact (sgn is ±1); zeros never agree
         best = tl.where(agree & (ad > best), ad, best)
@@ -85,11 +97,11 @@ def _unify_kernel(ptrs, n, u_ptr, masks_ptr, num_part, den_part, N, B, DT: tl.co
         tl.store(mrow + boffs, _pack(agree, BLOCK), mask=bmask)
         mrow += B
     u = tl.where(pos | (best == 0), best, -best)  # never -0.0
-    tl.store(u_ptr + offs, u.to(DT), mask=inb)
+    tl.store(u_ptr + offs, _narrow(u, DT), mask=inb)
     best64 = best.to(tl.float64)
     for i in range(n):
         p = tl.load(ptrs + i).to(tl.pointer_type(DT))
-        d = tl.load(p + offs, mask=inb, other=0.0).to(OP)
+        d = _widen(tl.load(p + offs, mask=inb, other=0.0), OP)
         tl.store(den_part + pid * n + i, tl.sum(tl.where(d * sgn > 0, best64, 0.0), axis=0))
 
 
@@ -103,7 +115,7 @@ def _add_task_kernel(
     inb = offs < N
     boffs = pid * (BLOCK // 8) + tl.arange(0, BLOCK // 8)
     bmask = boffs < B
-    u = tl.load(u_ptr + offs, mask=inb, other=0.0).to(OP)
+    u = _widen(tl.load(u_ptr + offs, mask=inb, other=0.0), OP)
     absu = tl.abs(u)
     absu64 = absu.to(tl.float64)
     lam_sum = tl.zeros([BLOCK], dtype=tl.float64)
@@ -117,7 +129,7 @@ def _add_task_kernel(
         lam_max = tl.where(on & (li_op > lam_max), li_op, lam_max)
         tl.store(absu_part + pid * tp + i, tl.sum(tl.where(on, absu64, 0.0), axis=0))
         mrow += B
-    d = tl.load(d_ptr + offs, mask=inb, other=0.0).to(OP)
+    d = _widen(tl.load(d_ptr + offs, mask=inb, other=0.0), OP)
     pos = u.to(tl.float64) * lam_sum > -(d.to(tl.float64))
     sgn = tl.where(pos, 1.0, -1.0).to(OP)
     agree_d = d * sgn > 0
@@ -127,7 +139,7 @@ def _add_task_kernel(
     sc = _round_to(absu * lam_max, DT)
     best = tl.where(agree_u & (sc > bd), sc, bd)
     out = tl.where(pos | (best == 0), best, -best)
-    tl.store(unew_ptr + offs, out.to(DT), mask=inb)
+    tl.store(unew_ptr + offs, _narrow(out, DT), mask=inb)
     best64 = best.to(tl.float64)
     tl.store(num_new_part + pid, tl.sum(tl.abs(d).to(tl.float64), axis=0))
     tl.store(den_part + pid * (tp + 1) + tp, tl.sum(tl.where(agree_d, best64, 0.0), axis=0))
@@ -155,9 +167,9 @@ def _decouple_kernel(
     inb = offs < N
     boffs = pid * (BLOCK // 8) + tl.arange(0, BLOCK // 8)
     bmask = boffs < B
-    u = tl.load(u_ptr + offs, mask=inb, other=0.0).to(OP)
+    u = _widen(tl.load(u_ptr + offs, mask=inb, other=0.0), OP)
     if HAS_BASE:
-        b = tl.load(base_ptr + offs, mask=inb, other=0.0).to(SOP)
+        b = _widen(tl.load(base_ptr + offs, mask=inb, other=0.0), SOP)
     prow = packed_ptr
     orow = out_ptr
     for r in range(K):  # u is read once for all K experts
@@ -165,10 +177,9 @@ def _decouple_kernel(
         on = _bits_of(prow, boffs, bmask, BLOCK)
         v = tl.where(on, _round_to(u * li, DT), 0.0)
         if HAS_BASE:
-            o = _round_to(b + v.to(SOP), BDT)
-            tl.store(orow + offs, o.to(BDT), mask=inb)
+            tl.store(orow + offs, _narrow(b + v.to(SOP), BDT), mask=inb)
         else:
-            tl.store(orow + offs, v.to(DT), mask=inb)
+            tl.store(orow + offs, _narrow(v, DT), mask=inb)
         prow += B
         orow += N
 
@@ -177,7 +188,9 @@ def interpreting() -> bool:
     """Whether the kernels were built for Triton's CPU interpreter (``TRITON_INTERPRET=1`` at import)."""
     from triton.runtime.interpreter import InterpretedFunction  # noqa: PLC0415
 
-    return isinstance(_unify_kernel, InterpretedFunction)
+    # triton.language's own jitted helpers must be interpreted too: setting the variable after
+    # triton was imported gives interpreted kernels that cannot run
+    return isinstance(_unify_kernel, InterpretedFunction) and isinstance(tl.zeros, InterpretedFunction)
 
 
 class TritonBackend:

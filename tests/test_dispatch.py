@@ -1,0 +1,97 @@
+"""backend="auto" | "torch" | "numba" | "triton": which backend runs, and same results from each."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import condu_merge as cm
+from condu_merge import backends as B
+from condu_merge.backends import get_backend, resolve_backend
+from condu_merge.kernels import decouple_many, decouple_many_flat
+
+
+def test_auto_on_cpu_picks_numba_when_importable():
+    pytest.importorskip("numba")
+    assert resolve_backend("auto", torch.device("cpu")).name == "numba"
+    assert B.AUTO_ORDER["cpu"][0] == "numba" and B.AUTO_ORDER["cuda"][0] == "triton"
+
+
+def test_explicit_names():
+    cpu = torch.device("cpu")
+    assert resolve_backend("torch", cpu).name == "torch"
+    with pytest.raises(ValueError, match="unknown backend"):
+        resolve_backend("no-such-backend", cpu)
+
+
+def test_auto_falls_back_to_torch_when_optional_dependency_missing():
+    def broken():
+        raise ImportError("simulated missing optional dependency")
+
+    saved = list(B.AUTO_ORDER["cpu"])
+    B.register_backend("_broken_fast", broken, auto_for={"cpu": 0})
+    try:
+        assert resolve_backend("auto", torch.device("cpu")).name in ("numba", "torch")
+        with pytest.raises(RuntimeError, match="not available"):
+            get_backend("_broken_fast")
+    finally:
+        B.AUTO_ORDER["cpu"] = saved
+        B._FACTORIES.pop("_broken_fast", None)
+        B._INSTANCES.pop("_broken_fast", None)
+
+
+def test_triton_on_cpu_needs_the_interpreter():
+    pytest.importorskip("triton")
+    from condu_merge.kernels.triton_backend import interpreting
+
+    cpu = torch.device("cpu")
+    if interpreting():
+        assert resolve_backend("triton", cpu).name == "triton"
+    else:
+        with pytest.raises(ValueError, match="does not run on cpu"):
+            resolve_backend("triton", cpu)
+    # auto never picks the (slow) interpreter for CPU tensors
+    assert resolve_backend("auto", cpu).name != "triton"
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_every_cpu_backend_gives_the_same_session():
+    gen = torch.Generator().manual_seed(2)
+    shapes = {"w": (6, 11), "b": (6,), "h": (3, 3)}
+    deltas = [{k: torch.randn(s, generator=gen).to(torch.float16 if k == "h" else torch.float32) for k, s in shapes.items()} for _ in range(4)]
+    names = [n for n in ("torch", "numba", "auto") if n != "numba" or n in cm.available_backends()]
+    results = {}
+    for name in names:
+        u, trig = cm.unify(deltas[:3], backend=name)
+        u2, trig2 = cm.add_task(u, trig, deltas[3], backend=name)
+        experts = [cm.decouple(u2, t, backend=name) for t in trig2]
+        results[name] = (u2, trig2, experts)
+    ref_u, ref_t, ref_e = results["torch"]
+    for name, (u2, trig2, experts) in results.items():
+        for k in shapes:
+            assert torch.equal(u2[k], ref_u[k]), (name, k)
+            for a, b in zip(trig2, ref_t):
+                assert torch.equal(a.packed[k], b.packed[k]), (name, k)
+                assert a.rescaler_for(k) == pytest.approx(b.rescaler_for(k), rel=1e-6)
+            for a, b in zip(experts, ref_e):
+                assert torch.equal(a[k], b[k]), (name, k)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_decouple_many_equals_decouple(backend):
+    gen = torch.Generator().manual_seed(4)
+    deltas = [{"w": torch.randn(9, 13, generator=gen), "v": torch.randn(20, generator=gen).bfloat16()} for _ in range(5)]
+    u, trig = cm.unify(deltas, rescaler="per_tensor")
+    base = {"w": torch.randn(9, 13, generator=gen), "v": torch.randn(20, generator=gen).bfloat16(), "extra": torch.arange(3)}
+    for b in (None, base):
+        many = decouple_many(u, trig, base=b, backend=backend)
+        for t, got in zip(trig, many):
+            ref = cm.decouple(u, t, base=b, backend="torch")
+            assert set(ref) == set(got)
+            for k in ref:
+                assert torch.equal(ref[k], got[k]), k
+    with pytest.raises(cm.KeyMismatchError):
+        decouple_many({"w": u["w"]}, trig)
+    with pytest.raises(ValueError, match="K = len"):
+        decouple_many_flat(u["w"].reshape(-1), torch.stack([trig[0].packed["w"]]), [1.0, 2.0])
