@@ -1,0 +1,535 @@
+"""MTIL reference run: ConDU (FT or LoRA), task-agnostic and few-shot variants, with the zero-shot,
+individual fine-tuning and continual fine-tuning baselines, resumable session by session.
+
+    python -m benchmarks.mtil.run_mtil --data-root DATA --out runs/mtil_ft            # real run (GPU)
+    python -m benchmarks.mtil.run_mtil --synthetic --out /tmp/mtil_syn                # CPU smoke run
+
+Per session ``s`` (task ``t_s``): fine-tune from the pretrained model θ_0 (never from the previous
+session); evaluate that fresh expert on its task (Individual FT); compute the task's prototypes
+with θ_0; fold the delta into the ConDU store (``Store.add_task``: the store is the checkpoint);
+evaluate every dataset -- seen ones with their decoupled expert, unseen ones by top-K aggregation,
+and, for the task-agnostic variant, every one by aggregation; train the continual-FT baseline one
+more session and evaluate it. ``state.json`` records each finished session (atomic replace), so a
+rerun after a crash or ``--max-sessions`` continues from the last finished session.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import sys
+import time
+from typing import Sequence
+
+import torch
+
+from .datasets import FT_LR, MTIL_ORDER, ORDERS, MTILDataset, load_mtil_dataset
+from .evaluate import EvalConfig, SessionEvalPlan, accuracy, compute_prototypes, evaluate_experts, image_features, route, text_classifier
+from .metrics import csv_text, heatmap_png, markdown_table, summary_metrics
+from .model import ClipHandle, LoRAConfig, base_state, load_clip, lora_init, lora_params, lora_targets, trainable_names
+from .train import TrainConfig, finetune_full, finetune_lora
+
+LORA_LR: dict[str, float] = {  # the released MTIL_LoRA.sh
+    "Aircraft": 1e-3, "Caltech101": 5e-4, "CIFAR100": 2e-3, "DTD": 2e-3, "EuroSAT": 1.5e-4, "Flowers": 1e-5,
+    "Food": 2e-3, "MNIST": 1e-3, "OxfordPet": 1.5e-4, "StanfordCars": 2e-3, "SUN397": 1.5e-3,
+}
+STATE_VERSION = 1
+CRASH_ENV = "MTIL_CRASH_AT"  # test hook: "<step>:<session>" kills the process there (SIGKILL)
+
+
+def _crash_point(step: str, session: int) -> None:
+    if os.environ.get(CRASH_ENV) == f"{step}:{session}":
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _atomic_json(path: str, obj: object) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _atomic_safetensors(path: str, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    tmp = f"{path}.tmp{os.getpid()}"
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _load_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+
+
+def parse_lr_map(text: str | None) -> dict[str, float]:
+    """``"Aircraft=5e-5,MNIST=5e-5"`` -> dict."""
+    out: dict[str, float] = {}
+    for part in (text or "").split(","):
+        if not part.strip():
+            continue
+        name, _, val = part.partition("=")
+        if not val:
+            raise ValueError(f"--lr-map entry {part!r} is not NAME=VALUE")
+        out[name.strip()] = float(val)
+    return out
+
+
+def resolve_order(order: str, tasks: str | None) -> list[str]:
+    """``alphabetical`` / ``order2`` / a comma list; ``tasks`` (comma list) keeps a subset in that order."""
+    if order in ORDERS:
+        seq = list(ORDERS[order])
+    else:
+        seq = [t.strip() for t in order.split(",") if t.strip()]
+    bad = [t for t in seq if t not in MTIL_ORDER]
+    if bad:
+        raise ValueError(f"unknown task(s) {bad}; MTIL tasks are {list(MTIL_ORDER)}")
+    if len(set(seq)) != len(seq):
+        raise ValueError(f"task order {seq} repeats a task")
+    if tasks:
+        keep = [t.strip() for t in tasks.split(",") if t.strip()]
+        bad = [t for t in keep if t not in seq]
+        if bad:
+            raise ValueError(f"--tasks {bad} not in the order {seq}")
+        seq = [t for t in seq if t in keep]
+    return seq
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.mtil.run_mtil", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="output directory (also the resume checkpoint)")
+    p.add_argument("--data-root", help="folder holding the MTIL datasets (see docs/mtil.md)")
+    p.add_argument("--model", default="ViT-B-16", help="open_clip architecture, or hf:<dir or id> for Hugging Face CLIP")
+    p.add_argument("--pretrained", default="openai", help="open_clip tag or a local checkpoint file (offline)")
+    p.add_argument("--order", default="alphabetical", help="alphabetical | order2 | comma-separated task list")
+    p.add_argument("--tasks", help="comma-separated subset of the order to run")
+    p.add_argument("--mode", choices=("ft", "lora"), default="ft")
+    p.add_argument("--train-mode", choices=("whole", "image", "text"), default="whole")
+    p.add_argument("--few-shot", action="store_true", help="few-shot MTIL: --shots images per class, 500 iterations")
+    p.add_argument("--shots", type=int, default=5)
+    p.add_argument("--iterations", type=int, help="default 1000 (500 few-shot)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, help="one learning rate for every task (overrides the per-dataset table)")
+    p.add_argument("--lr-map", help="per-task overrides, e.g. Aircraft=5e-5,MNIST=5e-5")
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--label-smoothing", type=float, default=0.2)
+    p.add_argument("--lora-rank", type=int, default=64)
+    p.add_argument("--lora-alpha", type=float, help="default: the rank (scaling 1)")
+    p.add_argument("--top-k", type=int, default=5, help="experts aggregated for unseen / task-agnostic samples")
+    p.add_argument("--methods", default="zeroshot,condu,agnostic,continual_ft",
+                   help="comma list of zeroshot, condu, agnostic, continual_ft (individual FT always comes free)")
+    p.add_argument("--rescaler", default="tensor_mean")
+    p.add_argument("--backend", default="auto")
+    p.add_argument("--proto-max-per-class", type=int, help="cap training images per class for prototypes")
+    p.add_argument("--eval-batch-size", type=int, default=128)
+    p.add_argument("--num-workers", type=int, default=4)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--no-amp", action="store_true", help="disable bf16 autocast on GPU")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-sessions", type=int, help="stop after this many finished sessions (rerun to continue)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    g = p.add_argument_group("synthetic (CPU, no data, no weights)")
+    g.add_argument("--synthetic", action="store_true", help="tiny CLIP + procedural data in the MTIL layout under OUT/synthetic")
+    g.add_argument("--synthetic-tasks", type=int, default=4)
+    g.add_argument("--synthetic-images", type=int, default=40, help="training images per class")
+    g.add_argument("--synthetic-pretrain-steps", type=int, default=60)
+    return p
+
+
+def _log(msg: str, quiet: bool) -> None:
+    if not quiet:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def _versions() -> dict[str, str]:
+    import condu_merge
+
+    out = {"python": platform.python_version(), "torch": torch.__version__, "condu_merge": condu_merge.__version__,
+           "platform": platform.platform()}
+    for mod in ("open_clip", "transformers", "torchvision"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001 - optional
+            pass
+    if torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name(0)
+    return out
+
+
+class Runner:
+    """One MTIL run; all state that must survive a crash lives under ``out``."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.a = args
+        self.out = os.path.abspath(args.out)
+        os.makedirs(self.out, exist_ok=True)
+        self.quiet = args.quiet
+        self.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        bad = set(self.methods) - {"zeroshot", "condu", "agnostic", "continual_ft"}
+        if bad:
+            raise ValueError(f"unknown --methods {sorted(bad)}")
+        torch.manual_seed(args.seed)
+        if args.synthetic:
+            from . import synthetic
+
+            setup = synthetic.prepare(
+                os.path.join(self.out, "synthetic"), n_tasks=args.synthetic_tasks, n_train=args.synthetic_images,
+                n_test=max(8, args.synthetic_images // 2), pretrain_steps=args.synthetic_pretrain_steps, seed=args.seed,
+                progress=not args.quiet,
+            )
+            self.data_root, model_name, pretrained = setup.data_root, setup.model_name, setup.checkpoint
+            self.tasks = resolve_order_synthetic(args, setup.tasks)
+            self.classnames: dict[str, list[str] | None] = dict(setup.classnames)
+        else:
+            if not args.data_root:
+                raise SystemExit("error: --data-root is required (or --synthetic)")
+            self.data_root, model_name, pretrained = args.data_root, args.model, args.pretrained
+            self.tasks = resolve_order(args.order, args.tasks)
+            self.classnames = {t: None for t in self.tasks}
+        self.iterations = args.iterations or (500 if args.few_shot else 1000)
+        self.lr_table = dict(LORA_LR if args.mode == "lora" else FT_LR)
+        self.lr_table.update(parse_lr_map(args.lr_map))
+        self.config = {
+            "tasks": self.tasks, "mode": args.mode, "train_mode": args.train_mode, "few_shot": args.few_shot,
+            "shots": args.shots if args.few_shot else None, "iterations": self.iterations, "batch_size": args.batch_size,
+            "lr": {t: (args.lr if args.lr is not None else self.lr_table.get(t, 1e-5)) for t in self.tasks},
+            "weight_decay": args.weight_decay, "warmup": args.warmup, "label_smoothing": args.label_smoothing,
+            "top_k": args.top_k, "rescaler": args.rescaler, "methods": self.methods, "seed": args.seed,
+            "model": model_name, "pretrained": pretrained, "synthetic": args.synthetic,
+            "lora": {"rank": args.lora_rank, "alpha": args.lora_alpha or float(args.lora_rank)} if args.mode == "lora" else None,
+            "proto_max_per_class": args.proto_max_per_class,
+        }
+        self._check_config()
+        _log(f"[mtil] loading {model_name} ({pretrained}) on {args.device}", self.quiet)
+        self.clip: ClipHandle = load_clip(model_name, pretrained, args.device)
+        self.theta0 = base_state(self.clip.model)
+        self.names = trainable_names(self.clip.model, args.train_mode)
+        self.eval_cfg = EvalConfig(args.eval_batch_size, args.num_workers, not args.no_amp, not args.quiet, args.top_k)
+        self.lora: LoRAConfig | None = None
+        self.lora0: dict[str, torch.Tensor] = {}
+        if args.mode == "lora":
+            self.lora = LoRAConfig(args.lora_rank, self.config["lora"]["alpha"], lora_targets(self.clip.model, args.train_mode), args.seed)
+            self.lora0 = self._shared_lora_init()
+        self.datasets: list[MTILDataset] = [
+            load_mtil_dataset(t, self.data_root, self.clip.train_transform, self.clip.test_transform,
+                              classnames=self.classnames.get(t), few_shot=args.shots if args.few_shot else 0,
+                              few_shot_seed=args.seed)
+            for t in self.tasks
+        ]
+        from condu_merge.store import Store
+
+        self.store = Store(os.path.join(self.out, "store"))
+        self.state = self._load_state()
+        self._pre_feats: dict[int, torch.Tensor] = {}
+        self._pre_text: dict[int, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ config / state
+    def _check_config(self) -> None:
+        path = os.path.join(self.out, "config.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                old = json.load(f)
+            keys = ("tasks", "mode", "train_mode", "few_shot", "shots", "iterations", "batch_size", "lr", "seed", "model", "lora")
+            diff = [k for k in keys if old.get(k) != self.config.get(k)]
+            if diff:
+                raise SystemExit(f"error: {path} was made with different settings ({', '.join(diff)}); use another --out to start afresh")
+        else:
+            _atomic_json(path, self.config)
+
+    def _load_state(self) -> dict:
+        path = os.path.join(self.out, "state.json")
+        if not os.path.exists(path):
+            return {"version": STATE_VERSION, "sessions": [], "zeroshot": None, "pending": None}
+        with open(path) as f:
+            st = json.load(f)
+        if st.get("version") != STATE_VERSION:
+            raise SystemExit(f"error: {path} has state version {st.get('version')}, expected {STATE_VERSION}")
+        return st
+
+    def _save_state(self) -> None:
+        _atomic_json(os.path.join(self.out, "state.json"), self.state)
+
+    def _shared_lora_init(self) -> dict[str, torch.Tensor]:
+        path = os.path.join(self.out, "lora_init.safetensors")
+        if os.path.exists(path):
+            return _load_safetensors(path)[0]
+        init = lora_init(self.clip.model, self.lora)
+        _atomic_safetensors(path, init, {"rank": str(self.lora.rank), "alpha": str(self.lora.alpha)})
+        return init
+
+    # ------------------------------------------------------------------ model helpers
+    def reset_model(self) -> None:
+        self.clip.model.load_state_dict(self.theta0)
+
+    def train_cfg(self, task: str, session: int) -> TrainConfig:
+        a = self.a
+        return TrainConfig(self.iterations, a.batch_size, self.config["lr"][task], a.weight_decay, min(a.warmup, self.iterations // 2),
+                           a.label_smoothing, a.num_workers, not a.no_amp, a.seed + session, not a.quiet)
+
+    def expert_params(self, delta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """θ_0 + δ on the device (FT), or the LoRA-adapted weights for factor deltas."""
+        dev = self.clip.device
+        if self.lora is None:
+            return {k: self.theta0[k].to(dev) + v.to(dev, self.theta0[k].dtype) for k, v in delta.items()}
+        factors = {k: self.lora0[k] + v if k.endswith(".lora_A") else v for k, v in delta.items()}
+        return lora_params(self.clip.model, factors, self.lora)
+
+    def pretrained_feats(self, j: int) -> torch.Tensor:
+        if j not in self._pre_feats:
+            self._pre_feats[j], _ = image_features(self.clip, self.datasets[j].test, self.eval_cfg, desc=f"θ0 features {self.tasks[j]}")
+        return self._pre_feats[j]
+
+    def pretrained_text(self, j: int) -> torch.Tensor:
+        if j not in self._pre_text:
+            self._pre_text[j] = text_classifier(self.clip, self.datasets[j], self.eval_cfg)
+        return self._pre_text[j]
+
+    def eval_single(self, params: dict | None, js: Sequence[int], desc: str) -> list[float]:
+        out = []
+        for j in js:
+            ds = self.datasets[j]
+            text = text_classifier(self.clip, ds, self.eval_cfg, params)
+            f, y = image_features(self.clip, ds.test, self.eval_cfg, params, desc=f"{desc} on {ds.name}")
+            out.append(accuracy(f @ text.t(), y))
+        return out
+
+    # ------------------------------------------------------------------ the run
+    def run(self) -> dict:
+        T = len(self.tasks)
+        timings_total = time.perf_counter()
+        if "zeroshot" in self.methods and self.state["zeroshot"] is None:
+            self.state["zeroshot"] = [
+                accuracy(self.pretrained_feats(j) @ self.pretrained_text(j).t(), torch.as_tensor(self.datasets[j].test_labels))
+                for j in range(T)
+            ]
+            self._save_state()
+        done = len(self.state["sessions"])
+        if done:
+            _log(f"[mtil] resuming: {done} of {T} sessions already finished", self.quiet)
+        for s in range(done, T):
+            if self.a.max_sessions is not None and s >= self.a.max_sessions:
+                _log(f"[mtil] stopping after {s} sessions (--max-sessions); rerun to continue", self.quiet)
+                return self.finish(partial=True)
+            self.session(s)
+        res = self.finish(partial=False)
+        res["timings"]["this_invocation_s"] = time.perf_counter() - timings_total
+        return res
+
+    def session(self, s: int) -> None:
+        task = self.tasks[s]
+        T = len(self.tasks)
+        tim: dict[str, float] = {}
+        _log(f"[mtil] session {s + 1}/{T}: {task}", self.quiet)
+        self.store.reload(verify=False)
+        have = list(self.store.task_names) if self.store.exists else []
+        if have != self.tasks[: len(have)] or len(have) > s + 1:
+            raise SystemExit(f"error: the store holds tasks {have}, which do not match the order {self.tasks[: s + 1]}")
+        pending = self.state.get("pending") if (self.state.get("pending") or {}).get("task") == task else None
+        if len(have) < s + 1:
+            # 1. tune individually, from θ_0
+            self.reset_model()
+            cfg = self.train_cfg(task, s)
+            t0 = time.perf_counter()
+            if self.lora is None:
+                finetune_full(self.clip, self.datasets[s], cfg, self.names, desc=f"train {task}")
+                sd = self.clip.model.state_dict()
+                delta = {k: (sd[k].detach().float().cpu() - self.theta0[k].float()) for k in self.names}
+                indiv = self.eval_single(None, [s], "individual FT")[0]
+            else:
+                factors, _ = finetune_lora(self.clip, self.datasets[s], cfg, self.lora, self.lora0, desc=f"train {task}")
+                delta = {k: (v - self.lora0[k]) if k.endswith(".lora_A") else v for k, v in factors.items()}
+                indiv = self.eval_single(self.expert_params(delta), [s], "individual FT")[0]
+            tim["train_s"] = time.perf_counter() - t0
+            self.reset_model()
+            pending = {"task": task, "individual_ft": indiv, "timings": dict(tim)}
+            self.state["pending"] = pending
+            self._save_state()
+            _crash_point("trained", s)
+            # 2. unify (decoupling every earlier expert is implicit in add_task)
+            t0 = time.perf_counter()
+            self.store.add_task(task, delta, rescaler=self.a.rescaler, backend=self.a.backend)
+            pending["timings"]["merge_s"] = time.perf_counter() - t0
+            del delta
+            _crash_point("merged", s)
+        if pending is None:
+            raise SystemExit(f"error: the store already holds {task!r} but {self.out}/state.json has no record of its "
+                             "training; the output directory was modified by hand")
+        tim = dict(pending["timings"])
+        # 3. prototypes with θ_0 (idempotent: recomputed if a crash lost them)
+        self.reset_model()
+        self.store.reload(verify=False)
+        if self.store.load_prototypes(task) is None:
+            t0 = time.perf_counter()
+            protos = compute_prototypes(self.clip, self.datasets[s], self.eval_cfg, self.pretrained_text(s),
+                                        max_per_class=self.a.proto_max_per_class, seed=self.a.seed)
+            self.store.save_prototypes(task, {"prototypes": protos})
+            tim["prototypes_s"] = time.perf_counter() - t0
+        _crash_point("prototypes", s)
+        # 4. evaluate ConDU: seen tasks with their expert, unseen by aggregation, agnostic by aggregation
+        t0 = time.perf_counter()
+        rows: dict[str, list[float]] = {}
+        if {"condu", "agnostic"} & set(self.methods):
+            self.store.reload(verify=False)
+            protos = [self.store.load_prototypes(t)["prototypes"] for t in self.tasks[: s + 1]]
+            plan = SessionEvalPlan()
+            if "condu" in self.methods:
+                plan.known = {j: j for j in range(s + 1)}
+                plan.aggregate["condu"] = {j: route(self.pretrained_feats(j), protos, self.a.top_k) for j in range(s + 1, T)}
+            if "agnostic" in self.methods:
+                plan.aggregate["agnostic"] = {j: route(self.pretrained_feats(j), protos, self.a.top_k) for j in range(T)}
+            res = evaluate_experts(self.clip, self.datasets, s + 1,
+                                   lambda e: self.expert_params(self.store.decouple(self.tasks[e])), plan, self.eval_cfg,
+                                   desc=f"S{s + 1}")
+            if "condu" in self.methods:
+                rows["condu"] = [res["known"][j] if j <= s else res["condu"][j] for j in range(T)]
+            if "agnostic" in self.methods:
+                rows["agnostic"] = [res["agnostic"][j] for j in range(T)]
+        tim["eval_condu_s"] = time.perf_counter() - t0
+        # 5. continual fine-tuning baseline: one more session from the previous one
+        if "continual_ft" in self.methods:
+            rows["continual_ft"], t_cft = self.continual_ft_session(s)
+            tim.update(t_cft)
+        _crash_point("evaluated", s)
+        self.state["sessions"].append({"task": task, "individual_ft": pending["individual_ft"], "rows": rows, "timings": tim})
+        self.state["pending"] = None
+        self._save_state()
+        msg = ", ".join(f"{m} {sum(r[: s + 1]) / (s + 1):.1f}" for m, r in rows.items())
+        _log(f"[mtil] session {s + 1} done: individual FT {pending['individual_ft']:.1f}; mean over seen: {msg}", self.quiet)
+
+    def continual_ft_session(self, s: int) -> tuple[list[float], dict[str, float]]:
+        task = self.tasks[s]
+        path = os.path.join(self.out, "continual_ft.safetensors")
+        tim: dict[str, float] = {}
+        prev: dict[str, torch.Tensor] | None = None
+        have_session = -1
+        if os.path.exists(path):
+            prev, meta = _load_safetensors(path)
+            have_session = int(meta.get("session", -1))
+        if have_session > s:
+            raise SystemExit(f"error: {path} is at session {have_session + 1}, ahead of the run's session {s + 1}")
+        self.reset_model()
+        if have_session < s:
+            t0 = time.perf_counter()
+            cfg = self.train_cfg(task, s)
+            if self.lora is None:
+                if prev is not None:
+                    self.clip.model.load_state_dict({**self.theta0, **prev})
+                finetune_full(self.clip, self.datasets[s], cfg, self.names, desc=f"continual FT {task}")
+                sd = self.clip.model.state_dict()
+                state = {k: sd[k].detach().to("cpu", copy=True) for k in self.names}
+            else:
+                state, _ = finetune_lora(self.clip, self.datasets[s], cfg, self.lora, prev if prev is not None else self.lora0,
+                                         desc=f"continual FT {task}")
+            _atomic_safetensors(path, state, {"session": str(s), "task": task})
+            tim["continual_ft_train_s"] = time.perf_counter() - t0
+        else:
+            state = prev
+        self.reset_model()
+        t0 = time.perf_counter()
+        params = ({k: v.to(self.clip.device) for k, v in state.items()} if self.lora is None
+                  else lora_params(self.clip.model, state, self.lora))
+        row = self.eval_single(params, range(len(self.tasks)), f"continual FT S{s + 1}")
+        tim["continual_ft_eval_s"] = time.perf_counter() - t0
+        return row, tim
+
+    # ------------------------------------------------------------------ outputs
+    def finish(self, partial: bool) -> dict:
+        T = len(self.tasks)
+        sessions = self.state["sessions"]
+        n = len(sessions)
+        label = "ConDU (LoRA)" if self.lora is not None else "ConDU (FT)"
+        names = {"zeroshot": "Zero-shot", "continual_ft": "Continual FT", "condu": label, "agnostic": f"{label}, task-agnostic"}
+        matrices: dict[str, list[list[float]]] = {}
+        if self.state.get("zeroshot") is not None:
+            matrices["zeroshot"] = [list(self.state["zeroshot"]) for _ in range(n)]
+        for m in ("continual_ft", "condu", "agnostic"):
+            if n and m in sessions[0]["rows"]:
+                matrices[m] = [sess["rows"][m] for sess in sessions]
+        indiv = [sess["individual_ft"] for sess in sessions] + [None] * (T - n)
+        result = {
+            "partial": partial,
+            "sessions_finished": n,
+            "tasks": self.tasks,
+            "accuracy": {m: mat for m, mat in matrices.items()},
+            "individual_ft": indiv,
+            "metrics": {},
+            "config": self.config,
+            "versions": _versions(),
+            "timings": {"sessions": [{"task": s["task"], **s["timings"]} for s in sessions]},
+            "store": {"path": os.path.join(self.out, "store")},
+        }
+        try:
+            result["store"]["storage"] = self.store.storage()
+        except Exception:  # noqa: BLE001 - informative only
+            pass
+        if n == T:
+            result["metrics"] = {m: summary_metrics(mat) for m, mat in matrices.items()}
+            if all(x is not None for x in indiv):
+                result["metrics"]["individual_ft"] = {"transfer": None, "average": None, "last": sum(indiv) / T}
+            display = {names[m]: mat for m, mat in matrices.items() if m != "zeroshot"}
+            rows = {}
+            if "zeroshot" in matrices:
+                rows["Zero-shot"] = matrices["zeroshot"][0]
+            rows["Individual FT"] = indiv
+            table = markdown_table(self.tasks, display, rows=rows)
+            if "agnostic" in matrices:
+                table += ("\nTask-agnostic rows: the Transfer line is reported for completeness; the paper's "
+                          "Table 2 gives only Average and Last for this setting.\n")
+            with open(os.path.join(self.out, "results.md"), "w") as f:
+                f.write(f"# MTIL results ({label}{', few-shot' if self.a.few_shot else ''})\n\n{table}")
+            with open(os.path.join(self.out, "results.csv"), "w") as f:
+                f.write(csv_text(self.tasks, {names[m]: mat for m, mat in matrices.items()}))
+            result["heatmap"] = heatmap_png(os.path.join(self.out, "accuracy_heatmap.png"), self.tasks,
+                                            {names[m]: mat for m, mat in matrices.items() if m != "zeroshot"})
+        _atomic_json(os.path.join(self.out, "results.json"), result)
+        return result
+
+
+def resolve_order_synthetic(args: argparse.Namespace, available: Sequence[str]) -> list[str]:
+    seq = resolve_order(args.order, args.tasks) if args.order not in ORDERS else [t for t in ORDERS[args.order] if t in available]
+    if args.tasks:
+        keep = [t.strip() for t in args.tasks.split(",")]
+        seq = [t for t in seq if t in keep]
+    bad = [t for t in seq if t not in available]
+    if bad:
+        raise ValueError(f"synthetic data has tasks {list(available)}; {bad} are not among them")
+    return seq
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.synthetic:  # CPU-sized defaults (explicit flags win)
+        if args.iterations is None:
+            args.iterations = 25
+        if args.lr is None and not args.lr_map:
+            args.lr = 1e-3 if args.mode == "ft" else 3e-3
+        if args.batch_size == 32 and "--batch-size" not in (argv or sys.argv):
+            args.batch_size = 16
+        if args.lora_rank == 64 and "--lora-rank" not in (argv or sys.argv):
+            args.lora_rank = 4
+        if args.warmup == 100 and "--warmup" not in (argv or sys.argv):
+            args.warmup = 5
+    runner = Runner(args)
+    res = runner.run()
+    if not res["partial"]:
+        for m, v in res["metrics"].items():
+            vals = ", ".join(f"{k} {x:.1f}" for k, x in v.items() if x is not None)
+            print(f"{m}: {vals}")
+        print(f"results: {os.path.join(runner.out, 'results.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,123 @@
+"""One MTIL training session: fine-tune CLIP on one task (whole model or LoRA factors).
+
+Loss (the reference training): cross-entropy with label smoothing over
+``logit_scale.exp() · norm(f_img(x)) @ norm(f_txt(prompt(c)))ᵀ`` for every class ``c`` of the task,
+prompts from the task's first template, text features recomputed each step (the text encoder
+trains too). AdamW, cosine schedule with linear warm-up, ``logit_scale`` frozen.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from .datasets import MTILDataset
+from .model import ClipHandle, LoRAConfig, lora_params, tokens_to
+
+
+@dataclass
+class TrainConfig:
+    iterations: int = 1000
+    batch_size: int = 32
+    lr: float = 1e-5
+    weight_decay: float = 0.1
+    warmup: int = 100
+    label_smoothing: float = 0.2
+    num_workers: int = 4
+    amp: bool = True
+    seed: int = 0
+    progress: bool = True
+
+
+def cosine_lr(step: int, base_lr: float, warmup: int, total: int) -> float:
+    """Linear warm-up to ``base_lr`` over ``warmup`` steps, then half a cosine down to 0 at ``total``."""
+    if warmup > 0 and step < warmup:
+        return base_lr * (step + 1) / warmup
+    span = max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(step - warmup, span) / span)) * base_lr
+
+
+def _batches(ds: MTILDataset, cfg: TrainConfig, seed: int) -> Iterator:
+    g = torch.Generator().manual_seed(seed)
+    loader = DataLoader(
+        ds.train, batch_size=cfg.batch_size, shuffle=True, generator=g, num_workers=cfg.num_workers,
+        drop_last=len(ds.train) > cfg.batch_size, persistent_workers=cfg.num_workers > 0,
+    )
+    while True:
+        yield from loader
+
+
+def _loop(
+    clip: ClipHandle,
+    ds: MTILDataset,
+    cfg: TrainConfig,
+    trainables: list[torch.Tensor],
+    params_fn: Callable[[], Mapping[str, torch.Tensor] | None],
+    desc: str,
+) -> dict:
+    dev = clip.device
+    opt = torch.optim.AdamW(trainables, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    tokens = tokens_to(clip.tokenize([p[0] for p in ds.prompts(0)]), dev)
+    labels_all = None
+    scale = clip.logit_scale().exp().float()
+    use_amp = cfg.amp and dev.type == "cuda"
+    it = _batches(ds, cfg, cfg.seed)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(range(cfg.iterations), desc=desc, disable=not cfg.progress, leave=False)
+    t0 = time.perf_counter()
+    loss_v = float("nan")
+    clip.model.train()
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(step, cfg.lr, cfg.warmup, cfg.iterations)
+        images, labels = next(it)
+        images, labels = images.to(dev, non_blocking=True), labels.to(dev, non_blocking=True)
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_amp):
+            params = params_fn()
+            img = F.normalize(clip.encode_image(images, params).float(), dim=-1)
+            txt = F.normalize(clip.encode_text(tokens, params).float(), dim=-1)
+            logits = scale * img @ txt.t()
+            loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 10 == 0 or step == cfg.iterations - 1:
+            loss_v = float(loss.detach())
+            bar.set_postfix(loss=f"{loss_v:.3f}")
+        if not math.isfinite(float(loss.detach())):
+            raise FloatingPointError(f"{desc}: loss became {float(loss)} at step {step}; lower the learning rate")
+    clip.model.eval()
+    del labels_all
+    return {"seconds": time.perf_counter() - t0, "final_loss": loss_v, "iterations": cfg.iterations}
+
+
+def finetune_full(clip: ClipHandle, ds: MTILDataset, cfg: TrainConfig, names: list[str], desc: str = "train") -> dict:
+    """Fine-tune the parameters ``names`` of ``clip.model`` in place from whatever it holds now."""
+    params = dict(clip.model.named_parameters())
+    wanted = set(names)
+    for n, p in params.items():
+        p.requires_grad_(n in wanted)
+    try:
+        return _loop(clip, ds, cfg, [params[n] for n in names], lambda: None, desc)
+    finally:
+        for p in params.values():
+            p.requires_grad_(False)
+
+
+def finetune_lora(
+    clip: ClipHandle, ds: MTILDataset, cfg: TrainConfig, lora: LoRAConfig, init: Mapping[str, torch.Tensor], desc: str = "train"
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """Train LoRA factors starting from ``init`` (the model stays frozen); returns (factors on CPU, stats)."""
+    for p in clip.model.parameters():
+        p.requires_grad_(False)
+    dev = clip.device
+    factors = {k: v.detach().to(dev, torch.float32).clone().requires_grad_(True) for k, v in init.items()}
+    stats = _loop(clip, ds, cfg, list(factors.values()), lambda: lora_params(clip.model, factors, lora), desc)
+    return {k: v.detach().cpu() for k, v in factors.items()}, stats
