@@ -576,6 +576,11 @@ def _distributed_stream_add(
                     if sha256_file(p) != st.manifest["files"][rel]["sha256"]:
                         raise _errors.FormatError(f"{p}: sha256 mismatch: the file is damaged (a byte differs from what was written)")
             timings["verify_old"] = time.perf_counter() - t1
+            if not os.path.isdir(gen_dir):
+                raise DistributedMergeError(
+                    f"{gen_dir}: rank {rank} cannot see the generation directory rank 0 created; "
+                    "the store must be on a filesystem every rank shares, at the same path"
+                )
             writer = _SliceWriter(gen_dir, layout)
             dev = _merge_device(comm)
             label = f"task {name!r}"

@@ -242,14 +242,18 @@ def test_ranks_match_single_process(ckpts, tmp_path, world, kw):
     _single(tmp_path / "single", ckpts, 3, **kw)
     ops = [{"name": f"task{t}", "ft": ckpts["ft"][t], "kw": kw if t == 0 else {}} for t in range(3)]
     ops.append({"name": "bad", "ft": ckpts["nan"]})  # a NaN in one rank's tensor fails every rank
+    ops.append({"name": "task1", "ft": ckpts["ft"][3]})  # rank 0's planning refuses it: every rank hears
     procs, results = _run_ops(world, tmp_path / "dist", ckpts, ops, tmp_path)
     for r, p in enumerate(procs):
         assert p.returncode == 0, (r, p.stderr[-3000:])
     for r in range(world):
-        assert [x["ok"] for x in results[r]] == [True, True, True, False]
+        assert [x["ok"] for x in results[r]] == [True, True, True, False, False]
         assert results[r][2]["world"] == world
         bad = results[r][3]
         assert bad["type"] == "NonFiniteError" and "block.0.mlp.weight" in bad["message"], bad
+        dup = results[r][4]
+        assert dup["type"] == "DuplicateTaskError" and "'task1'" in dup["message"], dup
+        assert dup["message"].startswith("rank 0 failed: ") == (r != 0)
     # every rank got the same λ's; the work was split
     assert all(results[r][2]["rescalers"] == results[0][2]["rescalers"] for r in range(world))
     n_tensors = len(SHAPES) - (1 if "exclude" in kw else 0)
