@@ -166,7 +166,7 @@ def plot(results: dict, path: str, rescaler: str) -> None:
     import matplotlib.pyplot as plt
 
     rows = len(results)
-    fig, axes = plt.subplots(rows, 4, figsize=(14, 2.6 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, 4, figsize=(13, 2.5 * rows), squeeze=False)
     cmap = plt.get_cmap("viridis")
     for r, (sc, res) in enumerate(results.items()):
         s1 = res["setting1"]
@@ -175,24 +175,24 @@ def plot(results: dict, path: str, rescaler: str) -> None:
         ax = axes[r][0]
         ax.semilogy(xs, s1["avg_change"][1:], "o-", ms=2, label="c(n)")
         ax.semilogy(xs, [s1["avg_change"][1] * 2 / x for x in xs], "k--", lw=0.8, label="∝ 1/n (for scale)")
-        ax.set_title(f"{sc}: average change per session")
+        ax.set_title(f"{sc}: average change c(n)", fontsize=9)
         ax.set_xlabel("session n")
         ax.legend(fontsize=7)
-        for col, key, title in ((1, "cosine", "cosine to original"), (2, "rel_l2", "relative L2 error")):
+        for col, key, title in ((1, "cosine", "each expert's cosine"), (2, "rel_l2", "each expert's rel. L2")):
             ax = axes[r][col]
             for i in range(n):
                 ys = [s1[key][s][i] for s in range(i, n)]
                 ax.plot(range(i + 1, n + 1), ys, color=cmap(i / max(1, n - 1)), lw=0.8)
-            ax.set_title(f"{sc}: each expert's {title}")
+            ax.set_title(f"{sc}: {title}", fontsize=9)
             ax.set_xlabel("session n (colour: task index)")
         ax = axes[r][3]
         s2 = [max(x, 1e-300) for x in res["setting2"]]
         ax.semilogy(range(1, len(s2) + 1), s2, lw=1)
-        ax.set_title(f"{sc}: setting 2 (fixed set), max change")
+        ax.set_title(f"{sc}: setting 2, max change", fontsize=9)
         ax.set_xlabel("iteration")
     fig.suptitle(f"ConDU convergence study (rescaler={rescaler})", y=1.0)
     fig.tight_layout()
-    fig.savefig(path, dpi=50)
+    fig.savefig(path, dpi=48)
     plt.close(fig)
 
 
