@@ -114,6 +114,8 @@ class SafetensorsFile:
                     f"{self.path}: tensor {name!r} ends at byte {self._data_start + end} but the file has {size} bytes (truncated)"
                 )
             self._entries[name] = (spec, begin, end)
+        # file order: reading keys() in turn reads the file front to back
+        self._entries = dict(sorted(self._entries.items(), key=lambda kv: (kv[1][1], kv[1][2])))
 
     def keys(self) -> list[str]:
         return list(self._entries)
@@ -518,8 +520,8 @@ class TaskDelta:
         else:
             f = self.finetuned.get(key)
             wide = torch.promote_types(torch.promote_types(f.dtype, b.dtype), torch.float32)
-            d = f.to(wide)
-            d -= b.to(wide)
+            d = f.to(wide) - b.to(wide)  # never in place: f may be the caller's own tensor
+            del f, b
         return d.to(dtype)
 
     def close(self) -> None:
