@@ -309,3 +309,23 @@ def test_killed_rank_leaves_old_state(ckpts, tmp_path):
     _assert_same_store(tmp_path / "single", tmp_path / "dist")
     m = _manifest(tmp_path / "dist")
     assert [n for n in os.listdir(tmp_path / "dist") if n.startswith("gen-")] == [m["generation_dir"]]
+
+
+# ---------------------------------------------------------------------------- command line (in-process)
+
+def test_cli_namespace_contract_and_errors(ckpts, tmp_path, capsys):
+    """``add_task_from_args`` accepts ``condu-merge add-task``'s parsed arguments (the CLI routes
+    there under torchrun); the module entry prints one error line and exits 1 on bad input."""
+    from condu_merge.cli import build_parser
+    from condu_merge.distributed import add_task_from_args, distributed_add_task_main
+
+    store = str(tmp_path / "s")
+    args = build_parser().parse_args(["add-task", store, "--base", ckpts["base"], "--finetuned", ckpts["ft"][0], "--name", "task0", "--json"])
+    assert add_task_from_args(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["tasks"] == ["task0"] and out["world_size"] == 1
+    rc = distributed_add_task_main(["add-task", store, "--base", ckpts["base"], "--finetuned", str(tmp_path / "missing.safetensors"), "--name", "x"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "missing.safetensors" in err and err.startswith("condu-merge: error: [rank 0]")
+    _single(tmp_path / "single", ckpts, 1)
+    _assert_same_store(tmp_path / "single", store)
