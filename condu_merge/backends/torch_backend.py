@@ -68,7 +68,8 @@ class TorchBackend:
             num += absD.sum(dim=1, dtype=torch.float64)
             best = (absD * agree).amax(dim=0)
             u[s:e] = torch.where(pos, best, 0 - best)  # 0 - (+0) is +0: no negative zeros
-            den += torch.mv(agree.to(torch.float64), best.to(torch.float64))
+            # the same reduction as num, so one task gives num == den bit for bit (λ = 1 exactly)
+            den += (best.unsqueeze(0) * agree).sum(dim=1, dtype=torch.float64)
             masks[:, s // 8 : (e + 7) // 8] = pack_rows(agree)
         return FlatMergeResult(u, masks, num, den)
 
@@ -118,7 +119,7 @@ class TorchBackend:
                 num[:tp] += lam64 * torch.mv(O, absu.to(torch.float64))
                 den[:tp] += torch.mv(new.to(torch.float64), best64)
             num[tp] += dc.abs().sum(dtype=torch.float64)
-            den[tp] += torch.dot(agree_d.to(torch.float64), best64)
+            den[tp] += (best * agree_d).sum(dtype=torch.float64)
             b0, b1 = s // 8, (e + 7) // 8
             if tp:
                 masks_new[:tp, b0:b1] = pack_rows(new)
