@@ -32,7 +32,7 @@ from typing import Iterable, Iterator, Mapping, Protocol, Sequence
 import torch
 
 from .errors import ConduError, FormatError, KeyMismatchError, ShapeMismatchError
-from .safetensors_writer import ST_TO_DTYPE, TensorSpec, dtype_itemsize
+from .safetensors_writer import ST_TO_DTYPE, TensorSpec
 
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
 

@@ -74,7 +74,7 @@ def _add_task(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------- export
 
 def _export(args: argparse.Namespace) -> int:
-    from .checkpoints import MemoryCheckpoint, open_checkpoint
+    from .checkpoints import open_checkpoint
     from .safetensors_writer import StreamingSafetensorsWriter, TensorSpec
     from .store import Store
 

@@ -177,7 +177,8 @@ class StreamingSafetensorsWriter:
 def save_file_streaming(
     tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str] | None = None
 ) -> tuple[str, int]:
-    """Write a whole mapping (tensors may be produced lazily by the mapping); returns ``(sha256, size)``."""
+    """Write a whole in-memory mapping (each value is read twice: once for the header, once to
+    write it); returns ``(sha256, size)``."""
     specs = []
     for name in tensors:
         t = tensors[name]

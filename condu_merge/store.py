@@ -303,8 +303,8 @@ class Store:
         self._close_files()
         mpath = self._manifest_path()
         if not os.path.exists(mpath):
-            if os.path.isdir(self.root) and any(n.startswith("gen-") for n in os.listdir(self.root)):
-                pass  # a first write was killed before its switch: still an empty store
+            # no store yet (a first write killed before its switch leaves only a gen-* leftover,
+            # which the next writer removes): an empty store
             self.manifest = None
             return
         try:

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from condu_merge import ContinualMerger
-from condu_merge.store import CRASH_ENV, Store
+from condu_merge.store import Store
 
 GEN = """
 import torch
