@@ -36,6 +36,11 @@ def _progress(args: argparse.Namespace) -> bool:
 # ---------------------------------------------------------------------------- add-task
 
 def _add_task(args: argparse.Namespace) -> int:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun: split the step across ranks
+        from .distributed import add_task_from_args
+
+        return add_task_from_args(args)
+
     import torch
 
     from .store import Store

@@ -97,3 +97,19 @@ def test_python_m_demo():
     p = subprocess.run([sys.executable, "-m", "condu_merge", "demo"], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert "merged 5 tasks" in p.stdout and "rel.L2 err" in p.stdout and "individual models" in p.stdout
+
+
+def test_add_task_under_torchrun_routes_to_distributed(monkeypatch, tmp_path):
+    import condu_merge.distributed as dist
+    from condu_merge import cli as cli_mod
+
+    seen = {}
+
+    def fake(args):
+        seen["store"], seen["name"] = args.store, args.name
+        return 0
+
+    monkeypatch.setattr(dist, "add_task_from_args", fake)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    rc = cli_mod.main(["add-task", str(tmp_path / "s"), "--base", "b.safetensors", "--finetuned", "f.safetensors", "--name", "t"])
+    assert rc == 0 and seen == {"store": str(tmp_path / "s"), "name": "t"}
