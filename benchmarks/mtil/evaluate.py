@@ -1,28 +1,29 @@
-"""Evaluation: zero-shot classifiers, prototypes, semantic routing (top-K aggregation) and accuracy.
+"""Evaluation loops over MTIL datasets. The math lives in the library (:mod:`condu_merge.routing`):
 
-* Class text embedding: mean over the task's templates of the normalised text features, normalised.
-* Prototype of class ``c`` (pretrained model): ``norm((mean_i norm(f_img(x_i)) + text_c) / 2)`` over the
-  class's training images (text alone when a class has no image).
-* Routing a test image ``x`` (pretrained feature ``z``): task score ``max_c cos(z, P_t[c])``; the ``K``
-  best tasks get weight 1, the others 0; prediction ``argmax mean_{t in top-K} logits_t(x)`` with
-  ``logits_t = logit_scale · norm(f_img^t(x)) @ T_tᵀ`` and ``T_t`` the dataset's class embeddings
-  under expert ``t``.
-* Work is grouped by expert: one expert's parameters exist at a time and it runs only on the
-  samples routed to it (plus, for its own task, the whole test set).
+* class text embeddings ``n(mean_j n(g(template_j(c))))`` -- :func:`class_text_embeddings`;
+* prototypes of a task with the pretrained model -- :func:`prototypes_from_encoders`;
+* top-K routing from the pretrained image features -- :func:`route`;
+* logits of a known task's expert, or the mean over the routed experts' logits (optionally with
+  the pretrained model's), run grouped by expert with cached text embeddings --
+  :class:`SemanticAggregator`.
+
+This module only feeds batches through them and counts correct predictions.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
+from condu_merge.routing import SemanticAggregator, class_text_embeddings, prototypes_from_encoders
+
 from .datasets import MTILDataset
-from .model import ClipHandle, tokens_to
+from .model import ClipHandle
 
 
 @dataclass
@@ -31,67 +32,70 @@ class EvalConfig:
     num_workers: int = 4
     amp: bool = True
     progress: bool = True
-    top_k: int = 5
 
 
-def _autocast(clip: ClipHandle, cfg: EvalConfig):
+def autocast(clip: ClipHandle, cfg: EvalConfig):
     return torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=cfg.amp and clip.device.type == "cuda")
 
 
-@torch.no_grad()
-def text_classifier(
-    clip: ClipHandle, ds: MTILDataset, cfg: EvalConfig, params: Mapping[str, torch.Tensor] | None = None, chunk: int = 512
-) -> torch.Tensor:
-    """``[C, D]`` normalised class embeddings: template-averaged normalised text features."""
+def class_prompts(clip: ClipHandle, ds: MTILDataset) -> torch.Tensor:
+    """Tokenised prompts ``[C, T, L]`` (every template of every class) on the model's device."""
     prompts = ds.prompts()
-    flat = [p for ps in prompts for p in ps]
-    owner = torch.tensor([c for c, ps in enumerate(prompts) for _ in ps])
-    feats = []
-    for i in range(0, len(flat), chunk):
-        tok = tokens_to(clip.tokenize(flat[i : i + chunk]), clip.device)
-        with _autocast(clip, cfg):
-            feats.append(F.normalize(clip.encode_text(tok, params).float(), dim=-1).cpu())
-    f = torch.cat(feats)
-    out = torch.zeros(len(prompts), f.shape[1]).index_add_(0, owner, f)
-    return F.normalize(out, dim=-1)
+    flat = clip.tokenize([p for ps in prompts for p in ps])
+    return flat.reshape(len(prompts), len(ds.templates), -1).to(clip.device)
 
 
-@torch.no_grad()
-def image_features(
-    clip: ClipHandle,
-    dataset,
-    cfg: EvalConfig,
-    params: Mapping[str, torch.Tensor] | None = None,
-    indices: Sequence[int] | None = None,
-    desc: str = "features",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalised image features ``[N, D]`` (CPU float32) and labels of ``dataset`` (or a subset)."""
+def _batches(dataset, cfg: EvalConfig, indices: Sequence[int] | None = None, desc: str = "") -> Iterable:
     from tqdm.auto import tqdm
 
     ds = dataset if indices is None else Subset(dataset, list(indices))
     loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers)
-    feats, labels = [], []
-    for images, y in tqdm(loader, desc=desc, disable=not cfg.progress, leave=False):
-        with _autocast(clip, cfg):
-            feats.append(F.normalize(clip.encode_image(images.to(clip.device), params).float(), dim=-1).cpu())
-        labels.append(torch.as_tensor(y))
-    if not feats:
-        return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
-    return torch.cat(feats), torch.cat(labels).long()
+    return tqdm(loader, desc=desc, disable=not cfg.progress, leave=False)
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """Top-1 accuracy in percent."""
     if labels.numel() == 0:
         return float("nan")
-    return float((logits.argmax(dim=-1) == labels).float().mean() * 100.0)
+    return float((logits.argmax(dim=-1).cpu() == labels.cpu()).float().mean() * 100.0)
 
 
 @torch.no_grad()
-def compute_prototypes(
-    clip: ClipHandle, ds: MTILDataset, cfg: EvalConfig, text: torch.Tensor, *, max_per_class: int | None = None, seed: int = 0
-) -> torch.Tensor:
-    """``[C, D]`` prototypes of ``ds`` with the (pretrained) model ``clip`` and its class embeddings ``text``."""
+def image_features(clip: ClipHandle, dataset, cfg: EvalConfig, desc: str = "features") -> tuple[torch.Tensor, torch.Tensor]:
+    """Unnormalised image features ``[N, D]`` (CPU float32) of the model as it is now, and labels."""
+    enc_img, _ = clip.encoders()
+    feats, labels = [], []
+    for images, y in _batches(dataset, cfg, desc=desc):
+        with autocast(clip, cfg):
+            feats.append(enc_img(images.to(clip.device)).float().cpu())
+        labels.append(torch.as_tensor(y))
+    return torch.cat(feats), torch.cat(labels).long()
+
+
+@torch.no_grad()
+def text_embeddings(clip: ClipHandle, ds: MTILDataset, cfg: EvalConfig) -> torch.Tensor:
+    """The model's (as it is now) class text embeddings ``[C, D]`` of ``ds`` (CPU float32)."""
+    _, enc_txt = clip.encoders()
+    with autocast(clip, cfg):
+        return class_text_embeddings(enc_txt, class_prompts(clip, ds)).float().cpu()
+
+
+def zero_shot_accuracy(features: torch.Tensor, labels: torch.Tensor, text: torch.Tensor) -> float:
+    """Accuracy of ``n(features) @ textᵀ`` (``text`` already normalised)."""
+    return accuracy(F.normalize(features, dim=-1) @ text.t(), labels)
+
+
+def model_accuracy(clip: ClipHandle, ds: MTILDataset, cfg: EvalConfig, desc: str) -> float:
+    """Test accuracy of the model as it is now (a fine-tuned model, or an expert swapped in)."""
+    f, y = image_features(clip, ds.test, cfg, desc=desc)
+    return zero_shot_accuracy(f, y, text_embeddings(clip, ds, cfg))
+
+
+@torch.no_grad()
+def task_prototypes(clip: ClipHandle, ds: MTILDataset, cfg: EvalConfig, *, max_per_class: int | None = None,
+                    seed: int = 0) -> dict[str, torch.Tensor]:
+    """Prototypes of ``ds`` with the model as it is now (call it with θ_0), from its training images
+    (at most ``max_per_class`` per class, drawn with ``seed``): ``prototypes_from_encoders``."""
     labels = ds.train_labels
     idx = np.arange(len(labels))
     if max_per_class is not None:
@@ -101,92 +105,36 @@ def compute_prototypes(
             members = np.flatnonzero(labels == c)
             keep.append(members if members.size <= max_per_class else rng.choice(members, max_per_class, replace=False))
         idx = np.sort(np.concatenate(keep)) if keep else idx[:0]
-    feats, y = image_features(clip, ds.train, cfg, indices=idx.tolist(), desc=f"prototypes {ds.name}")
-    c = text.shape[0]
-    return prototypes_from_features(feats, y, text, c)
+    enc_img, enc_txt = clip.encoders()
 
+    def encode_image(x: torch.Tensor) -> torch.Tensor:
+        with autocast(clip, cfg):
+            return enc_img(x.to(clip.device)).float()
 
-def prototypes_from_features(feats: torch.Tensor, labels: torch.Tensor, text: torch.Tensor, n_classes: int) -> torch.Tensor:
-    """``norm((mean image feature + text) / 2)`` per class; text alone for classes without images."""
-    d = text.shape[1]
-    sums = torch.zeros(n_classes, d)
-    counts = torch.zeros(n_classes)
-    if feats.numel():
-        sums.index_add_(0, labels, feats)
-        counts.index_add_(0, labels, torch.ones(labels.numel()))
-    has = counts > 0
-    img_mean = torch.where(has[:, None], sums / counts.clamp(min=1)[:, None], text)
-    return F.normalize((img_mean + text) / 2, dim=-1)
+    def encode_text(t: torch.Tensor) -> torch.Tensor:
+        with autocast(clip, cfg):
+            return enc_txt(t).float()
 
-
-def route(query: torch.Tensor, prototypes: Sequence[torch.Tensor], k: int) -> torch.Tensor:
-    """``[N, min(k, T)]`` indices of the tasks whose best prototype is most similar to each query
-    (cosine; queries and prototypes normalised)."""
-    if not prototypes:
-        raise ValueError("routing needs at least one task's prototypes")
-    scores = torch.stack([(query @ p.t()).max(dim=1).values for p in prototypes], dim=1)
-    return scores.topk(min(k, len(prototypes)), dim=1).indices
-
-
-@dataclass
-class SessionEvalPlan:
-    """What one session's evaluation computes for each dataset ``j`` (index into ``datasets``)."""
-
-    known: dict[int, int] = field(default_factory=dict)  # j -> expert whose own test set it is
-    aggregate: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)  # variant -> j -> routes [N, k]
+    return prototypes_from_encoders(encode_image, encode_text,
+                                    _batches(ds.train, cfg, idx.tolist(), desc=f"prototypes {ds.name}"), class_prompts(clip, ds))
 
 
 @torch.no_grad()
-def evaluate_experts(
-    clip: ClipHandle,
-    datasets: Sequence[MTILDataset],
-    n_experts: int,
-    expert_params: Callable[[int], Mapping[str, torch.Tensor]],
-    plan: SessionEvalPlan,
-    cfg: EvalConfig,
-    desc: str = "eval",
-) -> dict[str, dict[int, float]]:
-    """Run the plan grouped by expert. Returns ``{"known": {j: acc}, variant: {j: acc}, ...}``."""
-    scale = float(clip.logit_scale().exp())
-    sums: dict[str, dict[int, torch.Tensor]] = {}
-    labels: dict[int, torch.Tensor] = {}
-    known_logits: dict[int, torch.Tensor] = {}
-    for variant, per_ds in plan.aggregate.items():
-        sums[variant] = {j: torch.zeros(len(datasets[j].test_labels), len(datasets[j].classnames)) for j in per_ds}
-    for e in range(n_experts):
-        needs: dict[int, np.ndarray] = {}
-        for j, owner in plan.known.items():
-            if owner == e:
-                needs[j] = np.arange(len(datasets[j].test_labels))
-        for variant, per_ds in plan.aggregate.items():
-            for j, routes in per_ds.items():
-                sel = np.flatnonzero((routes == e).any(dim=1).numpy())
-                if sel.size:
-                    needs[j] = np.union1d(needs.get(j, np.zeros(0, dtype=np.int64)), sel)
-        if not needs:
-            continue
-        params = expert_params(e)
-        for j, idx in needs.items():
-            ds = datasets[j]
-            text = text_classifier(clip, ds, cfg, params)
-            feats, y = image_features(clip, ds.test, cfg, params, idx.tolist(), desc=f"{desc} expert {e + 1} on {ds.name}")
-            logits = scale * feats @ text.t()
-            idx_t = torch.as_tensor(idx, dtype=torch.long)
-            if plan.known.get(j) == e:
-                known_logits[j] = logits
-                labels[j] = y
-            for variant, per_ds in plan.aggregate.items():
-                if j not in per_ds:
-                    continue
-                routed = (per_ds[j][idx_t] == e).any(dim=1)
-                sums[variant][j].index_add_(0, idx_t[routed], logits[routed])
-        del params
-    out: dict[str, dict[int, float]] = {"known": {}}
-    for j, lg in known_logits.items():
-        out["known"][j] = accuracy(lg, labels[j])
-    for variant, per_ds in sums.items():
-        out[variant] = {}
-        for j, s in per_ds.items():
-            # mean over the selected experts: a constant factor per sample, irrelevant to argmax
-            out[variant][j] = accuracy(s, torch.as_tensor(datasets[j].test_labels))
-    return out
+def aggregator_accuracy(agg: SemanticAggregator, clip: ClipHandle, ds: MTILDataset, cfg: EvalConfig, *,
+                        task: str | None = None, selection: torch.Tensor | None = None, desc: str = "eval") -> float:
+    """Test accuracy of ``agg.logits``: with ``task``, that expert alone (task id known); otherwise
+    aggregated with the routing ``selection [N, T]`` (rows in test-set order; computed once from
+    the cached pretrained features with :func:`condu_merge.routing.route`)."""
+    prompts = class_prompts(clip, ds)
+    correct, seen = 0, 0
+    for images, y in _batches(ds.test, cfg, desc=desc):
+        n = images.shape[0]
+        with autocast(clip, cfg):
+            if task is not None:
+                logits = agg.logits(images.to(clip.device), ds.name, prompts, task=task)
+            else:
+                logits = agg.logits(images.to(clip.device), ds.name, prompts, selection=selection[seen:seen + n])
+        correct += int((logits.float().argmax(dim=-1).cpu() == torch.as_tensor(y)).sum())
+        seen += n
+    return 100.0 * correct / seen if seen else float("nan")
+

@@ -1,11 +1,21 @@
-"""CLIP loading (open_clip or Hugging Face, offline from a local path), feature functions that run
-any expert through the one model with ``torch.func.functional_call`` (no per-expert model copies),
-the trainable-parameter selection of the reference training, and the factor-wise LoRA of ConDU (LoRA).
+"""CLIP loading (open_clip or Hugging Face, offline from a local path) and the glue between the
+training/evaluation loops and the library's adapters.
 
-The LoRA here is this benchmark's own minimal implementation (the library's adapter module is a
-separate piece of work): each targeted weight ``W`` becomes ``W + (alpha / r) · B A`` inside the
-functional call, ``A`` seeded-random and shared by every task, ``B`` zero. A task's "delta" is
-``(A - A_0, B - 0)``, which ConDU unifies element-wise (the paper's ConDU (LoRA)).
+Everything model-specific comes from :mod:`condu_merge.adapters`: trainable-tensor selection
+(:func:`~condu_merge.adapters.select_names`), encoders (:func:`~condu_merge.adapters.clip_encoders`),
+differentiable expert forward passes (:func:`~condu_merge.adapters.functional_forward`), expert
+application without copies (:func:`~condu_merge.adapters.swap_params`,
+:class:`~condu_merge.adapters.ClipExperts`) and LoRA algebra (:class:`~condu_merge.adapters.LoraAdapter`,
+:func:`~condu_merge.adapters.dense_delta`, :func:`~condu_merge.adapters.factor_expert`).
+
+Two small pieces stay here because the library has no equivalent (see docs/mtil.md):
+
+* creating the shared LoRA initialisation (``A`` Kaiming-uniform from a seed, ``B = 0``, as PEFT
+  does) for arbitrary parameters -- the library reads/merges LoRA factors but never creates them;
+* open_clip's fused attention weight ``attn.in_proj_weight`` is a parameter of
+  ``nn.MultiheadAttention``, not a ``<module>.weight``: its LoRA "module" is named ``...attn.in_proj``
+  and :func:`lora_param_name` maps the dense delta key back, and :class:`LoraExperts` applies
+  factor-wise experts (:class:`~condu_merge.adapters.ClipExperts` applies full-weight deltas only).
 """
 
 from __future__ import annotations
@@ -13,21 +23,33 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from collections import OrderedDict
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
 
+from condu_merge.adapters import (
+    LoraAdapter,
+    clip_encoders,
+    clip_flavor,
+    dense_delta,
+    factor_expert,
+    functional_forward,
+    select_names,
+    swap_params,
+)
+
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
-# Weights that the reference LoRA adapts: attention and MLP projections of every transformer block.
+# Weights the reference LoRA adapts: attention and MLP projections of every transformer block.
 _LORA_TARGET_RE = re.compile(
     r"(attn\.in_proj_weight|attn\.out_proj\.weight|mlp\.c_fc\.weight|mlp\.c_proj\.weight"
     r"|self_attn\.(q|k|v|out)_proj\.weight|mlp\.fc[12]\.weight)$"
 )
-_FROZEN_RE = re.compile(r"(^|\.)logit_(scale|bias)$")
 
 
 class ModelLoadError(RuntimeError):
@@ -36,62 +58,37 @@ class ModelLoadError(RuntimeError):
 
 @dataclass
 class ClipHandle:
-    """A CLIP model plus how to tokenize, preprocess and encode with it (open_clip or HF)."""
+    """A CLIP model plus how to tokenize (to a ``[N, L]`` id tensor) and preprocess for it."""
 
     model: nn.Module
-    family: str  # "open_clip" | "hf"
-    tokenize: Callable[[list[str]], object]
+    flavor: str  # "open_clip" | "hf"
+    tokenize: Callable[[list[str]], torch.Tensor]
     train_transform: Callable
     test_transform: Callable
     name: str = ""
-    _wrapper: nn.Module | None = field(default=None, repr=False)
-
-    # -------------------------------------------------------------- encoding
-    def _wrap(self) -> nn.Module:
-        if self._wrapper is None:
-            self._wrapper = _Encoder(self.model, self.family)
-        return self._wrapper
-
-    def _call(self, kind: str, x, params: Mapping[str, torch.Tensor] | None) -> torch.Tensor:
-        w = self._wrap()
-        if not params:
-            return w(kind, x)
-        # keys of the wrapped model live under "m."; missing keys fall back to the module's own
-        return torch.func.functional_call(w, {f"m.{k}": v for k, v in params.items()}, (kind, x), strict=False)
-
-    def encode_image(self, images: torch.Tensor, params: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """Image embeddings (not normalised), optionally with ``params`` replacing the model's."""
-        return self._call("image", images, params)
-
-    def encode_text(self, tokens, params: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
-        return self._call("text", tokens, params)
-
-    def logit_scale(self) -> torch.Tensor:
-        return self.model.logit_scale.detach()
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def encoders(self) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
+        """``(encode_image, encode_text)`` of the model as it is now (unnormalised features)."""
+        return clip_encoders(self.model)
 
-class _Encoder(nn.Module):
-    def __init__(self, model: nn.Module, family: str):
-        super().__init__()
-        self.m = model
-        self.family = family
-
-    def forward(self, kind: str, x):
-        if self.family == "open_clip":
-            return self.m.encode_image(x) if kind == "image" else self.m.encode_text(x)
+    def encode(self, kind: str, x: torch.Tensor, params: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Image (``kind="image"``) or text features; with ``params``, computed through
+        :func:`functional_forward` so gradients reach the tensors in ``params`` (LoRA training)."""
+        if params is None:
+            enc_img, enc_txt = self.encoders()
+            return enc_img(x) if kind == "image" else enc_txt(x)
+        if self.flavor == "open_clip":
+            return functional_forward(self.model, params, x, method="encode_image" if kind == "image" else "encode_text")
         if kind == "image":
-            return self.m.visual_projection(self.m.vision_model(pixel_values=x).pooler_output)
-        return self.m.text_projection(self.m.text_model(**x).pooler_output)
-
-
-def tokens_to(tokens, device: torch.device):
-    if isinstance(tokens, Mapping):
-        return {k: v.to(device) for k, v in tokens.items()}
-    return tokens.to(device)
+            out = functional_forward(self.model, params, method="get_image_features", pixel_values=x)
+        else:
+            out = functional_forward(self.model, params, method="get_text_features", input_ids=x)
+        # transformers 5 returns an output object from get_*_features, transformers 4 a tensor
+        return out if torch.is_tensor(out) else out.pooler_output
 
 
 def _hf_transforms(size: int):
@@ -121,9 +118,10 @@ def load_clip(model_name: str, pretrained: str | None, device: str | torch.devic
         size = int(model.config.vision_config.image_size)
         ctx = int(model.config.text_config.max_position_embeddings)
 
-        def tokenize(texts: list[str]):
-            out = tok(texts, padding="max_length", truncation=True, max_length=ctx, return_tensors="pt")
-            return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
+        def tokenize(texts: list[str]) -> torch.Tensor:
+            # ids only, as the library's HF encoders take them: CLIP's text tower is causal and pools
+            # the first EOT token, so the padding after it never changes the features
+            return tok(texts, padding="max_length", truncation=True, max_length=ctx, return_tensors="pt")["input_ids"]
 
         train_tf, test_tf = _hf_transforms(size)
         return ClipHandle(model.to(device).eval(), "hf", tokenize, train_tf, test_tf, name=model_name)
@@ -137,74 +135,103 @@ def load_clip(model_name: str, pretrained: str | None, device: str | torch.devic
             "checkpoint file (e.g. open_clip_pytorch_model.bin or .safetensors) as --pretrained"
         ) from e
     tok = open_clip.get_tokenizer(model_name)
-    return ClipHandle(model.eval(), "open_clip", lambda texts: tok(texts), preprocess, preprocess, name=model_name)
+    return ClipHandle(model.eval(), clip_flavor(model), lambda texts: tok(texts), preprocess, preprocess, name=model_name)
 
 
-# ------------------------------------------------------------------ parameter selection
-
-def trainable_names(model: nn.Module, mode: str = "whole") -> list[str]:
-    """Parameters that full fine-tuning updates: ``whole`` (image + text), ``image`` or ``text``;
-    ``logit_scale`` / ``logit_bias`` are always frozen and integer buffers never take part."""
-    if mode not in ("whole", "image", "text"):
-        raise ValueError(f"unknown train mode {mode!r}; choose whole, image or text")
-    out = []
-    for name, p in model.named_parameters():
-        if not p.is_floating_point() or _FROZEN_RE.search(name):
-            continue
-        is_image = name.startswith(("visual.", "vision_model.", "visual_projection."))
-        if mode == "image" and not is_image or mode == "text" and is_image:
-            continue
-        out.append(name)
-    return out
-
-
-def base_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """A CPU float copy of every parameter and buffer (θ_0)."""
-    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+def trainable_params(model: nn.Module, mode: str = "whole") -> list[str]:
+    """Parameters full fine-tuning updates in ``mode``: the library's selection
+    (:func:`select_names`, ``logit_scale`` excluded) restricted to parameters."""
+    params = dict(model.named_parameters())
+    return [n for n in select_names(model, mode) if n in params]
 
 
 # ------------------------------------------------------------------ LoRA (factor-wise)
 
-@dataclass
-class LoRAConfig:
-    rank: int = 64
-    alpha: float = 64.0
-    targets: list[str] = field(default_factory=list)
-    seed: int = 0
-
-    @property
-    def scaling(self) -> float:
-        return self.alpha / self.rank
+def lora_param_name(module: str) -> str:
+    """The model parameter a LoRA module adapts: ``<module>.weight``, except open_clip's fused
+    attention (module ``...attn.in_proj`` -> parameter ``...attn.in_proj_weight``)."""
+    return module + "_weight" if module.endswith("attn.in_proj") else module + ".weight"
 
 
-def lora_targets(model: nn.Module, mode: str = "whole") -> list[str]:
-    """The 2-D attention / MLP projection weights LoRA adapts (within ``mode``'s encoders)."""
-    allowed = set(trainable_names(model, mode))
-    return [n for n, p in model.named_parameters() if n in allowed and p.dim() == 2 and _LORA_TARGET_RE.search(n)]
-
-
-def lora_init(model: nn.Module, cfg: LoRAConfig) -> dict[str, torch.Tensor]:
-    """Shared initial factors: ``A`` Kaiming-uniform (a = √5, as PEFT) from ``cfg.seed``, ``B = 0``.
-    Keys ``{weight}.lora_A`` ``[r, in]`` and ``{weight}.lora_B`` ``[out, r]``, float32 on CPU."""
+def lora_modules(model: nn.Module, mode: str = "whole") -> list[str]:
+    """LoRA module names of the 2-D attention / MLP projection weights within ``mode``'s towers."""
     params = dict(model.named_parameters())
-    g = torch.Generator().manual_seed(cfg.seed)
-    out = {}
-    for name in cfg.targets:
-        w = params[name]
-        out_f, in_f = w.shape
+    out = []
+    for n in trainable_params(model, mode):
+        if params[n].dim() == 2 and _LORA_TARGET_RE.search(n):
+            out.append(n[: -len("_weight")] if n.endswith("attn.in_proj_weight") else n[: -len(".weight")])
+    return out
+
+
+def new_lora_init(model: nn.Module, modules: list[str], *, rank: int, alpha: float, seed: int) -> LoraAdapter:
+    """The shared initialisation every task starts from: ``A`` Kaiming-uniform (``a = √5``, as PEFT)
+    drawn from ``seed``, ``B = 0`` (float32, CPU)."""
+    params = dict(model.named_parameters())
+    g = torch.Generator().manual_seed(seed)
+    factors = {}
+    for m in modules:
+        out_f, in_f = params[lora_param_name(m)].shape
         bound = math.sqrt(6.0 / ((1 + 5.0) * in_f))  # kaiming_uniform_(a=sqrt(5)) bound
-        out[f"{name}.lora_A"] = (torch.rand(cfg.rank, in_f, generator=g) * 2 - 1) * bound
-        out[f"{name}.lora_B"] = torch.zeros(out_f, cfg.rank)
-    return out
+        factors[m] = ((torch.rand(rank, in_f, generator=g) * 2 - 1) * bound, torch.zeros(out_f, rank))
+    return LoraAdapter.from_factors(factors, r=rank, lora_alpha=alpha)
 
 
-def lora_params(model: nn.Module, factors: Mapping[str, torch.Tensor], cfg: LoRAConfig) -> dict[str, torch.Tensor]:
-    """``{W: W + scaling · B A}`` for every target (differentiable in the factors)."""
+def lora_weights(model: nn.Module, adapter: LoraAdapter) -> dict[str, torch.Tensor]:
+    """``{W: W + s · B A}`` for every module of ``adapter`` (the library's :func:`dense_delta`),
+    ``W`` read from ``model`` (θ_0). Differentiable in the factors; call it outside any swap."""
     params = dict(model.named_parameters())
     out = {}
-    for name in cfg.targets:
-        w = params[name]
-        a = factors[f"{name}.lora_A"].to(w.device, w.dtype)
-        b = factors[f"{name}.lora_B"].to(w.device, w.dtype)
-        out[name] = w + cfg.scaling * (b @ a)
+    for key, d in dense_delta(adapter).items():
+        name = lora_param_name(key[: -len(".weight")])
+        w = params[name].detach()
+        out[name] = w + d.to(w.device, w.dtype)
     return out
+
+
+def adapter_to(adapter: LoraAdapter, device: torch.device) -> LoraAdapter:
+    """The same adapter with its factors on ``device``."""
+    return LoraAdapter(config=adapter.config, path=adapter.path, init_fingerprint=adapter.init_fingerprint,
+                       factors={m: (a.to(device), b.to(device)) for m, (a, b) in adapter.factors.items()})
+
+
+class LoraExperts:
+    """Factor-wise ConDU (LoRA) experts of a store, applied to one model: expert ``t`` is
+    ``init + δ̃_t`` (:func:`factor_expert`), applied as ``W + s · B A`` with :func:`swap_params`.
+
+    Implements the :class:`condu_merge.routing.ExpertEncoders` protocol (task ``None`` is the
+    pretrained model), like :class:`~condu_merge.adapters.ClipExperts` does for full weights.
+    At most ``cache_size`` experts' weights are kept (LRU)."""
+
+    def __init__(self, clip: ClipHandle, store: Any, init: LoraAdapter, *, backend: str = "auto", cache_size: int = 1):
+        self.clip, self.store, self.init, self.backend = clip, store, init, backend
+        self.cache_size = max(0, int(cache_size))
+        self._cache: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
+
+    def params(self, task: str) -> dict[str, torch.Tensor]:
+        if task in self._cache:
+            self._cache.move_to_end(task)
+            return self._cache[task]
+        adapter = factor_expert(self.init, self.store.decouple(task, backend=self.backend))
+        with torch.no_grad():
+            out = lora_weights(self.clip.model, adapter_to(adapter, self.clip.device))
+        if self.cache_size:
+            self._cache[task] = out
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return out
+
+    @contextmanager
+    def applied(self, task: str | None) -> Iterator[nn.Module]:
+        if task is None:
+            yield self.clip.model
+            return
+        with swap_params(self.clip.model, self.params(task)):
+            yield self.clip.model
+
+    def encode_image(self, task: str | None, images: torch.Tensor) -> torch.Tensor:
+        with self.applied(task):
+            return self.clip.encode("image", images)
+
+    def encode_text(self, task: str | None, tokens: torch.Tensor) -> torch.Tensor:
+        with self.applied(task):
+            return self.clip.encode("text", tokens)

@@ -8,7 +8,8 @@ Per session ``s`` (task ``t_s``): fine-tune from the pretrained model θ_0 (neve
 session); evaluate that fresh expert on its task (Individual FT); compute the task's prototypes
 with θ_0; fold the delta into the ConDU store (``Store.add_task``: the store is the checkpoint);
 evaluate every dataset -- seen ones with their decoupled expert, unseen ones by top-K aggregation,
-and, for the task-agnostic variant, every one by aggregation; train the continual-FT baseline one
+and, for the task-agnostic variant, every one by aggregation (``condu_merge.routing``:
+``SemanticAggregator`` over ``ClipExperts.from_store`` experts); train the continual-FT baseline one
 more session and evaluate it. ``state.json`` records each finished session (atomic replace), so a
 rerun after a crash or ``--max-sessions`` continues from the last finished session.
 """
@@ -27,9 +28,12 @@ from typing import Sequence
 import torch
 
 from .datasets import FT_LR, MTIL_ORDER, ORDERS, MTILDataset, load_mtil_dataset
-from .evaluate import EvalConfig, SessionEvalPlan, accuracy, compute_prototypes, evaluate_experts, image_features, route, text_classifier
+from condu_merge.adapters import ClipExperts, LoraAdapter, clip_delta, factor_delta, pretrained_state, swap_params
+from condu_merge.routing import SemanticAggregator, prototypes_from_store, route
+
+from .evaluate import EvalConfig, aggregator_accuracy, image_features, model_accuracy, task_prototypes, text_embeddings, zero_shot_accuracy
 from .metrics import csv_text, heatmap_png, markdown_table, summary_metrics
-from .model import ClipHandle, LoRAConfig, base_state, load_clip, lora_init, lora_params, lora_targets, trainable_names
+from .model import ClipHandle, LoraExperts, adapter_to, load_clip, lora_modules, lora_weights, new_lora_init, trainable_params
 from .train import TrainConfig, finetune_full, finetune_lora
 
 LORA_LR: dict[str, float] = {  # the released MTIL_LoRA.sh
@@ -128,6 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-rank", type=int, default=64)
     p.add_argument("--lora-alpha", type=float, help="default: the rank (scaling 1)")
     p.add_argument("--top-k", type=int, default=5, help="experts aggregated for unseen / task-agnostic samples")
+    p.add_argument("--include-pretrained", action="store_true",
+                   help="add the pretrained model's logits to every aggregation (mean over K + 1), as the released code can")
+    p.add_argument("--expert-cache", type=int,
+                   help="decoupled experts kept on the device during evaluation (default: all of the session's; "
+                        "fewer saves memory but re-decouples experts from the store batch after batch)")
     p.add_argument("--methods", default="zeroshot,condu,agnostic,continual_ft",
                    help="comma list of zeroshot, condu, agnostic, continual_ft (individual FT always comes free)")
     p.add_argument("--rescaler", default="tensor_mean")
@@ -206,7 +215,7 @@ class Runner:
             "shots": args.shots if args.few_shot else None, "iterations": self.iterations, "batch_size": args.batch_size,
             "lr": {t: (args.lr if args.lr is not None else self.lr_table.get(t, 1e-5)) for t in self.tasks},
             "weight_decay": args.weight_decay, "warmup": args.warmup, "label_smoothing": args.label_smoothing,
-            "top_k": args.top_k, "rescaler": args.rescaler, "methods": self.methods, "seed": args.seed,
+            "top_k": args.top_k, "include_pretrained": args.include_pretrained, "rescaler": args.rescaler, "methods": self.methods, "seed": args.seed,
             "model": model_name, "pretrained": pretrained, "synthetic": args.synthetic,
             "lora": {"rank": args.lora_rank, "alpha": args.lora_alpha or float(args.lora_rank)} if args.mode == "lora" else None,
             "proto_max_per_class": args.proto_max_per_class,
@@ -214,14 +223,11 @@ class Runner:
         self._check_config()
         _log(f"[mtil] loading {model_name} ({pretrained}) on {args.device}", self.quiet)
         self.clip: ClipHandle = load_clip(model_name, pretrained, args.device)
-        self.theta0 = base_state(self.clip.model)
-        self.names = trainable_names(self.clip.model, args.train_mode)
-        self.eval_cfg = EvalConfig(args.eval_batch_size, args.num_workers, not args.no_amp, not args.quiet, args.top_k)
-        self.lora: LoRAConfig | None = None
-        self.lora0: dict[str, torch.Tensor] = {}
-        if args.mode == "lora":
-            self.lora = LoRAConfig(args.lora_rank, self.config["lora"]["alpha"], lora_targets(self.clip.model, args.train_mode), args.seed)
-            self.lora0 = self._shared_lora_init()
+        # θ_0 of every tensor that any mode trains (CPU), to reset the model between trainings
+        self.theta0 = {k: v.cpu() for k, v in pretrained_state(self.clip.model, "whole").items()}
+        self.names = trainable_params(self.clip.model, args.train_mode)
+        self.eval_cfg = EvalConfig(args.eval_batch_size, args.num_workers, not args.no_amp, not args.quiet)
+        self.lora0: LoraAdapter | None = self._shared_lora_init() if args.mode == "lora" else None
         self.datasets: list[MTILDataset] = [
             load_mtil_dataset(t, self.data_root, self.clip.train_transform, self.clip.test_transform,
                               classnames=self.classnames.get(t), few_shot=args.shots if args.few_shot else 0,
@@ -232,8 +238,7 @@ class Runner:
 
         self.store = Store(os.path.join(self.out, "store"))
         self.state = self._load_state()
-        self._pre_feats: dict[int, torch.Tensor] = {}
-        self._pre_text: dict[int, torch.Tensor] = {}
+        self._pre_feats: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ------------------------------------------------------------------ config / state
     def _check_config(self) -> None:
@@ -241,7 +246,8 @@ class Runner:
         if os.path.exists(path):
             with open(path) as f:
                 old = json.load(f)
-            keys = ("tasks", "mode", "train_mode", "few_shot", "shots", "iterations", "batch_size", "lr", "seed", "model", "lora")
+            keys = ("tasks", "mode", "train_mode", "few_shot", "shots", "iterations", "batch_size", "lr", "seed", "model", "lora",
+                    "top_k", "include_pretrained")
             diff = [k for k in keys if old.get(k) != self.config.get(k)]
             if diff:
                 raise SystemExit(f"error: {path} was made with different settings ({', '.join(diff)}); use another --out to start afresh")
@@ -261,49 +267,46 @@ class Runner:
     def _save_state(self) -> None:
         _atomic_json(os.path.join(self.out, "state.json"), self.state)
 
-    def _shared_lora_init(self) -> dict[str, torch.Tensor]:
-        path = os.path.join(self.out, "lora_init.safetensors")
-        if os.path.exists(path):
-            return _load_safetensors(path)[0]
-        init = lora_init(self.clip.model, self.lora)
-        _atomic_safetensors(path, init, {"rank": str(self.lora.rank), "alpha": str(self.lora.alpha)})
-        return init
+    def _shared_lora_init(self) -> LoraAdapter:
+        """The shared LoRA initialisation, as a PEFT folder ``OUT/lora_init`` (written once, atomically)."""
+        path = os.path.join(self.out, "lora_init")
+        if os.path.isdir(path):
+            return LoraAdapter.load(path)
+        init = new_lora_init(self.clip.model, lora_modules(self.clip.model, self.a.train_mode),
+                             rank=self.a.lora_rank, alpha=self.config["lora"]["alpha"], seed=self.a.seed)
+        tmp = f"{path}.tmp{os.getpid()}"
+        init.save(tmp)
+        os.replace(tmp, path)
+        return LoraAdapter.load(path)
 
     # ------------------------------------------------------------------ model helpers
     def reset_model(self) -> None:
-        self.clip.model.load_state_dict(self.theta0)
+        self.clip.model.load_state_dict(self.theta0, strict=False)  # logit_scale never changes
 
     def train_cfg(self, task: str, session: int) -> TrainConfig:
         a = self.a
         return TrainConfig(self.iterations, a.batch_size, self.config["lr"][task], a.weight_decay, min(a.warmup, self.iterations // 2),
                            a.label_smoothing, a.num_workers, not a.no_amp, a.seed + session, not a.quiet)
 
-    def expert_params(self, delta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """θ_0 + δ on the device (FT), or the LoRA-adapted weights for factor deltas."""
-        dev = self.clip.device
-        if self.lora is None:
-            return {k: self.theta0[k].to(dev) + v.to(dev, self.theta0[k].dtype) for k, v in delta.items()}
-        factors = {k: self.lora0[k] + v if k.endswith(".lora_A") else v for k, v in delta.items()}
-        return lora_params(self.clip.model, factors, self.lora)
-
-    def pretrained_feats(self, j: int) -> torch.Tensor:
+    def pretrained_feats(self, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """θ_0's test-set image features and labels of dataset ``j`` (cached: routing and zero-shot)."""
         if j not in self._pre_feats:
-            self._pre_feats[j], _ = image_features(self.clip, self.datasets[j].test, self.eval_cfg, desc=f"θ0 features {self.tasks[j]}")
+            self._pre_feats[j] = image_features(self.clip, self.datasets[j].test, self.eval_cfg, desc=f"θ0 features {self.tasks[j]}")
         return self._pre_feats[j]
 
-    def pretrained_text(self, j: int) -> torch.Tensor:
-        if j not in self._pre_text:
-            self._pre_text[j] = text_classifier(self.clip, self.datasets[j], self.eval_cfg)
-        return self._pre_text[j]
+    def lora_accuracy(self, adapter: LoraAdapter, js: Sequence[int], desc: str) -> list[float]:
+        """Accuracy on datasets ``js`` of θ_0 with ``adapter`` applied (``W + s · B A``)."""
+        with torch.no_grad():
+            weights = lora_weights(self.clip.model, adapter_to(adapter, self.clip.device))
+        with swap_params(self.clip.model, weights):
+            return [model_accuracy(self.clip, self.datasets[j], self.eval_cfg, f"{desc} on {self.tasks[j]}") for j in js]
 
-    def eval_single(self, params: dict | None, js: Sequence[int], desc: str) -> list[float]:
-        out = []
-        for j in js:
-            ds = self.datasets[j]
-            text = text_classifier(self.clip, ds, self.eval_cfg, params)
-            f, y = image_features(self.clip, ds.test, self.eval_cfg, params, desc=f"{desc} on {ds.name}")
-            out.append(accuracy(f @ text.t(), y))
-        return out
+    def experts(self, n_tasks: int):
+        """The session's decoupled experts read from the store (an ``ExpertEncoders``)."""
+        cache = self.a.expert_cache if self.a.expert_cache is not None else n_tasks
+        if self.lora0 is None:
+            return ClipExperts.from_store(self.clip.model, self.store, backend=self.a.backend, cache_size=cache)
+        return LoraExperts(self.clip, self.store, self.lora0, backend=self.a.backend, cache_size=cache)
 
     # ------------------------------------------------------------------ the run
     def run(self) -> dict:
@@ -311,7 +314,7 @@ class Runner:
         timings_total = time.perf_counter()
         if "zeroshot" in self.methods and self.state["zeroshot"] is None:
             self.state["zeroshot"] = [
-                accuracy(self.pretrained_feats(j) @ self.pretrained_text(j).t(), torch.as_tensor(self.datasets[j].test_labels))
+                zero_shot_accuracy(*self.pretrained_feats(j), text_embeddings(self.clip, self.datasets[j], self.eval_cfg))
                 for j in range(T)
             ]
             self._save_state()
@@ -342,15 +345,15 @@ class Runner:
             self.reset_model()
             cfg = self.train_cfg(task, s)
             t0 = time.perf_counter()
-            if self.lora is None:
+            if self.lora0 is None:
                 finetune_full(self.clip, self.datasets[s], cfg, self.names, desc=f"train {task}")
                 sd = self.clip.model.state_dict()
-                delta = {k: (sd[k].detach().float().cpu() - self.theta0[k].float()) for k in self.names}
-                indiv = self.eval_single(None, [s], "individual FT")[0]
+                delta = clip_delta(self.theta0, {k: sd[k].detach().cpu() for k in self.names}, self.a.train_mode)
+                indiv = model_accuracy(self.clip, self.datasets[s], self.eval_cfg, f"individual FT on {task}")
             else:
-                factors, _ = finetune_lora(self.clip, self.datasets[s], cfg, self.lora, self.lora0, desc=f"train {task}")
-                delta = {k: (v - self.lora0[k]) if k.endswith(".lora_A") else v for k, v in factors.items()}
-                indiv = self.eval_single(self.expert_params(delta), [s], "individual FT")[0]
+                adapter = finetune_lora(self.clip, self.datasets[s], cfg, self.lora0, desc=f"train {task}")
+                delta = factor_delta(adapter, self.lora0)  # (A_t - A_0, B_t - B_0), checked against the init
+                indiv = self.lora_accuracy(adapter, [s], "individual FT")[0]
             tim["train_s"] = time.perf_counter() - t0
             self.reset_model()
             pending = {"task": task, "individual_ft": indiv, "timings": dict(tim)}
@@ -372,9 +375,9 @@ class Runner:
         self.store.reload(verify=False)
         if self.store.load_prototypes(task) is None:
             t0 = time.perf_counter()
-            protos = compute_prototypes(self.clip, self.datasets[s], self.eval_cfg, self.pretrained_text(s),
-                                        max_per_class=self.a.proto_max_per_class, seed=self.a.seed)
-            self.store.save_prototypes(task, {"prototypes": protos})
+            protos = task_prototypes(self.clip, self.datasets[s], self.eval_cfg,
+                                     max_per_class=self.a.proto_max_per_class, seed=self.a.seed)
+            self.store.save_prototypes(task, protos)
             tim["prototypes_s"] = time.perf_counter() - t0
         _crash_point("prototypes", s)
         # 4. evaluate ConDU: seen tasks with their expert, unseen by aggregation, agnostic by aggregation
@@ -382,20 +385,26 @@ class Runner:
         rows: dict[str, list[float]] = {}
         if {"condu", "agnostic"} & set(self.methods):
             self.store.reload(verify=False)
-            protos = [self.store.load_prototypes(t)["prototypes"] for t in self.tasks[: s + 1]]
-            plan = SessionEvalPlan()
+            protos = prototypes_from_store(self.store, self.tasks[: s + 1])
+            agg = SemanticAggregator(self.experts(s + 1), protos, k=self.a.top_k, include_pretrained=self.a.include_pretrained)
+            known: dict[int, float] = {}
+            if "condu" in self.methods:  # task id known: the task's own expert
+                for j in range(s + 1):
+                    known[j] = aggregator_accuracy(agg, self.clip, self.datasets[j], self.eval_cfg, task=self.tasks[j],
+                                                   desc=f"S{s + 1} expert {self.tasks[j]}")
+            # unseen tasks (ConDU) and every task (task-agnostic): routed aggregation; an unseen task's
+            # number is the same for both, so it is computed once
+            agg_js = range(T) if "agnostic" in self.methods else range(s + 1, T)
+            aggregated = {
+                j: aggregator_accuracy(agg, self.clip, self.datasets[j], self.eval_cfg,
+                                       selection=route(self.pretrained_feats(j)[0], protos, self.a.top_k),
+                                       desc=f"S{s + 1} aggregated on {self.tasks[j]}")
+                for j in agg_js
+            }
             if "condu" in self.methods:
-                plan.known = {j: j for j in range(s + 1)}
-                plan.aggregate["condu"] = {j: route(self.pretrained_feats(j), protos, self.a.top_k) for j in range(s + 1, T)}
+                rows["condu"] = [known[j] if j <= s else aggregated[j] for j in range(T)]
             if "agnostic" in self.methods:
-                plan.aggregate["agnostic"] = {j: route(self.pretrained_feats(j), protos, self.a.top_k) for j in range(T)}
-            res = evaluate_experts(self.clip, self.datasets, s + 1,
-                                   lambda e: self.expert_params(self.store.decouple(self.tasks[e])), plan, self.eval_cfg,
-                                   desc=f"S{s + 1}")
-            if "condu" in self.methods:
-                rows["condu"] = [res["known"][j] if j <= s else res["condu"][j] for j in range(T)]
-            if "agnostic" in self.methods:
-                rows["agnostic"] = [res["agnostic"][j] for j in range(T)]
+                rows["agnostic"] = [aggregated[j] for j in range(T)]
         tim["eval_condu_s"] = time.perf_counter() - t0
         # 5. continual fine-tuning baseline: one more session from the previous one
         if "continual_ft" in self.methods:
@@ -423,33 +432,43 @@ class Runner:
         if have_session < s:
             t0 = time.perf_counter()
             cfg = self.train_cfg(task, s)
-            if self.lora is None:
+            if self.lora0 is None:
                 if prev is not None:
-                    self.clip.model.load_state_dict({**self.theta0, **prev})
+                    self.clip.model.load_state_dict(prev, strict=False)
                 finetune_full(self.clip, self.datasets[s], cfg, self.names, desc=f"continual FT {task}")
                 sd = self.clip.model.state_dict()
                 state = {k: sd[k].detach().to("cpu", copy=True) for k in self.names}
             else:
-                state, _ = finetune_lora(self.clip, self.datasets[s], cfg, self.lora, prev if prev is not None else self.lora0,
-                                         desc=f"continual FT {task}")
+                start = self._lora_from_flat(prev) if prev is not None else self.lora0
+                adapter = finetune_lora(self.clip, self.datasets[s], cfg, start, desc=f"continual FT {task}")
+                state = {f"{m}.lora_{x}.weight": t for m, ab in adapter.factors.items() for x, t in zip("AB", ab)}
             _atomic_safetensors(path, state, {"session": str(s), "task": task})
             tim["continual_ft_train_s"] = time.perf_counter() - t0
         else:
             state = prev
         self.reset_model()
         t0 = time.perf_counter()
-        params = ({k: v.to(self.clip.device) for k, v in state.items()} if self.lora is None
-                  else lora_params(self.clip.model, state, self.lora))
-        row = self.eval_single(params, range(len(self.tasks)), f"continual FT S{s + 1}")
+        js = range(len(self.tasks))
+        if self.lora0 is None:
+            with swap_params(self.clip.model, state):
+                row = [model_accuracy(self.clip, self.datasets[j], self.eval_cfg, f"continual FT S{s + 1} on {self.tasks[j]}")
+                       for j in js]
+        else:
+            row = self.lora_accuracy(self._lora_from_flat(state), js, f"continual FT S{s + 1}")
         tim["continual_ft_eval_s"] = time.perf_counter() - t0
         return row, tim
+
+    def _lora_from_flat(self, flat: dict[str, torch.Tensor]) -> LoraAdapter:
+        assert self.lora0 is not None
+        return LoraAdapter(config=dict(self.lora0.config),
+                           factors={m: (flat[f"{m}.lora_A.weight"], flat[f"{m}.lora_B.weight"]) for m in self.lora0.modules})
 
     # ------------------------------------------------------------------ outputs
     def finish(self, partial: bool) -> dict:
         T = len(self.tasks)
         sessions = self.state["sessions"]
         n = len(sessions)
-        label = "ConDU (LoRA)" if self.lora is not None else "ConDU (FT)"
+        label = "ConDU (LoRA)" if self.lora0 is not None else "ConDU (FT)"
         names = {"zeroshot": "Zero-shot", "continual_ft": "Continual FT", "condu": label, "agnostic": f"{label}, task-agnostic"}
         matrices: dict[str, list[list[float]]] = {}
         if self.state.get("zeroshot") is not None:

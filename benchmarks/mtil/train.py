@@ -18,7 +18,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from .datasets import MTILDataset
-from .model import ClipHandle, LoRAConfig, lora_params, tokens_to
+from condu_merge.adapters import LoraAdapter
+
+from .model import ClipHandle, adapter_to, lora_weights
 
 
 @dataclass
@@ -63,9 +65,8 @@ def _loop(
 ) -> dict:
     dev = clip.device
     opt = torch.optim.AdamW(trainables, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    tokens = tokens_to(clip.tokenize([p[0] for p in ds.prompts(0)]), dev)
-    labels_all = None
-    scale = clip.logit_scale().exp().float()
+    tokens = clip.tokenize([p[0] for p in ds.prompts(0)]).to(dev)
+    scale = clip.model.logit_scale.detach().exp().float()
     use_amp = cfg.amp and dev.type == "cuda"
     it = _batches(ds, cfg, cfg.seed)
     from tqdm.auto import tqdm
@@ -81,8 +82,8 @@ def _loop(
         images, labels = images.to(dev, non_blocking=True), labels.to(dev, non_blocking=True)
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_amp):
             params = params_fn()
-            img = F.normalize(clip.encode_image(images, params).float(), dim=-1)
-            txt = F.normalize(clip.encode_text(tokens, params).float(), dim=-1)
+            img = F.normalize(clip.encode("image", images, params).float(), dim=-1)
+            txt = F.normalize(clip.encode("text", tokens, params).float(), dim=-1)
             logits = scale * img @ txt.t()
             loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
         opt.zero_grad(set_to_none=True)
@@ -94,7 +95,6 @@ def _loop(
         if not math.isfinite(float(loss.detach())):
             raise FloatingPointError(f"{desc}: loss became {float(loss)} at step {step}; lower the learning rate")
     clip.model.eval()
-    del labels_all
     return {"seconds": time.perf_counter() - t0, "final_loss": loss_v, "iterations": cfg.iterations}
 
 
@@ -111,13 +111,16 @@ def finetune_full(clip: ClipHandle, ds: MTILDataset, cfg: TrainConfig, names: li
             p.requires_grad_(False)
 
 
-def finetune_lora(
-    clip: ClipHandle, ds: MTILDataset, cfg: TrainConfig, lora: LoRAConfig, init: Mapping[str, torch.Tensor], desc: str = "train"
-) -> tuple[dict[str, torch.Tensor], dict]:
-    """Train LoRA factors starting from ``init`` (the model stays frozen); returns (factors on CPU, stats)."""
+def finetune_lora(clip: ClipHandle, ds: MTILDataset, cfg: TrainConfig, init: LoraAdapter, desc: str = "train") -> LoraAdapter:
+    """Train LoRA factors starting from ``init`` (the model stays frozen at θ_0). Returns the trained
+    adapter (CPU, ``init``'s config) recording ``init``'s fingerprint, ready for
+    :func:`condu_merge.adapters.factor_delta`."""
     for p in clip.model.parameters():
         p.requires_grad_(False)
-    dev = clip.device
-    factors = {k: v.detach().to(dev, torch.float32).clone().requires_grad_(True) for k, v in init.items()}
-    stats = _loop(clip, ds, cfg, list(factors.values()), lambda: lora_params(clip.model, factors, lora), desc)
-    return {k: v.detach().cpu() for k, v in factors.items()}, stats
+    start = adapter_to(init, clip.device)
+    factors = {m: (a.float().clone().requires_grad_(True), b.float().clone().requires_grad_(True))
+               for m, (a, b) in start.factors.items()}
+    live = LoraAdapter(config=dict(init.config), factors=factors)  # holds the leaves the optimiser updates
+    _loop(clip, ds, cfg, [t for ab in factors.values() for t in ab], lambda: lora_weights(clip.model, live), desc)
+    return LoraAdapter(config=dict(init.config), init_fingerprint=init.fingerprint(),
+                       factors={m: (a.detach().cpu(), b.detach().cpu()) for m, (a, b) in factors.items()})
