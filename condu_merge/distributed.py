@@ -79,6 +79,7 @@ from .store import (
     _link_or_copy,
     _mask_file,
     _now,
+    generation_layout,
     popcount_bytes,
 )
 
@@ -299,15 +300,11 @@ def _crash_point(step: str, rank: int) -> None:
 
 def _file_layout(specs: Sequence[TensorSpec], n_tasks: int) -> dict[str, tuple[bytes, dict[str, tuple[int, int]]]]:
     """``{relative path: (header bytes, {tensor: (absolute begin, end)})}`` of one generation's data
-    files, exactly as :class:`condu_merge.store.GenerationWriter` lays them out (same metadata, same
-    tensor order), so the bytes written here equal a single process's."""
-    meta = {"format": STORE_FORMAT, "version": str(STORE_VERSION)}
-    mask_specs = [TensorSpec(s.name, torch.uint8, (packed_nbytes(math.prod(s.shape)),)) for s in specs]
+    files, from :func:`condu_merge.store.generation_layout` as :class:`~condu_merge.store.GenerationWriter`
+    writes them, so the bytes written here equal a single process's."""
     layout = {}
-    for rel, sp, md in [(UNIFIED, list(specs), {**meta, "content": "unified"})] + [
-        (_mask_file(i), mask_specs, {**meta, "content": "masks", "task_index": str(i)}) for i in range(n_tasks)
-    ]:
-        head, offsets = build_header(sp, md)
+    for rel, (file_specs, meta) in generation_layout(specs, n_tasks).items():
+        head, offsets = build_header(file_specs, meta)
         layout[rel] = (head, {k: (len(head) + b, len(head) + e) for k, (b, e) in offsets.items()})
     return layout
 

@@ -173,6 +173,19 @@ class StoreLock:
 
 # ---------------------------------------------------------------------------- generation writer
 
+def generation_layout(specs: Sequence[TensorSpec], n_tasks: int) -> dict[str, tuple[list[TensorSpec], dict[str, str]]]:
+    """``{relative path: (tensor specs in file order, safetensors metadata)}`` of one generation's
+    data files: ``u`` in the deltas' dtypes, then one mask file per task (``uint8``,
+    ``ceil(N/8)`` bytes per tensor). Every writer of a generation (:class:`GenerationWriter`, the
+    distributed step's shared files) lays files out from this, so their bytes are identical."""
+    meta = {"format": STORE_FORMAT, "version": str(STORE_VERSION)}
+    mask_specs = [TensorSpec(s.name, torch.uint8, (packed_nbytes(math.prod(s.shape)),)) for s in specs]
+    layout = {UNIFIED: (list(specs), {**meta, "content": "unified"})}
+    for i in range(n_tasks):
+        layout[_mask_file(i)] = (mask_specs, {**meta, "content": "masks", "task_index": str(i)})
+    return layout
+
+
 class GenerationWriter:
     """Writes one complete generation, one tensor at a time.
 
@@ -189,16 +202,10 @@ class GenerationWriter:
         self.n_tasks = n_tasks
         os.makedirs(os.path.join(gen_dir, "masks"), exist_ok=False)
         self.mask_bits = [0] * n_tasks
-        mask_specs = [TensorSpec(s.name, torch.uint8, (packed_nbytes(math.prod(s.shape)),)) for s in self.specs]
-        meta = {"format": STORE_FORMAT, "version": str(STORE_VERSION)}
         self._writers: dict[str, StreamingSafetensorsWriter] = {}
         try:
-            self._writers[UNIFIED] = StreamingSafetensorsWriter(os.path.join(gen_dir, UNIFIED), self.specs, {**meta, "content": "unified"})
-            for i in range(n_tasks):
-                rel = _mask_file(i)
-                self._writers[rel] = StreamingSafetensorsWriter(
-                    os.path.join(gen_dir, rel), mask_specs, {**meta, "content": "masks", "task_index": str(i)}
-                )
+            for rel, (file_specs, meta) in generation_layout(self.specs, n_tasks).items():
+                self._writers[rel] = StreamingSafetensorsWriter(os.path.join(gen_dir, rel), file_specs, meta)
         except BaseException:
             self.abort()
             raise
