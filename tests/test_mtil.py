@@ -1,5 +1,6 @@
-"""MTIL reference script: metrics on hand-made matrices, dataset errors, and the --synthetic run end to
-end on CPU, killed mid-session (SIGKILL) and resumed."""
+"""MTIL reference script: metrics on hand-made matrices, dataset errors, the script's LoRA glue over the
+library's adapters (open_clip and HF), the --synthetic run end to end on CPU killed mid-session
+(SIGKILL) and resumed, and a ConDU (LoRA) run with --include-pretrained."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from benchmarks.mtil.datasets import DatasetMissingError, few_shot_indices, load_mtil_dataset
 from benchmarks.mtil.metrics import csv_text, markdown_table, per_task_metrics, summary_metrics
@@ -86,6 +88,87 @@ def test_few_shot_indices():
     assert np.array_equal(idx, few_shot_indices(labels, 5, seed=1))
 
 
+def _tiny_openclip(tmp_path):
+    import open_clip
+
+    from benchmarks.mtil import synthetic
+    from benchmarks.mtil.model import ClipHandle
+
+    synthetic.register_model_config(str(tmp_path))
+    torch.manual_seed(0)
+    model = open_clip.create_model(synthetic.SYN_MODEL_NAME, pretrained=None).eval()
+    return ClipHandle(model, "open_clip", lambda t: t, None, None)
+
+
+def _tiny_hf():
+    from transformers import CLIPConfig, CLIPModel
+
+    from benchmarks.mtil.model import ClipHandle
+
+    torch.manual_seed(0)
+    cfg = CLIPConfig(projection_dim=16,
+                     text_config=dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=1,
+                                      vocab_size=100, max_position_embeddings=16, eos_token_id=99, bos_token_id=98),
+                     vision_config=dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=1,
+                                        image_size=32, patch_size=8))
+    return ClipHandle(CLIPModel(cfg).eval(), "hf", lambda t: t, None, None)
+
+
+@pytest.mark.parametrize("flavor", ["open_clip", "hf"])
+def test_lora_glue_matches_library_and_swap(flavor, tmp_path):
+    """The script's LoRA pieces: targets (open_clip's fused in_proj included), W + s·B A from the
+    library's dense_delta, a functional forward that equals swapping the weights in, gradients
+    reaching the factors, and LoraExperts applying init + decoupled factor deltas from a store."""
+    from condu_merge.adapters import factor_delta, swap_params
+    from condu_merge.store import Store
+
+    from benchmarks.mtil.model import LoraExperts, lora_modules, lora_param_name, lora_weights, new_lora_init
+
+    clip = _tiny_openclip(tmp_path) if flavor == "open_clip" else _tiny_hf()
+    mods = lora_modules(clip.model, "whole")
+    suffixes = {m.rsplit(".", 2)[-2] + "." + m.rsplit(".", 1)[-1] for m in mods}
+    if flavor == "open_clip":
+        assert suffixes == {"attn.in_proj", "attn.out_proj", "mlp.c_fc", "mlp.c_proj"}
+        assert len(mods) == 4 * 4  # 2 image + 2 text blocks
+        assert sum(lora_param_name(m).endswith("attn.in_proj_weight") for m in mods) == 4
+    else:
+        assert suffixes == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2"}
+    assert lora_modules(clip.model, "image") == [m for m in mods if m.startswith(("visual.", "vision_model."))]
+    init = new_lora_init(clip.model, mods, rank=2, alpha=4.0, seed=3)
+    assert all(float(b.abs().sum()) == 0 for _, b in init.factors.values())
+    g = torch.Generator().manual_seed(1)
+    trained = type(init)(config=dict(init.config), init_fingerprint=init.fingerprint(),
+                         factors={m: (a + 0.1 * torch.randn(a.shape, generator=g), 0.1 * torch.randn(b.shape, generator=g))
+                                  for m, (a, b) in init.factors.items()})
+    params = dict(clip.model.named_parameters())
+    before = {n: p.detach().clone() for n, p in params.items()}
+    w = lora_weights(clip.model, trained)
+    assert set(w) == {lora_param_name(m) for m in mods} <= set(params)
+    for m, (a, b) in trained.factors.items():
+        name = lora_param_name(m)
+        assert torch.allclose(w[name] - params[name], 2.0 * b @ a, atol=1e-6)  # s = alpha / r = 2
+    images = torch.randn(3, 3, 32, 32)
+    tokens = torch.randint(1, 90, (2, 16))
+    tokens[:, 6] = 99 if flavor == "hf" else tokens.max() + 1  # the EOT token both flavours pool
+    with torch.no_grad(), swap_params(clip.model, w):
+        ref_img, ref_txt = clip.encode("image", images), clip.encode("text", tokens)
+    assert torch.allclose(clip.encode("image", images, w), ref_img, atol=1e-5)
+    assert torch.allclose(clip.encode("text", tokens, w), ref_txt, atol=1e-5)
+    assert not torch.allclose(clip.encode("image", images), ref_img, atol=1e-3)  # the LoRA changes something
+    leaf = {m: (a.clone().requires_grad_(True), b.clone().requires_grad_(True)) for m, (a, b) in trained.factors.items()}
+    live = type(init)(config=dict(init.config), factors=leaf)
+    clip.encode("image", images, lora_weights(clip.model, live)).sum().backward()
+    assert any(float(b.grad.abs().sum()) > 0 for m, (a, b) in leaf.items() if m.startswith(("visual", "vision")))
+    # one task in a store decouples exactly (λ = 1): LoraExperts reproduce the trained adapter
+    with Store(str(tmp_path / "store")) as store:
+        store.add_task("t0", factor_delta(trained, init))
+        experts = LoraExperts(clip, store, init, cache_size=1)
+        with torch.no_grad():
+            assert torch.allclose(experts.encode_image("t0", images), ref_img, atol=1e-5)
+            assert torch.allclose(experts.encode_image(None, images), clip.encode("image", images))
+    assert all(torch.equal(before[n], p) for n, p in clip.model.named_parameters())  # nothing left swapped in
+
+
 def _run(args, env_extra=None):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="2")
     env.update(env_extra or {})
@@ -96,8 +179,8 @@ def _run(args, env_extra=None):
 @pytest.mark.slow
 def test_synthetic_run_killed_and_resumed(tmp_path):
     out = str(tmp_path / "run")
-    args = ["--synthetic", "--out", out, "--synthetic-tasks", "3", "--synthetic-images", "12",
-            "--synthetic-pretrain-steps", "15", "--iterations", "8", "--num-workers", "0", "--quiet"]
+    args = ["--synthetic", "--out", out, "--synthetic-tasks", "3", "--synthetic-images", "8",
+            "--synthetic-pretrain-steps", "4", "--iterations", "6", "--num-workers", "0", "--quiet"]
     # 1) killed (SIGKILL) in session 2, after its task was folded into the store, before evaluation
     p = _run(args, {"MTIL_CRASH_AT": "merged:1"})
     assert p.returncode == -9, p.stderr[-3000:]
@@ -132,12 +215,52 @@ def test_synthetic_run_killed_and_resumed(tmp_path):
     # seen tasks use their own expert: the first session's ConDU accuracy on task 1 is the fresh expert's
     assert res["accuracy"]["condu"][0][0] == pytest.approx(res["individual_ft"][0])
     assert set(res["versions"]) >= {"torch", "condu_merge", "python"}
-    assert res["config"]["iterations"] == 8 and res["config"]["top_k"] == 5
+    assert res["config"]["iterations"] == 6 and res["config"]["top_k"] == 5
     with Store(os.path.join(out, "store")) as store:
         assert store.task_names == ["Caltech101", "DTD", "EuroSAT"]
         assert all(store.load_prototypes(t)["prototypes"].shape[0] == 4 for t in store.task_names)
     for name in ("results.md", "results.csv", "accuracy_heatmap.png"):
         assert os.path.getsize(os.path.join(out, name)) > 0
-    # 3) other settings on the same output directory are refused
-    p = _run([*args[:-1], "--mode", "lora"])
-    assert p.returncode != 0 and "different settings" in p.stderr
+    # 3) other settings on the same output directory are refused (before any model is loaded)
+    from benchmarks.mtil.run_mtil import main
+
+    for extra in (["--mode", "lora"], ["--include-pretrained"]):
+        with pytest.raises(SystemExit, match="different settings"):
+            main([*args, *extra])
+
+
+def test_synthetic_lora_run_through_library(tmp_path, monkeypatch):
+    """ConDU (LoRA) end to end in-process: factor-wise deltas in the store, the shared init saved as
+    a PEFT folder, --include-pretrained reaching the library's SemanticAggregator."""
+    from condu_merge.adapters import LoraAdapter
+    from condu_merge.routing import SemanticAggregator
+    from condu_merge.store import Store
+
+    from benchmarks.mtil import run_mtil
+
+    seen = []
+
+    class Recording(SemanticAggregator):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            seen.append((self.k, self.include_pretrained, list(self.tasks)))
+
+    monkeypatch.setattr(run_mtil, "SemanticAggregator", Recording)
+    out = str(tmp_path / "lora")
+    assert run_mtil.main(["--synthetic", "--out", out, "--synthetic-tasks", "2", "--synthetic-images", "8",
+                          "--synthetic-pretrain-steps", "5", "--iterations", "4", "--num-workers", "0", "--quiet",
+                          "--mode", "lora", "--lora-rank", "2", "--top-k", "1", "--include-pretrained"]) == 0
+    assert seen == [(1, True, ["Caltech101"]), (1, True, ["Caltech101", "DTD"])]
+    with open(os.path.join(out, "results.json")) as f:
+        res = json.load(f)
+    assert not res["partial"] and res["config"]["include_pretrained"] is True
+    assert res["config"]["lora"] == {"rank": 2, "alpha": 2.0}
+    init = LoraAdapter.load(os.path.join(out, "lora_init"))
+    assert init.config["r"] == 2 and len(init.modules) == 16
+    with Store(os.path.join(out, "store")) as store:
+        assert sorted(store.keys) == sorted(f"{m}.lora_{x}.weight" for m in init.modules for x in "AB")
+        assert store.load_prototypes("DTD")["image_counts"].tolist() == [8, 8, 8, 8]
+    # one task in the store decouples exactly: its expert is the freshly trained adapter
+    assert res["accuracy"]["condu"][0][0] == pytest.approx(res["individual_ft"][0])
+    for m in ("condu", "agnostic", "continual_ft"):
+        assert res["metrics"][m] == pytest.approx(summary_metrics(res["accuracy"][m]))

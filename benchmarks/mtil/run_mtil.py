@@ -17,7 +17,6 @@ rerun after a crash or ``--max-sessions`` continues from the last finished sessi
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform

@@ -18,8 +18,6 @@ import json
 import math
 import os
 from dataclasses import dataclass
-from typing import Callable
-
 import numpy as np
 import torch
 import torch.nn.functional as F
