@@ -9,6 +9,7 @@ directly. Results are bit-exact with :class:`~condu_merge.backends.torch_backend
 
 from __future__ import annotations
 
+import threading
 from typing import Sequence
 
 import numpy as np
@@ -22,10 +23,29 @@ DEFAULT_CHUNK = 1 << 13  # elements per parallel work item: small enough for L1/
 _KIND = {torch.float32: 0, torch.float64: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
+# numba's default "workqueue" threading layer must not be entered from two Python threads at
+# once (it aborts or deadlocks); callers such as a prefetching thread may do exactly that
+_LOCK = threading.RLock()
+
+
+class _Locked:
+    def __init__(self, mod):
+        self._mod = mod
+
+    def __getattr__(self, name):
+        fn = getattr(self._mod, name)
+
+        def call(*args):
+            with _LOCK:
+                return fn(*args)
+
+        return call
+
+
 def _impl():
     from . import _numba_impl  # noqa: PLC0415 - numba is optional: import on first use
 
-    return _numba_impl
+    return _Locked(_numba_impl)
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
