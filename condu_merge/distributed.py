@@ -55,31 +55,25 @@ from .checkpoints import (
     Checkpoint,
     CheckpointError,
     PeftAdapter,
-    TaskDelta,
-    checkpoint_identity,
-    open_checkpoint,
-    select_keys,
     sha256_file,
 )
-from .core import RESCALER_MODES, add_task_tensor, compute_rescalers, unify_tensor
-from .errors import ConduError, DtypeMismatchError, DuplicateTaskError, KeyMismatchError, MergeInputError, ShapeMismatchError
-from .packing import packed_nbytes
+from .core import add_task_tensor, compute_rescalers, unify_tensor
+from .errors import ConduError, DtypeMismatchError, DuplicateTaskError, ShapeMismatchError
 from .safetensors_writer import DTYPE_TO_ST, ST_TO_DTYPE, TensorSpec, build_header, tensor_bytes
 from .store import (
     CRASH_ENV,
     MANIFEST,
-    STORE_FORMAT,
-    STORE_VERSION,
     UNIFIED,
     Store,
     StoreLock,
     StoreLockedError,
-    _check_name,
     _fsync_dir,
     _link_or_copy,
     _mask_file,
     _now,
+    check_add_args,
     generation_layout,
+    open_task_delta,
     popcount_bytes,
 )
 
@@ -410,75 +404,6 @@ class _Source:
     close: Callable[[], None]
 
 
-def _checkpoint_planner(td: TaskDelta, include, exclude, dtype, check_base: bool) -> PlanFn:
-    """The tensor selection of :meth:`Store.add_task_from_checkpoints` (kept in step with it)."""
-    bck, fck = td.base, td.finetuned
-
-    def plan(st: Store):
-        ident = None
-        if st.manifest is None:
-            if include:
-                keys = select_keys(td.candidate_keys(), include, exclude)
-            else:
-                keys = select_keys(td.default_keys(), None, exclude)
-            if not keys:
-                raise KeyMismatchError(f"{fck.path}: no tensor is selected (include={list(include or [])}, exclude={list(exclude or [])})")
-            specs = []
-            for k in keys:
-                if not td.is_adapter and k in fck.keys():
-                    dt = dtype or fck.spec(k).dtype
-                else:
-                    dt = dtype or bck.spec(k).dtype
-                specs.append(TensorSpec(k, dt, tuple(bck.spec(k).shape)))
-            if check_base and bck.files():
-                ident = checkpoint_identity(bck)
-        else:
-            specs = st.specs
-            if check_base:
-                st._check_base(bck)
-        if td.is_adapter:
-            sel = {s.name for s in specs}
-            outside = [k for k in fck.delta_keys() if k not in sel]
-            if outside:
-                raise KeyMismatchError(
-                    f"{fck.path}: the adapter changes tensors the store does not hold: {outside[:5]} "
-                    "(create the store with --include patterns that cover them)"
-                )
-        for s in specs:
-            td.check(s.name, s.shape)
-        source = {"path": os.path.abspath(fck.path), "kind": "peft-lora" if td.is_adapter else "checkpoint"}
-        selection = {"include": list(include or []), "exclude": list(exclude or [])}
-        return specs, ident, selection, source
-
-    return plan
-
-
-def _mapping_planner(delta: Mapping[str, torch.Tensor], name: str) -> PlanFn:
-    """The tensor selection of :meth:`Store.add_task` (kept in step with it)."""
-
-    def plan(st: Store):
-        if st.manifest is None:
-            keys = list(delta.keys())
-            if not keys:
-                raise MergeInputError(f"task {name!r} has no tensors")
-            specs = []
-            for k in keys:
-                t = delta[k]
-                if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-                    raise DtypeMismatchError(f"task {name!r}: tensor {k!r} is not a floating-point tensor")
-                specs.append(TensorSpec(k, t.dtype, tuple(t.shape)))
-            return specs, None, None, None
-        specs = st.specs
-        have, want = set(delta.keys()), {s.name for s in specs}
-        if have != want:
-            raise KeyMismatchError(
-                f"task {name!r} does not match the store's tensors: missing {sorted(want - have)[:8]}, extra {sorted(have - want)[:8]}"
-            )
-        return specs, None, None, None
-
-    return plan
-
-
 # ---------------------------------------------------------------------------- the distributed step
 
 def _merge_device(comm) -> torch.device:
@@ -760,23 +685,11 @@ def distributed_add_task_from_checkpoints(
     when it is not set. Each rank reads only its tensors; the result is byte-identical to the
     single-process store's. Returns this rank's summary (λ's, mask bits, its share, timings).
     """
-    _check_name(name)
-    if rescaler not in RESCALER_MODES:
-        raise ValueError(f"unknown rescaler {rescaler!r}; choose one of {RESCALER_MODES}")
+    check_add_args(name, rescaler)
 
     def open_source() -> _Source:
-        bck = open_checkpoint(base) if isinstance(base, (str, os.PathLike)) else base
-        try:
-            fck = open_checkpoint(finetuned) if isinstance(finetuned, (str, os.PathLike)) else finetuned
-        except BaseException:
-            bck.close()
-            raise
-        if isinstance(bck, PeftAdapter):
-            bck.close()
-            fck.close()
-            raise MergeInputError(f"{bck.path}: the base must be a full checkpoint, not an adapter")
-        td = TaskDelta(bck, fck)
-        return _Source(_checkpoint_planner(td, include, exclude, dtype, check_base), td.delta, td.close)
+        td = open_task_delta(base, finetuned)
+        return _Source(lambda st: st._plan_checkpoint_task(td, include, exclude, dtype, check_base), td.delta, td.close)
 
     with _communicator(group, timeout_s) as comm:
         return _distributed_stream_add(
@@ -797,12 +710,14 @@ def distributed_add_task(
 ) -> dict:
     """:meth:`Store.add_task` split across ranks: ``delta`` (on every rank; a lazy mapping is read
     only at this rank's keys) is folded into the store. See :func:`distributed_add_task_from_checkpoints`."""
-    _check_name(name)
-    if rescaler not in RESCALER_MODES:
-        raise ValueError(f"unknown rescaler {rescaler!r}; choose one of {RESCALER_MODES}")
+    check_add_args(name, rescaler)
+
+    def plan(st: Store):
+        return st._plan_mapping_task(delta, name), None, None, None
+
     with _communicator(group, timeout_s) as comm:
         return _distributed_stream_add(
-            os.fspath(store), name, lambda: _Source(_mapping_planner(delta, name), lambda k, dt: delta[k], lambda: None),
+            os.fspath(store), name, lambda: _Source(plan, lambda k, dt: delta[k], lambda: None),
             rescaler=rescaler, backend=backend, progress=progress, comm=comm,
         )
 

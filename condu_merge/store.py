@@ -713,28 +713,10 @@ class Store:
     ) -> None:
         """Fold task ``name`` with ``delta`` (a mapping; lazy mappings are read one key at a time)
         into the store, as a new generation. ``rescaler`` applies when the store is created."""
-        _check_name(name)
-        if rescaler not in RESCALER_MODES:
-            raise ValueError(f"unknown rescaler {rescaler!r}; choose one of {RESCALER_MODES}")
+        check_add_args(name, rescaler)
         with self._writer_lock():
             self._load(False)
-            if self.manifest is None:
-                keys = list(delta.keys())
-                if not keys:
-                    raise MergeInputError(f"task {name!r} has no tensors")
-                specs = []
-                for k in keys:
-                    t = delta[k]
-                    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-                        raise DtypeMismatchError(f"task {name!r}: tensor {k!r} is not a floating-point tensor")
-                    specs.append(TensorSpec(k, t.dtype, tuple(t.shape)))
-            else:
-                specs = self.specs
-                have, want = set(delta.keys()), {s.name for s in specs}
-                if have != want:
-                    raise KeyMismatchError(
-                        f"task {name!r} does not match the store's tensors: missing {sorted(want - have)[:8]}, extra {sorted(have - want)[:8]}"
-                    )
+            specs = self._plan_mapping_task(delta, name)
             self._stream_add(
                 name, lambda k: delta[k], specs, rescaler=rescaler, backend=backend, progress=progress,
                 source=source, base_identity=None, selection=None,
@@ -762,50 +744,12 @@ class Store:
         use the store's set, and their deltas are cast to the store's dtype per tensor. With
         ``check_base``, a base that differs from the store's (sha256) is refused.
         """
-        _check_name(name)
-        if rescaler not in RESCALER_MODES:
-            raise ValueError(f"unknown rescaler {rescaler!r}; choose one of {RESCALER_MODES}")
-        bck = open_checkpoint(base) if isinstance(base, (str, os.PathLike)) else base
-        fck = open_checkpoint(finetuned) if isinstance(finetuned, (str, os.PathLike)) else finetuned
-        if isinstance(bck, PeftAdapter):
-            raise MergeInputError(f"{bck.path}: the base must be a full checkpoint, not an adapter")
-        td = TaskDelta(bck, fck)
+        check_add_args(name, rescaler)
+        td = open_task_delta(base, finetuned)
         try:
             with self._writer_lock():
                 self._load(False)
-                ident = None
-                if self.manifest is None:
-                    if include:
-                        keys = select_keys(td.candidate_keys(), include, exclude)
-                    else:
-                        keys = select_keys(td.default_keys(), None, exclude)
-                    if not keys:
-                        raise KeyMismatchError(f"{fck.path}: no tensor is selected (include={list(include or [])}, exclude={list(exclude or [])})")
-                    specs = []
-                    for k in keys:
-                        if not td.is_adapter and k in fck.keys():
-                            dt = dtype or fck.spec(k).dtype
-                        else:
-                            dt = dtype or bck.spec(k).dtype
-                        specs.append(TensorSpec(k, dt, tuple(bck.spec(k).shape)))
-                    if check_base and bck.files():
-                        ident = checkpoint_identity(bck)
-                else:
-                    specs = self.specs
-                    if check_base:
-                        self._check_base(bck)
-                if td.is_adapter:
-                    sel = set(s.name for s in specs)
-                    outside = [k for k in fck.delta_keys() if k not in sel]
-                    if outside:
-                        raise KeyMismatchError(
-                            f"{fck.path}: the adapter changes tensors the store does not hold: {outside[:5]} "
-                            "(create the store with --include patterns that cover them)"
-                        )
-                for s in specs:
-                    td.check(s.name, s.shape)
-                source = {"path": os.path.abspath(fck.path), "kind": "peft-lora" if td.is_adapter else "checkpoint"}
-                selection = {"include": list(include or []), "exclude": list(exclude or [])}
+                specs, ident, selection, source = self._plan_checkpoint_task(td, include, exclude, dtype, check_base)
                 store_dtype = {s.name: s.dtype for s in specs}
                 self._stream_add(
                     name, lambda k: td.delta(k, store_dtype[k]), specs, rescaler=rescaler, backend=backend,
@@ -813,6 +757,76 @@ class Store:
                 )
         finally:
             td.close()
+
+    # ------------------------------------------------------------------ planning a task (caller holds the lock)
+    # Shared with :mod:`condu_merge.distributed`, whose rank 0 plans the same way.
+    def _plan_mapping_task(self, delta: Mapping[str, torch.Tensor], name: str) -> list[TensorSpec]:
+        """The tensors of task ``name`` given as a mapping: on creation, every key of ``delta``
+        (floating point, in its order, dtype and shape); later, exactly the store's keys."""
+        if self.manifest is None:
+            keys = list(delta.keys())
+            if not keys:
+                raise MergeInputError(f"task {name!r} has no tensors")
+            specs = []
+            for k in keys:
+                t = delta[k]
+                if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                    raise DtypeMismatchError(f"task {name!r}: tensor {k!r} is not a floating-point tensor")
+                specs.append(TensorSpec(k, t.dtype, tuple(t.shape)))
+            return specs
+        specs = self.specs
+        have, want = set(delta.keys()), {s.name for s in specs}
+        if have != want:
+            raise KeyMismatchError(
+                f"task {name!r} does not match the store's tensors: missing {sorted(want - have)[:8]}, extra {sorted(have - want)[:8]}"
+            )
+        return specs
+
+    def _plan_checkpoint_task(
+        self,
+        td: TaskDelta,
+        include: Sequence[str] | None,
+        exclude: Sequence[str] | None,
+        dtype: torch.dtype | None,
+        check_base: bool,
+    ) -> tuple[list[TensorSpec], dict | None, dict, dict]:
+        """The tensors of a checkpoint task -- see :meth:`add_task_from_checkpoints` -- checked
+        against ``td``: ``(specs, base identity to record or None, selection, source)``."""
+        bck, fck = td.base, td.finetuned
+        ident = None
+        if self.manifest is None:
+            if include:
+                keys = select_keys(td.candidate_keys(), include, exclude)
+            else:
+                keys = select_keys(td.default_keys(), None, exclude)
+            if not keys:
+                raise KeyMismatchError(f"{fck.path}: no tensor is selected (include={list(include or [])}, exclude={list(exclude or [])})")
+            specs = []
+            for k in keys:
+                if not td.is_adapter and k in fck.keys():
+                    dt = dtype or fck.spec(k).dtype
+                else:
+                    dt = dtype or bck.spec(k).dtype
+                specs.append(TensorSpec(k, dt, tuple(bck.spec(k).shape)))
+            if check_base and bck.files():
+                ident = checkpoint_identity(bck)
+        else:
+            specs = self.specs
+            if check_base:
+                self._check_base(bck)
+        if td.is_adapter:
+            sel = {s.name for s in specs}
+            outside = [k for k in fck.delta_keys() if k not in sel]
+            if outside:
+                raise KeyMismatchError(
+                    f"{fck.path}: the adapter changes tensors the store does not hold: {outside[:5]} "
+                    "(create the store with --include patterns that cover them)"
+                )
+        for s in specs:
+            td.check(s.name, s.shape)
+        source = {"path": os.path.abspath(fck.path), "kind": "peft-lora" if td.is_adapter else "checkpoint"}
+        selection = {"include": list(include or []), "exclude": list(exclude or [])}
+        return specs, ident, selection, source
 
     def _check_base(self, bck: Checkpoint) -> None:
         rec = self.manifest.get("base")
@@ -941,3 +955,27 @@ class Store:
 def _check_name(name: object) -> None:
     if not isinstance(name, str) or not name.strip():
         raise ValueError("a task name must be a non-empty string")
+
+
+def check_add_args(name: object, rescaler: str) -> None:
+    """The argument checks every add-task entry point (here and distributed) makes before any I/O."""
+    _check_name(name)
+    if rescaler not in RESCALER_MODES:
+        raise ValueError(f"unknown rescaler {rescaler!r}; choose one of {RESCALER_MODES}")
+
+
+def open_task_delta(
+    base: str | os.PathLike | Checkpoint, finetuned: str | os.PathLike | Checkpoint | PeftAdapter
+) -> TaskDelta:
+    """``finetuned − base`` per tensor; paths are opened, and closed again if this fails."""
+    bck = open_checkpoint(base) if isinstance(base, (str, os.PathLike)) else base
+    try:
+        fck = open_checkpoint(finetuned) if isinstance(finetuned, (str, os.PathLike)) else finetuned
+    except BaseException:
+        bck.close()
+        raise
+    if isinstance(bck, PeftAdapter):
+        bck.close()
+        fck.close()
+        raise MergeInputError(f"{bck.path}: the base must be a full checkpoint, not an adapter")
+    return TaskDelta(bck, fck)
