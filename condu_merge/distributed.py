@@ -57,8 +57,8 @@ from .checkpoints import (
     PeftAdapter,
     sha256_file,
 )
-from .core import add_task_tensor, compute_rescalers, unify_tensor
-from .errors import ConduError, DtypeMismatchError, DuplicateTaskError, ShapeMismatchError
+from .core import compute_rescalers
+from .errors import ConduError, DtypeMismatchError
 from .safetensors_writer import DTYPE_TO_ST, ST_TO_DTYPE, TensorSpec, build_header, tensor_bytes
 from .store import (
     CRASH_ENV,
@@ -67,12 +67,11 @@ from .store import (
     Store,
     StoreLock,
     StoreLockedError,
-    _fsync_dir,
-    _link_or_copy,
-    _mask_file,
-    _now,
     check_add_args,
+    continual_step_tensor,
+    fsync_dir,
     generation_layout,
+    mask_file,
     open_task_delta,
     popcount_bytes,
 )
@@ -290,6 +289,22 @@ def _crash_point(step: str, rank: int) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _on_rank0(comm, phase: str, step: Callable[[], object]) -> object:
+    """Run ``step`` on rank 0 only and broadcast its (JSON) result; if it raised, every rank raises
+    (rank 0 its own exception, the others its description)."""
+    local, msg = None, None
+    if comm.rank == 0:
+        try:
+            msg = {"ok": True, "value": step()}
+        except Exception as exc:
+            local = exc
+            msg = {"ok": False, "error": _describe(exc, comm.rank)}
+    msg = comm.broadcast_json(msg, phase)
+    if not msg["ok"]:
+        _raise_first([msg["error"]], comm.rank, local)
+    return msg["value"]
+
+
 # ---------------------------------------------------------------------------- file layout
 
 def _file_layout(specs: Sequence[TensorSpec], n_tasks: int) -> dict[str, tuple[bytes, dict[str, tuple[int, int]]]]:
@@ -320,8 +335,8 @@ def _create_files(gen_dir: str, layout: Mapping[str, tuple[bytes, dict]]) -> Non
             os.fsync(fd)
         finally:
             os.close(fd)
-    _fsync_dir(os.path.join(gen_dir, "masks"))
-    _fsync_dir(gen_dir)
+    fsync_dir(os.path.join(gen_dir, "masks"))
+    fsync_dir(gen_dir)
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
@@ -429,42 +444,35 @@ def _distributed_stream_add(
     gen_dir: str | None = None
     src: _Source | None = None
     committed = False
+
+    def make_plan() -> dict:
+        nonlocal lock, st, src, gen_dir
+        os.makedirs(root, exist_ok=True)
+        lock = StoreLock(root).acquire()
+        st = Store(root, verify=False)
+        st._check_new_task(name)
+        src = open_source()
+        specs, ident, selection, source = src.plan(st)
+        m_old = st.manifest
+        new_gen, gen_dir = st._new_generation_dir()
+        plan = _Plan(
+            specs=list(specs),
+            names=st.task_names + [name],
+            mode=m_old["rescaler"] if m_old else rescaler,
+            new_gen=new_gen,
+            manifest_checksum=m_old["checksum"] if m_old else None,
+            old_lambdas=[st.rescaler_of(t) for t in st.task_names],
+            base_identity=ident,
+            selection=selection,
+            source=source,
+        )
+        _create_files(gen_dir, _file_layout(plan.specs, len(plan.names)))
+        _crash_point("write:start", rank)
+        return plan.to_json()
+
     try:
         # ---- 1. plan (rank 0, under the lock)
-        local: BaseException | None = None
-        msg: dict | None = None
-        if rank == 0:
-            try:
-                os.makedirs(root, exist_ok=True)
-                lock = StoreLock(root).acquire()
-                st = Store(root, verify=False)
-                if name in st.task_names:
-                    raise DuplicateTaskError(f"{st.root}: task {name!r} is already in this store; task names are unique")
-                src = open_source()
-                specs, ident, selection, source = src.plan(st)
-                m_old = st.manifest
-                new_gen, gen_dir = st._new_generation_dir()
-                plan = _Plan(
-                    specs=list(specs),
-                    names=st.task_names + [name],
-                    mode=m_old["rescaler"] if m_old else rescaler,
-                    new_gen=new_gen,
-                    manifest_checksum=m_old["checksum"] if m_old else None,
-                    old_lambdas=[st.rescaler_of(t) for t in st.task_names],
-                    base_identity=ident,
-                    selection=selection,
-                    source=source,
-                )
-                _create_files(gen_dir, _file_layout(plan.specs, len(plan.names)))
-                _crash_point("write:start", rank)
-                msg = {"ok": True, "plan": plan.to_json()}
-            except Exception as exc:
-                local = exc
-                msg = {"ok": False, "error": _describe(exc, rank)}
-        msg = comm.broadcast_json(msg, "planning")
-        if not msg["ok"]:
-            _raise_first([msg["error"]], rank, local)
-        plan = _Plan.from_json(msg["plan"])
+        plan = _Plan.from_json(_on_rank0(comm, "planning", make_plan))
         specs, names = plan.specs, plan.names
         t_prev, n_tasks = len(names) - 1, len(names)
         gen_dir = os.path.join(root, plan.new_gen)
@@ -506,7 +514,6 @@ def _distributed_stream_add(
             writer = _SliceWriter(gen_dir, layout)
             dev = _merge_device(comm)
             label = f"task {name!r}"
-            old_masks = [st._files[t["masks"]] for t in st.manifest["tasks"]] if t_prev else []
             from tqdm.auto import tqdm
 
             total = sum(math.prod(specs[i].shape) for i in mine)
@@ -514,27 +521,19 @@ def _distributed_stream_add(
                       disable=not (progress and rank == 0), leave=False) as bar:
                 for n_done, idx in enumerate(mine):
                     s = specs[idx]
-                    d = src.delta(s.name, s.dtype)
-                    if tuple(d.shape) != tuple(s.shape):
-                        raise ShapeMismatchError(f"{label}: tensor {s.name!r} has shape {tuple(d.shape)}, the store has {s.shape}")
-                    if d.dtype != s.dtype:
-                        raise DtypeMismatchError(f"{label}: tensor {s.name!r} is {d.dtype}, the store keeps {s.dtype}")
-                    d = d.to(dev)
                     if t_prev == 0:
-                        res = unify_tensor([d], backend=backend, key=s.name, labels=[label])
+                        res = continual_step_tensor(s, src.delta(s.name, s.dtype), label, backend=backend, device=dev)
                     else:
-                        lams = [lam[s.name] if isinstance(lam, dict) else lam for lam in plan.old_lambdas]
-                        res = add_task_tensor(
-                            st.unified_tensor(s.name).to(dev), [f.get(s.name) for f in old_masks], lams, d,
-                            backend=backend, key=s.name, label=label,
+                        res = continual_step_tensor(
+                            s, src.delta(s.name, s.dtype), label, st.unified_tensor(s.name), st.packed_masks(s.name),
+                            plan.old_lambdas, backend=backend, device=dev,
                         )
-                    del d
                     u, masks = res.u.cpu(), res.masks.cpu()
                     if u.dtype != s.dtype:
                         raise DtypeMismatchError(f"{label}: backend returned {u.dtype} for tensor {s.name!r}, the store keeps {s.dtype}")
                     writer.write(UNIFIED, s.name, u)
                     for i in range(n_tasks):
-                        writer.write(_mask_file(i), s.name, masks[i])
+                        writer.write(mask_file(i), s.name, masks[i])
                         bits[i] += popcount_bytes(masks[i])
                     num[:, idx] = res.num.cpu()
                     den[:, idx] = res.den.cpu()
@@ -590,36 +589,18 @@ def _distributed_stream_add(
 
         # ---- 6. rank 0 writes the manifest last: the store's atomic switch
         t4 = time.perf_counter()
-        local, result = None, None
-        if rank == 0:
-            try:
-                m_old = st.manifest
-                protos = {t["prototypes"] for t in m_old["tasks"] if t.get("prototypes")} if m_old else set()
-                for rel in sorted(protos):
-                    _link_or_copy(os.path.join(st.gen_dir, rel), os.path.join(gen_dir, rel))
-                    files[rel] = dict(m_old["files"][rel])
-                if protos:
-                    _fsync_dir(os.path.join(gen_dir, "prototypes"))
-                _fsync_dir(gen_dir)
-                m = json.loads(json.dumps(m_old)) if m_old else st._base_manifest(plan.mode, specs)
-                if plan.base_identity is not None and m.get("base") is None:
-                    m["base"] = plan.base_identity
-                if plan.selection is not None and m.get("selection") is None:
-                    m["selection"] = plan.selection
-                m["tasks"].append({"name": name, "masks": _mask_file(t_prev), "added": _now(), "source": plan.source, "prototypes": None})
-                for i, t in enumerate(m["tasks"]):
-                    t["rescaler"] = lambdas[i]
-                    t["mask_bits"] = int(bits[i])
-                m["files"] = {rel: files[rel] for rel in layout} | {rel: files[rel] for rel in sorted(protos)}
-                st._commit(m, plan.new_gen, gen_dir)
-                committed = True
-                result = {"ok": True, "generation": st.manifest["generation"]}
-            except Exception as exc:
-                local = exc
-                result = {"ok": False, "error": _describe(exc, rank)}
-        result = comm.broadcast_json(result, "the commit")
-        if not result["ok"]:
-            _raise_first([result["error"]], rank, local)
+
+        def commit() -> dict:
+            nonlocal committed
+            m = st._finish_add(
+                gen_dir, {rel: files[rel] for rel in layout}, name=name, mode=plan.mode, specs=specs, lambdas=lambdas,
+                mask_bits=bits.tolist(), source=plan.source, base_identity=plan.base_identity, selection=plan.selection,
+            )
+            st._commit(m, plan.new_gen, gen_dir)
+            committed = True
+            return {"generation": st.manifest["generation"]}
+
+        result = _on_rank0(comm, "the commit", commit)
         timings["commit"] = time.perf_counter() - t4
         timings["total"] = time.perf_counter() - t0
         return {

@@ -42,7 +42,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 
-from .backends import MergeBackend, resolve_backend
+from .backends import FlatMergeResult, MergeBackend, resolve_backend
 from .checkpoints import (
     Checkpoint,
     MemoryCheckpoint,
@@ -92,11 +92,11 @@ def _crash_point(step: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _now() -> str:
+def utc_now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -119,7 +119,7 @@ def popcount_bytes(packed: torch.Tensor) -> int:
     return bitarray(buffer=memoryview(arr), endian="little").count(1)
 
 
-def _mask_file(index: int) -> str:
+def mask_file(index: int) -> str:
     return f"masks/{index:04d}.safetensors"
 
 
@@ -182,7 +182,7 @@ def generation_layout(specs: Sequence[TensorSpec], n_tasks: int) -> dict[str, tu
     mask_specs = [TensorSpec(s.name, torch.uint8, (packed_nbytes(math.prod(s.shape)),)) for s in specs]
     layout = {UNIFIED: (list(specs), {**meta, "content": "unified"})}
     for i in range(n_tasks):
-        layout[_mask_file(i)] = (mask_specs, {**meta, "content": "masks", "task_index": str(i)})
+        layout[mask_file(i)] = (mask_specs, {**meta, "content": "masks", "task_index": str(i)})
     return layout
 
 
@@ -219,15 +219,15 @@ class GenerationWriter:
         for i in range(self.n_tasks):
             row = masks[i]
             self.mask_bits[i] += popcount_bytes(row)
-            self._writers[_mask_file(i)].write(key, row)
+            self._writers[mask_file(i)].write(key, row)
 
     def finish(self) -> dict[str, dict[str, object]]:
         files = {}
         for rel, w in self._writers.items():
             sha, size = w.close()
             files[rel] = {"sha256": sha, "bytes": size}
-        _fsync_dir(os.path.join(self.dir, "masks"))
-        _fsync_dir(self.dir)
+        fsync_dir(os.path.join(self.dir, "masks"))
+        fsync_dir(self.dir)
         return files
 
     def abort(self) -> None:
@@ -235,6 +235,35 @@ class GenerationWriter:
             with contextlib.suppress(Exception):
                 w.abort()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def continual_step_tensor(
+    spec: TensorSpec,
+    delta: torch.Tensor,
+    label: str,
+    u: torch.Tensor | None = None,
+    packed_masks: Sequence[torch.Tensor] = (),
+    lambdas: Sequence[Rescaler] = (),
+    *,
+    backend: str | MergeBackend,
+    device: torch.device | None = None,
+) -> FlatMergeResult:
+    """One tensor of a continual step: ``delta`` is checked against ``spec`` (shape and dtype);
+    the first task (``u is None``) is :func:`~condu_merge.core.unify_tensor` of ``[delta]``, a later
+    one :func:`~condu_merge.core.add_task_tensor` of ``u``, the earlier tasks' packed masks and
+    their λ's at this tensor. ``device``: where the merge runs (inputs are moved there)."""
+    if tuple(delta.shape) != tuple(spec.shape):
+        raise ShapeMismatchError(f"{label}: tensor {spec.name!r} has shape {tuple(delta.shape)}, the store has {spec.shape}")
+    if delta.dtype != spec.dtype:
+        raise DtypeMismatchError(f"{label}: tensor {spec.name!r} is {delta.dtype}, the store keeps {spec.dtype}")
+    if device is not None:
+        delta = delta.to(device)
+    if u is None:
+        return unify_tensor([delta], backend=backend, key=spec.name, labels=[label])
+    if device is not None:
+        u = u.to(device)
+    lams = [lam[spec.name] if isinstance(lam, dict) else lam for lam in lambdas]
+    return add_task_tensor(u, list(packed_masks), lams, delta, backend=backend, key=spec.name, label=label)
 
 
 def _write_prototype_file(path: str, tensors: Mapping[str, torch.Tensor], task: str) -> dict[str, object]:
@@ -251,7 +280,7 @@ def _write_prototype_file(path: str, tensors: Mapping[str, torch.Tensor], task: 
     return {"sha256": sha, "bytes": size}
 
 
-def _link_or_copy(src: str, dst: str) -> None:
+def link_or_copy(src: str, dst: str) -> None:
     """Hard-link an immutable data file into a new generation (copy where links are impossible)."""
     os.makedirs(os.path.dirname(dst), exist_ok=True)
     try:
@@ -417,6 +446,10 @@ class Store:
         """Task ``task``'s packed mask of tensor ``key`` (``uint8``, 1 bit per element)."""
         return self._files[self.task_info(task)["masks"]].get(key)
 
+    def packed_masks(self, key: str) -> list[torch.Tensor]:
+        """Every task's packed mask of tensor ``key``, in task order."""
+        return [self._files[t["masks"]].get(key) for t in self._require()["tasks"]]
+
     def trigger(self, task: str) -> TaskTrigger:
         """Task ``task``'s :class:`TaskTrigger` (its masks read into memory)."""
         rel = self.task_info(task)["masks"]
@@ -505,8 +538,8 @@ class Store:
                 os.makedirs(os.path.join(gen_dir, "prototypes"), exist_ok=True)
                 files[rel] = _write_prototype_file(os.path.join(gen_dir, rel), tensors, task)
                 _crash_point("write:tensor")
-                _fsync_dir(os.path.join(gen_dir, "prototypes"))
-                _fsync_dir(gen_dir)
+                fsync_dir(os.path.join(gen_dir, "prototypes"))
+                fsync_dir(gen_dir)
                 _crash_point("write:data")
                 m["tasks"][idx]["prototypes"] = rel
                 m["files"] = files
@@ -548,18 +581,18 @@ class Store:
         for rel, info in self.manifest["files"].items():
             if rel in skip:
                 continue
-            _link_or_copy(os.path.join(self.gen_dir, rel), os.path.join(gen_dir, rel))
+            link_or_copy(os.path.join(self.gen_dir, rel), os.path.join(gen_dir, rel))
             files[rel] = dict(info)
         for sub in ("masks", "prototypes"):
             if os.path.isdir(os.path.join(gen_dir, sub)):
-                _fsync_dir(os.path.join(gen_dir, sub))
+                fsync_dir(os.path.join(gen_dir, sub))
         return files
 
     def _commit(self, manifest: dict, gen_name: str, gen_dir: str) -> None:
         """The atomic switch: fsynced manifest replaces the old one; then old generations go."""
         manifest["generation_dir"] = gen_name
         manifest["generation"] = int(gen_name[4:])
-        manifest["updated"] = _now()
+        manifest["updated"] = utc_now()
         manifest["checksum"] = _manifest_checksum(manifest)
         mpath = self._manifest_path()
         tmp = f"{mpath}.tmp-{os.getpid()}"
@@ -569,7 +602,7 @@ class Store:
             os.fsync(fh.fileno())
         _crash_point("commit:tmp")
         os.replace(tmp, mpath)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         _crash_point("commit:switched")
         old = self.manifest["generation_dir"] if self.manifest else None
         self.manifest = None
@@ -590,7 +623,7 @@ class Store:
         return {
             "format": STORE_FORMAT,
             "version": STORE_VERSION,
-            "created": _now(),
+            "created": utc_now(),
             "rescaler": rescaler,
             "tensors": [{"name": s.name, "dtype": DTYPE_TO_ST[s.dtype], "shape": list(s.shape)} for s in specs],
             "tasks": [],
@@ -613,8 +646,7 @@ class Store:
         selection: dict | None,
     ) -> None:
         """The streaming continual step (caller holds the lock and has reloaded)."""
-        if name in self.task_names:
-            raise DuplicateTaskError(f"{self.root}: task {name!r} is already in this store; task names are unique")
+        self._check_new_task(name)
         m_old = self.manifest
         t_prev = len(m_old["tasks"]) if m_old else 0
         names = self.task_names + [name]
@@ -628,32 +660,19 @@ class Store:
             num: list[dict[str, float]] = [{} for _ in names]
             den: list[dict[str, float]] = [{} for _ in names]
             numel: dict[str, int] = {}
-            old_masks = [self._files[t["masks"]] for t in m_old["tasks"]] if m_old else []
             old_lams = [self.rescaler_of(t) for t in self.task_names]
             from tqdm.auto import tqdm
 
             total = sum(math.prod(s.shape) for s in specs)
             with tqdm(total=total, unit="param", unit_scale=True, desc=f"add {name}", disable=not progress, leave=False) as bar:
                 for s in specs:
-                    d = delta_of(s.name)
-                    if tuple(d.shape) != tuple(s.shape):
-                        raise ShapeMismatchError(f"{label}: tensor {s.name!r} has shape {tuple(d.shape)}, the store has {s.shape}")
-                    if d.dtype != s.dtype:
-                        raise DtypeMismatchError(f"{label}: tensor {s.name!r} is {d.dtype}, the store keeps {s.dtype}")
                     if t_prev == 0:
-                        res = unify_tensor([d], backend=backend, key=s.name, labels=[label])
+                        res = continual_step_tensor(s, delta_of(s.name), label, backend=backend)
                     else:
-                        u = self.unified_tensor(s.name)
-                        res = add_task_tensor(
-                            u,
-                            [f.get(s.name) for f in old_masks],
-                            [lam[s.name] if isinstance(lam, dict) else lam for lam in old_lams],
-                            d,
+                        res = continual_step_tensor(
+                            s, delta_of(s.name), label, self.unified_tensor(s.name), self.packed_masks(s.name), old_lams,
                             backend=backend,
-                            key=s.name,
-                            label=label,
                         )
-                    del d
                     writer.write(s.name, res.u, res.masks)
                     numel[s.name] = math.prod(s.shape)
                     for i, (a, b) in enumerate(zip(res.num.tolist(), res.den.tolist())):
@@ -664,31 +683,60 @@ class Store:
                     bar.update(numel[s.name])
             self._check_read_hashes()
             lams = compute_rescalers(num, den, numel, mode, names)
-            files = writer.finish()
-            # prototypes of earlier tasks keep their index, so they are carried by hard link
-            protos = {t["prototypes"] for t in m_old["tasks"] if t.get("prototypes")} if m_old else set()
-            for rel in sorted(protos):
-                _link_or_copy(os.path.join(self.gen_dir, rel), os.path.join(gen_dir, rel))
-                files[rel] = dict(m_old["files"][rel])
-            if protos:
-                _fsync_dir(os.path.join(gen_dir, "prototypes"))
-            _fsync_dir(gen_dir)
+            m = self._finish_add(
+                gen_dir, writer.finish(), name=name, mode=mode, specs=specs, lambdas=lams, mask_bits=writer.mask_bits,
+                source=source, base_identity=base_identity, selection=selection,
+            )
             _crash_point("write:data")
-            m = json.loads(json.dumps(m_old)) if m_old else self._base_manifest(mode, specs)
-            if base_identity is not None and m.get("base") is None:
-                m["base"] = base_identity
-            if selection is not None and m.get("selection") is None:
-                m["selection"] = selection
-            m["tasks"].append({"name": name, "masks": _mask_file(t_prev), "added": _now(), "source": source, "prototypes": None})
-            for i, t in enumerate(m["tasks"]):
-                t["rescaler"] = lams[i]
-                t["mask_bits"] = writer.mask_bits[i]
-            m["files"] = files
             self._commit(m, new_gen, gen_dir)
             committed = True
         finally:
             if not committed:
                 writer.abort()
+
+    def _check_new_task(self, name: str) -> None:
+        if name in self.task_names:
+            raise DuplicateTaskError(f"{self.root}: task {name!r} is already in this store; task names are unique")
+
+    def _finish_add(
+        self,
+        gen_dir: str,
+        files: Mapping[str, dict],
+        *,
+        name: str,
+        mode: str,
+        specs: Sequence[TensorSpec],
+        lambdas: Sequence[Rescaler],
+        mask_bits: Sequence[int],
+        source: dict | None,
+        base_identity: dict | None,
+        selection: dict | None,
+    ) -> dict:
+        """Complete a new generation holding ``u`` and every task's masks (``files``: their
+        ``{"sha256", "bytes"}`` in layout order) and return its manifest, ready for :meth:`_commit`:
+        earlier tasks' prototypes keep their index, so they are carried by hard link; the new
+        task's entry is appended; every task gets its λ and mask bit count. Fsyncs ``gen_dir``."""
+        m_old = self.manifest
+        files = dict(files)
+        protos = {t["prototypes"] for t in m_old["tasks"] if t.get("prototypes")} if m_old else set()
+        for rel in sorted(protos):
+            link_or_copy(os.path.join(self.gen_dir, rel), os.path.join(gen_dir, rel))
+            files[rel] = dict(m_old["files"][rel])
+        if protos:
+            fsync_dir(os.path.join(gen_dir, "prototypes"))
+        fsync_dir(gen_dir)
+        m = json.loads(json.dumps(m_old)) if m_old else self._base_manifest(mode, specs)
+        if base_identity is not None and m.get("base") is None:
+            m["base"] = base_identity
+        if selection is not None and m.get("selection") is None:
+            m["selection"] = selection
+        t_prev = len(m["tasks"])
+        m["tasks"].append({"name": name, "masks": mask_file(t_prev), "added": utc_now(), "source": source, "prototypes": None})
+        for i, t in enumerate(m["tasks"]):
+            t["rescaler"] = lambdas[i]
+            t["mask_bits"] = int(mask_bits[i])
+        m["files"] = files
+        return m
 
     def _check_read_hashes(self) -> None:
         """The old generation was read front to back while merging; check what was read against the
@@ -869,20 +917,20 @@ class Store:
                 old_tasks = self.manifest["tasks"] if self.manifest else []
                 for i, tr in enumerate(triggers):
                     r = tr.rescaler
-                    entry = {"name": tr.task, "masks": _mask_file(i), "added": _now(), "source": None, "prototypes": None,
+                    entry = {"name": tr.task, "masks": mask_file(i), "added": utc_now(), "source": None, "prototypes": None,
                              "rescaler": dict(r) if isinstance(r, dict) else float(r), "mask_bits": writer.mask_bits[i]}
                     if i < len(old_tasks) and old_tasks[i]["name"] == tr.task:
                         entry["added"] = old_tasks[i].get("added", entry["added"])
                         entry["source"] = old_tasks[i].get("source")
                         rel = old_tasks[i].get("prototypes")
                         if rel:
-                            _link_or_copy(os.path.join(self.gen_dir, rel), os.path.join(gen_dir, rel))
+                            link_or_copy(os.path.join(self.gen_dir, rel), os.path.join(gen_dir, rel))
                             files[rel] = dict(self.manifest["files"][rel])
                             entry["prototypes"] = rel
                     m["tasks"].append(entry)
                 if os.path.isdir(os.path.join(gen_dir, "prototypes")):
-                    _fsync_dir(os.path.join(gen_dir, "prototypes"))
-                _fsync_dir(gen_dir)
+                    fsync_dir(os.path.join(gen_dir, "prototypes"))
+                fsync_dir(gen_dir)
                 _crash_point("write:data")
                 m["files"] = files
                 self._commit(m, new_gen, gen_dir)
@@ -952,14 +1000,14 @@ class Store:
         }
 
 
-def _check_name(name: object) -> None:
+def check_task_name(name: object) -> None:
     if not isinstance(name, str) or not name.strip():
         raise ValueError("a task name must be a non-empty string")
 
 
 def check_add_args(name: object, rescaler: str) -> None:
     """The argument checks every add-task entry point (here and distributed) makes before any I/O."""
-    _check_name(name)
+    check_task_name(name)
     if rescaler not in RESCALER_MODES:
         raise ValueError(f"unknown rescaler {rescaler!r}; choose one of {RESCALER_MODES}")
 
