@@ -21,8 +21,13 @@ one task into a :class:`~condu_merge.store.Store` on a filesystem all ranks shar
    a single process's (:func:`~condu_merge.core.compute_rescalers` then runs on identical input).
 5. **hash**: after a barrier (every rank's data fsynced), the new files are hashed, one file per
    rank, and the hashes gathered on rank 0.
-6. **commit** (rank 0): write the manifest last, with the store's own atomic switch
-   (:meth:`Store._commit`: fsynced temporary manifest, ``os.replace``, fsync of the directory).
+6. **commit** (rank 0): complete the manifest (:meth:`Store._finish_add`) and write it last, with
+   the store's own atomic switch (:meth:`Store._commit`: fsynced temporary manifest,
+   ``os.replace``, fsync of the directory).
+
+Planning (:meth:`Store._plan_checkpoint_task` / :meth:`Store._plan_mapping_task`), the per-tensor
+step (:func:`~condu_merge.store.continual_step_tensor`) and the file layout
+(:func:`~condu_merge.store.generation_layout`) are the store's own, not copies.
 
 The files are byte-identical to those a single process writes, so the manifest's sha256s match
 and the store loads in one process. A rank that fails (an exception, or killed) never lets rank 0

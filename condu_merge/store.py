@@ -21,8 +21,14 @@ next writer.
 
 Streaming: :meth:`Store.add_task` reads the current ``u`` and masks one tensor at a time,
 computes the continual step with :func:`condu_merge.core.add_task_tensor` and writes the result
-into the new generation with :class:`GenerationWriter` (the per-tensor write path distributed
-merging can reuse), so peak memory is one tensor's work whatever the model size.
+into the new generation with :class:`GenerationWriter`, so peak memory is one tensor's work
+whatever the model size.
+
+Writer protocol shared with :mod:`condu_merge.distributed` (internal; the caller holds the
+writer lock and has reloaded): :func:`check_add_args`, :func:`open_task_delta`,
+:meth:`Store._plan_mapping_task` / :meth:`Store._plan_checkpoint_task`,
+:meth:`Store._check_new_task`, :meth:`Store._new_generation_dir`, :func:`generation_layout`,
+:func:`continual_step_tensor`, :meth:`Store._finish_add`, :meth:`Store._commit`.
 """
 
 from __future__ import annotations
@@ -93,10 +99,12 @@ def _crash_point(step: str) -> None:
 
 
 def utc_now() -> str:
+    """Now, UTC, ISO 8601 to the second (the manifest's timestamps)."""
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def fsync_dir(path: str) -> None:
+    """Make a directory's entries durable (new, renamed or removed files)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -120,6 +128,7 @@ def popcount_bytes(packed: torch.Tensor) -> int:
 
 
 def mask_file(index: int) -> str:
+    """Task ``index``'s mask file, relative to its generation directory."""
     return f"masks/{index:04d}.safetensors"
 
 
@@ -695,6 +704,7 @@ class Store:
                 writer.abort()
 
     def _check_new_task(self, name: str) -> None:
+        """Task names are unique within a store."""
         if name in self.task_names:
             raise DuplicateTaskError(f"{self.root}: task {name!r} is already in this store; task names are unique")
 
@@ -1001,6 +1011,7 @@ class Store:
 
 
 def check_task_name(name: object) -> None:
+    """A task name is a non-empty string."""
     if not isinstance(name, str) or not name.strip():
         raise ValueError("a task name must be a non-empty string")
 
