@@ -214,6 +214,8 @@ def test_synthetic_run_killed_and_resumed(tmp_path):
     assert zs[0] == zs[1] == zs[2]
     # seen tasks use their own expert: the first session's ConDU accuracy on task 1 is the fresh expert's
     assert res["accuracy"]["condu"][0][0] == pytest.approx(res["individual_ft"][0])
+    # after session 1 there is one expert: aggregation over it equals that expert with the task id
+    assert res["accuracy"]["agnostic"][0] == pytest.approx(res["accuracy"]["condu"][0])
     assert set(res["versions"]) >= {"torch", "condu_merge", "python"}
     assert res["config"]["iterations"] == 6 and res["config"]["top_k"] == 5
     with Store(os.path.join(out, "store")) as store:

@@ -119,21 +119,37 @@ def task_prototypes(clip: ClipHandle, ds: MTILDataset, cfg: EvalConfig, *, max_p
                                     _batches(ds.train, cfg, idx.tolist(), desc=f"prototypes {ds.name}"), class_prompts(clip, ds))
 
 
+class AutocastExperts:
+    """An :class:`condu_merge.routing.ExpertEncoders` whose encoders run under bf16 autocast on GPU and
+    return float32, so that the aggregator's logits and their mean stay in float32."""
+
+    def __init__(self, experts, clip: ClipHandle, cfg: EvalConfig):
+        self.experts, self.clip, self.cfg = experts, clip, cfg
+
+    def encode_image(self, task: str | None, images: torch.Tensor) -> torch.Tensor:
+        with autocast(self.clip, self.cfg):
+            return self.experts.encode_image(task, images).float()
+
+    def encode_text(self, task: str | None, tokens: torch.Tensor) -> torch.Tensor:
+        with autocast(self.clip, self.cfg):
+            return self.experts.encode_text(task, tokens).float()
+
+
 @torch.no_grad()
 def aggregator_accuracy(agg: SemanticAggregator, clip: ClipHandle, ds: MTILDataset, cfg: EvalConfig, *,
                         task: str | None = None, selection: torch.Tensor | None = None, desc: str = "eval") -> float:
     """Test accuracy of ``agg.logits``: with ``task``, that expert alone (task id known); otherwise
     aggregated with the routing ``selection [N, T]`` (rows in test-set order; computed once from
-    the cached pretrained features with :func:`condu_merge.routing.route`)."""
+    the cached pretrained features with :func:`condu_merge.routing.route`). Wrap the experts in
+    :class:`AutocastExperts` for mixed precision."""
     prompts = class_prompts(clip, ds)
     correct, seen = 0, 0
     for images, y in _batches(ds.test, cfg, desc=desc):
         n = images.shape[0]
-        with autocast(clip, cfg):
-            if task is not None:
-                logits = agg.logits(images.to(clip.device), ds.name, prompts, task=task)
-            else:
-                logits = agg.logits(images.to(clip.device), ds.name, prompts, selection=selection[seen:seen + n])
+        if task is not None:
+            logits = agg.logits(images.to(clip.device), ds.name, prompts, task=task)
+        else:
+            logits = agg.logits(images.to(clip.device), ds.name, prompts, selection=selection[seen:seen + n])
         correct += int((logits.float().argmax(dim=-1).cpu() == torch.as_tensor(y)).sum())
         seen += n
     return 100.0 * correct / seen if seen else float("nan")

@@ -212,7 +212,8 @@ class LoraExperts:
             self._cache.move_to_end(task)
             return self._cache[task]
         adapter = factor_expert(self.init, self.store.decouple(task, backend=self.backend))
-        with torch.no_grad():
+        # W + s·B A in float32 even when called from inside an autocast region
+        with torch.no_grad(), torch.autocast(device_type=self.clip.device.type, enabled=False):
             out = lora_weights(self.clip.model, adapter_to(adapter, self.clip.device))
         if self.cache_size:
             self._cache[task] = out

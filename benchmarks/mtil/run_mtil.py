@@ -30,7 +30,16 @@ from .datasets import FT_LR, MTIL_ORDER, ORDERS, MTILDataset, load_mtil_dataset
 from condu_merge.adapters import ClipExperts, LoraAdapter, clip_delta, factor_delta, pretrained_state, swap_params
 from condu_merge.routing import SemanticAggregator, prototypes_from_store, route
 
-from .evaluate import EvalConfig, aggregator_accuracy, image_features, model_accuracy, task_prototypes, text_embeddings, zero_shot_accuracy
+from .evaluate import (
+    AutocastExperts,
+    EvalConfig,
+    aggregator_accuracy,
+    image_features,
+    model_accuracy,
+    task_prototypes,
+    text_embeddings,
+    zero_shot_accuracy,
+)
 from .metrics import csv_text, heatmap_png, markdown_table, summary_metrics
 from .model import ClipHandle, LoraExperts, adapter_to, load_clip, lora_modules, lora_weights, new_lora_init, trainable_params
 from .train import TrainConfig, finetune_full, finetune_lora
@@ -385,7 +394,8 @@ class Runner:
         if {"condu", "agnostic"} & set(self.methods):
             self.store.reload(verify=False)
             protos = prototypes_from_store(self.store, self.tasks[: s + 1])
-            agg = SemanticAggregator(self.experts(s + 1), protos, k=self.a.top_k, include_pretrained=self.a.include_pretrained)
+            agg = SemanticAggregator(AutocastExperts(self.experts(s + 1), self.clip, self.eval_cfg), protos,
+                                     k=self.a.top_k, include_pretrained=self.a.include_pretrained)
             known: dict[int, float] = {}
             if "condu" in self.methods:  # task id known: the task's own expert
                 for j in range(s + 1):
