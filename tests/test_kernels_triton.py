@@ -74,6 +74,7 @@ def test_interpreted_in_subprocess():
         env=env, capture_output=True, text=True, timeout=600,
     )
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert " passed" in r.stdout and " skipped" not in r.stdout, r.stdout[-2000:]  # the cases really ran
 
 
 def test_kernels_lower_to_ptx_without_fma():
