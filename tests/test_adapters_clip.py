@@ -247,3 +247,11 @@ def test_swap_params_restores_on_error(base):
         with swap_params(model, {"visual.nope.weight": val}):
             pass
     assert torch.equal(model.visual.conv1.weight, val)
+
+
+def test_clip_delta_lives_on_the_finetuned_device(base):
+    # θ_0 kept on the CPU while the model trains elsewhere (meta stands in for a GPU here)
+    theta0 = pretrained_state(base, "image")
+    ft = {k: v.to("meta") for k, v in base.state_dict().items()}
+    d = clip_delta(theta0, ft, "image")
+    assert d and all(t.device.type == "meta" for t in d.values())

@@ -145,7 +145,7 @@ def clip_delta(pretrained: StateLike, finetuned: StateLike, mode: str = "whole",
         if tuple(f.shape) != tuple(b.shape):
             raise ShapeMismatchError(f"tensor {k!r}: pretrained shape {tuple(b.shape)} vs fine-tuned {tuple(f.shape)}")
         wide = torch.promote_types(torch.promote_types(f.dtype, b.dtype), torch.float32)
-        out[k] = (f.to(wide) - b.to(b.device).to(wide)).to(dtype or f.dtype)
+        out[k] = (f.to(wide) - b.to(f.device).to(wide)).to(dtype or f.dtype)
     return out
 
 
