@@ -39,6 +39,7 @@ the next writer deletes the half-written generation.
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import datetime as _dt
 import json
@@ -142,6 +143,7 @@ class _Comm:
         be = str(dist.get_backend(group)).lower()
         self.device = torch.device("cuda", torch.cuda.current_device()) if "nccl" in be else torch.device("cpu")
         self.backend = be
+        self.broken = False  # a collective failed: the group is unusable
 
     @contextlib.contextmanager
     def _phase(self, phase: str):
@@ -150,6 +152,7 @@ class _Comm:
         except DistributedMergeError:
             raise
         except Exception as exc:  # gloo/NCCL report a lost peer as RuntimeError (or DistBackendError)
+            self.broken = True
             raise DistributedMergeError(
                 f"rank {self.rank}: lost contact with the other ranks during {phase} ({type(exc).__name__}: {exc}); "
                 "a rank probably died -- the store keeps its previous state"
@@ -219,15 +222,40 @@ def _env_world_size() -> int:
         return 1
 
 
+_OWN_GROUP = False
+"""Whether the default process group was initialised here (and is kept for later calls)."""
+
+
+def _destroy_own_group() -> None:
+    global _OWN_GROUP
+    import torch.distributed as dist
+
+    if _OWN_GROUP and dist.is_initialized():
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
+    _OWN_GROUP = False
+
+
 @contextlib.contextmanager
 def _communicator(group=None, timeout_s: float | None = None):
     """The default (or given) process group; initialised from torchrun's environment
     (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``) when not yet initialised and
-    ``WORLD_SIZE > 1`` -- NCCL when CUDA is available, else gloo -- and destroyed afterwards."""
+    ``WORLD_SIZE > 1`` -- NCCL when CUDA is available, else gloo.
+
+    A group initialised here is kept for this process's later calls and destroyed at exit, or
+    as soon as one of its collectives fails. Destroying it after every call would make the next
+    call rendezvous again on the same ``MASTER_PORT`` while rank 0 may still be tearing down the
+    previous rendezvous' store: a faster rank then joins the dying store and the ranks hang."""
+    global _OWN_GROUP
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        yield _Comm(group)
+        comm = _Comm(group)
+        try:
+            yield comm
+        finally:
+            if comm.broken and _OWN_GROUP:
+                _destroy_own_group()
         return
     if _env_world_size() <= 1:
         yield _LocalComm()
@@ -239,11 +267,15 @@ def _communicator(group=None, timeout_s: float | None = None):
     if use_nccl:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if use_nccl else "gloo", timeout=_dt.timedelta(seconds=timeout))
+    if not _OWN_GROUP:
+        atexit.register(_destroy_own_group)
+    _OWN_GROUP = True
+    comm = _Comm(None)
     try:
-        yield _Comm(None)
+        yield comm
     finally:
-        with contextlib.suppress(Exception):
-            dist.destroy_process_group()
+        if comm.broken:
+            _destroy_own_group()
 
 
 # ---------------------------------------------------------------------------- errors across ranks
