@@ -1,7 +1,8 @@
 """Reference backend in plain torch: chunked, vectorised over tasks within a chunk.
 
 Runs anywhere torch runs. Every other backend is tested against it. Temporaries are bounded by
-the chunk: about ``n_tasks * chunk * 10`` bytes whatever the tensor's size.
+the chunk: a chunk holds about ``WORK_ELEMENTS`` task-elements (``n_tasks * chunk``), and the
+temporaries stay around 30 MiB (measured by benchmarks/bench_core.py) whatever the model's size.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import torch
 from ..packing import pack_rows, packed_nbytes, unpack_rows
 from .base import FlatMergeResult, opmath_dtype, opmath_scalar
 
-DEFAULT_CHUNK = 1 << 18  # elements; a multiple of 8 so chunks cut packed masks at byte edges
+WORK_ELEMENTS = 1 << 18  # task-elements per chunk: bounds the temporaries, amortises per-op overhead
+MIN_CHUNK = 1 << 13
 
 
 def _sum_exact_in_any_order(values: Sequence[float], op: torch.dtype) -> bool:
@@ -35,10 +37,16 @@ class TorchBackend:
 
     name = "torch"
 
-    def __init__(self, chunk: int = DEFAULT_CHUNK):
-        if chunk <= 0 or chunk % 8:
+    def __init__(self, chunk: int | None = None):
+        if chunk is not None and (chunk <= 0 or chunk % 8):
             raise ValueError("chunk must be a positive multiple of 8")
         self.chunk = chunk
+
+    def _chunk(self, n_tasks: int) -> int:
+        """Elements per chunk (a multiple of 8, so chunks cut packed masks at byte edges)."""
+        if self.chunk is not None:
+            return self.chunk
+        return max(MIN_CHUNK, (WORK_ELEMENTS // max(1, n_tasks)) // 8 * 8)
 
     def available(self) -> bool:
         return True
@@ -55,8 +63,9 @@ class TorchBackend:
         masks = torch.empty((n, packed_nbytes(N)), dtype=torch.uint8, device=device)
         num = torch.zeros(n, dtype=torch.float64, device=device)
         den = torch.zeros(n, dtype=torch.float64, device=device)
-        for s in range(0, N, self.chunk):
-            e = min(N, s + self.chunk)
+        step = self._chunk(n)
+        for s in range(0, N, step):
+            e = min(N, s + step)
             D = torch.stack([d[s:e] for d in deltas])  # [n, C]: one chunk, never a whole tensor
             total = D[0].to(torch.float64, copy=True)  # D[0] itself when D is float64
             for i in range(1, n):  # task order, float64: the documented election sum
@@ -89,8 +98,9 @@ class TorchBackend:
         masks_new = torch.empty((tp + 1, packed_nbytes(N)), dtype=torch.uint8, device=device)
         num = torch.zeros(tp + 1, dtype=torch.float64, device=device)
         den = torch.zeros(tp + 1, dtype=torch.float64, device=device)
-        for s in range(0, N, self.chunk):
-            e = min(N, s + self.chunk)
+        step = self._chunk(tp + 1)
+        for s in range(0, N, step):
+            e = min(N, s + step)
             C = e - s
             uc, dc = u[s:e], delta[s:e]
             old = unpack_rows(masks[:, s // 8 : (e + 7) // 8], C)  # bool [tp, C]
@@ -134,8 +144,9 @@ class TorchBackend:
         op = opmath_dtype(dtype)
         lam_op = opmath_scalar(lam, dtype)
         out = torch.empty(N, dtype=dtype if base is None else base.dtype, device=u.device)
-        for s in range(0, N, self.chunk):
-            e = min(N, s + self.chunk)
+        step = self._chunk(1)
+        for s in range(0, N, step):
+            e = min(N, s + step)
             bits = unpack_rows(packed[s // 8 : (e + 7) // 8].unsqueeze(0), e - s)[0]
             vals = torch.where(bits, (u[s:e].to(op) * lam_op).to(dtype), 0)  # +0.0 where masked off
             out[s:e] = vals if base is None else base[s:e] + vals
