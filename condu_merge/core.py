@@ -67,7 +67,8 @@ def _check_float(key: str, t: torch.Tensor, who: str) -> None:
         )
 
 
-def _key_diff(ref: Iterable[str], other: Iterable[str], who: str, ref_who: str) -> None:
+def check_same_keys(ref: Iterable[str], other: Iterable[str], who: str, ref_who: str) -> None:
+    """Raise :class:`KeyMismatchError` listing the missing and extra keys of ``other`` against ``ref``."""
     ref_set, other_set = set(ref), set(other)
     if ref_set != other_set:
         missing = sorted(ref_set - other_set)
@@ -97,7 +98,7 @@ def validate_deltas(deltas: Sequence[Mapping[str, torch.Tensor]], task_names: Se
     if not keys:
         raise MergeInputError(f"{_label(task_names, 0)} has no tensors")
     for i, d in enumerate(deltas[1:], start=1):
-        _key_diff(keys, d.keys(), _label(task_names, i), _label(task_names, 0))
+        check_same_keys(keys, d.keys(), _label(task_names, i), _label(task_names, 0))
     for key in keys:
         ref = deltas[0][key]
         _check_float(key, ref, _label(task_names, 0))
@@ -125,7 +126,7 @@ def _validate_against_unified(
     unified: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor], who: str
 ) -> list[str]:
     keys = list(unified.keys())
-    _key_diff(keys, delta.keys(), who, "the session's tensors")
+    check_same_keys(keys, delta.keys(), who, "the session's tensors")
     for key in keys:
         t, ref = delta[key], unified[key]
         _check_float(key, t, who)
@@ -334,7 +335,7 @@ def add_task(
         return unify([delta], rescaler=rescaler, backend=backend, task_names=[names[-1]])
     keys = _validate_against_unified(unified, delta, new_who)
     for i, tr in enumerate(triggers):
-        _key_diff(keys, tr.names, f"trigger of {_label(names, i)}", "the session's tensors")
+        check_same_keys(keys, tr.names, f"trigger of {_label(names, i)}", "the session's tensors")
     new_unified: dict[str, torch.Tensor] = {}
     packed: list[dict[str, torch.Tensor]] = [{} for _ in range(t_prev + 1)]
     num: list[dict[str, float]] = [{} for _ in range(t_prev + 1)]
@@ -382,7 +383,7 @@ def decouple(
     dtypes instead; entries of ``base`` that ``u`` does not cover are returned unchanged.
     """
     who = f"trigger of task {trigger.task!r}" if trigger.task is not None else "trigger"
-    _key_diff(unified.keys(), trigger.names, who, "the unified delta")
+    check_same_keys(unified.keys(), trigger.names, who, "the unified delta")
     out: dict[str, torch.Tensor] = {}
     for key in trigger.names:
         u = unified[key]

@@ -31,10 +31,10 @@ from typing import Callable, ClassVar, Mapping
 
 import torch
 
+from ..core import check_same_keys
 from ..errors import (
     DtypeMismatchError,
     DuplicateTaskError,
-    KeyMismatchError,
     MergeInputError,
     NonFiniteError,
     ShapeMismatchError,
@@ -279,15 +279,7 @@ class ContinualStrategy(ABC):
     def _check_state(self, sd: StateDict, who: str) -> None:
         if not isinstance(sd, Mapping):
             raise MergeInputError(f"{self.name}: {who} must be a mapping of tensor names to tensors")
-        missing = [k for k in self._base if k not in sd]
-        extra = [k for k in sd if k not in self._base]
-        if missing or extra:
-            parts = []
-            if missing:
-                parts.append(f"missing keys {missing[:8]}")
-            if extra:
-                parts.append(f"extra keys {extra[:8]}")
-            raise KeyMismatchError(f"{self.name}: {who} does not match base: " + "; ".join(parts))
+        check_same_keys(self._base.keys(), sd.keys(), f"{self.name}: {who}", "base")
         for k, b in self._base.items():
             t = sd[k]
             if not isinstance(t, torch.Tensor):
