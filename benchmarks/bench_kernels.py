@@ -92,6 +92,18 @@ def numel(shapes) -> int:
 
 
 # ---------------------------------------------------------------------------- measurement
+def _libc():
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+_LIBC = _libc()
+
+
 class PeakRSS:
     """Peak resident memory above the start, sampled every 2 ms (CPU); CUDA uses the allocator."""
 
@@ -109,6 +121,9 @@ class PeakRSS:
             torch.cuda.reset_peak_memory_stats()
             self.start = torch.cuda.memory_allocated()
             return self
+        if _LIBC is not None:
+            # hand freed heap pages back to the OS first: reusing them would hide this step's peak
+            _LIBC.malloc_trim(0)
         self.start = self._rss()
         self.peak = self.start
         self.stop = False
