@@ -25,24 +25,13 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from baseline import baseline_add_task, baseline_unify  # noqa: E402
+from benchmarks.baseline import baseline_add_task, baseline_unify  # noqa: E402
+from benchmarks.memory import trim_heap  # noqa: E402
 
 from condu_merge import add_task, unify  # noqa: E402
 from condu_merge.backends import TorchBackend, available_backends  # noqa: E402
-
-
-def _libc():
-    try:
-        import ctypes
-
-        return ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
-
-
-_LIBC = _libc()
 
 
 def _status(field: str) -> int:
@@ -60,9 +49,7 @@ def measure(fn, repeat: int):
     for _ in range(repeat):
         out = None
         gc.collect()
-        if _LIBC is not None:
-            # hand freed heap pages back to the OS, or reusing them would hide the next step's peak
-            _LIBC.malloc_trim(0)
+        trim_heap()
         try:
             with open("/proc/self/clear_refs", "w") as fh:
                 fh.write("5")  # reset VmHWM to the current RSS

@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import condu_merge as cm  # noqa: E402
 from benchmarks.baseline import baseline_add_task, baseline_unify  # noqa: E402
+from benchmarks.memory import trim_heap  # noqa: E402
 from condu_merge.kernels import decouple_many  # noqa: E402
 from condu_merge.packing import unpack_mask  # noqa: E402
 
@@ -92,18 +93,6 @@ def numel(shapes) -> int:
 
 
 # ---------------------------------------------------------------------------- measurement
-def _libc():
-    try:
-        import ctypes
-
-        return ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
-
-
-_LIBC = _libc()
-
-
 class PeakRSS:
     """Peak resident memory above the start, sampled every 2 ms (CPU); CUDA uses the allocator."""
 
@@ -121,9 +110,7 @@ class PeakRSS:
             torch.cuda.reset_peak_memory_stats()
             self.start = torch.cuda.memory_allocated()
             return self
-        if _LIBC is not None:
-            # hand freed heap pages back to the OS first: reusing them would hide this step's peak
-            _LIBC.malloc_trim(0)
+        trim_heap()
         self.start = self._rss()
         self.peak = self.start
         self.stop = False
