@@ -13,7 +13,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from condu_merge import ContinualMerger, FormatError  # noqa: E402
+from condu_merge import ContinualMerger, FormatError, KeyMismatchError, ShapeMismatchError  # noqa: E402
 from condu_merge.adapters.clip import ClipExperts  # noqa: E402
 from condu_merge.adapters.lora import (  # noqa: E402
     LoraAdapter,
@@ -238,3 +238,125 @@ def test_dense_delta_agrees_with_checkpoint_reader(setup):
     bsd = setup["base"].state_dict()
     for k, d in dd.items():
         torch.testing.assert_close(reader.delta(k, bsd[k]).float(), d, atol=1e-6, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------- LoRA on a model
+
+def test_lora_param_and_module_names():
+    from condu_merge.adapters.lora import lora_module_name, lora_param_name
+
+    assert lora_param_name("vision_model.encoder.layers.0.self_attn.q_proj") == "vision_model.encoder.layers.0.self_attn.q_proj.weight"
+    assert lora_param_name("transformer.resblocks.0.attn.in_proj") == "transformer.resblocks.0.attn.in_proj_weight"
+    assert lora_param_name("backbone.mixer.in_proj") == "backbone.mixer.in_proj.weight"  # a Linear, not attention
+    for p in ("transformer.resblocks.0.attn.in_proj_weight", "self_attn.in_proj_weight", "mlp.c_fc.weight", "mixer.in_proj.weight"):
+        assert lora_param_name(lora_module_name(p)) == p
+    with pytest.raises(KeyMismatchError, match="attn.in_proj_bias"):
+        lora_module_name("attn.in_proj_bias")
+
+
+def test_init_lora_is_peft_like_seeded_and_targets_fused_attention(tmp_path):
+    """A ~ U(-b, b) with torch's kaiming_uniform_(a=√5) bound, B = 0, same seed -> same bytes;
+    nn.MultiheadAttention's fused in_proj_weight is a target; the folder round-trips."""
+    import math
+
+    from condu_merge.adapters.lora import init_lora, lora_weights
+
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(d_model=32, nhead=2, dim_feedforward=48).eval()
+    mods = ["self_attn.in_proj", "linear1", "linear2"]
+    init = init_lora(layer, mods, rank=8, lora_alpha=16, seed=5)
+    shapes = {"self_attn.in_proj": (96, 32), "linear1": (48, 32), "linear2": (32, 48)}
+    for m, (out_f, in_f) in shapes.items():
+        a, b = init.factors[m]
+        assert a.shape == (8, in_f) and b.shape == (out_f, 8) and a.dtype == b.dtype == torch.float32
+        assert float(b.abs().max()) == 0
+        bound = torch.nn.init.calculate_gain("leaky_relu", math.sqrt(5)) * math.sqrt(3.0 / in_f)
+        assert 0.9 * bound < float(a.abs().max()) <= bound
+        assert abs(float(a.mean())) < 0.2 * bound
+    assert init.scaling("linear1") == 2.0 and init.config["target_modules"] == sorted(mods)
+    assert init_lora(layer, mods, rank=8, lora_alpha=16, seed=5).fingerprint() == init.fingerprint()
+    assert init_lora(layer, mods, rank=8, lora_alpha=16, seed=6).fingerprint() != init.fingerprint()
+    # B = 0: the adapted weights are exactly θ_0
+    w = lora_weights(layer, init)
+    assert set(w) == {"self_attn.in_proj_weight", "linear1.weight", "linear2.weight"}
+    params = dict(layer.named_parameters())
+    assert all(torch.equal(w[n], params[n]) for n in w)
+    loaded = LoraAdapter.load(init.save(tmp_path / "init"))
+    assert loaded.fingerprint() == init.fingerprint() and loaded.config == init.config
+    with pytest.raises(KeyMismatchError, match="self_attn.out_proj.in_proj"):
+        init_lora(layer, ["self_attn.out_proj.in_proj"], rank=2, lora_alpha=2, seed=0)
+    with pytest.raises(ShapeMismatchError, match="norm1.weight"):
+        init_lora(layer, ["norm1"], rank=2, lora_alpha=2, seed=0)
+    with pytest.raises(ValueError, match="rank"):
+        init_lora(layer, mods, rank=0, lora_alpha=2, seed=0)
+
+
+def test_lora_weights_fused_attention_is_differentiable():
+    from condu_merge.adapters import functional_forward, swap_params
+    from condu_merge.adapters.lora import init_lora, lora_weights
+
+    torch.manual_seed(1)
+    layer = torch.nn.TransformerEncoderLayer(d_model=32, nhead=2, dim_feedforward=48, dropout=0.0).eval()
+    init = init_lora(layer, ["self_attn.in_proj", "linear1"], rank=4, lora_alpha=8, seed=0)
+    g = torch.Generator().manual_seed(2)
+    leaf = {m: (a.clone().requires_grad_(True), (0.1 * torch.randn(b.shape, generator=g)).requires_grad_(True))
+            for m, (a, b) in init.factors.items()}
+    live = LoraAdapter(config=dict(init.config), factors=leaf)
+    w = lora_weights(layer, live)
+    params = dict(layer.named_parameters())
+    for m, (a, b) in leaf.items():
+        name = "self_attn.in_proj_weight" if m == "self_attn.in_proj" else f"{m}.weight"
+        torch.testing.assert_close(w[name] - params[name], 2.0 * b.detach() @ a.detach())
+    x = torch.randn(5, 3, 32)
+    out = functional_forward(layer, w, x)
+    with torch.no_grad(), swap_params(layer, {k: v.detach() for k, v in w.items()}):
+        ref = layer(x)
+    torch.testing.assert_close(out.detach(), ref, atol=1e-6, rtol=1e-6)
+    out.square().sum().backward()
+    assert all(float(a.grad.abs().sum()) > 0 and float(b.grad.abs().sum()) > 0 for a, b in leaf.values())
+    assert all(params[n].grad is None for n in w)  # θ_0 is read detached: only the factors train
+
+
+def test_lora_weights_match_peft(setup):
+    """W + s·B A swapped into the base model gives the PEFT model's features."""
+    from condu_merge.adapters import swap_params
+    from condu_merge.adapters.lora import lora_weights
+
+    base = setup["base"]
+    with swap_params(base, lora_weights(base, setup["a"])):
+        fi, ft = feats(base, setup["x"], setup["t"])
+    ri, rt = setup["feats_a"]
+    torch.testing.assert_close(fi, ri, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ft, rt, atol=1e-5, rtol=1e-5)
+    with pytest.raises(KeyMismatchError, match="nope.weight"):
+        lora_weights(base, LoraAdapter.from_factors({"nope": (torch.zeros(1, 2), torch.zeros(2, 1))}, r=1, lora_alpha=1))
+
+
+def test_lora_transform_experts_from_merger_and_store(setup, tmp_path):
+    """ClipExperts with lora_transform: expert t's tensors are W + s·B_t A_t of
+    factor_expert(init, δ̃_t), in float32 even under autocast; one task decouples exactly."""
+    from condu_merge.adapters.lora import lora_transform, lora_weights
+    from condu_merge.store import Store
+
+    base, init = setup["base"], setup["init"]
+    before = {n: p.detach().clone() for n, p in base.named_parameters()}
+    merger = ContinualMerger()
+    for name in ("a", "b"):
+        merger.add_task(name, factor_delta(setup[name], init))
+    experts = ClipExperts.from_merger(base, merger, cache_size=2, transform=lora_transform(init, base))
+    for name in ("a", "b"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = experts.params(name)
+        want = lora_weights(base, factor_expert(init, merger.decouple(name)))
+        assert set(got) == set(want) and all(got[k].dtype == torch.float32 for k in got)
+        for k in want:
+            torch.testing.assert_close(got[k], want[k].detach(), atol=0, rtol=0)
+    with Store(str(tmp_path / "store")) as store:
+        store.add_task("a", factor_delta(setup["a"], init))
+        one = ClipExperts.from_store(base, store, transform=lora_transform(init, base))
+        with torch.no_grad():
+            fi, ft = one.encode_image("a", setup["x"]), one.encode_text("a", setup["t"])
+        ri, rt = setup["feats_a"]
+        torch.testing.assert_close(fi, ri, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ft, rt, atol=1e-5, rtol=1e-5)
+    assert all(torch.equal(before[n], p) for n, p in base.named_parameters())

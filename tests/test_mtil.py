@@ -116,13 +116,14 @@ def _tiny_hf():
 
 @pytest.mark.parametrize("flavor", ["open_clip", "hf"])
 def test_lora_glue_matches_library_and_swap(flavor, tmp_path):
-    """The script's LoRA pieces: targets (open_clip's fused in_proj included), W + s·B A from the
-    library's dense_delta, a functional forward that equals swapping the weights in, gradients
-    reaching the factors, and LoraExperts applying init + decoupled factor deltas from a store."""
-    from condu_merge.adapters import factor_delta, swap_params
+    """The script's LoRA targets (open_clip's fused in_proj included) with the library's LoRA
+    pieces as the script uses them: W + s·B A (lora_weights), a functional forward that equals
+    swapping the weights in, gradients reaching the factors, and ClipExperts with lora_transform
+    applying init + decoupled factor deltas from a store."""
+    from condu_merge.adapters import ClipExperts, factor_delta, init_lora, lora_param_name, lora_transform, lora_weights, swap_params
     from condu_merge.store import Store
 
-    from benchmarks.mtil.model import LoraExperts, lora_modules, lora_param_name, lora_weights, new_lora_init
+    from benchmarks.mtil.model import lora_modules
 
     clip = _tiny_openclip(tmp_path) if flavor == "open_clip" else _tiny_hf()
     mods = lora_modules(clip.model, "whole")
@@ -134,7 +135,7 @@ def test_lora_glue_matches_library_and_swap(flavor, tmp_path):
     else:
         assert suffixes == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2"}
     assert lora_modules(clip.model, "image") == [m for m in mods if m.startswith(("visual.", "vision_model."))]
-    init = new_lora_init(clip.model, mods, rank=2, alpha=4.0, seed=3)
+    init = init_lora(clip.model, mods, rank=2, lora_alpha=4.0, seed=3)
     assert all(float(b.abs().sum()) == 0 for _, b in init.factors.values())
     g = torch.Generator().manual_seed(1)
     trained = type(init)(config=dict(init.config), init_fingerprint=init.fingerprint(),
@@ -159,10 +160,10 @@ def test_lora_glue_matches_library_and_swap(flavor, tmp_path):
     live = type(init)(config=dict(init.config), factors=leaf)
     clip.encode("image", images, lora_weights(clip.model, live)).sum().backward()
     assert any(float(b.grad.abs().sum()) > 0 for m, (a, b) in leaf.items() if m.startswith(("visual", "vision")))
-    # one task in a store decouples exactly (λ = 1): LoraExperts reproduce the trained adapter
+    # one task in a store decouples exactly (λ = 1): the experts reproduce the trained adapter
     with Store(str(tmp_path / "store")) as store:
         store.add_task("t0", factor_delta(trained, init))
-        experts = LoraExperts(clip, store, init, cache_size=1)
+        experts = ClipExperts.from_store(clip.model, store, cache_size=1, transform=lora_transform(init, clip.model))
         with torch.no_grad():
             assert torch.allclose(experts.encode_image("t0", images), ref_img, atol=1e-5)
             assert torch.allclose(experts.encode_image(None, images), clip.encode("image", images))

@@ -1,46 +1,26 @@
-"""CLIP loading (open_clip or Hugging Face, offline from a local path) and the glue between the
-training/evaluation loops and the library's adapters.
+"""CLIP loading (open_clip or Hugging Face, offline from a local path) and the MTIL run's choice
+of LoRA targets.
 
 Everything model-specific comes from :mod:`condu_merge.adapters`: trainable-tensor selection
-(:func:`~condu_merge.adapters.select_names`), encoders (:func:`~condu_merge.adapters.clip_encoders`),
-differentiable expert forward passes (:func:`~condu_merge.adapters.functional_forward`), expert
-application without copies (:func:`~condu_merge.adapters.swap_params`,
-:class:`~condu_merge.adapters.ClipExperts`) and LoRA algebra (:class:`~condu_merge.adapters.LoraAdapter`,
-:func:`~condu_merge.adapters.dense_delta`, :func:`~condu_merge.adapters.factor_expert`).
-
-Two small pieces stay here because the library has no equivalent (see docs/mtil.md):
-
-* creating the shared LoRA initialisation (``A`` Kaiming-uniform from a seed, ``B = 0``, as PEFT
-  does) for arbitrary parameters -- the library reads/merges LoRA factors but never creates them;
-* open_clip's fused attention weight ``attn.in_proj_weight`` is a parameter of
-  ``nn.MultiheadAttention``, not a ``<module>.weight``: its LoRA "module" is named ``...attn.in_proj``
-  and :func:`lora_param_name` maps the dense delta key back, and :class:`LoraExperts` applies
-  factor-wise experts (:class:`~condu_merge.adapters.ClipExperts` applies full-weight deltas only).
+(:func:`~condu_merge.adapters.select_names`), encoders (:func:`~condu_merge.adapters.clip_encode`,
+also differentiable with substituted tensors), expert application without copies
+(:func:`~condu_merge.adapters.swap_params`, :class:`~condu_merge.adapters.ClipExperts`, with
+:func:`~condu_merge.adapters.lora_transform` for factor-wise LoRA experts) and LoRA
+(:func:`~condu_merge.adapters.init_lora`, :func:`~condu_merge.adapters.lora_weights`,
+:func:`~condu_merge.adapters.lora_param_name`, :class:`~condu_merge.adapters.LoraAdapter`).
 """
 
 from __future__ import annotations
 
-import math
 import os
 import re
-from collections import OrderedDict
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping
+from typing import Callable, Mapping
 
 import torch
 from torch import nn
 
-from condu_merge.adapters import (
-    LoraAdapter,
-    clip_encoders,
-    clip_flavor,
-    dense_delta,
-    factor_expert,
-    functional_forward,
-    select_names,
-    swap_params,
-)
+from condu_merge.adapters import clip_encode, clip_encoders, clip_flavor, lora_module_name, select_names
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -77,18 +57,9 @@ class ClipHandle:
 
     def encode(self, kind: str, x: torch.Tensor, params: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Image (``kind="image"``) or text features; with ``params``, computed through
-        :func:`functional_forward` so gradients reach the tensors in ``params`` (LoRA training)."""
-        if params is None:
-            enc_img, enc_txt = self.encoders()
-            return enc_img(x) if kind == "image" else enc_txt(x)
-        if self.flavor == "open_clip":
-            return functional_forward(self.model, params, x, method="encode_image" if kind == "image" else "encode_text")
-        if kind == "image":
-            out = functional_forward(self.model, params, method="get_image_features", pixel_values=x)
-        else:
-            out = functional_forward(self.model, params, method="get_text_features", input_ids=x)
-        # transformers 5 returns an output object from get_*_features, transformers 4 a tensor
-        return out if torch.is_tensor(out) else out.pooler_output
+        :func:`~condu_merge.adapters.functional_forward` so gradients reach the tensors in ``params``
+        (LoRA training). The library's :func:`~condu_merge.adapters.clip_encode`."""
+        return clip_encode(self.model, kind, x, params)
 
 
 def _hf_transforms(size: int):
@@ -145,94 +116,10 @@ def trainable_params(model: nn.Module, mode: str = "whole") -> list[str]:
     return [n for n in select_names(model, mode) if n in params]
 
 
-# ------------------------------------------------------------------ LoRA (factor-wise)
-
-def lora_param_name(module: str) -> str:
-    """The model parameter a LoRA module adapts: ``<module>.weight``, except open_clip's fused
-    attention (module ``...attn.in_proj`` -> parameter ``...attn.in_proj_weight``)."""
-    return module + "_weight" if module.endswith("attn.in_proj") else module + ".weight"
-
+# ------------------------------------------------------------------ LoRA targets
 
 def lora_modules(model: nn.Module, mode: str = "whole") -> list[str]:
-    """LoRA module names of the 2-D attention / MLP projection weights within ``mode``'s towers."""
+    """LoRA module names of the 2-D attention / MLP projection weights within ``mode``'s towers
+    (open_clip's fused ``attn.in_proj_weight`` -> module ``...attn.in_proj``)."""
     params = dict(model.named_parameters())
-    out = []
-    for n in trainable_params(model, mode):
-        if params[n].dim() == 2 and _LORA_TARGET_RE.search(n):
-            out.append(n[: -len("_weight")] if n.endswith("attn.in_proj_weight") else n[: -len(".weight")])
-    return out
-
-
-def new_lora_init(model: nn.Module, modules: list[str], *, rank: int, alpha: float, seed: int) -> LoraAdapter:
-    """The shared initialisation every task starts from: ``A`` Kaiming-uniform (``a = √5``, as PEFT)
-    drawn from ``seed``, ``B = 0`` (float32, CPU)."""
-    params = dict(model.named_parameters())
-    g = torch.Generator().manual_seed(seed)
-    factors = {}
-    for m in modules:
-        out_f, in_f = params[lora_param_name(m)].shape
-        bound = math.sqrt(6.0 / ((1 + 5.0) * in_f))  # kaiming_uniform_(a=sqrt(5)) bound
-        factors[m] = ((torch.rand(rank, in_f, generator=g) * 2 - 1) * bound, torch.zeros(out_f, rank))
-    return LoraAdapter.from_factors(factors, r=rank, lora_alpha=alpha)
-
-
-def lora_weights(model: nn.Module, adapter: LoraAdapter) -> dict[str, torch.Tensor]:
-    """``{W: W + s · B A}`` for every module of ``adapter`` (the library's :func:`dense_delta`),
-    ``W`` read from ``model`` (θ_0). Differentiable in the factors; call it outside any swap."""
-    params = dict(model.named_parameters())
-    out = {}
-    for key, d in dense_delta(adapter).items():
-        name = lora_param_name(key[: -len(".weight")])
-        w = params[name].detach()
-        out[name] = w + d.to(w.device, w.dtype)
-    return out
-
-
-def adapter_to(adapter: LoraAdapter, device: torch.device) -> LoraAdapter:
-    """The same adapter with its factors on ``device``."""
-    return LoraAdapter(config=adapter.config, path=adapter.path, init_fingerprint=adapter.init_fingerprint,
-                       factors={m: (a.to(device), b.to(device)) for m, (a, b) in adapter.factors.items()})
-
-
-class LoraExperts:
-    """Factor-wise ConDU (LoRA) experts of a store, applied to one model: expert ``t`` is
-    ``init + δ̃_t`` (:func:`factor_expert`), applied as ``W + s · B A`` with :func:`swap_params`.
-
-    Implements the :class:`condu_merge.routing.ExpertEncoders` protocol (task ``None`` is the
-    pretrained model), like :class:`~condu_merge.adapters.ClipExperts` does for full weights.
-    At most ``cache_size`` experts' weights are kept (LRU)."""
-
-    def __init__(self, clip: ClipHandle, store: Any, init: LoraAdapter, *, backend: str = "auto", cache_size: int = 1):
-        self.clip, self.store, self.init, self.backend = clip, store, init, backend
-        self.cache_size = max(0, int(cache_size))
-        self._cache: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
-
-    def params(self, task: str) -> dict[str, torch.Tensor]:
-        if task in self._cache:
-            self._cache.move_to_end(task)
-            return self._cache[task]
-        adapter = factor_expert(self.init, self.store.decouple(task, backend=self.backend))
-        # W + s·B A in float32 even when called from inside an autocast region
-        with torch.no_grad(), torch.autocast(device_type=self.clip.device.type, enabled=False):
-            out = lora_weights(self.clip.model, adapter_to(adapter, self.clip.device))
-        if self.cache_size:
-            self._cache[task] = out
-            while len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
-        return out
-
-    @contextmanager
-    def applied(self, task: str | None) -> Iterator[nn.Module]:
-        if task is None:
-            yield self.clip.model
-            return
-        with swap_params(self.clip.model, self.params(task)):
-            yield self.clip.model
-
-    def encode_image(self, task: str | None, images: torch.Tensor) -> torch.Tensor:
-        with self.applied(task):
-            return self.clip.encode("image", images)
-
-    def encode_text(self, task: str | None, tokens: torch.Tensor) -> torch.Tensor:
-        with self.applied(task):
-            return self.clip.encode("text", tokens)
+    return [lora_module_name(n) for n in trainable_params(model, mode) if params[n].dim() == 2 and _LORA_TARGET_RE.search(n)]

@@ -27,7 +27,17 @@ from typing import Sequence
 import torch
 
 from .datasets import FT_LR, MTIL_ORDER, ORDERS, MTILDataset, load_mtil_dataset
-from condu_merge.adapters import ClipExperts, LoraAdapter, clip_delta, factor_delta, pretrained_state, swap_params
+from condu_merge.adapters import (
+    ClipExperts,
+    LoraAdapter,
+    clip_delta,
+    factor_delta,
+    init_lora,
+    lora_transform,
+    lora_weights,
+    pretrained_state,
+    swap_params,
+)
 from condu_merge.routing import SemanticAggregator, prototypes_from_store, route
 
 from .evaluate import (
@@ -41,7 +51,7 @@ from .evaluate import (
     zero_shot_accuracy,
 )
 from .metrics import csv_text, heatmap_png, markdown_table, summary_metrics
-from .model import ClipHandle, LoraExperts, adapter_to, load_clip, lora_modules, lora_weights, new_lora_init, trainable_params
+from .model import ClipHandle, load_clip, lora_modules, trainable_params
 from .train import TrainConfig, finetune_full, finetune_lora
 
 LORA_LR: dict[str, float] = {  # the released MTIL_LoRA.sh
@@ -280,8 +290,8 @@ class Runner:
         path = os.path.join(self.out, "lora_init")
         if os.path.isdir(path):
             return LoraAdapter.load(path)
-        init = new_lora_init(self.clip.model, lora_modules(self.clip.model, self.a.train_mode),
-                             rank=self.a.lora_rank, alpha=self.config["lora"]["alpha"], seed=self.a.seed)
+        init = init_lora(self.clip.model, lora_modules(self.clip.model, self.a.train_mode),
+                         rank=self.a.lora_rank, lora_alpha=self.config["lora"]["alpha"], seed=self.a.seed)
         tmp = f"{path}.tmp{os.getpid()}"
         init.save(tmp)
         os.replace(tmp, path)
@@ -305,16 +315,16 @@ class Runner:
     def lora_accuracy(self, adapter: LoraAdapter, js: Sequence[int], desc: str) -> list[float]:
         """Accuracy on datasets ``js`` of θ_0 with ``adapter`` applied (``W + s · B A``)."""
         with torch.no_grad():
-            weights = lora_weights(self.clip.model, adapter_to(adapter, self.clip.device))
+            weights = lora_weights(self.clip.model, adapter.to(self.clip.device))
         with swap_params(self.clip.model, weights):
             return [model_accuracy(self.clip, self.datasets[j], self.eval_cfg, f"{desc} on {self.tasks[j]}") for j in js]
 
     def experts(self, n_tasks: int):
         """The session's decoupled experts read from the store (an ``ExpertEncoders``)."""
         cache = self.a.expert_cache if self.a.expert_cache is not None else n_tasks
-        if self.lora0 is None:
-            return ClipExperts.from_store(self.clip.model, self.store, backend=self.a.backend, cache_size=cache)
-        return LoraExperts(self.clip, self.store, self.lora0, backend=self.a.backend, cache_size=cache)
+        # factor-wise LoRA: expert t is W + s·B_t A_t, (A_t, B_t) = init + δ̃_t
+        transform = None if self.lora0 is None else lora_transform(self.lora0, self.clip.model)
+        return ClipExperts.from_store(self.clip.model, self.store, backend=self.a.backend, cache_size=cache, transform=transform)
 
     # ------------------------------------------------------------------ the run
     def run(self) -> dict:

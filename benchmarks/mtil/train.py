@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from .datasets import MTILDataset
-from condu_merge.adapters import LoraAdapter
+from condu_merge.adapters import LoraAdapter, lora_weights
 
-from .model import ClipHandle, adapter_to, lora_weights
+from .model import ClipHandle
 
 
 @dataclass
@@ -117,7 +117,7 @@ def finetune_lora(clip: ClipHandle, ds: MTILDataset, cfg: TrainConfig, init: Lor
     :func:`condu_merge.adapters.factor_delta`."""
     for p in clip.model.parameters():
         p.requires_grad_(False)
-    start = adapter_to(init, clip.device)
+    start = init.to(clip.device)
     factors = {m: (a.float().clone().requires_grad_(True), b.float().clone().requires_grad_(True))
                for m, (a, b) in start.factors.items()}
     live = LoraAdapter(config=dict(init.config), factors=factors)  # holds the leaves the optimiser updates

@@ -40,6 +40,9 @@ __all__ = [
     "EXCLUDED_NAMES",
     "ClipExperts",
     "clip_delta",
+    "clip_encode",
+    "clip_encoders",
+    "clip_features",
     "clip_flavor",
     "functional_forward",
     "hf_config_from_open_clip",
@@ -55,6 +58,8 @@ MODES = ("whole", "image", "text")
 EXCLUDED_NAMES = ("logit_scale", "logit_bias")
 
 StateLike = nn.Module | Mapping[str, torch.Tensor]
+# a decoupled delta -> the full-weight delta (model names) that ClipExperts adds to θ_0
+DeltaTransform = Callable[[Mapping[str, torch.Tensor]], Mapping[str, torch.Tensor]]
 
 
 class ClipAdapterError(ConduError, ValueError):
@@ -398,14 +403,39 @@ def functional_forward(model: nn.Module, params: Mapping[str, torch.Tensor], *ar
     return torch.func.functional_call(wrapper, {f"inner.{k}": v for k, v in params.items()}, args, kwargs)
 
 
-def _features(out: Any) -> torch.Tensor:
-    """transformers 4 returns a tensor from ``get_*_features``, transformers 5 an output object."""
+def clip_features(out: Any) -> torch.Tensor:
+    """The feature tensor of a CLIP ``get_image_features`` / ``get_text_features`` /
+    ``encode_*`` result: the tensor itself, or its ``pooler_output`` (transformers 5 returns an
+    output object from ``get_*_features``, transformers 4 and open_clip a tensor)."""
     if torch.is_tensor(out):
         return out
     pooled = getattr(out, "pooler_output", None)
     if pooled is None:
         raise ClipAdapterError(f"cannot read features from a {type(out).__name__}")
     return pooled
+
+
+_features = clip_features  # the module's earlier private name
+
+
+def clip_encode(model: nn.Module, kind: str, x: torch.Tensor,
+                params: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """Unnormalised ``kind="image"`` (pixels) or ``kind="text"`` (token ids ``[N, L]``) features of
+    a CLIP model of either flavour. With ``params`` the forward pass runs through
+    :func:`functional_forward` with those tensors in place of the model's, so gradients reach
+    them (e.g. LoRA training with :func:`condu_merge.adapters.lora_weights`); the model itself
+    is not modified."""
+    if kind not in ("image", "text"):
+        raise ValueError(f"kind must be 'image' or 'text', got {kind!r}")
+    hf = clip_flavor(model) == "hf"
+    if params is None:
+        enc_img, enc_txt = clip_encoders(model)
+        return enc_img(x) if kind == "image" else enc_txt(x)
+    if not hf:
+        return functional_forward(model, params, x, method="encode_image" if kind == "image" else "encode_text")
+    if kind == "image":
+        return clip_features(functional_forward(model, params, method="get_image_features", pixel_values=x))
+    return clip_features(functional_forward(model, params, method="get_text_features", input_ids=x))
 
 
 class ClipExperts:
@@ -430,28 +460,42 @@ class ClipExperts:
                    lambda task: _decouple(unified, triggers_by_task[task], backend=backend), cache_size)
 
     @classmethod
-    def from_merger(cls, model: nn.Module, merger: Any, *, cache_size: int = 1) -> "ClipExperts":
-        """Experts of an in-memory :class:`~condu_merge.ContinualMerger`."""
+    def from_merger(cls, model: nn.Module, merger: Any, *, cache_size: int = 1,
+                    transform: DeltaTransform | None = None) -> "ClipExperts":
+        """Experts of an in-memory :class:`~condu_merge.ContinualMerger` (``transform``: as in
+        :meth:`from_store`)."""
         self = cls.__new__(cls)
-        self._init(model, merger.task_names, list(merger.unified.keys()), merger.decouple, cache_size)
+        self._init(model, merger.task_names, list(merger.unified.keys()), merger.decouple, cache_size, transform)
         return self
 
     @classmethod
-    def from_store(cls, model: nn.Module, store: Any, *, backend: str = "auto", cache_size: int = 1) -> "ClipExperts":
+    def from_store(cls, model: nn.Module, store: Any, *, backend: str = "auto", cache_size: int = 1,
+                   transform: DeltaTransform | None = None) -> "ClipExperts":
         """Experts of a :class:`condu_merge.store.Store`, read lazily (``u`` and one task's masks,
-        tensor by tensor) when an expert is first needed."""
+        tensor by tensor) when an expert is first needed.
+
+        ``transform`` maps a decoupled delta ``δ̃_t`` to the full-weight delta added to the
+        model's tensors (same flavour as the model), for stores that hold something other than
+        weight deltas: e.g. :func:`condu_merge.adapters.lora_transform` turns factor-wise LoRA
+        deltas into ``s · B A`` per adapted weight, so expert ``t`` is ``W + s · B_t A_t``."""
         self = cls.__new__(cls)
         self._init(model, store.task_names, store.keys,
-                   lambda task: dict(store.iter_decouple(task, backend=backend)), cache_size)
+                   lambda task: dict(store.iter_decouple(task, backend=backend)), cache_size, transform)
         return self
 
     def _init(self, model: nn.Module, tasks: Sequence[str], names: Sequence[str],
-              decouple_fn: Callable[[str], Mapping[str, torch.Tensor]], cache_size: int) -> None:
+              decouple_fn: Callable[[str], Mapping[str, torch.Tensor]], cache_size: int,
+              transform: DeltaTransform | None = None) -> None:
         self.model = model
         self.flavor = clip_flavor(model)
-        self.source_flavor = clip_flavor(names) if names else self.flavor
         self._tasks = list(tasks)
-        self._decouple_fn = decouple_fn
+        if transform is None:
+            self.source_flavor = clip_flavor(names) if names else self.flavor
+            self._decouple_fn = decouple_fn
+        else:
+            # the transform speaks the model's names: no flavour conversion afterwards
+            self.source_flavor = self.flavor
+            self._decouple_fn = lambda task: transform(decouple_fn(task))
         self.cache_size = max(0, int(cache_size))
         self._cache: MutableMapping[str, dict[str, torch.Tensor]] = OrderedDict()
 

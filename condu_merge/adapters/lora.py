@@ -31,9 +31,10 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
+from torch import nn
 
 from ..errors import ConduError, FormatError, KeyMismatchError, ShapeMismatchError
 
@@ -49,6 +50,11 @@ __all__ = [
     "export_peft",
     "factor_delta",
     "factor_expert",
+    "init_lora",
+    "lora_module_name",
+    "lora_param_name",
+    "lora_transform",
+    "lora_weights",
     "record_init",
 ]
 
@@ -177,6 +183,12 @@ class LoraAdapter:
 
     def who(self) -> str:
         return f"adapter {self.path!r}" if self.path else "adapter"
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "LoraAdapter":
+        """The same adapter (config, path, recorded init) with its factors moved/cast."""
+        return LoraAdapter(config=self.config, path=self.path, init_fingerprint=self.init_fingerprint,
+                           factors={m: (a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype))
+                                    for m, (a, b) in self.factors.items()})
 
 
 def _parse_factors(tensors: Mapping[str, torch.Tensor], where: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -379,3 +391,99 @@ def export_peft(delta: Mapping[str, torch.Tensor], path: str | os.PathLike[str],
                                          base_model_name_or_path=base_model_name_or_path), factors=factors)
     out = ad.save(path)
     return ExportReport(rank=rank, per_module=per_module, total=math.sqrt(res2 / tot2) if tot2 > 0 else 0.0, path=out)
+
+
+# ---------------------------------------------------------------------------- LoRA on a model
+
+# nn.MultiheadAttention (open_clip's attention, torch's Transformer layers) holds the fused q/k/v
+# projection as a parameter ``in_proj_weight`` of the attention module, not as a Linear: its LoRA
+# "module" is named ``<attn>.in_proj`` and adapts ``<attn>.in_proj_weight``.
+_FUSED_SUFFIX = "attn.in_proj"
+
+
+def lora_param_name(module: str) -> str:
+    """The model parameter a LoRA module adapts: ``<module>.weight``, except a fused attention
+    projection (module ``...attn.in_proj`` -> parameter ``...attn.in_proj_weight`` of
+    ``nn.MultiheadAttention``, e.g. open_clip's)."""
+    return module + "_weight" if module.endswith(_FUSED_SUFFIX) else module + ".weight"
+
+
+def lora_module_name(param: str) -> str:
+    """Inverse of :func:`lora_param_name`: the LoRA module name of a weight parameter."""
+    if param.endswith(_FUSED_SUFFIX + "_weight"):
+        return param[: -len("_weight")]
+    if not param.endswith(".weight"):
+        raise KeyMismatchError(f"parameter {param!r} is neither '<module>.weight' nor a fused '...attn.in_proj_weight'")
+    return param[: -len(".weight")]
+
+
+def init_lora(model: nn.Module, modules: Sequence[str], *, rank: int, lora_alpha: float, seed: int,
+              use_rslora: bool = False, base_model_name_or_path: str | None = None) -> LoraAdapter:
+    """A shared LoRA initialisation for ``modules`` of ``model``, as PEFT initialises LoRA:
+    ``A [r, in]`` Kaiming-uniform with ``a = √5``, i.e. ``U(−b, b)`` with
+    ``b = gain · √(3 / in) = √(6 / ((1 + a²) · in)) = 1 / √in``, and ``B [out, r] = 0`` (so the
+    adapted model starts at ``θ_0``). Float32 on the CPU, drawn from a generator seeded with
+    ``seed`` module after module in the given order: the same arguments give the same bytes.
+
+    Every task of a factor-wise ConDU (LoRA) session starts from this one init; save it
+    (:meth:`LoraAdapter.save`, a PEFT folder) and pass it to :func:`factor_delta` /
+    :func:`factor_expert`. ``modules`` are LoRA module names (:func:`lora_param_name` gives the
+    adapted parameter, which must be a 2-D weight of ``model``); PEFT itself cannot target a
+    fused ``in_proj_weight``, this function can."""
+    if rank < 1:
+        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+    if not modules:
+        raise ValueError("init_lora needs at least one module")
+    params = dict(model.named_parameters())
+    g = torch.Generator().manual_seed(int(seed))
+    factors = {}
+    for m in modules:
+        name = lora_param_name(m)
+        if name not in params:
+            raise KeyMismatchError(f"LoRA module {m!r}: the model has no parameter {name!r}")
+        if params[name].dim() != 2:
+            raise ShapeMismatchError(f"LoRA module {m!r}: parameter {name!r} has shape {tuple(params[name].shape)}, not a 2-D weight")
+        out_f, in_f = params[name].shape
+        bound = math.sqrt(6.0 / ((1 + 5.0) * in_f))  # kaiming_uniform_(a=√5)
+        factors[m] = ((torch.rand(rank, in_f, generator=g) * 2 - 1) * bound, torch.zeros(out_f, rank))
+    return LoraAdapter.from_factors(factors, r=rank, lora_alpha=lora_alpha, use_rslora=use_rslora,
+                                    base_model_name_or_path=base_model_name_or_path)
+
+
+def _dense_by_param(adapter: LoraAdapter) -> dict[str, torch.Tensor]:
+    return {lora_param_name(k[: -len(".weight")]): d for k, d in dense_delta(adapter).items()}
+
+
+def lora_weights(model: nn.Module, adapter: LoraAdapter) -> dict[str, torch.Tensor]:
+    """``{W: W + s · B A}`` for every module of ``adapter`` under the model's parameter names
+    (``s · B A`` from :func:`dense_delta`, computed on the factors' device in float32, then cast
+    to ``W``'s device and dtype), ``W`` read (detached) from ``model`` (θ_0). Differentiable in
+    the factors: pass the result to :func:`~condu_merge.adapters.functional_forward` /
+    :func:`~condu_merge.adapters.clip_encode` to train them, or to
+    :func:`~condu_merge.adapters.swap_params` to evaluate. Call it outside any swap."""
+    params = dict(model.named_parameters())
+    out = {}
+    for name, d in _dense_by_param(adapter).items():
+        if name not in params:
+            raise KeyMismatchError(f"{adapter.who()}: the model has no parameter {name!r}")
+        w = params[name].detach()
+        out[name] = w + d.to(w.device, w.dtype)
+    return out
+
+
+def lora_transform(init: LoraAdapter, model: nn.Module) -> Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """For :meth:`ClipExperts.from_store(..., transform=...) <condu_merge.adapters.ClipExperts.from_store>`:
+    maps a decoupled factor-wise delta ``δ̃_t`` (keys ``<module>.lora_A.weight`` /
+    ``...lora_B.weight``) to the full-weight delta ``{param: s · B_t A_t}`` with
+    ``(A_t, B_t) = init + δ̃_t`` (:func:`factor_expert`), so the expert is ``W + s · B_t A_t``.
+
+    ``s · B A`` is computed in float32 on the model's device with autocast off and without
+    gradients (the same numbers whether or not the caller runs under autocast)."""
+
+    def transform(delta: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        device = next(model.parameters()).device
+        adapter = factor_expert(init, delta)
+        with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
+            return _dense_by_param(adapter.to(device))
+
+    return transform
