@@ -255,3 +255,64 @@ def test_clip_delta_lives_on_the_finetuned_device(base):
     ft = {k: v.to("meta") for k, v in base.state_dict().items()}
     d = clip_delta(theta0, ft, "image")
     assert d and all(t.device.type == "meta" for t in d.values())
+
+
+def test_clip_features_reads_tensors_and_pooler_output():
+    from types import SimpleNamespace
+
+    from condu_merge.adapters.clip import clip_features
+
+    t = torch.randn(2, 4)
+    assert clip_features(t) is t
+    assert clip_features(SimpleNamespace(pooler_output=t)) is t
+    with pytest.raises(ClipAdapterError, match="SimpleNamespace"):
+        clip_features(SimpleNamespace(last_hidden_state=t))
+
+
+@pytest.mark.parametrize("flavor", ["open_clip", "hf"])
+def test_clip_encode_plain_and_with_params(base, flavor):
+    """clip_encode without params = the model's own encoders; with params = the model with those
+    tensors swapped in, differentiable in them, the model untouched."""
+    from condu_merge.adapters.clip import clip_encode
+
+    model = copy.deepcopy(base) if flavor == "open_clip" else tiny_hf_from(base)
+    x, t = images(3, seed=41), tokens(4, seed=42)
+    with torch.no_grad():
+        torch.testing.assert_close(clip_encode(model, "image", x), base.encode_image(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(clip_encode(model, "text", t), base.encode_text(t), atol=1e-5, rtol=1e-5)
+    names = [n for n, p in model.named_parameters() if p.dim() == 2][:6]
+    g = torch.Generator().manual_seed(43)
+    params = {n: (p.detach() + 0.05 * torch.randn(p.shape, generator=g)).requires_grad_(True)
+              for n, p in model.named_parameters() if n in names}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for kind, inp in (("image", x), ("text", t)):
+        got = clip_encode(model, kind, inp, params)
+        with torch.no_grad(), swap_params(model, params):
+            ref = clip_encode(model, kind, inp)
+        torch.testing.assert_close(got.detach(), ref, atol=1e-6, rtol=1e-6)
+        got.sum().backward()
+    assert any(float(p.grad.abs().sum()) > 0 for p in params.values())
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+    with pytest.raises(ValueError, match="kind"):
+        clip_encode(model, "audio", x)
+
+
+def test_experts_transform_hook(base, tmp_path):
+    """transform= maps each decoupled delta before it is added to θ_0 (here: half the delta)."""
+    from condu_merge.store import Store
+
+    theta0 = pretrained_state(base, "whole")
+    merger = ContinualMerger()
+    merger.add_task("t0", clip_delta(theta0, finetune(base, "whole", seed=3), "whole"))
+    half = lambda d: {k: 0.5 * v for k, v in d.items()}  # noqa: E731
+    model = copy.deepcopy(base)
+    sd = model.state_dict()
+    plain = ClipExperts.from_merger(model, merger).params("t0")
+    halved = ClipExperts.from_merger(model, merger, transform=half).params("t0")
+    with Store(str(tmp_path / "store")) as store:
+        store.add_task("t0", merger.decouple("t0"))
+        stored = ClipExperts.from_store(model, store, transform=half).params("t0")
+    assert set(halved) == set(plain) == set(stored)
+    for k in plain:
+        torch.testing.assert_close(halved[k], sd[k] + 0.5 * (plain[k] - sd[k]), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(stored[k], halved[k], atol=1e-6, rtol=1e-5)
