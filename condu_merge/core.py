@@ -28,6 +28,7 @@ from .errors import (
     NonFiniteError,
     ShapeMismatchError,
 )
+from .packing import packed_nbytes
 from .trigger import Rescaler, TaskTrigger
 
 RESCALER_MODES = ("tensor_mean", "l1", "per_tensor")
@@ -210,7 +211,9 @@ def compute_rescalers(
 # ---------------------------------------------------------------------------- unify / add_task
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(-1)
+    # detach: the merge is not differentiable (masks are discrete), compiled backends cannot read
+    # a tensor that requires grad, and a recorded graph would keep every chunk of every task alive
+    return t.detach().reshape(-1)
 
 
 def unify_tensor(
@@ -251,6 +254,14 @@ def add_task_tensor(
     d = _flat(delta)
     if len(packed_masks) == 0:
         return unify_tensor([d], backend=backend, key=key, labels=[label])
+    nbytes = packed_nbytes(uf.numel())
+    for i, m in enumerate(packed_masks):
+        # a compiled backend does not bounds-check: a mask of another tensor would be read past its end
+        if m.dtype != torch.uint8 or m.dim() != 1 or m.numel() != nbytes:
+            raise ShapeMismatchError(
+                f"tensor {key!r}: earlier mask #{i} is {tuple(m.shape)} {m.dtype}, expected 1-D uint8 of "
+                f"{nbytes} bytes for {uf.numel()} elements"
+            )
     masks = torch.stack([m.to(uf.device) for m in packed_masks])
     be = resolve_backend(backend, uf.device)
     res = be.add_task_flat(uf, masks, list(lambdas), d)
@@ -317,8 +328,8 @@ def add_task(
     computed directly from ``u``, the packed masks and the rescalers, never materialising an expert.
 
     Expert ``i`` at element ``k`` is ``λ_i M_ik u_k``, so the election sum is
-    ``u_k Σ_{i: M_ik} λ_i + d_k``, an earlier expert survives at ``k`` iff its bit is set and
-    ``u_k`` has the elected sign, and the largest earlier magnitude is ``|u_k| max_{i survives} λ_i``.
+    ``u_k Σ_{i: M_ik} λ_i + d_k``, an earlier expert survives at ``k`` iff its bit is set,
+    ``u_k`` has the elected sign and ``λ_i u_k`` does not round to zero, and the largest earlier magnitude is ``|u_k| max_{i survives} λ_i``.
     Agrees with the naive decouple-then-unify up to floating-point rounding (the election sum
     and the L1 norms here are float64 and exact where the naive route rounds each expert).
 
@@ -336,6 +347,12 @@ def add_task(
     keys = _validate_against_unified(unified, delta, new_who)
     for i, tr in enumerate(triggers):
         check_same_keys(keys, tr.names, f"trigger of {_label(names, i)}", "the session's tensors")
+        for key in keys:
+            if tuple(tr.shapes[key]) != tuple(unified[key].shape):
+                raise ShapeMismatchError(
+                    f"trigger of {_label(names, i)}: tensor {key!r} has shape {tuple(tr.shapes[key])}, "
+                    f"the session's u has {tuple(unified[key].shape)}"
+                )
     new_unified: dict[str, torch.Tensor] = {}
     packed: list[dict[str, torch.Tensor]] = [{} for _ in range(t_prev + 1)]
     num: list[dict[str, float]] = [{} for _ in range(t_prev + 1)]
@@ -381,6 +398,7 @@ def decouple(
     Each element is ``round_to_dtype(u_k · λ)`` where its mask bit is set, else 0, in ``u``'s dtype.
     With ``base`` (the pretrained state dict) it returns the expert ``θ_0 + δ̃`` in ``base``'s
     dtypes instead; entries of ``base`` that ``u`` does not cover are returned unchanged.
+    The rebuilt tensors carry no autograd history (inputs that require grad are read detached).
     """
     who = f"trigger of task {trigger.task!r}" if trigger.task is not None else "trigger"
     check_same_keys(unified.keys(), trigger.names, who, "the unified delta")
@@ -433,7 +451,7 @@ def delta_from_state_dicts(
         if tuple(b.shape) != tuple(f.shape):
             raise ShapeMismatchError(f"tensor {k!r}: base shape {tuple(b.shape)} vs fine-tuned {tuple(f.shape)}")
         wide = torch.promote_types(torch.promote_types(f.dtype, b.dtype), torch.float32)
-        out[k] = (f.to(wide) - b.to(wide)).to(dtype or f.dtype)
+        out[k] = (f.to(wide) - b.to(device=f.device, dtype=wide)).to(dtype or f.dtype)
     return out
 
 

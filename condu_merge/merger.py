@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from typing import Mapping
 
 import torch
@@ -28,6 +29,9 @@ class ContinualMerger:
         self.backend = backend
         self._unified: dict[str, torch.Tensor] = {}
         self._triggers: list[TaskTrigger] = []
+        # add_task reads the session, merges, then commits: two threads interleaving would each
+        # commit a session that lacks the other's task
+        self._lock = threading.RLock()
 
     # ------------------------------------------------------------------ state
     @property
@@ -67,18 +71,21 @@ class ContinualMerger:
         """
         if not isinstance(name, str) or not name:
             raise ValueError("a task name must be a non-empty string")
-        if name in self.task_names:
-            raise DuplicateTaskError(f"task {name!r} is already in this session; task names are unique")
-        unified, triggers = _add_task(
-            self._unified, self._triggers, delta, rescaler=self.rescaler, backend=self.backend, task_name=name
-        )
-        # commit only after everything succeeded
-        self._unified, self._triggers = unified, triggers
-        return triggers[-1]
+        with self._lock:
+            if name in self.task_names:
+                raise DuplicateTaskError(f"task {name!r} is already in this session; task names are unique")
+            unified, triggers = _add_task(
+                self._unified, self._triggers, delta, rescaler=self.rescaler, backend=self.backend, task_name=name
+            )
+            # commit only after everything succeeded
+            self._unified, self._triggers = unified, triggers
+            return triggers[-1]
 
     def decouple(self, name: str, *, base: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Task ``name``'s reconstructed delta ``λ M ⊙ u``; with ``base``, its full expert ``θ_0 + δ̃``."""
-        return _decouple(self._unified, self._triggers[self._index(name)], base=base, backend=self.backend)
+        with self._lock:  # one consistent (u, triggers) pair, even while another thread adds a task
+            unified, trigger = self._unified, self._triggers[self._index(name)]
+        return _decouple(unified, trigger, base=base, backend=self.backend)
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike) -> None:
@@ -98,6 +105,16 @@ class ContinualMerger:
         with Store(path, verify=verify) as st:
             st._require()
             return st.to_merger(backend=backend)
+
+    def __getstate__(self) -> dict:
+        # a lock cannot be copied or pickled; copies get their own
+        state = dict(self.__dict__)
+        state.pop("_lock", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
 
     def __repr__(self) -> str:
         n = sum(t.numel() for t in self._unified.values())

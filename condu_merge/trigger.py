@@ -49,6 +49,22 @@ class TaskTrigger:
             if missing:
                 raise ValueError(f"TaskTrigger{self._who()}: per-tensor rescaler lacks {sorted(missing)[:5]}")
 
+    def __eq__(self, other: object) -> bool:
+        """Same tensors, shapes, mask bits and rescaler (the task name is not compared). The
+        generated ``__eq__`` compared the mask dicts with ``==``, which raises on any mask of
+        more than one byte."""
+        if not isinstance(other, TaskTrigger):
+            return NotImplemented
+        if set(self.packed) != set(other.packed):
+            return False
+        if any(tuple(self.shapes[k]) != tuple(other.shapes[k]) for k in self.packed):
+            return False
+        if self.rescaler != other.rescaler:
+            return False
+        return all(torch.equal(p.cpu(), other.packed[k].cpu()) for k, p in self.packed.items())
+
+    __hash__ = None  # type: ignore[assignment]  # holds mutable dicts of tensors
+
     def _who(self) -> str:
         return f" of task {self.task!r}" if self.task is not None else ""
 

@@ -372,3 +372,115 @@ def test_add_task_expert_rounding_to_zero_is_not_selected():
     assert naive_expert.tolist()[0] == 0.0  # 0.4 * 2^-24 rounds to zero in fp16
     assert ts2[0].mask("w").tolist() == [False, True]
     assert u2["w"].tolist()[0] == 0.0
+
+
+# ----------------------------------------------------------------------------- review fixes
+
+def _two_task_session():
+    g = torch.Generator().manual_seed(7)
+    d = [{"w": torch.randn(4, 6, generator=g), "b": torch.randn(5, generator=g)} for _ in range(2)]
+    return unify(d, task_names=["a", "b"])
+
+
+@pytest.mark.parametrize("backend", ["torch", "numba"])
+def test_add_task_refuses_trigger_of_other_shape(backend):
+    """A trigger whose mask was made for a tensor of another size must be refused, naming the key
+    and the task (a compiled backend would otherwise read the masks out of bounds)."""
+    unified, trigs = _two_task_session()
+    small = TaskTrigger({"w": pack_mask(torch.ones(2, 3, dtype=torch.bool)), "b": trigs[0].packed["b"]},
+                        {"w": (2, 3), "b": (5,)}, 1.0, "a")
+    delta = {"w": torch.randn(4, 6), "b": torch.randn(5)}
+    with pytest.raises(ShapeMismatchError, match=r"'w'.*'a'|'a'.*'w'"):
+        add_task(unified, [small, trigs[1].with_task("b")], delta, backend=backend, task_name="c")
+    with pytest.raises(ShapeMismatchError, match=r"'w'.*'a'|'a'.*'w'"):  # one trigger: nothing else catches it
+        add_task(unified, [small], delta, backend=backend, task_name="c")
+    # same numel, other shape: the mask's element order would be misread
+    other = TaskTrigger({"w": trigs[0].packed["w"], "b": trigs[0].packed["b"]}, {"w": (6, 4), "b": (5,)}, 1.0, "a")
+    with pytest.raises(ShapeMismatchError, match="'w'"):
+        add_task(unified, [other, trigs[1]], delta, backend=backend, task_name="c")
+
+
+@pytest.mark.parametrize("backend", ["torch", "numba"])
+def test_deltas_requiring_grad_are_merged_without_autograd(backend):
+    """Deltas built from live parameters (requires_grad) merge on every backend, and the stored
+    session holds no autograd graph (which would keep every chunk of every task alive)."""
+    g = torch.Generator().manual_seed(3)
+    plain = [{"w": torch.randn(300, generator=g)} for _ in range(3)]
+    grad = [{"w": d["w"].clone().requires_grad_(True) * 1.0} for d in plain]
+    u_ref, t_ref = unify(plain[:2], backend=backend)
+    u, t = unify(grad[:2], backend=backend)
+    assert not u["w"].requires_grad and u["w"].grad_fn is None
+    assert torch.equal(u["w"], u_ref["w"]) and t[0] == t_ref[0]
+    u2, t2 = add_task(u, t, grad[2], backend=backend)
+    u2_ref, _ = add_task(u_ref, t_ref, plain[2], backend=backend)
+    assert not u2["w"].requires_grad and torch.equal(u2["w"], u2_ref["w"])
+    out = decouple(u2, t2[0], base={"w": torch.zeros(300, requires_grad=True)}, backend=backend)
+    assert torch.equal(out["w"].detach(), decouple(u2, t2[0], base={"w": torch.zeros(300)}, backend=backend)["w"])
+
+
+def test_merger_add_task_is_thread_safe():
+    """Two threads adding tasks to one session at once must not lose either task."""
+    import threading
+    import time
+
+    class Slow(TorchBackend):
+        def add_task_flat(self, *a):
+            time.sleep(0.05)
+            return super().add_task_flat(*a)
+
+    m = ContinualMerger(backend=Slow())
+    m.add_task("a", {"w": torch.randn(16)})
+    errors = []
+
+    def add(name):
+        try:
+            m.add_task(name, {"w": torch.randn(16)})
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=add, args=(n,)) for n in ("b", "c")]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors
+    assert sorted(m.task_names) == ["a", "b", "c"]
+    import copy
+    import pickle
+
+    m = ContinualMerger(backend="torch")
+    m.add_task("a", {"w": torch.randn(16)})
+    for twin in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):  # the lock does not block copies
+        assert twin.task_names == m.task_names and torch.equal(twin.unified["w"], m.unified["w"])
+        twin.add_task("d", {"w": torch.randn(16)})
+    assert "d" not in m
+
+
+def test_trigger_equality_compares_masks():
+    """Two equal triggers compare equal (not a 'Boolean value of Tensor is ambiguous' error)."""
+    _, trigs = _two_task_session()
+    copy = TaskTrigger({k: v.clone() for k, v in trigs[0].packed.items()}, dict(trigs[0].shapes), trigs[0].rescaler)
+    assert copy == trigs[0]
+    assert trigs[0] != trigs[1]
+    flipped = {k: v.clone() for k, v in trigs[0].packed.items()}
+    flipped["w"][0] ^= 1
+    assert TaskTrigger(flipped, dict(trigs[0].shapes), trigs[0].rescaler) != trigs[0]
+    assert TaskTrigger(dict(trigs[0].packed), dict(trigs[0].shapes), 2.5) != trigs[0]
+
+
+def test_delta_from_state_dicts_moves_base_to_finetuned_device():
+    """A base on another device is moved (as apply_delta does), not a bare torch device error."""
+    base = {"w": torch.zeros(3)}
+    ft = {"w": torch.ones(3, device="meta")}
+    out = delta_from_state_dicts(base, ft)
+    assert out["w"].device.type == "meta" and out["w"].shape == (3,)
+
+
+def test_0d_tensors_round_trip():
+    d = [{"s": torch.tensor(1.5), "w": torch.randn(3)}, {"s": torch.tensor(-0.5), "w": torch.randn(3)}]
+    u, t = unify(d)
+    assert u["s"].shape == () and float(u["s"]) == 1.5
+    assert t[0].mask("s").shape == () and bool(t[0].mask("s")) and not bool(t[1].mask("s"))
+    assert decouple(u, t[0])["s"].shape == ()
+    u2, t2 = add_task(u, t, {"s": torch.tensor(2.0), "w": torch.randn(3)})
+    assert u2["s"].shape == ()
