@@ -316,3 +316,51 @@ def test_experts_transform_hook(base, tmp_path):
     for k in plain:
         torch.testing.assert_close(halved[k], sd[k] + 0.5 * (plain[k] - sd[k]), atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(stored[k], halved[k], atol=1e-6, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------- review fixes
+
+def _two_task_merger(base):
+    merger = ContinualMerger()
+    for i, s in enumerate((3, 22)):
+        merger.add_task(f"t{i}", clip_delta(base, finetune(base, "whole", seed=s)))
+    return merger
+
+
+def test_nested_experts_read_theta0_not_the_applied_expert(base):
+    """An expert built while another is swapped in is θ_0 + δ̃ (not θ_0 + δ̃_other + δ̃)."""
+    merger = _two_task_merger(base)
+    model = copy.deepcopy(base)
+    ex = ClipExperts.from_merger(model, merger)
+    x = images(2, seed=60)
+    with torch.no_grad():
+        ref = ClipExperts.from_merger(model, merger).encode_image("t1", x)
+        with ex.applied("t0"):
+            nested = ex.encode_image("t1", x)
+        back = model.encode_image(x)
+    torch.testing.assert_close(nested, ref)
+    torch.testing.assert_close(back, base.encode_image(x))
+
+
+def test_expert_params_round_once_in_low_precision(base):
+    """θ_0 + δ̃ in a bf16 model is computed wide and rounded once."""
+    merger = _two_task_merger(base)
+    model = copy.deepcopy(base).to(torch.bfloat16)
+    got = ClipExperts.from_merger(model, merger).params("t0")
+    d = merger.decouple("t0")
+    sd = model.state_dict()
+    for k, v in got.items():
+        exact = (sd[k].float() + d[k].float()).to(torch.bfloat16)
+        assert torch.equal(v, exact), k
+
+
+def test_functional_forward_refuses_unknown_names_and_shapes(base):
+    x = images(2, seed=61)
+    bad = {"visual.transformer.resblocks.0.mlp.c_fc.weights": torch.zeros(128, 32)}
+    with pytest.raises(KeyMismatchError, match="c_fc.weights"):
+        functional_forward(base, bad, x, method="encode_image")
+    with pytest.raises(KeyMismatchError, match="c_fc.weights"):
+        functional_forward(base, bad, x, tokens(2))
+    with pytest.raises(Exception, match="c_fc.weight"):
+        functional_forward(base, {"visual.transformer.resblocks.0.mlp.c_fc.weight": torch.zeros(128, 33)}, x,
+                           method="encode_image")

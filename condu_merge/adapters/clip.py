@@ -49,6 +49,7 @@ __all__ = [
     "hf_to_openclip",
     "openclip_to_hf",
     "pretrained_state",
+    "pristine_tensor",
     "select_names",
     "swap_params",
     "tower_of",
@@ -358,26 +359,49 @@ def _resolve(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return mod, attr
 
 
+def _tensor_of(model: nn.Module, name: str) -> torch.Tensor:
+    """The parameter or buffer object ``name`` of ``model`` (``KeyMismatchError`` if none)."""
+    mod, attr = _resolve(model, name)
+    return mod._parameters[attr] if attr in mod._parameters else mod._buffers[attr]
+
+
+# attribute set on a tensor object while swap_params has replaced its storage: the storage it
+# had before the outermost swap (θ_0), so experts built inside a swap still start from θ_0
+_PRISTINE_ATTR = "_condu_pristine_data"
+
+
+def pristine_tensor(model: nn.Module, name: str) -> torch.Tensor:
+    """``model``'s tensor ``name`` as it is outside any :func:`swap_params` block (detached):
+    the original values even while an expert is swapped in."""
+    cur = _tensor_of(model, name)
+    return getattr(cur, _PRISTINE_ATTR, cur).detach()
+
+
 @contextmanager
 def swap_params(model: nn.Module, params: Mapping[str, torch.Tensor]) -> Iterator[nn.Module]:
     """Within the block, ``model``'s tensors named in ``params`` hold those values; on exit (even
     on error) the original storage is put back, bit for bit. Nothing is copied except a cast when
     a value's dtype/device differs from the model's; ``nn.Parameter`` objects keep their identity
-    (``.data`` is swapped), so hooks and optimisers are unaffected. Not thread-safe: one model,
-    one expert at a time."""
-    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+    (``.data`` is swapped), so hooks and optimisers are unaffected. Blocks nest; the values from
+    before the outermost block stay readable with :func:`pristine_tensor`. Not thread-safe: one
+    model, one expert at a time."""
+    saved: list[tuple[torch.Tensor, torch.Tensor, bool]] = []
     try:
         for name, value in params.items():
-            mod, attr = _resolve(model, name)
-            cur = mod._parameters[attr] if attr in mod._parameters else mod._buffers[attr]
+            cur = _tensor_of(model, name)
             if tuple(value.shape) != tuple(cur.shape):
                 raise ShapeMismatchError(f"tensor {name!r}: model has shape {tuple(cur.shape)}, the expert {tuple(value.shape)}")
-            saved.append((cur, cur.data))
+            outermost = not hasattr(cur, _PRISTINE_ATTR)
+            saved.append((cur, cur.data, outermost))
+            if outermost:
+                setattr(cur, _PRISTINE_ATTR, cur.data)
             cur.data = value.detach().to(device=cur.device, dtype=cur.dtype)
         yield model
     finally:
-        for cur, data in reversed(saved):
+        for cur, data, outermost in reversed(saved):
             cur.data = data
+            if outermost:
+                delattr(cur, _PRISTINE_ATTR)
 
 
 class _Method(nn.Module):
@@ -396,7 +420,13 @@ class _Method(nn.Module):
 def functional_forward(model: nn.Module, params: Mapping[str, torch.Tensor], *args: Any,
                        method: str = "forward", **kwargs: Any) -> Any:
     """``model.<method>(*args, **kwargs)`` computed with ``params`` in place of the named tensors,
-    via :func:`torch.func.functional_call` (the model itself is not modified; others keep theirs)."""
+    via :func:`torch.func.functional_call` (the model itself is not modified; others keep theirs).
+    Every name must be a parameter or buffer of ``model`` with that shape (``functional_call``
+    would silently ignore a misspelt name)."""
+    for name, value in params.items():
+        cur = _tensor_of(model, name)
+        if tuple(value.shape) != tuple(cur.shape):
+            raise ShapeMismatchError(f"tensor {name!r}: model has shape {tuple(cur.shape)}, the given value {tuple(value.shape)}")
     if method == "forward":
         return torch.func.functional_call(model, dict(params), args, kwargs)
     wrapper = _Method(model, method)
@@ -512,13 +542,16 @@ class ClipExperts:
             raise UnknownTaskError(f"no expert for task {task!r}; tasks: {self.tasks}")
         delta = self._decouple_fn(task)
         delta = convert_names(delta, self.source_flavor, self.flavor)
-        sd = self.model.state_dict()
         out = {}
         for k, d in delta.items():
-            if k not in sd:
-                raise KeyMismatchError(f"expert {task!r}: the model has no tensor {k!r}")
-            b = sd[k]
-            out[k] = (b.detach() + d.to(device=b.device, dtype=b.dtype)).to(b.dtype)
+            try:
+                # θ_0 even when called while another expert is swapped in
+                b = pristine_tensor(self.model, k)
+            except KeyMismatchError:
+                raise KeyMismatchError(f"expert {task!r}: the model has no tensor {k!r}") from None
+            # one rounding to the model's dtype: θ_0 + δ̃ is summed in float32 or wider
+            wide = torch.promote_types(torch.promote_types(b.dtype, d.dtype), torch.float32)
+            out[k] = (b.to(wide) + d.to(device=b.device, dtype=wide)).to(b.dtype)
         if self.cache_size:
             self._cache[task] = out
             while len(self._cache) > self.cache_size:

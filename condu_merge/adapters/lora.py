@@ -460,13 +460,16 @@ def lora_weights(model: nn.Module, adapter: LoraAdapter) -> dict[str, torch.Tens
     to ``W``'s device and dtype), ``W`` read (detached) from ``model`` (θ_0). Differentiable in
     the factors: pass the result to :func:`~condu_merge.adapters.functional_forward` /
     :func:`~condu_merge.adapters.clip_encode` to train them, or to
-    :func:`~condu_merge.adapters.swap_params` to evaluate. Call it outside any swap."""
+    :func:`~condu_merge.adapters.swap_params` to evaluate. ``W`` is θ_0 even inside a swap
+    (:func:`~condu_merge.adapters.clip.pristine_tensor`)."""
+    from .clip import pristine_tensor
+
     params = dict(model.named_parameters())
     out = {}
     for name, d in _dense_by_param(adapter).items():
         if name not in params:
             raise KeyMismatchError(f"{adapter.who()}: the model has no parameter {name!r}")
-        w = params[name].detach()
+        w = pristine_tensor(model, name)
         out[name] = w + d.to(w.device, w.dtype)
     return out
 
