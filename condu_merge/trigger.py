@@ -125,7 +125,10 @@ def save_triggers(path: str | os.PathLike, triggers: Sequence[TaskTrigger]) -> N
         meta_tasks.append(
             {
                 "task": trig.task,
-                "rescaler": trig.rescaler if isinstance(trig.rescaler, dict) else float(trig.rescaler),
+                # float(): numpy/torch scalars are not JSON-serialisable
+                "rescaler": {k: float(v) for k, v in trig.rescaler.items()}
+                if isinstance(trig.rescaler, dict)
+                else float(trig.rescaler),
                 "shapes": {n: list(s) for n, s in trig.shapes.items()},
                 "order": list(trig.packed),
             }
@@ -168,22 +171,28 @@ def load_triggers(path: str | os.PathLike) -> list[TaskTrigger]:
         except (KeyError, json.JSONDecodeError) as exc:
             raise FormatError(f"{path}: triggers metadata is damaged ({exc})") from exc
         keys = set(fh.keys())
+        if not isinstance(tasks, list):
+            raise FormatError(f"{path}: triggers metadata is damaged (tasks is a {type(tasks).__name__}, not a list)")
         out = []
         for i, t in enumerate(tasks):
+            try:
+                label = t.get("task") or i
+                order = list(t["order"])
+                shapes = {name: tuple(int(s) for s in t["shapes"][name]) for name in order}
+                resc = t["rescaler"]
+                resc = {k: float(v) for k, v in resc.items()} if isinstance(resc, dict) else float(resc)
+            except (AttributeError, KeyError, TypeError, ValueError) as exc:
+                raise FormatError(f"{path}: triggers metadata of task #{i} is damaged ({type(exc).__name__}: {exc})") from exc
             packed = {}
-            shapes = {}
-            for name in t["order"]:
+            for name in order:
                 key = _trigger_key(i, name)
                 if key not in keys:
-                    raise FormatError(f"{path}: mask of tensor {name!r} for task {t.get('task') or i} is missing")
+                    raise FormatError(f"{path}: mask of tensor {name!r} for task {label} is missing")
                 try:
                     p = fh.get_tensor(key)
                 except Exception as exc:
                     raise FormatError(f"{path}: mask {key!r} cannot be read ({exc})") from exc
                 packed[name] = p
-                shapes[name] = tuple(int(s) for s in t["shapes"][name])
-            resc = t["rescaler"]
-            resc = {k: float(v) for k, v in resc.items()} if isinstance(resc, dict) else float(resc)
             try:
                 out.append(TaskTrigger(packed, shapes, resc, t.get("task")))
             except ValueError as exc:

@@ -95,3 +95,18 @@ def test_decouple_many_equals_decouple(backend):
         decouple_many({"w": u["w"]}, trig)
     with pytest.raises(ValueError, match="K = len"):
         decouple_many_flat(u["w"].reshape(-1), torch.stack([trig[0].packed["w"]]), [1.0, 2.0])
+
+
+@pytest.mark.parametrize("backend", ["torch", "numba"])
+def test_decouple_many_names_the_task_and_reads_grad_inputs(backend):
+    """A shape mismatch names the trigger's task; a base that requires grad (live parameters)
+    is read detached on every backend, as decouple does."""
+    gen = torch.Generator().manual_seed(5)
+    u, trig = cm.unify([{"w": torch.randn(4, 6, generator=gen)} for _ in range(2)], task_names=["cars", "dtd"])
+    bad = cm.TaskTrigger(dict(trig[1].packed), {"w": (6, 4)}, 1.0, "dtd")
+    with pytest.raises(cm.ShapeMismatchError, match="'dtd'.*'w'"):
+        decouple_many(u, [trig[0], bad], backend=backend)
+    base = torch.randn(4, 6, generator=gen)
+    got = decouple_many(u, trig, base={"w": base.clone().requires_grad_(True)}, backend=backend)
+    for t, g in zip(trig, got):
+        assert torch.equal(g["w"], cm.decouple(u, t, base={"w": base}, backend="torch")["w"])

@@ -81,3 +81,35 @@ def test_trigger_validates_itself():
         TaskTrigger({"w": torch.zeros(2, dtype=torch.uint8)}, {"w": (20,)}, 1.0)
     with pytest.raises(ValueError, match="per-tensor rescaler"):
         TaskTrigger({"w": torch.zeros(3, dtype=torch.uint8)}, {"w": (20,)}, {})
+
+
+@pytest.mark.parametrize(
+    "tasks",
+    [
+        '{"task": "x"}',  # not a list
+        '[{"task": "x", "rescaler": 1.0, "shapes": {"w": [4]}}]',  # no "order"
+        '[{"task": "x", "rescaler": 1.0, "order": ["w"], "shapes": {}}]',  # no shape for w
+        '[{"task": "x", "rescaler": "big", "order": ["w"], "shapes": {"w": [4]}}]',  # rescaler not a number
+        '[{"task": "x", "rescaler": 1.0, "order": ["w"], "shapes": {"w": ["a"]}}]',  # bad shape
+        '["x"]',  # a task that is not an object
+    ],
+)
+def test_refuses_damaged_metadata_naming_the_file(tmp_path, tasks):
+    """Valid JSON with missing or mistyped fields is a FormatError naming the file, not a KeyError."""
+    path = tmp_path / "damaged.safetensors"
+    save_file({"0:w": torch.zeros(1, dtype=torch.uint8)}, str(path),
+              metadata={"format": "condu-merge/triggers", "version": "1", "tasks": tasks})
+    with pytest.raises(FormatError, match=r"damaged\.safetensors"):
+        load_triggers(path)
+
+
+def test_saves_numpy_and_torch_scalar_rescalers(tmp_path):
+    import numpy as np
+
+    trig = _triggers("per_tensor")[0]
+    odd = TaskTrigger(dict(trig.packed), dict(trig.shapes), {k: np.float32(v) for k, v in trig.rescaler.items()}, "x")
+    scalar = TaskTrigger(dict(trig.packed), dict(trig.shapes), np.float32(0.5), "y")
+    save_triggers(tmp_path / "t.safetensors", [odd, scalar])
+    back = load_triggers(tmp_path / "t.safetensors")
+    assert back[0].rescaler == {k: float(np.float32(v)) for k, v in trig.rescaler.items()}
+    assert back[1].rescaler == 0.5

@@ -68,17 +68,19 @@ def decouple_many(
         shape = tuple(u.shape)
         for r, tr in enumerate(triggers):
             if tuple(tr.shapes[key]) != shape:
-                raise ShapeMismatchError(f"trigger #{r}: tensor {key!r} has shape {tuple(tr.shapes[key])}, u has {shape}")
+                who = f"trigger of task {tr.task!r}" if tr.task is not None else f"trigger #{r}"
+                raise ShapeMismatchError(f"{who}: tensor {key!r} has shape {tuple(tr.shapes[key])}, u has {shape}")
         b = None
         if base is not None:
             if key not in base:
                 raise KeyMismatchError(f"base state dict lacks tensor {key!r}")
             if tuple(base[key].shape) != shape:
                 raise ShapeMismatchError(f"base tensor {key!r} has shape {tuple(base[key].shape)}, u has {shape}")
-            b = base[key].to(u.device).reshape(-1)
+            # detached, as in condu_merge.decouple: compiled backends cannot read a tensor that requires grad
+            b = base[key].detach().to(u.device).reshape(-1)
         packed = torch.stack([tr.packed[key].to(u.device) for tr in triggers])
         lams = [tr.rescaler_for(key) for tr in triggers]
-        rows = decouple_many_flat(u.reshape(-1), packed, lams, b, backend=backend)
+        rows = decouple_many_flat(u.detach().reshape(-1), packed, lams, b, backend=backend)
         for r in range(K):
             outs[r][key] = rows[r].reshape(shape)
     if base is not None:

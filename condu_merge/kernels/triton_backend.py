@@ -143,7 +143,6 @@ def _add_task_kernel(
     best64 = best.to(tl.float64)
     tl.store(num_new_part + pid, tl.sum(tl.abs(d).to(tl.float64), axis=0))
     tl.store(den_part + pid * (tp + 1) + tp, tl.sum(tl.where(agree_d, best64, 0.0), axis=0))
-    tl.store(mnew_ptr + tp * B + boffs, _pack(agree_d, BLOCK), mask=bmask)
     mrow = masks_ptr
     nrow = mnew_ptr
     for i in range(tp):
@@ -155,6 +154,9 @@ def _add_task_kernel(
         tl.store(den_part + pid * (tp + 1) + i, tl.sum(tl.where(keep, best64, 0.0), axis=0))
         mrow += B
         nrow += B
+    # nrow is now row tp: stepping a pointer row by row never forms the product tp * B, which
+    # overflows when both are 32-bit kernel arguments (tp * B >= 2^31 for a big embedding)
+    tl.store(nrow + boffs, _pack(agree_d, BLOCK), mask=bmask)
 
 
 @triton.jit
