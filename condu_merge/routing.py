@@ -243,9 +243,24 @@ class SemanticAggregator:
         self.k = k
         self.include_pretrained = include_pretrained
         self._text_cache: dict[tuple[str | None, str], torch.Tensor] = {}
+        self._prompts_of: dict[str, torch.Tensor] = {}
+
+    def _check_prompts(self, dataset: str, prompts: torch.Tensor) -> None:
+        """Drop ``dataset``'s cached embeddings when it comes with other prompts than before
+        (another class list or templates under the same name); equal prompts keep them."""
+        seen = self._prompts_of.get(dataset)
+        if seen is prompts:
+            return
+        if seen is not None and not (seen.shape == prompts.shape and seen.device == prompts.device
+                                     and torch.equal(seen, prompts)):
+            for key in [k for k in self._text_cache if k[1] == dataset]:
+                del self._text_cache[key]
+        self._prompts_of[dataset] = prompts
 
     def text_embeddings(self, task: str | None, dataset: str, prompts: torch.Tensor) -> torch.Tensor:
-        """Expert ``task``'s normalised class embeddings of ``dataset`` (computed once, cached)."""
+        """Expert ``task``'s normalised class embeddings of ``dataset`` (computed once per
+        (expert, dataset, prompts), cached)."""
+        self._check_prompts(dataset, prompts)
         key = (task, dataset)
         if key not in self._text_cache:
             self._text_cache[key] = class_text_embeddings(lambda t: self.experts.encode_text(task, t), prompts)
@@ -253,6 +268,7 @@ class SemanticAggregator:
 
     def clear_cache(self) -> None:
         self._text_cache.clear()
+        self._prompts_of.clear()
 
     def expert_logits(self, task: str | None, images: torch.Tensor, dataset: str, prompts: torch.Tensor) -> torch.Tensor:
         """``100 · n(f_task(x)) @ T_taskᵀ`` for all of ``images``."""
@@ -273,7 +289,12 @@ class SemanticAggregator:
 
         With ``task``, that expert alone. Otherwise route (or use ``selection [N, T]``) and run each
         expert only on the samples routed to it; the output is the mean over each sample's
-        selected experts (plus the pretrained model with ``include_pretrained``)."""
+        selected experts (plus the pretrained model with ``include_pretrained``). An empty batch
+        gives ``[0, C]``; a ``selection`` row with no expert is refused unless ``include_pretrained``."""
+        if images.shape[0] == 0:
+            if task is not None and task not in self.prototypes:
+                raise UnknownTaskError(f"no expert for task {task!r}; tasks: {self.tasks}")
+            return torch.zeros(0, prompts.shape[0], dtype=torch.float32, device=images.device)
         if task is not None:
             if task not in self.prototypes:
                 raise UnknownTaskError(f"no expert for task {task!r}; tasks: {self.tasks}")
@@ -281,8 +302,11 @@ class SemanticAggregator:
         sel = self.select(images) if selection is None else selection.to(torch.bool)
         if sel.shape != (images.shape[0], len(self.tasks)):
             raise MergeInputError(f"selection must be [{images.shape[0]}, {len(self.tasks)}], got {tuple(sel.shape)}")
-        out: torch.Tensor | None = None
         count = sel.sum(dim=1).to(torch.float32)
+        if not self.include_pretrained and bool((count == 0).any()):
+            i = int((count == 0).nonzero()[0, 0])
+            raise MergeInputError(f"selection: sample {i} is routed to no expert (and include_pretrained is off)")
+        out: torch.Tensor | None = None
         if self.include_pretrained:
             out = self.expert_logits(None, images, dataset, prompts)
             count = count + 1

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from condu_merge import ContinualMerger, FormatError, UnknownTaskError
+from condu_merge import ContinualMerger, FormatError, MergeInputError, UnknownTaskError
 from condu_merge.routing import (
     SemanticAggregator,
     class_text_embeddings,
@@ -235,3 +235,49 @@ def test_store_integration(tmp_path):
         a = SemanticAggregator(ClipExperts.from_store(copy.deepcopy(base), store), loaded, k=1).logits(x, "ds", prompts)
         b = SemanticAggregator(ClipExperts.from_merger(copy.deepcopy(base), merger), protos, k=1).logits(x, "ds", prompts)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------- review fixes
+
+def test_text_cache_not_reused_for_other_prompts_under_one_dataset_name():
+    """Same dataset name, different class prompts (another class list or templates): the cached
+    text embeddings must not be reused; equal prompts (another tensor object) reuse them."""
+    protos, feats, _ = synthetic_tasks()
+    tasks = list(protos)
+    ex = FakeExperts(tasks)
+    agg = SemanticAggregator(ex, protos, k=2)
+    g = torch.Generator().manual_seed(9)
+    p1 = torch.randint(0, 50, (7, 3, 4), generator=g)
+    p2 = torch.randint(0, 50, (7, 3, 4), generator=g)
+    agg.logits(feats, "ds", p1)
+    calls = dict(ex.text_calls)
+    agg.logits(feats, "ds", p1.clone())
+    assert ex.text_calls == calls
+    out = agg.logits(feats, "ds", p2)
+    ref = reference_logits(FakeExperts(tasks), route(feats, protos, k=2), tasks, feats, p2)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-5)
+    short = agg.logits(feats, "ds", p2[:4], task=tasks[0])
+    assert short.shape == (feats.shape[0], 4)
+
+
+def test_empty_batch_gives_empty_logits():
+    protos, feats, _ = synthetic_tasks()
+    agg = SemanticAggregator(FakeExperts(list(protos)), protos, k=2)
+    prompts = torch.randint(0, 50, (7, 3, 4), generator=torch.Generator().manual_seed(5))
+    for kw in ({}, {"task": list(protos)[0]}):
+        out = agg.logits(feats[:0], "ds", prompts, **kw)
+        assert out.shape == (0, 7)
+
+
+def test_selection_row_without_expert_is_refused():
+    protos, feats, _ = synthetic_tasks()
+    agg = SemanticAggregator(FakeExperts(list(protos)), protos, k=2)
+    prompts = torch.randint(0, 50, (7, 3, 4), generator=torch.Generator().manual_seed(5))
+    sel = route(feats, protos, k=1)
+    sel[2] = False
+    with pytest.raises(MergeInputError, match="sample 2"):
+        agg.logits(feats, "ds", prompts, selection=sel)
+    # with the pretrained model as a member, a row may select no expert
+    agg2 = SemanticAggregator(FakeExperts(list(protos)), protos, k=2, include_pretrained=True)
+    out = agg2.logits(feats, "ds", prompts, selection=sel)
+    torch.testing.assert_close(out[2], agg2.expert_logits(None, feats[2:3], "ds", prompts)[0])
