@@ -360,3 +360,35 @@ def test_lora_transform_experts_from_merger_and_store(setup, tmp_path):
         torch.testing.assert_close(fi, ri, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(ft, rt, atol=1e-5, rtol=1e-5)
     assert all(torch.equal(before[n], p) for n, p in base.named_parameters())
+
+
+# ---------------------------------------------------------------------------- review fixes
+
+def test_load_refuses_two_adapter_names_for_one_module(tmp_path):
+    """A file holding ``lora_A.default`` and ``lora_A.other`` of one module must not silently keep
+    the last one read."""
+    from safetensors.torch import save_file
+
+    from condu_merge.adapters.lora import CONFIG_NAME, WEIGHTS_NAME, _peft_config
+
+    g = torch.Generator().manual_seed(0)
+    t = {}
+    for name in ("default", "other"):
+        t[f"base_model.model.fc.lora_A.{name}.weight"] = torch.randn(2, 4, generator=g)
+        t[f"base_model.model.fc.lora_B.{name}.weight"] = torch.randn(3, 2, generator=g)
+    save_file(t, str(tmp_path / WEIGHTS_NAME))
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(_peft_config(["fc"], r=2, lora_alpha=2)))
+    with pytest.raises(FormatError, match="fc"):
+        LoraAdapter.load(tmp_path)
+
+
+def test_dense_delta_refuses_a_config_rank_that_is_not_the_factors():
+    """The scaling uses the config's rank: factors of another rank would be scaled wrongly."""
+    g = torch.Generator().manual_seed(0)
+    ad = LoraAdapter.from_factors({"fc": (torch.randn(4, 6, generator=g), torch.randn(5, 4, generator=g))},
+                                  r=4, lora_alpha=8)
+    ad.config["r"] = 8  # e.g. a hand-edited config, or a rank_pattern that was dropped
+    with pytest.raises(ShapeMismatchError, match="fc"):
+        dense_delta(ad)
+    ad.config["rank_pattern"] = {"fc": 4}
+    torch.testing.assert_close(dense_delta(ad)["fc.weight"], 2.0 * ad.factors["fc"][1] @ ad.factors["fc"][0])

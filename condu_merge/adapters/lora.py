@@ -200,7 +200,12 @@ def _parse_factors(tensors: Mapping[str, torch.Tensor], where: str) -> dict[str,
                 f"{where}: tensor {k!r} is not a LoRA factor (lora_A/lora_B); DoRA magnitudes, LoRA "
                 "biases, embedding LoRA and modules_to_save are not supported"
             )
-        parts.setdefault(m.group(1), {})[m.group(2)] = t
+        slot = parts.setdefault(m.group(1), {})
+        if m.group(2) in slot:
+            # two adapter names (lora_A.default / lora_A.other) for one module: which one is meant?
+            raise FormatError(f"{where}: module {m.group(1)!r} has more than one {m.group(2)} tensor "
+                              f"(several adapter names in one file); save one adapter per folder")
+        slot[m.group(2)] = t
     out = {}
     for mod, p in parts.items():
         if set(p) != {"lora_A", "lora_B"}:
@@ -335,6 +340,10 @@ def dense_delta(adapter: LoraAdapter, *, dtype: torch.dtype | None = torch.float
             d = (b.flatten(1).to(wide) @ a.flatten(1).to(wide)).reshape(b.shape[0], *a.shape[1:])
         else:
             raise ShapeMismatchError(f"{adapter.who()}: module {m!r}: unsupported LoRA factor shapes A {tuple(a.shape)}, B {tuple(b.shape)}")
+        if a.shape[0] != adapter.rank(m):
+            # the scaling alpha/r reads r from the config: it must be the factors' rank
+            raise ShapeMismatchError(f"{adapter.who()}: module {m!r}: factors have rank {a.shape[0]} but the config "
+                                     f"(r / rank_pattern) says {adapter.rank(m)}; the scaling would be wrong")
         out[f"{m}.weight"] = (d * adapter.scaling(m)).contiguous()
     return out
 
