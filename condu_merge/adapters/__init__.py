@@ -17,6 +17,7 @@ from .clip import (
     hf_to_openclip,
     openclip_to_hf,
     pretrained_state,
+    pristine_tensor,
     select_names,
     swap_params,
 )
@@ -66,6 +67,7 @@ __all__ = [
     "hf_to_openclip",
     "openclip_to_hf",
     "pretrained_state",
+    "pristine_tensor",
     "select_names",
     "swap_params",
 ]
