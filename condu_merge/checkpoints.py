@@ -182,8 +182,16 @@ class ShardedCheckpoint:
             weight_map = index["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise FormatError(f"{self.path}: not a checkpoint index (needs a 'weight_map'; {exc})") from exc
-        folder = os.path.dirname(self.path)
-        self._map = {k: os.path.join(folder, v) for k, v in weight_map.items()}
+        if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+            raise FormatError(f"{self.path}: 'weight_map' must map tensor names to shard file names")
+        folder = os.path.dirname(os.path.abspath(self.path))
+        self._map = {}
+        for k, v in weight_map.items():
+            shard = os.path.normpath(os.path.join(folder, v))
+            # an index names shards inside its folder; never follow it elsewhere on the disk
+            if os.path.isabs(v) or shard == folder or os.path.commonpath([folder, shard]) != folder:
+                raise FormatError(f"{self.path}: tensor {k!r} is mapped to {v!r}, outside the index's folder")
+            self._map[k] = shard
         for shard in sorted(set(self._map.values())):
             if not os.path.exists(shard):
                 raise FileNotFoundError(f"{self.path}: shard {os.path.basename(shard)} is missing")

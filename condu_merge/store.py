@@ -112,6 +112,17 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _committed_generation(root: str) -> str | None:
+    """The generation ``manifest.json`` names on disk now (``None`` if none or unreadable): a
+    failed writer removes its new generation only when this is not it (an error or Ctrl-C after
+    the switch must not delete the committed state)."""
+    try:
+        with open(os.path.join(root, MANIFEST), encoding="utf-8") as fh:
+            return json.load(fh).get("generation_dir")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def _manifest_checksum(manifest: Mapping[str, object]) -> str:
     body = {k: v for k, v in manifest.items() if k != "checksum"}
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
@@ -554,7 +565,7 @@ class Store:
                 m["files"] = files
                 self._commit(m, new_gen, gen_dir)
             except BaseException:
-                if self.manifest is None or self.manifest["generation_dir"] != new_gen:
+                if _committed_generation(self.root) != new_gen:
                     shutil.rmtree(gen_dir, ignore_errors=True)
                 raise
 
@@ -609,6 +620,9 @@ class Store:
             json.dump(manifest, fh, indent=1)
             fh.flush()
             os.fsync(fh.fileno())
+        # the new generation's entry in STORE (and the temporary manifest) must be durable before
+        # the manifest that names it can be
+        fsync_dir(self.root)
         _crash_point("commit:tmp")
         os.replace(tmp, mpath)
         fsync_dir(self.root)
@@ -700,7 +714,7 @@ class Store:
             self._commit(m, new_gen, gen_dir)
             committed = True
         finally:
-            if not committed:
+            if not committed and _committed_generation(self.root) != new_gen:
                 writer.abort()
 
     def _check_new_task(self, name: str) -> None:
@@ -946,7 +960,7 @@ class Store:
                 self._commit(m, new_gen, gen_dir)
                 committed = True
             finally:
-                if not committed:
+                if not committed and _committed_generation(self.root) != new_gen:
                     writer.abort()
 
     # ------------------------------------------------------------------ reporting

@@ -297,3 +297,26 @@ def test_streaming_merge_memory_stays_near_one_tensor(tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     grew_mb = float(p.stdout.strip().splitlines()[-1])
     assert grew_mb < 16, f"peak RSS grew by {grew_mb:.1f} MB while merging a 32 MB model in 2 MB tensors"
+
+
+@pytest.mark.parametrize("target", ["../outside.safetensors", "ABS", "sub/../../outside.safetensors"])
+def test_sharded_index_may_not_point_outside_its_folder(tmp_path, target):
+    from condu_merge.checkpoints import ShardedCheckpoint
+
+    save_file({"w": torch.ones(3)}, str(tmp_path / "outside.safetensors"))
+    folder = tmp_path / "ck"
+    folder.mkdir()
+    shard = str(tmp_path / "outside.safetensors") if target == "ABS" else target
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": shard}}))
+    with pytest.raises(FormatError, match="model.safetensors.index.json"):
+        ShardedCheckpoint(folder / "model.safetensors.index.json")
+
+
+@pytest.mark.parametrize("weight_map", [["a"], {"w": 3}, "x"])
+def test_malformed_sharded_index_is_a_format_error(tmp_path, weight_map):
+    from condu_merge.checkpoints import ShardedCheckpoint
+
+    p = tmp_path / "model.safetensors.index.json"
+    p.write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(FormatError, match="index.json"):
+        ShardedCheckpoint(p)

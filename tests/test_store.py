@@ -234,3 +234,39 @@ def test_lazy_decouple_with_base(tmp_path):
     assert set(got) == set(ref)
     assert all(torch.equal(got[k], ref[k]) for k in ref)
     assert got["enc.weight"].dtype == torch.float64
+
+
+@pytest.mark.parametrize("step", ["commit:switched", "commit:cleanup"])
+@pytest.mark.parametrize("op", ["add", "proto", "save"])
+def test_interrupt_after_the_switch_keeps_the_new_generation(tmp_path, monkeypatch, step, op):
+    """Ctrl-C (or any error) after manifest.json was replaced must not delete the generation it names."""
+    import condu_merge.store as store_mod
+
+    d = _deltas(3)
+    st = Store(tmp_path / "s")
+    st.add_task("t0", d[0])
+    st.add_task("t1", d[1])
+
+    def interrupt(name):
+        if name == step:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(store_mod, "_crash_point", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        if op == "add":
+            st.add_task("t2", d[2])
+        elif op == "proto":
+            st.save_prototypes("t1", {"p": torch.arange(4.0)})
+        else:
+            m = ContinualMerger.load(tmp_path / "s")
+            m.add_task("t2", d[2])
+            m.save(tmp_path / "s")
+    monkeypatch.undo()
+    st2 = Store(tmp_path / "s")  # verify=True: the committed state loads, hashes checked
+    if op == "proto":
+        assert st2.task_names == ["t0", "t1"]
+        assert torch.equal(st2.load_prototypes("t1")["p"], torch.arange(4.0))
+    else:
+        assert st2.task_names == ["t0", "t1", "t2"]
+    st2.add_task("t3", _deltas(1, seed=5)[0])
+    assert Store(tmp_path / "s").task_names[-1] == "t3"
