@@ -107,6 +107,8 @@ class SafetensorsFile:
             except (KeyError, TypeError, ValueError) as exc:
                 raise FormatError(f"{self.path}: header entry of tensor {name!r} is malformed or has an unsupported dtype ({exc})") from exc
             spec = TensorSpec(name, dtype, shape)
+            if any(d < 0 for d in shape):
+                raise FormatError(f"{self.path}: tensor {name!r} has a negative dimension in shape {shape}")
             if end - begin != spec.nbytes or begin < 0:
                 raise FormatError(f"{self.path}: tensor {name!r} has {end - begin} bytes of data for shape {shape} {dtype}")
             if end > data_len:

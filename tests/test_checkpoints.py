@@ -320,3 +320,14 @@ def test_malformed_sharded_index_is_a_format_error(tmp_path, weight_map):
     p.write_text(json.dumps({"weight_map": weight_map}))
     with pytest.raises(FormatError, match="index.json"):
         ShardedCheckpoint(p)
+
+
+def test_negative_shape_in_header_is_a_format_error(tmp_path):
+    import struct
+
+    h = json.dumps({"w": {"dtype": "F32", "shape": [-1], "data_offsets": [4, 0]}}).encode()
+    h += b" " * ((-len(h)) % 8)
+    p = tmp_path / "neg.safetensors"
+    p.write_bytes(struct.pack("<Q", len(h)) + h + b"\0" * 8)
+    with pytest.raises(FormatError, match="neg.safetensors"):
+        SafetensorsFile(p)
