@@ -330,6 +330,7 @@ class Store:
         self.root = os.path.abspath(os.fspath(path))
         self.verify_on_load = verify
         self.manifest: dict | None = None
+        self._gen_seen: str | None = None  # generation named by the manifest last read
         self._files: dict[str, SafetensorsFile] = {}
         self._load(verify)
 
@@ -356,6 +357,18 @@ class Store:
         self.close()
 
     def _load(self, verify: bool) -> None:
+        # readers never block: a writer may switch manifest.json and delete the generation we
+        # just read about; if the manifest on disk moved on, read again (a few times at most)
+        for attempt in range(5):
+            try:
+                return self._load_once(verify)
+            except (FormatError, FileNotFoundError):
+                seen = self._gen_seen
+                if attempt == 4 or seen is None or _committed_generation(self.root) in (None, seen):
+                    raise
+
+    def _load_once(self, verify: bool) -> None:
+        self._gen_seen = None
         self._close_files()
         mpath = self._manifest_path()
         if not os.path.exists(mpath):
@@ -376,6 +389,7 @@ class Store:
             )
         if m.get("checksum") != _manifest_checksum(m):
             raise FormatError(f"{mpath}: manifest checksum mismatch (the manifest was modified or damaged)")
+        self._gen_seen = m.get("generation_dir")
         gen = os.path.join(self.root, m["generation_dir"])
         for rel, info in m["files"].items():
             p = os.path.join(gen, rel)

@@ -270,3 +270,26 @@ def test_interrupt_after_the_switch_keeps_the_new_generation(tmp_path, monkeypat
         assert st2.task_names == ["t0", "t1", "t2"]
     st2.add_task("t3", _deltas(1, seed=5)[0])
     assert Store(tmp_path / "s").task_names[-1] == "t3"
+
+
+def test_reader_opening_during_a_commit_retries_the_new_generation(tmp_path, monkeypatch):
+    """A reader that read manifest.json just before a writer switched and removed the old
+    generation must load the new state, not report a missing file."""
+    import condu_merge.store as store_mod
+
+    d = _deltas(2)
+    Store(tmp_path / "s").add_task("t0", d[0])
+    real = store_mod.sha256_file
+    fired = []
+
+    def sha_then_write(path):
+        out = real(path)
+        if not fired:
+            fired.append(1)
+            monkeypatch.setattr(store_mod, "sha256_file", real)
+            Store(tmp_path / "s", verify=False).add_task("t1", d[1])  # old generation deleted now
+        return out
+
+    monkeypatch.setattr(store_mod, "sha256_file", sha_then_write)
+    st = Store(tmp_path / "s")
+    assert fired and st.task_names == ["t0", "t1"]
