@@ -7,11 +7,12 @@ tensors, or whatever subset the caller chooses) and sees tasks one at a time::
     for task in tasks:
         start = strat.begin_task(task)                     # where training starts (+ optional hook)
         load(model, start.params)
-        handles = start.hook.attach(named_params) if start.hook else []
+        opt = make_optimizer(named_params)
+        handles = start.hook.attach(named_params, optimizer=opt) if start.hook else []
         for batch in data[task]:
             loss = task_loss(model, batch)
             if start.hook: loss = loss + start.hook.loss(named_params)
-            loss.backward(); opt.step(); opt.zero_grad()
+            loss.backward(); opt.step(); opt.zero_grad()  # attach() runs hook.after_step here
         for h in handles: h.remove()
         strat.end_task(task, params=trained_state)         # or delta=θ_t − θ_0
     strat.model_for_inference(task=None)                   # state dict to evaluate
@@ -64,8 +65,12 @@ class TrainingHook:
     """What a strategy asks of the training loop, in a form any torch loop can use.
 
     * :meth:`loss` returns a scalar to **add** to the task loss (``0`` tensor if none);
-    * :meth:`attach` registers gradient hooks on the parameters and returns their handles
-      (call ``h.remove()`` on each when the task's training ends).
+    * :meth:`after_step` acts on the parameters after an optimizer step (PAM's periodic
+      re-initialisation of sign-conflicting weights is one); call it after ``opt.step()``,
+      or let :meth:`attach` register it on the optimizer;
+    * :meth:`attach` registers the hook's gradient hooks on the parameters and, when given the
+      ``optimizer``, an optimizer step post-hook calling :meth:`after_step`; it returns their
+      handles (call ``h.remove()`` on each when the task's training ends).
 
     ``params`` maps the strategy's tensor names (the keys of ``base``) to the live
     ``torch.nn.Parameter`` objects being trained; the caller maps its module names to them.
@@ -76,8 +81,23 @@ class TrainingHook:
         first = next(iter(params.values()), None)
         return torch.zeros((), device=first.device if first is not None else None)
 
-    def attach(self, params: Mapping[str, torch.Tensor]) -> list:
-        return []
+    def after_step(self, params: Mapping[str, torch.Tensor], optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Called once after every optimizer step (no-op here)."""
+
+    def attach(
+        self, params: Mapping[str, torch.Tensor], optimizer: torch.optim.Optimizer | None = None
+    ) -> list:
+        """Register the hook on ``params`` (and on ``optimizer``'s steps when given); returns the
+        handles to ``remove()`` when the task's training ends."""
+        handles = []
+        if optimizer is not None and type(self).after_step is not TrainingHook.after_step:
+            live = dict(params)
+
+            def _post(opt, args, kwargs):  # torch's step post-hook signature
+                self.after_step(live, opt)
+
+            handles.append(optimizer.register_step_post_hook(_post))
+        return handles
 
 
 @dataclass(frozen=True)
