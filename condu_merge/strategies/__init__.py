@@ -22,7 +22,7 @@ from .condu import ConDU
 from .continual_ft import ContinualFT
 from .emr import EMR
 from .magmax import MagMax, max_magnitude_update
-from .pam import PAM, SignAlignmentHook, pam_merge_tensor, sign_agreement
+from .pam import PAM, PAMAlignment, conflict_mask, important_signs, pam_merge_tensor, sign_agreement, top_fraction_threshold
 from .task_arithmetic import TaskArithmetic, task_arithmetic_tensor
 from .ties import TIES, ties_tensor, trim_threshold
 
@@ -37,7 +37,7 @@ __all__ = [
     "EMR",
     "MagMax",
     "PAM",
-    "SignAlignmentHook",
+    "PAMAlignment",
     "StorageReport",
     "StrategyStateError",
     "TIES",
@@ -45,7 +45,9 @@ __all__ = [
     "TaskStart",
     "TrainingHook",
     "available_strategies",
+    "conflict_mask",
     "get_strategy",
+    "important_signs",
     "max_magnitude_update",
     "pam_merge_tensor",
     "register_strategy",
@@ -53,5 +55,6 @@ __all__ = [
     "state_nbytes",
     "task_arithmetic_tensor",
     "ties_tensor",
+    "top_fraction_threshold",
     "trim_threshold",
 ]

@@ -2,58 +2,130 @@
 Schmid, "Continual Learning in Vision-Language Models via Aligned Model Merging",
 arXiv:2506.03189; seed 002).
 
-What the paper states (abstract and introduction): instead of only updating the weights
-sequentially, the newly trained task parameters are **merged** with the previously learned ones,
-and a simple mechanism **promotes learning weights aligned with the previous ones**, so the merge
-does not interfere; experiments fine-tune LoRA modules of large VLMs. The method section could
-not be read for this implementation (see docs/strategies.md), so the rule below is our reading,
-every open detail a parameter:
+The method (sources and what is our choice: docs/strategies.md, "PAM"):
 
-* **Training start / alignment** (``init="merged"``, default): task ``t`` starts from the current
-  merged weights θ_m^{t−1} (θ_0 for the first task). Starting every task from the same merged
-  point keeps the new weights in the previous ones' basin and, for LoRA, in the same factor
-  coordinates (independently initialised LoRA factors are not comparable entry by entry, so
-  averaging them would interfere). ``init="base"`` is the unaligned ablation (every task from θ_0).
-* **Optional alignment loss** (``align_weight > 0``; off by default, our extension): a training
-  hook adding ``w · (1/N) Σ_k relu(−sign(m_k) · (θ_k − θ_0,k))`` with ``m = θ_m^{t−1} − θ_0``,
-  which penalises each entry of the new task vector that points against the merged vector
-  (the sign conflicts TIES-style merging suffers from).
-* **Merge** of the trained θ_t into the merged weights, with task vectors relative to θ_0::
+* **One global module** ``G`` (the paper: a global LoRA, rank 32, on a frozen VLM) evolves
+  over the tasks. The first task trains from θ_0 (the LoRA's initialisation) and ``G_1 = θ_1``.
+* **Each new task trains a temporary copy of the global module**: task ``t`` starts from
+  ``G_{t−1}`` (``init="merged"``; ``init="base"``, every task from θ_0, is an ablation).
+* **Alignment during training** (Parameter Alignment for Merging): every ``align_every``
+  optimizer steps, the weights of the task module whose sign conflicts with the *important*
+  weights of the global module are re-initialised, to the global module's values
+  (``reset_to="global"``) or to zero (``reset_to="zero"``), and training goes on. The important
+  weights are the top ``p`` fraction of ``G_{t−1}`` by magnitude (``align_fraction``, the paper's
+  default 50%), per tensor (``scope="tensor"``) or over all tensors (``scope="global"``). With
+  ``x`` the compared quantity and ``g`` its global counterpart::
 
-      m_t = m_{t−1} + c_t (τ_t − m_{t−1}),   τ_t = θ_t − θ_0,   c_1 = 1,
-      c_t = 1/t   (merge_coef=None, default: the running mean, every task weighted equally)
-      c_t = α     (merge_coef=α: an exponential moving average favouring recent tasks)
+      I_k = [|g_k| ≥ q_p]  (q_p: the ⌈pN⌉-th largest |g|; ties kept; g_k = 0 never counts)
+      C_k = I_k ∧ (x_k · g_k < 0)                     (a strict sign conflict)
+      θ_k ← G_{t−1,k}  (reset_to="global")   or   θ_k ← r_k  (reset_to="zero")     for k ∈ C
 
-  θ = θ_0 + m_t is both the inference model and the next task's start.
+  ``align_on="values"`` (the paper's LoRA setting) compares the weights themselves:
+  ``x = θ``, ``g = G_{t−1}``, ``r = 0``. ``align_on="task_vector"`` (full fine-tuning, where the
+  weights' own signs are the pretrained ones) compares task vectors: ``x = θ − θ_0``,
+  ``g = G_{t−1} − θ_0``, ``r = θ_0``. The optimizer's first-moment buffers of the reset entries
+  are zeroed (``reset_optimizer="momentum"``; ``"all"`` zeroes every per-entry state, ``"none"``
+  keeps them) so momentum does not push a reset weight straight back.
+* **Merge** after the task, element-wise::
 
-What is trained is up to the caller: pass the LoRA factors (A, B) as ``base`` (the paper's
-setting; θ_0 is then the factors' initial values) or the full weights. Merging acts entry-wise
-on whatever tensors ``base`` holds.
+      G_t = (1 − c_t) G_{t−1} + c_t θ_t,    c_1 = 1,
+      c_t = 1/2      (merge_coef=0.5, default: the average of the global and the task module)
+      c_t = 1/t      (merge_coef=None: the running mean, every task weighted equally)
 
-Stores: the merged delta ``m`` (one model-sized delta, shared); nothing per task.
+  ``G_t`` is the inference model for every task (no task identity at inference) and the next
+  task's start.
+
+Stores: the global module (one model-sized delta ``G − θ_0``); nothing per task.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Mapping
 
 import torch
 
+from ..errors import ShapeMismatchError
 from .base import ContinualStrategy, StorageReport, TaskStart, TrainingHook, state_nbytes
 
 PAM_INITS = ("merged", "base")
+PAM_RESETS = ("global", "zero")
+PAM_ALIGN_ON = ("values", "task_vector")
+PAM_SCOPES = ("tensor", "global")
+PAM_OPTIMIZER_RESETS = ("momentum", "all", "none")
+# optimizer state entries holding a first moment / velocity (AdamW, Adam, SGD, RMSprop, Lion-style)
+_MOMENTUM_STATE = ("exp_avg", "momentum_buffer", "grad_avg")
 
 
 def pam_merge_tensor(merged: torch.Tensor, tau: torch.Tensor, coef: float) -> torch.Tensor:
-    """``m + c (τ − m)`` computed in float32 or wider, returned in ``m``'s dtype."""
+    """``(1 − c) m + c τ`` computed in float32 or wider, returned in ``m``'s dtype (written so
+    that ``c = 1`` gives ``τ`` exactly)."""
     wide = torch.promote_types(torch.promote_types(merged.dtype, tau.dtype), torch.float32)
-    m = merged.to(wide)
-    return (m + coef * (tau.to(wide) - m)).to(merged.dtype)
+    return ((1.0 - coef) * merged.to(wide) + coef * tau.to(wide)).to(merged.dtype)
+
+
+def top_fraction_threshold(abs_values: torch.Tensor, fraction: float) -> float:
+    """The magnitude ``q`` with ``|g| ≥ q`` selecting the top ``fraction`` of ``abs_values``:
+    the ``⌈fraction·N⌉``-th largest value (``+inf`` when that selects nothing)."""
+    n = abs_values.numel()
+    keep = min(n, math.ceil(fraction * n - 1e-9))
+    if keep <= 0:
+        return math.inf
+    flat = abs_values.reshape(-1)
+    flat = flat.to(torch.promote_types(flat.dtype, torch.float32))
+    return float(flat.kthvalue(n - keep + 1).values)
+
+
+def important_signs(
+    values: Mapping[str, torch.Tensor],
+    fraction: float,
+    scope: str = "tensor",
+    reference: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """``sign(g_k)`` as int8 on the important entries (top ``fraction`` of ``|g|``, ties at the
+    threshold kept), 0 elsewhere and where ``g_k = 0``, with ``g = values`` or, given a
+    ``reference``, ``g = values − reference`` (computed tensor by tensor in float32 or wider).
+    ``scope="tensor"`` thresholds each tensor on its own, ``"global"`` once over all of them."""
+    if scope not in PAM_SCOPES:
+        raise ValueError(f"unknown scope {scope!r}; choose one of {PAM_SCOPES}")
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"align_fraction must be in [0, 1], got {fraction}")
+    def g_of(k: str) -> torch.Tensor:
+        v = values[k].detach()
+        if reference is None:
+            return v
+        wide = torch.promote_types(torch.promote_types(v.dtype, reference[k].dtype), torch.float32)
+        return v.to(wide) - reference[k].detach().to(device=v.device, dtype=wide)
+
+    if scope == "global":
+        # one model's magnitudes (never several tasks'), as TIES's global trim does
+        parts = [g_of(k).reshape(-1).abs() for k in values]
+        wide = torch.float32
+        for t in parts:
+            wide = torch.promote_types(wide, t.dtype)
+        flat = torch.cat([t.to(wide) for t in parts])
+        del parts
+        q_all = top_fraction_threshold(flat, fraction)
+        del flat
+    out = {}
+    for k in values:
+        g = g_of(k)
+        q = q_all if scope == "global" else top_fraction_threshold(g.abs(), fraction)
+        keep = (g.abs().to(torch.promote_types(g.dtype, torch.float32)) >= q) & (g != 0)
+        out[k] = torch.where(keep, torch.sign(g), torch.zeros_like(g)).to(torch.int8)
+    return out
+
+
+def conflict_mask(x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
+    """``[x_k · s_k < 0]``: entries of ``x`` whose sign strictly opposes the int8 sign ``s_k``
+    (entries with ``s_k = 0`` or ``x_k = 0`` never conflict)."""
+    s = signs.to(x.device)
+    return ((x > 0) & (s < 0)) | ((x < 0) & (s > 0))
 
 
 def sign_agreement(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
     """Fraction of entries, among those nonzero in both, where ``a`` and ``b`` have the same sign
-    (the alignment quantity: 1 = no sign conflict when merging ``a`` and ``b``)."""
+    (1 = no sign conflict when merging ``a`` and ``b``)."""
     same = both = 0
     for k in a:
         x, y = a[k].detach(), b[k].detach().to(a[k].device)
@@ -63,35 +135,129 @@ def sign_agreement(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor])
     return same / both if both else 1.0
 
 
-class SignAlignmentHook(TrainingHook):
-    """``loss = w · (1/N) Σ_k relu(−sign(m_k) · (θ_k − θ_0,k))`` (0 where ``m_k = 0``).
+class PAMAlignment(TrainingHook):
+    """PAM's alignment as a training hook: every ``every`` optimizer steps, re-initialise the
+    entries of the trained tensors that conflict in sign with the important entries of the
+    global module (see the module docstring for the rule).
 
-    Its gradient on an entry whose task vector points against the merged vector is
-    ``w/N · sign(m_k)`` descent-wise, pulling that entry back towards the merged sign.
+    Use ``hook.attach(params, optimizer=opt)`` (runs :meth:`after_step` after each ``opt.step()``)
+    or call ``hook.after_step(params, opt)`` yourself; :meth:`align` applies one alignment now.
+    ``steps``, ``alignments`` and ``resets`` (entries re-initialised per alignment) record
+    what happened; :meth:`conflict_fraction` measures the alignment of the current weights.
     """
 
-    def __init__(self, base: Mapping[str, torch.Tensor], merged: Mapping[str, torch.Tensor], weight: float):
-        self.weight = float(weight)
-        self._base = dict(base)
-        self._sign = {k: torch.sign(v).to(torch.int8) for k, v in merged.items()}
-        self._n = max(1, sum(v.numel() for v in merged.values()))
+    def __init__(
+        self,
+        global_values: Mapping[str, torch.Tensor],
+        *,
+        reference: Mapping[str, torch.Tensor] | None = None,
+        fraction: float = 0.5,
+        every: int = 100,
+        reset_to: str = "global",
+        scope: str = "tensor",
+        reset_optimizer: str = "momentum",
+    ):
+        if reset_to not in PAM_RESETS:
+            raise ValueError(f"unknown reset_to {reset_to!r}; choose one of {PAM_RESETS}")
+        if reset_optimizer not in PAM_OPTIMIZER_RESETS:
+            raise ValueError(f"unknown reset_optimizer {reset_optimizer!r}; choose one of {PAM_OPTIMIZER_RESETS}")
+        if int(every) != every or every < 1:
+            raise ValueError(f"align_every must be a positive integer, got {every}")
+        self.every = int(every)
+        self.reset_to = reset_to
+        self.reset_optimizer = reset_optimizer
+        self._global = dict(global_values)
+        self._reference = dict(reference) if reference is not None else None
+        if self._reference is not None:
+            missing = [k for k in self._global if k not in self._reference]
+            if missing:
+                raise KeyError(f"PAMAlignment: reference lacks tensors {missing[:8]}")
+        self._signs = important_signs(self._global, fraction, scope, self._reference)
+        self._device_cache: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
+        self.steps = 0
+        self.alignments = 0
+        self.resets: list[int] = []
 
-    def loss(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        missing = [k for k in self._sign if k not in params]
+    @property
+    def important_count(self) -> int:
+        """Number of important (sign-carrying) entries of the global module."""
+        return sum(int((s != 0).sum()) for s in self._signs.values())
+
+    def _on(self, kind: str, k: str, like: torch.Tensor) -> torch.Tensor:
+        """``kind`` ("global", "reference") tensor ``k`` on ``like``'s device and dtype, cached."""
+        key = (f"{kind}:{k}", like.device, like.dtype)
+        t = self._device_cache.get(key)
+        if t is None:
+            src = self._global[k] if kind == "global" else self._reference[k]  # type: ignore[index]
+            t = src.detach().to(device=like.device, dtype=like.dtype)
+            self._device_cache[key] = t
+        return t
+
+    def _compared(self, k: str, p: torch.Tensor) -> torch.Tensor:
+        x = p.detach()
+        if self._reference is not None:
+            x = x - self._on("reference", k, x)
+        return x
+
+    def _check(self, params: Mapping[str, torch.Tensor]) -> None:
+        missing = [k for k in self._signs if k not in params]
         if missing:
-            raise KeyError(f"SignAlignmentHook: params lack tensors {missing[:8]} (keys must match the strategy's base)")
-        total = None
-        for k, s in self._sign.items():
+            raise KeyError(f"PAMAlignment: params lack tensors {missing[:8]} (keys must match the strategy's base)")
+        for k, s in self._signs.items():
+            if tuple(params[k].shape) != tuple(s.shape):
+                raise ShapeMismatchError(
+                    f"PAMAlignment: tensor {k!r} has shape {tuple(params[k].shape)}, the global module has {tuple(s.shape)}"
+                )
+
+    def conflict_fraction(self, params: Mapping[str, torch.Tensor]) -> float:
+        """Fraction of the global module's important entries whose sign ``params`` oppose
+        (0 = fully aligned)."""
+        self._check(params)
+        n = self.important_count
+        if n == 0:
+            return 0.0
+        bad = sum(int(conflict_mask(self._compared(k, params[k]), s).sum()) for k, s in self._signs.items())
+        return bad / n
+
+    @torch.no_grad()
+    def align(self, params: Mapping[str, torch.Tensor], optimizer: torch.optim.Optimizer | None = None) -> int:
+        """Re-initialise the conflicting entries of ``params`` in place now; returns how many."""
+        self._check(params)
+        total = 0
+        for k, s in self._signs.items():
             p = params[k]
-            tau = p - self._base[k].to(device=p.device, dtype=p.dtype)
-            term = torch.relu(-s.to(device=p.device, dtype=p.dtype) * tau).sum()
-            total = term if total is None else total + term
-        assert total is not None
-        return total * (self.weight / self._n)
+            conflict = conflict_mask(self._compared(k, p), s)
+            n = int(conflict.sum())
+            if n == 0:
+                continue
+            total += n
+            if self.reset_to == "global":
+                target = self._on("global", k, p)
+            elif self._reference is not None:
+                target = self._on("reference", k, p)
+            else:
+                target = torch.zeros((), dtype=p.dtype, device=p.device)
+            p.copy_(torch.where(conflict, target, p))
+            if optimizer is not None and self.reset_optimizer != "none":
+                for name, buf in optimizer.state.get(p, {}).items():
+                    if not isinstance(buf, torch.Tensor) or tuple(buf.shape) != tuple(p.shape):
+                        continue
+                    if self.reset_optimizer == "all" or name in _MOMENTUM_STATE:
+                        buf.masked_fill_(conflict.to(buf.device), 0)
+        self.alignments += 1
+        self.resets.append(total)
+        return total
+
+    def after_step(self, params: Mapping[str, torch.Tensor], optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Count a step; align every ``every`` steps."""
+        self.steps += 1
+        if self.steps % self.every == 0:
+            self.align(params, optimizer)
 
 
 class PAM(ContinualStrategy):
-    """Aligned model merging: train from the merged weights, then fold into a running average."""
+    """Aligned model merging: train a copy of the global module with periodic sign alignment,
+    then average it into the global module."""
 
     name = "pam"
 
@@ -99,9 +265,14 @@ class PAM(ContinualStrategy):
         self,
         base,
         *,
+        align_fraction: float = 0.5,
+        align_every: int = 100,
+        reset_to: str = "global",
+        align_on: str = "values",
+        scope: str = "tensor",
+        reset_optimizer: str = "momentum",
+        merge_coef: float | None = 0.5,
         init: str = "merged",
-        merge_coef: float | None = None,
-        align_weight: float = 0.0,
         copy_base: bool = True,
     ):
         super().__init__(base, copy_base=copy_base)
@@ -109,11 +280,26 @@ class PAM(ContinualStrategy):
             raise ValueError(f"unknown init {init!r}; choose one of {PAM_INITS}")
         if merge_coef is not None and not 0.0 < merge_coef <= 1.0:
             raise ValueError(f"merge_coef must be in (0, 1] or None (running mean), got {merge_coef}")
-        if align_weight < 0:
-            raise ValueError(f"align_weight must be >= 0, got {align_weight}")
-        self.init = init
+        if not 0.0 <= align_fraction <= 1.0:
+            raise ValueError(f"align_fraction must be in [0, 1] (0 turns alignment off), got {align_fraction}")
+        if int(align_every) != align_every or align_every < 1:
+            raise ValueError(f"align_every must be a positive integer, got {align_every}")
+        for opt, val, allowed in (
+            ("reset_to", reset_to, PAM_RESETS),
+            ("align_on", align_on, PAM_ALIGN_ON),
+            ("scope", scope, PAM_SCOPES),
+            ("reset_optimizer", reset_optimizer, PAM_OPTIMIZER_RESETS),
+        ):
+            if val not in allowed:
+                raise ValueError(f"unknown {opt} {val!r}; choose one of {allowed}")
+        self.align_fraction = float(align_fraction)
+        self.align_every = int(align_every)
+        self.reset_to = reset_to
+        self.align_on = align_on
+        self.scope = scope
+        self.reset_optimizer = reset_optimizer
         self.merge_coef = merge_coef
-        self.align_weight = float(align_weight)
+        self.init = init
         self._merged: dict[str, torch.Tensor] | None = None
 
     def coefficient(self, t: int) -> float:
@@ -122,13 +308,30 @@ class PAM(ContinualStrategy):
             return 1.0
         return 1.0 / t if self.merge_coef is None else self.merge_coef
 
+    def global_module(self) -> dict[str, torch.Tensor]:
+        """``G`` = θ_0 + the merged delta (θ_0 before the first task)."""
+        if self._merged is None:
+            return {k: v.clone() for k, v in self._base.items()}
+        return self._absolute(self._merged)
+
     def _start(self, name: str) -> TaskStart:
+        if self._merged is None:
+            return TaskStart({k: v.clone() for k, v in self._base.items()}, "base")
         hook = None
-        if self._merged is not None and self.align_weight > 0:
-            hook = SignAlignmentHook(self._base, self._merged, self.align_weight)
-        if self._merged is None or self.init == "base":
+        glob = self._absolute(self._merged)
+        if self.align_fraction > 0:
+            hook = PAMAlignment(
+                glob,
+                reference=self._base if self.align_on == "task_vector" else None,
+                fraction=self.align_fraction,
+                every=self.align_every,
+                reset_to=self.reset_to,
+                scope=self.scope,
+                reset_optimizer=self.reset_optimizer,
+            )
+        if self.init == "base":
             return TaskStart({k: v.clone() for k, v in self._base.items()}, "base", hook)
-        return TaskStart(self._absolute(self._merged), "merged", hook)
+        return TaskStart({k: v.clone() for k, v in glob.items()}, "merged", hook)
 
     def _fold(self, name: str, delta: dict[str, torch.Tensor]) -> None:
         c = self.coefficient(len(self._tasks) + 1)
@@ -143,4 +346,4 @@ class PAM(ContinualStrategy):
 
     def _storage(self) -> StorageReport:
         shared = state_nbytes(self._merged) if self._merged is not None else 0
-        return StorageReport(shared, {t: 0 for t in self._tasks}, "the merged delta m (one model)")
+        return StorageReport(shared, {t: 0 for t in self._tasks}, "the global module G − θ_0 (one model)")
