@@ -26,27 +26,50 @@ never stacks all tasks of the whole model; the ones that inherently keep every t
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import uuid
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Callable, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Mapping, TypeVar
 
 import torch
 
 from ..core import check_same_keys
 from ..errors import (
+    ConduError,
     DtypeMismatchError,
     DuplicateTaskError,
+    FormatError,
+    KeyMismatchError,
     MergeInputError,
     NonFiniteError,
     ShapeMismatchError,
     UnknownTaskError,
 )
+from ..safetensors_writer import (
+    ST_TO_DTYPE,
+    StreamingSafetensorsWriter,
+    TensorSpec,
+    dtype_to_str,
+    tensor_bytes,
+)
 
 StateDict = Mapping[str, torch.Tensor]
+_S = TypeVar("_S", bound="ContinualStrategy")
+
+STRATEGY_FORMAT = "condu-merge-strategy"
+STRATEGY_VERSION = 1
 
 
 class StrategyStateError(MergeInputError):
     """The strategy's begin/end protocol was broken (end without begin, a second open task, …)."""
+
+
+class BaseMismatchError(MergeInputError):
+    """The θ_0 handed to :func:`load_strategy` is not the one the strategy file was saved with
+    (different values; different names, shapes or dtypes raise the key/shape/dtype errors)."""
 
 
 def tensor_nbytes(t: torch.Tensor) -> int:
@@ -147,6 +170,23 @@ class ContinualStrategy(ABC):
     :meth:`model_for_inference` uses the task id), ``continual`` (whether it runs with O(1)
     models in the number of tasks, as opposed to a non-continual reference that keeps every
     task vector).
+
+    **Persistence.** :meth:`save` writes the whole strategy to one safetensors file and
+    :func:`load_strategy` / :meth:`load` read it back (format: :data:`STRATEGY_FORMAT`, see
+    docs/strategies.md). A subclass supports it by implementing four small methods:
+
+    * ``_options() -> dict``: the constructor keyword arguments that re-create it over the same
+      θ_0 (JSON values only; never ``copy_base``);
+    * ``_state_tensors() -> dict[str, Tensor]``: every tensor of its state, under names of the
+      form ``<kind>/<key>`` or ``<kind>/<task index>/<key>`` (task *indices* into
+      :attr:`task_names`, never task names; the prefix ``base/`` is reserved);
+    * ``_state_meta() -> dict``: the rest of its state as JSON (floats round-trip exactly);
+    * ``_restore(tensors, meta) -> None``: called on a freshly constructed instance (built with
+      the stored options plus the loader's overrides) whose :attr:`task_names` are already set;
+      ``tensors`` holds what ``_state_tensors`` returned (verified, on θ_0's device), ``meta``
+      what ``_state_meta`` returned. It must leave the strategy behaving bit for bit like the
+      saved one. Missing entries may raise ``KeyError`` (reported as a damaged file).
+      :meth:`_saved_delta` reads one ``<prefix><key>`` delta per base key and checks its shape.
     """
 
     name: ClassVar[str] = "?"
@@ -258,6 +298,99 @@ class ContinualStrategy(ABC):
         """What the strategy stores beyond θ_0 and the bytes it costs."""
         return self._storage()
 
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | os.PathLike, *, include_base: bool = True) -> None:
+        """Write the strategy to the safetensors file ``path``, atomically.
+
+        The file holds the options, the task list, θ_0's fingerprint (names, shapes, dtypes and
+        sha256 of every tensor), the strategy's state and, with ``include_base``, θ_0 itself
+        (without it, :func:`load_strategy` needs the same θ_0 back). It is written to a temporary
+        file in the same directory, fsynced and renamed over ``path`` (then the directory is
+        fsynced), so a crash at any moment leaves either the previous file or the new one.
+        Saving while a task is open raises :class:`StrategyStateError` (its training is not
+        part of any state yet: save before ``begin_task`` or after ``end_task``).
+        """
+        if self._open is not None:
+            raise StrategyStateError(
+                f"{self.name}: cannot save to {os.fspath(path)!r} while task {self._open!r} is open; "
+                f"call end_task({self._open!r}, …) first (or save before begin_task)"
+            )
+        if type(self)._options is ContinualStrategy._options:
+            raise NotImplementedError(
+                f"strategy {self.name!r} ({type(self).__name__}) does not support save(): it must implement "
+                "_options, _state_tensors, _state_meta and _restore (see ContinualStrategy)"
+            )
+        path = os.fspath(path)
+        options = dict(self._options())
+        for k, v in options.items():
+            try:
+                json.dumps(v, allow_nan=False)
+            except (TypeError, ValueError) as exc:
+                raise MergeInputError(f"{self.name}: cannot save to {path!r}: option {k}={v!r} is not JSON ({exc})") from None
+        state = dict(self._state_tensors())
+        for k, t in state.items():
+            if not isinstance(k, str) or k.startswith("base/") or "/" not in k:
+                raise ValueError(f"{self.name}: state tensor name {k!r} must look like '<kind>/<key>' and not start with 'base/'")
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{self.name}: state entry {k!r} is a {type(t).__name__}, not a tensor")
+        tensors: dict[str, torch.Tensor] = {}
+        if include_base:
+            tensors.update({f"base/{k}": v for k, v in self._base.items()})
+        tensors.update(state)
+        fingerprint = base_fingerprint(self._base)
+        from .. import __version__
+
+        meta = {
+            "format": STRATEGY_FORMAT,
+            "version": str(STRATEGY_VERSION),
+            "writer": f"condu-merge {__version__}",
+            "strategy": self.name,
+            "options": json.dumps(options),
+            "tasks": json.dumps(list(self._tasks)),
+            "base": json.dumps(fingerprint),
+            "base_sha256": fingerprint_sha256(fingerprint),
+            "base_included": "1" if include_base else "0",
+            "state": json.dumps(self._state_meta()),
+            "checksums": json.dumps({k: tensor_sha256(t) for k, t in state.items()}),
+        }
+        meta["header_sha256"] = metadata_sha256(meta)
+        _write_atomic(path, tensors, meta)
+
+    @classmethod
+    def load(cls: type[_S], path: str | os.PathLike, base: StateDict | None = None, *, verify: bool = True, **overrides: Any) -> _S:
+        """Read a strategy saved by :meth:`save`; the file must hold a strategy of this class
+        (``ContinualStrategy.load`` accepts any). See :func:`load_strategy`."""
+        return _load(path, base, verify=verify, overrides=overrides, expect=None if cls is ContinualStrategy else cls)  # type: ignore[return-value]
+
+    def _options(self) -> dict[str, Any]:
+        """Constructor keyword arguments (JSON) re-creating this strategy over the same θ_0."""
+        raise NotImplementedError
+
+    def _state_tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor of the state, named ``<kind>/<key>`` or ``<kind>/<task index>/<key>``."""
+        raise NotImplementedError
+
+    def _state_meta(self) -> dict[str, Any]:
+        """The non-tensor state, as JSON."""
+        return {}
+
+    def _restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """Rebuild the state from :meth:`_state_tensors` / :meth:`_state_meta` output."""
+        raise NotImplementedError
+
+    def _saved_delta(self, tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+        """``{key: tensors[prefix + key]}`` over the base keys, each checked to have the base's shape
+        and a floating dtype (a ``FormatError`` otherwise)."""
+        out = {}
+        for k, b in self._base.items():
+            t = tensors[prefix + k]
+            if tuple(t.shape) != tuple(b.shape) or not t.is_floating_point():
+                raise FormatError(
+                    f"tensor {prefix + k!r} is {tuple(t.shape)} {t.dtype}; expected a float tensor of shape {tuple(b.shape)}"
+                )
+            out[k] = t
+        return out
+
     # ------------------------------------------------------------------ for subclasses
     def _start(self, name: str) -> TaskStart:
         """Default: every task starts from θ_0 (non-continual references, ConDU)."""
@@ -344,3 +477,256 @@ def get_strategy(name: str, base: StateDict, **kw) -> ContinualStrategy:
         raise ValueError(f"unknown strategy {name!r}; choose one of {available_strategies()}") from None
     return factory(base, **kw)
 
+
+
+# ---------------------------------------------------------------------------- persistence
+
+def tensor_sha256(t: torch.Tensor) -> str:
+    """sha256 (hex) of a tensor's raw little-endian element bytes (row-major; on CPU)."""
+    return hashlib.sha256(tensor_bytes(t)).hexdigest()
+
+
+def base_fingerprint(base: StateDict) -> list[dict[str, Any]]:
+    """θ_0's identity, tensor by tensor, in key order: ``[{"key", "dtype", "shape", "sha256"}]``
+    (dtype as safetensors names it, sha256 over the tensor's bytes). Never concatenates tensors."""
+    return [
+        {"key": k, "dtype": dtype_to_str(v.dtype), "shape": [int(d) for d in v.shape], "sha256": tensor_sha256(v)}
+        for k, v in base.items()
+    ]
+
+
+def fingerprint_sha256(fingerprint: list[dict[str, Any]]) -> str:
+    """One sha256 for all of θ_0: over the canonical JSON of :func:`base_fingerprint` (which
+    holds every tensor's name, dtype, shape and byte hash, in order)."""
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def metadata_sha256(meta: Mapping[str, str]) -> str:
+    """sha256 over the canonical JSON of every metadata entry except ``header_sha256`` itself, so a
+    damaged header is reported as such instead of as, e.g., a base mismatch."""
+    body = {k: v for k, v in meta.items() if k != "header_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def backend_option(backend: Any) -> str:
+    """A ``backend=`` argument as saved: its name. Every backend gives bit-identical results (the
+    numeric contract of :mod:`condu_merge.backends.base`), so the backend is a speed choice, not
+    state: an object that is not a registered, available backend is saved as ``"auto"``; pass
+    ``backend=`` to :func:`load_strategy` to use it again."""
+    if isinstance(backend, str):
+        return backend
+    from ..backends import available_backends
+
+    name = getattr(backend, "name", None)
+    return name if isinstance(name, str) and name in available_backends() else "auto"
+
+
+def _fsync_dir(path: str) -> None:
+    if os.name == "nt":  # directories cannot be opened for fsync there; rename is durable enough
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: str, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str]) -> None:
+    """Write ``tensors`` (one at a time, moved to CPU as written) to a temporary file beside
+    ``path``, fsync it, rename it over ``path`` and fsync the directory. On any error the
+    temporary file is removed and ``path`` is untouched."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    specs = [TensorSpec(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()]
+    try:
+        with StreamingSafetensorsWriter(tmp, specs, meta) as w:
+            for k, t in tensors.items():
+                w.write(k, t)
+            w.close()  # flush + fsync
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(folder)
+
+
+def _json_field(path: str, meta: Mapping[str, str], field: str, kind: type) -> Any:
+    if field not in meta:
+        raise FormatError(f"{path}: strategy file metadata lacks {field!r}")
+    try:
+        value = json.loads(meta[field])
+    except json.JSONDecodeError as exc:
+        raise FormatError(f"{path}: strategy file metadata {field!r} is not valid JSON ({exc})") from None
+    if not isinstance(value, kind):
+        raise FormatError(f"{path}: strategy file metadata {field!r} is a {type(value).__name__}, not a {kind.__name__}")
+    return value
+
+
+def _check_base_against(
+    path: str, fingerprint: list[dict[str, Any]], base: StateDict, *, given: bool, values: bool = True
+) -> None:
+    """Check ``base`` (the caller's when ``given``, else the file's own) against the stored
+    fingerprint; the first mismatching key is named."""
+    what = "the given base" if given else "the base stored in the file"
+    err_key, err_shape, err_dtype, err_value = (
+        (KeyMismatchError, ShapeMismatchError, DtypeMismatchError, BaseMismatchError) if given else (FormatError,) * 4
+    )
+    want = [e["key"] for e in fingerprint]
+    missing = [k for k in want if k not in base]
+    extra = [k for k in base if k not in set(want)]
+    if missing or extra:
+        first = (f"lacks tensor {missing[0]!r}" if missing else f"has tensor {extra[0]!r} that the file does not")
+        raise err_key(f"{path}: {what} {first} ({len(missing)} missing, {len(extra)} extra)")
+    for e in fingerprint:
+        k = e["key"]
+        t = base[k]
+        if not isinstance(t, torch.Tensor):
+            raise MergeInputError(f"{path}: {what}: value of key {k!r} is a {type(t).__name__}, not a torch.Tensor")
+        try:
+            dt = dtype_to_str(t.dtype)
+        except TypeError:
+            dt = str(t.dtype)
+        if dt != e["dtype"]:
+            raise err_dtype(f"{path}: {what}: tensor {k!r} has dtype {dt}, the strategy was saved with {e['dtype']}")
+        if [int(d) for d in t.shape] != list(e["shape"]):
+            raise err_shape(f"{path}: {what}: tensor {k!r} has shape {tuple(t.shape)}, the strategy was saved with {tuple(e['shape'])}")
+        if values and tensor_sha256(t) != e["sha256"]:
+            if not given:
+                raise FormatError(f"{path}: tensor 'base/{k}' is damaged (sha256 differs from the saved fingerprint)")
+            raise err_value(
+                f"{path}: {what}: tensor {k!r} has different values than the θ_0 the strategy was saved with (sha256 differs)"
+            )
+
+
+def _load(
+    path: str | os.PathLike,
+    base: StateDict | None,
+    *,
+    verify: bool,
+    overrides: Mapping[str, Any],
+    expect: type[ContinualStrategy] | None,
+) -> ContinualStrategy:
+    from safetensors import safe_open
+
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such strategy file")
+    try:
+        fh = safe_open(path, framework="pt", device="cpu")
+    except Exception as exc:  # safetensors raises its own types for bad or truncated headers
+        raise FormatError(f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc})") from None
+    with fh:
+        meta = dict(fh.metadata() or {})
+        if meta.get("format") != STRATEGY_FORMAT:
+            raise FormatError(f"{path}: not a condu-merge strategy file (format={meta.get('format')!r}, expected {STRATEGY_FORMAT!r})")
+        if meta.get("version") != str(STRATEGY_VERSION):
+            raise FormatError(
+                f"{path}: strategy file format version {meta.get('version')!r} is not supported "
+                f"(this condu-merge reads version {STRATEGY_VERSION})"
+            )
+        if meta.get("header_sha256") != metadata_sha256(meta):
+            raise FormatError(f"{path}: the strategy file's metadata is damaged (header checksum mismatch)")
+        name = meta.get("strategy")
+        if expect is not None and name != expect.name:
+            raise FormatError(
+                f"{path}: holds a {name!r} strategy, not {expect.name!r} ({expect.__name__}); "
+                "use load_strategy(path) to load whatever strategy a file holds"
+            )
+        factory: Callable[..., ContinualStrategy] | None = expect or _REGISTRY.get(name)  # type: ignore[arg-type]
+        if factory is None:
+            raise FormatError(f"{path}: unknown strategy {name!r}; registered: {available_strategies()}")
+        options = _json_field(path, meta, "options", dict)
+        tasks = _json_field(path, meta, "tasks", list)
+        fingerprint = _json_field(path, meta, "base", list)
+        state_meta = _json_field(path, meta, "state", dict)
+        checksums = _json_field(path, meta, "checksums", dict)
+        if not all(isinstance(t, str) and t for t in tasks) or len(set(tasks)) != len(tasks):
+            raise FormatError(f"{path}: the task list is damaged (names must be unique non-empty strings): {tasks!r}")
+        try:
+            fp_keys = [e["key"] for e in fingerprint]
+            for e in fingerprint:
+                if e["dtype"] not in ST_TO_DTYPE or not isinstance(e["sha256"], str):
+                    raise ValueError(e)
+                [int(d) for d in e["shape"]]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise FormatError(f"{path}: the base fingerprint is damaged ({exc!r})") from None
+        if meta.get("base_sha256") != fingerprint_sha256(fingerprint):
+            raise FormatError(f"{path}: the base fingerprint does not match its checksum (damaged file)")
+        included = meta.get("base_included")
+        if included not in ("0", "1"):
+            raise FormatError(f"{path}: metadata 'base_included' is {included!r}, expected '0' or '1'")
+
+        expected = ([f"base/{k}" for k in fp_keys] if included == "1" else []) + list(checksums)
+        present = set(fh.keys())
+        for k in expected:
+            if k not in present:
+                raise FormatError(f"{path}: tensor {k!r} is missing")
+        unexpected = sorted(present - set(expected))
+        if unexpected:
+            raise FormatError(f"{path}: unexpected tensor {unexpected[0]!r} ({len(unexpected)} in all)")
+
+        def get(key: str) -> torch.Tensor:
+            try:
+                return fh.get_tensor(key)
+            except Exception as exc:
+                raise FormatError(f"{path}: tensor {key!r} cannot be read ({type(exc).__name__}: {exc})") from None
+
+        kw = {**options}
+        if base is None:
+            if included != "1":
+                raise MergeInputError(
+                    f"{path}: the file was saved without θ_0 (include_base=False); pass the same base= to load it"
+                )
+            base = {k: get(f"base/{k}") for k in fp_keys}
+            _check_base_against(path, fingerprint, base, given=False, values=verify)
+            kw["copy_base"] = False  # fresh tensors, nobody else holds them
+        else:
+            if isinstance(base, torch.nn.Module):
+                raise MergeInputError(f"{path}: base must be a state dict of tensors, not a module (use module.state_dict())")
+            if not isinstance(base, Mapping):
+                raise MergeInputError(f"{path}: base must be a mapping of tensor names to tensors")
+            _check_base_against(path, fingerprint, base, given=True)
+            base = {k: base[k] for k in fp_keys}  # the saved key order: the strategy iterates in it
+        devices = {t.device for t in base.values()}
+        device = devices.pop() if len(devices) == 1 else torch.device("cpu")
+
+        state: dict[str, torch.Tensor] = {}
+        for k, digest in checksums.items():
+            t = get(k)
+            if verify and tensor_sha256(t) != digest:
+                raise FormatError(f"{path}: tensor {k!r} is damaged (sha256 differs from the one saved)")
+            state[k] = t.to(device)
+
+    kw.update(overrides)
+    try:
+        strat = factory(base, **kw)
+    except TypeError as exc:
+        raise MergeInputError(f"{path}: cannot re-create strategy {name!r} with options {kw!r} ({exc})") from None
+    strat._tasks = list(tasks)
+    try:
+        strat._restore(state, state_meta)
+    except FormatError as exc:
+        raise FormatError(f"{path}: {name} state: {exc}") from None
+    except KeyError as exc:
+        raise FormatError(f"{path}: {name} state: entry {exc} is missing") from None
+    except ConduError as exc:
+        raise type(exc)(f"{path}: {exc}") from None
+    except (TypeError, ValueError, IndexError, AttributeError) as exc:
+        raise FormatError(f"{path}: {name} state is damaged ({type(exc).__name__}: {exc})") from None
+    return strat
+
+
+def load_strategy(path: str | os.PathLike, base: StateDict | None = None, *, verify: bool = True, **overrides: Any) -> ContinualStrategy:
+    """Re-create the strategy saved in ``path`` by :meth:`ContinualStrategy.save` (the class is
+    looked up by its registered name).
+
+    ``base``: θ_0; required when the file was saved with ``include_base=False``, optional
+    otherwise; either way it must match the saved fingerprint (names, shapes, dtypes and bytes),
+    else a :class:`KeyMismatchError` / :class:`ShapeMismatchError` / :class:`DtypeMismatchError`
+    / :class:`BaseMismatchError` names the first mismatching key. ``verify`` checks every state
+    tensor's sha256 (and the stored θ_0's). ``overrides`` replace saved constructor options
+    (e.g. ``backend=``, or ``scale=`` of task arithmetic). A damaged, truncated or foreign
+    file raises :class:`condu_merge.errors.FormatError` naming the file.
+    """
+    return _load(path, base, verify=verify, overrides=overrides, expect=None)

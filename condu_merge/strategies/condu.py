@@ -23,7 +23,8 @@ import torch
 
 from ..merger import ContinualMerger
 from ..trigger import TaskTrigger
-from .base import ContinualStrategy, StorageReport, state_nbytes, tensor_nbytes
+from ..errors import FormatError, MergeInputError
+from .base import ContinualStrategy, StorageReport, backend_option, state_nbytes, tensor_nbytes
 
 
 class ConDU(ContinualStrategy):
@@ -48,6 +49,49 @@ class ConDU(ContinualStrategy):
     def trigger(self, name: str) -> TaskTrigger:
         self._require(name)
         return self.merger.trigger(name)
+
+    # ------------------------------------------------------------------ persistence
+    def _options(self) -> dict:
+        return {"rescaler": self.merger.rescaler, "backend": backend_option(self.merger.backend)}
+
+    def _state_tensors(self) -> dict[str, torch.Tensor]:
+        """``unified/<key>`` (u) and ``mask/<task index>/<key>`` (packed uint8 masks)."""
+        if not len(self.merger):
+            return {}
+        out = {f"unified/{k}": v for k, v in self.merger.unified.items()}
+        for i, tr in enumerate(self.merger.triggers):
+            out.update({f"mask/{i}/{k}": p for k, p in tr.packed.items()})
+        return out
+
+    def _state_meta(self) -> dict:
+        """The rescaler mode and each task's rescaler (a float, or ``{key: float}`` per tensor)."""
+        return {"rescaler": self.merger.rescaler, "rescalers": [tr.rescaler for tr in self.merger.triggers]}
+
+    def _restore(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        if meta["rescaler"] != self.merger.rescaler:
+            raise MergeInputError(
+                f"condu: the tasks were merged with rescaler {meta['rescaler']!r}; it cannot be changed to "
+                f"{self.merger.rescaler!r} when loading (the masks and rescalers depend on it)"
+            )
+        rescalers = meta["rescalers"]
+        if len(rescalers) != len(self._tasks):
+            raise FormatError(f"{len(rescalers)} rescalers for {len(self._tasks)} tasks")
+        if not self._tasks:
+            return
+        shapes = {k: tuple(b.shape) for k, b in self._base.items()}
+        unified = self._saved_delta(tensors, "unified/")
+        triggers = []
+        for i, (task, r) in enumerate(zip(self._tasks, rescalers)):
+            packed = {}
+            for k in self._base:
+                p = tensors[f"mask/{i}/{k}"]
+                if p.dtype != torch.uint8:
+                    raise FormatError(f"mask 'mask/{i}/{k}' of task {task!r} is {p.dtype}, not uint8")
+                packed[k] = p
+            r = {k: float(r[k]) for k in self._base} if isinstance(r, dict) else float(r)
+            triggers.append(TaskTrigger(packed, shapes, r, task))  # checks the mask sizes
+        # a ContinualMerger has no public constructor from a session; the store does the same
+        self.merger._unified, self.merger._triggers = unified, triggers
 
     def _storage(self) -> StorageReport:
         shared = state_nbytes(self.merger.unified) if len(self.merger) else 0

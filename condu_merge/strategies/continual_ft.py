@@ -37,6 +37,16 @@ class ContinualFT(ContinualStrategy):
         assert self._delta is not None
         return self._delta
 
+    def _options(self) -> dict:
+        return {}
+
+    def _state_tensors(self) -> dict[str, torch.Tensor]:
+        """``delta/<key>``: the current model's delta."""
+        return {} if self._delta is None else {f"delta/{k}": v for k, v in self._delta.items()}
+
+    def _restore(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        self._delta = self._saved_delta(tensors, "delta/") if self._tasks else None
+
     def _storage(self) -> StorageReport:
         shared = state_nbytes(self._delta) if self._delta is not None else 0
         return StorageReport(shared, {t: 0 for t in self._tasks}, "the current model's delta θ_t − θ_0 (one model)")

@@ -18,7 +18,7 @@ import torch
 
 from ..core import RESCALER_MODES, decouple, unify
 from ..trigger import TaskTrigger
-from .base import ContinualStrategy, StorageReport, state_nbytes
+from .base import ContinualStrategy, StorageReport, backend_option, state_nbytes
 
 
 class EMR(ContinualStrategy):
@@ -61,6 +61,17 @@ class EMR(ContinualStrategy):
         """Task ``name``'s trigger from the current one-shot unify."""
         self._require(name)
         return self._unified()[1][name]
+
+    def _options(self) -> dict:
+        return {"rescaler": self.rescaler, "backend": backend_option(self.backend)}
+
+    def _state_tensors(self) -> dict[str, torch.Tensor]:
+        """``delta/<task index>/<key>``: every task delta (the unified cache is rebuilt on demand)."""
+        return {f"delta/{i}/{k}": v for i, t in enumerate(self._tasks) for k, v in self._deltas[t].items()}
+
+    def _restore(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        self._deltas = {t: self._saved_delta(tensors, f"delta/{i}/") for i, t in enumerate(self._tasks)}
+        self._cache = None
 
     def _storage(self) -> StorageReport:
         return StorageReport(0, {t: state_nbytes(self._deltas[t]) for t in self._tasks}, "every task delta d_i (one model per task)")

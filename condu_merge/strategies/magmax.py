@@ -57,6 +57,22 @@ class MagMax(ContinualStrategy):
             return self._merged
         return {k: v * self.scale for k, v in self._merged.items()}
 
+    def _options(self) -> dict:
+        return {"scale": self.scale}
+
+    def _state_tensors(self) -> dict[str, torch.Tensor]:
+        """``merged/<key>`` (τ_MM, unscaled) and ``last/<key>`` (the last task vector)."""
+        if self._merged is None:
+            return {}
+        out = {f"merged/{k}": v for k, v in self._merged.items()}
+        out.update({f"last/{k}": v for k, v in self._last.items()})  # type: ignore[union-attr]
+        return out
+
+    def _restore(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        if self._tasks:
+            self._merged = self._saved_delta(tensors, "merged/")
+            self._last = self._saved_delta(tensors, "last/")
+
     def _storage(self) -> StorageReport:
         shared = 0
         if self._merged is not None:

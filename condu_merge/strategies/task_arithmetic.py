@@ -48,5 +48,15 @@ class TaskArithmetic(ContinualStrategy):
     def _expert_delta(self, name: str) -> dict[str, torch.Tensor]:
         return self._taus[name]
 
+    def _options(self) -> dict:
+        return {"scale": self.scale}
+
+    def _state_tensors(self) -> dict[str, torch.Tensor]:
+        """``tau/<task index>/<key>``: every task vector."""
+        return {f"tau/{i}/{k}": v for i, t in enumerate(self._tasks) for k, v in self._taus[t].items()}
+
+    def _restore(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        self._taus = {t: self._saved_delta(tensors, f"tau/{i}/") for i, t in enumerate(self._tasks)}
+
     def _storage(self) -> StorageReport:
         return StorageReport(0, {t: state_nbytes(self._taus[t]) for t in self._tasks}, "every task vector τ_i (one model per task)")

@@ -117,6 +117,35 @@ class TIES(ContinualStrategy):
     def _expert_delta(self, name: str) -> dict[str, torch.Tensor]:
         return self._taus[name]
 
+    def _options(self) -> dict:
+        return {"density": self.density, "scale": self.scale, "trim_scope": self.trim_scope}
+
+    def _state_tensors(self) -> dict[str, torch.Tensor]:
+        """``tau/<task index>/<key>``: every task vector."""
+        return {f"tau/{i}/{k}": v for i, t in enumerate(self._tasks) for k, v in self._taus[t].items()}
+
+    def _state_meta(self) -> dict:
+        """Each task's trim threshold (a float, or ``{key: float}`` with ``trim_scope="tensor"``)
+        and the ``density``/``trim_scope`` it was computed with."""
+        return {
+            "density": self.density,
+            "trim_scope": self.trim_scope,
+            "thresholds": [self._thresholds[t] for t in self._tasks],
+        }
+
+    def _restore(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        self._taus = {t: self._saved_delta(tensors, f"tau/{i}/") for i, t in enumerate(self._tasks)}
+        thresholds = meta["thresholds"]
+        if len(thresholds) != len(self._tasks):
+            raise ValueError(f"{len(thresholds)} thresholds for {len(self._tasks)} tasks")
+        if meta["density"] == self.density and meta["trim_scope"] == self.trim_scope:
+            self._thresholds = {
+                t: ({k: float(q[k]) for k in self._base} if isinstance(q, dict) else float(q))
+                for t, q in zip(self._tasks, thresholds)
+            }
+        else:  # loaded with another density/trim_scope: trim as if the tasks had been folded with it
+            self._thresholds = {t: self._thresholds_for(self._taus[t]) for t in self._tasks}
+
     def _storage(self) -> StorageReport:
         per = {}
         for t in self._tasks:
