@@ -23,6 +23,7 @@ import torch
 from .backends import FlatMergeResult, MergeBackend, resolve_backend
 from .errors import (
     DtypeMismatchError,
+    DuplicateTaskError,
     KeyMismatchError,
     MergeInputError,
     NonFiniteError,
@@ -95,6 +96,13 @@ def validate_deltas(deltas: Sequence[Mapping[str, torch.Tensor]], task_names: Se
         raise MergeInputError("no tasks given: unify needs at least one delta")
     if task_names is not None and len(task_names) != len(deltas):
         raise ValueError(f"{len(task_names)} task names for {len(deltas)} deltas")
+    if task_names is not None:
+        seen: set = set()
+        for name in task_names:
+            if name is not None and name in seen:
+                # triggers are looked up by task name: two with one name make one unreachable
+                raise DuplicateTaskError(f"task name {name!r} is given twice; task names must be unique")
+            seen.add(name)
     keys = list(deltas[0].keys())
     if not keys:
         raise MergeInputError(f"{_label(task_names, 0)} has no tensors")

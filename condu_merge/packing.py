@@ -98,3 +98,13 @@ def popcount(packed: torch.Tensor) -> int:
         return 0
     bits = (packed.reshape(-1).unsqueeze(1) >> _shifts(packed.device)) & 1
     return int(bits.sum(dtype=torch.int64))
+
+
+def pad_bits_clear(packed: torch.Tensor, numel: int) -> bool:
+    """Whether the pad bits of a packed mask of ``numel`` elements (bits ``numel % 8 .. 7`` of
+    the last byte, little bit order) are zero, as :func:`pack_mask` writes them. A mask read
+    from a file with a set pad bit is damaged: :func:`popcount` would count the bit."""
+    rem = numel % 8
+    if rem == 0 or packed.numel() == 0:
+        return True
+    return int(packed.reshape(-1)[-1]) >> rem == 0

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import torch
 
 from .errors import FormatError
-from .packing import packed_nbytes, popcount, unpack_mask
+from .packing import packed_nbytes, pad_bits_clear, popcount, unpack_mask
 
 TRIGGERS_FORMAT = "condu-merge/triggers"
 TRIGGERS_VERSION = 1
@@ -135,7 +136,8 @@ def save_triggers(path: str | os.PathLike, triggers: Sequence[TaskTrigger]) -> N
         )
     meta = {"format": TRIGGERS_FORMAT, "version": str(TRIGGERS_VERSION), "tasks": json.dumps(meta_tasks)}
     path = os.fspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
+    # pid and thread id: two threads saving the same path must not share a temporary file
+    tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
     try:
         save_file(tensors, tmp, metadata=meta)
         with open(tmp, "rb") as fh:
@@ -194,7 +196,18 @@ def load_triggers(path: str | os.PathLike) -> list[TaskTrigger]:
                     raise FormatError(f"{path}: mask {key!r} cannot be read ({exc})") from exc
                 packed[name] = p
             try:
-                out.append(TaskTrigger(packed, shapes, resc, t.get("task")))
+                trig = TaskTrigger(packed, shapes, resc, t.get("task"))
+            except ValueError as exc:
+                raise FormatError(f"{path}: {exc}") from exc
+            for name in order:
+                n = math.prod(shapes[name])
+                if not pad_bits_clear(packed[name], n):
+                    raise FormatError(
+                        f"{path}: mask of tensor {name!r} for task {label} is damaged "
+                        f"(pad bits past its {n} elements are set)"
+                    )
+            try:
+                out.append(trig)
             except ValueError as exc:
                 raise FormatError(f"{path}: {exc}") from exc
     return out

@@ -484,3 +484,13 @@ def test_0d_tensors_round_trip():
     assert decouple(u, t[0])["s"].shape == ()
     u2, t2 = add_task(u, t, {"s": torch.tensor(2.0), "w": torch.randn(3)})
     assert u2["s"].shape == ()
+
+
+def test_unify_refuses_duplicate_task_names():
+    from condu_merge import DuplicateTaskError
+
+    ds = [{"w": torch.randn(4)} for _ in range(3)]
+    with pytest.raises(DuplicateTaskError, match="'a'"):
+        unify(ds, task_names=["a", "b", "a"])
+    _, trig = unify(ds, task_names=["a", "b", "c"])
+    assert [t.task for t in trig] == ["a", "b", "c"]

@@ -113,3 +113,50 @@ def test_saves_numpy_and_torch_scalar_rescalers(tmp_path):
     back = load_triggers(tmp_path / "t.safetensors")
     assert back[0].rescaler == {k: float(np.float32(v)) for k, v in trig.rescaler.items()}
     assert back[1].rescaler == 0.5
+
+
+def test_refuses_set_pad_bits_naming_tensor_and_task(tmp_path):
+    """39 elements -> 5 bytes, bit 7 of the last byte is padding: a set pad bit means damage
+    (popcount, hence the mask density, would count it)."""
+    from condu_merge.packing import pad_bits_clear, pack_mask
+
+    assert pad_bits_clear(pack_mask(torch.ones(39, dtype=torch.bool)), 39)
+    assert pad_bits_clear(torch.tensor([0x7F], dtype=torch.uint8), 7)
+    assert not pad_bits_clear(torch.tensor([0x80], dtype=torch.uint8), 7)
+    assert pad_bits_clear(torch.tensor([0xFF], dtype=torch.uint8), 8)
+    ts = _triggers()
+    path = tmp_path / "t.safetensors"
+    save_triggers(path, ts)
+    with safe_open(str(path), "pt") as fh:
+        meta = fh.metadata()
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    bad = tensors["1:layer.0.w"].clone()
+    bad[-1] |= 0x80
+    tensors["1:layer.0.w"] = bad
+    save_file(tensors, str(path), metadata=meta)
+    with pytest.raises(FormatError, match=r"t\.safetensors.*'layer\.0\.w'.*task y.*pad bits"):
+        load_triggers(path)
+
+
+def test_threads_saving_the_same_path_never_collide(tmp_path):
+    import threading
+
+    ts = _triggers()
+    path = tmp_path / "t.safetensors"
+    errors = []
+
+    def work(k):
+        try:
+            for _ in range(15):
+                save_triggers(path, ts[: 1 + k % 3])
+        except Exception as exc:  # noqa: BLE001 - recorded and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert 1 <= len(load_triggers(path)) <= 3
+    assert [p.name for p in tmp_path.iterdir()] == ["t.safetensors"]  # no temporary left behind
