@@ -110,3 +110,24 @@ def test_decouple_many_names_the_task_and_reads_grad_inputs(backend):
     got = decouple_many(u, trig, base={"w": base.clone().requires_grad_(True)}, backend=backend)
     for t, g in zip(trig, got):
         assert torch.equal(g["w"], cm.decouple(u, t, base={"w": base}, backend="torch")["w"])
+
+
+def test_backend_objects_are_checked_like_names():
+    cpu = torch.device("cpu")
+    inst = get_backend("torch")
+    assert resolve_backend(inst, cpu) is inst
+
+    class CudaOnly(type(inst)):
+        name = "cuda-only"
+
+        def supports(self, device):
+            return device.type == "cuda"
+
+    with pytest.raises(ValueError, match="'cuda-only' does not run on cpu"):
+        resolve_backend(CudaOnly(), cpu)
+    from condu_merge import unify
+
+    with pytest.raises(ValueError, match="cuda-only"):
+        unify([{"w": torch.ones(3)}], backend=CudaOnly())
+    with pytest.raises(TypeError, match="neither a name nor a backend"):
+        resolve_backend(object(), cpu)

@@ -88,6 +88,12 @@ def get_backend(name: str) -> MergeBackend:
 def resolve_backend(backend: str | MergeBackend, device: torch.device) -> MergeBackend:
     """Turn a ``backend=`` argument into a backend object for tensors on ``device``."""
     if not isinstance(backend, str):
+        supports = getattr(backend, "supports", None)
+        if supports is None:
+            raise TypeError(f"backend {backend!r} is neither a name nor a backend object (it has no supports())")
+        if not supports(device):
+            name = getattr(backend, "name", type(backend).__name__)
+            raise ValueError(f"backend {name!r} does not run on {device.type} tensors")
         return backend
     if backend != "auto":
         inst = get_backend(backend)
