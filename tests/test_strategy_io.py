@@ -418,3 +418,18 @@ def test_save_killed_mid_write_keeps_old(tmp_path):
     assert_same_strategy(make("emr", torch.float32, 1), load_strategy(path))
     leftovers = [f for f in os.listdir(tmp_path) if f != "s.st"]
     assert len(leftovers) == 1 and leftovers[0].startswith(".s.st.tmp-")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["condu", "ties", "magmax"])
+def test_round_trip_cuda(tmp_path, name):
+    """A strategy over a CUDA θ_0 saves from the device and loads its state onto θ_0's device."""
+    base = {k: v.cuda() for k, v in rand_state(0).items()}
+    strat = get_strategy(name, base)
+    run_tasks(strat, range(2), torch.float32)
+    strat.save(tmp_path / "s.st", include_base=False)
+    back = load_strategy(tmp_path / "s.st", {k: v.clone() for k, v in base.items()})
+    assert all(t.is_cuda for t in back._state_tensors().values())
+    assert_same_strategy(strat, back)
+    cpu = load_strategy(tmp_path / "s.st", rand_state(0))  # same bytes, other device
+    assert_same_sd({k: v.cpu() for k, v in strat.model_for_inference().items()}, cpu.model_for_inference(), "cpu")
