@@ -12,6 +12,13 @@ and, for the task-agnostic variant, every one by aggregation (``condu_merge.rout
 ``SemanticAggregator`` over ``ClipExperts.from_store`` experts); train the continual-FT baseline one
 more session and evaluate it. ``state.json`` records each finished session (atomic replace), so a
 rerun after a crash or ``--max-sessions`` continues from the last finished session.
+
+Other continual strategies (``--methods pam,magmax,task_arithmetic,ties,emr``) run through
+:mod:`condu_merge.strategies` in the same sessions (see :mod:`benchmarks.mtil.continual`): task
+arithmetic, TIES and EMR fold the session's individual delta, MagMax folds continual FT's trained
+weights, PAM trains its own model with its alignment hook. Each is saved after folding its task
+(``OUT/strategies/<name>.safetensors``, atomic); ``results.json["storage"]`` and the "Storage"
+table of ``results.md`` give what every method stores.
 """
 
 from __future__ import annotations
@@ -50,9 +57,26 @@ from .evaluate import (
     text_embeddings,
     zero_shot_accuracy,
 )
+from condu_merge.strategies import ContinualStrategy, get_strategy, state_nbytes
+from condu_merge.strategies.base import load_strategy
+
+from .continual import (
+    DEFAULT_METHODS,
+    DELTA_STRATEGIES,
+    LABELS,
+    STRATEGY_METHODS,
+    VALID_METHODS,
+    condu_store_storage,
+    parse_methods,
+    report_entry,
+    storage_csv,
+    storage_entry,
+    storage_markdown,
+    strategy_options,
+)
 from .metrics import csv_text, heatmap_png, markdown_table, summary_metrics
 from .model import ClipHandle, load_clip, lora_modules, trainable_params
-from .train import TrainConfig, finetune_full, finetune_lora
+from .train import TrainConfig, finetune_full, finetune_lora, lora_flat_names
 
 LORA_LR: dict[str, float] = {  # the released MTIL_LoRA.sh
     "Aircraft": 1e-3, "Caltech101": 5e-4, "CIFAR100": 2e-3, "DTD": 2e-3, "EuroSAT": 1.5e-4, "Flowers": 1e-5,
@@ -155,9 +179,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expert-cache", type=int,
                    help="decoupled experts kept on the device during evaluation (default: all of the session's; "
                         "fewer saves memory but re-decouples experts from the store batch after batch)")
-    p.add_argument("--methods", default="zeroshot,condu,agnostic,continual_ft",
-                   help="comma list of zeroshot, condu, agnostic, continual_ft (individual FT always comes free)")
-    p.add_argument("--rescaler", default="tensor_mean")
+    p.add_argument("--methods", default=DEFAULT_METHODS,
+                   help=f"comma list of {', '.join(VALID_METHODS)} (individual FT always comes free). "
+                        "task_arithmetic, ties and emr fold the individual task vectors and keep every one of them "
+                        "in host memory (T x one model each, and as much in OUT/strategies/); magmax reuses "
+                        "continual FT's training (run even when continual_ft is not listed); pam trains its own "
+                        "model every session")
+    p.add_argument("--rescaler", default="tensor_mean", help="ConDU's (and EMR's) rescaler")
+    s = p.add_argument_group("continual strategies (--methods pam,magmax,task_arithmetic,ties,emr)")
+    s.add_argument("--pam-fraction", type=float, default=0.5, help="PAM: important fraction of the global module aligned to")
+    s.add_argument("--pam-every", type=int, help="PAM: align every N optimizer steps (default 100; 5 with --synthetic)")
+    s.add_argument("--pam-reset", choices=("global", "zero"), default="global",
+                   help="PAM: re-initialise conflicting weights to the global module's values or to zero")
+    s.add_argument("--pam-merge-coef", type=float, default=0.5, help="PAM: G_t = (1 - c) G_{t-1} + c θ_t")
+    s.add_argument("--pam-align-on", choices=("values", "task_vector"),
+                   help="PAM: compare weights (default with --mode lora) or task vectors (default with --mode ft)")
+    s.add_argument("--ta-scale", type=float, default=0.3, help="task arithmetic: θ_0 + λ Σ τ_i")
+    s.add_argument("--ties-density", type=float, default=0.2, help="TIES: kept fraction k of each task vector")
+    s.add_argument("--magmax-scale", type=float, default=1.0, help="MagMax: θ_0 + λ τ_MM")
     p.add_argument("--backend", default="auto")
     p.add_argument("--proto-max-per-class", type=int, help="cap training images per class for prototypes")
     p.add_argument("--eval-batch-size", type=int, default=128)
@@ -203,10 +242,11 @@ class Runner:
         self.out = os.path.abspath(args.out)
         os.makedirs(self.out, exist_ok=True)
         self.quiet = args.quiet
-        self.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-        bad = set(self.methods) - {"zeroshot", "condu", "agnostic", "continual_ft"}
-        if bad:
-            raise ValueError(f"unknown --methods {sorted(bad)}")
+        try:
+            self.methods = parse_methods(args.methods)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
+        self.strategy_names = [m for m in self.methods if m in STRATEGY_METHODS]
         torch.manual_seed(args.seed)
         if args.synthetic:
             from . import synthetic
@@ -237,6 +277,7 @@ class Runner:
             "model": model_name, "pretrained": pretrained, "synthetic": args.synthetic,
             "lora": {"rank": args.lora_rank, "alpha": args.lora_alpha or float(args.lora_rank)} if args.mode == "lora" else None,
             "proto_max_per_class": args.proto_max_per_class,
+            "strategy_options": strategy_options(self.strategy_names, args, args.mode),
         }
         self._check_config()
         _log(f"[mtil] loading {model_name} ({pretrained}) on {args.device}", self.quiet)
@@ -257,6 +298,8 @@ class Runner:
         self.store = Store(os.path.join(self.out, "store"))
         self.state = self._load_state()
         self._pre_feats: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.strats: dict[str, ContinualStrategy] = {}
+        self._strategy_base: dict[str, torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ config / state
     def _check_config(self) -> None:
@@ -265,8 +308,10 @@ class Runner:
             with open(path) as f:
                 old = json.load(f)
             keys = ("tasks", "mode", "train_mode", "few_shot", "shots", "iterations", "batch_size", "lr", "seed", "model", "lora",
-                    "top_k", "include_pretrained")
+                    "top_k", "include_pretrained", "methods")
             diff = [k for k in keys if old.get(k) != self.config.get(k)]
+            if old.get("strategy_options", {}) != self.config["strategy_options"]:
+                diff.append("strategy_options")
             if diff:
                 raise SystemExit(f"error: {path} was made with different settings ({', '.join(diff)}); use another --out to start afresh")
         else:
@@ -358,6 +403,7 @@ class Runner:
         if have != self.tasks[: len(have)] or len(have) > s + 1:
             raise SystemExit(f"error: the store holds tasks {have}, which do not match the order {self.tasks[: s + 1]}")
         pending = self.state.get("pending") if (self.state.get("pending") or {}).get("task") == task else None
+        delta: dict[str, torch.Tensor] | None = None
         if len(have) < s + 1:
             # 1. tune individually, from θ_0
             self.reset_model()
@@ -374,6 +420,11 @@ class Runner:
                 indiv = self.lora_accuracy(adapter, [s], "individual FT")[0]
             tim["train_s"] = time.perf_counter() - t0
             self.reset_model()
+            if self._delta_strategies():
+                # the delta outlives a crash until every strategy that folds it has it (the store
+                # holds only the unified delta, not this one)
+                os.makedirs(self.strategies_dir, exist_ok=True)
+                _atomic_safetensors(self.pending_delta_path, delta, {"session": str(s), "task": task})
             pending = {"task": task, "individual_ft": indiv, "timings": dict(tim)}
             self.state["pending"] = pending
             self._save_state()
@@ -382,7 +433,8 @@ class Runner:
             t0 = time.perf_counter()
             self.store.add_task(task, delta, rescaler=self.a.rescaler, backend=self.a.backend)
             pending["timings"]["merge_s"] = time.perf_counter() - t0
-            del delta
+            if not self._delta_strategies():
+                delta = None
             _crash_point("merged", s)
         if pending is None:
             raise SystemExit(f"error: the store already holds {task!r} but {self.out}/state.json has no record of its "
@@ -398,7 +450,18 @@ class Runner:
             self.store.save_prototypes(task, protos)
             tim["prototypes_s"] = time.perf_counter() - t0
         _crash_point("prototypes", s)
-        # 4. evaluate ConDU: seen tasks with their expert, unseen by aggregation, agnostic by aggregation
+        # 4. the strategies fold the task (each saved right after; a rerun skips the ones that have it)
+        self.fold_individual(s, delta, tim)
+        del delta
+        cft: dict[str, torch.Tensor] | None = None
+        if {"continual_ft", "magmax"} & set(self.methods):
+            cft, cft_start, t_cft = self.continual_ft_state(s)
+            tim.update(t_cft)
+            if "magmax" in self.methods:
+                self.fold_magmax(s, cft, cft_start, tim)
+        if "pam" in self.methods:
+            self.train_pam(s, pending, tim)
+        # 5. evaluate ConDU: seen tasks with their expert, unseen by aggregation, agnostic by aggregation
         t0 = time.perf_counter()
         rows: dict[str, list[float]] = {}
         if {"condu", "agnostic"} & set(self.methods):
@@ -425,18 +488,109 @@ class Runner:
             if "agnostic" in self.methods:
                 rows["agnostic"] = [aggregated[j] for j in range(T)]
         tim["eval_condu_s"] = time.perf_counter() - t0
-        # 5. continual fine-tuning baseline: one more session from the previous one
+        # 6. continual fine-tuning baseline (trained in step 4) and the strategies
         if "continual_ft" in self.methods:
-            rows["continual_ft"], t_cft = self.continual_ft_session(s)
-            tim.update(t_cft)
+            assert cft is not None
+            t0 = time.perf_counter()
+            rows["continual_ft"] = self.accuracy_of(cft, range(T), f"continual FT S{s + 1}")
+            tim["continual_ft_eval_s"] = time.perf_counter() - t0
+        del cft
+        for name in self.strategy_names:
+            t0 = time.perf_counter()
+            rows[name] = self.strategy_row(name, s)
+            tim[f"eval_{name}_s"] = time.perf_counter() - t0
         _crash_point("evaluated", s)
-        self.state["sessions"].append({"task": task, "individual_ft": pending["individual_ft"], "rows": rows, "timings": tim})
+        record = {"task": task, "individual_ft": pending["individual_ft"], "rows": rows, "timings": tim}
+        if "hook_stats" in pending:
+            record["hook_stats"] = pending["hook_stats"]
+        self.state["sessions"].append(record)
         self.state["pending"] = None
         self._save_state()
         msg = ", ".join(f"{m} {sum(r[: s + 1]) / (s + 1):.1f}" for m, r in rows.items())
         _log(f"[mtil] session {s + 1} done: individual FT {pending['individual_ft']:.1f}; mean over seen: {msg}", self.quiet)
 
-    def continual_ft_session(self, s: int) -> tuple[list[float], dict[str, float]]:
+    # ------------------------------------------------------------------ continual FT and the strategies
+    @property
+    def strategies_dir(self) -> str:
+        return os.path.join(self.out, "strategies")
+
+    @property
+    def pending_delta_path(self) -> str:
+        return os.path.join(self.strategies_dir, "pending_delta.safetensors")
+
+    def _delta_strategies(self) -> list[str]:
+        return [n for n in self.strategy_names if n in DELTA_STRATEGIES]
+
+    def _flat_lora(self, adapter: LoraAdapter) -> dict[str, torch.Tensor]:
+        return {n: t for m, ab in adapter.factors.items() for n, t in zip(lora_flat_names(m), ab)}
+
+    def _lora_from_flat(self, flat: dict[str, torch.Tensor]) -> LoraAdapter:
+        assert self.lora0 is not None
+        return LoraAdapter(config=dict(self.lora0.config),
+                           factors={m: (flat[a], flat[b]) for m in self.lora0.modules for a, b in [lora_flat_names(m)]})
+
+    def strategy_base(self) -> dict[str, torch.Tensor]:
+        """θ_0 of what the strategies merge: the trained tensors restricted from ``theta0`` (FT), or
+        the shared LoRA init as a flat factor dict (LoRA)."""
+        if self._strategy_base is None:
+            self._strategy_base = ({k: self.theta0[k] for k in self.names} if self.lora0 is None
+                                   else self._flat_lora(self.lora0))
+        return self._strategy_base
+
+    def strategy_path(self, name: str) -> str:
+        return os.path.join(self.strategies_dir, f"{name}.safetensors")
+
+    def strategy(self, name: str, s: int) -> ContinualStrategy:
+        """Strategy ``name`` in session ``s``: it holds the first ``s`` tasks (task ``s`` not folded
+        yet) or ``s + 1``; read back from its file after a restart."""
+        path = self.strategy_path(name)
+        strat = self.strats.get(name)
+        if strat is None:
+            if os.path.exists(path):  # θ_0 is shared, not copied: no strategy modifies its base
+                strat = load_strategy(path, base=self.strategy_base(), copy_base=False)
+            else:
+                strat = get_strategy(name, self.strategy_base(), copy_base=False, **self.config["strategy_options"][name])
+            self.strats[name] = strat
+        have = strat.task_names
+        if have != self.tasks[: len(have)] or not s <= len(have) <= s + 1:
+            raise SystemExit(f"error: {path} holds tasks {have}; session {s + 1} expects {self.tasks[:s]} "
+                             f"(or with {self.tasks[s] if s < len(self.tasks) else '-'!r}): the output directory was modified by hand")
+        return strat
+
+    def _fold(self, name: str, s: int, **kw: dict[str, torch.Tensor]) -> None:
+        """``end_task`` of the open task ``s`` then an atomic save (θ_0 left out: it is known)."""
+        strat = self.strats[name]
+        strat.end_task(self.tasks[s], **kw)
+        os.makedirs(self.strategies_dir, exist_ok=True)
+        strat.save(self.strategy_path(name), include_base=False)
+        _crash_point(f"folded_{name}", s)
+
+    def fold_individual(self, s: int, delta: dict[str, torch.Tensor] | None, tim: dict[str, float]) -> None:
+        """Task arithmetic, TIES, EMR: fold the session's individual delta (kept in memory, or read
+        back from ``pending_delta.safetensors`` after a restart)."""
+        todo = [n for n in self._delta_strategies() if len(self.strategy(n, s)) == s]
+        task = self.tasks[s]
+        if todo:
+            t0 = time.perf_counter()
+            if delta is None:
+                path = self.pending_delta_path
+                if not os.path.exists(path):
+                    raise SystemExit(f"error: {todo} lack task {task!r} and its individual delta ({path}) is gone; "
+                                     "the output directory was modified by hand")
+                delta, meta = _load_safetensors(path)
+                if meta.get("session") != str(s) or meta.get("task") != task:
+                    raise SystemExit(f"error: {path} holds session {meta.get('session')} ({meta.get('task')!r}), "
+                                     f"not session {s} ({task!r})")
+            for name in todo:
+                self.strats[name].begin_task(task)
+                self._fold(name, s, delta=delta)
+            tim["fold_individual_s"] = time.perf_counter() - t0
+        if os.path.exists(self.pending_delta_path):
+            os.remove(self.pending_delta_path)
+
+    def continual_ft_state(self, s: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, dict[str, float]]:
+        """Continual FT's trained tensors after session ``s`` (keys as the strategies' base), the
+        start it trained from (``None`` when the checkpoint already held session ``s``), timings."""
         task = self.tasks[s]
         path = os.path.join(self.out, "continual_ft.safetensors")
         tim: dict[str, float] = {}
@@ -447,53 +601,130 @@ class Runner:
             have_session = int(meta.get("session", -1))
         if have_session > s:
             raise SystemExit(f"error: {path} is at session {have_session + 1}, ahead of the run's session {s + 1}")
-        self.reset_model()
-        if have_session < s:
-            t0 = time.perf_counter()
-            cfg = self.train_cfg(task, s)
-            if self.lora0 is None:
-                if prev is not None:
-                    self.clip.model.load_state_dict(prev, strict=False)
-                finetune_full(self.clip, self.datasets[s], cfg, self.names, desc=f"continual FT {task}")
-                sd = self.clip.model.state_dict()
-                state = {k: sd[k].detach().to("cpu", copy=True) for k in self.names}
-            else:
-                start = self._lora_from_flat(prev) if prev is not None else self.lora0
-                adapter = finetune_lora(self.clip, self.datasets[s], cfg, start, desc=f"continual FT {task}")
-                state = {f"{m}.lora_{x}.weight": t for m, ab in adapter.factors.items() for x, t in zip("AB", ab)}
-            _atomic_safetensors(path, state, {"session": str(s), "task": task})
-            tim["continual_ft_train_s"] = time.perf_counter() - t0
-        else:
-            state = prev
+        if have_session == s:
+            assert prev is not None
+            return prev, None, tim
+        if have_session != s - 1:
+            raise SystemExit(f"error: {path} is at session {have_session + 1}, expected {s} (the output directory was modified by hand)")
+        start = prev if prev is not None else {k: v.clone() for k, v in self.strategy_base().items()}
         self.reset_model()
         t0 = time.perf_counter()
-        js = range(len(self.tasks))
+        cfg = self.train_cfg(task, s)
+        if self.lora0 is None:
+            self.clip.model.load_state_dict(start, strict=False)
+            finetune_full(self.clip, self.datasets[s], cfg, self.names, desc=f"continual FT {task}")
+            sd = self.clip.model.state_dict()
+            state = {k: sd[k].detach().to("cpu", copy=True) for k in self.names}
+        else:
+            adapter = finetune_lora(self.clip, self.datasets[s], cfg, self._lora_from_flat(start), desc=f"continual FT {task}")
+            state = self._flat_lora(adapter)
+        self.reset_model()
+        _atomic_safetensors(path, state, {"session": str(s), "task": task})
+        tim["continual_ft_train_s"] = time.perf_counter() - t0
+        return state, start, tim
+
+    def fold_magmax(self, s: int, cft: dict[str, torch.Tensor], cft_start: dict[str, torch.Tensor] | None,
+                    tim: dict[str, float]) -> None:
+        """MagMax = sequential fine-tuning + max-magnitude merge: fold continual FT's trained weights."""
+        strat = self.strategy("magmax", s)
+        if len(strat) == s + 1:
+            return
+        t0 = time.perf_counter()
+        task = self.tasks[s]
+        start = strat.begin_task(task)
+        if cft_start is not None:  # (after a restart with continual FT already trained, its start is gone)
+            for k, v in cft_start.items():
+                # MagMax's start is θ_0 + (θ_{t-1} − θ_0), rounded once: equal up to an ulp
+                if not torch.allclose(start.params[k], v, rtol=1e-6, atol=1e-7):
+                    raise RuntimeError(f"MagMax's start of task {task!r} differs from continual FT's at tensor {k!r}")
+        self._fold("magmax", s, params=cft)
+        tim["fold_magmax_s"] = time.perf_counter() - t0
+
+    def train_pam(self, s: int, pending: dict, tim: dict[str, float]) -> None:
+        """PAM: train from ``begin_task(task).params`` with its hook, then fold the trained weights."""
+        strat = self.strategy("pam", s)
+        if len(strat) == s + 1:
+            return
+        task = self.tasks[s]
+        start = strat.begin_task(task)
+        self.reset_model()
+        t0 = time.perf_counter()
+        cfg = self.train_cfg(task, s)
+        if self.lora0 is None:
+            self.clip.model.load_state_dict(start.params, strict=False)
+            finetune_full(self.clip, self.datasets[s], cfg, self.names, desc=f"PAM {task}", hook=start.hook)
+            sd = self.clip.model.state_dict()
+            trained = {k: sd[k].detach().to("cpu", copy=True) for k in self.names}
+        else:
+            adapter = finetune_lora(self.clip, self.datasets[s], cfg, self._lora_from_flat(start.params),
+                                    desc=f"PAM {task}", hook=start.hook)
+            trained = self._flat_lora(adapter)
+        self.reset_model()
+        tim["pam_train_s"] = time.perf_counter() - t0
+        # the hook's statistics are recorded before the fold: a crash in between retrains (same numbers)
+        pending["hook_stats"] = {"pam": hook_stats(start.hook)}
+        pending["timings"]["pam_train_s"] = tim["pam_train_s"]
+        self._save_state()
+        self._fold("pam", s, params=trained)
+
+    def accuracy_of(self, state: dict[str, torch.Tensor], js: Sequence[int], desc: str) -> list[float]:
+        """Accuracy on datasets ``js`` of θ_0 with ``state`` (trained tensors, or flat LoRA factors) in."""
+        js = list(js)
         if self.lora0 is None:
             with swap_params(self.clip.model, state):
-                row = [model_accuracy(self.clip, self.datasets[j], self.eval_cfg, f"continual FT S{s + 1} on {self.tasks[j]}")
-                       for j in js]
-        else:
-            row = self.lora_accuracy(self._lora_from_flat(state), js, f"continual FT S{s + 1}")
-        tim["continual_ft_eval_s"] = time.perf_counter() - t0
-        return row, tim
+                return [model_accuracy(self.clip, self.datasets[j], self.eval_cfg, f"{desc} on {self.tasks[j]}") for j in js]
+        return self.lora_accuracy(self._lora_from_flat(state), js, desc)
 
-    def _lora_from_flat(self, flat: dict[str, torch.Tensor]) -> LoraAdapter:
-        assert self.lora0 is not None
-        return LoraAdapter(config=dict(self.lora0.config),
-                           factors={m: (flat[f"{m}.lora_A.weight"], flat[f"{m}.lora_B.weight"]) for m in self.lora0.modules})
+    def strategy_row(self, name: str, s: int) -> list[float]:
+        """Accuracy of strategy ``name`` after session ``s`` on every dataset: seen tasks with
+        ``model_for_inference(task)`` (a task-aware strategy's expert), unseen ones with
+        ``model_for_inference()``. A strategy that is not task-aware has one model per session,
+        evaluated once per dataset."""
+        strat = self.strategy(name, s)
+        T = len(self.tasks)
+        row = [float("nan")] * T
+        label = f"{LABELS.get(name, name)} S{s + 1}"
+        merged_js = [j for j in range(T) if not (strat.task_aware and j <= s)]
+        if merged_js:
+            for j, acc in zip(merged_js, self.accuracy_of(strat.model_for_inference(), merged_js, label)):
+                row[j] = acc
+        if strat.task_aware:
+            for j in range(s + 1):
+                row[j] = self.accuracy_of(strat.model_for_inference(self.tasks[j]), [j], f"{label} expert")[0]
+        return row
 
     # ------------------------------------------------------------------ outputs
+    def storage(self, n: int) -> tuple[dict[str, dict], int]:
+        """Storage per reported method (and individual FT) after ``n`` finished sessions, and the
+        bytes of one task delta (θ_0 of the merged tensors)."""
+        one = state_nbytes(self.strategy_base())
+        done = self.tasks[:n]
+        out: dict[str, dict] = {}
+        for m in self.methods:
+            if m == "zeroshot":
+                out[m] = storage_entry(0, {}, "nothing beyond θ_0")
+            elif m in ("condu", "agnostic"):
+                self.store.reload(verify=False)
+                out[m] = (condu_store_storage(self.store) if self.store.exists and self.store.task_names
+                          else storage_entry(0, {}, "unified delta u + per task a 1-bit mask and its rescaler"))
+            elif m == "continual_ft":
+                out[m] = storage_entry(one if n else 0, {t: 0 for t in done}, "the current model's delta θ_t − θ_0 (one model)")
+            else:
+                out[m] = report_entry(self.strategy(m, n).stored_bytes())
+        out["individual_ft"] = storage_entry(0, {t: one for t in done}, "every task's fine-tuned delta (one model per task)")
+        return out, one
+
     def finish(self, partial: bool) -> dict:
         T = len(self.tasks)
         sessions = self.state["sessions"]
         n = len(sessions)
         label = "ConDU (LoRA)" if self.lora0 is not None else "ConDU (FT)"
-        names = {"zeroshot": "Zero-shot", "continual_ft": "Continual FT", "condu": label, "agnostic": f"{label}, task-agnostic"}
+        names = {**LABELS, "condu": label, "agnostic": f"{label}, task-agnostic"}
         matrices: dict[str, list[list[float]]] = {}
         if self.state.get("zeroshot") is not None:
             matrices["zeroshot"] = [list(self.state["zeroshot"]) for _ in range(n)]
-        for m in ("continual_ft", "condu", "agnostic"):
-            if n and m in sessions[0]["rows"]:
+        for m in self.methods:
+            if m != "zeroshot" and n and m in sessions[0]["rows"]:
                 matrices[m] = [sess["rows"][m] for sess in sessions]
         indiv = [sess["individual_ft"] for sess in sessions] + [None] * (T - n)
         result = {
@@ -508,6 +739,11 @@ class Runner:
             "timings": {"sessions": [{"task": s["task"], **s["timings"]} for s in sessions]},
             "store": {"path": os.path.join(self.out, "store")},
         }
+        if any("hook_stats" in sess for sess in sessions):
+            result["hook_stats"] = [sess.get("hook_stats") for sess in sessions]
+        storage, one_model = self.storage(n)
+        result["storage"] = storage
+        result["one_model_bytes"] = one_model
         try:
             result["store"]["storage"] = self.store.storage()
         except Exception:  # noqa: BLE001 - informative only
@@ -525,14 +761,34 @@ class Runner:
             if "agnostic" in matrices:
                 table += ("\nTask-agnostic rows: the Transfer line is reported for completeness; the paper's "
                           "Table 2 gives only Average and Last for this setting.\n")
+            table += ("\n## Storage\n\nBytes kept beyond the pretrained weights θ_0 after the last session; "
+                      f"\"× one model\" = total / one task delta ({one_model / 2**20:.3f} MiB: the "
+                      f"{'LoRA factors' if self.lora0 is not None else 'trained tensors'}).\n\n"
+                      + storage_markdown(storage, one_model, names))
             with open(os.path.join(self.out, "results.md"), "w") as f:
                 f.write(f"# MTIL results ({label}{', few-shot' if self.a.few_shot else ''})\n\n{table}")
+            with open(os.path.join(self.out, "storage.csv"), "w") as f:
+                f.write(storage_csv(storage, one_model, names))
             with open(os.path.join(self.out, "results.csv"), "w") as f:
                 f.write(csv_text(self.tasks, {names[m]: mat for m, mat in matrices.items()}))
             result["heatmap"] = heatmap_png(os.path.join(self.out, "accuracy_heatmap.png"), self.tasks,
                                             {names[m]: mat for m, mat in matrices.items() if m != "zeroshot"})
         _atomic_json(os.path.join(self.out, "results.json"), result)
         return result
+
+
+def hook_stats(hook: object) -> dict[str, int] | None:
+    """What a training hook recorded (``steps``, ``alignments``, ``resets`` summed), if it exposes it."""
+    if hook is None:
+        return None
+    out = {}
+    for attr in ("steps", "alignments", "resets"):
+        v = getattr(hook, attr, None)
+        if isinstance(v, (list, tuple)):
+            v = sum(int(x) for x in v)
+        if isinstance(v, int):
+            out[attr] = v
+    return out
 
 
 def resolve_order_synthetic(args: argparse.Namespace, available: Sequence[str]) -> list[str]:
@@ -559,6 +815,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.lora_rank = 4
         if args.warmup == 100 and "--warmup" not in (argv or sys.argv):
             args.warmup = 5
+        if args.pam_every is None:
+            args.pam_every = 5  # so that PAM's alignment fires within the few synthetic steps
     runner = Runner(args)
     res = runner.run()
     if not res["partial"]:
