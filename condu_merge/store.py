@@ -41,6 +41,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 from dataclasses import dataclass
@@ -136,6 +137,73 @@ def popcount_bytes(packed: torch.Tensor) -> int:
         return 0
     arr = packed.contiguous().numpy()
     return bitarray(buffer=memoryview(arr), endian="little").count(1)
+
+
+_GENERATION_RE = re.compile(r"gen-\d{6,}")
+_STORE_FILE_RE = re.compile(r"(unified|masks/\d{4,}|prototypes/\d{4,})\.safetensors")
+
+
+def _check_manifest_structure(m: dict, mpath: str) -> None:
+    """Refuse a manifest whose fields the store would trip over (a hand-edited one whose
+    checksum was recomputed, or one written by a buggy tool): wrong types, file names outside
+    the generation folder, tasks pointing at files the manifest does not list."""
+
+    def bad(what: str) -> None:
+        raise FormatError(f"{mpath}: damaged store manifest ({what})")
+
+    gd = m.get("generation_dir")
+    if not isinstance(gd, str) or not _GENERATION_RE.fullmatch(gd):
+        bad(f"generation_dir {gd!r} is not a generation folder name")
+    files = m.get("files")
+    if not isinstance(files, dict) or UNIFIED not in files:
+        bad("files does not list the unified delta")
+    for rel, info in files.items():
+        if not isinstance(rel, str) or not _STORE_FILE_RE.fullmatch(rel):
+            bad(f"file name {rel!r} is not a store file")
+        if (
+            not isinstance(info, dict)
+            or not isinstance(info.get("bytes"), int)
+            or info["bytes"] < 0
+            or not isinstance(info.get("sha256"), str)
+        ):
+            bad(f"file entry {rel!r} lacks a byte count or sha256")
+    if not isinstance(m.get("rescaler"), str):
+        bad(f"rescaler {m.get('rescaler')!r} is not a mode name")
+    tensors = m.get("tensors")
+    if not isinstance(tensors, list) or not tensors:
+        bad("it lists no tensors")
+    names: set = set()
+    for t in tensors:
+        ok = (
+            isinstance(t, dict)
+            and isinstance(t.get("name"), str)
+            and t.get("dtype") in ST_TO_DTYPE
+            and isinstance(t.get("shape"), list)
+            and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in t["shape"])
+        )
+        if not ok:
+            bad(f"tensor entry {t!r} needs a name, a dtype of {sorted(ST_TO_DTYPE)} and a shape")
+        if t["name"] in names:
+            bad(f"tensor {t['name']!r} is listed twice")
+        names.add(t["name"])
+    tasks = m.get("tasks")
+    if not isinstance(tasks, list):
+        bad("tasks is not a list")
+    seen: set = set()
+    for i, t in enumerate(tasks):
+        if not isinstance(t, dict) or not isinstance(t.get("name"), str):
+            bad(f"task #{i} has no name")
+        if t["name"] in seen:
+            bad(f"task {t['name']!r} is listed twice")
+        seen.add(t["name"])
+        if t.get("masks") not in files:
+            bad(f"task {t['name']!r}: its mask file {t.get('masks')!r} is not among the files")
+        if t.get("prototypes") is not None and t["prototypes"] not in files:
+            bad(f"task {t['name']!r}: its prototypes file {t['prototypes']!r} is not among the files")
+        r = t.get("rescaler")
+        nums = list(r.values()) if isinstance(r, dict) else [r]
+        if not nums or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in nums):
+            bad(f"task {t['name']!r}: rescaler {r!r} is not a number or a mapping of numbers")
 
 
 def mask_file(index: int) -> str:
@@ -389,6 +457,7 @@ class Store:
             )
         if m.get("checksum") != _manifest_checksum(m):
             raise FormatError(f"{mpath}: manifest checksum mismatch (the manifest was modified or damaged)")
+        _check_manifest_structure(m, mpath)
         self._gen_seen = m.get("generation_dir")
         gen = os.path.join(self.root, m["generation_dir"])
         for rel, info in m["files"].items():

@@ -183,6 +183,57 @@ def test_unknown_version_and_damaged_manifest(tmp_path):
         Store(root)
 
 
+def _edit(m: dict, path: str, value) -> dict:
+    m = json.loads(json.dumps(m))
+    *head, last = path.split(".")
+    node = m
+    for part in head:
+        node = node[int(part)] if part.isdigit() else node[part]
+    if value is _DELETE:
+        del node[int(last) if last.isdigit() else last]
+    else:
+        node[int(last) if last.isdigit() else last] = value
+    return m
+
+
+_DELETE = object()
+
+
+@pytest.mark.parametrize(
+    "path,value,message",
+    [
+        ("generation_dir", "../../etc", "generation_dir '../../etc'"),
+        ("generation_dir", 7, "generation_dir 7"),
+        ("files", _DELETE, "files does not list"),
+        ("tasks.1.masks", "../../outside.safetensors", "mask file '../../outside.safetensors'"),
+        ("tasks.1.name", "t0", "'t0' is listed twice"),
+        ("tasks.0.rescaler", "big", "rescaler 'big'"),
+        ("tasks.0", "oops", "task #0 has no name"),
+        ("tensors.0.dtype", "F99", "tensor entry"),
+        ("tensors.0.shape", [-1, 3], "tensor entry"),
+        ("rescaler", None, "rescaler None"),
+    ],
+)
+def test_hand_edited_manifest_with_recomputed_checksum_is_refused(tmp_path, path, value, message):
+    """A manifest someone edited and re-checksummed must fail with a FormatError naming the
+    manifest and the field, never a KeyError/TypeError or a read outside the store."""
+    from condu_merge.store import _manifest_checksum
+
+    root, _ = _store(tmp_path)
+    mp = root / MANIFEST
+    good = json.loads(mp.read_text())
+    if path == "files":  # drop the unified delta's entry
+        m = json.loads(json.dumps(good))
+        del m["files"]["unified.safetensors"]
+    else:
+        m = _edit(good, path, value)
+    m["checksum"] = _manifest_checksum(m)
+    mp.write_text(json.dumps(m))
+    with pytest.raises(FormatError) as info:
+        Store(root)
+    assert "manifest.json" in str(info.value) and message in str(info.value), str(info.value)
+
+
 def test_second_writer_gets_a_clear_error(tmp_path):
     root, st = _store(tmp_path)
     before = (root / MANIFEST).read_text()
