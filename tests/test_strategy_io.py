@@ -198,6 +198,9 @@ def test_overrides(tmp_path):
     assert "c.st" in str(ei.value)
     with pytest.raises(MergeInputError, match="no_such_option"):
         load_strategy(tmp_path / "c.st", no_such_option=1)
+    with pytest.raises(MergeInputError, match="density") as ei:
+        load_strategy(tmp_path / "ties.st", density=2.0)
+    assert "ties.st" in str(ei.value)
 
 
 def test_given_base_is_copied_and_used(tmp_path):

@@ -17,6 +17,8 @@ tensors, or whatever subset the caller chooses) and sees tasks one at a time::
         strat.end_task(task, params=trained_state)         # or delta=θ_t − θ_0
     strat.model_for_inference(task=None)                   # state dict to evaluate
     strat.expert("cars"), strat.stored_bytes().total
+    strat.save("run.strategy.safetensors")                 # between tasks; atomic
+    strat = load_strategy("run.strategy.safetensors")      # resume: bit-identical behaviour
 
 Everything is keyed by the names of ``base``; every tensor a strategy returns is a fresh copy, so
 the caller may load it into a model and train it in place. Work is tensor by tensor: a strategy
@@ -350,7 +352,7 @@ class ContinualStrategy(ABC):
             "base": json.dumps(fingerprint),
             "base_sha256": fingerprint_sha256(fingerprint),
             "base_included": "1" if include_base else "0",
-            "state": json.dumps(self._state_meta()),
+            "state": _dumps_state(self.name, path, self._state_meta()),
             "checksums": json.dumps({k: tensor_sha256(t) for k, t in state.items()}),
         }
         meta["header_sha256"] = metadata_sha256(meta)
@@ -519,6 +521,13 @@ def backend_option(backend: Any) -> str:
 
     name = getattr(backend, "name", None)
     return name if isinstance(name, str) and name in available_backends() else "auto"
+
+
+def _dumps_state(name: str, path: str, state: Any) -> str:
+    try:
+        return json.dumps(state)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{name}: cannot save to {path!r}: _state_meta() is not JSON ({exc})") from None
 
 
 def _fsync_dir(path: str) -> None:
@@ -701,7 +710,7 @@ def _load(
     kw.update(overrides)
     try:
         strat = factory(base, **kw)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise MergeInputError(f"{path}: cannot re-create strategy {name!r} with options {kw!r} ({exc})") from None
     strat._tasks = list(tasks)
     try:
