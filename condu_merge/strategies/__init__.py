@@ -15,6 +15,7 @@ from .base import (
     TrainingHook,
     available_strategies,
     get_strategy,
+    load_strategy,
     register_strategy,
     state_nbytes,
 )
@@ -48,6 +49,7 @@ __all__ = [
     "conflict_mask",
     "get_strategy",
     "important_signs",
+    "load_strategy",
     "max_magnitude_update",
     "pam_merge_tensor",
     "register_strategy",

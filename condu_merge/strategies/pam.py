@@ -344,6 +344,26 @@ class PAM(ContinualStrategy):
         assert self._merged is not None
         return self._merged
 
+    def _options(self) -> dict:
+        return {
+            "align_fraction": self.align_fraction,
+            "align_every": self.align_every,
+            "reset_to": self.reset_to,
+            "align_on": self.align_on,
+            "scope": self.scope,
+            "reset_optimizer": self.reset_optimizer,
+            "merge_coef": self.merge_coef,
+            "init": self.init,
+        }
+
+    def _state_tensors(self) -> dict[str, torch.Tensor]:
+        """``merged/<key>``: the global module's delta ``G − θ_0``."""
+        return {} if self._merged is None else {f"merged/{k}": v for k, v in self._merged.items()}
+
+    def _restore(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        if self._tasks:
+            self._merged = self._saved_delta(tensors, "merged/")
+
     def _storage(self) -> StorageReport:
         shared = state_nbytes(self._merged) if self._merged is not None else 0
         return StorageReport(shared, {t: 0 for t in self._tasks}, "the global module G − θ_0 (one model)")
