@@ -10,7 +10,7 @@ import torch
 
 from .backends import MergeBackend
 from .core import RESCALER_MODES, add_task as _add_task, decouple as _decouple
-from .errors import DuplicateTaskError, UnknownTaskError
+from .errors import DuplicateTaskError, KeyMismatchError, ShapeMismatchError, UnknownTaskError
 from .trigger import TaskTrigger
 
 
@@ -32,6 +32,40 @@ class ContinualMerger:
         # add_task reads the session, merges, then commits: two threads interleaving would each
         # commit a session that lacks the other's task
         self._lock = threading.RLock()
+
+    @classmethod
+    def from_session(
+        cls,
+        unified: Mapping[str, torch.Tensor],
+        triggers: "list[TaskTrigger]",
+        rescaler: str = "tensor_mean",
+        *,
+        backend: str | MergeBackend = "auto",
+    ) -> "ContinualMerger":
+        """A merger holding an existing session (``u`` and its triggers, in task order), e.g. one
+        read from a file. Checked: named, unique tasks; every trigger covers exactly ``u``'s
+        tensors with ``u``'s shapes; no triggers without ``u`` and vice versa."""
+        m = cls(rescaler, backend=backend)
+        unified = dict(unified)
+        triggers = list(triggers)
+        if bool(unified) != bool(triggers):
+            raise ValueError("a session has both a unified delta and at least one trigger, or neither")
+        seen: set = set()
+        for i, t in enumerate(triggers):
+            if not isinstance(t, TaskTrigger) or t.task is None:
+                raise ValueError(f"trigger #{i} must be a TaskTrigger with a task name")
+            if t.task in seen:
+                raise DuplicateTaskError(f"task {t.task!r} appears twice in the session")
+            seen.add(t.task)
+            if set(t.names) != set(unified):
+                raise KeyMismatchError(f"trigger of task {t.task!r} covers other tensors than the unified delta")
+            for k, u in unified.items():
+                if tuple(t.shapes[k]) != tuple(u.shape):
+                    raise ShapeMismatchError(
+                        f"trigger of task {t.task!r}: tensor {k!r} has shape {tuple(t.shapes[k])}, u has {tuple(u.shape)}"
+                    )
+        m._unified, m._triggers = unified, triggers
+        return m
 
     # ------------------------------------------------------------------ state
     @property

@@ -609,12 +609,14 @@ class Store:
         """An in-memory :class:`~condu_merge.ContinualMerger` holding this session (eager)."""
         from .merger import ContinualMerger
 
-        m = ContinualMerger(self.rescaler or "tensor_mean", backend=backend)
         if self.manifest is None:
-            return m
-        m._unified = {s.name: self.unified_tensor(s.name) for s in self.specs}
-        m._triggers = [self.trigger(t) for t in self.task_names]
-        return m
+            return ContinualMerger(self.rescaler or "tensor_mean", backend=backend)
+        return ContinualMerger.from_session(
+            {s.name: self.unified_tensor(s.name) for s in self.specs},
+            [self.trigger(t) for t in self.task_names],
+            self.manifest["rescaler"],
+            backend=backend,
+        )
 
     # ------------------------------------------------------------------ prototypes
     def load_prototypes(self, task: str) -> dict[str, torch.Tensor] | None:

@@ -494,3 +494,29 @@ def test_unify_refuses_duplicate_task_names():
         unify(ds, task_names=["a", "b", "a"])
     _, trig = unify(ds, task_names=["a", "b", "c"])
     assert [t.task for t in trig] == ["a", "b", "c"]
+
+
+def test_merger_from_session_round_trips_and_checks():
+    from condu_merge import ContinualMerger, DuplicateTaskError, KeyMismatchError, ShapeMismatchError
+
+    m = ContinualMerger()
+    for i in range(3):
+        m.add_task(f"t{i}", {"w": torch.randn(4, 3), "b": torch.randn(5)})
+    back = ContinualMerger.from_session(m.unified, m.triggers, m.rescaler)
+    assert back.task_names == m.task_names
+    for t in m.task_names:
+        for k, v in m.decouple(t).items():
+            assert torch.equal(back.decouple(t)[k], v)
+    nxt = {"w": torch.randn(4, 3), "b": torch.randn(5)}
+    m.add_task("t3", nxt)
+    back.add_task("t3", nxt)
+    assert all(torch.equal(back.unified[k], m.unified[k]) for k in m.unified)
+    trig = m.triggers
+    with pytest.raises(DuplicateTaskError, match="'t0'"):
+        ContinualMerger.from_session(m.unified, [trig[0], trig[0]])
+    with pytest.raises(KeyMismatchError, match="'t1'"):
+        ContinualMerger.from_session({"w": m.unified["w"]}, [trig[1]])
+    with pytest.raises(ShapeMismatchError, match="'b'"):
+        ContinualMerger.from_session({"w": m.unified["w"], "b": torch.zeros(6)}, [trig[1]])
+    with pytest.raises(ValueError, match="neither"):
+        ContinualMerger.from_session(m.unified, [])

@@ -90,8 +90,9 @@ class ConDU(ContinualStrategy):
                 packed[k] = p
             r = {k: float(r[k]) for k in self._base} if isinstance(r, dict) else float(r)
             triggers.append(TaskTrigger(packed, shapes, r, task))  # checks the mask sizes
-        # a ContinualMerger has no public constructor from a session; the store does the same
-        self.merger._unified, self.merger._triggers = unified, triggers
+        self.merger = ContinualMerger.from_session(
+            unified, triggers, self.merger.rescaler, backend=self.merger.backend
+        )
 
     def _storage(self) -> StorageReport:
         shared = state_nbytes(self.merger.unified) if len(self.merger) else 0
