@@ -129,11 +129,16 @@ def storage_rows(storage: Mapping[str, Mapping[str, Any]], one_model: int, label
     return rows
 
 
+def _mib(x: float) -> str:
+    """4 significant digits (LoRA factors of a tiny model are a few KiB, a ViT-B/16 hundreds of MiB)."""
+    return "0" if x == 0 else f"{x:.4g}"
+
+
 def storage_markdown(storage: Mapping[str, Mapping[str, Any]], one_model: int, labels: Mapping[str, str]) -> str:
     """The "Storage" table of results.md (bytes beyond θ_0; "× one model" = total / one delta)."""
     lines = ["| Method | What it stores | Total MiB | Per task MiB | × one model |", "|---|---|---|---|---|"]
     for label, what, total, per, ratio in storage_rows(storage, one_model, labels):
-        lines.append(f"| {label} | {what} | {total:.3f} | {per:.3f} | {ratio:.3f} |")
+        lines.append(f"| {label} | {what} | {_mib(total)} | {_mib(per)} | {ratio:.3f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -1,0 +1,214 @@
+"""MTIL script with the continual strategies (condu_merge.strategies) in one run: every method's
+accuracy matrix, the storage column (exact byte counts), MagMax folding continual FT's weights,
+PAM training with its alignment hook, task arithmetic / TIES / EMR folding the individual task
+vectors, a SIGKILL at two strategy steps resumed to the same numbers as an uninterrupted run, and
+bad --methods."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks.mtil import run_mtil
+from benchmarks.mtil.continual import VALID_METHODS, parse_methods, storage_markdown
+from benchmarks.mtil.metrics import summary_metrics
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+METHODS = "zeroshot,condu,continual_ft,pam,magmax,task_arithmetic,ties,emr"
+ARGS = ["--synthetic", "--synthetic-tasks", "3", "--synthetic-images", "8", "--synthetic-pretrain-steps", "4",
+        "--iterations", "6", "--num-workers", "0", "--methods", METHODS, "--pam-every", "3"]
+TASKS = ["Caltech101", "DTD", "EuroSAT"]
+
+
+def _run_capturing(monkeypatch, argv):
+    """``main(argv)`` in-process; returns the Runner it used (its live strategies) and results.json."""
+    captured = {}
+
+    class Capturing(run_mtil.Runner):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            captured["runner"] = self
+
+    monkeypatch.setattr(run_mtil, "Runner", Capturing)
+    assert run_mtil.main(argv) == 0
+    out = argv[argv.index("--out") + 1]
+    with open(os.path.join(out, "results.json")) as f:
+        return captured["runner"], json.load(f)
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    try:
+        out = str(tmp_path_factory.mktemp("mtil_strategies") / "run")
+        runner, res = _run_capturing(mp, [*ARGS, "--out", out, "--quiet"])
+    finally:
+        mp.undo()
+    return out, runner, res
+
+
+def test_bad_methods(tmp_path):
+    with pytest.raises(ValueError, match="valid methods: zeroshot, condu, agnostic, continual_ft, pam, magmax"):
+        parse_methods("condu,pamm")
+    with pytest.raises(ValueError, match="empty"):
+        parse_methods(" , ")
+    assert parse_methods("ties, condu,ties") == ["ties", "condu"]
+    assert set(VALID_METHODS) >= {"pam", "magmax", "task_arithmetic", "ties", "emr"}
+    # refused before anything is generated or loaded
+    with pytest.raises(SystemExit, match=r"unknown --methods \['bogus'\]; valid methods: .*task_arithmetic, ties, emr"):
+        run_mtil.main(["--synthetic", "--out", str(tmp_path / "x"), "--methods", "zeroshot,bogus"])
+    assert not os.path.exists(tmp_path / "x" / "synthetic")
+
+
+def test_every_method_has_a_full_matrix(full_run):
+    out, runner, res = full_run
+    assert not res["partial"] and res["tasks"] == TASKS
+    for m in METHODS.split(","):
+        acc = np.asarray(res["accuracy"][m])
+        assert acc.shape == (3, 3), m
+        assert np.all(np.isfinite(acc) & (acc >= 0) & (acc <= 100)), m
+        assert res["metrics"][m] == pytest.approx(summary_metrics(res["accuracy"][m]))
+    assert res["config"]["strategy_options"]["pam"]["align_every"] == 3
+    assert res["config"]["strategy_options"]["ties"]["density"] == 0.2
+    # one task folded: EMR's expert is that task's delta exactly (λ = 1), i.e. the individual FT model
+    assert res["accuracy"]["emr"][0][0] == pytest.approx(res["individual_ft"][0])
+    md = open(os.path.join(out, "results.md")).read()
+    assert "## Storage" in md and "| Task arithmetic | every task vector" in md and "| PAM |" in md
+    assert open(os.path.join(out, "storage.csv")).read().startswith("method,what,shared_bytes")
+    assert not os.path.exists(os.path.join(out, "strategies", "pending_delta.safetensors"))
+    assert sorted(os.listdir(os.path.join(out, "strategies"))) == sorted(
+        f"{m}.safetensors" for m in ("pam", "magmax", "task_arithmetic", "ties", "emr"))
+
+
+def test_storage_is_exact(full_run):
+    out, runner, res = full_run
+    from safetensors.torch import load_file
+
+    cft = load_file(os.path.join(out, "continual_ft.safetensors"))
+    one = sum(t.numel() * t.element_size() for t in cft.values())
+    assert res["one_model_bytes"] == one == sum(t.numel() * 4 for t in runner.strategy_base().values())
+    st = res["storage"]
+    T = 3
+    masks = sum(math.ceil(t.numel() / 8) for t in cft.values())
+    expected = {"zeroshot": 0, "continual_ft": one, "pam": one, "magmax": 2 * one, "task_arithmetic": T * one,
+                "emr": T * one, "ties": T * (one + 8), "individual_ft": T * one, "condu": one + T * (masks + 8)}
+    assert {m: e["total"] for m, e in st.items()} == expected
+    for m, e in st.items():
+        assert e["total"] == e["shared_bytes"] + sum(e["per_task_bytes"].values())
+        assert isinstance(e["what"], str) and e["what"]
+    assert st["task_arithmetic"]["per_task_bytes"] == {t: one for t in TASKS}
+    assert st["condu"]["shared_bytes"] == one
+    # the store's ConDU numbers agree with the library's ConDU strategy on the same deltas' shapes
+    table = storage_markdown(st, one, {"magmax": "MagMax"})
+    assert "| MagMax | running max-magnitude" in table and "| 2.000 |" in table
+
+
+def test_magmax_folds_continual_ft_and_pam_runs_its_hook(full_run):
+    out, runner, res = full_run
+    from safetensors.torch import load_file
+
+    cft = load_file(os.path.join(out, "continual_ft.safetensors"))
+    base = runner.strategy_base()
+    mm, pam, ta, ties = (runner.strats[n] for n in ("magmax", "pam", "task_arithmetic", "ties"))
+    assert mm.task_names == pam.task_names == ta.task_names == TASKS
+    # MagMax's next start is θ_0 + its last task vector: continual FT's final weights
+    nxt = mm.begin_task("probe").params
+    for k, v in cft.items():
+        assert torch.allclose(nxt[k], v, rtol=1e-6, atol=1e-7), k
+    # MagMax's merged vector takes each entry from one of the task vectors: where the last one
+    # (continual FT's final delta) is the largest in magnitude, the merged entry is exactly it
+    merged = mm.model_for_inference()
+    won_somewhere = False
+    for k in cft:
+        last, tau_mm = cft[k] - base[k], merged[k] - base[k]
+        won = last.abs() >= tau_mm.abs() + 1e-6
+        assert not bool(won.any()), k  # |τ_MM| is the largest magnitude, the last vector's included
+        took = torch.isclose(tau_mm, last, rtol=1e-5, atol=1e-7) & (last != 0)
+        won_somewhere |= bool(took.any())
+    assert won_somewhere
+    # TA and TIES folded the same individual task vectors
+    for t in TASKS:
+        a, b = ta.expert(t), ties.expert(t)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    # PAM trained with its alignment hook: no hook in session 1 (nothing to align to), then every
+    # --pam-every steps after every optimizer step
+    stats = res["hook_stats"]
+    assert stats[0]["pam"] is None
+    for s in (1, 2):
+        assert stats[s]["pam"]["steps"] == 6 and stats[s]["pam"]["alignments"] == 2
+    pam_model = pam.model_for_inference()
+    ta_model = ta.model_for_inference()
+    assert any(not torch.allclose(pam_model[k], cft[k]) for k in cft)
+    assert any(not torch.allclose(pam_model[k], ta_model[k]) for k in cft)
+
+
+def _subprocess(args, crash):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="2",
+               MTIL_CRASH_AT=crash)
+    return subprocess.run([sys.executable, "-m", "benchmarks.mtil.run_mtil", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_killed_at_strategy_steps_and_resumed_gives_the_same_results(full_run, tmp_path, capfd):
+    ref_out, _, ref = full_run
+    out = str(tmp_path / "run")
+    args = [*ARGS, "--out", out, "--quiet"]
+    # 1) killed in session 2 right after task arithmetic folded DTD (the store has DTD; TIES and
+    #    EMR not yet: they must read the individual delta back from disk)
+    p = _subprocess(args, "folded_task_arithmetic:1")
+    assert p.returncode == -9, p.stderr[-3000:]
+    assert os.path.exists(os.path.join(out, "strategies", "pending_delta.safetensors"))
+    with open(os.path.join(out, "state.json")) as f:
+        assert json.load(f)["pending"]["task"] == "DTD"
+    # 2) killed again in the rerun, after PAM folded DTD (continual FT and MagMax done too)
+    p = _subprocess(args, "folded_pam:1")
+    assert p.returncode == -9, p.stderr[-3000:]
+    assert not os.path.exists(os.path.join(out, "strategies", "pending_delta.safetensors"))
+    with open(os.path.join(out, "state.json")) as f:
+        st = json.load(f)
+    assert [s["task"] for s in st["sessions"]] == ["Caltech101"] and st["pending"]["hook_stats"]["pam"]["alignments"] == 2
+    # 3) the rerun finishes without training DTD again (neither the individual model nor PAM's)
+    capfd.readouterr()
+    assert run_mtil.main([a for a in args if a != "--quiet"]) == 0
+    err = capfd.readouterr().err
+    assert "resuming: 1 of 3 sessions" in err
+    for again in ("train DTD", "PAM DTD", "continual FT DTD"):
+        assert again not in err
+    assert "PAM EuroSAT" in err
+    with open(os.path.join(out, "results.json")) as f:
+        res = json.load(f)
+    assert res["accuracy"] == ref["accuracy"]
+    assert res["individual_ft"] == ref["individual_ft"]
+    assert res["storage"] == ref["storage"]
+    assert res["hook_stats"] == ref["hook_stats"]
+
+
+def test_lora_strategies(tmp_path, monkeypatch):
+    """--mode lora: the strategies merge the flat LoRA factor dict with θ_0 = the shared init; PAM's
+    hook sees the live factor leaves under those names."""
+    out = str(tmp_path / "lora")
+    runner, res = _run_capturing(monkeypatch, [
+        "--synthetic", "--out", out, "--synthetic-tasks", "2", "--synthetic-images", "8", "--synthetic-pretrain-steps", "4",
+        "--iterations", "4", "--num-workers", "0", "--quiet", "--mode", "lora", "--lora-rank", "2", "--pam-every", "2",
+        "--methods", "condu,pam,magmax,task_arithmetic"])
+    init = runner.lora0
+    base = runner.strategy_base()
+    assert sorted(base) == sorted(f"{m}.lora_{x}.weight" for m in init.modules for x in "AB")
+    for m, (a, b) in init.factors.items():
+        assert torch.equal(base[f"{m}.lora_A.weight"], a) and torch.equal(base[f"{m}.lora_B.weight"], b)
+    one = sum(t.numel() * t.element_size() for t in base.values())
+    assert res["one_model_bytes"] == one
+    assert {m: res["storage"][m]["total"] for m in ("pam", "magmax", "task_arithmetic")} == {
+        "pam": one, "magmax": 2 * one, "task_arithmetic": 2 * one}
+    assert res["hook_stats"][1]["pam"] == {"steps": 4, "alignments": 2, "resets": res["hook_stats"][1]["pam"]["resets"]}
+    assert res["config"]["strategy_options"]["pam"]["align_on"] == "values"
+    for m in ("condu", "pam", "magmax", "task_arithmetic"):
+        assert np.asarray(res["accuracy"][m]).shape == (2, 2)
