@@ -87,9 +87,16 @@ def strategy_options(names: Sequence[str], args: Any, mode: str) -> dict[str, di
         "magmax": {"scale": args.magmax_scale},
         "task_arithmetic": {"scale": args.ta_scale},
         "ties": {"density": args.ties_density},
-        "emr": {"rescaler": args.rescaler, "backend": args.backend},
+        "emr": {"rescaler": args.rescaler},
     }
     return {n: accepted_options(n, wanted[n]) for n in names if n in STRATEGY_METHODS}
+
+
+def runtime_options(name: str, args: Any) -> dict[str, Any]:
+    """Options that change how, not what, a strategy computes (the merge backend: bit-exact
+    across backends), so a resumed run may change them; passed to the constructor and as
+    :func:`~condu_merge.strategies.load_strategy` overrides."""
+    return accepted_options(name, {"backend": args.backend}) if name in ("emr",) else {}
 
 
 # ---------------------------------------------------------------------------- storage

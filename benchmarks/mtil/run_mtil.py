@@ -69,6 +69,7 @@ from .continual import (
     condu_store_storage,
     parse_methods,
     report_entry,
+    runtime_options,
     storage_csv,
     storage_entry,
     storage_markdown,
@@ -546,10 +547,11 @@ class Runner:
         path = self.strategy_path(name)
         strat = self.strats.get(name)
         if strat is None:
+            rt = runtime_options(name, self.a)
             if os.path.exists(path):  # θ_0 is shared, not copied: no strategy modifies its base
-                strat = load_strategy(path, base=self.strategy_base(), copy_base=False)
+                strat = load_strategy(path, base=self.strategy_base(), copy_base=False, **rt)
             else:
-                strat = get_strategy(name, self.strategy_base(), copy_base=False, **self.config["strategy_options"][name])
+                strat = get_strategy(name, self.strategy_base(), copy_base=False, **self.config["strategy_options"][name], **rt)
             self.strats[name] = strat
         have = strat.task_names
         if have != self.tasks[: len(have)] or not s <= len(have) <= s + 1:
