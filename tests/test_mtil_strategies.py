@@ -105,7 +105,7 @@ def test_storage_is_exact(full_run):
         assert isinstance(e["what"], str) and e["what"]
     assert st["task_arithmetic"]["per_task_bytes"] == {t: one for t in TASKS}
     assert st["condu"]["shared_bytes"] == one
-    # the store's ConDU numbers agree with the library's ConDU strategy on the same deltas' shapes
+    # the results.md table
     table = storage_markdown(st, one, {"magmax": "MagMax"})
     assert "| MagMax | running max-magnitude" in table and "| 2.000 |" in table
 
@@ -212,3 +212,27 @@ def test_lora_strategies(tmp_path, monkeypatch):
     assert res["config"]["strategy_options"]["pam"]["align_on"] == "values"
     for m in ("condu", "pam", "magmax", "task_arithmetic"):
         assert np.asarray(res["accuracy"][m]).shape == (2, 2)
+
+
+def test_condu_storage_from_the_store_matches_the_condu_strategy(tmp_path):
+    """The script's ConDU storage (read from the store's specs) is the library's ConDU strategy
+    accounting on the same deltas, for a scalar and a per-tensor rescaler."""
+    from condu_merge.store import Store
+    from condu_merge.strategies import get_strategy
+
+    from benchmarks.mtil.continual import condu_store_storage
+
+    g = torch.Generator().manual_seed(0)
+    shapes = {"a.weight": (13, 7), "b.bias": (5,), "c": (3, 3, 3)}
+    base = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+    deltas = [{k: torch.randn(s, generator=g) for k, s in shapes.items()} for _ in range(3)]
+    for rescaler in ("tensor_mean", "per_tensor"):
+        strat = get_strategy("condu", base, rescaler=rescaler, backend="torch")
+        with Store(str(tmp_path / rescaler)) as store:
+            for i, d in enumerate(deltas):
+                store.add_task(f"t{i}", d, rescaler=rescaler, backend="torch")
+                strat.begin_task(f"t{i}")
+                strat.end_task(f"t{i}", delta=d)
+            got = condu_store_storage(store)
+        rep = strat.stored_bytes()
+        assert (got["shared_bytes"], got["per_task_bytes"], got["total"]) == (rep.shared_bytes, rep.per_task_bytes, rep.total)
