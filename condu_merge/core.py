@@ -83,13 +83,8 @@ def check_same_keys(ref: Iterable[str], other: Iterable[str], who: str, ref_who:
         raise KeyMismatchError(f"{who} does not match {ref_who}: " + "; ".join(parts))
 
 
-def validate_deltas(deltas: Sequence[Mapping[str, torch.Tensor]], task_names: Sequence[str] | None = None) -> list[str]:
-    """Check that ``deltas`` can be unified; return the tensor names in the first task's order.
-
-    Raises :class:`MergeInputError` subclasses naming the key and the task for: no tasks, a task
-    with no tensors, differing key sets, shape/dtype/device mismatch, non-float tensors.
-    (NaN/Inf is detected during the merge itself, for free, from the L1 sums.)
-    """
+def _validate_structure(deltas: Sequence[Mapping[str, torch.Tensor]], task_names: Sequence[str] | None) -> list[str]:
+    """The checks that read no tensor: a sequence, at least one task, names, equal key sets."""
     if isinstance(deltas, Mapping):
         raise MergeInputError("unify takes a sequence of state dicts (one per task), not a single state dict")
     if len(deltas) == 0:
@@ -108,45 +103,68 @@ def validate_deltas(deltas: Sequence[Mapping[str, torch.Tensor]], task_names: Se
         raise MergeInputError(f"{_label(task_names, 0)} has no tensors")
     for i, d in enumerate(deltas[1:], start=1):
         check_same_keys(keys, d.keys(), _label(task_names, i), _label(task_names, 0))
-    for key in keys:
-        ref = deltas[0][key]
-        _check_float(key, ref, _label(task_names, 0))
-        for i, d in enumerate(deltas[1:], start=1):
-            t = d[key]
-            who = _label(task_names, i)
-            _check_float(key, t, who)
-            if t.shape != ref.shape:
-                raise ShapeMismatchError(
-                    f"{who}: tensor {key!r} has shape {tuple(t.shape)}, {_label(task_names, 0)} has {tuple(ref.shape)}"
-                )
-            if t.dtype != ref.dtype:
-                raise DtypeMismatchError(
-                    f"{who}: tensor {key!r} has dtype {t.dtype}, {_label(task_names, 0)} has {ref.dtype}; "
-                    "mixed dtypes per tensor are refused: cast the deltas to one dtype first"
-                )
-            if t.device != ref.device:
-                raise MergeInputError(
-                    f"{who}: tensor {key!r} is on {t.device}, {_label(task_names, 0)}'s is on {ref.device}"
-                )
     return keys
 
 
-def _validate_against_unified(
-    unified: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor], who: str
-) -> list[str]:
-    keys = list(unified.keys())
-    check_same_keys(keys, delta.keys(), who, "the session's tensors")
-    for key in keys:
-        t, ref = delta[key], unified[key]
+def _check_key_tensors(key: str, tensors: Sequence[torch.Tensor], labels: Sequence[str]) -> None:
+    """Every task's tensor ``key`` is a float tensor of the first task's shape, dtype and device."""
+    ref = tensors[0]
+    _check_float(key, ref, labels[0])
+    for t, who in zip(tensors[1:], labels[1:]):
         _check_float(key, t, who)
         if t.shape != ref.shape:
-            raise ShapeMismatchError(f"{who}: tensor {key!r} has shape {tuple(t.shape)}, the session has {tuple(ref.shape)}")
+            raise ShapeMismatchError(f"{who}: tensor {key!r} has shape {tuple(t.shape)}, {labels[0]} has {tuple(ref.shape)}")
         if t.dtype != ref.dtype:
             raise DtypeMismatchError(
-                f"{who}: tensor {key!r} has dtype {t.dtype}, the session stores {ref.dtype}; cast the delta first"
+                f"{who}: tensor {key!r} has dtype {t.dtype}, {labels[0]} has {ref.dtype}; "
+                "mixed dtypes per tensor are refused: cast the deltas to one dtype first"
             )
         if t.device != ref.device:
-            raise MergeInputError(f"{who}: tensor {key!r} is on {t.device}, the session's is on {ref.device}")
+            raise MergeInputError(f"{who}: tensor {key!r} is on {t.device}, {labels[0]}'s is on {ref.device}")
+
+
+def _eager(mappings: Sequence[Mapping[str, torch.Tensor]]) -> bool:
+    """Plain dicts hold their tensors: validating them up front reads nothing twice."""
+    return all(isinstance(d, dict) for d in mappings)
+
+
+def validate_deltas(deltas: Sequence[Mapping[str, torch.Tensor]], task_names: Sequence[str] | None = None) -> list[str]:
+    """Check that ``deltas`` can be unified; return the tensor names in the first task's order.
+
+    Raises :class:`MergeInputError` subclasses naming the key and the task for: no tasks, a task
+    with no tensors, differing key sets, shape/dtype/device mismatch, non-float tensors, and
+    :class:`DuplicateTaskError` for a task name given twice.
+    (NaN/Inf is detected during the merge itself, for free, from the L1 sums.)
+    """
+    keys = _validate_structure(deltas, task_names)
+    labels = [_label(task_names, i) for i in range(len(deltas))]
+    for key in keys:
+        _check_key_tensors(key, [d[key] for d in deltas], labels)
+    return keys
+
+
+def _check_against_unified(key: str, t: torch.Tensor, ref: torch.Tensor, who: str) -> None:
+    _check_float(key, t, who)
+    if t.shape != ref.shape:
+        raise ShapeMismatchError(f"{who}: tensor {key!r} has shape {tuple(t.shape)}, the session has {tuple(ref.shape)}")
+    if t.dtype != ref.dtype:
+        raise DtypeMismatchError(
+            f"{who}: tensor {key!r} has dtype {t.dtype}, the session stores {ref.dtype}; cast the delta first"
+        )
+    if t.device != ref.device:
+        raise MergeInputError(f"{who}: tensor {key!r} is on {t.device}, the session's is on {ref.device}")
+
+
+def _validate_against_unified(
+    unified: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor], who: str, *, read: bool = True
+) -> list[str]:
+    """Key check; with ``read``, also every tensor's dtype, shape and device (a lazy ``delta``
+    is better checked tensor by tensor as it is merged: ``read=False``)."""
+    keys = list(unified.keys())
+    check_same_keys(keys, delta.keys(), who, "the session's tensors")
+    if read:
+        for key in keys:
+            _check_against_unified(key, delta[key], unified[key], who)
     return keys
 
 
@@ -294,7 +312,10 @@ def unify(
     Returns ``(unified, triggers)``, ``triggers[i]`` for ``deltas[i]``.
     """
     _check_rescaler(rescaler)
-    keys = validate_deltas(deltas, task_names)
+    eager = _eager(deltas)
+    # eager dicts: every check before any merge work (fail fast); lazy mappings: each tensor is
+    # read once and checked just before it is merged (a failure then loses only compute)
+    keys = validate_deltas(deltas, task_names) if eager else _validate_structure(deltas, task_names)
     n = len(deltas)
     labels = [_label(task_names, i) for i in range(n)]
     unified: dict[str, torch.Tensor] = {}
@@ -305,6 +326,8 @@ def unify(
     numel: dict[str, int] = {}
     for key in keys:
         tensors = [d[key] for d in deltas]
+        if not eager:
+            _check_key_tensors(key, tensors, labels)
         shape = tuple(tensors[0].shape)
         res = unify_tensor(tensors, backend=backend, key=key, labels=labels)
         unified[key] = res.u.reshape(shape)
@@ -352,7 +375,8 @@ def add_task(
     new_who = _label(names, t_prev)
     if t_prev == 0:
         return unify([delta], rescaler=rescaler, backend=backend, task_names=[names[-1]])
-    keys = _validate_against_unified(unified, delta, new_who)
+    eager = _eager([delta])
+    keys = _validate_against_unified(unified, delta, new_who, read=eager)
     for i, tr in enumerate(triggers):
         check_same_keys(keys, tr.names, f"trigger of {_label(names, i)}", "the session's tensors")
         for key in keys:
@@ -370,11 +394,14 @@ def add_task(
     for key in keys:
         u = unified[key]
         shape = tuple(u.shape)
+        d = delta[key]
+        if not eager:
+            _check_against_unified(key, d, u, new_who)
         res = add_task_tensor(
             u,
             [tr.packed[key] for tr in triggers],
             [tr.rescaler_for(key) for tr in triggers],
-            delta[key],
+            d,
             backend=backend,
             key=key,
             label=new_who,

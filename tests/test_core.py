@@ -1,6 +1,7 @@
 """Unit tests of the exact ConDU rules (issue 2), by hand and against tests/reference.py."""
 
 import math
+from collections.abc import Mapping
 import warnings
 
 import pytest
@@ -520,3 +521,44 @@ def test_merger_from_session_round_trips_and_checks():
         ContinualMerger.from_session({"w": m.unified["w"], "b": torch.zeros(6)}, [trig[1]])
     with pytest.raises(ValueError, match="neither"):
         ContinualMerger.from_session(m.unified, [])
+
+
+class _CountingMapping(Mapping):
+    """A lazy state dict (like one backed by safe_open) that counts tensor reads."""
+
+    def __init__(self, data):
+        self._data = data
+        self.reads = {k: 0 for k in data}
+
+    def __getitem__(self, k):
+        self.reads[k] += 1
+        return self._data[k]
+
+    def __iter__(self):
+        return iter(self._data)
+
+    def __len__(self):
+        return len(self._data)
+
+
+def test_lazy_deltas_are_read_once_and_still_checked():
+    from condu_merge import ContinualMerger
+
+    g = torch.Generator().manual_seed(1)
+    plain = [{"w": torch.randn(5, 3, generator=g), "b": torch.randn(4, generator=g)} for _ in range(3)]
+    lazy = [_CountingMapping(d) for d in plain]
+    u, trig = unify(lazy, task_names=["a", "b", "c"])
+    u_ref, trig_ref = unify(plain, task_names=["a", "b", "c"])
+    assert all(torch.equal(u[k], u_ref[k]) for k in u) and trig == trig_ref
+    assert all(n == 1 for m in lazy for n in m.reads.values()), [m.reads for m in lazy]
+    m = ContinualMerger()
+    m.add_task("a", plain[0])
+    new = _CountingMapping(plain[1])
+    m.add_task("b", new)
+    assert new.reads == {"w": 1, "b": 1}
+    bad = _CountingMapping({"w": torch.randn(5, 3), "b": torch.randn(6)})
+    with pytest.raises(ShapeMismatchError, match="'b'.*shape"):
+        unify([plain[0], bad], task_names=["a", "z"])
+    with pytest.raises(ShapeMismatchError, match="'b'"):
+        m.add_task("z", bad)
+    assert m.task_names == ["a", "b"]
