@@ -29,6 +29,7 @@ class ContinualMerger:
         self.backend = backend
         self._unified: dict[str, torch.Tensor] = {}
         self._triggers: list[TaskTrigger] = []
+        self._generation = 0
         # add_task reads the session, merges, then commits: two threads interleaving would each
         # commit a session that lacks the other's task
         self._lock = threading.RLock()
@@ -74,6 +75,12 @@ class ContinualMerger:
         return [t.task for t in self._triggers]  # type: ignore[misc]
 
     @property
+    def generation(self) -> int:
+        """Number of sessions committed by this object (changes whenever every expert may have
+        changed: caches of experts key on it)."""
+        return self._generation
+
+    @property
     def unified(self) -> dict[str, torch.Tensor]:
         """The unified delta ``u`` (a new dict each call; the tensors are the session's own)."""
         return dict(self._unified)
@@ -113,6 +120,7 @@ class ContinualMerger:
             )
             # commit only after everything succeeded
             self._unified, self._triggers = unified, triggers
+            self._generation += 1
             return triggers[-1]
 
     def decouple(self, name: str, *, base: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:

@@ -516,6 +516,13 @@ class Store:
         return [t["name"] for t in self.manifest["tasks"]] if self.manifest else []
 
     @property
+    def generation(self) -> int:
+        """The committed generation this object reads (0 for an empty store); it changes with
+        every write (a task, a session, prototypes) seen by this object, after :meth:`reload`
+        for writes by others."""
+        return int(self.manifest.get("generation", 0)) if self.manifest else 0
+
+    @property
     def rescaler(self) -> str | None:
         return self.manifest["rescaler"] if self.manifest else None
 

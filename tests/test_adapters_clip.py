@@ -364,3 +364,38 @@ def test_functional_forward_refuses_unknown_names_and_shapes(base):
     with pytest.raises(Exception, match="c_fc.weight"):
         functional_forward(base, {"visual.transformer.resblocks.0.mlp.c_fc.weight": torch.zeros(128, 33)}, x,
                            method="encode_image")
+
+
+@pytest.mark.parametrize("source", ["merger", "store"])
+def test_experts_follow_a_session_that_gains_a_task(base, tmp_path, source):
+    """Adding a task changes every expert: the cached expert and the task list must follow the
+    merger / store they read from, not stay a snapshot of the construction time."""
+    from condu_merge.store import Store
+
+    theta0 = pretrained_state(base, "whole")
+    deltas = [clip_delta(theta0, finetune(base, "whole", seed=s), "whole") for s in (3, 22)]
+    model = copy.deepcopy(base)
+    if source == "merger":
+        holder = ContinualMerger()
+        holder.add_task("t0", deltas[0])
+        ex = ClipExperts.from_merger(model, holder, cache_size=2)
+    else:
+        holder = Store(str(tmp_path / "store"))
+        holder.add_task("t0", deltas[0])
+        ex = ClipExperts.from_store(model, holder, cache_size=2)
+    before = {k: v.clone() for k, v in ex.params("t0").items()}
+    assert ex.tasks == ["t0"]
+    holder.add_task("t1", deltas[1])
+    assert ex.tasks == ["t0", "t1"]
+    after = ex.params("t0")  # re-decoupled from the new session, not the cached one
+    ref = ContinualMerger()
+    for i, d in enumerate(deltas):
+        ref.add_task(f"t{i}", d)
+    sd = model.state_dict()
+    want = ref.decouple("t0")
+    assert any(not torch.equal(before[k], after[k]) for k in after)
+    for k in after:
+        torch.testing.assert_close(after[k], sd[k] + want[k], atol=1e-6, rtol=1e-5)
+    ex.params("t1")
+    if source == "store":
+        holder.close()

@@ -486,7 +486,8 @@ class ClipExperts:
         triggers_by_task = {t.task: t for t in triggers}
         if None in triggers_by_task:
             raise ValueError("every trigger needs a task name to be addressed by ClipExperts")
-        self._init(model, list(triggers_by_task), list(unified.keys()),
+        tasks = list(triggers_by_task)
+        self._init(model, lambda: tasks, list(unified.keys()),
                    lambda task: _decouple(unified, triggers_by_task[task], backend=backend), cache_size)
 
     @classmethod
@@ -495,7 +496,8 @@ class ClipExperts:
         """Experts of an in-memory :class:`~condu_merge.ContinualMerger` (``transform``: as in
         :meth:`from_store`)."""
         self = cls.__new__(cls)
-        self._init(model, merger.task_names, list(merger.unified.keys()), merger.decouple, cache_size, transform)
+        self._init(model, lambda: merger.task_names, list(merger.unified.keys()), merger.decouple, cache_size,
+                   transform, version=lambda: merger.generation)
         return self
 
     @classmethod
@@ -509,16 +511,22 @@ class ClipExperts:
         weight deltas: e.g. :func:`condu_merge.adapters.lora_transform` turns factor-wise LoRA
         deltas into ``s · B A`` per adapted weight, so expert ``t`` is ``W + s · B_t A_t``."""
         self = cls.__new__(cls)
-        self._init(model, store.task_names, store.keys,
-                   lambda task: dict(store.iter_decouple(task, backend=backend)), cache_size, transform)
+        self._init(model, lambda: store.task_names, store.keys,
+                   lambda task: dict(store.iter_decouple(task, backend=backend)), cache_size, transform,
+                   version=lambda: store.generation)
         return self
 
-    def _init(self, model: nn.Module, tasks: Sequence[str], names: Sequence[str],
+    def _init(self, model: nn.Module, tasks_fn: Callable[[], Sequence[str]], names: Sequence[str],
               decouple_fn: Callable[[str], Mapping[str, torch.Tensor]], cache_size: int,
-              transform: DeltaTransform | None = None) -> None:
+              transform: DeltaTransform | None = None, version: Callable[[], object] | None = None) -> None:
         self.model = model
         self.flavor = clip_flavor(model)
-        self._tasks = list(tasks)
+        # a merger or store that gains a task changes every expert: the task list and the cache
+        # follow its generation instead of being a snapshot taken here
+        self._tasks_fn = tasks_fn
+        self._version_fn = version or (lambda: None)
+        self._version = self._version_fn()
+        self._tasks = list(tasks_fn())
         if transform is None:
             self.source_flavor = clip_flavor(names) if names else self.flavor
             self._decouple_fn = decouple_fn
@@ -529,12 +537,22 @@ class ClipExperts:
         self.cache_size = max(0, int(cache_size))
         self._cache: MutableMapping[str, dict[str, torch.Tensor]] = OrderedDict()
 
+    def _refresh(self) -> None:
+        v = self._version_fn()
+        if v != self._version:
+            self._cache.clear()
+            self._tasks = list(self._tasks_fn())
+            self._version = v
+
     @property
     def tasks(self) -> list[str]:
+        self._refresh()
         return list(self._tasks)
 
     def params(self, task: str) -> dict[str, torch.Tensor]:
-        """The expert's tensors ``θ_0 + δ̃`` in the model's names and dtypes (cached, LRU)."""
+        """The expert's tensors ``θ_0 + δ̃`` in the model's names and dtypes (cached, LRU; the
+        cache is dropped when the merger or store it reads from commits a new session)."""
+        self._refresh()
         if task in self._cache:
             self._cache.move_to_end(task)  # type: ignore[attr-defined]
             return self._cache[task]
