@@ -392,3 +392,28 @@ def test_dense_delta_refuses_a_config_rank_that_is_not_the_factors():
         dense_delta(ad)
     ad.config["rank_pattern"] = {"fc": 4}
     torch.testing.assert_close(dense_delta(ad)["fc.weight"], 2.0 * ad.factors["fc"][1] @ ad.factors["fc"][0])
+
+
+def test_export_peft_fan_in_fan_out_loads_on_gpt2_conv1d(tmp_path):
+    """GPT-2's Conv1D stores its weight [in, out]: a dense delta in that layout exports with
+    fan_in_fan_out=True, PEFT loads it, and the adapted model equals W + ΔW."""
+    import transformers
+
+    cfg = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=50, n_positions=16)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    w = model.transformer.h[0].attn.c_attn.weight  # Conv1D: [in=8, out=24]
+    assert tuple(w.shape) == (8, 24)
+    g = torch.Generator().manual_seed(1)
+    dw = torch.randn(8, 2, generator=g) @ torch.randn(2, 24, generator=g) * 0.1  # rank 2
+    rep = export_peft({"transformer.h.0.attn.c_attn.weight": dw}, tmp_path / "ad", rank=2, fan_in_fan_out=True)
+    assert rep.total < 1e-6
+    assert torch.allclose(dense_delta(LoraAdapter.load(tmp_path / "ad"))["transformer.h.0.attn.c_attn.weight"], dw, atol=1e-6)
+    peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(model), str(tmp_path / "ad")).eval()
+    merged = peft_model.merge_and_unload()
+    torch.testing.assert_close(merged.transformer.h[0].attn.c_attn.weight, w + dw, atol=1e-6, rtol=1e-5)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        ref.transformer.h[0].attn.c_attn.weight += dw
+        torch.testing.assert_close(merged(ids).logits, ref(ids).logits, atol=1e-5, rtol=1e-4)

@@ -218,7 +218,7 @@ def _parse_factors(tensors: Mapping[str, torch.Tensor], where: str) -> dict[str,
 
 
 def _peft_config(modules: Sequence[str], *, r: int, lora_alpha: float, use_rslora: bool = False,
-                 base_model_name_or_path: str | None = None) -> dict[str, Any]:
+                 base_model_name_or_path: str | None = None, fan_in_fan_out: bool = False) -> dict[str, Any]:
     """A minimal LoRA ``adapter_config.json`` (PEFT fills the rest with its defaults); targets are
     full module names, so exactly those modules get a LoRA."""
     return {
@@ -230,7 +230,7 @@ def _peft_config(modules: Sequence[str], *, r: int, lora_alpha: float, use_rslor
         "target_modules": list(modules),
         "lora_dropout": 0.0,
         "bias": "none",
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": bool(fan_in_fan_out),
         "use_rslora": use_rslora,
         "use_dora": False,
         "init_lora_weights": True,
@@ -360,8 +360,13 @@ class ExportReport:
 
 
 def export_peft(delta: Mapping[str, torch.Tensor], path: str | os.PathLike[str], rank: int, *,
-                lora_alpha: float | None = None, base_model_name_or_path: str | None = None) -> ExportReport:
+                lora_alpha: float | None = None, base_model_name_or_path: str | None = None,
+                fan_in_fan_out: bool = False) -> ExportReport:
     """Write a dense expert ``{<module>.weight: ΔW [out, in]}`` as a PEFT LoRA folder of rank ``rank``.
+
+    ``fan_in_fan_out=True`` is for modules that store their weight as ``[in, out]`` (GPT-2's
+    ``Conv1D``): ``ΔW`` is then given in that stored layout, factorised as ``ΔWᵀ`` and the
+    config says ``fan_in_fan_out`` so PEFT transposes back (PEFT refuses such modules otherwise).
 
     Per module ``ΔW = U S Vᵀ`` (SVD in float64), ``ΔW_r = U_r S_r V_rᵀ`` (Eckart–Young: the best
     rank-``r`` approximation in Frobenius norm); with ``s = lora_alpha / r`` (default
@@ -385,6 +390,8 @@ def export_peft(delta: Mapping[str, torch.Tensor], path: str | os.PathLike[str],
             raise ShapeMismatchError(f"dense delta {key!r} has shape {tuple(d.shape)}; only 2-D (linear) weights export to LoRA")
         module = key[: -len(".weight")]
         w = d.detach().to(torch.float64)
+        if fan_in_fan_out:
+            w = w.t()  # the stored [in, out] layout -> the [out, in] that B A has
         u, s, vh = torch.linalg.svd(w, full_matrices=False)
         k = min(rank, s.numel())
         root = s[:k].sqrt() / math.sqrt(scale)
@@ -397,7 +404,8 @@ def export_peft(delta: Mapping[str, torch.Tensor], path: str | os.PathLike[str],
         res2, tot2 = res2 + r2, tot2 + t2
         factors[module] = (a.to(d.dtype).cpu(), b.to(d.dtype).cpu())
     ad = LoraAdapter(config=_peft_config(sorted(factors), r=rank, lora_alpha=alpha,
-                                         base_model_name_or_path=base_model_name_or_path), factors=factors)
+                                         base_model_name_or_path=base_model_name_or_path,
+                                         fan_in_fan_out=fan_in_fan_out), factors=factors)
     out = ad.save(path)
     return ExportReport(rank=rank, per_module=per_module, total=math.sqrt(res2 / tot2) if tot2 > 0 else 0.0, path=out)
 
