@@ -432,7 +432,9 @@ def decouple(
 
     Each element is ``round_to_dtype(u_k · λ)`` where its mask bit is set, else 0, in ``u``'s dtype.
     With ``base`` (the pretrained state dict) it returns the expert ``θ_0 + δ̃`` in ``base``'s
-    dtypes instead; entries of ``base`` that ``u`` does not cover are returned unchanged.
+    dtypes instead; entries of ``base`` that ``u`` does not cover are returned unchanged (the same
+    tensor objects, on their own device). Rebuilt tensors are on ``u``'s device whatever
+    ``base``'s: move ``base`` (or ``u``) first to get an expert on one device.
     The rebuilt tensors carry no autograd history (inputs that require grad are read detached).
     """
     who = f"trigger of task {trigger.task!r}" if trigger.task is not None else "trigger"
