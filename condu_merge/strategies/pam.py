@@ -193,6 +193,17 @@ class PAMAlignment(TrainingHook):
             self._device_cache[key] = t
         return t
 
+    def _signs_on(self, k: str, device: torch.device) -> torch.Tensor:
+        """The int8 signs of tensor ``k`` on ``device`` (moved once, not at every alignment)."""
+        s = self._signs[k]
+        if s.device != device:
+            key = (f"signs:{k}", device, torch.int8)
+            cached = self._device_cache.get(key)
+            if cached is None:
+                cached = self._device_cache[key] = s.to(device)
+            s = cached
+        return s
+
     def _compared(self, k: str, p: torch.Tensor) -> torch.Tensor:
         x = p.detach()
         if self._reference is not None:
@@ -216,7 +227,10 @@ class PAMAlignment(TrainingHook):
         n = self.important_count
         if n == 0:
             return 0.0
-        bad = sum(int(conflict_mask(self._compared(k, params[k]), s).sum()) for k, s in self._signs.items())
+        bad = sum(
+            int(conflict_mask(self._compared(k, params[k]), self._signs_on(k, params[k].device)).sum())
+            for k in self._signs
+        )
         return bad / n
 
     @torch.no_grad()
@@ -224,9 +238,9 @@ class PAMAlignment(TrainingHook):
         """Re-initialise the conflicting entries of ``params`` in place now; returns how many."""
         self._check(params)
         total = 0
-        for k, s in self._signs.items():
+        for k in self._signs:
             p = params[k]
-            conflict = conflict_mask(self._compared(k, p), s)
+            conflict = conflict_mask(self._compared(k, p), self._signs_on(k, p.device))
             n = int(conflict.sum())
             if n == 0:
                 continue
