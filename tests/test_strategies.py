@@ -642,3 +642,39 @@ def test_condu_lora_delta_is_just_a_state_dict():
         _, experts = ref_unify(experts + [d])
     got = s.expert("t1")["layer.weight"] - base["layer.weight"]
     torch.testing.assert_close(got, experts[1]["layer.weight"], atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("reset,frame", [("global", "values"), ("zero", "values"), ("global", "task_vector"), ("zero", "task_vector")])
+def test_pam_align_matches_a_plain_reference_exactly(dtype, reset, frame):
+    """The fast blend (lerp with a 0/1 weight, multiply by the keep mask) equals the plain
+    masked assignment bit for bit, including the optimizer's first moments."""
+    g = torch.Generator().manual_seed(5)
+    shapes = {"w": (33, 17), "v": (101,), "e": (0,)}
+    glob = {k: torch.randn(s, generator=g).to(dtype) for k, s in shapes.items()}
+    theta0 = {k: torch.randn(s, generator=g).to(dtype) for k, s in shapes.items()} if frame == "task_vector" else None
+    start = {k: (v + torch.randn(v.shape, generator=g).to(dtype)) for k, v in glob.items()}
+    hook = PAMAlignment(glob, reference=theta0, fraction=0.6, reset_to=reset, scope="global")
+    p = {k: torch.nn.Parameter(v.clone()) for k, v in start.items()}
+    opt = torch.optim.SGD(p.values(), lr=0.1, momentum=0.9)
+    for v in p.values():
+        v.grad = torch.randn(v.shape, generator=g).to(dtype)
+    opt.step()
+    bufs = {k: opt.state[v]["momentum_buffer"].clone() for k, v in p.items()}
+    now = {k: v.detach().clone() for k, v in p.items()}
+    n = hook.align(p, opt)
+    # the reference, straight from the definition
+    signs = important_signs(glob, 0.6, "global", theta0)
+    total = 0
+    for k in shapes:
+        x = now[k] - theta0[k] if theta0 is not None else now[k]
+        c = ((x > 0) & (signs[k] < 0)) | ((x < 0) & (signs[k] > 0))
+        total += int(c.sum())
+        target = glob[k] if reset == "global" else (theta0[k] if theta0 is not None else torch.zeros_like(now[k]))
+        want = now[k].clone()
+        want[c] = target[c]
+        assert torch.equal(p[k].detach(), want), k
+        buf = bufs[k].clone()
+        buf[c] = 0
+        assert torch.equal(opt.state[p[k]]["momentum_buffer"], buf), k
+    assert n == total > 0

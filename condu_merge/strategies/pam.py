@@ -119,8 +119,8 @@ def important_signs(
 def conflict_mask(x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
     """``[x_k · s_k < 0]``: entries of ``x`` whose sign strictly opposes the int8 sign ``s_k``
     (entries with ``s_k = 0`` or ``x_k = 0`` never conflict)."""
-    s = signs.to(x.device)
-    return ((x > 0) & (s < 0)) | ((x < 0) & (s > 0))
+    # s is 0 or ±1, so x·s is exact: negative iff the signs strictly oppose (NaN compares False)
+    return (x * signs.to(x.device)) < 0
 
 
 def sign_agreement(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
@@ -228,7 +228,7 @@ class PAMAlignment(TrainingHook):
         if n == 0:
             return 0.0
         bad = sum(
-            int(conflict_mask(self._compared(k, params[k]), self._signs_on(k, params[k].device)).sum())
+            int(torch.count_nonzero(conflict_mask(self._compared(k, params[k]), self._signs_on(k, params[k].device))))
             for k in self._signs
         )
         return bad / n
@@ -241,23 +241,25 @@ class PAMAlignment(TrainingHook):
         for k in self._signs:
             p = params[k]
             conflict = conflict_mask(self._compared(k, p), self._signs_on(k, p.device))
-            n = int(conflict.sum())
+            n = int(torch.count_nonzero(conflict))  # (a bool .sum() is several times slower on CPU)
             if n == 0:
                 continue
             total += n
+            # arithmetic blends instead of where/masked_fill (several times faster on CPU):
+            # lerp with a 0/1 weight returns either end exactly
+            w = conflict.to(p.dtype)
             if self.reset_to == "global":
-                target = self._on("global", k, p)
+                p.lerp_(self._on("global", k, p), w)
             elif self._reference is not None:
-                target = self._on("reference", k, p)
+                p.lerp_(self._on("reference", k, p), w)
             else:
-                target = torch.zeros((), dtype=p.dtype, device=p.device)
-            p.copy_(torch.where(conflict, target, p))
+                p.mul_(1 - w)
             if optimizer is not None and self.reset_optimizer != "none":
                 for name, buf in optimizer.state.get(p, {}).items():
                     if not isinstance(buf, torch.Tensor) or tuple(buf.shape) != tuple(p.shape):
                         continue
                     if self.reset_optimizer == "all" or name in _MOMENTUM_STATE:
-                        buf.masked_fill_(conflict.to(buf.device), 0)
+                        buf.mul_((1 - w).to(device=buf.device, dtype=buf.dtype))
         self.alignments += 1
         self.resets.append(total)
         return total
