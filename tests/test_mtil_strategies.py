@@ -1,14 +1,17 @@
 """MTIL script with the continual strategies (condu_merge.strategies) in one run: every method's
 accuracy matrix, the storage column (exact byte counts), MagMax folding continual FT's weights,
 PAM training with its alignment hook, task arithmetic / TIES / EMR folding the individual task
-vectors, a SIGKILL at two strategy steps resumed to the same numbers as an uninterrupted run, and
-bad --methods."""
+vectors (persisted as one delta file per session, shared, and rebuilt from those files on resume),
+SIGKILLs at the delta and strategy steps resumed to the same numbers as an uninterrupted run, a
+damaged or missing delta file refused by name, and bad --methods."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -82,9 +85,26 @@ def test_every_method_has_a_full_matrix(full_run):
     md = open(os.path.join(out, "results.md")).read()
     assert "## Storage" in md and "| Task arithmetic | every task vector" in md and "| PAM |" in md
     assert open(os.path.join(out, "storage.csv")).read().startswith("method,what,shared_bytes")
-    assert not os.path.exists(os.path.join(out, "strategies", "pending_delta.safetensors"))
-    assert sorted(os.listdir(os.path.join(out, "strategies"))) == sorted(
-        f"{m}.safetensors" for m in ("pam", "magmax", "task_arithmetic", "ties", "emr"))
+    # PAM's hook statistics per session, as in results.json
+    assert "## PAM's alignment hook" in md and "| 1 | Caltech101 | - | - | - |" in md
+    for i, t in enumerate(TASKS[1:], start=1):
+        st = res["hook_stats"][i]["pam"]
+        assert f"| {i + 1} | {t} | {st['steps']} | {st['alignments']} | {st['resets']} |" in md
+    # PAM and MagMax are saved whole; task arithmetic, TIES and EMR only as the shared delta files
+    sdir = os.path.join(out, "strategies")
+    assert sorted(os.listdir(sdir)) == ["deltas", "magmax.safetensors", "pam.safetensors"]
+    assert sorted(os.listdir(os.path.join(sdir, "deltas"))) == [f"{i:04d}.safetensors" for i in range(3)]
+    with open(os.path.join(out, "state.json")) as f:
+        sessions = json.load(f)["sessions"]
+    from safetensors.torch import load_file
+
+    for i, t in enumerate(TASKS):
+        path = os.path.join(sdir, "deltas", f"{i:04d}.safetensors")
+        assert run_mtil._file_sha256(path) == sessions[i]["delta_sha256"]
+        # the file is exactly the task vector the strategies folded (EMR's expert of one task is
+        # θ_0 + it, compared through task arithmetic's stored vector)
+        d = load_file(path)
+        assert all(torch.equal(d[k], runner.strats["task_arithmetic"]._taus[t][k]) for k in d)
 
 
 def test_storage_is_exact(full_run):
@@ -156,31 +176,45 @@ def _subprocess(args, crash):
                           capture_output=True, text=True, timeout=600)
 
 
+def _state(out):
+    with open(os.path.join(out, "state.json")) as f:
+        return json.load(f)
+
+
 @pytest.mark.slow
-def test_killed_at_strategy_steps_and_resumed_gives_the_same_results(full_run, tmp_path, capfd):
+def test_killed_at_delta_and_strategy_steps_and_resumed_gives_the_same_results(full_run, tmp_path, capfd):
     ref_out, _, ref = full_run
     out = str(tmp_path / "run")
     args = [*ARGS, "--out", out, "--quiet"]
-    # 1) killed in session 2 right after task arithmetic folded DTD (the store has DTD; TIES and
-    #    EMR not yet: they must read the individual delta back from disk)
-    p = _subprocess(args, "folded_task_arithmetic:1")
+    deltas = os.path.join(out, "strategies", "deltas")
+    # 1) killed in session 2 right after DTD's delta file was written, before state.json records
+    #    it (and before the store takes the task): the rerun trains DTD again and rewrites the file
+    p = _subprocess(args, "delta_written:1")
     assert p.returncode == -9, p.stderr[-3000:]
-    assert os.path.exists(os.path.join(out, "strategies", "pending_delta.safetensors"))
-    with open(os.path.join(out, "state.json")) as f:
-        assert json.load(f)["pending"]["task"] == "DTD"
-    # 2) killed again in the rerun, after PAM folded DTD (continual FT and MagMax done too)
+    assert sorted(os.listdir(deltas)) == ["0000.safetensors", "0001.safetensors"]
+    st = _state(out)
+    assert [s["task"] for s in st["sessions"]] == ["Caltech101"] and st["pending"] is None
+    # 2) killed in the rerun after task arithmetic, TIES, EMR folded DTD (in memory only) and PAM
+    #    folded and saved it: the next rerun rebuilds the three from deltas/0000 and folds
+    #    deltas/0001, without retraining DTD (neither the individual model nor PAM's)
     p = _subprocess(args, "folded_pam:1")
     assert p.returncode == -9, p.stderr[-3000:]
-    assert not os.path.exists(os.path.join(out, "strategies", "pending_delta.safetensors"))
-    with open(os.path.join(out, "state.json")) as f:
-        st = json.load(f)
+    st = _state(out)
     assert [s["task"] for s in st["sessions"]] == ["Caltech101"] and st["pending"]["hook_stats"]["pam"]["alignments"] == 2
-    # 3) the rerun finishes without training DTD again (neither the individual model nor PAM's)
+    assert st["pending"]["delta_sha256"] == run_mtil._file_sha256(os.path.join(deltas, "0001.safetensors"))
+    assert sorted(os.listdir(os.path.join(out, "strategies"))) == ["deltas", "magmax.safetensors", "pam.safetensors"]
+    # 3) killed between the folds of session 3 (task arithmetic and TIES have EuroSAT, EMR not)
+    p = _subprocess(args, "folded_ties:2")
+    assert p.returncode == -9, p.stderr[-3000:]
+    st = _state(out)
+    assert [s["task"] for s in st["sessions"]] == ["Caltech101", "DTD"] and st["pending"]["task"] == "EuroSAT"
+    # 4) the rerun finishes: the three are rebuilt from two delta files and fold the third
     capfd.readouterr()
     assert run_mtil.main([a for a in args if a != "--quiet"]) == 0
     err = capfd.readouterr().err
-    assert "resuming: 1 of 3 sessions" in err
-    for again in ("train DTD", "PAM DTD", "continual FT DTD"):
+    assert "resuming: 2 of 3 sessions" in err
+    assert "rebuilding task_arithmetic, ties, emr from 2 delta file(s)" in err
+    for again in ("train EuroSAT", "train DTD", "PAM DTD", "continual FT DTD"):
         assert again not in err
     assert "PAM EuroSAT" in err
     with open(os.path.join(out, "results.json")) as f:
@@ -189,6 +223,46 @@ def test_killed_at_strategy_steps_and_resumed_gives_the_same_results(full_run, t
     assert res["individual_ft"] == ref["individual_ft"]
     assert res["storage"] == ref["storage"]
     assert res["hook_stats"] == ref["hook_stats"]
+    # the delta files hold the uninterrupted run's tensors, bit for bit (not the same bytes: the
+    # safetensors writer orders the metadata entries differently from one process to another)
+    for i in range(3):
+        name = f"strategies/deltas/{i:04d}.safetensors"
+        got, meta = run_mtil._load_safetensors(os.path.join(out, name))
+        want, want_meta = run_mtil._load_safetensors(os.path.join(ref_out, name))
+        assert meta == want_meta == {"session": str(i), "task": TASKS[i]}
+        assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_damaged_or_missing_delta_file_is_refused_by_name(full_run, tmp_path):
+    """A rerun of a finished run rebuilds task arithmetic, TIES and EMR from the delta files (for
+    the storage column): a flipped byte or a missing file stops it with an error naming the file."""
+    ref_out = full_run[0]
+    out = str(tmp_path / "run")
+    shutil.copytree(ref_out, out)
+    argv = [*ARGS, "--out", out, "--quiet"]
+    path = os.path.join(out, "strategies", "deltas", "0001.safetensors")
+    with open(path, "r+b") as f:  # one bit of one tensor element, well past the header
+        f.seek(os.path.getsize(path) // 2)
+        b = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([b[0] ^ 0x01]))
+    with pytest.raises(SystemExit, match=rf"{re.escape(path)} is damaged: its sha256 is [0-9a-f]{{64}}, but [0-9a-f]{{64}} was recorded"):
+        run_mtil.main(argv)
+    os.remove(path)
+    with pytest.raises(SystemExit, match=rf"{re.escape(path)} is missing: it is the individual delta of session 2 \('DTD'\)"):
+        run_mtil.main(argv)
+    # a run directory of the earlier layout (whole task-arithmetic checkpoints) is refused by name
+    shutil.copy2(os.path.join(ref_out, "strategies", "deltas", "0001.safetensors"), path)
+    legacy = os.path.join(out, "strategies", "task_arithmetic.safetensors")
+    open(legacy, "wb").close()
+    with pytest.raises(SystemExit, match=rf"{re.escape(legacy)} is a checkpoint of an earlier version"):
+        run_mtil.main(argv)
+    os.remove(legacy)
+    # restored, the rerun reproduces the results
+    shutil.copy2(os.path.join(ref_out, "strategies", "deltas", "0001.safetensors"), path)
+    assert run_mtil.main(argv) == 0
+    with open(os.path.join(out, "results.json")) as f:
+        assert json.load(f)["storage"] == full_run[2]["storage"]
 
 
 def test_lora_strategies(tmp_path, monkeypatch):

@@ -14,8 +14,9 @@ How each strategy's task parameters are obtained (no training that another metho
 
 * ``task_arithmetic``, ``ties``, ``emr`` (:data:`DELTA_STRATEGIES`): non-continual references on
   the individually fine-tuned task vectors, i.e. the delta ConDU folds in, passed with
-  ``end_task(delta=...)``. They keep every task vector: ``T ×`` one model each in host memory
-  and in their checkpoint.
+  ``end_task(delta=...)``. They keep every task vector: ``T ×`` one model each in host memory.
+  On disk they share the session deltas (``OUT/strategies/deltas/<session:04d>.safetensors``,
+  each written once) and are rebuilt from them on resume; they have no checkpoint of their own.
 * ``magmax``: sequential fine-tuning + max-magnitude merging; its trajectory is continual FT's,
   so it folds continual FT's trained weights (``end_task(params=...)``).
 * ``pam``: its own training per session from ``begin_task(task).params`` with ``start.hook``.
@@ -158,3 +159,16 @@ def storage_csv(storage: Mapping[str, Mapping[str, Any]], one_model: int, labels
         w.writerow([labels.get(m, m), e["what"], e["shared_bytes"], sum(e["per_task_bytes"].values()), e["total"],
                     f"{row[3]:.6f}", f"{row[4]:.6f}"])
     return buf.getvalue()
+
+
+def hook_stats_markdown(tasks: Sequence[str], hook_stats: Sequence[Mapping[str, Any] | None], method: str = "pam") -> str:
+    """The "PAM's alignment hook" table of results.md: per session the optimizer steps the hook
+    saw, the alignments it ran and the entries it re-initialised (summed over alignments), from
+    ``results.json["hook_stats"]``; "-" where the session had no hook (the first: nothing to
+    align to yet)."""
+    lines = ["| Session | Task | Optimizer steps | Alignments | Reset entries |", "|---|---|---|---|---|"]
+    for i, (task, rec) in enumerate(zip(tasks, hook_stats)):
+        st = (rec or {}).get(method) or {}
+        cells = [str(st[k]) if k in st else "-" for k in ("steps", "alignments", "resets")]
+        lines.append(f"| {i + 1} | {task} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

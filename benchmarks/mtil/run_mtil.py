@@ -16,14 +16,18 @@ rerun after a crash or ``--max-sessions`` continues from the last finished sessi
 Other continual strategies (``--methods pam,magmax,task_arithmetic,ties,emr``) run through
 :mod:`condu_merge.strategies` in the same sessions (see :mod:`benchmarks.mtil.continual`): task
 arithmetic, TIES and EMR fold the session's individual delta, MagMax folds continual FT's trained
-weights, PAM trains its own model with its alignment hook. Each is saved after folding its task
-(``OUT/strategies/<name>.safetensors``, atomic); ``results.json["storage"]`` and the "Storage"
-table of ``results.md`` give what every method stores.
+weights, PAM trains its own model with its alignment hook. PAM and MagMax are saved after folding
+their task (``OUT/strategies/<name>.safetensors``, atomic). Task arithmetic, TIES and EMR are never
+saved whole: each session's individual delta is written once to
+``OUT/strategies/deltas/<session:04d>.safetensors`` (atomic, its sha256 in ``state.json``) and a
+rerun rebuilds them by folding those files again (O(T) bytes on disk, shared by the three).
+``results.json["storage"]`` and the "Storage" table of ``results.md`` give what every method stores.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -67,6 +71,7 @@ from .continual import (
     STRATEGY_METHODS,
     VALID_METHODS,
     condu_store_storage,
+    hook_stats_markdown,
     parse_methods,
     report_entry,
     runtime_options,
@@ -103,14 +108,45 @@ def _atomic_json(path: str, obj: object) -> None:
     os.replace(tmp, path)
 
 
-def _atomic_safetensors(path: str, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+def _fsync_dir(path: str) -> None:
+    """Make a rename in ``path`` durable (no-op where directories cannot be opened)."""
+    if os.name == "nt":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _file_sha256(path: str, chunk: int = 1 << 24) -> str:
+    """sha256 (hex) of a file's bytes, read ``chunk`` bytes at a time."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _atomic_safetensors(path: str, tensors: dict[str, torch.Tensor], meta: dict[str, str], *, digest: bool = False) -> str | None:
+    """Write ``tensors`` to ``path`` atomically (temporary file, fsync, rename, directory fsync);
+    with ``digest``, return the sha256 of the bytes written (read back from the temporary file,
+    so it covers exactly what was fsynced)."""
     from safetensors.torch import save_file
 
     tmp = f"{path}.tmp{os.getpid()}"
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        sha = _file_sha256(tmp) if digest else None
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+    return sha
 
 
 def _load_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -183,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default=DEFAULT_METHODS,
                    help=f"comma list of {', '.join(VALID_METHODS)} (individual FT always comes free). "
                         "task_arithmetic, ties and emr fold the individual task vectors and keep every one of them "
-                        "in host memory (T x one model each, and as much in OUT/strategies/); magmax reuses "
+                        "in host memory (T x one model each; on disk the T deltas once, shared); magmax reuses "
                         "continual FT's training (run even when continual_ft is not listed); pam trains its own "
                         "model every session")
     p.add_argument("--rescaler", default="tensor_mean", help="ConDU's (and EMR's) rescaler")
@@ -421,12 +457,15 @@ class Runner:
                 indiv = self.lora_accuracy(adapter, [s], "individual FT")[0]
             tim["train_s"] = time.perf_counter() - t0
             self.reset_model()
-            if self._delta_strategies():
-                # the delta outlives a crash until every strategy that folds it has it (the store
-                # holds only the unified delta, not this one)
-                os.makedirs(self.strategies_dir, exist_ok=True)
-                _atomic_safetensors(self.pending_delta_path, delta, {"session": str(s), "task": task})
             pending = {"task": task, "individual_ft": indiv, "timings": dict(tim)}
+            if self._delta_strategies():
+                # task arithmetic, TIES and EMR are rebuilt from these files after a restart (the
+                # store holds only the unified delta): written once, before the store takes the
+                # task, its checksum recorded with the session
+                os.makedirs(self.deltas_dir, exist_ok=True)
+                pending["delta_sha256"] = _atomic_safetensors(self.delta_path(s), delta, {"session": str(s), "task": task},
+                                                              digest=True)
+                _crash_point("delta_written", s)
             self.state["pending"] = pending
             self._save_state()
             _crash_point("trained", s)
@@ -504,6 +543,8 @@ class Runner:
         record = {"task": task, "individual_ft": pending["individual_ft"], "rows": rows, "timings": tim}
         if "hook_stats" in pending:
             record["hook_stats"] = pending["hook_stats"]
+        if "delta_sha256" in pending:
+            record["delta_sha256"] = pending["delta_sha256"]
         self.state["sessions"].append(record)
         self.state["pending"] = None
         self._save_state()
@@ -516,8 +557,61 @@ class Runner:
         return os.path.join(self.out, "strategies")
 
     @property
-    def pending_delta_path(self) -> str:
-        return os.path.join(self.strategies_dir, "pending_delta.safetensors")
+    def deltas_dir(self) -> str:
+        return os.path.join(self.strategies_dir, "deltas")
+
+    def delta_path(self, s: int) -> str:
+        """Session ``s``'s individual delta (what task arithmetic, TIES and EMR fold)."""
+        return os.path.join(self.deltas_dir, f"{s:04d}.safetensors")
+
+    def _recorded_sha(self, s: int) -> str:
+        """The sha256 ``state.json`` recorded for session ``s``'s delta file when it was written."""
+        sessions = self.state["sessions"]
+        rec = sessions[s] if s < len(sessions) else self.state.get("pending") or {}
+        sha = rec.get("delta_sha256") if rec.get("task") == self.tasks[s] else None
+        if not sha:
+            raise SystemExit(f"error: {self.out}/state.json records no checksum of {self.delta_path(s)} (session {s + 1}, "
+                             f"{self.tasks[s]!r}); the output directory was written by an earlier version or modified by hand")
+        return sha
+
+    def read_delta(self, s: int) -> dict[str, torch.Tensor]:
+        """Session ``s``'s individual delta read back from its file, checked against the sha256
+        recorded when it was written (a missing or damaged file is an error naming it)."""
+        path, task = self.delta_path(s), self.tasks[s]
+        want = self._recorded_sha(s)
+        what = f"the individual delta of session {s + 1} ({task!r}) that task arithmetic, TIES and EMR are rebuilt from"
+        if not os.path.isfile(path):
+            raise SystemExit(f"error: {path} is missing: it is {what}; the output directory was modified by hand "
+                             "(use another --out to start afresh)")
+        got = _file_sha256(path)
+        if got != want:
+            raise SystemExit(f"error: {path} is damaged: its sha256 is {got}, but {want} was recorded in state.json when "
+                             f"it was written; it is {what} (restore it, or use another --out to start afresh)")
+        delta, meta = _load_safetensors(path)
+        if meta.get("session") != str(s) or meta.get("task") != task:
+            raise SystemExit(f"error: {path} holds session {meta.get('session')} ({meta.get('task')!r}), "
+                             f"not session {s} ({task!r})")
+        return delta
+
+    def _replay_deltas(self, names: Sequence[str], s: int) -> None:
+        """Build the delta strategies ``names`` afresh and fold the deltas of sessions ``0 … s−1``
+        from their files, one file at a time (the strategies keep the task vectors in memory)."""
+        for n in names:
+            for old in (self.strategy_path(n), os.path.join(self.strategies_dir, "pending_delta.safetensors")):
+                if os.path.exists(old):
+                    raise SystemExit(f"error: {old} is a checkpoint of an earlier version of this script, which saved "
+                                     f"{n} whole; finish that run with that version, or use another --out")
+        fresh = {n: get_strategy(n, self.strategy_base(), copy_base=False, **self.config["strategy_options"][n],
+                                 **runtime_options(n, self.a)) for n in names}
+        if s:
+            _log(f"[mtil] rebuilding {', '.join(names)} from {s} delta file(s) in {self.deltas_dir}", self.quiet)
+        for i in range(s):
+            delta = self.read_delta(i)
+            for strat in fresh.values():
+                strat.begin_task(self.tasks[i])
+                strat.end_task(self.tasks[i], delta=delta)  # (copies: each strategy owns its vectors)
+            del delta
+        self.strats.update(fresh)
 
     def _delta_strategies(self) -> list[str]:
         return [n for n in self.strategy_names if n in DELTA_STRATEGIES]
@@ -546,6 +640,10 @@ class Runner:
         yet) or ``s + 1``; read back from its file after a restart."""
         path = self.strategy_path(name)
         strat = self.strats.get(name)
+        if strat is None and name in DELTA_STRATEGIES:
+            self._replay_deltas(sorted({name, *self._delta_strategies()} - set(self.strats), key=DELTA_STRATEGIES.index), s)
+            strat = self.strats[name]
+            path = self.deltas_dir
         if strat is None:
             rt = runtime_options(name, self.a)
             if os.path.exists(path):  # θ_0 is shared, not copied: no strategy modifies its base
@@ -555,7 +653,7 @@ class Runner:
             self.strats[name] = strat
         have = strat.task_names
         if have != self.tasks[: len(have)] or not s <= len(have) <= s + 1:
-            raise SystemExit(f"error: {path} holds tasks {have}; session {s + 1} expects {self.tasks[:s]} "
+            raise SystemExit(f"error: {name} from {path} holds tasks {have}; session {s + 1} expects {self.tasks[:s]} "
                              f"(or with {self.tasks[s] if s < len(self.tasks) else '-'!r}): the output directory was modified by hand")
         return strat
 
@@ -568,27 +666,23 @@ class Runner:
         _crash_point(f"folded_{name}", s)
 
     def fold_individual(self, s: int, delta: dict[str, torch.Tensor] | None, tim: dict[str, float]) -> None:
-        """Task arithmetic, TIES, EMR: fold the session's individual delta (kept in memory, or read
-        back from ``pending_delta.safetensors`` after a restart)."""
-        todo = [n for n in self._delta_strategies() if len(self.strategy(n, s)) == s]
+        """Task arithmetic, TIES, EMR: fold the session's individual delta, kept in memory, or read
+        back from ``deltas/<s>.safetensors`` (checked against its recorded sha256) after a restart. Nothing is
+        saved: a rerun rebuilds them from the delta files."""
+        names = self._delta_strategies()
+        if not names:
+            return
         task = self.tasks[s]
-        if todo:
-            t0 = time.perf_counter()
-            if delta is None:
-                path = self.pending_delta_path
-                if not os.path.exists(path):
-                    raise SystemExit(f"error: {todo} lack task {task!r} and its individual delta ({path}) is gone; "
-                                     "the output directory was modified by hand")
-                delta, meta = _load_safetensors(path)
-                if meta.get("session") != str(s) or meta.get("task") != task:
-                    raise SystemExit(f"error: {path} holds session {meta.get('session')} ({meta.get('task')!r}), "
-                                     f"not session {s} ({task!r})")
-            for name in todo:
-                self.strats[name].begin_task(task)
-                self._fold(name, s, delta=delta)
-            tim["fold_individual_s"] = time.perf_counter() - t0
-        if os.path.exists(self.pending_delta_path):
-            os.remove(self.pending_delta_path)
+        todo = [n for n in names if len(self.strategy(n, s)) == s]
+        t0 = time.perf_counter()
+        if todo and delta is None:
+            delta = self.read_delta(s)
+        for name in todo:
+            strat = self.strats[name]
+            strat.begin_task(task)
+            strat.end_task(task, delta=delta)
+            _crash_point(f"folded_{name}", s)
+        tim["fold_individual_s"] = time.perf_counter() - t0
 
     def continual_ft_state(self, s: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, dict[str, float]]:
         """Continual FT's trained tensors after session ``s`` (keys as the strategies' base), the
@@ -767,6 +861,11 @@ class Runner:
                       f"\"× one model\" = total / one task delta ({one_model / 2**20:.3f} MiB: the "
                       f"{'LoRA factors' if self.lora0 is not None else 'trained tensors'}).\n\n"
                       + storage_markdown(storage, one_model, names))
+            if "pam" in self.methods and result.get("hook_stats"):
+                table += ("\n## PAM's alignment hook\n\nPer session: optimizer steps the hook saw, alignments it ran "
+                          "(every --pam-every steps) and weight entries it re-initialised (summed over the alignments); "
+                          "\"-\": no hook (nothing to align to before the first task is merged).\n\n"
+                          + hook_stats_markdown(self.tasks, result["hook_stats"]))
             with open(os.path.join(self.out, "results.md"), "w") as f:
                 f.write(f"# MTIL results ({label}{', few-shot' if self.a.few_shot else ''})\n\n{table}")
             with open(os.path.join(self.out, "storage.csv"), "w") as f:
