@@ -417,3 +417,52 @@ def test_export_peft_fan_in_fan_out_loads_on_gpt2_conv1d(tmp_path):
     with torch.no_grad():
         ref.transformer.h[0].attn.c_attn.weight += dw
         torch.testing.assert_close(merged(ids).logits, ref(ids).logits, atol=1e-5, rtol=1e-4)
+
+
+def test_pam_on_a_peft_lora_model(tmp_path):
+    """PAM in the paper's setting on a real PEFT model: the strategy merges the LoRA factors
+    (peft_lora_parameters), each task trains a copy of the global LoRA with the alignment hook
+    on the optimizer, and the merged global LoRA loads back into the PEFT model."""
+    from condu_merge.adapters import peft_lora_parameters
+    from condu_merge.strategies import get_strategy
+
+    cfg = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=40, n_positions=16)
+    torch.manual_seed(0)
+    base = transformers.GPT2LMHeadModel(cfg)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=4, target_modules=["c_attn"], fan_in_fan_out=True))
+    params = peft_lora_parameters(model)
+    assert sorted(params) == ["transformer.h.0.attn.c_attn.lora_A.weight", "transformer.h.0.attn.c_attn.lora_B.weight"]
+    assert all(p.requires_grad for p in params.values())
+    strat = get_strategy("pam", {k: p.detach().clone() for k, p in params.items()}, align_every=2)
+    g = torch.Generator().manual_seed(3)
+    tasks = {f"t{i}": torch.randint(0, 40, (8, 12), generator=g) for i in range(3)}
+    stats = []
+    for name, ids in tasks.items():
+        start = strat.begin_task(name)
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(start.params[k])
+        opt = torch.optim.AdamW(params.values(), lr=5e-2)
+        handles = start.hook.attach(params, optimizer=opt) if start.hook else []
+        for _ in range(6):
+            loss = model(input_ids=ids, labels=ids).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        for h in handles:
+            h.remove()
+        if start.hook:
+            stats.append((start.hook.steps, start.hook.alignments, start.hook.conflict_fraction(params)))
+        strat.end_task(name, params={k: p.detach() for k, p in params.items()})
+    assert stats == [(6, 3, 0.0), (6, 3, 0.0)]  # aligned at the last step of tasks 2 and 3
+    merged = strat.model_for_inference()
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(merged[k])
+    model.save_pretrained(tmp_path / "global")
+    back = LoraAdapter.load(tmp_path / "global")
+    for m, (a, b) in back.factors.items():
+        torch.testing.assert_close(a, merged[f"{m}.lora_A.weight"])
+        torch.testing.assert_close(b, merged[f"{m}.lora_B.weight"])
+    with pytest.raises(KeyMismatchError, match="'other'"):
+        peft_lora_parameters(model, "other")

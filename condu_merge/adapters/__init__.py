@@ -35,6 +35,7 @@ from .lora import (
     lora_param_name,
     lora_transform,
     lora_weights,
+    peft_lora_parameters,
     record_init,
 )
 

@@ -410,6 +410,29 @@ def export_peft(delta: Mapping[str, torch.Tensor], path: str | os.PathLike[str],
     return ExportReport(rank=rank, per_module=per_module, total=math.sqrt(res2 / tot2) if tot2 > 0 else 0.0, path=out)
 
 
+def peft_lora_parameters(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.nn.Parameter]:
+    """The live LoRA factor parameters of a PEFT model, keyed ``<module>.lora_A.weight`` /
+    ``<module>.lora_B.weight`` (the module names :class:`LoraAdapter` uses: PEFT's saved keys
+    without the ``base_model.model.`` prefix and the adapter name).
+
+    This is what a :class:`~condu_merge.strategies.ContinualStrategy` over LoRA factors needs
+    (PAM's global LoRA): ``base = {k: p.detach().clone() for k, p in params.items()}``, copy
+    ``start.params`` into the parameters before training, hand the same mapping to
+    ``start.hook.attach(params, optimizer=opt)`` and to ``end_task(params=...)``."""
+    out: dict[str, torch.nn.Parameter] = {}
+    for name, p in model.named_parameters():
+        m = _KEY.match(name)
+        if m is None or m.group(3) != adapter_name:
+            continue
+        key = f"{m.group(1)}.{m.group(2)}.weight"
+        if key in out:
+            raise LoraCompatibilityError(f"two parameters of adapter {adapter_name!r} map to {key!r}")
+        out[key] = p
+    if not out:
+        raise KeyMismatchError(f"the model has no LoRA parameters of adapter {adapter_name!r} (lora_A/lora_B.{adapter_name}.weight)")
+    return out
+
+
 # ---------------------------------------------------------------------------- LoRA on a model
 
 # nn.MultiheadAttention (open_clip's attention, torch's Transformer layers) holds the fused q/k/v
