@@ -185,53 +185,80 @@ def _signed(pos, b):
     return b if (pos or b == 0.0) else -b
 
 
-# ------------------------------------------------------------------ branch-free helpers
-@njit(cache=True, inline="always")
-def _sum8(x, n8):
-    """Σ x[:n8] (``n8`` a multiple of 8) in 8 interleaved float64 chains: independent chains keep
-    the adder pipeline full and vectorise without reassociating any one chain (no fastmath)."""
-    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
-    for k in range(0, n8, 8):
-        s0 += x[k]
-        s1 += x[k + 1]
-        s2 += x[k + 2]
-        s3 += x[k + 3]
-        s4 += x[k + 4]
-        s5 += x[k + 5]
-        s6 += x[k + 6]
-        s7 += x[k + 7]
-    return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
+def _stage(a, rows, cols):  # pragma: no cover
+    raise NotImplementedError
+
+
+@overload(_stage, inline="always")
+def _ol_stage(a, rows, cols):
+    """A zeroed ``[rows, cols]`` scratch array in ``a``'s opmath type (float64 for float64 arrays,
+    float32 otherwise): converting into it is exact, and everything done with it afterwards
+    (sign tests, ``abs``, ``max``) is exact in either type."""
+    if a.dtype == types.float64:
+        return lambda a, rows, cols: np.zeros((rows, cols), np.float64)
+    return lambda a, rows, cols: np.zeros((rows, cols), np.float32)
+
+
+# ------------------------------------------------------------------ reductions and bit packing
+# The two sums below carry ``fastmath={"reassoc"}`` (and nothing else: NaN/Inf must survive, they
+# are how non-finite deltas are detected) so LLVM may vectorise them. The numeric contract asks
+# the L1 sums for 1e-6 relative only; the flag lives on these non-inlined functions alone, so it
+# cannot reach the election sums or comparisons of the kernels that call them.
+@njit(cache=True, fastmath={"reassoc"})
+def _abs_sum(x, n):
+    """Σ_{k<n} |x[k]| in float64 (any summation order)."""
+    s = 0.0
+    for k in range(n):
+        s += abs(np.float64(x[k]))
+    return s
+
+
+@njit(cache=True, fastmath={"reassoc"})
+def _masked_sum(x, m, n):
+    """Σ_{k<n, m[k]} x[k] in float64 (any summation order)."""
+    s = 0.0
+    for k in range(n):
+        s += np.float64(x[k]) if m[k] else 0.0
+    return s
+
+
+# 0/1 bytes b_0..b_7 read as one little-endian uint64 x: (x * _PACK) >> 56 = Σ b_j << j. Each
+# product term lands on its own bit (positions 56 + 8j - 7m are distinct), so nothing carries
+# into the top byte.
+_PACK = np.uint64(0x0102040810204080)
+# byte b -> 8 bytes holding bit j of b in byte j: broadcast, keep bit j in byte j, then +0x7F
+# sets bit 7 of a byte iff it is nonzero (no byte overflows, so nothing carries across bytes)
+_BCAST = np.uint64(0x0101010101010101)
+_SEL = np.uint64(0x8040201008040201)
+_ADD7F = np.uint64(0x7F7F7F7F7F7F7F7F)
 
 
 @njit(cache=True, inline="always")
-def _pack_into(bits, out, row, b0, nbytes):
-    """``out[row, b0 + b] = Σ_j bits[8b + j] << j`` (``bits`` uint8 0/1, little bit order)."""
+def _pack_row(bits, out, nbytes):
+    """``out[b] = Σ_j bits[8b + j] << j`` (``bits`` uint8 0/1 of length ``8·nbytes``, little bit
+    order): one multiply per byte, vectorisable. Assumes a little-endian host (x86-64, arm64)."""
+    w = bits.view(np.uint64)
     for b in range(nbytes):
-        k = 8 * b
-        out[row, b0 + b] = np.uint8(
-            bits[k]
-            | (bits[k + 1] << 1)
-            | (bits[k + 2] << 2)
-            | (bits[k + 3] << 3)
-            | (bits[k + 4] << 4)
-            | (bits[k + 5] << 5)
-            | (bits[k + 6] << 6)
-            | (bits[k + 7] << 7)
-        )
+        out[b] = np.uint8((w[b] * _PACK) >> np.uint64(56))
 
 
 @njit(cache=True, inline="always")
-def _unpack_from(masks, row, b0, C, bits):
-    """``bits[k] = bit k of the chunk's bytes of ``masks[row]`` (uint8 0/1)."""
-    for k in range(C):
-        bits[k] = (masks[row, b0 + (k >> 3)] >> (k & 7)) & 1
+def _unpack_row(packed, bits, nbytes):
+    """``bits[8b + j] = (packed[b] >> j) & 1`` (uint8 0/1), the inverse of :func:`_pack_row`."""
+    w = bits.view(np.uint64)
+    for b in range(nbytes):
+        y = (np.uint64(packed[b]) * _BCAST) & _SEL
+        w[b] = ((y + _ADD7F) >> np.uint64(7)) & _BCAST
 
 
 # ------------------------------------------------------------------ unify
 @njit(parallel=True, cache=True)
 def unify_kernel(deltas, kind, u, masks, num_part, den_part, chunk):
     """One pass over ``n`` deltas: elected sign (float64 sum in task order), ``u``, packed masks
-    and per-chunk L1 partial sums ``num_part[c, i] = Σ|d_i|``, ``den_part[c, i] = Σ M_i |u|``."""
+    and per-chunk L1 partial sums ``num_part[c, i] = Σ|d_i|``, ``den_part[c, i] = Σ M_i |u|``.
+
+    Per chunk every loop runs task-outer / element-inner over contiguous, cache-resident rows,
+    so LLVM vectorises it; each element's election sum is still accumulated in task order."""
     n = len(deltas)
     N = u.shape[0]
     nchunks = (N + chunk - 1) // chunk
@@ -242,37 +269,37 @@ def unify_kernel(deltas, kind, u, masks, num_part, den_part, chunk):
         b0 = s // 8
         nbytes = (C + 7) // 8
         Cp = nbytes * 8  # padded: pad elements stay 0 and select nothing
+        vals = _stage(u, n, Cp)  # the chunk of every task, converted once to opmath
         total = np.zeros(Cp, np.float64)
         for i in range(n):
-            a = deltas[i]
+            a = deltas[i][s:e]
+            vi = vals[i]
             for k in range(C):
-                total[k] += np.float64(_load(a, s + k, kind))
-        sgn = np.empty(Cp, np.float64)
+                x = _load(a, k, kind)
+                vi[k] = x
+                total[k] += np.float64(x)
+            num_part[c, i] = _abs_sum(vi, Cp)
+        pos = np.empty(Cp, np.bool_)
         for k in range(Cp):
-            sgn[k] = 1.0 if total[k] > 0.0 else -1.0
-        best = np.zeros(Cp, np.float64)
-        absd = np.zeros(Cp, np.float64)
+            pos[k] = total[k] > 0.0
+        best = np.zeros(Cp, vals.dtype)
         agree = np.zeros((n, Cp), np.uint8)
         for i in range(n):
-            a = deltas[i]
+            vi = vals[i]
             ag = agree[i]
-            for k in range(C):
-                v = np.float64(_load(a, s + k, kind))
+            for k in range(Cp):
+                v = vi[k]
                 av = abs(v)
-                absd[k] = av
-                g = v * sgn[k] > 0.0  # exact: sgn is ±1; zeros never agree
+                g = (v > 0.0) if pos[k] else (v < 0.0)  # zeros never agree
                 ag[k] = g
                 b = best[k]
                 best[k] = av if (g and av > b) else b
-            num_part[c, i] = _sum8(absd, Cp)
-            _pack_into(ag, masks, i, b0, nbytes)
+            _pack_row(ag, masks[i, b0 : b0 + nbytes], nbytes)
+        uc = u[s:e]
         for k in range(C):
-            _store(u, s + k, _signed(sgn[k] > 0.0, best[k]), kind)
+            _store(uc, k, _signed(pos[k], best[k]), kind)
         for i in range(n):
-            ag = agree[i]
-            for k in range(Cp):
-                absd[k] = best[k] if ag[k] else 0.0
-            den_part[c, i] = _sum8(absd, Cp)
+            den_part[c, i] = _masked_sum(best, agree[i], Cp)
 
 
 # ------------------------------------------------------------------ continual step
@@ -280,7 +307,8 @@ def unify_kernel(deltas, kind, u, masks, num_part, den_part, chunk):
 def add_task_kernel(u, kind, masks, lam_op, delta, u_new, masks_new, absu_part, num_new_part, den_part, chunk):
     """One continual step (see ``TorchBackend.add_task_flat`` for the math). ``lam_op`` holds the
     earlier rescalers rounded to opmath. ``absu_part[c, i] = Σ_{M_ik} |u_k|`` (times λ_i later),
-    ``num_new_part[c] = Σ|d|``, ``den_part[c, i]`` for the ``tp + 1`` tasks."""
+    ``num_new_part[c] = Σ|d|``, ``den_part[c, i]`` for the ``tp + 1`` tasks. Loops run task-outer /
+    element-inner per chunk (vectorisable), the masks are unpacked once per chunk."""
     tp = masks.shape[0]
     N = u.shape[0]
     nchunks = (N + chunk - 1) // chunk
@@ -291,64 +319,65 @@ def add_task_kernel(u, kind, masks, lam_op, delta, u_new, masks_new, absu_part, 
         b0 = s // 8
         nbytes = (C + 7) // 8
         Cp = nbytes * 8
-        uv = np.zeros(Cp, np.float64)
-        absu = np.zeros(Cp, np.float64)
+        st = _stage(u, 4, Cp)  # pad elements stay 0: they agree with nothing
+        uv = st[0]
+        absu = st[1]
+        dv = st[2]
+        best = st[3]
+        uc = u[s:e]
+        dc = delta[s:e]
         for k in range(C):
-            x = np.float64(_load(u, s + k, kind))
+            x = _load(uc, k, kind)
             uv[k] = x
             absu[k] = abs(x)
+            dv[k] = _load(dc, k, kind)
+        bits = np.zeros((tp, Cp), np.uint8)
         lam_sum = np.zeros(Cp, np.float64)
         lam_max = np.zeros(Cp, np.float64)
-        bits = np.zeros(Cp, np.uint8)
-        tmp = np.zeros(Cp, np.float64)
         for i in range(tp):
             li = lam_op[i]
             lm = li if li > 0.0 else 0.0
-            _unpack_from(masks, i, b0, C, bits)
-            for k in range(C):
-                on = bits[k] != 0
+            bi = bits[i]
+            _unpack_row(masks[i, b0 : b0 + nbytes], bi, nbytes)
+            for k in range(C, Cp):
+                bi[k] = 0  # pad bits of the last byte are not trusted
+            for k in range(Cp):
+                on = bi[k] != 0
                 # adding +0.0 where the bit is clear leaves the task-order sum unchanged
                 lam_sum[k] += li if on else 0.0
                 m = lam_max[k]
                 lam_max[k] = lm if (on and lm > m) else m
-                tmp[k] = absu[k] if on else 0.0
-            absu_part[c, i] = _sum8(tmp, Cp)
-        best = np.zeros(Cp, np.float64)
+            absu_part[c, i] = _masked_sum(absu, bi, Cp)
+        num_new_part[c] = _abs_sum(dv, Cp)
         agree_u = np.zeros(Cp, np.uint8)
         agree_d = np.zeros(Cp, np.uint8)
-        absd = np.zeros(Cp, np.float64)
+        nc = u_new[s:e]
         for k in range(C):
-            x = uv[k]
-            dv = np.float64(_load(delta, s + k, kind))
-            pos = x * lam_sum[k] > -dv
-            sg = 1.0 if pos else -1.0
-            ad = dv * sg > 0.0
-            au = x * sg > 0.0
-            ab = abs(dv)
-            absd[k] = ab
+            x = np.float64(uv[k])
+            d = np.float64(dv[k])
+            pos = x * lam_sum[k] > -d
+            ad = (d > 0.0) if pos else (d < 0.0)
+            au = (x > 0.0) if pos else (x < 0.0)
+            ab = abs(d)
             bd = ab if ad else 0.0
             # λ·|u| rounds monotonically in λ: the largest surviving earlier expert uses max λ
             sc = _scale(u, absu[k], lam_max[k], kind)
-            bk = sc if (au and sc > bd) else bd
-            best[k] = bk
+            best[k] = sc if (au and sc > bd) else bd
             agree_u[k] = au
             agree_d[k] = ad
-            _store(u_new, s + k, _signed(pos, bk), kind)
-        num_new_part[c] = _sum8(absd, Cp)
-        _pack_into(agree_d, masks_new, tp, b0, nbytes)
-        for k in range(Cp):
-            tmp[k] = best[k] if agree_d[k] else 0.0
-        den_part[c, tp] = _sum8(tmp, Cp)
+            _store(nc, k, _signed(pos, best[k]), kind)
+        _pack_row(agree_d, masks_new[tp, b0 : b0 + nbytes], nbytes)
+        den_part[c, tp] = _masked_sum(best, agree_d, Cp)
         for i in range(tp):
             li = lam_op[i]
-            alive = li > 0.0
-            _unpack_from(masks, i, b0, C, bits)
-            for k in range(C):
-                on = bits[k] != 0 and agree_u[k] != 0 and alive and _scale(u, absu[k], li, kind) > 0.0
-                bits[k] = on
-                tmp[k] = best[k] if on else 0.0
-            _pack_into(bits, masks_new, i, b0, nbytes)
-            den_part[c, i] = _sum8(tmp, Cp)
+            bi = bits[i]
+            if li > 0.0:
+                for k in range(Cp):
+                    bi[k] = bi[k] & agree_u[k] & (_scale(u, absu[k], li, kind) > 0.0)
+            else:
+                bi[:] = 0
+            _pack_row(bi, masks_new[i, b0 : b0 + nbytes], nbytes)
+            den_part[c, i] = _masked_sum(best, bi, Cp)
 
 
 # ------------------------------------------------------------------ decouple
