@@ -384,25 +384,49 @@ def add_task_kernel(u, kind, masks, lam_op, delta, u_new, masks_new, absu_part, 
 @njit(parallel=True, cache=True)
 def decouple_kernel(u, ukind, packed, lams, base, bkind, has_base, wide, out, chunk):
     """``out[r] = λ_r · M_r ⊙ u`` (``packed`` is ``[K, B]``, ``out`` ``[K, N]``), or
-    ``base + λ_r · M_r ⊙ u`` rounded to ``base``'s type, the sum in float64 iff ``wide``."""
+    ``base + λ_r · M_r ⊙ u`` rounded to ``base``'s type, the sum in float64 iff ``wide``.
+
+    Per chunk ``u`` (and ``base``) are converted once, each row's bits unpacked once, and the
+    element loops are branch-free selects (vectorisable); the three cases get separate loops.
+    (A conditional expression passed straight to an ``inline="always"`` overload such as
+    ``_store`` is miscompiled by numba 0.68 -- it stored zeros here -- hence the ``val`` temporaries.)"""
     K = packed.shape[0]
     N = u.shape[0]
     nchunks = (N + chunk - 1) // chunk
     for c in prange(nchunks):
         s = c * chunk
         e = min(N, s + chunk)
+        C = e - s
+        b0 = s // 8
+        nbytes = (C + 7) // 8
+        Cp = nbytes * 8
+        uc = u[s:e]
+        st = _stage(u, 1, Cp)
+        uv = st[0]
+        for k in range(C):
+            uv[k] = _load(uc, k, ukind)
+        bv = np.zeros(Cp, np.float64)
+        if has_base:
+            bc = base[s:e]
+            for k in range(C):
+                bv[k] = np.float64(_load(bc, k, bkind))
+        bits = np.zeros(Cp, np.uint8)
         for r in range(K):
             lam = lams[r]
-            orow = out[r]
-            for g in range(s, e):
-                val = 0.0
-                if (packed[r, g >> 3] >> (g & 7)) & 1:
-                    val = _scale(u, _load(u, g, ukind), lam, ukind)
-                if has_base:
-                    bv = _load(base, g, bkind)
-                    if wide:
-                        _store(orow, g, np.float64(bv) + val, bkind)
-                    else:
-                        _store(orow, g, np.float32(bv) + np.float32(val), bkind)
-                else:
-                    _store(orow, g, val, ukind)
+            oc = out[r, s:e]
+            _unpack_row(packed[r, b0 : b0 + nbytes], bits, nbytes)
+            if not has_base:
+                for k in range(C):
+                    sc = _scale(u, uv[k], lam, ukind)
+                    val = sc if bits[k] else 0.0
+                    _store(oc, k, val, ukind)
+            elif wide:
+                for k in range(C):
+                    sc = _scale(u, uv[k], lam, ukind)
+                    val = sc if bits[k] else 0.0
+                    _store(oc, k, bv[k] + val, bkind)
+            else:
+                for k in range(C):
+                    sc = _scale(u, uv[k], lam, ukind)
+                    val = sc if bits[k] else 0.0
+                    _store(oc, k, np.float32(bv[k]) + np.float32(val), bkind)
