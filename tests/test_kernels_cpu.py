@@ -12,7 +12,7 @@ import condu_merge as cm  # noqa: E402
 from condu_merge.kernels import decouple_many  # noqa: E402
 from condu_merge.kernels.numba_backend import NumbaBackend  # noqa: E402
 
-from condu_merge.kernels.conformance import DTYPES, assert_same_tensor, check_backend  # noqa: E402
+from condu_merge.kernels.conformance import DTYPES, REF, assert_same_tensor, check_backend  # noqa: E402
 
 BE = NumbaBackend(chunk=64)  # many chunks and a ragged last one even on small tensors
 
@@ -129,3 +129,43 @@ def test_nan_is_reported_through_numba():
     d[1]["w"][3] = float("nan")
     with pytest.raises(cm.NonFiniteError, match="'w'"):
         cm.unify(d, backend="numba")
+
+
+# ------------------------------------------------------------------ chunk edges of the blocked loops
+def _edge_lengths(chunk: int) -> list[int]:
+    return [chunk - 1, chunk, chunk + 1, 3 * chunk + 5]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", [1, 12])
+@pytest.mark.parametrize("chunk", [64, 4096])
+def test_chunk_edges(dtype, n, chunk):
+    """Lengths around the per-chunk staging rows (chunk-1, chunk, chunk+1, several + a ragged tail)."""
+    be = NumbaBackend(chunk=chunk)
+    for N in _edge_lengths(chunk):
+        check_backend(be, dtype, n, N, seed=N * 31 + n)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_default_chunk_edges_unify(dtype):
+    """The backend's default chunk, both ops, a ragged tail (odd length, not a multiple of 8)."""
+    be = NumbaBackend()
+    check_backend(be, dtype, 3, 2 * be.chunk + 13, seed=5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_add_task_ignores_pad_bits(dtype):
+    """Set pad bits in the last mask byte must neither change the result nor reach the new masks."""
+    gen = torch.Generator().manual_seed(11)
+    N = 64 + 5  # 3 pad bits in the last byte of each chunk-of-64 row tail
+    ds = [torch.randn(N, generator=gen).to(dtype) for _ in range(4)]
+    ref = REF.unify_flat(ds)
+    dirty = ref.masks.clone()
+    dirty[:, -1] |= 0xE0  # bits 5..7 of the last byte lie past element N-1
+    new = torch.randn(N, generator=gen).to(dtype)
+    lams = [0.5, 1.25, 2.0, 1.0 / 3.0]
+    got = BE.add_task_flat(ref.u, dirty, lams, new)
+    want = REF.add_task_flat(ref.u, ref.masks, lams, new)
+    assert_same_tensor(want.u, got.u, "u")
+    assert torch.equal(want.masks, got.masks)
+    assert int((got.masks[:, -1] & 0xE0).sum()) == 0
