@@ -169,3 +169,25 @@ def test_add_task_ignores_pad_bits(dtype):
     assert_same_tensor(want.u, got.u, "u")
     assert torch.equal(want.masks, got.masks)
     assert int((got.masks[:, -1] & 0xE0).sum()) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_add_task_earlier_expert_rounding_to_zero(dtype):
+    """An earlier expert dies where ``λ·u`` rounds to 0 in the dtype although the float32 product
+    is > 0: the survival test must use the dtype's own zero cut (fp16 2^-25, bf16 bits 0x8000)."""
+    tiny = {torch.float16: 2.0**-24, torch.bfloat16: 2.0**-133, torch.float32: 2.0**-149}[dtype]
+    # u: multiples of the smallest positive value; λ's around the point where λ·u rounds to 0
+    mult = torch.tensor([1.0, 1.0, 2.0, 3.0, 1.0, 1.0, 2.0, 5.0, 1.0, 1.0, 3.0], dtype=torch.float64)
+    u = (mult * tiny).to(dtype)
+    N = u.numel()
+    masks = torch.full((3, (N + 7) // 8), 0xFF, dtype=torch.uint8)
+    masks[:, -1] = 0x07
+    delta = torch.zeros(N, dtype=dtype)
+    for lams in ([0.25, 0.5, 0.5000001], [0.4999, 0.75, 1.0], [0.1, 0.3, 0.2]):
+        want = REF.add_task_flat(u, masks, lams, delta)
+        got = BE.add_task_flat(u, masks, lams, delta)
+        assert_same_tensor(want.u, got.u, f"u {lams}")
+        assert torch.equal(want.masks, got.masks), (lams, want.masks, got.masks)
+    # the case is live: with λ = 0.25 a set bit is dropped where the float32 product is still > 0
+    dropped = REF.add_task_flat(u, masks, [0.25, 0.25, 0.25], delta).masks
+    assert not torch.equal(dropped[:3], masks)

@@ -179,6 +179,32 @@ def _ol_scale(a, x, lam, kind):
     return impl
 
 
+def _survives(a, x, lam, kind):  # pragma: no cover
+    raise NotImplementedError
+
+
+@overload(_survives, inline="always")
+def _ol_survives(a, x, lam, kind):
+    """``_scale(a, x, lam, kind) > 0`` for ``x, lam >= 0`` without the round trip through a half
+    type: rounding to the dtype is monotone, so the rounded product is ``> 0`` iff the opmath
+    product exceeds the largest float32 that rounds to ``+0`` (fp16: ``2^-25``, a tie that goes to
+    even 0; bf16: the float32 with bits ``0x8000``, likewise; fp32: ``0``). NaN stays false."""
+    if a.dtype == types.float64:
+        return lambda a, x, lam, kind: np.float64(x) * np.float64(lam) > 0.0
+    if a.dtype == types.float32:
+        return lambda a, x, lam, kind: np.float32(x) * np.float32(lam) > np.float32(0.0)
+
+    def impl(a, x, lam, kind):
+        cut = _BF16_ZERO_CUT if kind == KIND_BF16 else _F16_ZERO_CUT
+        return np.float32(x) * np.float32(lam) > cut
+
+    return impl
+
+
+_F16_ZERO_CUT = np.float32(2.0**-25)
+_BF16_ZERO_CUT = np.uint32(0x8000).view(np.float32)
+
+
 @njit(cache=True)
 def _signed(pos, b):
     """``+b`` if ``pos`` else ``-b``, but never ``-0.0``."""
@@ -373,7 +399,7 @@ def add_task_kernel(u, kind, masks, lam_op, delta, u_new, masks_new, absu_part, 
             bi = bits[i]
             if li > 0.0:
                 for k in range(Cp):
-                    bi[k] = bi[k] & agree_u[k] & (_scale(u, absu[k], li, kind) > 0.0)
+                    bi[k] = bi[k] & agree_u[k] & _survives(u, absu[k], li, kind)
             else:
                 bi[:] = 0
             _pack_row(bi, masks_new[i, b0 : b0 + nbytes], nbytes)
