@@ -106,21 +106,23 @@ def _validate_structure(deltas: Sequence[Mapping[str, torch.Tensor]], task_names
     return keys
 
 
+def _check_like(key: str, t: torch.Tensor, ref: torch.Tensor, who: str, ref_who: str, dtype_hint: str) -> None:
+    """``t`` (task ``who``'s tensor ``key``) is a float tensor of ``ref``'s shape, dtype and device."""
+    _check_float(key, t, who)
+    if t.shape != ref.shape:
+        raise ShapeMismatchError(f"{who}: tensor {key!r} has shape {tuple(t.shape)}, {ref_who} has {tuple(ref.shape)}")
+    if t.dtype != ref.dtype:
+        raise DtypeMismatchError(f"{who}: tensor {key!r} has dtype {t.dtype}, {ref_who} has {ref.dtype}; {dtype_hint}")
+    if t.device != ref.device:
+        raise MergeInputError(f"{who}: tensor {key!r} is on {t.device}, {ref_who}'s is on {ref.device}")
+
+
 def _check_key_tensors(key: str, tensors: Sequence[torch.Tensor], labels: Sequence[str]) -> None:
     """Every task's tensor ``key`` is a float tensor of the first task's shape, dtype and device."""
-    ref = tensors[0]
-    _check_float(key, ref, labels[0])
+    _check_float(key, tensors[0], labels[0])
     for t, who in zip(tensors[1:], labels[1:]):
-        _check_float(key, t, who)
-        if t.shape != ref.shape:
-            raise ShapeMismatchError(f"{who}: tensor {key!r} has shape {tuple(t.shape)}, {labels[0]} has {tuple(ref.shape)}")
-        if t.dtype != ref.dtype:
-            raise DtypeMismatchError(
-                f"{who}: tensor {key!r} has dtype {t.dtype}, {labels[0]} has {ref.dtype}; "
-                "mixed dtypes per tensor are refused: cast the deltas to one dtype first"
-            )
-        if t.device != ref.device:
-            raise MergeInputError(f"{who}: tensor {key!r} is on {t.device}, {labels[0]}'s is on {ref.device}")
+        _check_like(key, t, tensors[0], who, labels[0],
+                    "mixed dtypes per tensor are refused: cast the deltas to one dtype first")
 
 
 def _eager(mappings: Sequence[Mapping[str, torch.Tensor]]) -> bool:
@@ -144,15 +146,7 @@ def validate_deltas(deltas: Sequence[Mapping[str, torch.Tensor]], task_names: Se
 
 
 def _check_against_unified(key: str, t: torch.Tensor, ref: torch.Tensor, who: str) -> None:
-    _check_float(key, t, who)
-    if t.shape != ref.shape:
-        raise ShapeMismatchError(f"{who}: tensor {key!r} has shape {tuple(t.shape)}, the session has {tuple(ref.shape)}")
-    if t.dtype != ref.dtype:
-        raise DtypeMismatchError(
-            f"{who}: tensor {key!r} has dtype {t.dtype}, the session stores {ref.dtype}; cast the delta first"
-        )
-    if t.device != ref.device:
-        raise MergeInputError(f"{who}: tensor {key!r} is on {t.device}, the session's is on {ref.device}")
+    _check_like(key, t, ref, who, "the session", "cast the delta first")
 
 
 def _validate_against_unified(

@@ -105,7 +105,10 @@ def utc_now() -> str:
 
 
 def fsync_dir(path: str) -> None:
-    """Make a directory's entries durable (new, renamed or removed files)."""
+    """Make a directory's entries durable (new, renamed or removed files). A no-op on Windows,
+    where directories cannot be opened for fsync (a rename is durable enough there)."""
+    if os.name == "nt":
+        return
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -49,6 +49,7 @@ from condu_merge.adapters import (
     pretrained_state,
     swap_params,
 )
+from condu_merge.store import fsync_dir
 from condu_merge.routing import SemanticAggregator, prototypes_from_store, route
 
 from .evaluate import (
@@ -108,17 +109,6 @@ def _atomic_json(path: str, obj: object) -> None:
     os.replace(tmp, path)
 
 
-def _fsync_dir(path: str) -> None:
-    """Make a rename in ``path`` durable (no-op where directories cannot be opened)."""
-    if os.name == "nt":
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _file_sha256(path: str, chunk: int = 1 << 24) -> str:
     """sha256 (hex) of a file's bytes, read ``chunk`` bytes at a time."""
     h = hashlib.sha256()
@@ -145,7 +135,7 @@ def _atomic_safetensors(path: str, tensors: dict[str, torch.Tensor], meta: dict[
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
     return sha
 
 

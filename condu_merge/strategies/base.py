@@ -50,6 +50,7 @@ from ..errors import (
     ShapeMismatchError,
     UnknownTaskError,
 )
+from ..store import fsync_dir
 from ..safetensors_writer import (
     ST_TO_DTYPE,
     StreamingSafetensorsWriter,
@@ -530,16 +531,6 @@ def _dumps_state(name: str, path: str, state: Any) -> str:
         raise TypeError(f"{name}: cannot save to {path!r}: _state_meta() is not JSON ({exc})") from None
 
 
-def _fsync_dir(path: str) -> None:
-    if os.name == "nt":  # directories cannot be opened for fsync there; rename is durable enough
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_atomic(path: str, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str]) -> None:
     """Write ``tensors`` (one at a time, moved to CPU as written) to a temporary file beside
     ``path``, fsync it, rename it over ``path`` and fsync the directory. On any error the
@@ -557,7 +548,7 @@ def _write_atomic(path: str, tensors: Mapping[str, torch.Tensor], meta: Mapping[
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    _fsync_dir(folder)
+    fsync_dir(folder)
 
 
 def _json_field(path: str, meta: Mapping[str, str], field: str, kind: type) -> Any:
