@@ -347,7 +347,8 @@ class PAM(ContinualStrategy):
             )
         if self.init == "base":
             return TaskStart({k: v.clone() for k, v in self._base.items()}, "base", hook)
-        return TaskStart({k: v.clone() for k, v in glob.items()}, "merged", hook)
+        # the caller trains start.params in place: copy only when the hook reads the same G
+        return TaskStart({k: v.clone() for k, v in glob.items()} if hook else glob, "merged", hook)
 
     def _fold(self, name: str, delta: dict[str, torch.Tensor]) -> None:
         c = self.coefficient(len(self._tasks) + 1)
