@@ -28,6 +28,8 @@ from condu_merge.strategies import (
 
 ALL = ["condu", "pam", "magmax", "task_arithmetic", "ties", "emr", "continual_ft"]
 F64 = torch.float64
+# TIES with this library's earlier rules (⌈kN⌉ kept, an exact-zero sum elects +1, disjoint mean)
+LEGACY_TIES = {"trim_rule": "ceil", "zero_sign": "positive", "merge_func": "mean"}
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -226,7 +228,8 @@ def test_task_arithmetic_by_hand():
 @pytest.mark.parametrize("seed", [0, 1])
 def test_ties_matches_reference(scope, density, seed):
     taus = [rand_state(100 * seed + i) for i in range(5)]
-    s = run_deltas(get_strategy("ties", rand_state(7), density=density, scale=1.3, trim_scope=scope), taus)
+    # this library's earlier rules, kept as options (the reference rules: tests/test_strategies_peers.py)
+    s = run_deltas(get_strategy("ties", rand_state(7), density=density, scale=1.3, trim_scope=scope, **LEGACY_TIES), taus)
     assert_close(merged_delta(s), ref_ties(taus, density, 1.3, scope), atol=1e-12)
 
 
@@ -236,27 +239,32 @@ def test_ties_by_hand():
     t3 = {"w": torch.tensor([1.0, 1.5, -1.0, 0.0], dtype=F64)}
     base = {"w": torch.zeros(4, dtype=F64)}
     # no trimming: sums [-1, 0.5, 2.5, 0.75] -> signs [-, +, +, +]; disjoint means
-    s = run_deltas(TIES(base, density=1.0), [t1, t2, t3])
+    s = run_deltas(TIES(base, density=1.0, scale=1.0, **LEGACY_TIES), [t1, t2, t3])
     assert s.model_for_inference()["w"].tolist() == [-3.0, 1.25, 1.75, 0.375]
     # keep top 2 of 4: t1 -> [0,-2,3,0], t2 -> [-3,1,0,0], t3 (tie at 1.0 kept) -> [1,1.5,-1,0]
     # sums [-2, 0.5, 2, 0] -> signs [-, +, +, + (zero elects +)]
-    s = run_deltas(TIES(base, density=0.5, trim_scope="tensor"), [t1, t2, t3])
+    s = run_deltas(TIES(base, density=0.5, scale=1.0, trim_scope="tensor", **LEGACY_TIES), [t1, t2, t3])
     assert s.model_for_inference()["w"].tolist() == [-3.0, 1.25, 3.0, 0.0]
-    assert trim_threshold(torch.tensor([1.0, 2.0, 3.0, 0.5]), 0.5) == 2.0
-    assert trim_threshold(torch.tensor([1.0, 2.0, 3.0, 0.5]), 0.01) == 3.0  # keeps at least one
+    assert trim_threshold(torch.tensor([1.0, 2.0, 3.0, 0.5]), 0.5, "ceil") == 2.0
+    assert trim_threshold(torch.tensor([1.0, 2.0, 3.0, 0.5]), 0.01, "ceil") == 3.0  # keeps at least one
+    assert trim_threshold(torch.tensor([1.0, 2.0, 3.0, 0.5]), 1.0, "ceil") == 0.5
+    # the reference rule: the (N - int(N k))-th smallest, i.e. int(N k) + 1 kept
+    assert trim_threshold(torch.tensor([1.0, 2.0, 3.0, 0.5]), 0.5) == 1.0
+    assert trim_threshold(torch.tensor([1.0, 2.0, 3.0, 0.5]), 0.01) == 3.0
     assert trim_threshold(torch.tensor([1.0, 2.0, 3.0, 0.5]), 1.0) == 0.5
+    assert trim_threshold(torch.tensor([1.0, 2.0, 3.0, 0.5]), 50) == 1.0  # a percentage, as the peers' K
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_magmax_matches_reference(seed):
     taus = [rand_state(10 * seed + i) for i in range(4)]
-    s = run_deltas(get_strategy("magmax", rand_state(5), scale=0.7), taus)
+    s = run_deltas(get_strategy("magmax", rand_state(5), scale=0.7, tie="earlier"), taus)
     assert_close(merged_delta(s), ref_magmax(taus, 0.7), atol=1e-12)
 
 
 def test_magmax_by_hand_and_sequential_start():
     base = {"w": torch.zeros(3, dtype=F64)}
-    s = get_strategy("magmax", base)
+    s = get_strategy("magmax", base, scale=1.0, tie="earlier")
     assert s.begin_task("a").source == "base"
     s.end_task("a", params={"w": torch.tensor([1.0, -3.0, 2.0], dtype=F64)})
     st = s.begin_task("b")

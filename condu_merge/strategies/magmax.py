@@ -5,12 +5,18 @@ Math: training is sequential fine-tuning (task ``t`` starts from θ_{t−1}); th
 ``τ_t = θ_t − θ_0``. The merged vector takes, per parameter ``k``, the entry of largest magnitude
 across tasks::
 
-    τ_MM[k] = τ_{i*}[k],   i* = argmax_i |τ_i[k]|        (the earliest task wins an exact tie)
+    τ_MM[k] = τ_{i*}[k],   i* = argmax_i |τ_i[k]|        (the latest task wins an exact tie)
     θ = θ_0 + λ · τ_MM
 
-computed incrementally (``τ_MM ← where(|τ_t| > |τ_MM|, τ_t, τ_MM)``), so it is continual: O(1)
-models whatever the number of tasks. ``λ`` (``scale``) defaults to 1; the paper tunes it on
-held-out data.
+computed incrementally (``τ_MM ← where(|τ_t| ≥ |τ_MM|, τ_t, τ_MM)``), so it is continual: O(1)
+models whatever the number of tasks.
+
+Defaults as the official code (github.com/danielm1405/magmax): the tie rule ``>=`` of
+``src/merging/task_vectors.py::merge_max_abs`` (a later task wins an exact magnitude tie, which
+shows on bf16 or quantised deltas; fusion_bench's ``fusion_bench/method/magmax/magmax.py`` does
+the same), ``tie="earlier"`` gives this library's earlier ``>`` rule; ``λ`` (``scale``) = 0.5 as
+``merge_8datasets.py`` (``(merge_max_abs, [0.5])``) and fusion_bench's
+``config/method/magmax/magmax.yaml`` (``scaling_factor: 0.5``); the paper tunes it on held-out data.
 
 Stores: the running ``τ_MM`` and the last task's ``τ_t`` (needed to start the next task): two
 model-sized deltas, shared.
@@ -23,9 +29,14 @@ import torch
 from .base import ContinualStrategy, StorageReport, TaskStart, state_nbytes
 
 
-def max_magnitude_update(merged: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
-    """``where(|τ| > |merged|, τ, merged)``: one incremental step of max-magnitude selection."""
-    return torch.where(tau.abs() > merged.abs(), tau, merged)
+TIE_RULES = ("later", "earlier")
+
+
+def max_magnitude_update(merged: torch.Tensor, tau: torch.Tensor, later_wins: bool = True) -> torch.Tensor:
+    """One incremental step of max-magnitude selection: ``where(|τ| ≥ |merged|, τ, merged)``
+    (``later_wins``, the reference rule) or with ``>`` (the earlier task keeps an exact tie)."""
+    take = tau.abs() >= merged.abs() if later_wins else tau.abs() > merged.abs()
+    return torch.where(take, tau, merged)
 
 
 class MagMax(ContinualStrategy):
@@ -33,9 +44,12 @@ class MagMax(ContinualStrategy):
 
     name = "magmax"
 
-    def __init__(self, base, *, scale: float = 1.0, copy_base: bool = True):
+    def __init__(self, base, *, scale: float = 0.5, tie: str = "later", copy_base: bool = True):
         super().__init__(base, copy_base=copy_base)
+        if tie not in TIE_RULES:
+            raise ValueError(f"unknown tie rule {tie!r}; choose one of {TIE_RULES}")
         self.scale = float(scale)
+        self.tie = tie
         self._merged: dict[str, torch.Tensor] | None = None
         self._last: dict[str, torch.Tensor] | None = None
 
@@ -48,7 +62,8 @@ class MagMax(ContinualStrategy):
         if self._merged is None:
             merged = {k: v.clone() for k, v in delta.items()}
         else:
-            merged = {k: max_magnitude_update(self._merged[k], delta[k]) for k in self._base}
+            later = self.tie == "later"
+            merged = {k: max_magnitude_update(self._merged[k], delta[k], later) for k in self._base}
         self._merged, self._last = merged, delta
 
     def _merged_delta(self) -> dict[str, torch.Tensor]:
@@ -58,7 +73,7 @@ class MagMax(ContinualStrategy):
         return {k: v * self.scale for k, v in self._merged.items()}
 
     def _options(self) -> dict:
-        return {"scale": self.scale}
+        return {"scale": self.scale, "tie": self.tie}
 
     def _state_tensors(self) -> dict[str, torch.Tensor]:
         """``merged/<key>`` (τ_MM, unscaled) and ``last/<key>`` (the last task vector)."""
@@ -68,7 +83,13 @@ class MagMax(ContinualStrategy):
         out.update({f"last/{k}": v for k, v in self._last.items()})  # type: ignore[union-attr]
         return out
 
+    def _state_meta(self) -> dict:
+        """The tie rule the running τ_MM was built with."""
+        return {"tie": self.tie}
+
     def _restore(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        if "tie" not in meta:  # written before ">=" became the default: keep folding with ">"
+            self.tie = "earlier"
         if self._tasks:
             self._merged = self._saved_delta(tensors, "merged/")
             self._last = self._saved_delta(tensors, "last/")

@@ -1,24 +1,47 @@
 """TIES-Merging (Yadav, Tam, Choshen, Raffel, Bansal, "TIES-Merging: Resolving Interference When
 Merging Models", NeurIPS 2023, arXiv:2306.01708): a non-continual reference.
 
-Math, with task vectors ``τ_i = θ_i − θ_0`` (every task fine-tuned from θ_0):
+The default rules are those of the released code, so the same options give the same numbers:
+github.com/prateeky2806/ties-merging ``src/utils/merge_utils.py`` (``topk_values_mask``,
+``resolve_sign``/``resolve_zero_signs``, ``disjoint_merge``), which fusion_bench
+(``fusion_bench/method/ties_merging/ties_merging_utils.py``), the MagMax repository
+(``src/merging/ties.py``) and the TALL-masks repository (``src/utils/ties_utils.py``) run unchanged.
 
-1. **Trim**: keep the top ``k`` fraction (``density``) of each ``τ_i`` by magnitude, zero the
-   rest: ``τ̂_i = τ_i ⊙ [|τ_i| ≥ q_i]`` where ``q_i`` is the ``⌈kN⌉``-th largest ``|τ_i|``
-   (entries tied with the threshold are kept; ``k = 1`` keeps everything; a nonempty tensor
-   keeps at least one entry). The released code's ``kthvalue`` rule keeps ``⌊kN⌋ + 1``
-   entries; the difference is one entry per trimmed vector. ``trim_scope="global"`` (default,
-   as the paper) takes ``N`` over the whole task vector; ``"tensor"`` thresholds each tensor on
-   its own.
-2. **Elect**: ``γ[k] = sign(Σ_i τ̂_i[k])`` (sign of the summed mass; an exact zero elects +1).
-3. **Disjoint merge**: ``τ_m[k] = Σ_{i∈A_k} τ̂_i[k] / |A_k|`` over
-   ``A_k = {i : sign(τ̂_i[k]) = γ[k], τ̂_i[k] ≠ 0}`` (0 where ``A_k`` is empty).
+Math, with task vectors ``τ_i = θ_i − θ_0`` (every task fine-tuned from θ_0), ``N`` entries:
 
-``θ = θ_0 + λ τ_m`` with ``λ`` (``scale``) = 1 and ``k`` = 0.2 by default (the paper's defaults
-when no validation set is used). The merge runs tensor by tensor; the global threshold of a task
-is computed once when the task is folded in (one task vector's magnitudes at a time).
+1. **Trim** (``density`` k, a fraction in (0, 1], or a percentage in (1, 100] as the peers'
+   ``K``/``threshold`` are, e.g. ``20`` = 0.2): ``τ̂_i = τ_i ⊙ [|τ_i| ≥ q_i]``.
+   ``trim_rule="reference"`` (default): ``q_i`` is the ``(N − ⌊kN⌋)``-th *smallest* ``|τ_i|``
+   (``kthvalue``), which keeps ``⌊kN⌋ + 1`` entries when magnitudes are distinct (entries tied
+   with ``q_i`` are kept too); ``⌊kN⌋`` is Python's ``int(N * k)`` in float64 exactly as the
+   code computes it. ``k = 1`` keeps everything (the released code fails there: ``kthvalue(0)``).
+   ``trim_rule="ceil"`` (this library's earlier rule): ``q_i`` is the ``⌈kN⌉``-th largest, which
+   keeps exactly ``⌈kN⌉`` distinct magnitudes — one entry fewer per task vector.
+   ``trim_scope="global"`` (default, as the code: one flattened vector per task) or ``"tensor"``.
+2. **Elect**: ``γ[p] = sign(Σ_i τ̂_i[p])``. Where that sum is exactly 0, ``zero_sign`` decides:
+   ``"majority"`` (default, the code's ``resolve_zero_signs``): ``γ[p] = sign(Σ_q γ[q])``, the
+   sign of the sum of all elected signs over the *whole* flattened task vector (every tensor);
+   ``"minority"``: its negation; ``"positive"``: +1 (this library's earlier rule). If that global
+   sum is itself 0 the code leaves ``γ[p] = 0``, and so do we.
+3. **Disjoint merge** over ``A_p = {i : τ̂_i[p] > 0}`` if ``γ[p] > 0`` else ``{i : τ̂_i[p] < 0}``
+   (so a ``γ[p] = 0`` left by step 2 selects the negative entries, as the code's
+   ``where(sign > 0, v > 0, v < 0)`` does), ``merge_func``: ``"sum"`` ``Σ_{A_p} τ̂_i[p]``;
+   ``"mean"`` that sum over ``max(|A_p|, 1)``; ``"max"`` ``γ[p] · max_{A_p} |τ̂_i[p]|``. The
+   code's ``"dis-mean"`` style names are accepted (the part after the last ``-``).
 
-Stores: every task vector τ_i (one full delta per task) plus one float threshold per task.
+``θ = θ_0 + λ τ_m``. Defaults ``density=0.2``, ``scale=λ=0.3``, ``merge_func="sum"`` are
+fusion_bench's ``config/method/ties_merging.yaml`` (``threshold: 20``, ``scaling_factor: 0.3``,
+``merge_func: sum``). The paper's repository demo (``src/ties_minimal.ipynb``: ``K = 20``,
+``merge_func = "dis-mean"``, ``lamda = 1``) is ``TIES(base, merge_func="mean", scale=1.0)``.
+
+Rounding: the code sums in the model dtype (fp32); we sum in float64, so on an entry whose fp32
+sum rounds to exactly 0 (or whose exact sum is 0 but fp32 is not) the elected sign can differ.
+
+The merge runs tensor by tensor, twice: a first pass counts the elected signs for the majority,
+the second merges. A task's global threshold is computed once when it is folded in.
+
+Stores: every task vector τ_i (one full delta per task) plus one float threshold per task (one
+per tensor with ``trim_scope="tensor"``).
 """
 
 from __future__ import annotations
@@ -30,38 +53,96 @@ import torch
 from .base import ContinualStrategy, StorageReport, state_nbytes
 
 TRIM_SCOPES = ("global", "tensor")
+TRIM_RULES = ("reference", "ceil")
+ZERO_SIGNS = ("majority", "minority", "positive")
+MERGE_FUNCS = ("sum", "mean", "max")
 
 
-def trim_threshold(abs_values: torch.Tensor, density: float) -> float:
-    """The magnitude ``q`` such that ``|τ| ≥ q`` keeps the top ``density`` fraction: the
-    ``⌈density·N⌉``-th largest of ``abs_values`` (``+inf`` for an empty tensor)."""
+def density_fraction(density: float) -> float:
+    """The kept fraction from ``density``: a fraction in (0, 1] as is, a percentage in (1, 100]
+    divided by 100 (the peers' ``if K > 1: K /= 100``)."""
+    d = float(density)
+    if not (0.0 < d <= 100.0) or math.isnan(d):
+        raise ValueError(f"density (the kept fraction k, or a percentage K) must be in (0, 100], got {density}")
+    return d / 100.0 if d > 1.0 else d
+
+
+def merge_func_name(merge_func: str) -> str:
+    """``"dis-mean"`` → ``"mean"`` (the code's ``merge_func.split("-")[-1]``), checked."""
+    if not isinstance(merge_func, str):
+        raise ValueError(f"merge_func must be one of {MERGE_FUNCS}, got {merge_func!r}")
+    f = merge_func.split("-")[-1]
+    if f not in MERGE_FUNCS:
+        raise ValueError(f"unknown merge_func {merge_func!r}; choose one of {MERGE_FUNCS}")
+    return f
+
+
+def trim_threshold(abs_values: torch.Tensor, density: float, rule: str = "reference") -> float:
+    """The magnitude ``q`` such that ``|τ| ≥ q`` is the kept set (``+inf`` for an empty tensor).
+
+    ``rule="reference"``: the ``(N − int(N·k))``-th smallest (at least the 1st) of
+    ``abs_values``; ``rule="ceil"``: the ``⌈k·N⌉``-th largest. ``density`` as in
+    :func:`density_fraction`."""
+    k = density_fraction(density)
     n = abs_values.numel()
     if n == 0:
         return float("inf")
-    keep = min(n, max(1, math.ceil(density * n - 1e-9)))
     flat = abs_values.reshape(-1)
     flat = flat.to(torch.promote_types(flat.dtype, torch.float32))
-    return float(flat.kthvalue(n - keep + 1).values)
+    if rule == "reference":
+        rank = max(1, n - int(n * k))
+    elif rule == "ceil":
+        rank = n - min(n, max(1, math.ceil(k * n - 1e-9))) + 1
+    else:
+        raise ValueError(f"unknown trim_rule {rule!r}; choose one of {TRIM_RULES}")
+    return float(flat.kthvalue(rank).values)
 
 
-def ties_tensor(trimmed: list[torch.Tensor]) -> torch.Tensor:
-    """Elect + disjoint mean of one tensor's already-trimmed task vectors, in float64."""
+def elected_signs(trimmed: list[torch.Tensor]) -> torch.Tensor:
+    """``sign(Σ_i τ̂_i)`` in float64 (0 where the sum is exactly 0)."""
     acc = torch.zeros(trimmed[0].shape, dtype=torch.float64, device=trimmed[0].device)
     for t in trimmed:
         acc += t.to(torch.float64)
-    elected = torch.where(acc >= 0, 1.0, -1.0).to(torch.float64)
-    total = torch.zeros_like(acc)
-    count = torch.zeros_like(acc)
+    return torch.sign(acc)
+
+
+def resolve_zero_signs(signs: torch.Tensor, zero_value: float) -> torch.Tensor:
+    """``signs`` with its zeros replaced by ``zero_value`` (the majority sign, say)."""
+    return torch.where(signs == 0, torch.full_like(signs, float(zero_value)), signs)
+
+
+def disjoint_merge(trimmed: list[torch.Tensor], signs: torch.Tensor, merge_func: str = "mean") -> torch.Tensor:
+    """Disjoint merge of one tensor's trimmed task vectors under the elected ``signs`` (float64):
+    entries ``> 0`` where ``signs > 0``, else entries ``< 0``; ``merge_func`` sum / mean / max."""
+    f = merge_func_name(merge_func)
+    pos = signs > 0
+    total = torch.zeros(signs.shape, dtype=torch.float64, device=signs.device)
+    count = torch.zeros_like(total)
+    best = torch.zeros_like(total)
     for t in trimmed:
         t64 = t.to(torch.float64)
-        agree = (t64 * elected) > 0
-        total += torch.where(agree, t64, 0.0)
-        count += agree
-    return total / count.clamp(min=1.0)
+        sel = torch.where(pos, t64 > 0, t64 < 0)
+        v = torch.where(sel, t64, 0.0)
+        if f == "max":
+            best = torch.maximum(best, v.abs())
+        else:
+            total += v
+            count += sel
+    if f == "max":
+        return best * signs
+    if f == "mean":
+        return total / count.clamp(min=1.0)
+    return total
+
+
+def ties_tensor(trimmed: list[torch.Tensor], merge_func: str = "mean", zero_sign: float = 1.0) -> torch.Tensor:
+    """Elect + disjoint merge of one tensor's already-trimmed task vectors, in float64; an exact
+    zero sum elects ``zero_sign`` (pass the whole vector's majority sign for the reference rule)."""
+    return disjoint_merge(trimmed, resolve_zero_signs(elected_signs(trimmed), zero_sign), merge_func)
 
 
 class TIES(ContinualStrategy):
-    """Trim, elect sign, disjoint mean."""
+    """Trim, elect sign, disjoint merge (the released code's rules by default)."""
 
     name = "ties"
     continual = False
@@ -71,30 +152,39 @@ class TIES(ContinualStrategy):
         base,
         *,
         density: float = 0.2,
-        scale: float = 1.0,
+        scale: float = 0.3,
+        merge_func: str = "sum",
+        zero_sign: str = "majority",
+        trim_rule: str = "reference",
         trim_scope: str = "global",
         copy_base: bool = True,
     ):
         super().__init__(base, copy_base=copy_base)
-        if not 0.0 < density <= 1.0:
-            raise ValueError(f"density (the kept fraction k) must be in (0, 1], got {density}")
+        density_fraction(density)
         if trim_scope not in TRIM_SCOPES:
             raise ValueError(f"unknown trim_scope {trim_scope!r}; choose one of {TRIM_SCOPES}")
+        if trim_rule not in TRIM_RULES:
+            raise ValueError(f"unknown trim_rule {trim_rule!r}; choose one of {TRIM_RULES}")
+        if zero_sign not in ZERO_SIGNS:
+            raise ValueError(f"unknown zero_sign {zero_sign!r}; choose one of {ZERO_SIGNS}")
         self.density = float(density)
         self.scale = float(scale)
+        self.merge_func = merge_func_name(merge_func)
+        self.zero_sign = zero_sign
+        self.trim_rule = trim_rule
         self.trim_scope = trim_scope
         self._taus: dict[str, dict[str, torch.Tensor]] = {}
         self._thresholds: dict[str, float | dict[str, float]] = {}
 
     def _thresholds_for(self, delta: dict[str, torch.Tensor]) -> float | dict[str, float]:
         if self.trim_scope == "tensor":
-            return {k: trim_threshold(v.abs(), self.density) for k, v in delta.items()}
+            return {k: trim_threshold(v.abs(), self.density, self.trim_rule) for k, v in delta.items()}
         # one task's magnitudes at a time, never all tasks of the model
         wide = torch.float32
         for v in delta.values():
             wide = torch.promote_types(wide, v.dtype)
         flat = torch.cat([v.detach().reshape(-1).abs().to(wide) for v in delta.values()])
-        return trim_threshold(flat, self.density)
+        return trim_threshold(flat, self.density, self.trim_rule)
 
     def _fold(self, name: str, delta: dict[str, torch.Tensor]) -> None:
         q = self._thresholds_for(delta)
@@ -107,10 +197,23 @@ class TIES(ContinualStrategy):
         thr = q[key] if isinstance(q, dict) else q
         return torch.where(tau.abs().to(torch.float64) >= thr, tau, torch.zeros_like(tau))
 
+    def zero_sign_value(self) -> float:
+        """What an exact-zero elected sign becomes: +1 (``"positive"``), or the sign of the sum of
+        every elected sign over all tensors (``"majority"``; negated for ``"minority"``). A first
+        pass over the tensors, one at a time."""
+        if self.zero_sign == "positive":
+            return 1.0
+        total = 0.0
+        for k in self._base:
+            total += float(elected_signs([self._trimmed(t, k) for t in self._tasks]).sum())
+        majority = float(math.copysign(1.0, total)) if total != 0 else 0.0
+        return majority if self.zero_sign == "majority" else -majority
+
     def _merged_delta(self) -> dict[str, torch.Tensor]:
+        z = self.zero_sign_value()
         out = {}
-        for k, b in self._base.items():
-            m = ties_tensor([self._trimmed(t, k) for t in self._tasks])
+        for k in self._base:
+            m = ties_tensor([self._trimmed(t, k) for t in self._tasks], self.merge_func, z)
             out[k] = (m * self.scale).to(self._taus[self._tasks[0]][k].dtype)
         return out
 
@@ -118,7 +221,14 @@ class TIES(ContinualStrategy):
         return self._taus[name]
 
     def _options(self) -> dict:
-        return {"density": self.density, "scale": self.scale, "trim_scope": self.trim_scope}
+        return {
+            "density": self.density,
+            "scale": self.scale,
+            "merge_func": self.merge_func,
+            "zero_sign": self.zero_sign,
+            "trim_rule": self.trim_rule,
+            "trim_scope": self.trim_scope,
+        }
 
     def _state_tensors(self) -> dict[str, torch.Tensor]:
         """``tau/<task index>/<key>``: every task vector."""
@@ -126,10 +236,11 @@ class TIES(ContinualStrategy):
 
     def _state_meta(self) -> dict:
         """Each task's trim threshold (a float, or ``{key: float}`` with ``trim_scope="tensor"``)
-        and the ``density``/``trim_scope`` it was computed with."""
+        and the ``density``/``trim_scope``/``trim_rule`` it was computed with."""
         return {
             "density": self.density,
             "trim_scope": self.trim_scope,
+            "trim_rule": self.trim_rule,
             "thresholds": [self._thresholds[t] for t in self._tasks],
         }
 
@@ -138,12 +249,18 @@ class TIES(ContinualStrategy):
         thresholds = meta["thresholds"]
         if len(thresholds) != len(self._tasks):
             raise ValueError(f"{len(thresholds)} thresholds for {len(self._tasks)} tasks")
-        if meta["density"] == self.density and meta["trim_scope"] == self.trim_scope:
+        saved_rule = meta.get("trim_rule")
+        if saved_rule is None:
+            # written before the reference rules became the default (no trim_rule, merge_func or
+            # zero_sign recorded): keep the rules it was merged with, so it gives the same numbers
+            saved_rule = self.trim_rule = "ceil"
+            self.merge_func, self.zero_sign = "mean", "positive"
+        if meta["density"] == self.density and meta["trim_scope"] == self.trim_scope and saved_rule == self.trim_rule:
             self._thresholds = {
                 t: ({k: float(q[k]) for k in self._base} if isinstance(q, dict) else float(q))
                 for t, q in zip(self._tasks, thresholds)
             }
-        else:  # loaded with another density/trim_scope: trim as if the tasks had been folded with it
+        else:  # loaded with another density/trim_scope/trim_rule: trim as if folded with it
             self._thresholds = {t: self._thresholds_for(self._taus[t]) for t in self._tasks}
 
     def _storage(self) -> StorageReport:
