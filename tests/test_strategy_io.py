@@ -199,7 +199,7 @@ def test_overrides(tmp_path):
     with pytest.raises(MergeInputError, match="no_such_option"):
         load_strategy(tmp_path / "c.st", no_such_option=1)
     with pytest.raises(MergeInputError, match="density") as ei:
-        load_strategy(tmp_path / "ties.st", density=2.0)
+        load_strategy(tmp_path / "ties.st", density=200.0)
     assert "ties.st" in str(ei.value)
 
 
