@@ -1,0 +1,188 @@
+"""DARE, drop and rescale (Yu, Yu, Yu, Huang, Li, "Language Models are Super Mario: Absorbing
+Abilities from Homologous Models as a Free Lunch", ICML 2024, arXiv:2311.03099), before task
+arithmetic (:class:`DareTaskArithmetic`) or TIES (:class:`DareTIES`).
+
+Math, for each task vector ``τ_i = θ_i − θ_0`` and drop rate ``p`` (``sparsity``)::
+
+    m_i ~ Bernoulli(1 − p) elementwise,     τ̃_i = m_i ⊙ τ_i / (1 − p)      (``rescale=True``)
+
+then task arithmetic ``θ = θ_0 + λ Σ_i τ̃_i``, or TIES (:mod:`.ties`, the released code's rules)
+on the ``τ̃_i``. As fusion_bench (``fusion_bench/method/dare/utils.py::param_random_drop_``:
+``mask = rand_like(param) > sparsity_level``, then ``/ (1 − sparsity_level)``), an element is kept
+where a uniform draw ``U ∈ [0, 1)`` exceeds ``p``. Defaults are fusion_bench's
+``config/method/dare/task_arithmetic.yaml`` (``sparsity_ratio: 0.5``, ``scaling_factor: 0.3``,
+``rescale: true``) and ``config/method/dare/ties_merging.yaml`` (``sparsity_ratio: 0.5``,
+``scaling_factor: 0.5``, ``threshold: 20``, ``merge_func: sum``); like their default
+``only_on_linear_weights: false`` every tensor is dropped.
+
+Determinism (ours; fusion_bench draws from torch's global generator): the draws of task ``name``
+on tensor ``key`` come from a CPU ``torch.Generator`` seeded with the first 8 bytes of
+``sha256(f"{seed}/{name}/{key}")``, as float32 ``torch.rand``; so a run is reproducible,
+independent of task order, device and of the other tensors. :func:`dare_mask` is that draw.
+
+Stores: :class:`DareTaskArithmetic` keeps only the running sum ``Σ τ̃_i`` (the sum is linear, so
+the drop happens as each task is folded in): one model in float32 or wider, continual.
+:class:`DareTIES` keeps every dropped vector ``τ̃_i`` (TIES trims and elects over all of them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+from ..errors import MergeInputError
+from .base import ContinualStrategy, StorageReport, state_nbytes
+from .ties import TIES
+
+
+def dare_seed(seed: int, task: str, key: str) -> int:
+    """The generator seed of task ``task``'s draws on tensor ``key``."""
+    digest = hashlib.sha256(f"{int(seed)}/{task}/{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def dare_mask(shape: torch.Size | tuple[int, ...], sparsity: float, seed: int, task: str, key: str) -> torch.Tensor:
+    """The kept elements (bool, CPU): ``U > sparsity`` for ``U ~ rand(shape)`` drawn as above."""
+    g = torch.Generator(device="cpu").manual_seed(dare_seed(seed, task, key))
+    return torch.rand(tuple(shape), generator=g, dtype=torch.float32) > sparsity
+
+
+def drop_and_rescale(tau: torch.Tensor, keep: torch.Tensor, sparsity: float, rescale: bool = True) -> torch.Tensor:
+    """``keep ⊙ τ / (1 − p)`` (float64; without the division when ``rescale`` is False)."""
+    out = torch.where(keep.to(tau.device), tau.to(torch.float64), 0.0)
+    return out / (1.0 - sparsity) if rescale else out
+
+
+def _check_sparsity(sparsity: float, rescale: bool) -> float:
+    p = float(sparsity)
+    if not 0.0 <= p <= 1.0 or (rescale and p == 1.0):
+        raise ValueError(
+            f"sparsity (the drop rate p) must be in [0, 1){'' if rescale else ' or 1'}, got {sparsity}"
+            + (" (p = 1 drops everything and rescales by 1/0)" if rescale and p == 1.0 else "")
+        )
+    return p
+
+
+class DareTaskArithmetic(ContinualStrategy):
+    """Drop and rescale each task vector, then task arithmetic (a running sum: continual)."""
+
+    name = "dare_task_arithmetic"
+
+    def __init__(
+        self,
+        base,
+        *,
+        sparsity: float = 0.5,
+        scale: float = 0.3,
+        rescale: bool = True,
+        seed: int = 0,
+        copy_base: bool = True,
+    ):
+        super().__init__(base, copy_base=copy_base)
+        self.rescale = bool(rescale)
+        self.sparsity = _check_sparsity(sparsity, self.rescale)
+        self.scale = float(scale)
+        self.seed = int(seed)
+        self._sum: dict[str, torch.Tensor] | None = None
+
+    def _sum_dtype(self, key: str) -> torch.dtype:
+        return torch.promote_types(self._base[key].dtype, torch.float32)
+
+    def _fold(self, name: str, delta: dict[str, torch.Tensor]) -> None:
+        new = {}
+        for k, tau in delta.items():
+            d = drop_and_rescale(tau, dare_mask(tau.shape, self.sparsity, self.seed, name, k), self.sparsity, self.rescale)
+            prev = self._sum[k].to(torch.float64) if self._sum is not None else 0.0
+            new[k] = (prev + d).to(self._sum_dtype(k))
+        self._sum = new
+
+    def _merged_delta(self) -> dict[str, torch.Tensor]:
+        assert self._sum is not None
+        return {k: (v.to(torch.float64) * self.scale).to(self._base[k].dtype) for k, v in self._sum.items()}
+
+    def _options(self) -> dict:
+        return {"sparsity": self.sparsity, "scale": self.scale, "rescale": self.rescale, "seed": self.seed}
+
+    def _state_tensors(self) -> dict[str, torch.Tensor]:
+        """``sum/<key>``: the running ``Σ τ̃_i`` (unscaled)."""
+        return {} if self._sum is None else {f"sum/{k}": v for k, v in self._sum.items()}
+
+    def _state_meta(self) -> dict:
+        """The drop options the sum was built with (loading with others is refused)."""
+        return {"sparsity": self.sparsity, "rescale": self.rescale, "seed": self.seed}
+
+    def _restore(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        saved = (float(meta["sparsity"]), bool(meta["rescale"]), int(meta["seed"]))
+        if self._tasks and saved != (self.sparsity, self.rescale, self.seed):
+            raise MergeInputError(
+                f"{self.name}: the tasks were dropped with sparsity/rescale/seed {saved}; they cannot be changed to "
+                f"{(self.sparsity, self.rescale, self.seed)} when loading (only their sum is kept)"
+            )
+        if self._tasks:
+            self._sum = {k: v.to(self._sum_dtype(k)) for k, v in self._saved_delta(tensors, "sum/").items()}
+
+    def _storage(self) -> StorageReport:
+        shared = state_nbytes(self._sum) if self._sum is not None else 0
+        return StorageReport(shared, {t: 0 for t in self._tasks}, "running sum of the dropped, rescaled task vectors (one model)")
+
+
+class DareTIES(TIES):
+    """Drop and rescale each task vector, then TIES (keeps every dropped vector)."""
+
+    name = "dare_ties"
+
+    def __init__(
+        self,
+        base,
+        *,
+        sparsity: float = 0.5,
+        rescale: bool = True,
+        seed: int = 0,
+        density: float = 0.2,
+        scale: float = 0.5,
+        merge_func: str = "sum",
+        zero_sign: str = "majority",
+        trim_rule: str = "reference",
+        trim_scope: str = "global",
+        copy_base: bool = True,
+    ):
+        super().__init__(
+            base,
+            density=density,
+            scale=scale,
+            merge_func=merge_func,
+            zero_sign=zero_sign,
+            trim_rule=trim_rule,
+            trim_scope=trim_scope,
+            copy_base=copy_base,
+        )
+        self.rescale = bool(rescale)
+        self.sparsity = _check_sparsity(sparsity, self.rescale)
+        self.seed = int(seed)
+
+    def _fold(self, name: str, delta: dict[str, torch.Tensor]) -> None:
+        dropped = {
+            k: drop_and_rescale(tau, dare_mask(tau.shape, self.sparsity, self.seed, name, k), self.sparsity, self.rescale).to(tau.dtype)
+            for k, tau in delta.items()
+        }
+        super()._fold(name, dropped)
+
+    def _options(self) -> dict:
+        return {**super()._options(), "sparsity": self.sparsity, "rescale": self.rescale, "seed": self.seed}
+
+    def _state_meta(self) -> dict:
+        return {**super()._state_meta(), "sparsity": self.sparsity, "rescale": self.rescale, "seed": self.seed}
+
+    def _restore(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        saved = (float(meta["sparsity"]), bool(meta["rescale"]), int(meta["seed"]))
+        if self._tasks and saved != (self.sparsity, self.rescale, self.seed):
+            raise MergeInputError(
+                f"{self.name}: the tasks were dropped with sparsity/rescale/seed {saved}; they cannot be changed to "
+                f"{(self.sparsity, self.rescale, self.seed)} when loading (the dropped vectors are kept)"
+            )
+        super()._restore(tensors, meta)
+
+    def _storage(self) -> StorageReport:
+        r = super()._storage()
+        return StorageReport(r.shared_bytes, r.per_task_bytes, "every dropped, rescaled task vector τ̃_i + its trim threshold")
