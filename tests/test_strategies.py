@@ -26,7 +26,7 @@ from condu_merge.strategies import (
     trim_threshold,
 )
 
-ALL = ["condu", "pam", "magmax", "task_arithmetic", "ties", "emr", "continual_ft"]
+ALL = ["condu", "pam", "magmax", "task_arithmetic", "ties", "emr", "continual_ft", "opcm", "dop", "tall_masks", "dare_task_arithmetic", "dare_ties"]
 F64 = torch.float64
 # TIES with this library's earlier rules (⌈kN⌉ kept, an exact-zero sum elects +1, disjoint mean)
 LEGACY_TIES = {"trim_rule": "ceil", "zero_sign": "positive", "merge_func": "mean"}

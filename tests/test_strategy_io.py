@@ -29,7 +29,7 @@ from condu_merge.strategies.base import (
     metadata_sha256,
 )
 
-ALL = ["condu", "magmax", "task_arithmetic", "ties", "emr", "continual_ft", "pam"]
+ALL = ["condu", "magmax", "task_arithmetic", "ties", "emr", "continual_ft", "pam", "opcm", "dop", "tall_masks", "dare_task_arithmetic", "dare_ties"]
 SHAPES = {"enc.w": (6, 5), "enc.b": (5,), "head.w": (3, 6), "scalar": ()}
 
 
