@@ -61,6 +61,7 @@ class TALLMasks(ContinualStrategy):
 
     name = "tall_masks"
     task_aware = True
+    continual = False  # by default; an instance with keep_task_vectors=False is continual
 
     def __init__(
         self,
@@ -81,6 +82,7 @@ class TALLMasks(ContinualStrategy):
         self.consensus_k = int(consensus_k)
         self.scale = float(scale)
         self.keep_task_vectors = bool(keep_task_vectors)
+        self.continual = not self.keep_task_vectors
         self._mtl: dict[str, torch.Tensor] | None = None
         self._masks: dict[str, dict[str, torch.Tensor]] = {}  # task → key → packed uint8
         self._taus: dict[str, dict[str, torch.Tensor]] = {}
