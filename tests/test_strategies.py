@@ -388,6 +388,10 @@ def test_stored_bytes():
     assert got["magmax"].total == 2 * 4 * n
     masks = math.ceil(64 * 33 / 8) + math.ceil(33 / 8)
     assert got["condu"].shared_bytes == 4 * n and got["condu"].per_task_bytes["t2"] == masks + 8
+    assert got["opcm"].shared_bytes == 4 * n and got["opcm"].per_task_bytes["t1"] == 8  # S + each task's norm
+    assert got["dop"].total == 4 * n and got["dare_task_arithmetic"].total == 4 * n
+    assert got["tall_masks"].shared_bytes == 4 * n and got["tall_masks"].per_task_bytes["t0"] == masks + 4 * n
+    assert got["dare_ties"].per_task_bytes["t1"] == 4 * n + 8
 
 
 # ---------------------------------------------------------------------------- PAM's alignment
