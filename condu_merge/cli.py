@@ -47,18 +47,24 @@ def _add_task(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     with Store(args.store, verify=False) as st:
-        st.add_task_from_checkpoints(
-            args.name,
-            args.base,
-            args.finetuned,
-            include=args.include,
-            exclude=args.exclude,
-            dtype=getattr(torch, args.dtype) if args.dtype else None,
-            rescaler=args.rescaler,
-            backend=args.backend,
-            progress=_progress(args),
-            check_base=not args.no_check_base,
-        )
+        from . import lora_store
+
+        if _use_lora_factors(args, st):
+            lora_store.add_adapter_task(st, args.name, args.base, args.finetuned, init=args.lora_init, rescaler=args.rescaler,
+                                        backend=args.backend, progress=_progress(args))
+        else:
+            st.add_task_from_checkpoints(
+                args.name,
+                args.base,
+                args.finetuned,
+                include=args.include,
+                exclude=args.exclude,
+                dtype=getattr(torch, args.dtype) if args.dtype else None,
+                rescaler=args.rescaler,
+                backend=args.backend,
+                progress=_progress(args),
+                check_base=not args.no_check_base,
+            )
         elapsed = time.perf_counter() - t0
         r = st.rescaler_of(args.name)
         info = st.task_info(args.name)
@@ -76,67 +82,53 @@ def _add_task(args: argparse.Namespace) -> int:
     return 0
 
 
+def _use_lora_factors(args: argparse.Namespace, st: Any) -> bool:
+    """PEFT adapters merge factor-wise unless ``--lora dense`` (or a dense store); a mode that
+    contradicts the store's is refused naming both."""
+    from . import lora_store
+
+    is_adapter = os.path.isfile(os.path.join(args.finetuned, "adapter_config.json"))
+    have = lora_store.lora_mode(st) if st.exists else None
+    want = args.lora or (have if have else ("factors" if is_adapter else "dense"))
+    if args.lora and have and args.lora != have and (is_adapter or have == "factors"):
+        raise ValueError(f"{st.root}: --lora {args.lora} given, but this store was created with --lora {have}")
+    if want == "factors" and not is_adapter:
+        raise ValueError(f"{args.finetuned}: --lora factors needs a PEFT adapter folder (adapter_config.json)")
+    if args.lora_init and want != "factors":
+        raise ValueError("--lora-init applies to factor-wise LoRA stores only (--lora factors)")
+    return want == "factors"
+
+
 # ---------------------------------------------------------------------------- export
 
 def _export(args: argparse.Namespace) -> int:
-    from .checkpoints import open_checkpoint
-    from .safetensors_writer import StreamingSafetensorsWriter, TensorSpec
+    from . import export as ex
     from .store import Store
 
+    if bool(args.all) == bool(args.task):
+        raise ValueError("name one task with --task, or export every task with --all")
     t0 = time.perf_counter()
+    kw = dict(fmt=args.format, base=args.base, delta=args.delta, max_shard_size=args.max_shard_size, backend=args.backend,
+              check_base=not args.no_check_base, overwrite=args.force, progress=_progress(args), peft_rank=args.rank,
+              task_type=args.task_type)
     with Store(args.store, verify=not args.no_verify) as st:
-        st._require()
-        st.task_info(args.task)  # unknown task: clear error before writing anything
-        out = os.path.abspath(args.output)
-        tmp = f"{out}.tmp-{os.getpid()}"
-        meta = {"condu-merge-task": args.task, "condu-merge-store": st.root, "content": "delta" if args.delta else "model"}
-        from tqdm.auto import tqdm
-
-        if args.delta:
-            specs = st.specs
-            source = st.iter_decouple(args.task, backend=args.backend)
-            base = None
+        if args.all:
+            if not st.exists:
+                raise FileNotFoundError(f"{st.root}: no condu-merge store here (no manifest.json)")
+            reports = ex.export_all(st, args.output, **kw)
         else:
-            base_path = args.base or ((st.manifest.get("base") or {}).get("path"))
-            if not base_path:
-                raise ValueError("this store does not record its base checkpoint; pass --base (or use --delta)")
-            base = open_checkpoint(base_path)
-            if not args.no_check_base:
-                st._check_base(base)
-            stored = set(st.keys)
-            specs = [base.spec(k) for k in base.keys()]
-            missing = stored - {s.name for s in specs}
-            if missing:
-                raise ValueError(f"{base.path}: base lacks stored tensors {sorted(missing)[:5]}")
-            merged = st.iter_decouple(args.task, base=base, backend=args.backend)
-
-            def _full():
-                pending = dict()
-                for s in specs:
-                    if s.name in stored:
-                        while s.name not in pending:
-                            k, v = next(merged)
-                            pending[k] = v
-                        yield s.name, pending.pop(s.name)
-                    else:
-                        yield s.name, base.get(s.name)
-
-            source = _full()
-        try:
-            w = StreamingSafetensorsWriter(tmp, [TensorSpec(s.name, s.dtype, tuple(s.shape)) for s in specs], meta)
-            with w:
-                for k, v in tqdm(source, total=len(specs), desc=f"export {args.task}", disable=not _progress(args), leave=False):
-                    w.write(k, v)
-                sha, size = w.close()
-            os.replace(tmp, out)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            if base is not None:
-                base.close()
+            reports = [ex.export_task(st, args.task, args.output, **kw)]
     elapsed = time.perf_counter() - t0
-    data = {"output": out, "task": args.task, "delta": bool(args.delta), "tensors": len(specs), "bytes": size, "sha256": sha, "seconds": elapsed}
-    _emit(args, data, [f"wrote {'delta' if args.delta else 'model'} of {args.task!r} to {out} ({len(specs)} tensors, {_mb(size)}) in {elapsed:.2f} s"])
+    lines = []
+    for r in reports:
+        what = "delta" if r["delta"] else {"hf": "model folder", "peft": "PEFT adapter", "safetensors": "model"}[r["format"]]
+        lines.append(f"wrote {what} of {r['task']!r} to {r['output']} ({r['tensors']} tensors, {_mb(r['bytes'])})")
+        if r.get("truncation_warning"):
+            lines.append(f"  warning: rank-{r['rank']} truncation error {r['truncation_error']:.3f}; pass a larger --rank")
+    lines.append(f"done in {elapsed:.2f} s")
+    data: Any = reports[0] if not args.all else {"exports": reports}
+    data = {**data, "seconds": elapsed}
+    _emit(args, data, lines)
     return 0
 
 
@@ -148,6 +140,9 @@ def _inspect(args: argparse.Namespace) -> int:
     with Store(args.store, verify=False) as st:
         m = st._require()
         storage = st.storage()
+        lora = all((t.get("source") or {}).get("kind") == "peft-lora-factors" for t in m["tasks"]) and bool(m["tasks"])
+        if lora:  # a LoRA-factor store stands against the adapters' own files, not full models
+            storage["individual_bytes"] = sum(int(t["source"].get("bytes") or 0) for t in m["tasks"])
         stats = None if args.no_overlaps else st.mask_stats(progress=_progress(args))
         tasks = []
         for i, t in enumerate(m["tasks"]):
@@ -171,6 +166,7 @@ def _inspect(args: argparse.Namespace) -> int:
             "base": m.get("base"),
             "tasks": tasks,
             "storage": storage,
+            "lora_factors": lora,
             "overlaps": stats,
         }
     lines = [
@@ -191,7 +187,8 @@ def _inspect(args: argparse.Namespace) -> int:
         f"  storage: unified delta {_mb(s['unified_bytes'])} + masks {_mb(sum(s['mask_bytes_per_task']))} "
         f"({s['mask_bits_per_param']:.3f} bit/param/task) + prototypes {_mb(s['prototype_bytes'])} + manifest {_mb(s['manifest_bytes'])}"
         f" = {_mb(s['store_bytes'])}",
-        f"  with the base model ({_mb(s['base_bytes'])}): {_mb(s['condu_total_bytes'])} vs {s['tasks']} individual models: {_mb(s['individual_bytes'])}"
+        (f"  LoRA factors: {_mb(s['condu_total_bytes'])} vs {s['tasks']} individual adapters: {_mb(s['individual_bytes'])}" if lora else
+         f"  with the base model ({_mb(s['base_bytes'])}): {_mb(s['condu_total_bytes'])} vs {s['tasks']} individual models: {_mb(s['individual_bytes'])}")
         + (f" ({s['individual_bytes'] / s['condu_total_bytes']:.1f}x)" if s["condu_total_bytes"] else ""),
         "  (the paper, 11 CLIP ViT-B/16 tasks: base 570.86 + unified 570.86 + masks 196.20 + rescalers 0.75 = 1377.92 MB vs 11 x 570.86 = 6279.46 MB)",
     ]
@@ -324,12 +321,22 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--dtype", choices=_DTYPES, help="dtype the store keeps u in (first task only; default: the checkpoint's)")
     a.add_argument("--backend", default="auto")
     a.add_argument("--no-check-base", action="store_true", help="do not compare the base's sha256 with the store's")
+    a.add_argument("--lora", choices=("factors", "dense"), help="PEFT adapters: merge the A/B factors (default) or dense B A deltas")
+    a.add_argument("--lora-init", metavar="DIR", help="PEFT folder of the adapters' shared initialisation (factors; default: zero)")
     a.set_defaults(func=_add_task)
 
-    e = sub.add_parser("export", parents=[common], help="write one task's reconstructed checkpoint (or delta) as safetensors")
+    e = sub.add_parser("export", parents=[common], help="write a task's expert: a from_pretrained folder, a PEFT adapter or safetensors")
     e.add_argument("store")
-    e.add_argument("--task", required=True)
-    e.add_argument("-o", "--output", required=True)
+    e.add_argument("--task", help="the task to export")
+    e.add_argument("--all", action="store_true", help="every task, one subfolder each under -o")
+    e.add_argument("-o", "--output", required=True, help="file or folder (an existing folder or a path ending in / is a folder)")
+    e.add_argument("--format", choices=("hf", "peft", "safetensors"),
+                   help="hf: save_pretrained folder; peft: adapter folder; safetensors: one file "
+                   "(default: peft for a LoRA-factor store, hf for a base folder, else safetensors)")
+    e.add_argument("--max-shard-size", default="50GB", help="hf: shard above this size (transformers' default 50GB)")
+    e.add_argument("--rank", type=int, help="peft from a dense store: LoRA rank (default: the source adapter's)")
+    e.add_argument("--task-type", help="peft: task_type to write (default: the source adapter's)")
+    e.add_argument("--force", action="store_true", help="replace an existing output")
     e.add_argument("--delta", action="store_true", help="the delta alone (no base needed)")
     e.add_argument("--base", help="base checkpoint (default: the one recorded in the store)")
     e.add_argument("--backend", default="auto")
