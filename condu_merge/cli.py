@@ -49,18 +49,24 @@ def _add_task(args: argparse.Namespace) -> int:
     with Store(args.store, verify=False) as st:
         from . import lora_store
 
+        if st.exists and getattr(args, "rescaler_given", False) and args.rescaler != st.rescaler:
+            raise ValueError(f"{st.root}: --rescaler {args.rescaler} given, but this store was created with --rescaler {st.rescaler} "
+                             "(the mode is fixed when a store is created)")
+        rescaler = st.rescaler if st.exists else args.rescaler
+        left_out: list[str] = []
         if _use_lora_factors(args, st):
-            lora_store.add_adapter_task(st, args.name, args.base, args.finetuned, init=args.lora_init, rescaler=args.rescaler,
+            lora_store.add_adapter_task(st, args.name, args.base, args.finetuned, init=args.lora_init, rescaler=rescaler,
                                         backend=args.backend, progress=_progress(args))
         else:
+            family, left_out = _family_left_out(args) if not st.exists and not args.include else ("", [])
             st.add_task_from_checkpoints(
                 args.name,
                 args.base,
                 args.finetuned,
                 include=args.include,
-                exclude=args.exclude,
+                exclude=(args.exclude or []) + left_out or None,
                 dtype=getattr(torch, args.dtype) if args.dtype else None,
-                rescaler=args.rescaler,
+                rescaler=rescaler,
                 backend=args.backend,
                 progress=_progress(args),
                 check_base=not args.no_check_base,
@@ -75,11 +81,33 @@ def _add_task(args: argparse.Namespace) -> int:
             "params": sum(math.prod(s.shape) for s in st.specs),
             "rescaler": r,
             "mask_bits": info["mask_bits"],
+            "left_out": left_out,
             "seconds": elapsed,
         }
     lam = f"{r:.4f}" if isinstance(r, float) else f"per tensor ({len(r)})"
-    _emit(args, data, [f"added {args.name!r} to {data['store']} ({len(data['tasks'])} tasks, {data['params']:,} params, lambda={lam}) in {elapsed:.2f} s"])
+    lines = [f"added {args.name!r} to {data['store']} ({len(data['tasks'])} tasks, {data['params']:,} params, lambda={lam}) in {elapsed:.2f} s"]
+    if left_out:
+        lines.append(f"  left out by the {family} default (docs/adapters.md): {', '.join(left_out)}; --include to choose yourself")
+    _emit(args, data, lines)
     return 0
+
+
+def _family_left_out(args: argparse.Namespace) -> tuple[str, list[str]]:
+    """The model family's default exclusions among the base's floating-point tensors (the same
+    rule as the Python adapters: :mod:`condu_merge.families`)."""
+    from .checkpoints import PeftAdapter, open_checkpoint
+    from .families import default_left_out
+
+    if os.path.isfile(os.path.join(args.finetuned, "adapter_config.json")):
+        return "", []
+    ck = open_checkpoint(args.base)
+    try:
+        if isinstance(ck, PeftAdapter):
+            return "", []
+        keys = [k for k in ck.keys() if ck.spec(k).dtype.is_floating_point]
+    finally:
+        ck.close()
+    return default_left_out(keys)
 
 
 def _use_lora_factors(args: argparse.Namespace, st: Any) -> bool:
@@ -296,6 +324,14 @@ def _demo(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------- parser
 
+class _Given(argparse.Action):
+    """Stores the value and notes that it was given (a store's recorded mode is checked only then)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        setattr(namespace, f"{self.dest}_given", True)
+
+
 def _common() -> argparse.ArgumentParser:
     # SUPPRESS: flags given before or after the subcommand both count, neither overrides the other
     c = argparse.ArgumentParser(add_help=False)
@@ -317,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--name", required=True, help="task name (unique in the store)")
     a.add_argument("--include", action="append", metavar="GLOB", help="tensors taking part (fnmatch on names; repeatable; first task only)")
     a.add_argument("--exclude", action="append", metavar="GLOB", help="tensors left out (carried unchanged from the base)")
-    a.add_argument("--rescaler", default="tensor_mean", help="tensor_mean | l1 | per_tensor (first task only)")
+    a.add_argument("--rescaler", default="tensor_mean", action=_Given, help="tensor_mean | l1 | per_tensor (fixed when the store is created)")
     a.add_argument("--dtype", choices=_DTYPES, help="dtype the store keeps u in (first task only; default: the checkpoint's)")
     a.add_argument("--backend", default="auto")
     a.add_argument("--no-check-base", action="store_true", help="do not compare the base's sha256 with the store's")
