@@ -6,6 +6,7 @@ User errors print one line (``condu-merge: error: …``) and exit 1; ``--debug``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -162,41 +163,55 @@ def _export(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------- inspect / verify
 
-def _inspect(args: argparse.Namespace) -> int:
-    from .store import Store
+def _inspect_data(st: Any, args: argparse.Namespace) -> tuple[dict[str, Any], bool]:
+    """What ``inspect`` reports, from a :class:`~condu_merge.store.Store` or a torch-free
+    :class:`~condu_merge.store_view.StoreView` (same numbers); ``(data, is a LoRA-factor store)``."""
+    m = st.manifest
+    storage = st.storage()
+    lora = all((t.get("source") or {}).get("kind") == "peft-lora-factors" for t in m["tasks"]) and bool(m["tasks"])
+    if lora:  # a LoRA-factor store stands against the adapters' own files, not full models
+        storage["individual_bytes"] = sum(int(t["source"].get("bytes") or 0) for t in m["tasks"])
+    stats = None if args.no_overlaps else st.mask_stats(progress=_progress(args))
+    tasks = []
+    for i, t in enumerate(m["tasks"]):
+        r = t["rescaler"]
+        tasks.append(
+            {
+                "name": t["name"],
+                "added": t.get("added"),
+                "rescaler": r,
+                "mask_bytes": storage["mask_bytes_per_task"][i],
+                "density": t["mask_bits"] / storage["params"] if storage["params"] else 0.0,
+                "source": (t.get("source") or {}).get("path"),
+                "prototypes": bool(t.get("prototypes")),
+            }
+        )
+    data = {
+        "store": st.root,
+        "generation": m["generation"],
+        "rescaler": m["rescaler"],
+        "tensors": len(m["tensors"]),
+        "base": m.get("base"),
+        "tasks": tasks,
+        "storage": storage,
+        "lora_factors": lora,
+        "overlaps": stats,
+    }
+    return data, lora
 
-    with Store(args.store, verify=False) as st:
-        m = st._require()
-        storage = st.storage()
-        lora = all((t.get("source") or {}).get("kind") == "peft-lora-factors" for t in m["tasks"]) and bool(m["tasks"])
-        if lora:  # a LoRA-factor store stands against the adapters' own files, not full models
-            storage["individual_bytes"] = sum(int(t["source"].get("bytes") or 0) for t in m["tasks"])
-        stats = None if args.no_overlaps else st.mask_stats(progress=_progress(args))
-        tasks = []
-        for i, t in enumerate(m["tasks"]):
-            r = t["rescaler"]
-            tasks.append(
-                {
-                    "name": t["name"],
-                    "added": t.get("added"),
-                    "rescaler": r,
-                    "mask_bytes": storage["mask_bytes_per_task"][i],
-                    "density": t["mask_bits"] / storage["params"] if storage["params"] else 0.0,
-                    "source": (t.get("source") or {}).get("path"),
-                    "prototypes": bool(t.get("prototypes")),
-                }
-            )
-        data = {
-            "store": st.root,
-            "generation": m["generation"],
-            "rescaler": m["rescaler"],
-            "tensors": len(m["tensors"]),
-            "base": m.get("base"),
-            "tasks": tasks,
-            "storage": storage,
-            "lora_factors": lora,
-            "overlaps": stats,
-        }
+
+def _inspect(args: argparse.Namespace) -> int:
+    from .store_view import StoreView, ViewError
+
+    try:  # torch-free and fast where the view can answer; the full Store names any problem
+        data, lora = _inspect_data(StoreView(args.store), args)
+    except ViewError:
+        from .store import Store
+
+        with Store(args.store, verify=False) as st:
+            st._require()
+            data, lora = _inspect_data(st, args)
+    storage, stats, tasks = data["storage"], data["overlaps"], data["tasks"]
     lines = [
         f"store {data['store']} (generation {data['generation']}, rescaler {data['rescaler']})",
         f"  {storage['params']:,} parameters in {data['tensors']} tensors; base: {(data['base'] or {}).get('path', 'not recorded')}",
@@ -403,6 +418,13 @@ def main(argv: list[str] | None = None) -> int:
     debug = getattr(args, "debug", False)
     try:
         return int(args.func(args))
+    except BrokenPipeError:
+        # the reader went away (`inspect --json | head`): nothing left to say to it; stop quietly,
+        # and point stdout at /dev/null so the interpreter's final flush does not complain either
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         if debug:
             raise

@@ -667,11 +667,17 @@ class Store:
     # ------------------------------------------------------------------ writing
     @contextlib.contextmanager
     def _writer_lock(self) -> Iterator[None]:
+        created = not os.path.lexists(self.root)
         os.makedirs(self.root, exist_ok=True)
         lock = StoreLock(self.root).acquire()
         try:
             yield
         finally:
+            if created and not os.path.exists(self._manifest_path()):
+                # a first write that failed leaves nothing behind: the lock file and the folder we made
+                with contextlib.suppress(OSError):
+                    os.unlink(lock.path)
+                    os.rmdir(self.root)  # only if empty: never a folder with anything else in it
             lock.release()
 
     def _new_generation_dir(self) -> tuple[str, str]:
