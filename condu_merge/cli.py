@@ -42,36 +42,17 @@ def _add_task(args: argparse.Namespace) -> int:
 
         return add_task_from_args(args)
 
-    import torch
-
+    from .recipe import add_one
     from .store import Store
 
     t0 = time.perf_counter()
     with Store(args.store, verify=False) as st:
-        from . import lora_store
-
-        if st.exists and getattr(args, "rescaler_given", False) and args.rescaler != st.rescaler:
-            raise ValueError(f"{st.root}: --rescaler {args.rescaler} given, but this store was created with --rescaler {st.rescaler} "
-                             "(the mode is fixed when a store is created)")
-        rescaler = st.rescaler if st.exists else args.rescaler
-        left_out: list[str] = []
-        if _use_lora_factors(args, st):
-            lora_store.add_adapter_task(st, args.name, args.base, args.finetuned, init=args.lora_init, rescaler=rescaler,
-                                        backend=args.backend, progress=_progress(args))
-        else:
-            family, left_out = _family_left_out(args) if not st.exists and not args.include else ("", [])
-            st.add_task_from_checkpoints(
-                args.name,
-                args.base,
-                args.finetuned,
-                include=args.include,
-                exclude=(args.exclude or []) + left_out or None,
-                dtype=getattr(torch, args.dtype) if args.dtype else None,
-                rescaler=rescaler,
-                backend=args.backend,
-                progress=_progress(args),
-                check_base=not args.no_check_base,
-            )
+        info = add_one(
+            st, args.name, args.base, args.finetuned, rescaler=args.rescaler if getattr(args, "rescaler_given", False) else None,
+            include=args.include, exclude=args.exclude, dtype=args.dtype, backend=args.backend, lora=args.lora,
+            lora_init=args.lora_init, check_base=not args.no_check_base, progress=_progress(args),
+        )
+        left_out, family = info["left_out"], info["family"]
         elapsed = time.perf_counter() - t0
         r = st.rescaler_of(args.name)
         info = st.task_info(args.name)
@@ -91,41 +72,6 @@ def _add_task(args: argparse.Namespace) -> int:
         lines.append(f"  left out by the {family} default (docs/adapters.md): {', '.join(left_out)}; --include to choose yourself")
     _emit(args, data, lines)
     return 0
-
-
-def _family_left_out(args: argparse.Namespace) -> tuple[str, list[str]]:
-    """The model family's default exclusions among the base's floating-point tensors (the same
-    rule as the Python adapters: :mod:`condu_merge.families`)."""
-    from .checkpoints import PeftAdapter, open_checkpoint
-    from .families import default_left_out
-
-    if os.path.isfile(os.path.join(args.finetuned, "adapter_config.json")):
-        return "", []
-    ck = open_checkpoint(args.base)
-    try:
-        if isinstance(ck, PeftAdapter):
-            return "", []
-        keys = [k for k in ck.keys() if ck.spec(k).dtype.is_floating_point]
-    finally:
-        ck.close()
-    return default_left_out(keys)
-
-
-def _use_lora_factors(args: argparse.Namespace, st: Any) -> bool:
-    """PEFT adapters merge factor-wise unless ``--lora dense`` (or a dense store); a mode that
-    contradicts the store's is refused naming both."""
-    from . import lora_store
-
-    is_adapter = os.path.isfile(os.path.join(args.finetuned, "adapter_config.json"))
-    have = lora_store.lora_mode(st) if st.exists else None
-    want = args.lora or (have if have else ("factors" if is_adapter else "dense"))
-    if args.lora and have and args.lora != have and (is_adapter or have == "factors"):
-        raise ValueError(f"{st.root}: --lora {args.lora} given, but this store was created with --lora {have}")
-    if want == "factors" and not is_adapter:
-        raise ValueError(f"{args.finetuned}: --lora factors needs a PEFT adapter folder (adapter_config.json)")
-    if args.lora_init and want != "factors":
-        raise ValueError("--lora-init applies to factor-wise LoRA stores only (--lora factors)")
-    return want == "factors"
 
 
 # ---------------------------------------------------------------------------- export
@@ -157,6 +103,38 @@ def _export(args: argparse.Namespace) -> int:
     lines.append(f"done in {elapsed:.2f} s")
     data: Any = reports[0] if not args.all else {"exports": reports}
     data = {**data, "seconds": elapsed}
+    _emit(args, data, lines)
+    return 0
+
+
+# ---------------------------------------------------------------------------- run (recipes)
+
+def _run(args: argparse.Namespace) -> int:
+    from . import recipe as rc
+
+    r = rc.load_recipe(args.recipe)
+    if args.dry_run:
+        p = rc.plan(r)
+        lines = [f"plan for {p['recipe']}: store {p['store']}, base {p['base']}"]
+        lines += [f"  {t['action']:>4}  {t['name']}  ({t['path']})" for t in p["tasks"]]
+        lines += [
+            f"  {p['tensors']} tensors, {p['params']:,} params, {_mb(p['bytes_per_task'])} of u per task",
+            f"  store after the run {_mb(p['store_bytes_after'])}; peak disk {_mb(p['peak_disk_bytes'])} (two generations while a task commits)",
+            f"  peak memory about {_mb(p['peak_memory_bytes'])} (largest tensor {p['largest_tensor']!r}, streamed one tensor at a time)",
+        ]
+        _emit(args, p, lines)
+        return 0
+    t0 = time.perf_counter()
+    lines: list[str] = []
+
+    def report(row: dict) -> None:
+        if not getattr(args, "json", False) and not getattr(args, "quiet", False) and not _progress(args):
+            print(f"{row['action']} {row['name']!r} ({row['path']})", flush=True)
+
+    rows = rc.run_recipe(r, progress=_progress(args), on_task=report)
+    data = {"recipe": r.path, "store": r.store, "tasks": rows, "seconds": time.perf_counter() - t0}
+    added = sum(x["action"] == "added" for x in rows)
+    lines.append(f"{r.store}: {added} task(s) added, {len(rows) - added} already stored, in {data['seconds']:.2f} s")
     _emit(args, data, lines)
     return 0
 
@@ -394,6 +372,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the store")
     e.add_argument("--no-check-base", action="store_true")
     e.set_defaults(func=_export)
+
+    r = sub.add_parser("run", parents=[common], help="add a recipe's tasks in order (YAML or JSON), resuming where a run stopped")
+    r.add_argument("recipe", help="recipe file (.yaml/.yml needs PyYAML, else JSON); see condu_merge/recipe.py")
+    r.add_argument("--dry-run", action="store_true", help="print the plan (tasks, tensors, bytes, peak memory and disk); write nothing")
+    r.set_defaults(func=_run)
 
     i = sub.add_parser("inspect", parents=[common], help="tasks, sizes, mask density and overlaps, storage vs individual models")
     i.add_argument("store")

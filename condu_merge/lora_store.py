@@ -110,6 +110,7 @@ def add_adapter_task(
     rescaler: str = "tensor_mean",
     backend: str = "auto",
     progress: bool = False,
+    source_extra: Mapping[str, Any] | None = None,
 ) -> None:
     """Fold PEFT adapter ``adapter`` into ``store`` factor-wise (see the module docstring).
 
@@ -165,6 +166,7 @@ def add_adapter_task(
         "bytes": os.path.getsize(os.path.join(adapter, WEIGHTS_NAME)),
         "base": ident,
         "init": init_rec,
+        **(source_extra or {}),
     }
     store.add_task(name, delta, rescaler=rescaler, backend=backend, progress=progress, source=source)
 
