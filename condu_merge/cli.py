@@ -178,6 +178,35 @@ def _inspect_data(st: Any, args: argparse.Namespace) -> tuple[dict[str, Any], bo
     return data, lora
 
 
+def _against(args: argparse.Namespace, data: dict[str, Any]) -> list[dict[str, Any]]:
+    """``--against [NAME=]PATH ...``: paths without a name go to the tasks in order; none at all
+    means every task's recorded source."""
+    from .against import distance_to_finetuned
+    from .store import Store
+
+    names = [t["name"] for t in data["tasks"]]
+    pairs: list[tuple[str, str]] = []
+    if not args.against:
+        pairs = [(t["name"], t["source"]) for t in data["tasks"]]
+        missing = [n for n, p in pairs if not p]
+        if missing:
+            raise ValueError(f"tasks {missing} record no source checkpoint; name them: --against NAME=PATH")
+    else:
+        plain = 0
+        for spec in args.against:
+            name, sep, path = spec.partition("=")
+            if not sep or os.path.exists(spec):
+                if plain >= len(names):
+                    raise ValueError(f"--against: more checkpoints than the store's {len(names)} tasks")
+                name, path = names[plain], spec
+                plain += 1
+            elif name not in names:
+                raise ValueError(f"--against {spec}: no task {name!r} in this store; tasks: {names}")
+            pairs.append((name, path))
+    with Store(args.store, verify=False) as st:
+        return [distance_to_finetuned(st, n, p, base=args.base, backend="auto") for n, p in pairs]
+
+
 def _inspect(args: argparse.Namespace) -> int:
     from .store_view import StoreView, ViewError
 
@@ -189,6 +218,8 @@ def _inspect(args: argparse.Namespace) -> int:
         with Store(args.store, verify=False) as st:
             st._require()
             data, lora = _inspect_data(st, args)
+    if args.against is not None:
+        data["against"] = _against(args, data)
     storage, stats, tasks = data["storage"], data["overlaps"], data["tasks"]
     lines = [
         f"store {data['store']} (generation {data['generation']}, rescaler {data['rescaler']})",
@@ -213,6 +244,16 @@ def _inspect(args: argparse.Namespace) -> int:
         + (f" ({s['individual_bytes'] / s['condu_total_bytes']:.1f}x)" if s["condu_total_bytes"] else ""),
         "  (the paper, 11 CLIP ViT-B/16 tasks: base 570.86 + unified 570.86 + masks 196.20 + rescalers 0.75 = 1377.92 MB vs 11 x 570.86 = 6279.46 MB)",
     ]
+    if data.get("against"):
+        def f(x: Any) -> str:
+            return "-" if x is None else f"{x:.4f}"
+
+        lines.append(f"  decoupled expert vs its fine-tuned checkpoint:  {'rel. L2':>8} {'cosine':>8} {'sign agr.':>9}")
+        for a in data["against"]:
+            t = a["total"]
+            lines.append(f"  {a['task']:<20} (all tensors)              {f(t['rel_l2']):>8} {f(t['cosine']):>8} {f(t['sign_agreement']):>9}")
+            for g, m in a["groups"].items():
+                lines.append(f"    {g:<44} {f(m['rel_l2']):>8} {f(m['cosine']):>8} {f(m['sign_agreement']):>9}")
     _emit(args, data, lines)
     return 0
 
@@ -381,6 +422,10 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", parents=[common], help="tasks, sizes, mask density and overlaps, storage vs individual models")
     i.add_argument("store")
     i.add_argument("--no-overlaps", action="store_true", help="skip the pairwise mask overlaps (reads every mask)")
+    i.add_argument("--against", nargs="*", metavar="[NAME=]FT",
+                   help="per task: the decoupled expert vs its fine-tuned checkpoint (relative L2, cosine, sign agreement per "
+                   "tensor group); no value: each task's recorded source")
+    i.add_argument("--base", help="--against: the base checkpoint (default: the store's recorded one)")
     i.set_defaults(func=_inspect)
 
     v = sub.add_parser("verify", parents=[common], help="check every file of a store against its sha256")
