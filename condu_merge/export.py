@@ -278,6 +278,12 @@ def export_task(
     if not store.exists:
         raise FileNotFoundError(f"{store.root}: no condu-merge store here (no manifest.json)")
     store.task_info(task)  # unknown task: a clear error before anything is written
+    if backend == "auto":  # torch for small jobs, where numba's load cost is not paid back
+        import math
+
+        from .backends import auto_for_size
+
+        backend = auto_for_size(backend, sum(math.prod(s.shape) for s in store.specs))
     fmt = fmt or ("safetensors" if delta else default_format(store, task, base))
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {FORMATS}")

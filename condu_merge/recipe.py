@@ -186,6 +186,28 @@ def family_left_out(base: str, finetuned: str) -> tuple[str, list[str]]:
     return default_left_out(keys)
 
 
+def _sized_backend(store, base: str, finetuned: str, backend: str) -> str:
+    """``auto`` resolved by the job's size (:func:`~condu_merge.backends.auto_for_size`): the
+    store's tensors, or for a new store the base's floating-point tensors (read from the header)."""
+    from .backends import auto_for_size
+
+    if backend != "auto":
+        return backend
+    if store.exists:
+        numel = sum(math.prod(s.shape) for s in store.specs)
+    elif _is_adapter(finetuned) and os.path.isfile(os.path.join(finetuned, "adapter_model.safetensors")):
+        numel = os.path.getsize(os.path.join(finetuned, "adapter_model.safetensors")) // 2  # ≥ the factor elements
+    else:
+        from .checkpoints import open_checkpoint
+
+        ck = open_checkpoint(base)
+        try:
+            numel = sum(math.prod(ck.spec(k).shape) for k in ck.keys() if ck.spec(k).dtype.is_floating_point)
+        finally:
+            ck.close()
+    return auto_for_size(backend, numel)
+
+
 def add_one(store, name: str, base: str, finetuned: str, *, rescaler: str | None = None, include: Sequence[str] | None = None,
             exclude: Sequence[str] | None = None, dtype: str | None = None, backend: str = "auto", lora: str | None = None,
             lora_init: str | None = None, check_base: bool = True, progress: bool = False,
@@ -198,6 +220,7 @@ def add_one(store, name: str, base: str, finetuned: str, *, rescaler: str | None
         raise ValueError(f"{store.root}: --rescaler {rescaler} given, but this store was created with --rescaler {store.rescaler} "
                          "(the mode is fixed when a store is created)")
     mode = store.rescaler if store.exists else (rescaler or "tensor_mean")
+    backend = _sized_backend(store, base, finetuned, backend)
     if lora_route(store, finetuned, lora, lora_init):
         from . import lora_store
 
