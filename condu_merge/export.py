@@ -85,14 +85,16 @@ def plan_shards(sizes: Mapping[str, int], max_shard_size: int) -> list[list[str]
 
 # ---------------------------------------------------------------------------- paths
 
-def _base_folder(path: str | None) -> str | None:
-    """The save_pretrained folder a base path belongs to: the folder itself, or the folder of a
-    ``model.safetensors`` / index / ``pytorch_model.bin`` beside a ``config.json``."""
+def _base_folder(path: str | None, *, beside: bool = True) -> str | None:
+    """The save_pretrained folder a base path belongs to: the folder itself, or (``beside``) the
+    folder of a ``model.safetensors`` / index / ``pytorch_model.bin`` next to a ``config.json``."""
     if not path:
         return None
     p = os.path.abspath(path)
     if os.path.isdir(p):
         return p if os.path.isfile(os.path.join(p, "config.json")) else None
+    if not beside:
+        return None
     folder = os.path.dirname(p)
     if os.path.basename(p) in _HF_MODEL_FILES and os.path.isfile(os.path.join(folder, "config.json")):
         return folder
@@ -105,6 +107,11 @@ def _is_lora_store(store) -> bool:
 
 
 def _recorded_base(store, task: str) -> str | None:
+    """The base as the user named it when the store was created (``base_arg``, recorded by the
+    CLI and recipes: a folder stays a folder), else the checkpoint file the store identified."""
+    first = (store.manifest["tasks"][0].get("source") or {}) if store.manifest["tasks"] else {}
+    if first.get("base_arg") and os.path.exists(first["base_arg"]):
+        return first["base_arg"]
     src = store.task_info(task).get("source") or {}
     if src.get("kind") == "peft-lora-factors":
         return (src.get("base") or {}).get("path")
@@ -116,7 +123,11 @@ def default_format(store, task: str, base: str | None = None) -> str:
     recorded base file sits in one beside its ``config.json``), else ``safetensors``."""
     if _is_lora_store(store):
         return "peft"
-    return "hf" if _base_folder(base or _recorded_base(store, task)) else "safetensors"
+    first = (store.manifest["tasks"][0].get("source") or {}) if store.manifest["tasks"] else {}
+    # the base as given decides (a file stays a file); a store without that record: a model file
+    # beside its config.json counts as the folder
+    beside = base is None and not first.get("base_arg")
+    return "hf" if _base_folder(base or _recorded_base(store, task), beside=beside) else "safetensors"
 
 
 def _check_name(task: str) -> None:
@@ -137,6 +148,13 @@ def resolve_output(output: str | os.PathLike, fmt: str, task: str) -> str:
     return os.path.abspath(out)
 
 
+def _looks_exported(folder: str) -> bool:
+    names = os.listdir(folder)
+    if any(os.path.isdir(os.path.join(folder, n)) for n in names):
+        return False
+    return bool({"model.safetensors", "model.safetensors.index.json", "adapter_config.json"} & set(names))
+
+
 def _check_target(out: str, store_root: str, overwrite: bool) -> None:
     root = os.path.realpath(store_root)
     real = os.path.realpath(out)
@@ -148,6 +166,20 @@ def _check_target(out: str, store_root: str, overwrite: bool) -> None:
         empty_dir = os.path.isdir(out) and not os.listdir(out)
         if not empty_dir and not overwrite:
             raise FileExistsError(f"{out}: already exists; pass --force to replace it")
+        if os.path.isdir(out) and not empty_dir and not _looks_exported(out):
+            # --force replaces an earlier export, never an arbitrary folder (it would be deleted)
+            raise FileExistsError(f"{out}: is a folder that does not hold an export (no model/adapter files, or sub-folders); "
+                                  "name a new path or remove it yourself")
+
+
+def _check_not_base(out: str, base: str | None) -> None:
+    """An export never replaces its base (nor writes into the base's model folder)."""
+    if not base:
+        return
+    real, b = os.path.realpath(out), os.path.realpath(base)
+    folder = b if os.path.isdir(b) else None
+    if real == b or (folder and os.path.commonpath([folder, real]) == folder) or (os.path.isdir(real) and os.path.commonpath([real, b]) == real):
+        raise ValueError(f"{out}: the output would overwrite the base checkpoint {base}; write it elsewhere")
 
 
 def _fsync(path: str) -> None:
@@ -291,6 +323,7 @@ def export_task(
         raise ValueError(f"--delta writes one safetensors file; it does not combine with --format {fmt}")
     out = resolve_output(output, fmt, task)
     _check_target(out, store.root, overwrite)
+    _check_not_base(out, base or (None if delta else _recorded_base(store, task)))
     parent = os.path.dirname(out)
     if os.fspath(output).endswith(("/", os.sep)) and fmt == "safetensors" and not os.path.lexists(parent):
         os.mkdir(parent)  # `-o new/`: a folder the user named; its own parent must exist

@@ -221,6 +221,8 @@ def add_one(store, name: str, base: str, finetuned: str, *, rescaler: str | None
                          "(the mode is fixed when a store is created)")
     mode = store.rescaler if store.exists else (rescaler or "tensor_mean")
     backend = _sized_backend(store, base, finetuned, backend)
+    # how the base was named (a folder stays a folder: export's default format and hf files)
+    source_extra = {"base_arg": os.path.abspath(base), **(source_extra or {})}
     if lora_route(store, finetuned, lora, lora_init):
         from . import lora_store
 

@@ -241,3 +241,20 @@ def test_export_peft_detects_conv1d_and_warns(tmp_path):
     cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
     assert cfg["fan_in_fan_out"] is True and cfg["task_type"] == "CAUSAL_LM" and rep.total > 0.1
     peft.PeftModel.from_pretrained(model, str(tmp_path / "ad"))
+
+
+def test_exports_never_replace_the_base_or_a_foreign_folder(gpt2, tmp_path, capsys):
+    store = str(tmp_path / "store")
+    base_file = str(gpt2 / "base" / "model.safetensors")
+    assert main(["add-task", store, "--base", base_file, "--finetuned", str(gpt2 / "ft0" / "model.safetensors"), "--name", "t0", "-q"]) == 0
+    # the base was given as a file: the default export is one file
+    assert main(["export", store, "--task", "t0", "-o", str(tmp_path / "e.safetensors"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["format"] == "safetensors"
+    before = open(base_file, "rb").read()
+    assert main(["export", store, "--task", "t0", "-o", base_file, "--force", "-q"]) == 1
+    assert "overwrite the base" in capsys.readouterr().err and open(base_file, "rb").read() == before
+    mine = tmp_path / "mine"
+    (mine / "sub").mkdir(parents=True)
+    (mine / "notes.txt").write_text("keep")
+    assert main(["export", store, "--task", "t0", "--format", "hf", "--base", str(gpt2 / "base"), "-o", str(mine), "--force", "-q"]) == 1
+    assert "does not hold an export" in capsys.readouterr().err and (mine / "notes.txt").read_text() == "keep"
