@@ -18,9 +18,7 @@ are ``W + s · B A`` (:func:`expert_weights`).
 
 from __future__ import annotations
 
-import math
 import os
-import warnings
 from typing import Any, Iterator, Mapping
 
 import torch
