@@ -43,9 +43,10 @@ AUTO_ORDER: dict[str, list[str]] = {"cuda": ["triton", "torch"], "cpu": ["numba"
 
 
 # Below this many elements in one process's job, "auto" on the CPU runs torch: numba's one-time
-# cost of importing and loading its compiled kernels (~1 s) is not paid back by its faster loops.
-# Measured by benchmarks/bench_cli_start.py (the crossover table); used by the CLI via auto_for_size.
-AUTO_CPU_MIN_NUMEL = 1_000_000
+# cost of importing and loading its compiled kernels (~1.6 s) is not paid back by its faster loops.
+# benchmarks/bench_cli_start.py measured the crossover between 3e5 (torch 2.2x faster) and 1e6
+# (numba 6.7x faster) elements; this is near their geometric mean. Used by the CLI (auto_for_size).
+AUTO_CPU_MIN_NUMEL = 500_000
 
 
 def auto_for_size(backend: str, numel: int, device_type: str = "cpu") -> str:
