@@ -5,34 +5,42 @@
 >>> delta_a_hat = decouple(unified, triggers[0])            # doctest: +SKIP
 """
 
-from .backends import available_backends, get_backend, register_backend
-from .core import (
-    RESCALER_MODES,
-    RescalerWarning,
-    add_task,
-    add_task_tensor,
-    apply_delta,
-    compute_rescalers,
-    decouple,
-    delta_from_state_dicts,
-    unify,
-    unify_tensor,
-    validate_deltas,
-)
-from .errors import (
-    ConduError,
-    DtypeMismatchError,
-    DuplicateTaskError,
-    FormatError,
-    KeyMismatchError,
-    MergeInputError,
-    NonFiniteError,
-    ShapeMismatchError,
-    UnknownTaskError,
-)
-from .merger import ContinualMerger
-from .packing import pack_mask, packed_nbytes, popcount, unpack_mask
-from .trigger import TaskTrigger, load_triggers, save_triggers
+# Public names and the submodule each lives in. They are imported on first use (PEP 562), so
+# `import condu_merge` -- and the `condu-merge` CLI's start -- does not pay for torch or numba.
+_LAZY = {
+    "available_backends": "backends",
+    "get_backend": "backends",
+    "register_backend": "backends",
+    "RESCALER_MODES": "core",
+    "RescalerWarning": "core",
+    "add_task": "core",
+    "add_task_tensor": "core",
+    "apply_delta": "core",
+    "compute_rescalers": "core",
+    "decouple": "core",
+    "delta_from_state_dicts": "core",
+    "unify": "core",
+    "unify_tensor": "core",
+    "validate_deltas": "core",
+    "ConduError": "errors",
+    "DtypeMismatchError": "errors",
+    "DuplicateTaskError": "errors",
+    "FormatError": "errors",
+    "KeyMismatchError": "errors",
+    "MergeInputError": "errors",
+    "NonFiniteError": "errors",
+    "ShapeMismatchError": "errors",
+    "UnknownTaskError": "errors",
+    "ContinualMerger": "merger",
+    "pack_mask": "packing",
+    "packed_nbytes": "packing",
+    "popcount": "packing",
+    "unpack_mask": "packing",
+    "TaskTrigger": "trigger",
+    "load_triggers": "trigger",
+    "save_triggers": "trigger",
+}
+
 
 __version__ = "0.1.0"
 
@@ -69,3 +77,18 @@ __all__ = [
     "unpack_mask",
     "validate_deltas",
 ]
+
+
+def __getattr__(name: str):
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'condu_merge' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{mod}", __name__), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -6,6 +6,7 @@ User errors print one line (``condu-merge: error: …``) and exit 1; ``--debug``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -41,24 +42,17 @@ def _add_task(args: argparse.Namespace) -> int:
 
         return add_task_from_args(args)
 
-    import torch
-
+    from .recipe import add_one
     from .store import Store
 
     t0 = time.perf_counter()
     with Store(args.store, verify=False) as st:
-        st.add_task_from_checkpoints(
-            args.name,
-            args.base,
-            args.finetuned,
-            include=args.include,
-            exclude=args.exclude,
-            dtype=getattr(torch, args.dtype) if args.dtype else None,
-            rescaler=args.rescaler,
-            backend=args.backend,
-            progress=_progress(args),
-            check_base=not args.no_check_base,
+        info = add_one(
+            st, args.name, args.base, args.finetuned, rescaler=args.rescaler if getattr(args, "rescaler_given", False) else None,
+            include=args.include, exclude=args.exclude, dtype=args.dtype, backend=args.backend, lora=args.lora,
+            lora_init=args.lora_init, check_base=not args.no_check_base, progress=_progress(args),
         )
+        left_out, family = info["left_out"], info["family"]
         elapsed = time.perf_counter() - t0
         r = st.rescaler_of(args.name)
         info = st.task_info(args.name)
@@ -69,110 +63,164 @@ def _add_task(args: argparse.Namespace) -> int:
             "params": sum(math.prod(s.shape) for s in st.specs),
             "rescaler": r,
             "mask_bits": info["mask_bits"],
+            "left_out": left_out,
             "seconds": elapsed,
         }
     lam = f"{r:.4f}" if isinstance(r, float) else f"per tensor ({len(r)})"
-    _emit(args, data, [f"added {args.name!r} to {data['store']} ({len(data['tasks'])} tasks, {data['params']:,} params, lambda={lam}) in {elapsed:.2f} s"])
+    lines = [f"added {args.name!r} to {data['store']} ({len(data['tasks'])} tasks, {data['params']:,} params, lambda={lam}) in {elapsed:.2f} s"]
+    if left_out:
+        lines.append(f"  left out by the {family} default (docs/adapters.md): {', '.join(left_out)}; --include to choose yourself")
+    _emit(args, data, lines)
     return 0
 
 
 # ---------------------------------------------------------------------------- export
 
 def _export(args: argparse.Namespace) -> int:
-    from .checkpoints import open_checkpoint
-    from .safetensors_writer import StreamingSafetensorsWriter, TensorSpec
+    from . import export as ex
     from .store import Store
 
+    if bool(args.all) == bool(args.task):
+        raise ValueError("name one task with --task, or export every task with --all")
     t0 = time.perf_counter()
+    kw = dict(fmt=args.format, base=args.base, delta=args.delta, max_shard_size=args.max_shard_size, backend=args.backend,
+              check_base=not args.no_check_base, overwrite=args.force, progress=_progress(args), peft_rank=args.rank,
+              task_type=args.task_type)
     with Store(args.store, verify=not args.no_verify) as st:
-        st._require()
-        st.task_info(args.task)  # unknown task: clear error before writing anything
-        out = os.path.abspath(args.output)
-        tmp = f"{out}.tmp-{os.getpid()}"
-        meta = {"condu-merge-task": args.task, "condu-merge-store": st.root, "content": "delta" if args.delta else "model"}
-        from tqdm.auto import tqdm
-
-        if args.delta:
-            specs = st.specs
-            source = st.iter_decouple(args.task, backend=args.backend)
-            base = None
+        if args.all:
+            if not st.exists:
+                raise FileNotFoundError(f"{st.root}: no condu-merge store here (no manifest.json)")
+            reports = ex.export_all(st, args.output, **kw)
         else:
-            base_path = args.base or ((st.manifest.get("base") or {}).get("path"))
-            if not base_path:
-                raise ValueError("this store does not record its base checkpoint; pass --base (or use --delta)")
-            base = open_checkpoint(base_path)
-            if not args.no_check_base:
-                st._check_base(base)
-            stored = set(st.keys)
-            specs = [base.spec(k) for k in base.keys()]
-            missing = stored - {s.name for s in specs}
-            if missing:
-                raise ValueError(f"{base.path}: base lacks stored tensors {sorted(missing)[:5]}")
-            merged = st.iter_decouple(args.task, base=base, backend=args.backend)
-
-            def _full():
-                pending = dict()
-                for s in specs:
-                    if s.name in stored:
-                        while s.name not in pending:
-                            k, v = next(merged)
-                            pending[k] = v
-                        yield s.name, pending.pop(s.name)
-                    else:
-                        yield s.name, base.get(s.name)
-
-            source = _full()
-        try:
-            w = StreamingSafetensorsWriter(tmp, [TensorSpec(s.name, s.dtype, tuple(s.shape)) for s in specs], meta)
-            with w:
-                for k, v in tqdm(source, total=len(specs), desc=f"export {args.task}", disable=not _progress(args), leave=False):
-                    w.write(k, v)
-                sha, size = w.close()
-            os.replace(tmp, out)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            if base is not None:
-                base.close()
+            reports = [ex.export_task(st, args.task, args.output, **kw)]
     elapsed = time.perf_counter() - t0
-    data = {"output": out, "task": args.task, "delta": bool(args.delta), "tensors": len(specs), "bytes": size, "sha256": sha, "seconds": elapsed}
-    _emit(args, data, [f"wrote {'delta' if args.delta else 'model'} of {args.task!r} to {out} ({len(specs)} tensors, {_mb(size)}) in {elapsed:.2f} s"])
+    lines = []
+    for r in reports:
+        what = "delta" if r["delta"] else {"hf": "model folder", "peft": "PEFT adapter", "safetensors": "model"}[r["format"]]
+        lines.append(f"wrote {what} of {r['task']!r} to {r['output']} ({r['tensors']} tensors, {_mb(r['bytes'])})")
+        if r.get("truncation_warning"):
+            lines.append(f"  warning: rank-{r['rank']} truncation error {r['truncation_error']:.3f}; pass a larger --rank")
+    lines.append(f"done in {elapsed:.2f} s")
+    data: Any = reports[0] if not args.all else {"exports": reports}
+    data = {**data, "seconds": elapsed}
+    _emit(args, data, lines)
+    return 0
+
+
+# ---------------------------------------------------------------------------- run (recipes)
+
+def _run(args: argparse.Namespace) -> int:
+    from . import recipe as rc
+
+    r = rc.load_recipe(args.recipe)
+    if args.dry_run:
+        p = rc.plan(r)
+        lines = [f"plan for {p['recipe']}: store {p['store']}, base {p['base']}"]
+        lines += [f"  {t['action']:>4}  {t['name']}  ({t['path']})" for t in p["tasks"]]
+        lines += [
+            f"  {p['tensors']} tensors, {p['params']:,} params, {_mb(p['bytes_per_task'])} of u per task",
+            f"  store after the run {_mb(p['store_bytes_after'])}; peak disk {_mb(p['peak_disk_bytes'])} (two generations while a task commits)",
+            f"  peak memory about {_mb(p['peak_memory_bytes'])} (largest tensor {p['largest_tensor']!r}, streamed one tensor at a time)",
+        ]
+        _emit(args, p, lines)
+        return 0
+    t0 = time.perf_counter()
+    lines: list[str] = []
+
+    def report(row: dict) -> None:
+        if not getattr(args, "json", False) and not getattr(args, "quiet", False) and not _progress(args):
+            print(f"{row['action']} {row['name']!r} ({row['path']})", flush=True)
+
+    rows = rc.run_recipe(r, progress=_progress(args), on_task=report)
+    data = {"recipe": r.path, "store": r.store, "tasks": rows, "seconds": time.perf_counter() - t0}
+    added = sum(x["action"] == "added" for x in rows)
+    lines.append(f"{r.store}: {added} task(s) added, {len(rows) - added} already stored, in {data['seconds']:.2f} s")
+    _emit(args, data, lines)
     return 0
 
 
 # ---------------------------------------------------------------------------- inspect / verify
 
-def _inspect(args: argparse.Namespace) -> int:
+def _inspect_data(st: Any, args: argparse.Namespace) -> tuple[dict[str, Any], bool]:
+    """What ``inspect`` reports, from a :class:`~condu_merge.store.Store` or a torch-free
+    :class:`~condu_merge.store_view.StoreView` (same numbers); ``(data, is a LoRA-factor store)``."""
+    m = st.manifest
+    storage = st.storage()
+    lora = all((t.get("source") or {}).get("kind") == "peft-lora-factors" for t in m["tasks"]) and bool(m["tasks"])
+    if lora:  # a LoRA-factor store stands against the adapters' own files, not full models
+        storage["individual_bytes"] = sum(int(t["source"].get("bytes") or 0) for t in m["tasks"])
+    stats = None if args.no_overlaps else st.mask_stats(progress=_progress(args))
+    tasks = []
+    for i, t in enumerate(m["tasks"]):
+        r = t["rescaler"]
+        tasks.append(
+            {
+                "name": t["name"],
+                "added": t.get("added"),
+                "rescaler": r,
+                "mask_bytes": storage["mask_bytes_per_task"][i],
+                "density": t["mask_bits"] / storage["params"] if storage["params"] else 0.0,
+                "source": (t.get("source") or {}).get("path"),
+                "prototypes": bool(t.get("prototypes")),
+            }
+        )
+    data = {
+        "store": st.root,
+        "generation": m["generation"],
+        "rescaler": m["rescaler"],
+        "tensors": len(m["tensors"]),
+        "base": m.get("base"),
+        "tasks": tasks,
+        "storage": storage,
+        "lora_factors": lora,
+        "overlaps": stats,
+    }
+    return data, lora
+
+
+def _against(args: argparse.Namespace, data: dict[str, Any]) -> list[dict[str, Any]]:
+    """``--against [NAME=]PATH ...``: paths without a name go to the tasks in order; none at all
+    means every task's recorded source."""
+    from .against import distance_to_finetuned
     from .store import Store
 
+    names = [t["name"] for t in data["tasks"]]
+    pairs: list[tuple[str, str]] = []
+    if not args.against:
+        pairs = [(t["name"], t["source"]) for t in data["tasks"]]
+        missing = [n for n, p in pairs if not p]
+        if missing:
+            raise ValueError(f"tasks {missing} record no source checkpoint; name them: --against NAME=PATH")
+    else:
+        plain = 0
+        for spec in args.against:
+            name, sep, path = spec.partition("=")
+            if not sep or os.path.exists(spec):
+                if plain >= len(names):
+                    raise ValueError(f"--against: more checkpoints than the store's {len(names)} tasks")
+                name, path = names[plain], spec
+                plain += 1
+            elif name not in names:
+                raise ValueError(f"--against {spec}: no task {name!r} in this store; tasks: {names}")
+            pairs.append((name, path))
     with Store(args.store, verify=False) as st:
-        m = st._require()
-        storage = st.storage()
-        stats = None if args.no_overlaps else st.mask_stats(progress=_progress(args))
-        tasks = []
-        for i, t in enumerate(m["tasks"]):
-            r = t["rescaler"]
-            tasks.append(
-                {
-                    "name": t["name"],
-                    "added": t.get("added"),
-                    "rescaler": r,
-                    "mask_bytes": storage["mask_bytes_per_task"][i],
-                    "density": t["mask_bits"] / storage["params"] if storage["params"] else 0.0,
-                    "source": (t.get("source") or {}).get("path"),
-                    "prototypes": bool(t.get("prototypes")),
-                }
-            )
-        data = {
-            "store": st.root,
-            "generation": m["generation"],
-            "rescaler": m["rescaler"],
-            "tensors": len(m["tensors"]),
-            "base": m.get("base"),
-            "tasks": tasks,
-            "storage": storage,
-            "overlaps": stats,
-        }
+        return [distance_to_finetuned(st, n, p, base=args.base, backend="auto") for n, p in pairs]
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from .store_view import StoreView, ViewError
+
+    try:  # torch-free and fast where the view can answer; the full Store names any problem
+        data, lora = _inspect_data(StoreView(args.store), args)
+    except ViewError:
+        from .store import Store
+
+        with Store(args.store, verify=False) as st:
+            st._require()
+            data, lora = _inspect_data(st, args)
+    if args.against is not None:
+        data["against"] = _against(args, data)
+    storage, stats, tasks = data["storage"], data["overlaps"], data["tasks"]
     lines = [
         f"store {data['store']} (generation {data['generation']}, rescaler {data['rescaler']})",
         f"  {storage['params']:,} parameters in {data['tensors']} tensors; base: {(data['base'] or {}).get('path', 'not recorded')}",
@@ -191,10 +239,21 @@ def _inspect(args: argparse.Namespace) -> int:
         f"  storage: unified delta {_mb(s['unified_bytes'])} + masks {_mb(sum(s['mask_bytes_per_task']))} "
         f"({s['mask_bits_per_param']:.3f} bit/param/task) + prototypes {_mb(s['prototype_bytes'])} + manifest {_mb(s['manifest_bytes'])}"
         f" = {_mb(s['store_bytes'])}",
-        f"  with the base model ({_mb(s['base_bytes'])}): {_mb(s['condu_total_bytes'])} vs {s['tasks']} individual models: {_mb(s['individual_bytes'])}"
+        (f"  LoRA factors: {_mb(s['condu_total_bytes'])} vs {s['tasks']} individual adapters: {_mb(s['individual_bytes'])}" if lora else
+         f"  with the base model ({_mb(s['base_bytes'])}): {_mb(s['condu_total_bytes'])} vs {s['tasks']} individual models: {_mb(s['individual_bytes'])}")
         + (f" ({s['individual_bytes'] / s['condu_total_bytes']:.1f}x)" if s["condu_total_bytes"] else ""),
         "  (the paper, 11 CLIP ViT-B/16 tasks: base 570.86 + unified 570.86 + masks 196.20 + rescalers 0.75 = 1377.92 MB vs 11 x 570.86 = 6279.46 MB)",
     ]
+    if data.get("against"):
+        def f(x: Any) -> str:
+            return "-" if x is None else f"{x:.4f}"
+
+        lines.append(f"  decoupled expert vs its fine-tuned checkpoint:  {'rel. L2':>8} {'cosine':>8} {'sign agr.':>9}")
+        for a in data["against"]:
+            t = a["total"]
+            lines.append(f"  {a['task']:<20} (all tensors)              {f(t['rel_l2']):>8} {f(t['cosine']):>8} {f(t['sign_agreement']):>9}")
+            for g, m in a["groups"].items():
+                lines.append(f"    {g:<44} {f(m['rel_l2']):>8} {f(m['cosine']):>8} {f(m['sign_agreement']):>9}")
     _emit(args, data, lines)
     return 0
 
@@ -299,6 +358,14 @@ def _demo(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------- parser
 
+class _Given(argparse.Action):
+    """Stores the value and notes that it was given (a store's recorded mode is checked only then)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        setattr(namespace, f"{self.dest}_given", True)
+
+
 def _common() -> argparse.ArgumentParser:
     # SUPPRESS: flags given before or after the subcommand both count, neither overrides the other
     c = argparse.ArgumentParser(add_help=False)
@@ -320,16 +387,26 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--name", required=True, help="task name (unique in the store)")
     a.add_argument("--include", action="append", metavar="GLOB", help="tensors taking part (fnmatch on names; repeatable; first task only)")
     a.add_argument("--exclude", action="append", metavar="GLOB", help="tensors left out (carried unchanged from the base)")
-    a.add_argument("--rescaler", default="tensor_mean", help="tensor_mean | l1 | per_tensor (first task only)")
+    a.add_argument("--rescaler", default="tensor_mean", action=_Given, help="tensor_mean | l1 | per_tensor (fixed when the store is created)")
     a.add_argument("--dtype", choices=_DTYPES, help="dtype the store keeps u in (first task only; default: the checkpoint's)")
     a.add_argument("--backend", default="auto")
     a.add_argument("--no-check-base", action="store_true", help="do not compare the base's sha256 with the store's")
+    a.add_argument("--lora", choices=("factors", "dense"), help="PEFT adapters: merge the A/B factors (default) or dense B A deltas")
+    a.add_argument("--lora-init", metavar="DIR", help="PEFT folder of the adapters' shared initialisation (factors; default: zero)")
     a.set_defaults(func=_add_task)
 
-    e = sub.add_parser("export", parents=[common], help="write one task's reconstructed checkpoint (or delta) as safetensors")
+    e = sub.add_parser("export", parents=[common], help="write a task's expert: a from_pretrained folder, a PEFT adapter or safetensors")
     e.add_argument("store")
-    e.add_argument("--task", required=True)
-    e.add_argument("-o", "--output", required=True)
+    e.add_argument("--task", help="the task to export")
+    e.add_argument("--all", action="store_true", help="every task, one subfolder each under -o")
+    e.add_argument("-o", "--output", required=True, help="file or folder (an existing folder or a path ending in / is a folder)")
+    e.add_argument("--format", choices=("hf", "peft", "safetensors"),
+                   help="hf: save_pretrained folder; peft: adapter folder; safetensors: one file "
+                   "(default: peft for a LoRA-factor store, hf for a base folder, else safetensors)")
+    e.add_argument("--max-shard-size", default="50GB", help="hf: shard above this size (transformers' default 50GB)")
+    e.add_argument("--rank", type=int, help="peft from a dense store: LoRA rank (default: the source adapter's)")
+    e.add_argument("--task-type", help="peft: task_type to write (default: the source adapter's)")
+    e.add_argument("--force", action="store_true", help="replace an existing output")
     e.add_argument("--delta", action="store_true", help="the delta alone (no base needed)")
     e.add_argument("--base", help="base checkpoint (default: the one recorded in the store)")
     e.add_argument("--backend", default="auto")
@@ -337,9 +414,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-check-base", action="store_true")
     e.set_defaults(func=_export)
 
+    r = sub.add_parser("run", parents=[common], help="add a recipe's tasks in order (YAML or JSON), resuming where a run stopped")
+    r.add_argument("recipe", help="recipe file (.yaml/.yml needs PyYAML, else JSON); see condu_merge/recipe.py")
+    r.add_argument("--dry-run", action="store_true", help="print the plan (tasks, tensors, bytes, peak memory and disk); write nothing")
+    r.set_defaults(func=_run)
+
     i = sub.add_parser("inspect", parents=[common], help="tasks, sizes, mask density and overlaps, storage vs individual models")
     i.add_argument("store")
     i.add_argument("--no-overlaps", action="store_true", help="skip the pairwise mask overlaps (reads every mask)")
+    i.add_argument("--against", nargs="*", metavar="[NAME=]FT",
+                   help="per task: the decoupled expert vs its fine-tuned checkpoint (relative L2, cosine, sign agreement per "
+                   "tensor group); no value: each task's recorded source")
+    i.add_argument("--base", help="--against: the base checkpoint (default: the store's recorded one)")
     i.set_defaults(func=_inspect)
 
     v = sub.add_parser("verify", parents=[common], help="check every file of a store against its sha256")
@@ -360,6 +446,13 @@ def main(argv: list[str] | None = None) -> int:
     debug = getattr(args, "debug", False)
     try:
         return int(args.func(args))
+    except BrokenPipeError:
+        # the reader went away (`inspect --json | head`): nothing left to say to it; stop quietly,
+        # and point stdout at /dev/null so the interpreter's final flush does not complain either
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         if debug:
             raise

@@ -667,11 +667,17 @@ class Store:
     # ------------------------------------------------------------------ writing
     @contextlib.contextmanager
     def _writer_lock(self) -> Iterator[None]:
+        created = not os.path.lexists(self.root)
         os.makedirs(self.root, exist_ok=True)
         lock = StoreLock(self.root).acquire()
         try:
             yield
         finally:
+            if created and not os.path.exists(self._manifest_path()):
+                # a first write that failed leaves nothing behind: the lock file and the folder we made
+                with contextlib.suppress(OSError):
+                    os.unlink(lock.path)
+                    os.rmdir(self.root)  # only if empty: never a folder with anything else in it
             lock.release()
 
     def _new_generation_dir(self) -> tuple[str, str]:
@@ -902,6 +908,7 @@ class Store:
         backend: str | MergeBackend = "auto",
         progress: bool = False,
         check_base: bool = True,
+        source_extra: Mapping[str, object] | None = None,
     ) -> None:
         """Fold a fine-tuned checkpoint (or PEFT adapter) into the store, streaming.
 
@@ -910,6 +917,7 @@ class Store:
         globs) of the default set (every floating-point tensor, or the adapter's); later tasks
         use the store's set, and their deltas are cast to the store's dtype per tensor. With
         ``check_base``, a base that differs from the store's (sha256) is refused.
+        ``source_extra`` is recorded in the task's ``source`` entry (e.g. a recipe's source hash).
         """
         check_add_args(name, rescaler)
         td = open_task_delta(base, finetuned)
@@ -917,6 +925,7 @@ class Store:
             with self._writer_lock():
                 self._load(False)
                 specs, ident, selection, source = self._plan_checkpoint_task(td, include, exclude, dtype, check_base)
+                source = {**source, **(source_extra or {})}
                 store_dtype = {s.name: s.dtype for s in specs}
                 self._stream_add(
                     name, lambda k: td.delta(k, store_dtype[k]), specs, rescaler=rescaler, backend=backend,

@@ -15,6 +15,7 @@ from .clip import (
     functional_forward,
     hf_config_from_open_clip,
     hf_to_openclip,
+    open_clip_from_hf_config,
     openclip_to_hf,
     pretrained_state,
     pristine_tensor,

@@ -47,6 +47,7 @@ __all__ = [
     "functional_forward",
     "hf_config_from_open_clip",
     "hf_to_openclip",
+    "open_clip_from_hf_config",
     "openclip_to_hf",
     "pretrained_state",
     "pristine_tensor",
@@ -343,6 +344,53 @@ def hf_config_from_open_clip(model: nn.Module) -> Any:
             eos_token_id=vocab - 1,
             bos_token_id=max(vocab - 2, 0),
         ),
+    )
+
+
+def open_clip_from_hf_config(config: Any, **overrides: Any) -> nn.Module:
+    """An ``open_clip.model.CLIP`` that computes the same function as ``transformers.CLIPModel(config)``
+    once :func:`hf_to_openclip` weights are loaded (the inverse of :func:`hf_config_from_open_clip`).
+
+    The exact call it makes (for a ``CLIPConfig`` ``c``, vision ``v`` = ``c.vision_config``,
+    text ``t`` = ``c.text_config``)::
+
+        CLIP(embed_dim=c.projection_dim,
+             vision_cfg=CLIPVisionCfg(layers=v.num_hidden_layers, width=v.hidden_size,
+                                      head_width=v.hidden_size // v.num_attention_heads,
+                                      mlp_ratio=v.intermediate_size / v.hidden_size,
+                                      patch_size=v.patch_size, image_size=v.image_size),
+             text_cfg=CLIPTextCfg(context_length=t.max_position_embeddings, vocab_size=t.vocab_size,
+                                  width=t.hidden_size, heads=t.num_attention_heads, layers=t.num_hidden_layers,
+                                  mlp_ratio=t.intermediate_size / t.hidden_size),
+             quick_gelu=(hidden_act == "quick_gelu"))
+
+    ``quick_gelu`` is the trap: OpenAI's CLIP (and every HF ``openai/clip-*`` config) uses
+    QuickGELU, open_clip's default is exact GELU, and the outputs then differ. Refused with
+    :class:`ClipAdapterError`: towers with different activations, an activation other than
+    ``gelu``/``quick_gelu``, a LayerNorm eps other than open_clip's 1e-5. Text pooling: open_clip
+    takes the highest token id (EOT in CLIP's vocabulary); HF takes the first ``eos_token_id``
+    (or the highest id for the legacy ``eos_token_id == 2``); they agree when EOT is the largest id.
+    ``overrides`` go to ``CLIP(...)`` (e.g. ``cast_dtype``)."""
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+    v, t = config.vision_config, config.text_config
+    acts = {v.hidden_act, t.hidden_act}
+    if len(acts) != 1 or not acts <= {"gelu", "quick_gelu"}:
+        raise ClipAdapterError(f"CLIPConfig activations vision={v.hidden_act!r} text={t.hidden_act!r}: open_clip needs one of "
+                               "'gelu' / 'quick_gelu' for both towers")
+    for name, cfg in (("vision", v), ("text", t)):
+        if abs(float(cfg.layer_norm_eps) - 1e-5) > 1e-12:
+            raise ClipAdapterError(f"CLIPConfig {name} layer_norm_eps={cfg.layer_norm_eps}: open_clip's LayerNorm uses 1e-5")
+        if cfg.hidden_size % cfg.num_attention_heads:
+            raise ClipAdapterError(f"CLIPConfig {name}: hidden_size {cfg.hidden_size} is not a multiple of the heads")
+    return CLIP(
+        embed_dim=int(config.projection_dim),
+        vision_cfg=CLIPVisionCfg(layers=v.num_hidden_layers, width=v.hidden_size, head_width=v.hidden_size // v.num_attention_heads,
+                                 mlp_ratio=v.intermediate_size / v.hidden_size, patch_size=v.patch_size, image_size=v.image_size),
+        text_cfg=CLIPTextCfg(context_length=t.max_position_embeddings, vocab_size=t.vocab_size, width=t.hidden_size,
+                             heads=t.num_attention_heads, layers=t.num_hidden_layers, mlp_ratio=t.intermediate_size / t.hidden_size),
+        quick_gelu=acts == {"quick_gelu"},
+        **overrides,
     )
 
 

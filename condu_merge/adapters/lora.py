@@ -43,6 +43,8 @@ __all__ = [
     "WEIGHTS_NAME",
     "INIT_RECORD_NAME",
     "ExportReport",
+    "FACTOR_CONFIG_FIELDS",
+    "TRUNCATION_WARN",
     "LoraAdapter",
     "LoraCompatibilityError",
     "check_compatible",
@@ -56,6 +58,7 @@ __all__ = [
     "lora_transform",
     "lora_weights",
     "record_init",
+    "TruncationWarning",
 ]
 
 CONFIG_NAME = "adapter_config.json"
@@ -65,8 +68,15 @@ _PREFIX = "base_model.model."
 _KEY = re.compile(r"^(?:base_model\.model\.)?(.+)\.(lora_A|lora_B)(?:\.([A-Za-z0-9_\-]+))?\.weight$")
 
 # config fields that must agree for a factor-wise merge (they change what the factors mean)
-_MUST_MATCH = ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "fan_in_fan_out",
-               "init_lora_weights", "use_dora", "lora_bias")
+FACTOR_CONFIG_FIELDS = ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "fan_in_fan_out",
+                        "init_lora_weights", "use_dora", "lora_bias")
+_MUST_MATCH = FACTOR_CONFIG_FIELDS
+TRUNCATION_WARN = 0.1
+"""Relative truncation error of :func:`export_peft` above which it warns (:class:`TruncationWarning`)."""
+
+
+class TruncationWarning(UserWarning):
+    """A rank-``r`` export loses more than :data:`TRUNCATION_WARN` of the expert's ΔW (relative Frobenius)."""
 
 
 class LoraCompatibilityError(ConduError, ValueError):
@@ -218,12 +228,13 @@ def _parse_factors(tensors: Mapping[str, torch.Tensor], where: str) -> dict[str,
 
 
 def _peft_config(modules: Sequence[str], *, r: int, lora_alpha: float, use_rslora: bool = False,
-                 base_model_name_or_path: str | None = None, fan_in_fan_out: bool = False) -> dict[str, Any]:
+                 base_model_name_or_path: str | None = None, fan_in_fan_out: bool = False,
+                 task_type: str | None = None) -> dict[str, Any]:
     """A minimal LoRA ``adapter_config.json`` (PEFT fills the rest with its defaults); targets are
     full module names, so exactly those modules get a LoRA."""
     return {
         "peft_type": "LORA",
-        "task_type": None,
+        "task_type": task_type,
         "base_model_name_or_path": base_model_name_or_path,
         "r": int(r),
         "lora_alpha": lora_alpha,
@@ -359,14 +370,29 @@ class ExportReport:
     path: str
 
 
+def _is_conv1d(model: nn.Module, module: str) -> bool:
+    """A GPT-2-style ``Conv1D`` (weight stored ``[in, out]``), recognised by class name so that
+    transformers need not be imported."""
+    try:
+        return type(model.get_submodule(module)).__name__ == "Conv1D"
+    except AttributeError:
+        raise KeyMismatchError(f"the model has no module {module!r}") from None
+
+
 def export_peft(delta: Mapping[str, torch.Tensor], path: str | os.PathLike[str], rank: int, *,
                 lora_alpha: float | None = None, base_model_name_or_path: str | None = None,
-                fan_in_fan_out: bool = False) -> ExportReport:
+                fan_in_fan_out: bool | None = None, model: nn.Module | None = None,
+                task_type: str | None = None, warn_above: float | None = TRUNCATION_WARN) -> ExportReport:
     """Write a dense expert ``{<module>.weight: ΔW [out, in]}`` as a PEFT LoRA folder of rank ``rank``.
 
     ``fan_in_fan_out=True`` is for modules that store their weight as ``[in, out]`` (GPT-2's
     ``Conv1D``): ``ΔW`` is then given in that stored layout, factorised as ``ΔWᵀ`` and the
     config says ``fan_in_fan_out`` so PEFT transposes back (PEFT refuses such modules otherwise).
+    ``None`` (default) detects it from ``model`` (the base model: every module a ``Conv1D``
+    → ``True``, none → ``False``, a mix is refused), or ``False`` without a model.
+    ``task_type`` (e.g. ``"CAUSAL_LM"``) is written to the config, so
+    ``AutoPeftModelFor….from_pretrained`` picks the right class. A total truncation error above
+    ``warn_above`` issues a :class:`TruncationWarning` (``None``: never).
 
     Per module ``ΔW = U S Vᵀ`` (SVD in float64), ``ΔW_r = U_r S_r V_rᵀ`` (Eckart–Young: the best
     rank-``r`` approximation in Frobenius norm); with ``s = lora_alpha / r`` (default
@@ -380,6 +406,11 @@ def export_peft(delta: Mapping[str, torch.Tensor], path: str | os.PathLike[str],
     scale = alpha / rank
     if scale <= 0:
         raise ValueError(f"lora_alpha must be positive, got {lora_alpha}")
+    if fan_in_fan_out is None:
+        kinds = {_is_conv1d(model, k[: -len(".weight")]) for k in delta} if model is not None else {False}
+        if len(kinds) > 1:
+            raise ValueError("the delta mixes Conv1D ([in, out]) and Linear modules; export them separately")
+        fan_in_fan_out = kinds.pop() if kinds else False
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     per_module: dict[str, float] = {}
     res2 = tot2 = 0.0
@@ -405,9 +436,16 @@ def export_peft(delta: Mapping[str, torch.Tensor], path: str | os.PathLike[str],
         factors[module] = (a.to(d.dtype).cpu(), b.to(d.dtype).cpu())
     ad = LoraAdapter(config=_peft_config(sorted(factors), r=rank, lora_alpha=alpha,
                                          base_model_name_or_path=base_model_name_or_path,
-                                         fan_in_fan_out=fan_in_fan_out), factors=factors)
+                                         fan_in_fan_out=fan_in_fan_out, task_type=task_type), factors=factors)
     out = ad.save(path)
-    return ExportReport(rank=rank, per_module=per_module, total=math.sqrt(res2 / tot2) if tot2 > 0 else 0.0, path=out)
+    total = math.sqrt(res2 / tot2) if tot2 > 0 else 0.0
+    if warn_above is not None and total > warn_above:
+        import warnings
+
+        worst = max(per_module, key=per_module.__getitem__)
+        warnings.warn(f"export_peft: rank-{rank} truncation error {total:.3f} (relative Frobenius of ΔW) exceeds {warn_above}; "
+                      f"worst module {worst!r}: {per_module[worst]:.3f}; raise the rank", TruncationWarning, stacklevel=2)
+    return ExportReport(rank=rank, per_module=per_module, total=total, path=out)
 
 
 def peft_lora_parameters(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.nn.Parameter]:

@@ -19,6 +19,8 @@ __all__ = [
     "FlatMergeResult",
     "MergeBackend",
     "TorchBackend",
+    "AUTO_CPU_MIN_NUMEL",
+    "auto_for_size",
     "available_backends",
     "get_backend",
     "register_backend",
@@ -38,6 +40,22 @@ _INSTANCES: dict[str, MergeBackend | None] = {}
 
 # What "auto" tries, in order, per device type; the first available one that supports the device wins.
 AUTO_ORDER: dict[str, list[str]] = {"cuda": ["triton", "torch"], "cpu": ["numba", "torch"]}
+
+
+# Below this many elements in one process's job, "auto" on the CPU runs torch: numba's one-time
+# cost of importing and loading its compiled kernels (~1.6 s) is not paid back by its faster loops.
+# benchmarks/bench_cli_start.py measured the crossover between 3e5 (torch 2.2x faster) and 1e6
+# (numba 6.7x faster) elements; this is near their geometric mean. Used by the CLI (auto_for_size).
+AUTO_CPU_MIN_NUMEL = 500_000
+
+
+def auto_for_size(backend: str, numel: int, device_type: str = "cpu") -> str:
+    """The backend name to run a job of ``numel`` elements with: ``backend`` itself unless it is
+    ``"auto"`` on the CPU for a job smaller than :data:`AUTO_CPU_MIN_NUMEL` while numba is not
+    loaded yet, which gives ``"torch"`` (the same bits: every backend meets one numeric contract)."""
+    if backend != "auto" or device_type != "cpu" or numel >= AUTO_CPU_MIN_NUMEL:
+        return backend
+    return "auto" if _INSTANCES.get("numba") is not None else "torch"
 
 
 def register_backend(name: str, factory: Callable[[], MergeBackend] | str, *, auto_for: dict[str, int] | None = None) -> None:

@@ -1,0 +1,163 @@
+"""A read-only view of a store that never imports torch: what ``condu-merge inspect`` shows
+(tasks, storage, mask density and overlaps), answered in a fraction of a second.
+
+It reads ``manifest.json`` (format, version and checksum checked as :class:`~condu_merge.store.Store`
+does), the data files' sizes, and the packed masks' bytes straight from the safetensors files
+(popcounts by bitarray). Anything it does not expect raises :class:`ViewError`, and the caller
+falls back to the full :class:`~condu_merge.store.Store` (which names the problem); the numbers
+are the same as :meth:`Store.storage` / :meth:`Store.mask_stats` (a test compares them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import struct
+from typing import Any
+
+__all__ = ["StoreView", "ViewError"]
+
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+             "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+
+
+class ViewError(Exception):
+    """The light view cannot answer (the full Store will, or will name the problem)."""
+
+
+def _packed(n: int) -> int:
+    return (n + 7) // 8
+
+
+class StoreView:
+    """``manifest``, :meth:`storage` and :meth:`mask_stats` of the store at ``path``."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.root = os.path.abspath(os.fspath(path))
+        mpath = os.path.join(self.root, "manifest.json")
+        try:
+            with open(mpath, encoding="utf-8") as fh:
+                m = json.load(fh)
+            body = {k: v for k, v in m.items() if k != "checksum"}
+            digest = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+            if m.get("format") != "condu-merge/store" or m.get("version") != 1 or m.get("checksum") != digest:
+                raise ViewError("not a store this view reads")
+            self.gen = os.path.join(self.root, m["generation_dir"])
+            self.params = sum(math.prod(t["shape"]) for t in m["tensors"])
+            for rel, info in m["files"].items():
+                if os.path.getsize(os.path.join(self.gen, rel)) != info["bytes"]:
+                    raise ViewError(f"{rel}: size differs")
+            _ = [(t["name"], t["masks"], t["rescaler"], t["mask_bits"]) for t in m["tasks"]]
+            self.manifest = m
+            self._check_headers()
+        except ViewError:
+            raise
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ViewError(str(exc)) from None
+
+    def _check_headers(self) -> None:
+        """Every data file lists the manifest's tensors, in order, with the expected dtype and size."""
+        m = self.manifest
+        for rel in ["unified.safetensors"] + [t["masks"] for t in m["tasks"]]:
+            fh, _, header = self._mask_reader(rel)
+            fh.close()
+            header.pop("__metadata__", None)
+            order = sorted(header, key=lambda k: tuple(header[k]["data_offsets"]))
+            if order != [t["name"] for t in m["tensors"]]:
+                raise ViewError(f"{rel}: tensors differ from the manifest's")
+            for t in m["tensors"]:
+                e = header[t["name"]]
+                want = (t["dtype"], t["shape"]) if rel == "unified.safetensors" else ("U8", [_packed(math.prod(t["shape"]))])
+                if (e["dtype"], e["shape"]) != want:
+                    raise ViewError(f"{rel}: tensor {t['name']!r} differs from the manifest")
+
+    @property
+    def specs(self) -> list[dict[str, Any]]:
+        return self.manifest["tensors"]
+
+    def storage(self) -> dict[str, object]:
+        """:meth:`condu_merge.store.Store.storage`, from the manifest and file sizes."""
+        m = self.manifest
+        try:
+            u_data = sum(math.prod(t["shape"]) * _ITEMSIZE[t["dtype"]] for t in m["tensors"])
+        except KeyError as exc:
+            raise ViewError(f"dtype {exc}") from None
+        u_bytes = int(m["files"]["unified.safetensors"]["bytes"])
+        mask_bytes = [int(m["files"][t["masks"]]["bytes"]) for t in m["tasks"]]
+        mask_data = sum(_packed(math.prod(t["shape"])) for t in m["tensors"])
+        proto_bytes = sum(int(m["files"][t["prototypes"]]["bytes"]) for t in m["tasks"] if t.get("prototypes"))
+        manifest_bytes = os.path.getsize(os.path.join(self.root, "manifest.json"))
+        base_bytes = int(m["base"]["bytes"]) if m.get("base") else None
+        model_bytes = base_bytes if base_bytes is not None else u_data
+        n = len(m["tasks"])
+        store_bytes = u_bytes + sum(mask_bytes) + proto_bytes + manifest_bytes
+        params = self.params
+        return {
+            "params": params,
+            "tasks": n,
+            "unified_bytes": u_bytes,
+            "mask_bytes_per_task": mask_bytes,
+            "mask_bits_per_param": (mask_data * 8 / params) if params else 0.0,
+            "prototype_bytes": proto_bytes,
+            "manifest_bytes": manifest_bytes,
+            "store_bytes": store_bytes,
+            "base_bytes": base_bytes,
+            "condu_total_bytes": store_bytes + (base_bytes or 0),
+            "individual_bytes": n * model_bytes,
+        }
+
+    def _mask_reader(self, rel: str):
+        fh = open(os.path.join(self.gen, rel), "rb")
+        try:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        except (struct.error, ValueError) as exc:
+            fh.close()
+            raise ViewError(f"{rel}: header ({exc})") from None
+        return fh, 8 + n, header
+
+    def mask_stats(self, *, progress: bool = False) -> dict[str, object]:
+        """:meth:`condu_merge.store.Store.mask_stats`: density and pairwise overlaps ``|M_i ∧ M_j|``
+        (``progress`` is accepted for the same signature; this is fast enough without a bar)."""
+        from bitarray import bitarray
+        from bitarray.util import count_and, count_or
+
+        m = self.manifest
+        names = [t["name"] for t in m["tasks"]]
+        n = len(names)
+        inter = [[0] * n for _ in range(n)]
+        union = [[0] * n for _ in range(n)]
+        readers = [self._mask_reader(t["masks"]) for t in m["tasks"]]
+        try:
+            for spec in m["tensors"]:
+                want = _packed(math.prod(spec["shape"]))
+                bas = []
+                for fh, start, header in readers:
+                    e = header.get(spec["name"])
+                    if not e or e.get("dtype") != "U8" or e["data_offsets"][1] - e["data_offsets"][0] != want:
+                        raise ViewError(f"mask of {spec['name']!r} is not what the manifest says")
+                    fh.seek(start + e["data_offsets"][0])
+                    raw = fh.read(want)
+                    if len(raw) != want:
+                        raise ViewError("truncated mask")
+                    ba = bitarray(endian="little")
+                    ba.frombytes(raw)
+                    bas.append(ba)
+                for i in range(n):
+                    for j in range(i, n):
+                        inter[i][j] += count_and(bas[i], bas[j]) if j != i else bas[i].count(1)
+                        union[i][j] += count_or(bas[i], bas[j]) if j != i else bas[i].count(1)
+        finally:
+            for fh, _, _ in readers:
+                fh.close()
+        params = self.params
+        for i in range(n):
+            for j in range(i):
+                inter[i][j], union[i][j] = inter[j][i], union[j][i]
+        return {
+            "density": {names[i]: (inter[i][i] / params if params else 0.0) for i in range(n)},
+            "overlap_bits": inter,
+            "jaccard": [[(inter[i][j] / union[i][j] if union[i][j] else 0.0) for j in range(n)] for i in range(n)],
+        }
