@@ -6,6 +6,7 @@ User errors print one line (``condu-merge: error: …``) and exit 1; ``--debug``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -22,11 +23,20 @@ def _mb(n: int | float | None) -> str:
 
 
 def _emit(args: argparse.Namespace, data: dict[str, Any], lines: list[str]) -> None:
-    if getattr(args, "json", False):
-        print(json.dumps(data, indent=1, default=str))
-    elif not getattr(args, "quiet", False):
-        for line in lines:
-            print(line)
+    try:
+        if getattr(args, "json", False):
+            print(json.dumps(data, indent=1, default=str))
+        elif not getattr(args, "quiet", False):
+            for line in lines:
+                print(line)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # the reader went away (``| head``, ``| true``): the work is done and committed, so this is
+        # no failure; point stdout at /dev/null so the interpreter's final flush stays quiet too
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
 
 
 def _progress(args: argparse.Namespace) -> bool:
@@ -36,10 +46,13 @@ def _progress(args: argparse.Namespace) -> bool:
 # ---------------------------------------------------------------------------- add-task
 
 def _add_task(args: argparse.Namespace) -> int:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun: split the step across ranks
-        from .distributed import add_task_from_args
+    from .distributed import add_task_from_args, launcher_detected, stale_world_size
 
+    if launcher_detected():  # started by torchrun: split the step across ranks
         return add_task_from_args(args)
+    stale = stale_world_size()
+    if stale:
+        print(f"condu-merge: note: {stale}", file=sys.stderr)
 
     import torch
 
@@ -88,6 +101,8 @@ def _export(args: argparse.Namespace) -> int:
         st._require()
         st.task_info(args.task)  # unknown task: clear error before writing anything
         out = os.path.abspath(args.output)
+        check_export_target(st, out, [args.base] if args.base else [], force=getattr(args, "force", False))
+        remove_stale_export_tmp(out)
         tmp = f"{out}.tmp-{os.getpid()}"
         meta = {"condu-merge-task": args.task, "condu-merge-store": st.root, "content": "delta" if args.delta else "model"}
         from tqdm.auto import tqdm
@@ -123,12 +138,18 @@ def _export(args: argparse.Namespace) -> int:
 
             source = _full()
         try:
+            # create the temporary file ourselves: never through a planted link, never over a file
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644))
             w = StreamingSafetensorsWriter(tmp, [TensorSpec(s.name, s.dtype, tuple(s.shape)) for s in specs], meta)
             with w:
                 for k, v in tqdm(source, total=len(specs), desc=f"export {args.task}", disable=not _progress(args), leave=False):
                     w.write(k, v)
                 sha, size = w.close()
             os.replace(tmp, out)
+        except OSError as exc:
+            if exc.filename is None:  # ENOSPC and friends from write(): name the file
+                raise type(exc)(exc.errno, exc.strerror or str(exc), out) from exc
+            raise
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
@@ -140,12 +161,67 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_export_target(st: Any, out: str, extra_inputs: list[str], *, force: bool) -> None:
+    """Refuse an export path inside the store, onto its recorded base or any task's source (or
+    ``extra_inputs``), through a symlink to any of them, or onto an existing file without
+    ``force``."""
+    from .errors import UnsafePathError
+
+    real = os.path.realpath(out)
+    m = st.manifest
+    guarded = [(st.root, "the store")]
+    if (m.get("base") or {}).get("path"):
+        guarded.append((m["base"]["path"], "the store's base checkpoint"))
+    for t in m["tasks"]:
+        src = (t.get("source") or {}).get("path")
+        if src:
+            guarded.append((src, f"the source of task {t['name']!r}"))
+    guarded += [(p, "the base checkpoint") for p in extra_inputs]
+    for path, what in guarded:
+        g = os.path.realpath(path)
+        inside = real == g or (os.path.isdir(g) and os.path.commonpath([g, real]) == g)
+        if inside:
+            raise UnsafePathError(f"{out}: is {'inside ' if real != g else ''}{what} ({path}); export to another path")
+    if os.path.lexists(out):
+        if not force:
+            raise UnsafePathError(f"{out}: exists; pass --force to replace it")
+        if os.path.isdir(out):
+            raise UnsafePathError(f"{out}: is a folder")
+
+
+def remove_stale_export_tmp(out: str) -> None:
+    """Delete ``OUT.tmp-PID`` files that a killed export of this program left: regular files
+    whose process is gone and whose safetensors header carries the export's metadata."""
+    import struct
+
+    from .checkpoints import parse_json
+    from .errors import ConduError
+    from .store import pid_alive
+
+    folder, prefix = os.path.dirname(out), os.path.basename(out) + ".tmp-"
+    with contextlib.suppress(OSError):
+        for n in os.listdir(folder):
+            pid = n[len(prefix):]
+            p = os.path.join(folder, n)
+            if not n.startswith(prefix) or not pid.isdigit() or pid_alive(int(pid)) or os.path.islink(p) or not os.path.isfile(p):
+                continue
+            try:  # the header alone: a killed export's file is truncated after it
+                with open(p, "rb") as fh:
+                    (size,) = struct.unpack("<Q", fh.read(8))
+                    header = parse_json(fh.read(min(size, 1 << 20)), p) if size <= 1 << 20 else {}
+                ours = isinstance(header, dict) and "condu-merge-store" in (header.get("__metadata__") or {})
+            except (ConduError, OSError, ValueError, struct.error, TypeError):
+                ours = False
+            if ours:
+                os.unlink(p)
+
+
 # ---------------------------------------------------------------------------- inspect / verify
 
 def _inspect(args: argparse.Namespace) -> int:
     from .store import Store
 
-    with Store(args.store, verify=False) as st:
+    with Store(args.store, verify=not args.no_verify) as st:
         m = st._require()
         storage = st.storage()
         stats = None if args.no_overlaps else st.mask_stats(progress=_progress(args))
@@ -172,9 +248,11 @@ def _inspect(args: argparse.Namespace) -> int:
             "tasks": tasks,
             "storage": storage,
             "overlaps": stats,
+            "verified": not args.no_verify,
         }
     lines = [
-        f"store {data['store']} (generation {data['generation']}, rescaler {data['rescaler']})",
+        f"store {data['store']} (generation {data['generation']}, rescaler {data['rescaler']}; "
+        + ("every file's sha256 verified)" if data["verified"] else "files not verified: --no-verify)"),
         f"  {storage['params']:,} parameters in {data['tensors']} tensors; base: {(data['base'] or {}).get('path', 'not recorded')}",
         f"  {'task':<20} {'lambda':>10} {'density':>8} {'mask bytes':>12}",
     ]
@@ -320,8 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--name", required=True, help="task name (unique in the store)")
     a.add_argument("--include", action="append", metavar="GLOB", help="tensors taking part (fnmatch on names; repeatable; first task only)")
     a.add_argument("--exclude", action="append", metavar="GLOB", help="tensors left out (carried unchanged from the base)")
-    a.add_argument("--rescaler", default="tensor_mean", help="tensor_mean | l1 | per_tensor (first task only)")
-    a.add_argument("--dtype", choices=_DTYPES, help="dtype the store keeps u in (first task only; default: the checkpoint's)")
+    a.add_argument("--rescaler", default=None, help="tensor_mean (default) | l1 | per_tensor (fixed by the first task; a later one may only repeat it)")
+    a.add_argument("--dtype", choices=_DTYPES, help="dtype the store keeps u in (fixed by the first task; default: the checkpoint's)")
     a.add_argument("--backend", default="auto")
     a.add_argument("--no-check-base", action="store_true", help="do not compare the base's sha256 with the store's")
     a.set_defaults(func=_add_task)
@@ -335,11 +413,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--backend", default="auto")
     e.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the store")
     e.add_argument("--no-check-base", action="store_true")
+    e.add_argument("--force", action="store_true", help="replace an existing output file (never one the store reads)")
     e.set_defaults(func=_export)
 
     i = sub.add_parser("inspect", parents=[common], help="tasks, sizes, mask density and overlaps, storage vs individual models")
     i.add_argument("store")
     i.add_argument("--no-overlaps", action="store_true", help="skip the pairwise mask overlaps (reads every mask)")
+    i.add_argument("--no-verify", action="store_true", help="skip the sha256 check of every file (fast; says so in the output)")
     i.set_defaults(func=_inspect)
 
     v = sub.add_parser("verify", parents=[common], help="check every file of a store against its sha256")
