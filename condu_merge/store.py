@@ -297,9 +297,9 @@ def _check_manifest_structure(m: dict, mpath: str) -> None:
         return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0
 
     if not is_int(m.get("generation")) or m["generation"] < 1:
-        bad(f"generation {str(m.get('generation'))[:40]!r} is not a positive integer")
+        bad(f"generation {repr(m.get('generation'))[:40]} is not a positive integer")
     if m.get("rescaler") not in RESCALER_MODES:
-        bad(f"rescaler {str(m.get('rescaler'))[:40]!r} is not one of {list(RESCALER_MODES)}")
+        bad(f"rescaler {repr(m.get('rescaler'))[:40]} is not one of {list(RESCALER_MODES)}")
     base = m.get("base")
     if base is not None and not (
         isinstance(base, dict) and isinstance(base.get("path"), str) and (base.get("sha256") is None or isinstance(base["sha256"], str))
@@ -343,7 +343,7 @@ def _check_manifest_structure(m: dict, mpath: str) -> None:
             and math.prod(t["shape"]) <= 2**62
         )
         if not ok:
-            bad(f"tensor entry {str(t)[:200]} needs a name, a dtype of {sorted(ST_TO_DTYPE)} and a shape")
+            bad(f"tensor entry {repr(t)[:200]} needs a name, a dtype of {sorted(ST_TO_DTYPE)} and a shape")
         if t["name"] in names:
             bad(f"tensor {t['name']!r} is listed twice")
         names.add(t["name"])
@@ -359,9 +359,9 @@ def _check_manifest_structure(m: dict, mpath: str) -> None:
             bad(f"task {t['name']!r} is listed twice")
         seen.add(t["name"])
         if t.get("masks") != mask_file(i) or t["masks"] not in files:
-            bad(f"task {t['name']!r}: its mask file {str(t.get('masks'))[:80]!r} is not {mask_file(i)!r} among the files")
+            bad(f"task {t['name']!r}: its mask file {repr(t.get('masks'))[:80]} is not {mask_file(i)!r} among the files")
         if t.get("prototypes") is not None and (t["prototypes"] != _proto_file(i) or t["prototypes"] not in files):
-            bad(f"task {t['name']!r}: its prototypes file {str(t['prototypes'])[:80]!r} is not {_proto_file(i)!r} among the files")
+            bad(f"task {t['name']!r}: its prototypes file {repr(t['prototypes'])[:80]} is not {_proto_file(i)!r} among the files")
         r = t.get("rescaler")
         if m["rescaler"] == "per_tensor":
             ok = isinstance(r, dict) and set(r) == names and all(is_num(x) for x in r.values())
@@ -369,9 +369,9 @@ def _check_manifest_structure(m: dict, mpath: str) -> None:
             ok = is_num(r)
         if not ok:
             want = "a finite non-negative number per tensor" if m["rescaler"] == "per_tensor" else "a finite non-negative number"
-            bad(f"task {t['name']!r}: rescaler {str(r)[:80]} is not {want}")
+            bad(f"task {t['name']!r}: rescaler {repr(r)[:80]} is not {want}")
         if not is_int(t.get("mask_bits")) or not 0 <= t["mask_bits"] <= params:
-            bad(f"task {t['name']!r}: mask_bits {str(t.get('mask_bits'))[:40]!r} is not a count of set bits (0..{params})")
+            bad(f"task {t['name']!r}: mask_bits {repr(t.get('mask_bits'))[:40]} is not a count of set bits (0..{params})")
         if t.get("source") is not None and not (isinstance(t["source"], dict) and isinstance(t["source"].get("path", ""), str)):
             bad(f"task {t['name']!r}: source is not {{path, kind}}")
     owned = {UNIFIED} | {t["masks"] for t in tasks} | {t["prototypes"] for t in tasks if t.get("prototypes")}
