@@ -859,15 +859,22 @@ def add_task_from_args(args: argparse.Namespace) -> int:
     )
     out["seconds"] = time.perf_counter() - t0
     if out["rank"] == 0:
-        if as_json:
-            print(json.dumps(out, indent=1, default=str))
-        elif not quiet:
-            r = out["rescaler"]
-            lam = f"{r:.4f}" if isinstance(r, float) else f"per tensor ({len(r)})"
-            print(
-                f"added {args.name!r} to {out['store']} ({len(out['tasks'])} tasks, {out['params']:,} params, lambda={lam}) "
-                f"in {out['seconds']:.2f} s on {out['world_size']} rank{'s' if out['world_size'] > 1 else ''}"
-            )
+        try:
+            if as_json:
+                print(json.dumps(out, indent=1, default=str))
+            elif not quiet:
+                r = out["rescaler"]
+                lam = f"{r:.4f}" if isinstance(r, float) else f"per tensor ({len(r)})"
+                print(
+                    f"added {args.name!r} to {out['store']} ({len(out['tasks'])} tasks, {out['params']:,} params, lambda={lam}) "
+                    f"in {out['seconds']:.2f} s on {out['world_size']} rank{'s' if out['world_size'] > 1 else ''}"
+                )
+            sys.stdout.flush()
+        except BrokenPipeError:  # the task is committed; a reader that went away is no failure
+            with contextlib.suppress(OSError, ValueError):
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())
+                os.close(devnull)
     return 0
 
 
