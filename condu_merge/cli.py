@@ -177,6 +177,8 @@ def check_export_target(st: Any, out: str, extra_inputs: list[str], *, force: bo
         if src:
             guarded.append((src, f"the source of task {t['name']!r}"))
     guarded += [(p, "the base checkpoint") for p in extra_inputs]
+    # a sharded checkpoint (an index, or a folder) is its whole folder: the shards are inputs too
+    guarded += [(os.path.dirname(p), what) for p, what in guarded[1:] if p.endswith(".index.json")]
     for path, what in guarded:
         g = os.path.realpath(path)
         inside = real == g or (os.path.isdir(g) and os.path.commonpath([g, real]) == g)

@@ -218,6 +218,14 @@ def test_export_refuses_store_base_and_source_paths_and_existing_outputs(tmp_pat
             _err(capsys)
     assert _tree(store) == snapshot and open(base, "rb").read() == base_bytes and open(fts[0], "rb").read() == ft_bytes
     assert os.readlink(link) == str(store / MANIFEST)
+    # a sharded source: every file of its folder is an input
+    d = tmp_path / "shards"
+    d.mkdir()
+    save_file(load_file(fts[1]), str(d / "model-00001.safetensors"))
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "model-00001.safetensors", "b": "model-00001.safetensors"}}))
+    assert _add(store, base, str(d / "model.safetensors.index.json"), "sharded") == 0
+    assert main(["export", str(store), "--task", "a", "-o", str(d / "model-00001.safetensors"), "-q", "--force"]) == 1
+    assert "source of task 'sharded'" in _err(capsys)
     out = tmp_path / "out.safetensors"
     out.write_bytes(b"someone's file")
     assert main(["export", str(store), "--task", "a", "-o", str(out), "-q"]) == 1
