@@ -388,7 +388,7 @@ _PATTERN_TIMEOUT_S = 0.25  # per match; PEFT patterns are short, so only a patho
 
 
 def _compile_pattern(pattern: str, where: str):
-    """PEFT's pattern rule ``(.*\.)?(PATTERN)$``, compiled by the ``regex`` engine, whose matches
+    r"""PEFT's pattern rule ``(.*\.)?(PATTERN)$``, compiled by the ``regex`` engine, whose matches
     take a timeout (Python's ``re`` cannot be interrupted: an untrusted ``(.*.*)*x`` would run for
     minutes). ``regex`` reads Python ``re`` syntax the same way (its VERSION0 mode)."""
     import regex
@@ -402,7 +402,7 @@ def _compile_pattern(pattern: str, where: str):
 
 
 def peft_pattern_key(patterns: Iterable[str], module: str, where: str) -> str | None:
-    """The first of ``patterns`` (``rank_pattern``/``alpha_pattern`` keys, in order) that matches
+    r"""The first of ``patterns`` (``rank_pattern``/``alpha_pattern`` keys, in order) that matches
     ``module`` by PEFT's rule (``peft.utils.other.get_pattern_key``: ``re.match(rf"(.*\.)?({key})$",
     module)``), or ``None``. A match that runs past a short timeout is refused with
     :class:`CheckpointError` naming ``where`` and the pattern instead of hanging."""
