@@ -95,7 +95,8 @@ def main() -> None:
             "python -c pass": _wall([py, "-c", "pass"], args.repeat),
             "python -c 'import torch'": _wall([py, "-c", "import torch"], args.repeat),
             "condu-merge --help": _wall([py, "-m", "condu_merge", "--help"], args.repeat),
-            "condu-merge inspect (3 tasks, 0.2M params)": _wall([py, "-m", "condu_merge", "inspect", store], args.repeat),
+            "condu-merge inspect (3 tasks, 0.2M params; sha256 verified)": _wall([py, "-m", "condu_merge", "inspect", store], args.repeat),
+            "condu-merge inspect --no-verify (torch-free view)": _wall([py, "-m", "condu_merge", "inspect", store, "--no-verify"], args.repeat),
         }
     print("## CLI start (median wall, fresh processes)\n\n| command | s | x `import torch` |\n|---|---:|---:|")
     t_torch = res["start"]["python -c 'import torch'"]

@@ -25,20 +25,59 @@ import hashlib
 import json
 import math
 import os
-import re
 import struct
 from typing import Iterable, Iterator, Mapping, Protocol, Sequence
 
 import torch
 
-from .errors import ConduError, FormatError, KeyMismatchError, ShapeMismatchError
-from .safetensors_writer import ST_TO_DTYPE, TensorSpec
+from .errors import ConduError, DtypeMismatchError, FormatError, KeyMismatchError, NonFiniteError, ShapeMismatchError
+from .safetensors_writer import ST_TO_DTYPE, TensorSpec, dtype_itemsize
 
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
+_MAX_DIM = 2**62  # a dimension (and the product of the non-zero ones) beyond this is no real tensor
 
 
 class CheckpointError(ConduError, ValueError):
     """A checkpoint cannot be used (unknown layout, unsupported adapter type, …)."""
+
+
+def parse_json(raw: bytes | str, where: str, what: str = "JSON") -> object:
+    """``json.loads`` of untrusted text, every failure a :class:`FormatError` naming ``where``:
+    invalid JSON, bad UTF-8, nesting deep enough to exhaust the recursion limit, integers of more
+    digits than Python converts."""
+    try:
+        if isinstance(raw, bytes):
+            raw = raw.decode("utf-8")
+        return json.loads(raw)
+    except RecursionError:
+        raise FormatError(f"{where}: {what} is nested too deeply to be read") from None
+    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError and the int digit limit are ValueErrors
+        raise FormatError(f"{where}: {what} is not valid JSON ({str(exc).splitlines()[0][:200]})") from None
+
+
+def read_json(path: str, what: str = "JSON") -> object:
+    """:func:`parse_json` of a file's content."""
+    with open(path, "rb") as fh:
+        return parse_json(fh.read(), path, what)
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def looks_like_safetensors(path: str) -> bool:
+    """Whether ``path`` starts like a safetensors file (a u64 header length that fits the file,
+    then ``{``), whatever its extension -- a ``.bin`` may well be one."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(9)
+            size = os.fstat(fh.fileno()).st_size
+    except OSError:
+        return False
+    if len(head) < 9:
+        return False
+    (n,) = struct.unpack("<Q", head[:8])
+    return 0 < n <= min(_MAX_HEADER, size - 8) and head[8:9] == b"{"
 
 
 class Checkpoint(Protocol):
@@ -67,7 +106,7 @@ class SafetensorsFile:
     :class:`FormatError` naming the file.
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, *, keep_open: bool = True):
         self.path = os.fspath(path)
         self._fh = open(self.path, "rb")  # FileNotFoundError names the path itself
         try:
@@ -75,6 +114,13 @@ class SafetensorsFile:
         except BaseException:
             self._fh.close()
             raise
+        # keep_open=False: the handle is closed now and each get() opens the file for its read, so
+        # a store of thousands of mask files never holds thousands of descriptors
+        self._keep_open = keep_open
+        st = os.fstat(self._fh.fileno())
+        self._identity = (st.st_dev, st.st_ino)
+        if not keep_open:
+            self._fh.close()
 
     def _parse(self) -> None:
         size = os.fstat(self._fh.fileno()).st_size
@@ -85,13 +131,13 @@ class SafetensorsFile:
         if n > _MAX_HEADER or 8 + n > size:
             raise FormatError(f"{self.path}: safetensors header length {n} does not fit a {size}-byte file (truncated or not safetensors)")
         self._header_bytes = self._fh.read(n)
-        try:
-            header = json.loads(self._header_bytes.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise FormatError(f"{self.path}: safetensors header is not valid JSON ({exc})") from exc
+        header = parse_json(self._header_bytes, self.path, "the safetensors header")
         if not isinstance(header, dict):
             raise FormatError(f"{self.path}: safetensors header is not a JSON object")
-        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        meta = header.pop("__metadata__", None) or {}
+        if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+            raise FormatError(f"{self.path}: safetensors __metadata__ must map names to strings")
+        self.metadata: dict[str, str] = meta
         self._data_start = 8 + n
         self._size = size
         # running sha256 of what was read, valid while reads go front to back (see sequential_sha256)
@@ -100,15 +146,22 @@ class SafetensorsFile:
         self._entries: dict[str, tuple[TensorSpec, int, int]] = {}
         data_len = size - self._data_start
         for name, e in header.items():
-            try:
-                dtype = ST_TO_DTYPE[e["dtype"]]
-                shape = tuple(int(d) for d in e["shape"])
-                begin, end = (int(x) for x in e["data_offsets"])
-            except (KeyError, TypeError, ValueError) as exc:
-                raise FormatError(f"{self.path}: header entry of tensor {name!r} is malformed or has an unsupported dtype ({exc})") from exc
-            spec = TensorSpec(name, dtype, shape)
+            if not isinstance(e, dict):
+                raise FormatError(f"{self.path}: header entry of tensor {name!r} is not an object")
+            dt, shape, offs = e.get("dtype"), e.get("shape"), e.get("data_offsets")
+            if not isinstance(dt, str) or dt not in ST_TO_DTYPE:
+                raise FormatError(f"{self.path}: tensor {name!r} has an unsupported dtype {str(dt)[:40]!r}")
+            if not isinstance(shape, list) or not all(_is_int(d) for d in shape):
+                raise FormatError(f"{self.path}: tensor {name!r}: shape {str(shape)[:80]} is not a list of integers")
+            if not isinstance(offs, list) or len(offs) != 2 or not all(_is_int(x) for x in offs):
+                raise FormatError(f"{self.path}: tensor {name!r}: data_offsets {str(offs)[:80]} is not two integers")
+            dtype, shape = ST_TO_DTYPE[dt], tuple(shape)
+            begin, end = offs
             if any(d < 0 for d in shape):
                 raise FormatError(f"{self.path}: tensor {name!r} has a negative dimension in shape {shape}")
+            if any(d > _MAX_DIM for d in shape) or math.prod(max(d, 1) for d in shape) * dtype_itemsize(dtype) > _MAX_DIM:
+                raise FormatError(f"{self.path}: tensor {name!r} has an impossible shape {str(list(shape))[:80]}")
+            spec = TensorSpec(name, dtype, shape)
             if end - begin != spec.nbytes or begin < 0:
                 raise FormatError(f"{self.path}: tensor {name!r} has {end - begin} bytes of data for shape {shape} {dtype}")
             if end > data_len:
@@ -118,6 +171,11 @@ class SafetensorsFile:
             self._entries[name] = (spec, begin, end)
         # file order: reading keys() in turn reads the file front to back
         self._entries = dict(sorted(self._entries.items(), key=lambda kv: (kv[1][1], kv[1][2])))
+        prev_name, prev_end = None, 0
+        for name, (_, begin, end) in self._entries.items():
+            if begin < prev_end:
+                raise FormatError(f"{self.path}: the data of tensors {prev_name!r} and {name!r} overlap (byte offsets)")
+            prev_name, prev_end = name, end
 
     def keys(self) -> list[str]:
         return list(self._entries)
@@ -138,8 +196,7 @@ class SafetensorsFile:
             raise KeyMismatchError(f"{self.path}: no tensor {key!r}")
         buf = torch.empty(end - begin, dtype=torch.uint8)
         if end > begin:
-            self._fh.seek(self._data_start + begin)
-            got = self._fh.readinto(memoryview(buf.numpy()))
+            got = self._read_into(memoryview(buf.numpy()), self._data_start + begin)
             if got != end - begin:
                 raise FormatError(f"{self.path}: tensor {key!r} is truncated ({got} of {end - begin} bytes)")
             if self._seq is not None:
@@ -151,6 +208,17 @@ class SafetensorsFile:
         if spec.dtype == torch.uint8:
             return buf.reshape(spec.shape)
         return buf.view(spec.dtype).reshape(spec.shape)
+
+    def _read_into(self, view: memoryview, offset: int) -> int:
+        if self._keep_open:
+            self._fh.seek(offset)
+            return self._fh.readinto(view)
+        with open(self.path, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            if (st.st_dev, st.st_ino) != self._identity:
+                raise FormatError(f"{self.path}: the file was replaced since it was opened (another writer?); open it again")
+            fh.seek(offset)
+            return fh.readinto(view)
 
     def sequential_sha256(self) -> str | None:
         """sha256 of the whole file if every byte was read front to back by :meth:`get`, else ``None``.
@@ -178,12 +246,10 @@ class ShardedCheckpoint:
 
     def __init__(self, index_path: str | os.PathLike):
         self.path = os.fspath(index_path)
-        try:
-            with open(self.path, encoding="utf-8") as fh:
-                index = json.load(fh)
-            weight_map = index["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise FormatError(f"{self.path}: not a checkpoint index (needs a 'weight_map'; {exc})") from exc
+        index = read_json(self.path, "the checkpoint index")
+        if not isinstance(index, dict) or "weight_map" not in index:
+            raise FormatError(f"{self.path}: not a checkpoint index (needs an object with a 'weight_map')")
+        weight_map = index["weight_map"]
         if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
             raise FormatError(f"{self.path}: 'weight_map' must map tensor names to shard file names")
         folder = os.path.dirname(os.path.abspath(self.path))
@@ -206,7 +272,7 @@ class ShardedCheckpoint:
             raise KeyMismatchError(f"{self.path}: no tensor {key!r}") from None
         ck = self._open.get(f)
         if ck is None:
-            ck = SafetensorsFile(f) if f.endswith(".safetensors") else TorchCheckpoint(f)
+            ck = SafetensorsFile(f) if f.endswith(".safetensors") or looks_like_safetensors(f) else TorchCheckpoint(f)
             if key not in ck.keys():
                 raise FormatError(f"{self.path}: the index puts {key!r} in {os.path.basename(f)}, which lacks it")
             self._open[f] = ck
@@ -318,6 +384,70 @@ class MemoryCheckpoint:
 # ---------------------------------------------------------------------------- PEFT adapters
 
 _PEFT_PREFIX = "base_model.model."
+_PATTERN_TIMEOUT_S = 0.25  # per match; PEFT patterns are short, so only a pathological one gets near it
+
+
+def _compile_pattern(pattern: str, where: str):
+    r"""PEFT's pattern rule ``(.*\.)?(PATTERN)$``, compiled by the ``regex`` engine, whose matches
+    take a timeout (Python's ``re`` cannot be interrupted: an untrusted ``(.*.*)*x`` would run for
+    minutes). ``regex`` reads Python ``re`` syntax the same way (its VERSION0 mode)."""
+    import regex
+
+    if not isinstance(pattern, str):
+        raise CheckpointError(f"{where}: pattern {pattern!r} is not a string")
+    try:
+        return regex.compile(rf"(.*\.)?({pattern})$", regex.VERSION0)
+    except (regex.error, RecursionError, OverflowError, ValueError) as exc:
+        raise CheckpointError(f"{where}: pattern {pattern!r} is not a valid regular expression ({exc})") from None
+
+
+def peft_pattern_key(patterns: Iterable[str], module: str, where: str) -> str | None:
+    r"""The first of ``patterns`` (``rank_pattern``/``alpha_pattern`` keys, in order) that matches
+    ``module`` by PEFT's rule (``peft.utils.other.get_pattern_key``: ``re.match(rf"(.*\.)?({key})$",
+    module)``), or ``None``. A match that runs past a short timeout is refused with
+    :class:`CheckpointError` naming ``where`` and the pattern instead of hanging."""
+    for pat in patterns:
+        try:
+            hit = _compile_pattern(pat, where).match(module, timeout=_PATTERN_TIMEOUT_S)
+        except TimeoutError:
+            raise CheckpointError(
+                f"{where}: pattern {pat!r} takes too long to match module {module[:80]!r} (catastrophic backtracking); "
+                "simplify it"
+            ) from None
+        if hit:
+            return pat
+    return None
+
+
+def _check_number(value: object, what: str, where: str, *, integer: bool = False, minimum: float = 0.0) -> None:
+    if value is None:
+        return
+    if integer:
+        ok = _is_int(value) and value >= minimum
+    else:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= minimum
+    if not ok:
+        kind = "an integer" if integer else "a finite number"
+        raise CheckpointError(f"{where}: {what} is {repr(value)[:40]}; it must be {kind} >= {minimum:g}")
+
+
+def check_lora_config(cfg: object, where: str) -> None:
+    """Refuse an ``adapter_config.json`` whose fields the merge would trip over: not an object, a
+    rank below 1, a non-numeric or non-finite ``lora_alpha``, patterns that are not
+    ``{regex: number}`` mappings or do not compile."""
+    if not isinstance(cfg, dict):
+        raise FormatError(f"{where}: not a JSON object")
+    _check_number(cfg.get("r"), "r (the LoRA rank)", where, integer=True, minimum=1)
+    _check_number(cfg.get("lora_alpha"), "lora_alpha", where)
+    for field, integer, minimum in (("rank_pattern", True, 1), ("alpha_pattern", False, 0)):
+        pats = cfg.get(field)
+        if pats is None:
+            continue
+        if not isinstance(pats, dict):
+            raise CheckpointError(f"{where}: {field} must be an object mapping patterns to numbers")
+        for pat, v in pats.items():
+            _compile_pattern(pat, where)
+            _check_number(v, f"{field}[{pat!r}]", where, integer=integer, minimum=minimum)
 
 
 class PeftAdapter:
@@ -332,22 +462,22 @@ class PeftAdapter:
     def __init__(self, folder: str | os.PathLike):
         self.path = os.fspath(folder)
         cfg_path = os.path.join(self.path, "adapter_config.json")
-        try:
-            with open(cfg_path, encoding="utf-8") as fh:
-                self.config = json.load(fh)
-        except json.JSONDecodeError as exc:
-            raise FormatError(f"{cfg_path}: not valid JSON ({exc})") from exc
+        self.config_path = cfg_path
+        self.config = read_json(cfg_path, "the adapter config")
+        if not isinstance(self.config, dict):
+            raise FormatError(f"{cfg_path}: not a JSON object")
         ptype = str(self.config.get("peft_type", "LORA")).upper()
         if ptype != "LORA":
             raise CheckpointError(f"{cfg_path}: adapter type {ptype} is not supported (only LoRA)")
         if self.config.get("use_dora"):
             raise CheckpointError(f"{cfg_path}: DoRA adapters are not supported (their delta is not B·A)")
+        check_lora_config(self.config, cfg_path)
         st = os.path.join(self.path, "adapter_model.safetensors")
         binf = os.path.join(self.path, "adapter_model.bin")
         if os.path.exists(st):
             self._ck: Checkpoint = SafetensorsFile(st)
         elif os.path.exists(binf):
-            self._ck = TorchCheckpoint(binf)
+            self._ck = SafetensorsFile(binf) if looks_like_safetensors(binf) else TorchCheckpoint(binf)
         else:
             raise FileNotFoundError(f"{self.path}: no adapter_model.safetensors (or adapter_model.bin)")
         self._lora: dict[str, tuple[str, str, bool]] = {}  # base key -> (A key, B key, transpose)
@@ -360,8 +490,18 @@ class PeftAdapter:
                     b_key = k[: -len(a_suffix)] + b_suffix
                     if b_key not in self._ck.keys():
                         raise FormatError(f"{self._ck.path}: {k!r} has no matching {b_key!r}")
-                    if len(self._ck.spec(k).shape) != 2:
+                    a_spec, b_spec = self._ck.spec(k), self._ck.spec(b_key)
+                    if len(a_spec.shape) != 2:
                         raise CheckpointError(f"{self._ck.path}: LoRA of {module!r} is not 2-D (convolution LoRA is not supported)")
+                    if not (a_spec.dtype.is_floating_point and b_spec.dtype.is_floating_point):
+                        raise DtypeMismatchError(f"{self._ck.path}: LoRA factors of {module!r} are {a_spec.dtype}/{b_spec.dtype}, not floating point")
+                    if a_spec.shape[0] < 1:
+                        raise CheckpointError(f"{self._ck.path}: LoRA of {module!r} has rank 0 ({k!r} is {a_spec.shape})")
+                    if len(b_spec.shape) != 2 or b_spec.shape[1] != a_spec.shape[0]:
+                        raise ShapeMismatchError(
+                            f"{self._ck.path}: {b_key!r} has shape {b_spec.shape}, which does not fit {k!r} {a_spec.shape} "
+                            f"(lora_B must be [out, {a_spec.shape[0]}])"
+                        )
                     # PEFT: embeddings store (B A)ᵀ; fan_in_fan_out layers (GPT-2 Conv1D) store W transposed
                     self._lora[module + ".weight"] = (k, b_key, emb or bool(self.config.get("fan_in_fan_out")))
                     break
@@ -375,10 +515,10 @@ class PeftAdapter:
 
     def _scaling(self, module: str, rank: int) -> float:
         alpha = float(self.config.get("lora_alpha", rank))
-        for pat, val in (self.config.get("alpha_pattern") or {}).items():
-            if re.match(rf"(.*\.)?{pat}$", module):
-                alpha = float(val)
-                break
+        pats = self.config.get("alpha_pattern") or {}
+        pat = peft_pattern_key(pats, module, self.config_path)
+        if pat is not None:
+            alpha = float(pats[pat])
         if self.config.get("use_rslora"):
             return alpha / math.sqrt(rank)
         return alpha / rank
@@ -388,6 +528,19 @@ class PeftAdapter:
 
     def covers(self, key: str) -> bool:
         return key in self._lora or key in self._full
+
+    def delta_shape(self, key: str) -> tuple[int, ...] | None:
+        """The shape the adapter's delta of ``key`` has (``None`` when it does not change ``key``)."""
+        if key in self._lora:
+            a_key, b_key, transpose = self._lora[key]
+            shape = (self._ck.spec(b_key).shape[0], self._ck.spec(a_key).shape[1])
+            return shape[::-1] if transpose else shape
+        if key in self._full:
+            spec = self._ck.spec(self._full[key])
+            if not spec.dtype.is_floating_point:
+                raise DtypeMismatchError(f"{self._ck.path}: {self._full[key]!r} is {spec.dtype}, not floating point")
+            return tuple(spec.shape)
+        return None
 
     def delta(self, key: str, base: torch.Tensor) -> torch.Tensor:
         """The adapter's delta of base tensor ``key`` in float32 or wider (``base`` gives shape/dtype)."""
@@ -443,7 +596,7 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint | PeftAdapter:
         raise FileNotFoundError(f"{p}: no such checkpoint")
     if p.endswith(".index.json"):
         return ShardedCheckpoint(p)
-    if p.endswith(".safetensors"):
+    if p.endswith(".safetensors") or looks_like_safetensors(p):  # a .bin may be safetensors inside
         return SafetensorsFile(p)
     with open(p, "rb") as fh:
         magic = fh.read(2)
@@ -516,12 +669,23 @@ class TaskDelta:
         if not bspec.dtype.is_floating_point:
             raise KeyMismatchError(f"{self.base.path}: tensor {key!r} is {bspec.dtype}, not floating point; it cannot take part")
         if isinstance(self.finetuned, PeftAdapter):
+            dshape = self.finetuned.delta_shape(key)
+            if dshape is not None and tuple(dshape) != tuple(shape):
+                raise ShapeMismatchError(
+                    f"{self.finetuned.path}: the adapter's delta of {key!r} has shape {tuple(dshape)}, the base tensor has {tuple(shape)}"
+                )
             return
         if key not in self.finetuned.keys():
             raise KeyMismatchError(f"{self.finetuned.path}: fine-tuned checkpoint lacks tensor {key!r}")
         fspec = self.finetuned.spec(key)
         if tuple(fspec.shape) != tuple(shape):
             raise ShapeMismatchError(f"{self.finetuned.path}: tensor {key!r} has shape {fspec.shape}, the base has {tuple(shape)}")
+        if not fspec.dtype.is_floating_point:
+            # an integer tensor against a float base is no fine-tuned weight (a cast gone wrong)
+            raise DtypeMismatchError(
+                f"{self.finetuned.path}: tensor {key!r} is {fspec.dtype} but {bspec.dtype} in the base {self.base.path}; "
+                "a fine-tuned weight must be floating point like the base's"
+            )
 
     def delta(self, key: str, dtype: torch.dtype) -> torch.Tensor:
         b = self.base.get(key)
@@ -532,7 +696,14 @@ class TaskDelta:
             wide = torch.promote_types(torch.promote_types(f.dtype, b.dtype), torch.float32)
             d = f.to(wide) - b.to(wide)  # never in place: f may be the caller's own tensor
             del f, b
-        return d.to(dtype)
+        out = d.to(dtype)
+        if out.dtype != d.dtype and out.is_floating_point() and not bool(torch.isfinite(out).all()) and bool(torch.isfinite(d).all()):
+            big = float(d.abs().max())
+            raise NonFiniteError(
+                f"{self.finetuned.path}: the delta of tensor {key!r} (fine-tuned − base, up to {big:.6g} in magnitude) overflows "
+                f"{str(dtype).replace('torch.', '')} though both checkpoints are finite; store it wider with --dtype float32"
+            )
+        return out
 
     def close(self) -> None:
         self.base.close()

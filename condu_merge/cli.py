@@ -23,11 +23,20 @@ def _mb(n: int | float | None) -> str:
 
 
 def _emit(args: argparse.Namespace, data: dict[str, Any], lines: list[str]) -> None:
-    if getattr(args, "json", False):
-        print(json.dumps(data, indent=1, default=str))
-    elif not getattr(args, "quiet", False):
-        for line in lines:
-            print(line)
+    try:
+        if getattr(args, "json", False):
+            print(json.dumps(data, indent=1, default=str))
+        elif not getattr(args, "quiet", False):
+            for line in lines:
+                print(line)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # the reader went away (``| head``, ``| true``): the work is done and committed, so this is
+        # no failure; point stdout at /dev/null so the interpreter's final flush stays quiet too
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
 
 
 def _progress(args: argparse.Namespace) -> bool:
@@ -37,10 +46,13 @@ def _progress(args: argparse.Namespace) -> bool:
 # ---------------------------------------------------------------------------- add-task
 
 def _add_task(args: argparse.Namespace) -> int:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun: split the step across ranks
-        from .distributed import add_task_from_args
+    from .distributed import add_task_from_args, launcher_detected, stale_world_size
 
+    if launcher_detected():  # started by torchrun: split the step across ranks
         return add_task_from_args(args)
+    stale = stale_world_size()
+    if stale:
+        print(f"condu-merge: note: {stale}", file=sys.stderr)
 
     from .recipe import add_one
     from .store import Store
@@ -48,7 +60,7 @@ def _add_task(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     with Store(args.store, verify=False) as st:
         info = add_one(
-            st, args.name, args.base, args.finetuned, rescaler=args.rescaler if getattr(args, "rescaler_given", False) else None,
+            st, args.name, args.base, args.finetuned, rescaler=args.rescaler,
             include=args.include, exclude=args.exclude, dtype=args.dtype, backend=args.backend, lora=args.lora,
             lora_init=args.lora_init, check_base=not args.no_check_base, progress=_progress(args),
         )
@@ -210,19 +222,25 @@ def _against(args: argparse.Namespace, data: dict[str, Any]) -> list[dict[str, A
 def _inspect(args: argparse.Namespace) -> int:
     from .store_view import StoreView, ViewError
 
-    try:  # torch-free and fast where the view can answer; the full Store names any problem
-        data, lora = _inspect_data(StoreView(args.store), args)
-    except ViewError:
+    data = None
+    if args.no_verify:  # torch-free and fast where the view can answer; the full Store names any problem
+        try:
+            data, lora = _inspect_data(StoreView(args.store), args)
+        except ViewError:
+            data = None
+    if data is None:  # by default every file's sha256 and the manifest's fields are checked first
         from .store import Store
 
-        with Store(args.store, verify=False) as st:
+        with Store(args.store, verify=not args.no_verify) as st:
             st._require()
             data, lora = _inspect_data(st, args)
+    data["verified"] = not args.no_verify
     if args.against is not None:
         data["against"] = _against(args, data)
     storage, stats, tasks = data["storage"], data["overlaps"], data["tasks"]
     lines = [
-        f"store {data['store']} (generation {data['generation']}, rescaler {data['rescaler']})",
+        f"store {data['store']} (generation {data['generation']}, rescaler {data['rescaler']}; "
+        + ("every file's sha256 verified)" if data["verified"] else "files not verified: --no-verify)"),
         f"  {storage['params']:,} parameters in {data['tensors']} tensors; base: {(data['base'] or {}).get('path', 'not recorded')}",
         f"  {'task':<20} {'lambda':>10} {'density':>8} {'mask bytes':>12}",
     ]
@@ -387,8 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--name", required=True, help="task name (unique in the store)")
     a.add_argument("--include", action="append", metavar="GLOB", help="tensors taking part (fnmatch on names; repeatable; first task only)")
     a.add_argument("--exclude", action="append", metavar="GLOB", help="tensors left out (carried unchanged from the base)")
-    a.add_argument("--rescaler", default="tensor_mean", action=_Given, help="tensor_mean | l1 | per_tensor (fixed when the store is created)")
-    a.add_argument("--dtype", choices=_DTYPES, help="dtype the store keeps u in (first task only; default: the checkpoint's)")
+    a.add_argument("--rescaler", default=None, help="tensor_mean (default) | l1 | per_tensor (fixed by the first task; a later one may only repeat it)")
+    a.add_argument("--dtype", choices=_DTYPES, help="dtype the store keeps u in (fixed by the first task; default: the checkpoint's)")
     a.add_argument("--backend", default="auto")
     a.add_argument("--no-check-base", action="store_true", help="do not compare the base's sha256 with the store's")
     a.add_argument("--lora", choices=("factors", "dense"), help="PEFT adapters: merge the A/B factors (default) or dense B A deltas")
@@ -406,12 +424,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-shard-size", default="50GB", help="hf: shard above this size (transformers' default 50GB)")
     e.add_argument("--rank", type=int, help="peft from a dense store: LoRA rank (default: the source adapter's)")
     e.add_argument("--task-type", help="peft: task_type to write (default: the source adapter's)")
-    e.add_argument("--force", action="store_true", help="replace an existing output")
     e.add_argument("--delta", action="store_true", help="the delta alone (no base needed)")
     e.add_argument("--base", help="base checkpoint (default: the one recorded in the store)")
     e.add_argument("--backend", default="auto")
     e.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the store")
     e.add_argument("--no-check-base", action="store_true")
+    e.add_argument("--force", action="store_true", help="replace an existing output file (never one the store reads)")
     e.set_defaults(func=_export)
 
     r = sub.add_parser("run", parents=[common], help="add a recipe's tasks in order (YAML or JSON), resuming where a run stopped")
@@ -426,6 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per task: the decoupled expert vs its fine-tuned checkpoint (relative L2, cosine, sign agreement per "
                    "tensor group); no value: each task's recorded source")
     i.add_argument("--base", help="--against: the base checkpoint (default: the store's recorded one)")
+    i.add_argument("--no-verify", action="store_true", help="skip the sha256 check of every file (fast; says so in the output)")
     i.set_defaults(func=_inspect)
 
     v = sub.add_parser("verify", parents=[common], help="check every file of a store against its sha256")

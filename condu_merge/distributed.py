@@ -45,7 +45,6 @@ import datetime as _dt
 import json
 import math
 import os
-import shutil
 import signal
 import sys
 import time
@@ -72,6 +71,7 @@ from .store import (
     UNIFIED,
     Store,
     StoreLock,
+    KEEP_OPEN_FILES,
     StoreLockedError,
     check_add_args,
     continual_step_tensor,
@@ -79,7 +79,9 @@ from .store import (
     generation_layout,
     mask_file,
     open_task_delta,
+    open_writer_lock,
     popcount_bytes,
+    remove_generation_dir,
 )
 
 CRASH_RANK_ENV = "CONDU_MERGE_CRASH_RANK"
@@ -91,6 +93,43 @@ first tensor written), ``write:data`` (a rank's data fsynced, before the status 
 
 TIMEOUT_ENV = "CONDU_MERGE_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 1800.0
+RENDEZVOUS_TIMEOUT_ENV = "CONDU_MERGE_RENDEZVOUS_TIMEOUT"
+DEFAULT_RENDEZVOUS_TIMEOUT_S = 300.0
+"""How long ranks wait for each other to connect (``MASTER_ADDR:MASTER_PORT``) before giving up
+with a clear message; the collectives' own timeout (:data:`TIMEOUT_ENV`) applies after that."""
+FORCE_ENV = "CONDU_MERGE_DISTRIBUTED"
+"""``1``: ``condu-merge add-task`` takes ``WORLD_SIZE``/``RANK``/``MASTER_*`` as a launch without
+torchrun's own variables (another launcher that sets them)."""
+
+
+def launcher_detected(env: Mapping[str, str] | None = None) -> bool:
+    """Whether this process was started as one rank of a multi-process job: ``WORLD_SIZE > 1``
+    and torchrun's own variables (``TORCHELASTIC_RUN_ID``, or ``LOCAL_RANK`` with ``GROUP_RANK``),
+    or :data:`FORCE_ENV`. A ``WORLD_SIZE`` left over in a shell alone does not count: it would
+    make a plain add-task wait for ranks that never come."""
+    env = os.environ if env is None else env
+    try:
+        world = int(env.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return False
+    if world <= 1:
+        return False
+    return bool(env.get("TORCHELASTIC_RUN_ID")) or ("LOCAL_RANK" in env and "GROUP_RANK" in env) or env.get(FORCE_ENV) == "1"
+
+
+def stale_world_size(env: Mapping[str, str] | None = None) -> str | None:
+    """A one-line note when ``WORLD_SIZE > 1`` is set without a launcher (see :func:`launcher_detected`)."""
+    env = os.environ if env is None else env
+    try:
+        world = int(env.get("WORLD_SIZE", "1"))
+    except ValueError:
+        world = 1
+    if world > 1 and not launcher_detected(env):
+        return (
+            f"WORLD_SIZE={world} is set but no torchrun launcher is (no TORCHELASTIC_RUN_ID, LOCAL_RANK+GROUP_RANK); "
+            f"running in one process. Start ranks with torchrun, or set {FORCE_ENV}=1 under another launcher"
+        )
+    return None
 
 
 class DistributedMergeError(ConduError, RuntimeError):
@@ -263,10 +302,25 @@ def _communicator(group=None, timeout_s: float | None = None):
     if not dist.is_available():
         raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
     timeout = timeout_s if timeout_s is not None else float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
+    rdv = float(os.environ.get(RENDEZVOUS_TIMEOUT_ENV, DEFAULT_RENDEZVOUS_TIMEOUT_S))
     use_nccl = torch.cuda.is_available() and dist.is_nccl_available()
     if use_nccl:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if use_nccl else "gloo", timeout=_dt.timedelta(seconds=timeout))
+    where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+    who = f"rank {os.environ.get('RANK', '?')} of {os.environ.get('WORLD_SIZE', '?')}"
+    try:
+        # the rendezvous first, with its own (short) timeout: with a stale environment the other
+        # ranks never come, and init_process_group alone would wait the whole collective timeout
+        store, rank, world = next(dist.rendezvous("env://", timeout=_dt.timedelta(seconds=rdv)))
+    except (RuntimeError, ValueError, TimeoutError) as exc:
+        raise DistributedMergeError(
+            f"rendezvous at {where} as {who} failed after up to {rdv:g} s ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:160] if str(exc) else ''}); start every rank (torchrun), or unset WORLD_SIZE for "
+            f"one process (${RENDEZVOUS_TIMEOUT_ENV} sets the wait)"
+        ) from None
+    store.set_timeout(_dt.timedelta(seconds=timeout))
+    dist.init_process_group("nccl" if use_nccl else "gloo", store=store, rank=rank, world_size=world,
+                            timeout=_dt.timedelta(seconds=timeout))
     if not _OWN_GROUP:
         atexit.register(_destroy_own_group)
     _OWN_GROUP = True
@@ -388,10 +442,14 @@ class _SliceWriter:
 
     def __init__(self, gen_dir: str, layout: Mapping[str, tuple[bytes, dict]]):
         self.layout = layout
+        self.dir = gen_dir
         self.fds: dict[str, int] = {}
+        # past KEEP_OPEN_FILES files, each write opens its file (thousands of tasks, 1,024 fds)
+        self._keep = len(layout) <= KEEP_OPEN_FILES
         try:
-            for rel in layout:
-                self.fds[rel] = os.open(os.path.join(gen_dir, rel), os.O_WRONLY)
+            if self._keep:
+                for rel in layout:
+                    self.fds[rel] = os.open(os.path.join(gen_dir, rel), os.O_WRONLY)
         except BaseException:
             self.close()
             raise
@@ -401,11 +459,26 @@ class _SliceWriter:
         data = tensor_bytes(t)
         if data.nbytes != end - begin:
             raise ValueError(f"{rel}: tensor {key!r} has {data.nbytes} bytes, its slot {end - begin}")
-        _pwrite_all(self.fds[rel], data, begin)
+        if self._keep:
+            _pwrite_all(self.fds[rel], data, begin)
+            return
+        fd = os.open(os.path.join(self.dir, rel), os.O_WRONLY)
+        try:
+            _pwrite_all(fd, data, begin)
+        finally:
+            os.close(fd)
 
     def fsync(self) -> None:
-        for fd in self.fds.values():
-            os.fsync(fd)
+        if self._keep:
+            for fd in self.fds.values():
+                os.fsync(fd)
+            return
+        for rel in self.layout:
+            fd = os.open(os.path.join(self.dir, rel), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     def close(self) -> None:
         for fd in self.fds.values():
@@ -467,7 +540,7 @@ def _distributed_stream_add(
     name: str,
     open_source: Callable[[], "_Source"],
     *,
-    rescaler: str,
+    rescaler: str | None,
     backend: str | MergeBackend,
     progress: bool,
     comm,
@@ -484,10 +557,10 @@ def _distributed_stream_add(
 
     def make_plan() -> dict:
         nonlocal lock, st, src, gen_dir
-        os.makedirs(root, exist_ok=True)
-        lock = StoreLock(root).acquire()
+        lock = open_writer_lock(root)
         st = Store(root, verify=False)
         st._check_new_task(name)
+        st._check_rescaler(rescaler)
         src = open_source()
         specs, ident, selection, source = src.plan(st)
         m_old = st.manifest
@@ -495,7 +568,7 @@ def _distributed_stream_add(
         plan = _Plan(
             specs=list(specs),
             names=st.task_names + [name],
-            mode=m_old["rescaler"] if m_old else rescaler,
+            mode=m_old["rescaler"] if m_old else (rescaler or "tensor_mean"),
             new_gen=new_gen,
             manifest_checksum=m_old["checksum"] if m_old else None,
             old_lambdas=[st.rescaler_of(t) for t in st.task_names],
@@ -658,7 +731,7 @@ def _distributed_stream_add(
     finally:
         if rank == 0:
             if not committed and gen_dir is not None and os.path.isdir(gen_dir) and _current_generation(root) != os.path.basename(gen_dir):
-                shutil.rmtree(gen_dir, ignore_errors=True)  # the next writer would remove it anyway
+                remove_generation_dir(gen_dir)  # the next writer would remove it anyway
             if lock is not None:
                 lock.release()
         if st is not None:
@@ -687,7 +760,7 @@ def distributed_add_task_from_checkpoints(
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     dtype: torch.dtype | None = None,
-    rescaler: str = "tensor_mean",
+    rescaler: str | None = None,
     backend: str | MergeBackend = "auto",
     progress: bool = False,
     check_base: bool = True,
@@ -720,7 +793,7 @@ def distributed_add_task(
     name: str,
     delta: Mapping[str, torch.Tensor],
     *,
-    rescaler: str = "tensor_mean",
+    rescaler: str | None = None,
     backend: str | MergeBackend = "auto",
     progress: bool = False,
     group=None,
@@ -786,15 +859,22 @@ def add_task_from_args(args: argparse.Namespace) -> int:
     )
     out["seconds"] = time.perf_counter() - t0
     if out["rank"] == 0:
-        if as_json:
-            print(json.dumps(out, indent=1, default=str))
-        elif not quiet:
-            r = out["rescaler"]
-            lam = f"{r:.4f}" if isinstance(r, float) else f"per tensor ({len(r)})"
-            print(
-                f"added {args.name!r} to {out['store']} ({len(out['tasks'])} tasks, {out['params']:,} params, lambda={lam}) "
-                f"in {out['seconds']:.2f} s on {out['world_size']} rank{'s' if out['world_size'] > 1 else ''}"
-            )
+        try:
+            if as_json:
+                print(json.dumps(out, indent=1, default=str))
+            elif not quiet:
+                r = out["rescaler"]
+                lam = f"{r:.4f}" if isinstance(r, float) else f"per tensor ({len(r)})"
+                print(
+                    f"added {args.name!r} to {out['store']} ({len(out['tasks'])} tasks, {out['params']:,} params, lambda={lam}) "
+                    f"in {out['seconds']:.2f} s on {out['world_size']} rank{'s' if out['world_size'] > 1 else ''}"
+                )
+            sys.stdout.flush()
+        except BrokenPipeError:  # the task is committed; a reader that went away is no failure
+            with contextlib.suppress(OSError, ValueError):
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())
+                os.close(devnull)
     return 0
 
 

@@ -40,3 +40,12 @@ class UnknownTaskError(ConduError, KeyError):
 
 class FormatError(ConduError, ValueError):
     """A file is corrupt, truncated, of an unknown format version, or not ours."""
+
+
+class UnsafePathError(ConduError, ValueError):
+    """A path the store would write or delete is not one it created (a symlinked or hard-linked
+    lock, a folder holding foreign files, an export target inside the store or onto its inputs)."""
+
+
+class OptionMismatchError(ConduError, ValueError):
+    """An option of a later task differs from what the store recorded when it was created."""

@@ -20,6 +20,7 @@ an existing output is replaced only with ``overwrite=True``, and never one insid
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -172,6 +173,61 @@ def _check_target(out: str, store_root: str, overwrite: bool) -> None:
                                   "name a new path or remove it yourself")
 
 
+def check_export_target(st: Any, out: str, extra_inputs: list[str]) -> None:
+    """Refuse an export path inside the store, onto its recorded base or any task's source (or
+    ``extra_inputs``), or through a symlink to any of them (an existing output is
+    :func:`_check_target`'s business)."""
+    from .errors import UnsafePathError
+
+    real = os.path.realpath(out)
+    m = st.manifest
+    guarded = [(st.root, "the store")]
+    if (m.get("base") or {}).get("path"):
+        guarded.append((m["base"]["path"], "the store's base checkpoint"))
+    for t in m["tasks"]:
+        src = (t.get("source") or {}).get("path")
+        if src:
+            guarded.append((src, f"the source of task {t['name']!r}"))
+    guarded += [(p, "the base checkpoint") for p in extra_inputs]
+    # a sharded checkpoint (an index, or a folder) is its whole folder: the shards are inputs too
+    guarded += [(os.path.dirname(p), what) for p, what in guarded[1:] if p.endswith(".index.json")]
+    for path, what in guarded:
+        g = os.path.realpath(path)
+        inside = real == g or (os.path.isdir(g) and os.path.commonpath([g, real]) == g)
+        if inside:
+            raise UnsafePathError(f"{out}: is {'inside ' if real != g else ''}{what} ({path}); export to another path")
+
+
+def remove_stale_export_tmp(out: str) -> None:
+    """Delete ``OUT.tmp-PID`` files that a killed export of this program left: regular files
+    whose process is gone and whose safetensors header carries the export's metadata."""
+    import struct
+
+    from .checkpoints import parse_json
+    from .errors import ConduError
+    from .store import pid_alive
+
+    folder, name = os.path.dirname(out), os.path.basename(out)
+    with contextlib.suppress(OSError):
+        for n in os.listdir(folder):
+            # ``.OUT.tmp-PID`` (this module's name) or ``OUT.tmp-PID`` (older releases)
+            prefix = next((x for x in (f".{name}.tmp-", f"{name}.tmp-") if n.startswith(x)), None)
+            pid = n[len(prefix):] if prefix else ""
+            p = os.path.join(folder, n)
+            if prefix is None or not pid.isdigit() or pid_alive(int(pid)) or os.path.islink(p) or not os.path.isfile(p):
+                continue
+            try:  # the header alone: a killed export's file is truncated after it
+                with open(p, "rb") as fh:
+                    (size,) = struct.unpack("<Q", fh.read(8))
+                    header = parse_json(fh.read(min(size, 1 << 20)), p) if size <= 1 << 20 else {}
+                ours = isinstance(header, dict) and "condu-merge-store" in (header.get("__metadata__") or {})
+            except (ConduError, OSError, ValueError, struct.error, TypeError):
+                ours = False
+            if ours:
+                os.unlink(p)
+
+
+
 def _check_not_base(out: str, base: str | None) -> None:
     """An export never replaces its base (nor writes into the base's model folder)."""
     if not base:
@@ -322,6 +378,8 @@ def export_task(
     if delta and fmt != "safetensors":
         raise ValueError(f"--delta writes one safetensors file; it does not combine with --format {fmt}")
     out = resolve_output(output, fmt, task)
+    check_export_target(store, out, [os.fspath(base)] if base else [])
+    remove_stale_export_tmp(out)
     _check_target(out, store.root, overwrite)
     _check_not_base(out, base or (None if delta else _recorded_base(store, task)))
     parent = os.path.dirname(out)
@@ -345,9 +403,11 @@ def export_task(
         if os.path.isdir(tmp):
             _fsync(tmp)
         _swap_into_place(tmp, out)
-    except BaseException:
+    except BaseException as exc:
         if os.path.lexists(tmp):
             shutil.rmtree(tmp, ignore_errors=True) if os.path.isdir(tmp) else os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.filename is None:  # ENOSPC and friends from write(): name the output
+            raise type(exc)(exc.errno, exc.strerror or str(exc), out) from exc
         raise
     return {"output": out, "task": task, "format": fmt, "delta": bool(delta), **report}
 

@@ -44,6 +44,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 from dataclasses import dataclass
 from typing import Callable, Iterator, Mapping, Sequence
 
@@ -58,6 +59,7 @@ from .checkpoints import (
     TaskDelta,
     checkpoint_identity,
     open_checkpoint,
+    parse_json,
     select_keys,
     sha256_file,
 )
@@ -69,11 +71,21 @@ from .errors import (
     FormatError,
     KeyMismatchError,
     MergeInputError,
+    OptionMismatchError,
     ShapeMismatchError,
     UnknownTaskError,
+    UnsafePathError,
 )
 from .packing import packed_nbytes
-from .safetensors_writer import DTYPE_TO_ST, ST_TO_DTYPE, StreamingSafetensorsWriter, TensorSpec, dtype_itemsize
+from .safetensors_writer import (
+    DTYPE_TO_ST,
+    ST_TO_DTYPE,
+    StreamingSafetensorsWriter,
+    TensorSpec,
+    build_header,
+    dtype_itemsize,
+    tensor_bytes,
+)
 from .trigger import Rescaler, TaskTrigger
 
 STORE_FORMAT = "condu-merge/store"
@@ -81,6 +93,10 @@ STORE_VERSION = 1
 MANIFEST = "manifest.json"
 LOCK = ".lock"
 UNIFIED = "unified.safetensors"
+KEEP_OPEN_FILES = 64
+"""A store (or a generation being written) with more data files than this opens each file for
+each use instead of holding a descriptor per file: thousands of tasks fit the default limit of
+1,024 open files."""
 CRASH_ENV = "CONDU_MERGE_CRASH_AT"
 """Test hook: when set to a step name, the process SIGKILLs itself on reaching that step.
 
@@ -123,8 +139,128 @@ def _committed_generation(root: str) -> str | None:
     try:
         with open(os.path.join(root, MANIFEST), encoding="utf-8") as fh:
             return json.load(fh).get("generation_dir")
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         return None
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists (one we may not signal counts as alive)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def _plain_file(path: str) -> bool:
+    """A regular file, not a symlink (``lstat``)."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _plain_dir(path: str) -> bool:
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _owned_generation(path: str) -> bool:
+    """Whether ``path`` is a generation folder exactly as a writer of this store leaves it: a real
+    folder (not a symlink) holding only ``unified.safetensors``, ``masks/NNNN.safetensors`` and
+    ``prototypes/NNNN.safetensors`` (regular files) and the ``masks``/``prototypes`` folders. A
+    folder that holds anything else is not ours to delete, whatever its name."""
+    if not _plain_dir(path):
+        return False
+    for n in os.listdir(path):
+        p = os.path.join(path, n)
+        if n in ("masks", "prototypes"):
+            if not _plain_dir(p):
+                return False
+            for m in os.listdir(p):
+                if not _STORE_FILE_RE.fullmatch(f"{n}/{m}") or not _plain_file(os.path.join(p, m)):
+                    return False
+        elif n != UNIFIED or not _plain_file(p):
+            return False
+    return True
+
+
+def remove_generation_dir(path: str, files: Sequence[str] | None = None, *, crash_step: str | None = None) -> None:
+    """Delete a generation this store wrote: its data files (``files``, relative; default every
+    file of the store's name patterns in it), then the folders if that left them empty. Never
+    follows a symlink and never deletes a file of another name: a foreign file keeps its folder."""
+    if not _plain_dir(path):
+        return
+    if files is None:
+        files = [UNIFIED] + [f"{sub}/{n}" for sub in ("masks", "prototypes") if _plain_dir(os.path.join(path, sub))
+                             for n in os.listdir(os.path.join(path, sub))]
+    first = True
+    for rel in files:
+        p = os.path.join(path, rel)
+        if _STORE_FILE_RE.fullmatch(rel) and _plain_file(p) and _plain_dir(os.path.dirname(p)):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(p)
+            if first and crash_step:
+                _crash_point(crash_step)
+            first = False
+    for sub in ("masks", "prototypes", ""):
+        with contextlib.suppress(OSError):  # not empty (a foreign file), or already gone
+            os.rmdir(os.path.join(path, sub) if sub else path)
+
+
+_MANIFEST_TMP_RE = re.compile(re.escape(MANIFEST) + r"\.tmp-(\d+)")
+
+
+def foreign_entries(root: str) -> list[str]:
+    """Names in ``root`` that a store does not create (anything but ``manifest.json``, ``.lock``,
+    ``manifest.json.tmp-PID`` files and generation folders as :func:`_owned_generation` knows them)."""
+    out = []
+    for n in sorted(os.listdir(root)):
+        p = os.path.join(root, n)
+        if n in (MANIFEST, LOCK):
+            continue
+        if _GENERATION_RE.fullmatch(n) and _owned_generation(p):
+            continue
+        if _MANIFEST_TMP_RE.fullmatch(n) and _plain_file(p):
+            continue
+        out.append(n)
+    return out
+
+
+def prepare_store_folder(root: str) -> None:
+    """Before a writer takes the lock: create ``root`` if needed, and refuse to turn a folder that
+    holds other files into a store (its files are not ours, and a later cleanup must never be
+    able to mistake them for a store's)."""
+    os.makedirs(root, exist_ok=True)
+    if os.path.lexists(os.path.join(root, MANIFEST)):
+        return
+    foreign = foreign_entries(root)
+    if foreign:
+        raise UnsafePathError(
+            f"{root}: this folder is not empty and is not a condu-merge store (it holds {foreign[:5]}); "
+            "create the store in a new or empty folder"
+        )
+
+
+def open_writer_lock(root: str) -> "StoreLock":
+    """:func:`prepare_store_folder`, then the writer lock (the caller releases it)."""
+    prepare_store_folder(root)
+    return StoreLock(root).acquire()
+
+
+def _with_path(exc: OSError, path: str) -> OSError:
+    """``exc`` naming ``path`` (a failed ``write``, e.g. ENOSPC, names no file by itself)."""
+    if exc.filename is None:
+        new = type(exc)(exc.errno, exc.strerror or str(exc), path)
+        new.__cause__ = exc
+        return new
+    return exc
 
 
 def _manifest_checksum(manifest: Mapping[str, object]) -> str:
@@ -154,6 +290,29 @@ def _check_manifest_structure(m: dict, mpath: str) -> None:
     def bad(what: str) -> None:
         raise FormatError(f"{mpath}: damaged store manifest ({what})")
 
+    def is_int(x: object) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    def is_num(x: object) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0
+
+    if not is_int(m.get("generation")) or m["generation"] < 1:
+        bad(f"generation {repr(m.get('generation'))[:40]} is not a positive integer")
+    if m.get("rescaler") not in RESCALER_MODES:
+        bad(f"rescaler {repr(m.get('rescaler'))[:40]} is not one of {list(RESCALER_MODES)}")
+    base = m.get("base")
+    if base is not None and not (
+        isinstance(base, dict) and isinstance(base.get("path"), str) and (base.get("sha256") is None or isinstance(base["sha256"], str))
+        and is_int(base.get("bytes")) and base["bytes"] >= 0
+    ):
+        bad("base is not {path, sha256, bytes}")
+    sel = m.get("selection")
+    if sel is not None and not (
+        isinstance(sel, dict)
+        and all(isinstance(sel.get(k, []), list) and all(isinstance(g, str) for g in sel.get(k, [])) for k in ("include", "exclude"))
+    ):
+        bad("selection is not {include: [globs], exclude: [globs]}")
+
     gd = m.get("generation_dir")
     if not isinstance(gd, str) or not _GENERATION_RE.fullmatch(gd):
         bad(f"generation_dir {gd!r} is not a generation folder name")
@@ -165,13 +324,11 @@ def _check_manifest_structure(m: dict, mpath: str) -> None:
             bad(f"file name {rel!r} is not a store file")
         if (
             not isinstance(info, dict)
-            or not isinstance(info.get("bytes"), int)
+            or not is_int(info.get("bytes"))
             or info["bytes"] < 0
             or not isinstance(info.get("sha256"), str)
         ):
             bad(f"file entry {rel!r} lacks a byte count or sha256")
-    if not isinstance(m.get("rescaler"), str):
-        bad(f"rescaler {m.get('rescaler')!r} is not a mode name")
     tensors = m.get("tensors")
     if not isinstance(tensors, list) or not tensors:
         bad("it lists no tensors")
@@ -182,16 +339,18 @@ def _check_manifest_structure(m: dict, mpath: str) -> None:
             and isinstance(t.get("name"), str)
             and t.get("dtype") in ST_TO_DTYPE
             and isinstance(t.get("shape"), list)
-            and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in t["shape"])
+            and all(is_int(x) and x >= 0 for x in t["shape"])
+            and math.prod(t["shape"]) <= 2**62
         )
         if not ok:
-            bad(f"tensor entry {t!r} needs a name, a dtype of {sorted(ST_TO_DTYPE)} and a shape")
+            bad(f"tensor entry {repr(t)[:200]} needs a name, a dtype of {sorted(ST_TO_DTYPE)} and a shape")
         if t["name"] in names:
             bad(f"tensor {t['name']!r} is listed twice")
         names.add(t["name"])
     tasks = m.get("tasks")
     if not isinstance(tasks, list):
         bad("tasks is not a list")
+    params = sum(math.prod(t["shape"]) for t in tensors)
     seen: set = set()
     for i, t in enumerate(tasks):
         if not isinstance(t, dict) or not isinstance(t.get("name"), str):
@@ -199,14 +358,26 @@ def _check_manifest_structure(m: dict, mpath: str) -> None:
         if t["name"] in seen:
             bad(f"task {t['name']!r} is listed twice")
         seen.add(t["name"])
-        if t.get("masks") not in files:
-            bad(f"task {t['name']!r}: its mask file {t.get('masks')!r} is not among the files")
-        if t.get("prototypes") is not None and t["prototypes"] not in files:
-            bad(f"task {t['name']!r}: its prototypes file {t['prototypes']!r} is not among the files")
+        if t.get("masks") != mask_file(i) or t["masks"] not in files:
+            bad(f"task {t['name']!r}: its mask file {repr(t.get('masks'))[:80]} is not {mask_file(i)!r} among the files")
+        if t.get("prototypes") is not None and (t["prototypes"] != _proto_file(i) or t["prototypes"] not in files):
+            bad(f"task {t['name']!r}: its prototypes file {repr(t['prototypes'])[:80]} is not {_proto_file(i)!r} among the files")
         r = t.get("rescaler")
-        nums = list(r.values()) if isinstance(r, dict) else [r]
-        if not nums or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in nums):
-            bad(f"task {t['name']!r}: rescaler {r!r} is not a number or a mapping of numbers")
+        if m["rescaler"] == "per_tensor":
+            ok = isinstance(r, dict) and set(r) == names and all(is_num(x) for x in r.values())
+        else:
+            ok = is_num(r)
+        if not ok:
+            want = "a finite non-negative number per tensor" if m["rescaler"] == "per_tensor" else "a finite non-negative number"
+            bad(f"task {t['name']!r}: rescaler {repr(r)[:80]} is not {want}")
+        if not is_int(t.get("mask_bits")) or not 0 <= t["mask_bits"] <= params:
+            bad(f"task {t['name']!r}: mask_bits {repr(t.get('mask_bits'))[:40]} is not a count of set bits (0..{params})")
+        if t.get("source") is not None and not (isinstance(t["source"], dict) and isinstance(t["source"].get("path", ""), str)):
+            bad(f"task {t['name']!r}: source is not {{path, kind}}")
+    owned = {UNIFIED} | {t["masks"] for t in tasks} | {t["prototypes"] for t in tasks if t.get("prototypes")}
+    stray = [rel for rel in files if rel not in owned]
+    if stray:
+        bad(f"file {stray[0]!r} belongs to no task")
 
 
 def mask_file(index: int) -> str:
@@ -229,7 +400,27 @@ class StoreLock:
         self._fd: int | None = None
 
     def acquire(self) -> "StoreLock":
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        # never follow a planted symlink, never block on a FIFO, and write (truncate) only a plain
+        # single-link file holding at most a pid: what a writer of this store leaves
+        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+        try:
+            fd = os.open(self.path, flags, 0o644)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.EMLINK) or os.path.islink(self.path):
+                raise UnsafePathError(f"{self.path}: the store's lock is a symbolic link; refusing to open it (remove it)") from None
+            raise _with_path(exc, self.path) from None
+        try:
+            st = os.fstat(fd)
+            content = os.pread(fd, 64, 0) if stat.S_ISREG(st.st_mode) else b""
+        except OSError:
+            os.close(fd)
+            raise
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_size > 32 or not content.strip().isdigit() and content.strip():
+            os.close(fd)
+            raise UnsafePathError(
+                f"{self.path}: is not a lock file this store created (a link, not a regular file, or foreign content); "
+                "refusing to write it -- remove it if it is not yours"
+            )
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -277,6 +468,57 @@ def generation_layout(specs: Sequence[TensorSpec], n_tasks: int) -> dict[str, tu
     return layout
 
 
+class _ReopeningWriter:
+    """:class:`StreamingSafetensorsWriter`'s interface (header first, tensors in order, sha256
+    while writing) for a generation of more than :data:`KEEP_OPEN_FILES` files: the file is
+    opened for each tensor's append and closed again, so no descriptor is held between passes."""
+
+    def __init__(self, path: str, specs: Sequence[TensorSpec], metadata: Mapping[str, str]):
+        self.path = path
+        self.specs = list(specs)
+        self._next = 0
+        self._hash = hashlib.sha256()
+        self._size = 0
+        head, _ = build_header(self.specs, metadata)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+        try:
+            self._append(fd, memoryview(head))
+        finally:
+            os.close(fd)
+
+    def _append(self, fd: int, data: memoryview) -> None:
+        while data.nbytes:
+            n = os.write(fd, data)
+            self._hash.update(data[:n])
+            self._size += n
+            data = data[n:]
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        spec = self.specs[self._next] if self._next < len(self.specs) else None
+        if spec is None or name != spec.name or tensor.dtype != spec.dtype or tensor.numel() != math.prod(spec.shape):
+            raise ValueError(f"{self.path}: tensor {name!r} is not the next declared one ({spec})")
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | getattr(os, "O_CLOEXEC", 0))
+        try:
+            self._append(fd, tensor_bytes(tensor))
+        finally:
+            os.close(fd)
+        self._next += 1
+
+    def close(self) -> tuple[str, int]:
+        if self._next != len(self.specs):
+            raise ValueError(f"{self.path}: closed with tensors not written")
+        fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return self._hash.hexdigest(), self._size
+
+    def abort(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+
 class GenerationWriter:
     """Writes one complete generation, one tensor at a time.
 
@@ -293,10 +535,18 @@ class GenerationWriter:
         self.n_tasks = n_tasks
         os.makedirs(os.path.join(gen_dir, "masks"), exist_ok=False)
         self.mask_bits = [0] * n_tasks
-        self._writers: dict[str, StreamingSafetensorsWriter] = {}
+        self._writers: dict[str, StreamingSafetensorsWriter | _ReopeningWriter] = {}
+        few = n_tasks + 1 <= KEEP_OPEN_FILES
         try:
             for rel, (file_specs, meta) in generation_layout(self.specs, n_tasks).items():
-                self._writers[rel] = StreamingSafetensorsWriter(os.path.join(gen_dir, rel), file_specs, meta)
+                path = os.path.join(gen_dir, rel)
+                try:
+                    if few or rel == UNIFIED:
+                        self._writers[rel] = StreamingSafetensorsWriter(path, file_specs, meta)
+                    else:
+                        self._writers[rel] = _ReopeningWriter(path, file_specs, meta)
+                except OSError as exc:
+                    raise _with_path(exc, path) from None
         except BaseException:
             self.abort()
             raise
@@ -306,16 +556,24 @@ class GenerationWriter:
         if masks.dim() != 2 or masks.shape[0] != self.n_tasks:
             raise ValueError(f"tensor {key!r}: expected {self.n_tasks} mask rows, got {tuple(masks.shape)}")
         masks = masks.cpu()
-        self._writers[UNIFIED].write(key, u.reshape(-1))
-        for i in range(self.n_tasks):
-            row = masks[i]
-            self.mask_bits[i] += popcount_bytes(row)
-            self._writers[mask_file(i)].write(key, row)
+        w = self._writers[UNIFIED]
+        try:
+            w.write(key, u.reshape(-1))
+            for i in range(self.n_tasks):
+                row = masks[i]
+                self.mask_bits[i] += popcount_bytes(row)
+                w = self._writers[mask_file(i)]
+                w.write(key, row)
+        except OSError as exc:  # ENOSPC, EIO, EDQUOT: say which file
+            raise _with_path(exc, w.path) from None
 
     def finish(self) -> dict[str, dict[str, object]]:
         files = {}
         for rel, w in self._writers.items():
-            sha, size = w.close()
+            try:
+                sha, size = w.close()
+            except OSError as exc:
+                raise _with_path(exc, w.path) from None
             files[rel] = {"sha256": sha, "bytes": size}
         fsync_dir(os.path.join(self.dir, "masks"))
         fsync_dir(self.dir)
@@ -325,7 +583,7 @@ class GenerationWriter:
         for w in self._writers.values():
             with contextlib.suppress(Exception):
                 w.abort()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        remove_generation_dir(self.dir)
 
 
 def continual_step_tensor(
@@ -447,14 +705,11 @@ class Store:
             # which the next writer removes): an empty store
             self.manifest = None
             return
-        try:
-            with open(mpath, encoding="utf-8") as fh:
-                m = json.load(fh)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise FormatError(f"{mpath}: damaged store manifest (not valid JSON: {exc})") from exc
+        with open(mpath, "rb") as fh:
+            m = parse_json(fh.read(), mpath, "the store manifest")
         if not isinstance(m, dict) or m.get("format") != STORE_FORMAT:
             raise FormatError(f"{mpath}: not a condu-merge store manifest")
-        if m.get("version") != STORE_VERSION:
+        if type(m.get("version")) is not int or m.get("version") != STORE_VERSION:
             raise FormatError(
                 f"{mpath}: store format version {m.get('version')!r} is not supported (this condu-merge reads version {STORE_VERSION})"
             )
@@ -474,9 +729,10 @@ class Store:
                 raise FormatError(f"{p}: sha256 mismatch: the file is damaged (a byte differs from what was written)")
         self.manifest = m
         files = {UNIFIED: None, **{t["masks"]: None for t in m["tasks"]}}
+        keep_open = len(files) <= KEEP_OPEN_FILES
         try:
             for rel in files:
-                self._files[rel] = SafetensorsFile(os.path.join(gen, rel))
+                self._files[rel] = SafetensorsFile(os.path.join(gen, rel), keep_open=keep_open or rel == UNIFIED)
         except BaseException:
             self._close_files()
             raise
@@ -484,9 +740,12 @@ class Store:
 
     def _check_headers(self) -> None:
         specs = self.specs
+        index = {t["masks"]: i for i, t in enumerate(self.manifest["tasks"])}
         for rel, f in self._files.items():
             if f.keys() != [s.name for s in specs]:
                 raise FormatError(f"{f.path}: its tensors differ from the manifest's")
+            if rel in index and f.metadata.get("task_index", str(index[rel])) != str(index[rel]):
+                raise FormatError(f"{f.path}: holds the masks of task #{f.metadata['task_index']}, the manifest puts task #{index[rel]} here")
             for s in specs:
                 got = f.spec(s.name)
                 want = s if rel == UNIFIED else TensorSpec(s.name, torch.uint8, (packed_nbytes(math.prod(s.shape)),))
@@ -634,8 +893,14 @@ class Store:
         rel = self.task_info(task).get("prototypes")
         if rel is None:
             return None
-        with SafetensorsFile(os.path.join(self.gen_dir, rel)) as f:
+        path = os.path.join(self.gen_dir, rel)
+        self._check_file_hash(rel, path)  # small: always checked, whatever verify says
+        with SafetensorsFile(path) as f:
             return {k: f.get(k) for k in f.keys()}
+
+    def _check_file_hash(self, rel: str, path: str) -> None:
+        if sha256_file(path) != self.manifest["files"][rel]["sha256"]:
+            raise FormatError(f"{path}: sha256 mismatch: the file is damaged (a byte differs from what was written)")
 
     def save_prototypes(self, task: str, tensors: Mapping[str, torch.Tensor]) -> None:
         """Store ``tensors`` (e.g. a task's prototypes) with ``task``, replacing earlier ones, as a new
@@ -661,15 +926,14 @@ class Store:
                 self._commit(m, new_gen, gen_dir)
             except BaseException:
                 if _committed_generation(self.root) != new_gen:
-                    shutil.rmtree(gen_dir, ignore_errors=True)
+                    remove_generation_dir(gen_dir)
                 raise
 
     # ------------------------------------------------------------------ writing
     @contextlib.contextmanager
     def _writer_lock(self) -> Iterator[None]:
         created = not os.path.lexists(self.root)
-        os.makedirs(self.root, exist_ok=True)
-        lock = StoreLock(self.root).acquire()
+        lock = open_writer_lock(self.root)
         try:
             yield
         finally:
@@ -685,13 +949,15 @@ class Store:
         current = self.manifest["generation_dir"] if self.manifest else None
         numbers = [0]
         for n in os.listdir(self.root):
-            if n.startswith("gen-"):
-                with contextlib.suppress(ValueError):
-                    numbers.append(int(n[4:]))
-                if n != current:
-                    shutil.rmtree(os.path.join(self.root, n), ignore_errors=True)
-            elif n.startswith(MANIFEST + ".tmp"):
-                os.unlink(os.path.join(self.root, n))
+            p = os.path.join(self.root, n)
+            if _GENERATION_RE.fullmatch(n):
+                numbers.append(int(n[4:]))  # a foreign folder of this name is skipped over, never reused
+                if n != current and _owned_generation(p):
+                    remove_generation_dir(p)
+            else:
+                tmp = _MANIFEST_TMP_RE.fullmatch(n)
+                if tmp and _plain_file(p) and not pid_alive(int(tmp.group(1))):
+                    os.unlink(p)
         name = f"gen-{max(numbers) + 1:06d}"
         return name, os.path.join(self.root, name)
 
@@ -717,10 +983,17 @@ class Store:
         manifest["checksum"] = _manifest_checksum(manifest)
         mpath = self._manifest_path()
         tmp = f"{mpath}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(manifest, fh, indent=1)
-            fh.flush()
-            os.fsync(fh.fileno())
+        if os.path.lexists(tmp) and not _plain_file(tmp):
+            raise UnsafePathError(f"{tmp}: is not a file this store wrote (a link?); refusing to write through it")
+        try:
+            with open(tmp, "w", encoding="utf-8") as fh:
+                json.dump(manifest, fh, indent=1)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise _with_path(exc, tmp) from None
         # the new generation's entry in STORE (and the temporary manifest) must be durable before
         # the manifest that names it can be
         fsync_dir(self.root)
@@ -729,18 +1002,12 @@ class Store:
         fsync_dir(self.root)
         _crash_point("commit:switched")
         old = self.manifest["generation_dir"] if self.manifest else None
+        old_files = list(self.manifest["files"]) if self.manifest else []
         self.manifest = None
         self._close_files()
         if old and old != gen_name:
-            old_dir = os.path.join(self.root, old)
-            first = True
-            for dirpath, _, names in os.walk(old_dir):
-                for n in names:
-                    os.unlink(os.path.join(dirpath, n))
-                    if first:
-                        _crash_point("commit:cleanup")
-                        first = False
-            shutil.rmtree(old_dir, ignore_errors=True)
+            # only the files the old manifest records; a symlinked generation is left alone
+            remove_generation_dir(os.path.join(self.root, old), old_files, crash_step="commit:cleanup")
         self._load(False)  # what we just wrote; hashes were computed while writing
 
     def _base_manifest(self, rescaler: str, specs: Sequence[TensorSpec]) -> dict:
@@ -762,7 +1029,7 @@ class Store:
         delta_of: Callable[[str], torch.Tensor],
         specs: Sequence[TensorSpec],
         *,
-        rescaler: str,
+        rescaler: str | None,
         backend: str | MergeBackend,
         progress: bool,
         source: dict | None,
@@ -774,7 +1041,7 @@ class Store:
         m_old = self.manifest
         t_prev = len(m_old["tasks"]) if m_old else 0
         names = self.task_names + [name]
-        mode = m_old["rescaler"] if m_old else rescaler
+        mode = m_old["rescaler"] if m_old else (rescaler or "tensor_mean")
         label = f"task {name!r}"
         new_gen, gen_dir = self._new_generation_dir()
         writer = GenerationWriter(gen_dir, specs, t_prev + 1)
@@ -845,6 +1112,8 @@ class Store:
         files = dict(files)
         protos = {t["prototypes"] for t in m_old["tasks"] if t.get("prototypes")} if m_old else set()
         for rel in sorted(protos):
+            # not read by the merge: check before carrying, so damage is refused, not committed
+            self._check_file_hash(rel, os.path.join(self.gen_dir, rel))
             link_or_copy(os.path.join(self.gen_dir, rel), os.path.join(gen_dir, rel))
             files[rel] = dict(m_old["files"][rel])
         if protos:
@@ -879,16 +1148,18 @@ class Store:
         name: str,
         delta: Mapping[str, torch.Tensor],
         *,
-        rescaler: str = "tensor_mean",
+        rescaler: str | None = None,
         backend: str | MergeBackend = "auto",
         progress: bool = False,
         source: dict | None = None,
     ) -> None:
         """Fold task ``name`` with ``delta`` (a mapping; lazy mappings are read one key at a time)
-        into the store, as a new generation. ``rescaler`` applies when the store is created."""
+        into the store, as a new generation. ``rescaler`` (default ``tensor_mean``) is fixed when
+        the store is created; a later task may repeat it, and is refused if it names another."""
         check_add_args(name, rescaler)
         with self._writer_lock():
             self._load(False)
+            self._check_rescaler(rescaler)
             specs = self._plan_mapping_task(delta, name)
             self._stream_add(
                 name, lambda k: delta[k], specs, rescaler=rescaler, backend=backend, progress=progress,
@@ -904,7 +1175,7 @@ class Store:
         include: Sequence[str] | None = None,
         exclude: Sequence[str] | None = None,
         dtype: torch.dtype | None = None,
-        rescaler: str = "tensor_mean",
+        rescaler: str | None = None,
         backend: str | MergeBackend = "auto",
         progress: bool = False,
         check_base: bool = True,
@@ -916,7 +1187,9 @@ class Store:
         On creation the tensors taking part are the ``include``/``exclude`` selection (fnmatch
         globs) of the default set (every floating-point tensor, or the adapter's); later tasks
         use the store's set, and their deltas are cast to the store's dtype per tensor. With
-        ``check_base``, a base that differs from the store's (sha256) is refused.
+        ``check_base``, a base that differs from the store's (sha256) is refused. Options the
+        store records (``rescaler``, ``dtype``, ``include``, ``exclude``) may be repeated on a
+        later task; a different value is refused (:class:`OptionMismatchError`, naming both).
         ``source_extra`` is recorded in the task's ``source`` entry (e.g. a recipe's source hash).
         """
         check_add_args(name, rescaler)
@@ -924,6 +1197,7 @@ class Store:
         try:
             with self._writer_lock():
                 self._load(False)
+                self._check_rescaler(rescaler)
                 specs, ident, selection, source = self._plan_checkpoint_task(td, include, exclude, dtype, check_base)
                 source = {**source, **(source_extra or {})}
                 store_dtype = {s.name: s.dtype for s in specs}
@@ -987,6 +1261,7 @@ class Store:
             if check_base and bck.files():
                 ident = checkpoint_identity(bck)
         else:
+            self._check_recorded_options(include=include, exclude=exclude, dtype=dtype)
             specs = self.specs
             if check_base:
                 self._check_base(bck)
@@ -1003,6 +1278,35 @@ class Store:
         source = {"path": os.path.abspath(fck.path), "kind": "peft-lora" if td.is_adapter else "checkpoint"}
         selection = {"include": list(include or []), "exclude": list(exclude or [])}
         return specs, ident, selection, source
+
+    def _check_rescaler(self, rescaler: str | None) -> None:
+        """A later task may repeat the store's rescaler mode, not name another."""
+        if self.manifest is not None and rescaler is not None and rescaler != self.manifest["rescaler"]:
+            raise OptionMismatchError(
+                f"{self.root}: --rescaler {rescaler} differs from the store's {self.manifest['rescaler']} (fixed when the store "
+                "was created); drop the option, or start a new store"
+            )
+
+    def _check_recorded_options(self, *, include, exclude, dtype) -> None:
+        """Options given again on a later task must equal what the manifest records."""
+        m = self.manifest
+        if dtype is not None:
+            have = sorted({str(ST_TO_DTYPE[t["dtype"]]).replace("torch.", "") for t in m["tensors"]})
+            want = str(dtype).replace("torch.", "")
+            if have != [want]:
+                raise OptionMismatchError(
+                    f"{self.root}: --dtype {want} differs from the store's {', '.join(have)} (fixed when the store was created); "
+                    "drop the option, or start a new store"
+                )
+        sel = m.get("selection")
+        if sel is None:
+            return
+        for opt, given in (("include", include), ("exclude", exclude)):
+            if given is not None and list(given) != list(sel.get(opt, [])):
+                raise OptionMismatchError(
+                    f"{self.root}: --{opt} {list(given)} differs from the store's {list(sel.get(opt, []))} (fixed when the store "
+                    "was created); drop the option, or start a new store"
+                )
 
     def _check_base(self, bck: Checkpoint) -> None:
         rec = self.manifest.get("base")
@@ -1052,6 +1356,7 @@ class Store:
                         entry["source"] = old_tasks[i].get("source")
                         rel = old_tasks[i].get("prototypes")
                         if rel:
+                            self._check_file_hash(rel, os.path.join(self.gen_dir, rel))
                             link_or_copy(os.path.join(self.gen_dir, rel), os.path.join(gen_dir, rel))
                             files[rel] = dict(self.manifest["files"][rel])
                             entry["prototypes"] = rel
@@ -1134,10 +1439,11 @@ def check_task_name(name: object) -> None:
         raise ValueError("a task name must be a non-empty string")
 
 
-def check_add_args(name: object, rescaler: str) -> None:
-    """The argument checks every add-task entry point (here and distributed) makes before any I/O."""
+def check_add_args(name: object, rescaler: str | None) -> None:
+    """The argument checks every add-task entry point (here and distributed) makes before any I/O
+    (``rescaler=None``: the store's mode, ``tensor_mean`` for a new store)."""
     check_task_name(name)
-    if rescaler not in RESCALER_MODES:
+    if rescaler is not None and rescaler not in RESCALER_MODES:
         raise ValueError(f"unknown rescaler {rescaler!r}; choose one of {RESCALER_MODES}")
 
 

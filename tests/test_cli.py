@@ -111,5 +111,6 @@ def test_add_task_under_torchrun_routes_to_distributed(monkeypatch, tmp_path):
 
     monkeypatch.setattr(dist, "add_task_from_args", fake)
     monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")  # torchrun's own variable: a real launch
     rc = cli_mod.main(["add-task", str(tmp_path / "s"), "--base", "b.safetensors", "--finetuned", "f.safetensors", "--name", "t"])
     assert rc == 0 and seen == {"store": str(tmp_path / "s"), "name": "t"}

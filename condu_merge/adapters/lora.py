@@ -36,6 +36,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from ..checkpoints import check_lora_config, peft_pattern_key, read_json
 from ..errors import ConduError, FormatError, KeyMismatchError, ShapeMismatchError
 
 __all__ = [
@@ -83,13 +84,11 @@ class LoraCompatibilityError(ConduError, ValueError):
     """LoRA adapters that cannot be merged factor-wise (rank, targets, scaling or init differ)."""
 
 
-def _pattern_key(patterns: Mapping[str, Any], module: str) -> str | None:
+def _pattern_key(patterns: Mapping[str, Any], module: str, where: str = CONFIG_NAME) -> str | None:
     """PEFT's rule: a ``rank_pattern``/``alpha_pattern`` key matches a module name it ends
-    (at a dot boundary), read as a regular expression."""
-    for pat in patterns:
-        if re.match(rf"(.*\.)?({pat})$", module):
-            return pat
-    return None
+    (at a dot boundary), read as a regular expression -- matched with a timeout, since the
+    patterns come from an untrusted file (:func:`condu_merge.checkpoints.peft_pattern_key`)."""
+    return peft_pattern_key(patterns, module, where)
 
 
 @dataclass
@@ -116,12 +115,12 @@ class LoraAdapter:
             if not os.path.isfile(p):
                 raise FormatError(f"{p}: missing; a PEFT LoRA folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
         try:
-            with open(cfg_path, encoding="utf-8") as f:
-                config = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
+            config = read_json(cfg_path, "the adapter config")
+        except OSError as e:
             raise FormatError(f"{cfg_path}: unreadable adapter config ({e})") from None
         if not isinstance(config, dict) or str(config.get("peft_type", "")).upper() != "LORA":
             raise FormatError(f"{cfg_path}: not a LoRA adapter config (peft_type={config.get('peft_type') if isinstance(config, dict) else None!r})")
+        check_lora_config(config, cfg_path)
         try:
             tensors = load_file(w_path)
         except (SafetensorError, OSError) as e:
@@ -171,13 +170,13 @@ class LoraAdapter:
         return sorted(self.factors)
 
     def rank(self, module: str) -> int:
-        pat = _pattern_key(self.config.get("rank_pattern") or {}, module)
+        pat = _pattern_key(self.config.get("rank_pattern") or {}, module, self._config_where())
         return int(self.config["rank_pattern"][pat]) if pat is not None else int(self.config["r"])
 
     def scaling(self, module: str) -> float:
         """``lora_alpha / r`` for this module (``/ √r`` with ``use_rslora``), patterns honoured."""
         r = self.rank(module)
-        pat = _pattern_key(self.config.get("alpha_pattern") or {}, module)
+        pat = _pattern_key(self.config.get("alpha_pattern") or {}, module, self._config_where())
         alpha = float(self.config["alpha_pattern"][pat]) if pat is not None else float(self.config["lora_alpha"])
         return alpha / math.sqrt(r) if self.config.get("use_rslora") else alpha / r
 
@@ -190,6 +189,9 @@ class LoraAdapter:
                 h.update(f"{m}|{tuple(c.shape)}|{c.dtype}|".encode())
                 h.update(c.reshape(-1).view(torch.uint8).numpy().tobytes())
         return h.hexdigest()
+
+    def _config_where(self) -> str:
+        return os.path.join(self.path, CONFIG_NAME) if self.path else CONFIG_NAME
 
     def who(self) -> str:
         return f"adapter {self.path!r}" if self.path else "adapter"
