@@ -115,7 +115,11 @@ def test_block_parser(tmp_path: Path) -> None:
         encoding="utf-8",
     )
     blocks = python_blocks(md)
-    assert [(b.line, b.code, b.run) for b in blocks] == [(2, "a = 1\n", True), (6, "b = a +\n", False), (11, "c = 2\n", True)]
+    assert [(b.line, b.code, b.run) for b in blocks] == [
+        (2, "a = 1\n", True),
+        (6, "b = a +\n", False),
+        (11, "c = 2\n", True),
+    ]
     assert _import_lines("from condu_merge import unify\nx = (\nimport os\nimport condu_merge.core\n") == (
         "from condu_merge import unify\nimport condu_merge.core\n"
     )
