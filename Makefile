@@ -1,7 +1,7 @@
 # The two quick-start commands. Each installs what it needs first (idempotent, fast when done).
 PYTHON ?= python3
 
-.PHONY: demo test bootstrap
+.PHONY: demo test bootstrap check fix docs
 
 bootstrap:
 	PYTHON=$(PYTHON) bash scripts/bootstrap.sh
@@ -11,3 +11,15 @@ demo: bootstrap
 
 test: bootstrap
 	$(PYTHON) -m pytest -q
+
+# lint, format, types, API reference (scripts/check.sh); CI runs it before `make test`
+check: bootstrap
+	PYTHON=$(PYTHON) bash scripts/check.sh
+
+# rewrite what ruff can fix (imports, pyupgrade, formatting) in place
+fix: bootstrap
+	PYTHON=$(PYTHON) bash scripts/check.sh --fix
+
+# the API reference site in site/ (`$(PYTHON) -m mkdocs serve` to preview while editing)
+docs: bootstrap
+	NO_MKDOCS_2_WARNING=1 $(PYTHON) -m mkdocs build --strict

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
@@ -92,7 +92,7 @@ def _validate_structure(deltas: Sequence[Mapping[str, torch.Tensor]], task_names
     if task_names is not None and len(task_names) != len(deltas):
         raise ValueError(f"{len(task_names)} task names for {len(deltas)} deltas")
     if task_names is not None:
-        seen: set = set()
+        seen: set[str] = set()
         for name in task_names:
             if name is not None and name in seen:
                 # triggers are looked up by task name: two with one name make one unreachable
@@ -468,7 +468,7 @@ def delta_from_state_dicts(
     """``finetuned - base`` for every floating-point entry (integer buffers such as position ids
     are skipped). ``keys`` restricts the entries; ``dtype`` casts the result (default: the
     fine-tuned tensor's dtype; the subtraction itself runs in float32 or wider)."""
-    wanted = list(keys) if keys is not None else [k for k in finetuned.keys()]
+    wanted = list(keys) if keys is not None else list(finetuned.keys())
     out: dict[str, torch.Tensor] = {}
     for k in wanted:
         if k not in finetuned:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -38,11 +39,11 @@ class ContinualMerger:
     def from_session(
         cls,
         unified: Mapping[str, torch.Tensor],
-        triggers: "list[TaskTrigger]",
+        triggers: list[TaskTrigger],
         rescaler: str = "tensor_mean",
         *,
         backend: str | MergeBackend = "auto",
-    ) -> "ContinualMerger":
+    ) -> ContinualMerger:
         """A merger holding an existing session (``u`` and its triggers, in task order), e.g. one
         read from a file. Checked: named, unique tasks; every trigger covers exactly ``u``'s
         tensors with ``u``'s shapes; no triggers without ``u`` and vice versa."""
@@ -51,7 +52,7 @@ class ContinualMerger:
         triggers = list(triggers)
         if bool(unified) != bool(triggers):
             raise ValueError("a session has both a unified delta and at least one trigger, or neither")
-        seen: set = set()
+        seen: set[str] = set()
         for i, t in enumerate(triggers):
             if not isinstance(t, TaskTrigger) or t.task is None:
                 raise ValueError(f"trigger #{i} must be a TaskTrigger with a task name")
@@ -130,7 +131,7 @@ class ContinualMerger:
         return _decouple(unified, trigger, base=base, backend=self.backend)
 
     # ------------------------------------------------------------------ persistence
-    def save(self, path: str | os.PathLike) -> None:
+    def save(self, path: str | os.PathLike[str]) -> None:
         """Write the session to a store directory (see :class:`condu_merge.store.Store`), crash-safely:
         the directory then holds either its previous content or this session, never a mix."""
         from .store import Store
@@ -139,7 +140,7 @@ class ContinualMerger:
             st.write_session(self._unified, self._triggers, self.rescaler)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, verify: bool = True, backend: str | MergeBackend = "auto") -> "ContinualMerger":
+    def load(cls, path: str | os.PathLike[str], *, verify: bool = True, backend: str | MergeBackend = "auto") -> ContinualMerger:
         """Read a store directory into memory; ``verify`` checks every file's sha256 first.
         For lazy access to a large store use :class:`condu_merge.store.Store` directly."""
         from .store import Store
@@ -148,13 +149,13 @@ class ContinualMerger:
             st._require()
             return st.to_merger(backend=backend)
 
-    def __getstate__(self) -> dict:
+    def __getstate__(self) -> dict[str, Any]:
         # a lock cannot be copied or pickled; copies get their own
         state = dict(self.__dict__)
         state.pop("_lock", None)
         return state
 
-    def __setstate__(self, state: dict) -> None:
+    def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._lock = threading.RLock()
 

@@ -25,7 +25,8 @@ computed once per (expert, dataset) and cached.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F

@@ -109,7 +109,7 @@ def _trigger_key(i: int, name: str) -> str:
     return f"{i}:{name}"
 
 
-def save_triggers(path: str | os.PathLike, triggers: Sequence[TaskTrigger]) -> None:
+def save_triggers(path: str | os.PathLike[str], triggers: Sequence[TaskTrigger]) -> None:
     """Write triggers to one safetensors file: packed masks as ``uint8`` tensors keyed
     ``"{index}:{tensor name}"``; shapes, rescalers and task names in the header metadata as JSON.
 
@@ -148,7 +148,7 @@ def save_triggers(path: str | os.PathLike, triggers: Sequence[TaskTrigger]) -> N
             os.unlink(tmp)
 
 
-def load_triggers(path: str | os.PathLike) -> list[TaskTrigger]:
+def load_triggers(path: str | os.PathLike[str]) -> list[TaskTrigger]:
     """Read triggers written by :func:`save_triggers`; refuse corrupt or foreign files clearly."""
     from safetensors import safe_open
 

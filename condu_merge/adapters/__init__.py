@@ -40,5 +40,39 @@ from .lora import (
     record_init,
 )
 
-# everything imported above, and nothing else (the submodules stay reachable as .clip / .lora)
-__all__ = sorted(n for n in dir() if not n.startswith("_") and n not in ("clip", "lora"))
+# static, so tools and readers see the public API (tests/test_public_api.py checks it against
+# the imports above); the submodules stay reachable as .clip / .lora
+__all__ = [
+    "MODES",
+    "ClipAdapterError",
+    "ClipExperts",
+    "ExportReport",
+    "LoraAdapter",
+    "LoraCompatibilityError",
+    "check_compatible",
+    "clip_delta",
+    "clip_encode",
+    "clip_encoders",
+    "clip_features",
+    "clip_flavor",
+    "convert_names",
+    "dense_delta",
+    "export_peft",
+    "factor_delta",
+    "factor_expert",
+    "functional_forward",
+    "hf_config_from_open_clip",
+    "hf_to_openclip",
+    "init_lora",
+    "lora_module_name",
+    "lora_param_name",
+    "lora_transform",
+    "lora_weights",
+    "openclip_to_hf",
+    "peft_lora_parameters",
+    "pretrained_state",
+    "pristine_tensor",
+    "record_init",
+    "select_names",
+    "swap_params",
+]

@@ -23,10 +23,10 @@ __all__ = [
     "auto_for_size",
     "available_backends",
     "get_backend",
-    "register_backend",
-    "resolve_backend",
     "opmath_dtype",
     "opmath_scalar",
+    "register_backend",
+    "resolve_backend",
 ]
 
 # name -> factory, or "module:attr" imported on first use

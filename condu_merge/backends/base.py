@@ -20,8 +20,9 @@ Numeric contract (all backends must agree bit for bit on masks and ``u``):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 

@@ -33,10 +33,12 @@ import json
 import os
 import uuid
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Mapping, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
+from torch.utils.hooks import RemovableHandle
 
 from ..core import check_same_keys
 from ..errors import (
@@ -50,7 +52,6 @@ from ..errors import (
     ShapeMismatchError,
     UnknownTaskError,
 )
-from ..store import fsync_dir
 from ..safetensors_writer import (
     ST_TO_DTYPE,
     StreamingSafetensorsWriter,
@@ -58,6 +59,7 @@ from ..safetensors_writer import (
     dtype_to_str,
     tensor_bytes,
 )
+from ..store import fsync_dir
 
 StateDict = Mapping[str, torch.Tensor]
 _S = TypeVar("_S", bound="ContinualStrategy")
@@ -112,14 +114,15 @@ class TrainingHook:
 
     def attach(
         self, params: Mapping[str, torch.Tensor], optimizer: torch.optim.Optimizer | None = None
-    ) -> list:
+    ) -> list[RemovableHandle]:
         """Register the hook on ``params`` (and on ``optimizer``'s steps when given); returns the
         handles to ``remove()`` when the task's training ends."""
-        handles = []
+        handles: list[RemovableHandle] = []
         if optimizer is not None and type(self).after_step is not TrainingHook.after_step:
             live = dict(params)
 
-            def _post(opt, args, kwargs):  # torch's step post-hook signature
+            # torch's step post-hook signature
+            def _post(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
                 self.after_step(live, opt)
 
             handles.append(optimizer.register_step_post_hook(_post))
@@ -302,7 +305,7 @@ class ContinualStrategy(ABC):
         return self._storage()
 
     # ------------------------------------------------------------------ persistence
-    def save(self, path: str | os.PathLike, *, include_base: bool = True) -> None:
+    def save(self, path: str | os.PathLike[str], *, include_base: bool = True) -> None:
         """Write the strategy to the safetensors file ``path``, atomically.
 
         The file holds the options, the task list, θ_0's fingerprint (names, shapes, dtypes and
@@ -360,7 +363,7 @@ class ContinualStrategy(ABC):
         _write_atomic(path, tensors, meta)
 
     @classmethod
-    def load(cls: type[_S], path: str | os.PathLike, base: StateDict | None = None, *, verify: bool = True, **overrides: Any) -> _S:
+    def load(cls: type[_S], path: str | os.PathLike[str], base: StateDict | None = None, *, verify: bool = True, **overrides: Any) -> _S:
         """Read a strategy saved by :meth:`save`; the file must hold a strategy of this class
         (``ContinualStrategy.load`` accepts any). See :func:`load_strategy`."""
         return _load(path, base, verify=verify, overrides=overrides, expect=None if cls is ContinualStrategy else cls)  # type: ignore[return-value]
@@ -472,7 +475,7 @@ def available_strategies() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_strategy(name: str, base: StateDict, **kw) -> ContinualStrategy:
+def get_strategy(name: str, base: StateDict, **kw: Any) -> ContinualStrategy:
     """A new strategy ``name`` over ``base`` (θ_0 of the merged tensors); ``kw`` are its options."""
     try:
         factory = _REGISTRY[name]
@@ -600,7 +603,7 @@ def _check_base_against(
 
 
 def _load(
-    path: str | os.PathLike,
+    path: str | os.PathLike[str],
     base: StateDict | None,
     *,
     verify: bool,
@@ -668,7 +671,8 @@ def _load(
 
         def get(key: str) -> torch.Tensor:
             try:
-                return fh.get_tensor(key)
+                tensor: torch.Tensor = fh.get_tensor(key)
+                return tensor
             except Exception as exc:
                 raise FormatError(f"{path}: tensor {key!r} cannot be read ({type(exc).__name__}: {exc})") from None
 
@@ -717,7 +721,7 @@ def _load(
     return strat
 
 
-def load_strategy(path: str | os.PathLike, base: StateDict | None = None, *, verify: bool = True, **overrides: Any) -> ContinualStrategy:
+def load_strategy(path: str | os.PathLike[str], base: StateDict | None = None, *, verify: bool = True, **overrides: Any) -> ContinualStrategy:
     """Re-create the strategy saved in ``path`` by :meth:`ContinualStrategy.save` (the class is
     looked up by its registered name).
 
