@@ -75,6 +75,8 @@ def _zero_init(ad: LoraAdapter) -> LoraAdapter:
 def _check_against_base(ad: LoraAdapter, base, where: str) -> dict[str, Any]:
     """Every module adapts a 2-D base weight of the factors' shape (``[out, in]``, or ``[in, out]``
     with ``fan_in_fan_out``); returns the config with ``fan_in_fan_out`` as the base needs it."""
+    if ad.config.get("use_dora"):
+        raise LoraCompatibilityError(f"{where}: DoRA adapters are not supported (their delta is not B·A)")
     keys = set(base.keys())
     cfg = dict(ad.config)
     fifo = bool(cfg.get("fan_in_fan_out"))
@@ -89,7 +91,7 @@ def _check_against_base(ad: LoraAdapter, base, where: str) -> dict[str, Any]:
         want = out_in[::-1] if fifo else out_in
         if shape != want:
             hint = " (fan_in_fan_out would fit: the config is wrong)" if shape == want[::-1] else ""
-            raise ShapeMismatchError(f"{where}: module {m!r}: B A is {want}, the base weight {name!r} is {shape}{hint}")
+            raise ShapeMismatchError(f"{where}: module {m!r}: shape mismatch: B A is {want}, the base weight {name!r} is {shape}{hint}")
     return cfg
 
 

@@ -60,10 +60,14 @@ class StoreView:
     def _check_headers(self) -> None:
         """Every data file lists the manifest's tensors, in order, with the expected dtype and size."""
         m = self.manifest
+        index = {t["masks"]: i for i, t in enumerate(m["tasks"])}
         for rel in ["unified.safetensors"] + [t["masks"] for t in m["tasks"]]:
             fh, _, header = self._mask_reader(rel)
             fh.close()
-            header.pop("__metadata__", None)
+            meta = header.pop("__metadata__", None) or {}
+            # a mask file's header names its task: swapped files are caught without hashing
+            if rel in index and str(meta.get("task_index", index[rel])) != str(index[rel]):
+                raise ViewError(f"{rel}: holds the masks of task #{meta.get('task_index')}")
             order = sorted(header, key=lambda k: tuple(header[k]["data_offsets"]))
             if order != [t["name"] for t in m["tensors"]]:
                 raise ViewError(f"{rel}: tensors differ from the manifest's")

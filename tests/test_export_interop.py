@@ -252,7 +252,7 @@ def test_exports_never_replace_the_base_or_a_foreign_folder(gpt2, tmp_path, caps
     assert json.loads(capsys.readouterr().out)["format"] == "safetensors"
     before = open(base_file, "rb").read()
     assert main(["export", store, "--task", "t0", "-o", base_file, "--force", "-q"]) == 1
-    assert "overwrite the base" in capsys.readouterr().err and open(base_file, "rb").read() == before
+    assert "base checkpoint" in capsys.readouterr().err and open(base_file, "rb").read() == before
     mine = tmp_path / "mine"
     (mine / "sub").mkdir(parents=True)
     (mine / "notes.txt").write_text("keep")

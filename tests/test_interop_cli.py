@@ -91,4 +91,4 @@ def test_failed_first_add_task_leaves_no_store_folder(tmp_path, capsys):
     store.mkdir()
     (store / "notes.txt").write_text("mine")
     assert main(["add-task", str(store), "--base", str(tmp_path / "b.safetensors"), "--finetuned", str(tmp_path / "f.safetensors"), "--name", "x"]) == 1
-    assert sorted(os.listdir(store)) == [".lock", "notes.txt"]
+    assert sorted(os.listdir(store)) == ["notes.txt"]  # a foreign non-empty folder is refused before any write

@@ -118,7 +118,9 @@ class LoraAdapter:
             config = read_json(cfg_path, "the adapter config")
         except OSError as e:
             raise FormatError(f"{cfg_path}: unreadable adapter config ({e})") from None
-        if not isinstance(config, dict) or str(config.get("peft_type", "")).upper() != "LORA":
+        if not isinstance(config, dict):
+            raise FormatError(f"{cfg_path}: not a JSON object")
+        if str(config.get("peft_type", "")).upper() != "LORA":
             raise FormatError(f"{cfg_path}: not a LoRA adapter config (peft_type={config.get('peft_type') if isinstance(config, dict) else None!r})")
         check_lora_config(config, cfg_path)
         try:
