@@ -143,22 +143,47 @@ class SafetensorsFile:
             if got != end - begin:
                 raise FormatError(f"{self.path}: tensor {key!r} is truncated ({got} of {end - begin} bytes)")
             if self._seq is not None:
-                if self._data_start + begin == self._seq_pos:
+                self._hash_to(self._data_start + begin)
+                if self._seq is not None:
                     self._seq.update(memoryview(buf.numpy()))
                     self._seq_pos += end - begin
-                else:
-                    self._seq = None
         if spec.dtype == torch.uint8:
             return buf.reshape(spec.shape)
         return buf.view(spec.dtype).reshape(spec.shape)
 
-    def sequential_sha256(self) -> str | None:
-        """sha256 of the whole file if every byte was read front to back by :meth:`get`, else ``None``.
+    def _hash_to(self, pos: int) -> None:
+        """Bring the running hash up to byte ``pos``: bytes :meth:`get` skipped (tensors not read,
+        the tail) are read and hashed here; a read behind the hash ends it (``None``)."""
+        if pos < self._seq_pos:
+            self._seq = None
+            return
+        if pos == self._seq_pos:
+            return
+        here = self._fh.tell()
+        self._fh.seek(self._seq_pos)
+        left = pos - self._seq_pos
+        while left:
+            block = self._fh.read(min(left, 1 << 22))
+            if not block:
+                raise FormatError(f"{self.path}: truncated at byte {pos - left} while hashing")
+            self._seq.update(block)
+            left -= len(block)
+        self._seq_pos = pos
+        self._fh.seek(here)
 
-        Lets a streaming reader check a file's integrity for free while it uses it."""
-        if self._seq is None or self._seq_pos != self._size:
+    def no_read_hash(self) -> None:
+        """Stop hashing what :meth:`get` reads (for a file whose sha256 nobody will ask for)."""
+        self._seq = None
+
+    def sequential_sha256(self) -> str | None:
+        """sha256 of the whole file, if :meth:`get` read front to back (bytes it skipped are read
+        and hashed now), else ``None``; also ``None`` after :meth:`no_read_hash`.
+
+        Lets a streaming reader check a file's integrity while it uses it: each byte is read once."""
+        if self._seq is None:
             return None
-        return self._seq.hexdigest()
+        self._hash_to(self._size)
+        return self._seq.hexdigest() if self._seq is not None else None
 
     def files(self) -> list[str]:
         return [self.path]
