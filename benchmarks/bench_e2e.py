@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -31,27 +32,67 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from condu_merge.safetensors_writer import save_file_streaming  # noqa: E402
-
 _BUF = 1 << 24
 
 
-def make_checkpoints(d: str, params: int, tensors: int, tasks: int, dtype: torch.dtype) -> tuple[str, list[str]]:
-    """A base and ``tasks`` fine-tuned checkpoints (base + 1e-3 noise), written tensor by tensor."""
+def llama7b_shapes(layers: int) -> dict[str, tuple[int, ...]]:
+    """Llama-2-7B's tensors (width 4096, MLP 11008, vocab 32000), the first ``layers`` of 32 blocks."""
+    w, f = 4096, 11008
+    s: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (32000, w)}
+    for i in range(layers):
+        p = f"model.layers.{i}"
+        for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            s[f"{p}.self_attn.{n}.weight"] = (w, w)
+        s[f"{p}.mlp.gate_proj.weight"] = (f, w)
+        s[f"{p}.mlp.up_proj.weight"] = (f, w)
+        s[f"{p}.mlp.down_proj.weight"] = (w, f)
+        s[f"{p}.input_layernorm.weight"] = (w,)
+        s[f"{p}.post_attention_layernorm.weight"] = (w,)
+    s["model.norm.weight"] = (w,)
+    s["lm_head.weight"] = (32000, w)
+    return s
+
+
+def _write(path: str, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype, make) -> None:
+    """A safetensors file tensor by tensor (``make(name, shape)`` gives each): one tensor in memory."""
+    from condu_merge.safetensors_writer import StreamingSafetensorsWriter, TensorSpec  # noqa: PLC0415
+
+    with StreamingSafetensorsWriter(path, [TensorSpec(k, dtype, s) for k, s in shapes.items()]) as w:
+        for k, s in shapes.items():
+            w.write(k, make(k, s).to(dtype))
+        w.close()
+
+
+def make_checkpoints(d: str, shapes: dict[str, tuple[int, ...]], tasks: int, dtype: torch.dtype) -> tuple[str, list[str]]:
+    """A base and ``tasks`` fine-tuned checkpoints (base + 1e-3 noise), written tensor by tensor
+    (the base tensor is regenerated from its seed, so memory holds one tensor at a time)."""
     os.makedirs(d, exist_ok=True)
-    per = params // tensors
-    g = torch.Generator().manual_seed(0)
-    base = {f"layer{j}.weight": torch.randn(per, generator=g).to(dtype) for j in range(tensors)}
+    seeds = {k: i for i, k in enumerate(shapes)}
+
+    def base_t(k, s):
+        return torch.randn(s, generator=torch.Generator().manual_seed(seeds[k]))
+
     bpath = os.path.join(d, "base.safetensors")
-    save_file_streaming(base, bpath)
+    _write(bpath, shapes, dtype, base_t)
     fts = []
     for t in range(tasks):
-        ft = {k: (v.float() + 1e-3 * torch.randn(per, generator=g)).to(dtype) for k, v in base.items()}
+        g = torch.Generator().manual_seed(1000 + t)
         p = os.path.join(d, f"ft{t}.safetensors")
-        save_file_streaming(ft, p)
+        _write(p, shapes, dtype, lambda k, s: base_t(k, s).to(dtype).float() + 1e-3 * torch.randn(s, generator=g))
         fts.append(p)
-        del ft
     return bpath, fts
+
+
+def start_time(env: dict) -> tuple[float, float]:
+    """Seconds of a process that only imports torch, and of one that imports what add-task
+    imports (torch, the store, the CLI, the numba kernels with their on-disk cache): the part of
+    every add-task that does not depend on the model."""
+    out = []
+    for code in ("import torch", "import torch, condu_merge.cli, condu_merge.store; from condu_merge.kernels import _numba_impl"):
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code], env=env, check=True)
+        out.append(time.perf_counter() - t0)
+    return out[0], out[1]
 
 
 def store_files(store: str) -> list[str]:
@@ -107,6 +148,9 @@ def io_floor(inputs: list[str], out_sizes: list[int], out_dir: str) -> float:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shape", choices=["flat", "llama7b"], default="flat",
+                    help="flat: --params in --tensors equal tensors; llama7b: Llama-2-7B tensors, --layers blocks")
+    ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--params", type=float, default=128e6)
     ap.add_argument("--tensors", type=int, default=64)
     ap.add_argument("--tasks", type=int, default=4)
@@ -119,9 +163,14 @@ def main(argv=None) -> int:
     dtype = getattr(torch, a.dtype)
     shutil.rmtree(a.dir, ignore_errors=True)
     t0 = time.perf_counter()
-    base, fts = make_checkpoints(a.dir, int(a.params), a.tensors, a.tasks, dtype)
-    print(f"checkpoints: {a.tasks + 1} x {os.path.getsize(base) / 2**20:.0f} MiB ({a.dtype}, {a.tensors} tensors) "
-          f"in {time.perf_counter() - t0:.1f} s", flush=True)
+    if a.shape == "llama7b":
+        shapes = llama7b_shapes(a.layers)
+    else:
+        shapes = {f"layer{j}.weight": (int(a.params) // a.tensors,) for j in range(a.tensors)}
+    base, fts = make_checkpoints(a.dir, shapes, a.tasks, dtype)
+    largest = max(math.prod(s) for s in shapes.values()) * torch.empty((), dtype=dtype).element_size()
+    print(f"checkpoints: {a.tasks + 1} x {os.path.getsize(base) / 2**20:.0f} MiB ({a.dtype}, {len(shapes)} tensors, "
+          f"largest {largest / 2**20:.0f} MiB) in {time.perf_counter() - t0:.1f} s", flush=True)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.pathsep + env.get("PYTHONPATH", "")
     store = os.path.join(a.dir, "store")
@@ -136,7 +185,7 @@ def main(argv=None) -> int:
         if os.path.exists(store):
             shutil.copytree(store, snap, symlinks=True)
         inputs = [base, ft] + store_files(snap)
-        best_cli, best_floor, rss = float("inf"), float("inf"), 0
+        best_cli, best_floor, rss, best_start = float("inf"), float("inf"), 0, (float("inf"), float("inf"))
         for r in range(a.repeat):
             shutil.rmtree(store, ignore_errors=True)
             if os.path.exists(snap):
@@ -144,16 +193,24 @@ def main(argv=None) -> int:
             dt, peak = run_cli(store, base, ft, f"task{t}", env)
             out_sizes = [os.path.getsize(p) for p in store_files(store)]
             fl = io_floor(inputs, out_sizes, os.path.join(a.dir, "floor"))
+            st = start_time(env)
             best_cli, best_floor, rss = min(best_cli, dt), min(best_floor, fl), max(rss, peak)
-            print(f"  task {t} try {r + 1}: cli {dt:.2f} s, floor {fl:.2f} s, peak RSS {peak / 2**20:.0f} MiB", flush=True)
+            best_start = (min(best_start[0], st[0]), min(best_start[1], st[1]))
+            print(f"  task {t} try {r + 1}: cli {dt:.2f} s, floor {fl:.2f} s, peak RSS {peak / 2**20:.0f} MiB, "
+                  f"start: import torch {st[0]:.2f} s, all imports {st[1]:.2f} s", flush=True)
         in_bytes = sum(os.path.getsize(p) for p in inputs)
         rows.append({"tasks": t, "cli_s": best_cli, "floor_s": best_floor, "ratio": best_cli / best_floor,
+                     "import_torch_s": best_start[0], "imports_s": best_start[1],
+                     "ratio_after_start": (best_cli - best_start[1]) / best_floor,
                      "peak_rss_MiB": rss / 2**20, "read_MiB": in_bytes / 2**20, "written_MiB": sum(out_sizes) / 2**20})
     print(f"\n`{' '.join(['python'] + sys.argv)}`; {os.cpu_count()} cores, torch {torch.__version__}\n")
-    print("| tasks | add-task s | I/O floor s | ratio | peak RSS MiB | read MiB | written MiB |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"largest tensor {largest / 2**20:.0f} MiB\n")
+    print("| tasks | add-task s | I/O floor s | ratio | start s (import torch / all imports) | ratio without start "
+          "| peak RSS MiB | read MiB | written MiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['tasks']} | {r['cli_s']:.2f} | {r['floor_s']:.2f} | {r['ratio']:.2f}x | {r['peak_rss_MiB']:.0f} | "
+        print(f"| {r['tasks']} | {r['cli_s']:.2f} | {r['floor_s']:.2f} | {r['ratio']:.2f}x | "
+              f"{r['import_torch_s']:.2f} / {r['imports_s']:.2f} | {r['ratio_after_start']:.2f}x | {r['peak_rss_MiB']:.0f} | "
               f"{r['read_MiB']:.0f} | {r['written_MiB']:.0f} |")
     if a.json:
         with open(a.json, "w") as fh:
