@@ -21,7 +21,7 @@ code writes it. Deliberately not optimised beyond the released code; do not use 
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 

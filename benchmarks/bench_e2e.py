@@ -55,7 +55,7 @@ def llama7b_shapes(layers: int) -> dict[str, tuple[int, ...]]:
 
 def _write(path: str, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype, make) -> None:
     """A safetensors file tensor by tensor (``make(name, shape)`` gives each): one tensor in memory."""
-    from condu_merge.safetensors_writer import StreamingSafetensorsWriter, TensorSpec  # noqa: PLC0415
+    from condu_merge.safetensors_writer import StreamingSafetensorsWriter, TensorSpec
 
     with StreamingSafetensorsWriter(path, [TensorSpec(k, dtype, s) for k, s in shapes.items()]) as w:
         for k, s in shapes.items():
@@ -78,7 +78,7 @@ def make_checkpoints(d: str, shapes: dict[str, tuple[int, ...]], tasks: int, dty
     for t in range(tasks):
         g = torch.Generator().manual_seed(1000 + t)
         p = os.path.join(d, f"ft{t}.safetensors")
-        _write(p, shapes, dtype, lambda k, s: base_t(k, s).to(dtype).float() + 1e-3 * torch.randn(s, generator=g))
+        _write(p, shapes, dtype, lambda k, s, g=g: base_t(k, s).to(dtype).float() + 1e-3 * torch.randn(s, generator=g))
         fts.append(p)
     return bpath, fts
 
