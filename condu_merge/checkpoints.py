@@ -500,6 +500,9 @@ def select_keys(
 
 # ---------------------------------------------------------------------------- task deltas
 
+_DELTA_BLOCK = 1 << 22  # elements per block of TaskDelta.delta
+
+
 class TaskDelta:
     """``delta(key) = finetuned[key] − base[key]`` (or an adapter's delta), computed per call.
 
@@ -555,8 +558,16 @@ class TaskDelta:
         else:
             f = self.finetuned.get(key)
             wide = torch.promote_types(torch.promote_types(f.dtype, b.dtype), torch.float32)
-            d = f.to(wide) - b.to(wide)  # never in place: f may be the caller's own tensor
-            del f, b
+            if f.dtype == b.dtype == wide == dtype:
+                return f - b  # never in place: f may be the caller's own tensor
+            # in blocks: no whole-tensor temporaries in the wide type (a bf16 embedding's fp32
+            # copies would be 4x the tensor); element-wise, so the values are the same
+            d = torch.empty(f.shape, dtype=dtype, device=f.device)
+            df, ff, bf = d.view(-1), f.reshape(-1), b.reshape(-1)
+            for s in range(0, ff.numel(), _DELTA_BLOCK):
+                e = s + _DELTA_BLOCK
+                df[s:e] = ff[s:e].to(wide) - bf[s:e].to(wide)
+            return d
         return d.to(dtype)
 
     def close(self) -> None:
