@@ -373,6 +373,12 @@ def _add_task_chunk(u, kind, masks, lam_op, delta, u_new, masks_new, absu_part, 
         uv[k] = x
         absu[k] = abs(x)
         dv[k] = _load(dc, k, kind)
+    # the smallest nonzero |u| of the chunk: if it survives λ_i, every nonzero one does
+    # (the rounded product is monotone in |u|), so the survival test drops out for task i
+    amin = np.inf
+    for k in range(C):
+        a = absu[k]
+        amin = a if (a > 0.0 and a < amin) else amin
     bits = np.zeros((tp, Cp), np.uint8)
     lam_sum = np.zeros(Cp, np.float64)
     lam_max = np.zeros(Cp, np.float64)
@@ -413,7 +419,10 @@ def _add_task_chunk(u, kind, masks, lam_op, delta, u_new, masks_new, absu_part, 
     for i in range(tp):
         li = lam_op[i]
         bi = bits[i]
-        if li > 0.0:
+        if li > 0.0 and _survives(u, amin, li, kind):
+            for k in range(Cp):  # agree_u implies u_k != 0, and every nonzero |u_k| survives
+                bi[k] = bi[k] & agree_u[k]
+        elif li > 0.0:
             for k in range(Cp):
                 bi[k] = bi[k] & agree_u[k] & _survives(u, absu[k], li, kind)
         else:
