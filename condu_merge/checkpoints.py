@@ -558,11 +558,14 @@ class TaskDelta:
         else:
             f = self.finetuned.get(key)
             wide = torch.promote_types(torch.promote_types(f.dtype, b.dtype), torch.float32)
+            # a tensor just read from a safetensors file is our own buffer: the delta may overwrite
+            # it (any other checkpoint may hand out the caller's own tensor: never in place there)
+            own = isinstance(self.finetuned, SafetensorsFile) and f.dtype == dtype
             if f.dtype == b.dtype == wide == dtype:
-                return f - b  # never in place: f may be the caller's own tensor
+                return f.sub_(b) if own else f - b
             # in blocks: no whole-tensor temporaries in the wide type (a bf16 embedding's fp32
             # copies would be 4x the tensor); element-wise, so the values are the same
-            d = torch.empty(f.shape, dtype=dtype, device=f.device)
+            d = f if own else torch.empty(f.shape, dtype=dtype, device=f.device)
             df, ff, bf = d.view(-1), f.reshape(-1), b.reshape(-1)
             for s in range(0, ff.numel(), _DELTA_BLOCK):
                 e = s + _DELTA_BLOCK
