@@ -105,10 +105,19 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--backends", default=None, help="comma list (default: torch and numba where available)")
     ap.add_argument("--no-baseline", action="store_true")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch and numba threads (default: every core). 1 keeps an oversubscribed machine's "
+                         "thread hand-offs out of the comparison: the baseline's thousands of small torch ops "
+                         "each pay one when the cores are shared")
     ap.add_argument("--json", default=None, help="write the results here too")
     args = ap.parse_args(argv)
     n, n_params = args.tasks, int(args.params)
-    torch.set_num_threads(os.cpu_count() or 1)
+    threads = args.threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    if "numba" in available_backends():
+        import numba
+
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     backends = args.backends.split(",") if args.backends else [b for b in ("torch", "numba") if b in available_backends()]
     deltas = make_deltas(n, n_params, args.tensors)
     N = sum(t.numel() for t in deltas[0].values())
@@ -167,7 +176,7 @@ def main(argv=None) -> int:
 
     print(f"\n## bench_core: {n} tasks x {n_params / 1e6:.1f}M float32 params in {args.tensors} tensors")
     print(f"host: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; "
-          f"inputs {in_bytes * mib:.0f} MiB; copy bandwidth {copy_gbs:.1f} GB/s (best of the run); best of {args.repeat}\n")
+          f"{threads} thread(s); inputs {in_bytes * mib:.0f} MiB; copy bandwidth {copy_gbs:.1f} GB/s (best of the run); best of {args.repeat}\n")
     print("| step | backend | s | x released algorithm | memory floor s | % of copy bandwidth | peak MiB |")
     print("|---|---|---|---|---|---|---|")
     result = []
