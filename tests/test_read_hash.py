@@ -55,9 +55,8 @@ def test_store_base_check_uses_the_read(tmp_path):
     raw = bytearray(bpath.read_bytes())
     raw[-1] ^= 0x01  # same size, one bit of the last tensor differs
     bpath.write_bytes(bytes(raw))
-    with Store(root) as st:
-        with pytest.raises(MergeInputError, match="modified since"):
-            st.add_task_from_checkpoints("b", bpath, fts[1])
+    with Store(root) as st, pytest.raises(MergeInputError, match="modified since"):
+        st.add_task_from_checkpoints("b", bpath, fts[1])
     assert json.loads((root / "manifest.json").read_text()) == before  # nothing committed
     with Store(root) as st:
         st.add_task_from_checkpoints("b", bpath, fts[1], check_base=False)
