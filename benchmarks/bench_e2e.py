@@ -107,17 +107,26 @@ def store_files(store: str) -> list[str]:
 
 
 def run_cli(store: str, base: str, ft: str, name: str, env: dict) -> tuple[float, int]:
-    """Wall seconds and peak RSS bytes of one ``add-task`` process."""
+    """Wall seconds and peak RSS bytes of one ``add-task`` process.
+
+    The peak comes from GNU ``time`` (``%M``), which starts the command itself: ``ru_maxrss`` of a
+    child started straight from this process would include this process's own resident size
+    (Linux carries the high-water mark of the address space a child had before ``exec``)."""
     cmd = [sys.executable, "-m", "condu_merge", "add-task", store, "--base", base, "--finetuned", ft, "--name", name, "-q"]
+    rss_file = os.path.join(os.path.dirname(store), ".rss")
+    timer = shutil.which("time") or "/usr/bin/time"
+    wrapped = [timer, "-f", "%M", "-o", rss_file] + cmd if os.path.exists(timer) else cmd
     t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, ru = os.wait4(p.pid, 0)
+    p = subprocess.run(wrapped, check=False, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     dt = time.perf_counter() - t0
-    err = p.stderr.read().decode() if p.stderr else ""
-    p.returncode = os.waitstatus_to_exitcode(status)
     if p.returncode != 0:
-        raise RuntimeError(f"add-task failed ({p.returncode}): {err.strip()}")
-    return dt, ru.ru_maxrss * 1024
+        raise RuntimeError(f"add-task failed ({p.returncode}): {p.stderr.decode().strip()}")
+    peak = 0
+    if wrapped is not cmd:
+        with open(rss_file) as fh:
+            peak = int(fh.read().split()[-1]) * 1024
+        os.unlink(rss_file)
+    return dt, peak
 
 
 def io_floor(inputs: list[str], out_sizes: list[int], out_dir: str) -> float:
