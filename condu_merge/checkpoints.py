@@ -200,11 +200,10 @@ class SafetensorsFile:
             if got != end - begin:
                 raise FormatError(f"{self.path}: tensor {key!r} is truncated ({got} of {end - begin} bytes)")
             if self._seq is not None:
-                if self._data_start + begin == self._seq_pos:
+                self._hash_to(self._data_start + begin)
+                if self._seq is not None:
                     self._seq.update(memoryview(buf.numpy()))
                     self._seq_pos += end - begin
-                else:
-                    self._seq = None
         if spec.dtype == torch.uint8:
             return buf.reshape(spec.shape)
         return buf.view(spec.dtype).reshape(spec.shape)
@@ -220,13 +219,37 @@ class SafetensorsFile:
             fh.seek(offset)
             return fh.readinto(view)
 
-    def sequential_sha256(self) -> str | None:
-        """sha256 of the whole file if every byte was read front to back by :meth:`get`, else ``None``.
+    def _hash_to(self, pos: int) -> None:
+        """Bring the running hash up to byte ``pos``: bytes :meth:`get` skipped (tensors not read,
+        the tail) are read and hashed here; a read behind the hash ends it (``None``)."""
+        if self._seq is None or pos == self._seq_pos:
+            return
+        if pos < self._seq_pos:
+            self._seq = None
+            return
+        block = bytearray(min(pos - self._seq_pos, 1 << 22))
+        while self._seq_pos < pos:
+            n = min(pos - self._seq_pos, len(block))
+            view = memoryview(block)[:n]
+            got = self._read_into(view, self._seq_pos)
+            if got != n:
+                raise FormatError(f"{self.path}: truncated at byte {self._seq_pos + max(got, 0)} while hashing")
+            self._seq.update(view)
+            self._seq_pos += n
 
-        Lets a streaming reader check a file's integrity for free while it uses it."""
-        if self._seq is None or self._seq_pos != self._size:
+    def no_read_hash(self) -> None:
+        """Stop hashing what :meth:`get` reads (for a file whose sha256 nobody will ask for)."""
+        self._seq = None
+
+    def sequential_sha256(self) -> str | None:
+        """sha256 of the whole file, if :meth:`get` read front to back (bytes it skipped are read
+        and hashed now), else ``None``; also ``None`` after :meth:`no_read_hash`.
+
+        Lets a streaming reader check a file's integrity while it uses it: each byte is read once."""
+        if self._seq is None:
             return None
-        return self._seq.hexdigest()
+        self._hash_to(self._size)
+        return self._seq.hexdigest() if self._seq is not None else None
 
     def files(self) -> list[str]:
         return [self.path]
@@ -628,6 +651,9 @@ def select_keys(
 
 # ---------------------------------------------------------------------------- task deltas
 
+_DELTA_BLOCK = 1 << 22  # elements per block of TaskDelta.delta
+
+
 class TaskDelta:
     """``delta(key) = finetuned[key] − base[key]`` (or an adapter's delta), computed per call.
 
@@ -694,16 +720,29 @@ class TaskDelta:
         else:
             f = self.finetuned.get(key)
             wide = torch.promote_types(torch.promote_types(f.dtype, b.dtype), torch.float32)
-            d = f.to(wide) - b.to(wide)  # never in place: f may be the caller's own tensor
-            del f, b
-        out = d.to(dtype)
-        if out.dtype != d.dtype and out.is_floating_point() and not bool(torch.isfinite(out).all()) and bool(torch.isfinite(d).all()):
-            big = float(d.abs().max())
-            raise NonFiniteError(
-                f"{self.finetuned.path}: the delta of tensor {key!r} (fine-tuned − base, up to {big:.6g} in magnitude) overflows "
-                f"{str(dtype).replace('torch.', '')} though both checkpoints are finite; store it wider with --dtype float32"
-            )
-        return out
+            # a tensor just read from a safetensors file is our own buffer: the delta may overwrite
+            # it (any other checkpoint may hand out the caller's own tensor: never in place there)
+            own = isinstance(self.finetuned, SafetensorsFile) and f.dtype == dtype
+            if f.dtype == b.dtype == wide == dtype:
+                return f.sub_(b) if own else f - b
+            # in blocks: no whole-tensor temporaries in the wide type (a bf16 embedding's fp32
+            # copies would be 4x the tensor); element-wise, so the values are the same
+            d = f if own else torch.empty(f.shape, dtype=dtype, device=f.device)
+            df, ff, bf = d.view(-1), f.reshape(-1), b.reshape(-1)
+            narrowing = d.is_floating_point() and torch.finfo(dtype).bits < torch.finfo(wide).bits
+            for s in range(0, ff.numel(), _DELTA_BLOCK):
+                e = s + _DELTA_BLOCK
+                w = ff[s:e].to(wide) - bf[s:e].to(wide)
+                df[s:e] = w
+                if narrowing and not bool(torch.isfinite(df[s:e]).all()) and bool(torch.isfinite(w).all()):
+                    big = float(w.abs().max())
+                    raise NonFiniteError(
+                        f"{self.finetuned.path}: the delta of tensor {key!r} (fine-tuned − base, up to {big:.6g} in magnitude) "
+                        f"overflows {str(dtype).replace('torch.', '')} though both checkpoints are finite; store it wider with "
+                        "--dtype float32"
+                    )
+            return d
+        return d.to(dtype)
 
     def close(self) -> None:
         self.base.close()

@@ -1035,8 +1035,11 @@ class Store:
         source: dict | None,
         base_identity: dict | None,
         selection: dict | None,
+        after_read: Callable[[], dict | None] | None = None,
     ) -> None:
-        """The streaming continual step (caller holds the lock and has reloaded)."""
+        """The streaming continual step (caller holds the lock and has reloaded). ``after_read``
+        runs once every input was read (the base check on the read's own hash); a dict it
+        returns is the base identity to record."""
         self._check_new_task(name)
         m_old = self.manifest
         t_prev = len(m_old["tasks"]) if m_old else 0
@@ -1073,6 +1076,8 @@ class Store:
                     _crash_point("write:tensor")
                     bar.update(numel[s.name])
             self._check_read_hashes()
+            if after_read is not None:
+                base_identity = after_read() or base_identity
             lams = compute_rescalers(num, den, numel, mode, names)
             m = self._finish_add(
                 gen_dir, writer.finish(), name=name, mode=mode, specs=specs, lambdas=lams, mask_bits=writer.mask_bits,
@@ -1197,13 +1202,20 @@ class Store:
         try:
             with self._writer_lock():
                 self._load(False)
+                creating = self.manifest is None
                 self._check_rescaler(rescaler)
-                specs, ident, selection, source = self._plan_checkpoint_task(td, include, exclude, dtype, check_base)
+                specs, ident, selection, source = self._plan_checkpoint_task(
+                    td, include, exclude, dtype, check_base, hash_base=False
+                )
                 source = {**source, **(source_extra or {})}
                 store_dtype = {s.name: s.dtype for s in specs}
                 self._stream_add(
                     name, lambda k: td.delta(k, store_dtype[k]), specs, rescaler=rescaler, backend=backend,
                     progress=progress, source=source, base_identity=ident, selection=selection,
+                    # a base we opened was read by this merge alone: its running hash is this read's
+                    after_read=(
+                        lambda: self._base_after_read(td.base, creating, read_hash=isinstance(base, (str, os.PathLike)))
+                    ) if check_base else None,
                 )
         finally:
             td.close()
@@ -1239,9 +1251,13 @@ class Store:
         exclude: Sequence[str] | None,
         dtype: torch.dtype | None,
         check_base: bool,
+        *,
+        hash_base: bool = True,
     ) -> tuple[list[TensorSpec], dict | None, dict, dict]:
         """The tensors of a checkpoint task -- see :meth:`add_task_from_checkpoints` -- checked
-        against ``td``: ``(specs, base identity to record or None, selection, source)``."""
+        against ``td``: ``(specs, base identity to record or None, selection, source)``.
+        ``hash_base=False``: the base's sha256 is left to :meth:`_base_after_read` (only its size
+        is checked here), so the merge's own read of the base is the only one."""
         bck, fck = td.base, td.finetuned
         ident = None
         if self.manifest is None:
@@ -1258,13 +1274,13 @@ class Store:
                 else:
                     dt = dtype or bck.spec(k).dtype
                 specs.append(TensorSpec(k, dt, tuple(bck.spec(k).shape)))
-            if check_base and bck.files():
+            if check_base and bck.files() and hash_base:
                 ident = checkpoint_identity(bck)
         else:
             self._check_recorded_options(include=include, exclude=exclude, dtype=dtype)
             specs = self.specs
             if check_base:
-                self._check_base(bck)
+                self._check_base(bck, size_only=not hash_base)
         if td.is_adapter:
             sel = {s.name for s in specs}
             outside = [k for k in fck.delta_keys() if k not in sel]
@@ -1308,14 +1324,30 @@ class Store:
                     "was created); drop the option, or start a new store"
                 )
 
-    def _check_base(self, bck: Checkpoint) -> None:
+    def _base_after_read(self, bck: Checkpoint, creating: bool, *, read_hash: bool) -> dict | None:
+        """After the merge read the base: on creation, its identity to record; later, the check
+        against the recorded one. The sha256 is the one hashed while the merge read the file
+        (:meth:`SafetensorsFile.sequential_sha256`), a separate pass only where there is none."""
+        sha = bck.sequential_sha256() if read_hash and isinstance(bck, SafetensorsFile) else None
+        if not creating:
+            self._check_base(bck, sha)
+            return None
+        if not bck.files():
+            return None
+        if sha is None:
+            return checkpoint_identity(bck)
+        return {"path": os.path.abspath(bck.path), "sha256": sha, "bytes": os.path.getsize(bck.path)}
+
+    def _check_base(self, bck: Checkpoint, sha256: str | None = None, *, size_only: bool = False) -> None:
         rec = self.manifest.get("base")
         if not rec or rec.get("sha256") is None or not bck.files():
             return
         files = bck.files()
         same_file = len(files) == 1 and os.path.abspath(files[0]) == rec["path"]
         size = sum(os.path.getsize(f) for f in files)
-        if size != rec["bytes"] or checkpoint_identity(bck)["sha256"] != rec["sha256"]:
+        if size != rec["bytes"] or (
+            not size_only and (sha256 or checkpoint_identity(bck)["sha256"]) != rec["sha256"]
+        ):
             where = "was modified since" if same_file else "differs from the one"
             raise MergeInputError(
                 f"{bck.path}: this base checkpoint {where} the store was created with ({rec['path']}, sha256 {rec['sha256'][:12]}…); "
@@ -1457,6 +1489,8 @@ def open_task_delta(
     except BaseException:
         bck.close()
         raise
+    if isinstance(fck, SafetensorsFile):
+        fck.no_read_hash()  # nothing asks for the fine-tuned file's sha256: do not compute it
     if isinstance(bck, PeftAdapter):
         bck.close()
         fck.close()

@@ -278,6 +278,57 @@ def _unpack_row(packed, bits, nbytes):
 
 
 # ------------------------------------------------------------------ unify
+@njit(cache=True)
+def _unify_chunk(deltas, kind, u, masks, num_part, den_part, chunk, c):
+    """Chunk ``c`` of :func:`unify_kernel` (a plain serial function: numba's parfor lowering of a
+    ``prange`` body does not vectorise these loops, a called function is compiled as is)."""
+    n = len(deltas)
+    N = u.shape[0]
+    s = c * chunk
+    e = min(N, s + chunk)
+    C = e - s
+    b0 = s // 8
+    nbytes = (C + 7) // 8
+    Cp = nbytes * 8  # padded: pad elements stay 0 and select nothing
+    vals = _stage(u, n + 2, Cp)  # the chunk of every task, converted once to opmath
+    total = np.zeros(Cp, np.float64)
+    for i in range(n):
+        a = deltas[i][s:e]
+        vi = vals[i]
+        for k in range(C):
+            x = _load(a, k, kind)
+            vi[k] = x
+            total[k] += np.float64(x)
+        num_part[c, i] = _abs_sum(vi, Cp)
+    # the elected sign as an opmath +-1 row: v * sg > 0 is exactly "v has the elected sign"
+    # (the product is exact; zeros and NaN never agree), a branch-free compare
+    sg = vals[n]
+    sg[0] = 1.0
+    one = sg[0]  # 1 and 0 in the opmath type: no float64 promotion in the loops below
+    zero = one - one
+    for k in range(Cp):
+        sg[k] = one if total[k] > 0.0 else -one
+    best = vals[n + 1]
+    agree = np.empty((n, Cp), np.uint8)
+    for i in range(n):
+        vi = vals[i]
+        ag = agree[i]
+        for k in range(Cp):
+            v = vi[k]
+            g = v * sg[k] > zero
+            ag[k] = g
+            av = abs(v) if g else zero
+            best[k] = max(best[k], av)
+        _pack_row(ag, masks[i, b0 : b0 + nbytes], nbytes)
+    uc = u[s:e]
+    for k in range(C):
+        b = best[k]
+        val = b * sg[k] if b != zero else b  # +0.0 where nothing agrees
+        _store(uc, k, val, kind)
+    for i in range(n):
+        den_part[c, i] = _masked_sum(best, agree[i], Cp)
+
+
 @njit(parallel=True, cache=True)
 def unify_kernel(deltas, kind, u, masks, num_part, den_part, chunk):
     """One pass over ``n`` deltas: elected sign (float64 sum in task order), ``u``, packed masks
@@ -285,128 +336,164 @@ def unify_kernel(deltas, kind, u, masks, num_part, den_part, chunk):
 
     Per chunk every loop runs task-outer / element-inner over contiguous, cache-resident rows,
     so LLVM vectorises it; each element's election sum is still accumulated in task order."""
-    n = len(deltas)
-    N = u.shape[0]
-    nchunks = (N + chunk - 1) // chunk
+    nchunks = (u.shape[0] + chunk - 1) // chunk
     for c in prange(nchunks):
-        s = c * chunk
-        e = min(N, s + chunk)
-        C = e - s
-        b0 = s // 8
-        nbytes = (C + 7) // 8
-        Cp = nbytes * 8  # padded: pad elements stay 0 and select nothing
-        vals = _stage(u, n, Cp)  # the chunk of every task, converted once to opmath
-        total = np.zeros(Cp, np.float64)
-        for i in range(n):
-            a = deltas[i][s:e]
-            vi = vals[i]
-            for k in range(C):
-                x = _load(a, k, kind)
-                vi[k] = x
-                total[k] += np.float64(x)
-            num_part[c, i] = _abs_sum(vi, Cp)
-        pos = np.empty(Cp, np.bool_)
-        for k in range(Cp):
-            pos[k] = total[k] > 0.0
-        best = np.zeros(Cp, vals.dtype)
-        agree = np.zeros((n, Cp), np.uint8)
-        for i in range(n):
-            vi = vals[i]
-            ag = agree[i]
-            for k in range(Cp):
-                v = vi[k]
-                av = abs(v)
-                g = (v > 0.0) if pos[k] else (v < 0.0)  # zeros never agree
-                ag[k] = g
-                b = best[k]
-                best[k] = av if (g and av > b) else b
-            _pack_row(ag, masks[i, b0 : b0 + nbytes], nbytes)
-        uc = u[s:e]
-        for k in range(C):
-            _store(uc, k, _signed(pos[k], best[k]), kind)
-        for i in range(n):
-            den_part[c, i] = _masked_sum(best, agree[i], Cp)
+        _unify_chunk(deltas, kind, u, masks, num_part, den_part, chunk, c)
+
+
+@njit(cache=True)
+def unify_kernel_serial(deltas, kind, u, masks, num_part, den_part, chunk):
+    """:func:`unify_kernel` on the calling thread (small tensors: no thread hand-off)."""
+    nchunks = (u.shape[0] + chunk - 1) // chunk
+    for c in range(nchunks):
+        _unify_chunk(deltas, kind, u, masks, num_part, den_part, chunk, c)
 
 
 # ------------------------------------------------------------------ continual step
+@njit(cache=True)
+def _add_task_chunk(u, kind, masks, lam_op, delta, u_new, masks_new, absu_part, num_new_part, den_part, chunk, c):
+    """Chunk ``c`` of :func:`add_task_kernel` (serial; see :func:`_unify_chunk` for why)."""
+    tp = masks.shape[0]
+    N = u.shape[0]
+    s = c * chunk
+    e = min(N, s + chunk)
+    C = e - s
+    b0 = s // 8
+    nbytes = (C + 7) // 8
+    Cp = nbytes * 8
+    st = _stage(u, 4, Cp)  # pad elements stay 0: they agree with nothing
+    uv = st[0]
+    absu = st[1]
+    dv = st[2]
+    best = st[3]
+    uc = u[s:e]
+    dc = delta[s:e]
+    for k in range(C):
+        x = _load(uc, k, kind)
+        uv[k] = x
+        absu[k] = abs(x)
+        dv[k] = _load(dc, k, kind)
+    # the smallest nonzero |u| of the chunk: if it survives λ_i, every nonzero one does
+    # (the rounded product is monotone in |u|), so the survival test drops out for task i
+    amin = np.inf
+    for k in range(C):
+        a = absu[k]
+        amin = a if (a > 0.0 and a < amin) else amin
+    bits = np.zeros((tp, Cp), np.uint8)
+    lam_sum = np.zeros(Cp, np.float64)
+    lam_max = np.zeros(Cp, np.float64)
+    for i in range(tp):
+        li = lam_op[i]
+        lm = li if li > 0.0 else 0.0
+        bi = bits[i]
+        _unpack_row(masks[i, b0 : b0 + nbytes], bi, nbytes)
+        for k in range(C, Cp):
+            bi[k] = 0  # pad bits of the last byte are not trusted
+        for k in range(Cp):
+            on = bi[k] != 0
+            # adding +0.0 where the bit is clear leaves the task-order sum unchanged
+            lam_sum[k] += li if on else 0.0
+            m = lam_max[k]
+            lam_max[k] = lm if (on and lm > m) else m
+        absu_part[c, i] = _masked_sum(absu, bi, Cp)
+    num_new_part[c] = _abs_sum(dv, Cp)
+    agree_u = np.zeros(Cp, np.uint8)
+    agree_d = np.zeros(Cp, np.uint8)
+    nc = u_new[s:e]
+    for k in range(C):
+        x = np.float64(uv[k])
+        d = np.float64(dv[k])
+        pos = x * lam_sum[k] > -d
+        ad = (d > 0.0) if pos else (d < 0.0)
+        au = (x > 0.0) if pos else (x < 0.0)
+        ab = abs(d)
+        bd = ab if ad else 0.0
+        # λ·|u| rounds monotonically in λ: the largest surviving earlier expert uses max λ
+        sc = _scale(u, absu[k], lam_max[k], kind)
+        best[k] = sc if (au and sc > bd) else bd
+        agree_u[k] = au
+        agree_d[k] = ad
+        _store(nc, k, _signed(pos, best[k]), kind)
+    _pack_row(agree_d, masks_new[tp, b0 : b0 + nbytes], nbytes)
+    den_part[c, tp] = _masked_sum(best, agree_d, Cp)
+    for i in range(tp):
+        li = lam_op[i]
+        bi = bits[i]
+        if li > 0.0 and _survives(u, amin, li, kind):
+            for k in range(Cp):  # agree_u implies u_k != 0, and every nonzero |u_k| survives
+                bi[k] = bi[k] & agree_u[k]
+        elif li > 0.0:
+            for k in range(Cp):
+                bi[k] = bi[k] & agree_u[k] & _survives(u, absu[k], li, kind)
+        else:
+            bi[:] = 0
+        _pack_row(bi, masks_new[i, b0 : b0 + nbytes], nbytes)
+        den_part[c, i] = _masked_sum(best, bi, Cp)
+
+
 @njit(parallel=True, cache=True)
 def add_task_kernel(u, kind, masks, lam_op, delta, u_new, masks_new, absu_part, num_new_part, den_part, chunk):
     """One continual step (see ``TorchBackend.add_task_flat`` for the math). ``lam_op`` holds the
     earlier rescalers rounded to opmath. ``absu_part[c, i] = Σ_{M_ik} |u_k|`` (times λ_i later),
     ``num_new_part[c] = Σ|d|``, ``den_part[c, i]`` for the ``tp + 1`` tasks. Loops run task-outer /
     element-inner per chunk (vectorisable), the masks are unpacked once per chunk."""
-    tp = masks.shape[0]
-    N = u.shape[0]
-    nchunks = (N + chunk - 1) // chunk
+    nchunks = (u.shape[0] + chunk - 1) // chunk
     for c in prange(nchunks):
-        s = c * chunk
-        e = min(N, s + chunk)
-        C = e - s
-        b0 = s // 8
-        nbytes = (C + 7) // 8
-        Cp = nbytes * 8
-        st = _stage(u, 4, Cp)  # pad elements stay 0: they agree with nothing
-        uv = st[0]
-        absu = st[1]
-        dv = st[2]
-        best = st[3]
-        uc = u[s:e]
-        dc = delta[s:e]
-        for k in range(C):
-            x = _load(uc, k, kind)
-            uv[k] = x
-            absu[k] = abs(x)
-            dv[k] = _load(dc, k, kind)
-        bits = np.zeros((tp, Cp), np.uint8)
-        lam_sum = np.zeros(Cp, np.float64)
-        lam_max = np.zeros(Cp, np.float64)
-        for i in range(tp):
-            li = lam_op[i]
-            lm = li if li > 0.0 else 0.0
-            bi = bits[i]
-            _unpack_row(masks[i, b0 : b0 + nbytes], bi, nbytes)
-            for k in range(C, Cp):
-                bi[k] = 0  # pad bits of the last byte are not trusted
-            for k in range(Cp):
-                on = bi[k] != 0
-                # adding +0.0 where the bit is clear leaves the task-order sum unchanged
-                lam_sum[k] += li if on else 0.0
-                m = lam_max[k]
-                lam_max[k] = lm if (on and lm > m) else m
-            absu_part[c, i] = _masked_sum(absu, bi, Cp)
-        num_new_part[c] = _abs_sum(dv, Cp)
-        agree_u = np.zeros(Cp, np.uint8)
-        agree_d = np.zeros(Cp, np.uint8)
-        nc = u_new[s:e]
-        for k in range(C):
-            x = np.float64(uv[k])
-            d = np.float64(dv[k])
-            pos = x * lam_sum[k] > -d
-            ad = (d > 0.0) if pos else (d < 0.0)
-            au = (x > 0.0) if pos else (x < 0.0)
-            ab = abs(d)
-            bd = ab if ad else 0.0
-            # λ·|u| rounds monotonically in λ: the largest surviving earlier expert uses max λ
-            sc = _scale(u, absu[k], lam_max[k], kind)
-            best[k] = sc if (au and sc > bd) else bd
-            agree_u[k] = au
-            agree_d[k] = ad
-            _store(nc, k, _signed(pos, best[k]), kind)
-        _pack_row(agree_d, masks_new[tp, b0 : b0 + nbytes], nbytes)
-        den_part[c, tp] = _masked_sum(best, agree_d, Cp)
-        for i in range(tp):
-            li = lam_op[i]
-            bi = bits[i]
-            if li > 0.0:
-                for k in range(Cp):
-                    bi[k] = bi[k] & agree_u[k] & _survives(u, absu[k], li, kind)
-            else:
-                bi[:] = 0
-            _pack_row(bi, masks_new[i, b0 : b0 + nbytes], nbytes)
-            den_part[c, i] = _masked_sum(best, bi, Cp)
+        _add_task_chunk(u, kind, masks, lam_op, delta, u_new, masks_new, absu_part, num_new_part, den_part, chunk, c)
+
+
+@njit(cache=True)
+def add_task_kernel_serial(u, kind, masks, lam_op, delta, u_new, masks_new, absu_part, num_new_part, den_part, chunk):
+    """:func:`add_task_kernel` on the calling thread."""
+    nchunks = (u.shape[0] + chunk - 1) // chunk
+    for c in range(nchunks):
+        _add_task_chunk(u, kind, masks, lam_op, delta, u_new, masks_new, absu_part, num_new_part, den_part, chunk, c)
 
 
 # ------------------------------------------------------------------ decouple
+@njit(cache=True)
+def _decouple_chunk(u, ukind, packed, lams, base, bkind, has_base, wide, out, chunk, c):
+    """Chunk ``c`` of :func:`decouple_kernel` (serial; see :func:`_unify_chunk` for why)."""
+    K = packed.shape[0]
+    N = u.shape[0]
+    s = c * chunk
+    e = min(N, s + chunk)
+    C = e - s
+    b0 = s // 8
+    nbytes = (C + 7) // 8
+    Cp = nbytes * 8
+    uc = u[s:e]
+    st = _stage(u, 1, Cp)
+    uv = st[0]
+    for k in range(C):
+        uv[k] = _load(uc, k, ukind)
+    bv = np.zeros(Cp, np.float64)
+    if has_base:
+        bc = base[s:e]
+        for k in range(C):
+            bv[k] = np.float64(_load(bc, k, bkind))
+    bits = np.zeros(Cp, np.uint8)
+    for r in range(K):
+        lam = lams[r]
+        oc = out[r, s:e]
+        _unpack_row(packed[r, b0 : b0 + nbytes], bits, nbytes)
+        if not has_base:
+            for k in range(C):
+                sc = _scale(u, uv[k], lam, ukind)
+                val = sc if bits[k] else 0.0
+                _store(oc, k, val, ukind)
+        elif wide:
+            for k in range(C):
+                sc = _scale(u, uv[k], lam, ukind)
+                val = sc if bits[k] else 0.0
+                _store(oc, k, bv[k] + val, bkind)
+        else:
+            for k in range(C):
+                sc = _scale(u, uv[k], lam, ukind)
+                val = sc if bits[k] else 0.0
+                _store(oc, k, np.float32(bv[k]) + np.float32(val), bkind)
+
+
 @njit(parallel=True, cache=True)
 def decouple_kernel(u, ukind, packed, lams, base, bkind, has_base, wide, out, chunk):
     """``out[r] = λ_r · M_r ⊙ u`` (``packed`` is ``[K, B]``, ``out`` ``[K, N]``), or
@@ -416,43 +503,14 @@ def decouple_kernel(u, ukind, packed, lams, base, bkind, has_base, wide, out, ch
     element loops are branch-free selects (vectorisable); the three cases get separate loops.
     (A conditional expression passed straight to an ``inline="always"`` overload such as
     ``_store`` is miscompiled by numba 0.68 -- it stored zeros here -- hence the ``val`` temporaries.)"""
-    K = packed.shape[0]
-    N = u.shape[0]
-    nchunks = (N + chunk - 1) // chunk
+    nchunks = (u.shape[0] + chunk - 1) // chunk
     for c in prange(nchunks):
-        s = c * chunk
-        e = min(N, s + chunk)
-        C = e - s
-        b0 = s // 8
-        nbytes = (C + 7) // 8
-        Cp = nbytes * 8
-        uc = u[s:e]
-        st = _stage(u, 1, Cp)
-        uv = st[0]
-        for k in range(C):
-            uv[k] = _load(uc, k, ukind)
-        bv = np.zeros(Cp, np.float64)
-        if has_base:
-            bc = base[s:e]
-            for k in range(C):
-                bv[k] = np.float64(_load(bc, k, bkind))
-        bits = np.zeros(Cp, np.uint8)
-        for r in range(K):
-            lam = lams[r]
-            oc = out[r, s:e]
-            _unpack_row(packed[r, b0 : b0 + nbytes], bits, nbytes)
-            if not has_base:
-                for k in range(C):
-                    sc = _scale(u, uv[k], lam, ukind)
-                    val = sc if bits[k] else 0.0
-                    _store(oc, k, val, ukind)
-            elif wide:
-                for k in range(C):
-                    sc = _scale(u, uv[k], lam, ukind)
-                    val = sc if bits[k] else 0.0
-                    _store(oc, k, bv[k] + val, bkind)
-            else:
-                for k in range(C):
-                    sc = _scale(u, uv[k], lam, ukind)
-                    val = sc if bits[k] else 0.0
-                    _store(oc, k, np.float32(bv[k]) + np.float32(val), bkind)
+        _decouple_chunk(u, ukind, packed, lams, base, bkind, has_base, wide, out, chunk, c)
+
+
+@njit(cache=True)
+def decouple_kernel_serial(u, ukind, packed, lams, base, bkind, has_base, wide, out, chunk):
+    """:func:`decouple_kernel` on the calling thread."""
+    nchunks = (u.shape[0] + chunk - 1) // chunk
+    for c in range(nchunks):
+        _decouple_chunk(u, ukind, packed, lams, base, bkind, has_base, wide, out, chunk, c)

@@ -98,6 +98,12 @@ class NumbaBackend:
     def _nchunks(self, N: int) -> int:
         return (N + self.chunk - 1) // self.chunk
 
+    @staticmethod
+    def _kernel(name: str, nchunks: int):
+        """The parallel kernel, or its serial twin for a one-chunk tensor (nothing to share out;
+        on a busy machine waking the second thread costs more than the chunk)."""
+        return getattr(_impl(), name if nchunks > 1 else name + "_serial")
+
     # ------------------------------------------------------------------ unify
     def unify_flat(self, deltas: Sequence[torch.Tensor]) -> FlatMergeResult:
         n = len(deltas)
@@ -111,7 +117,7 @@ class NumbaBackend:
         num_part = np.zeros((nc, n), np.float64)
         den_part = np.zeros((nc, n), np.float64)
         if N:
-            _impl().unify_kernel(_list(arrays), kind, u_np, masks.numpy(), num_part, den_part, self.chunk)
+            self._kernel("unify_kernel", nc)(_list(arrays), kind, u_np, masks.numpy(), num_part, den_part, self.chunk)
         return FlatMergeResult(u, masks, torch.from_numpy(num_part.sum(axis=0)), torch.from_numpy(den_part.sum(axis=0)))
 
     # ------------------------------------------------------------------ continual step
@@ -129,7 +135,7 @@ class NumbaBackend:
         num_new_part = np.zeros(nc, np.float64)
         den_part = np.zeros((nc, tp + 1), np.float64)
         if N:
-            _impl().add_task_kernel(
+            self._kernel("add_task_kernel", nc)(
                 _np(u.reshape(-1)),
                 kind,
                 masks.contiguous().numpy(),
@@ -170,7 +176,7 @@ class NumbaBackend:
         if N and K:
             u_np = _np(u.reshape(-1))
             b_np = _np(base.reshape(-1)) if base is not None else u_np
-            _impl().decouple_kernel(
+            self._kernel("decouple_kernel", self._nchunks(N))(
                 u_np,
                 _KIND[dtype],
                 packed.contiguous().numpy(),

@@ -1,0 +1,233 @@
+"""End to end: ``condu-merge add-task`` (the CLI, one process per task) against the I/O floor.
+
+In one run: a base and ``--tasks`` fine-tuned safetensors checkpoints of ``--params`` parameters
+in ``--tensors`` tensors are written to ``--dir``; then for task ``t = 1..T``
+
+* **cli**: ``python -m condu_merge add-task STORE --base B --finetuned F_t --name task_t``, timed
+  from the parent (process start, imports and exit included), its peak RSS from ``wait4``;
+* **floor**: in this process, read every input file of that step once (the base, ``F_t`` and the
+  store's current ``u`` and mask files) into one reused buffer and write the new generation's
+  bytes (``u`` plus ``t`` mask files, the sizes the CLI just wrote) once, then ``fsync``.
+
+Both read from the page cache (the files were just written), so the ratio is what the CLI costs
+over moving its bytes. Each step is run ``--repeat`` times on a copy of the store as it was
+before the step (the best time is kept; the store then moves on with one of them). Prints a
+markdown table: task count, time, floor, ratio, peak RSS.
+
+    python benchmarks/bench_e2e.py --params 128e6 --tensors 64 --tasks 4 --dir /tmp/e2e
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+_BUF = 1 << 24
+
+
+def llama7b_shapes(layers: int) -> dict[str, tuple[int, ...]]:
+    """Llama-2-7B's tensors (width 4096, MLP 11008, vocab 32000), the first ``layers`` of 32 blocks."""
+    w, f = 4096, 11008
+    s: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (32000, w)}
+    for i in range(layers):
+        p = f"model.layers.{i}"
+        for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            s[f"{p}.self_attn.{n}.weight"] = (w, w)
+        s[f"{p}.mlp.gate_proj.weight"] = (f, w)
+        s[f"{p}.mlp.up_proj.weight"] = (f, w)
+        s[f"{p}.mlp.down_proj.weight"] = (w, f)
+        s[f"{p}.input_layernorm.weight"] = (w,)
+        s[f"{p}.post_attention_layernorm.weight"] = (w,)
+    s["model.norm.weight"] = (w,)
+    s["lm_head.weight"] = (32000, w)
+    return s
+
+
+def _write(path: str, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype, make) -> None:
+    """A safetensors file tensor by tensor (``make(name, shape)`` gives each): one tensor in memory."""
+    from condu_merge.safetensors_writer import StreamingSafetensorsWriter, TensorSpec
+
+    with StreamingSafetensorsWriter(path, [TensorSpec(k, dtype, s) for k, s in shapes.items()]) as w:
+        for k, s in shapes.items():
+            w.write(k, make(k, s).to(dtype))
+        w.close()
+
+
+def make_checkpoints(d: str, shapes: dict[str, tuple[int, ...]], tasks: int, dtype: torch.dtype) -> tuple[str, list[str]]:
+    """A base and ``tasks`` fine-tuned checkpoints (base + 1e-3 noise), written tensor by tensor
+    (the base tensor is regenerated from its seed, so memory holds one tensor at a time)."""
+    os.makedirs(d, exist_ok=True)
+    seeds = {k: i for i, k in enumerate(shapes)}
+
+    def base_t(k, s):
+        return torch.randn(s, generator=torch.Generator().manual_seed(seeds[k]))
+
+    bpath = os.path.join(d, "base.safetensors")
+    _write(bpath, shapes, dtype, base_t)
+    fts = []
+    for t in range(tasks):
+        g = torch.Generator().manual_seed(1000 + t)
+        p = os.path.join(d, f"ft{t}.safetensors")
+        _write(p, shapes, dtype, lambda k, s, g=g: base_t(k, s).to(dtype).float() + 1e-3 * torch.randn(s, generator=g))
+        fts.append(p)
+    return bpath, fts
+
+
+def start_time(env: dict) -> tuple[float, float]:
+    """Seconds of a process that only imports torch, and of one that imports what add-task
+    imports (torch, the store, the CLI, the numba kernels with their on-disk cache): the part of
+    every add-task that does not depend on the model."""
+    out = []
+    for code in ("import torch", "import torch, condu_merge.cli, condu_merge.store; from condu_merge.kernels import _numba_impl"):
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code], env=env, check=True)
+        out.append(time.perf_counter() - t0)
+    return out[0], out[1]
+
+
+def store_files(store: str) -> list[str]:
+    """The data files of the store's current generation (empty before the first task)."""
+    mpath = os.path.join(store, "manifest.json")
+    if not os.path.exists(mpath):
+        return []
+    with open(mpath) as fh:
+        m = json.load(fh)
+    gen = os.path.join(store, m["generation_dir"])
+    return [os.path.join(gen, rel) for rel in m["files"]]
+
+
+def run_cli(store: str, base: str, ft: str, name: str, env: dict) -> tuple[float, int]:
+    """Wall seconds and peak RSS bytes of one ``add-task`` process.
+
+    The peak comes from GNU ``time`` (``%M``), which starts the command itself: ``ru_maxrss`` of a
+    child started straight from this process would include this process's own resident size
+    (Linux carries the high-water mark of the address space a child had before ``exec``)."""
+    cmd = [sys.executable, "-m", "condu_merge", "add-task", store, "--base", base, "--finetuned", ft, "--name", name, "-q"]
+    rss_file = os.path.join(os.path.dirname(store), ".rss")
+    timer = shutil.which("time") or "/usr/bin/time"
+    wrapped = [timer, "-f", "%M", "-o", rss_file] + cmd if os.path.exists(timer) else cmd
+    t0 = time.perf_counter()
+    p = subprocess.run(wrapped, check=False, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    dt = time.perf_counter() - t0
+    if p.returncode != 0:
+        raise RuntimeError(f"add-task failed ({p.returncode}): {p.stderr.decode().strip()}")
+    peak = 0
+    if wrapped is not cmd:
+        with open(rss_file) as fh:
+            peak = int(fh.read().split()[-1]) * 1024
+        os.unlink(rss_file)
+    return dt, peak
+
+
+def io_floor(inputs: list[str], out_sizes: list[int], out_dir: str) -> float:
+    """Seconds to read every file of ``inputs`` once and write files of ``out_sizes`` bytes once (fsynced)."""
+    buf = bytearray(_BUF)
+    mv = memoryview(buf)
+    os.makedirs(out_dir, exist_ok=True)
+    t0 = time.perf_counter()
+    for p in inputs:
+        with open(p, "rb", buffering=0) as fh:
+            while fh.readinto(mv):
+                pass
+    for i, size in enumerate(out_sizes):
+        with open(os.path.join(out_dir, f"f{i}"), "wb", buffering=0) as fh:
+            left = size
+            while left:
+                n = min(left, _BUF)
+                fh.write(mv[:n])
+                left -= n
+            os.fsync(fh.fileno())
+    fd = os.open(out_dir, os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+    dt = time.perf_counter() - t0
+    shutil.rmtree(out_dir)
+    return dt
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shape", choices=["flat", "llama7b"], default="flat",
+                    help="flat: --params in --tensors equal tensors; llama7b: Llama-2-7B tensors, --layers blocks")
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--params", type=float, default=128e6)
+    ap.add_argument("--tensors", type=int, default=64)
+    ap.add_argument("--tasks", type=int, default=4)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--dir", default="/tmp/condu_e2e")
+    ap.add_argument("--keep", action="store_true", help="keep the checkpoints and the store")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args(argv)
+    dtype = getattr(torch, a.dtype)
+    shutil.rmtree(a.dir, ignore_errors=True)
+    t0 = time.perf_counter()
+    if a.shape == "llama7b":
+        shapes = llama7b_shapes(a.layers)
+    else:
+        shapes = {f"layer{j}.weight": (int(a.params) // a.tensors,) for j in range(a.tensors)}
+    base, fts = make_checkpoints(a.dir, shapes, a.tasks, dtype)
+    largest = max(math.prod(s) for s in shapes.values()) * torch.empty((), dtype=dtype).element_size()
+    print(f"checkpoints: {a.tasks + 1} x {os.path.getsize(base) / 2**20:.0f} MiB ({a.dtype}, {len(shapes)} tensors, "
+          f"largest {largest / 2**20:.0f} MiB) in {time.perf_counter() - t0:.1f} s", flush=True)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.pathsep + env.get("PYTHONPATH", "")
+    store = os.path.join(a.dir, "store")
+    # a warm-up process: compiles (or loads) the numba kernels once, outside the timings
+    warm = os.path.join(a.dir, "warm")
+    run_cli(warm, base, fts[0], "warm", env)
+    shutil.rmtree(warm)
+    rows = []
+    for t, ft in enumerate(fts, start=1):
+        snap = store + ".before"  # the store before this step: every try starts from it
+        shutil.rmtree(snap, ignore_errors=True)
+        if os.path.exists(store):
+            shutil.copytree(store, snap, symlinks=True)
+        inputs = [base, ft] + store_files(snap)
+        best_cli, best_floor, rss, best_start = float("inf"), float("inf"), 0, (float("inf"), float("inf"))
+        for r in range(a.repeat):
+            shutil.rmtree(store, ignore_errors=True)
+            if os.path.exists(snap):
+                shutil.copytree(snap, store, symlinks=True)
+            dt, peak = run_cli(store, base, ft, f"task{t}", env)
+            out_sizes = [os.path.getsize(p) for p in store_files(store)]
+            fl = io_floor(inputs, out_sizes, os.path.join(a.dir, "floor"))
+            st = start_time(env)
+            best_cli, best_floor, rss = min(best_cli, dt), min(best_floor, fl), max(rss, peak)
+            best_start = (min(best_start[0], st[0]), min(best_start[1], st[1]))
+            print(f"  task {t} try {r + 1}: cli {dt:.2f} s, floor {fl:.2f} s, peak RSS {peak / 2**20:.0f} MiB, "
+                  f"start: import torch {st[0]:.2f} s, all imports {st[1]:.2f} s", flush=True)
+        in_bytes = sum(os.path.getsize(p) for p in inputs)
+        rows.append({"tasks": t, "cli_s": best_cli, "floor_s": best_floor, "ratio": best_cli / best_floor,
+                     "import_torch_s": best_start[0], "imports_s": best_start[1],
+                     "ratio_after_start": (best_cli - best_start[1]) / best_floor,
+                     "peak_rss_MiB": rss / 2**20, "read_MiB": in_bytes / 2**20, "written_MiB": sum(out_sizes) / 2**20})
+    print(f"\n`{' '.join(['python'] + sys.argv)}`; {os.cpu_count()} cores, torch {torch.__version__}\n")
+    print(f"largest tensor {largest / 2**20:.0f} MiB\n")
+    print("| tasks | add-task s | I/O floor s | ratio | start s (import torch / all imports) | ratio without start "
+          "| peak RSS MiB | read MiB | written MiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['tasks']} | {r['cli_s']:.2f} | {r['floor_s']:.2f} | {r['ratio']:.2f}x | "
+              f"{r['import_torch_s']:.2f} / {r['imports_s']:.2f} | {r['ratio_after_start']:.2f}x | {r['peak_rss_MiB']:.0f} | "
+              f"{r['read_MiB']:.0f} | {r['written_MiB']:.0f} |")
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump({"argv": sys.argv, "rows": rows}, fh, indent=1)
+    if not a.keep:
+        shutil.rmtree(a.dir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
