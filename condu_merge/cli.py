@@ -248,6 +248,8 @@ def _demo(args: argparse.Namespace) -> int:
     ]
     for name, chk in res["checks"].items():
         lines.append(f"check {'ok  ' if chk['ok'] else 'FAIL'} {name}: {chk['detail']}")
+    for name, why in res.get("failed", {}).items():
+        lines.append(f"strategy {name} dropped from the run: {why}")
     if args.keep:
         lines.append(f"files kept in {args.keep} (try: condu-merge inspect {args.keep}/store_{args.mode}_seed{args.seed})")
     _emit(args, res, lines)

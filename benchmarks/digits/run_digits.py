@@ -48,10 +48,12 @@ def aggregate(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Mean ± std over seeds of every method's metrics, storage and merge time, and the mean
     accuracy matrices (task id and task-agnostic)."""
     first = runs[0]
-    out: dict[str, Any] = {"methods": first["methods"], "labels": first["labels"], "metrics": {}, "storage_x": {},
+    methods = [m for m in first["methods"] if all(m in r["metrics"] for r in runs)]
+    out: dict[str, Any] = {"methods": methods, "labels": first["labels"], "metrics": {}, "storage_x": {},
                            "merge_s": {}, "acc_mean": {}, "agnostic_mean": {}, "seeds": [r["config"]["seed"] for r in runs],
                            "checks": {}, "wall_s": [r["timings"].get("wall_s", r["timings"]["total_s"]) for r in runs]}
-    for m in first["methods"]:
+    out["failed"] = {f"seed {r['config']['seed']}: {n}": why for r in runs for n, why in r.get("failed", {}).items()}
+    for m in methods:
         out["metrics"][m] = {k: mean_std([r["metrics"][m].get(k) for r in runs]) for k in METRICS}
         out["storage_x"][m] = mean_std([r["storage_x"][m] for r in runs])
         out["merge_s"][m] = mean_std([r["merge_s"].get(m) for r in runs]) if m in first["merge_s"] else (None, None)
@@ -236,6 +238,8 @@ def write_report(docs: str, results: Mapping[str, Sequence[Mapping]], aggs: Mapp
     for mode, agg in aggs.items():
         for cname, c in agg["checks"].items():
             lines.append(f"- {mode.upper()} **{cname}**: {'passed' if c['ok'] else '**FAILED**'} ({c['detail']})")
+        for n, why in agg.get("failed", {}).items():
+            lines.append(f"- {mode.upper()} strategy **dropped** ({n}): {why}")
     lines.append("")
     for mode, agg in aggs.items():
         lines += [f"## {mode.upper()}: mean ± std over seeds {', '.join(map(str, agg['seeds']))}", "", metrics_table(agg), ""]

@@ -360,7 +360,13 @@ def run_benchmark(cfg: BenchConfig, *, log: Callable[[str], None] | None = None)
             if store.exists and store.task_names:
                 shutil.rmtree(store.root)
                 store = Store(os.path.join(workdir, f"store_{cfg.mode}_seed{cfg.seed}"))
-            strats = {n: _make_strategy(n, space.base) for n in names}
+            strats, not_built = {}, {}
+            for n in list(names):
+                try:
+                    strats[n] = _make_strategy(n, space.base)
+                except Exception as e:  # noqa: BLE001 - reported in "failed"
+                    not_built[n] = f"construction: {type(e).__name__}: {e}"
+                    names.remove(n)
             methods = ["zeroshot", "individual_ft", "continual_ft", "condu", *names]
             acc: dict[str, list[list[float]]] = {m: [] for m in methods if m != "individual_ft"}
             agn: dict[str, list[list[float]]] = {"condu": []}
@@ -368,6 +374,17 @@ def run_benchmark(cfg: BenchConfig, *, log: Callable[[str], None] | None = None)
             merge_s = {m: 0.0 for m in ["condu", *names]}
             trained = {m: 0 for m in methods}
             individual: list[float] = []
+            failed: dict[str, str] = dict(not_built)
+
+            def drop(n: str, why: str) -> None:
+                """Take strategy ``n`` out of the run, recording why (reported, never hidden)."""
+                failed[n] = why
+                log(f"[digits] strategy {n} dropped: {why}")
+                for table in (strats, acc, agn, merge_s, trained):
+                    table.pop(n, None)
+                methods.remove(n)
+                names.remove(n)
+
             cft_state: dict[str, torch.Tensor] | None = None
             t_train = t_eval = 0.0
             proto_bytes = 0
@@ -397,22 +414,26 @@ def run_benchmark(cfg: BenchConfig, *, log: Callable[[str], None] | None = None)
                 proto_bytes += state_nbytes(protos)
                 store.save_prototypes(task, protos)
                 # the registered strategies: share what is already trained, train only what differs
-                for n, strat in strats.items():
-                    start = strat.begin_task(task)
-                    if start.hook is None and _same(start.params, space.base):
-                        trained_state = indiv
-                    elif start.hook is None and _same(start.params, cft_start):
-                        trained_state = cft_state
-                    else:
+                for n, strat in list(strats.items()):
+                    try:
+                        start = strat.begin_task(task)
+                        if start.hook is None and _same(start.params, space.base):
+                            trained_state = indiv
+                        elif start.hook is None and _same(start.params, cft_start):
+                            trained_state = cft_state
+                        else:
+                            t0 = time.perf_counter()
+                            with torch.enable_grad():
+                                trained_state = _train(space, d, head, start.params, cfg, seed=1000 * cfg.seed + s,
+                                                       hook=start.hook)
+                            trained[n] += 1
+                            t_train += time.perf_counter() - t0
                         t0 = time.perf_counter()
-                        with torch.enable_grad():
-                            trained_state = _train(space, d, head, start.params, cfg, seed=1000 * cfg.seed + s, hook=start.hook)
-                        trained[n] += 1
-                        t_train += time.perf_counter() - t0
-                    t0 = time.perf_counter()
-                    strat.end_task(task, params=trained_state)
-                    strat.model_for_inference()  # the merged model is part of the merge's cost
-                    merge_s[n] += time.perf_counter() - t0
+                        strat.end_task(task, params=trained_state)
+                        strat.model_for_inference()  # the merged model is part of the merge's cost
+                        merge_s[n] += time.perf_counter() - t0
+                    except Exception as e:  # noqa: BLE001 - one misbehaving strategy must not sink the others
+                        drop(n, f"session {s + 1} ({task}), folding: {type(e).__name__}: {e}")
                 # evaluation after session s
                 t0 = time.perf_counter()
                 seen, unseen = list(range(s + 1)), list(range(s + 1, T + H))
@@ -426,7 +447,8 @@ def run_benchmark(cfg: BenchConfig, *, log: Callable[[str], None] | None = None)
                 routed = {j: agg_acc(agg, j, protos=protos_all) for j in range(T + H)}
                 acc["condu"].append([agg_acc(agg, j, task=tasks[j]) if j <= s else routed[j] for j in range(T + H)])
                 agn["condu"].append([routed[j] for j in range(T + H)])
-                for n, strat in strats.items():
+                for n, strat in list(strats.items()):
+                  try:
                     row = [float("nan")] * (T + H)
                     merged_js = unseen if strat.task_aware else list(range(T + H))
                     if strat.task_aware:
@@ -441,6 +463,8 @@ def run_benchmark(cfg: BenchConfig, *, log: Callable[[str], None] | None = None)
                         for j, a in zip(merged_js, acc_of(space.weights(strat.model_for_inference()), merged_js)):
                             row[j] = a
                     acc[n].append(row)
+                  except Exception as e:  # noqa: BLE001
+                    drop(n, f"session {s + 1} ({task}), evaluation: {type(e).__name__}: {e}")
                 t_eval += time.perf_counter() - t0
                 log(f"[digits] session {s + 1}/{T} {task}: individual FT {individual[-1]:.1f}, ConDU "
                     f"{sum(acc['condu'][-1][: s + 1]) / (s + 1):.1f}, continual FT "
@@ -481,7 +505,7 @@ def run_benchmark(cfg: BenchConfig, *, log: Callable[[str], None] | None = None)
         "task_aware": {"condu": True, **{n: bool(strats[n].task_aware) for n in names}},
         "acc": acc, "agnostic": agn, "individual_ft": individual, "zeroshot_plain": zs_plain,
         "metrics": metrics, "storage_bytes": storage, "storage_x": storage_x, "one_model_bytes": one_model,
-        "merge_s": merge_s, "trained": trained, "checks": checks, "pretrain": pre_info,
+        "merge_s": merge_s, "trained": trained, "checks": checks, "pretrain": pre_info, "failed": failed,
         "timings": {"total_s": time.perf_counter() - t_start, "cpu_s": time.process_time() - cpu_start,
                     "train_s": t_train, "eval_s": t_eval},
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
