@@ -94,6 +94,11 @@ def matrix_table(columns: Sequence[str], acc: Sequence[Sequence[float]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _model_words(r: Mapping[str, Any]) -> str:
+    v = (r["config"].get("model") or {}).get("vision_cfg") or {"width": 64, "layers": 2}  # runs before the field: width 64
+    return f"width {v['width']}, {v['layers']} layers"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.digits.run_digits", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output directory (per-run results, plots, report)")
@@ -208,7 +213,7 @@ def write_report(docs: str, results: Mapping[str, Sequence[Mapping]], aggs: Mapp
         f"- **Data**: scikit-learn `load_digits` (1,797 real 8x8 handwritten digits, upsampled to 16x16), split per seed "
         "70/30 into a training and a test pool; every domain draws its own training images from the training pool"
         f"{f' ({few} per class)' if few else ' (600 per task)'} and is tested on the whole transformed test pool (539 images).",
-        f"- **Model**: a tiny open_clip `CLIP` (ViT 16x16, patch 4, width 48, 2 layers; 1-layer text tower), pre-trained "
+        f"- **Model**: a tiny open_clip `CLIP` (ViT 16x16, patch 4, {_model_words(r0)}; 1-layer text tower), pre-trained "
         f"in-process for {r0['config']['pretrain_steps']} steps on the plain domain with class-name captions "
         "(\"a photo of the digit three.\"), saved as a local safetensors checkpoint and loaded back as θ_0. Zero-shot "
         f"accuracy of θ_0 on plain test digits: {_pm(agg0['zeroshot_plain'])} % (chance 10 %).",

@@ -46,7 +46,8 @@ def matrices_png(path: str, columns: Sequence[str], methods: Mapping[str, Sequen
     ncols = max(1, min(ncols, n))
     nrows = math.ceil(n / ncols)
     cw, ch = 0.42 * cols + 1.2, 0.36 * max(len(m) for m in methods.values()) + 1.6
-    fig, axes = plt.subplots(nrows, ncols, figsize=(cw * ncols, ch * nrows + 0.8), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(cw * ncols, (ch + 0.9) * nrows + 0.6), squeeze=False,
+                             gridspec_kw={"hspace": 0.85, "wspace": 0.3})  # room for the rotated domain names
     norm = Normalize(0, 100)
     seen_cmap, unseen_cmap = plt.get_cmap("viridis"), plt.get_cmap("Greys")
     for ax in axes.flat[n:]:

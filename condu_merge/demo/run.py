@@ -57,7 +57,8 @@ SCRIPT_PATHS = ("condu", "continual_ft")
 LABELS = {
     "zeroshot": "Zero-shot", "individual_ft": "Individual FT (upper bound)", "continual_ft": "Continual FT (lower bound)",
     "condu": "ConDU", "pam": "PAM", "magmax": "MagMax", "task_arithmetic": "Task arithmetic", "ties": "TIES",
-    "emr": "EMR", "opcm": "OPCM", "dop": "DOP", "tall": "TALL", "dare": "DARE",
+    "emr": "EMR", "opcm": "OPCM", "dop": "DOP", "tall_masks": "TALL masks", "dare_task_arithmetic": "DARE + TA",
+    "dare_ties": "DARE + TIES",
 }
 # options that make a strategy meaningful at this size (filtered by what its constructor accepts)
 STRATEGY_OPTIONS: dict[str, dict[str, Any]] = {
@@ -498,7 +499,7 @@ def run_benchmark(cfg: BenchConfig, *, log: Callable[[str], None] | None = None)
         if own_dir:
             shutil.rmtree(workdir, ignore_errors=True)
     return {
-        "config": {**asdict(cfg), "lr": cfg.resolved_lr(), "strategies": names},
+        "config": {**asdict(cfg), "lr": cfg.resolved_lr(), "strategies": names, "model": D.MODEL_CONFIG},
         "tasks": tasks, "held_out": held, "domains": domains,
         "domain_what": {d.name: d.what for d in data},
         "methods": methods, "labels": {m: label_of(m) for m in methods},
