@@ -85,7 +85,7 @@ def test_domains_are_distinct_and_splits_disjoint():
 def small_run(tmp_path_factory):
     from condu_merge.demo.run import BenchConfig, run_benchmark
 
-    cfg = BenchConfig(tasks=("rot90", "inverted", "zoom_shift"), held_out=("rot270",), pretrain_steps=150, steps=40,
+    cfg = BenchConfig(tasks=("rot90", "inverted", "zoom_shift"), held_out=("rot270",), pretrain_steps=200, steps=40,
                       train_per_task=300, test_per_domain=150, strategies=("magmax", "task_arithmetic", "emr"),
                       workdir=str(tmp_path_factory.mktemp("digits")))
     return run_benchmark(cfg)

@@ -209,7 +209,7 @@ def write_report(docs: str, results: Mapping[str, Sequence[Mapping]], aggs: Mapp
         f"- **Date**: {report['date']}; **wall time**: {report['wall_s_this_invocation']:.0f} s this invocation "
         f"(per run: {', '.join(f'{mode.upper()} ' + '/'.join(f'{w:.0f}' for w in aggs[mode]['wall_s']) for mode in aggs)} s)",
         f"- **Machine**: {report['machine']['platform']}, {report['machine']['cpus']} CPU cores (shared with other jobs: "
-        "timings are noisy), Python {report['machine']['python']}, one torch thread per run",
+        f"timings are noisy), Python {report['machine']['python']}, one torch thread per run",
         f"- **Data**: scikit-learn `load_digits` (1,797 real 8x8 handwritten digits, upsampled to 16x16), split per seed "
         "70/30 into a training and a test pool; every domain draws its own training images from the training pool"
         f"{f' ({few} per class)' if few else ' (600 per task)'} and is tested on the whole transformed test pool (539 images).",
