@@ -76,8 +76,9 @@ def matrices_png(path: str, columns: Sequence[str], methods: Mapping[str, Sequen
         ax.set_yticks(range(rows), [f"S{s + 1}" for s in range(rows)], fontsize=6.5)
     sm = plt.cm.ScalarMappable(norm=norm, cmap=seen_cmap)
     fig.colorbar(sm, ax=axes, fraction=0.015, pad=0.01, label="accuracy % (seen cells)")
-    fig.suptitle(title or "Accuracy after each session (rows) on each domain (columns); colour: learned, "
-                 "grey italic: not learned yet / held-out (right of the red line)", fontsize=9)
+    fig.suptitle(title or ("Accuracy after each session (rows) on each task (columns); colour: learned, "
+                           "grey italic: not learned yet" + (" / held-out (right of the red line)" if nt < cols else "")),
+                 fontsize=9)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return True
