@@ -291,9 +291,54 @@ def _verify(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------- demo
 
 def _demo(args: argparse.Namespace) -> int:
+    """One seed of the digits continual-learning benchmark (FT, every method; docs/results.md), or
+    with ``--random-deltas`` the store walk-through on a seeded random model family."""
+    if args.random_deltas:
+        return _demo_random(args)
+    from .demo.run import BenchConfig, run_benchmark, summary_table
+    from .demo import digits
+
+    n = digits.TASKS if args.tasks is None else digits.TASKS[: args.tasks]
+    if args.tasks is not None and not 2 <= args.tasks <= len(digits.TASKS):
+        raise ValueError(f"--tasks: the digits demo has 2 to {len(digits.TASKS)} task domains, got {args.tasks}")
+    quiet = getattr(args, "quiet", False) or getattr(args, "json", False)
+    cfg = BenchConfig(seed=args.seed, mode=args.mode, tasks=tuple(n), rescaler=args.rescaler, workdir=args.keep,
+                      pretrain_steps=args.pretrain_steps, steps=args.steps, test_per_domain=args.test_per_domain or None,
+                      shots=args.shots, top_k=args.top_k)
+    log = None if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    t0 = time.perf_counter()
+    res = run_benchmark(cfg, log=log)
+    wall = time.perf_counter() - t0
+    res["timings"]["wall_s"] = wall
+    lines = [
+        f"Continual learning on real handwritten digits (scikit-learn load_digits), {len(n)} task domains "
+        f"({', '.join(n)}) + held-out {', '.join(res['held_out'])}; {args.mode.upper()}, seed {args.seed}, "
+        f"top-{cfg.top_k} routing; {wall:.0f} s",
+        "",
+        summary_table(res),
+        "",
+        "Acc. w/ task id: mean accuracy over the tasks after the last session, each with its task id (ConDU, EMR: the task's"
+        " expert). Task-agnostic: the same without the task id (ConDU, EMR: routed to top-K experts by prototypes; single-model"
+        " methods: their one model). Forgetting: mean drop from just-learned to the end (points). Held-out: domains no model"
+        " trained on. Storage: what the method keeps beyond the pretrained model, in units of one fine-tuned model.",
+        "",
+    ]
+    for name, chk in res["checks"].items():
+        lines.append(f"check {'ok  ' if chk['ok'] else 'FAIL'} {name}: {chk['detail']}")
+    for name, why in res.get("failed", {}).items():
+        lines.append(f"strategy {name} dropped from the run: {why}")
+    if args.keep:
+        lines.append(f"files kept in {args.keep} (try: condu-merge inspect {args.keep}/store_{args.mode}_seed{args.seed})")
+    _emit(args, res, lines)
+    return 0 if all(c["ok"] for c in res["checks"].values()) else 1
+
+
+def _demo_random(args: argparse.Namespace) -> int:
     """A seeded model family (a base and ``tasks`` fine-tuned variants sharing some direction),
     merged continually through a store in a temporary directory, then every expert decoupled."""
     import torch
+
+    n_tasks = 5 if args.tasks is None else args.tasks
 
     from .safetensors_writer import save_file_streaming
     from .store import Store
@@ -315,7 +360,7 @@ def _demo(args: argparse.Namespace) -> int:
     t_merge = 0.0
     save_file_streaming(base, os.path.join(work, "base.safetensors"))
     with Store(store_dir, verify=False) as st:
-        for i in range(args.tasks):
+        for i in range(n_tasks):
             name = f"task{i + 1}"
             finetuned = {k: base[k] + 0.01 * (0.5 * shared[k] + torch.randn(s, generator=gen)) for k, s in shapes.items()}
             deltas[name] = {k: finetuned[k] - base[k] for k in shapes}
@@ -347,18 +392,18 @@ def _demo(args: argparse.Namespace) -> int:
         t_decouple = time.perf_counter() - t0
     data = {
         "workdir": work if args.keep else None,
-        "tasks": args.tasks,
+        "tasks": n_tasks,
         "params": storage["params"],
         "storage": storage,
         "experts": rows,
         "seconds": {"merge": t_merge, "verify": t_verify, "decouple_all": t_decouple},
     }
     lines = [
-        f"merged {args.tasks} tasks of {storage['params']:,} parameters through a store in {t_merge * 1e3:.0f} ms "
+        f"merged {n_tasks} tasks of {storage['params']:,} parameters through a store in {t_merge * 1e3:.0f} ms "
         f"(verify {t_verify * 1e3:.0f} ms, decouple all {t_decouple * 1e3:.0f} ms)",
         f"stored: unified delta {_mb(storage['unified_bytes'])} + masks {_mb(sum(storage['mask_bytes_per_task']))} "
         f"({storage['mask_bits_per_param']:.3f} bit/param/task) + manifest {_mb(storage['manifest_bytes'])}; "
-        f"with the base {_mb(storage['condu_total_bytes'])} vs {args.tasks} individual models {_mb(storage['individual_bytes'])}",
+        f"with the base {_mb(storage['condu_total_bytes'])} vs {n_tasks} individual models {_mb(storage['individual_bytes'])}",
     ]
     for r in rows:
         lines.append(
@@ -451,10 +496,19 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("store")
     v.set_defaults(func=_verify)
 
-    d = sub.add_parser("demo", parents=[common], help="continual session on a small seeded model family, through a store")
-    d.add_argument("--tasks", type=int, default=5)
+    d = sub.add_parser("demo", parents=[common],
+                       help="continual learning on real digits, every strategy side by side (--random-deltas: the store walk-through)")
+    d.add_argument("--tasks", type=int, help="number of task domains (digits: 2-6, default 6; --random-deltas: default 5)")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--mode", choices=("ft", "lora"), default="ft", help="fine-tune the image tower, or LoRA factors")
+    d.add_argument("--pretrain-steps", type=int, default=250, help="pre-training steps of the tiny CLIP")
+    d.add_argument("--steps", type=int, default=60, help="fine-tuning steps per expert")
+    d.add_argument("--test-per-domain", type=int, default=250, help="test images per domain (all: 0)")
+    d.add_argument("--shots", type=int, help="few-shot: training images per class and task")
+    d.add_argument("--top-k", type=int, default=2, help="experts aggregated for a task-agnostic sample")
     d.add_argument("--rescaler", default="tensor_mean")
+    d.add_argument("--random-deltas", action="store_true",
+                   help="instead: merge random deltas of a seeded model family through a store and decouple them")
     d.add_argument("--keep", metavar="DIR", help="work in DIR and keep the files (default: a temporary directory)")
     d.set_defaults(func=_demo)
     return p

@@ -86,7 +86,7 @@ def test_debug_shows_the_traceback(tmp_path):
 
 
 def test_demo_in_process(capsys):
-    assert main(["demo", "--tasks", "3", "--json"]) == 0
+    assert main(["demo", "--random-deltas", "--tasks", "3", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert [r["task"] for r in out["experts"]] == ["task1", "task2", "task3"]
     assert all(0.5 < r["cosine"] <= 1.0 for r in out["experts"])
@@ -94,7 +94,8 @@ def test_demo_in_process(capsys):
 
 
 def test_python_m_demo():
-    p = subprocess.run([sys.executable, "-m", "condu_merge", "demo"], capture_output=True, text=True, timeout=120)
+    p = subprocess.run([sys.executable, "-m", "condu_merge", "demo", "--random-deltas"], capture_output=True, text=True,
+                       timeout=120)
     assert p.returncode == 0, p.stderr
     assert "merged 5 tasks" in p.stdout and "rel.L2 err" in p.stdout and "individual models" in p.stdout
 

@@ -98,32 +98,9 @@ def csv_text(tasks: Sequence[str], methods: Mapping[str, Sequence[Sequence[float
 
 
 def heatmap_png(path: str, tasks: Sequence[str], methods: Mapping[str, Sequence[Sequence[float]]]) -> bool:
-    """One heatmap of ``A[s][j]`` per method into ``path``; False when matplotlib is not installed."""
-    try:
-        import matplotlib
+    """The accuracy matrices ``A[s][j]`` of every method as small multiples (a grid of at most 4
+    columns, seen cells in colour, not-yet-learned cells grey; :func:`benchmarks.mtil.plots.matrices_png`)
+    into ``path``; False when matplotlib is not installed."""
+    from .plots import matrices_png
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    n = len(methods)
-    t = len(tasks)
-    fig, axes = plt.subplots(1, n, figsize=(max(4.0, 0.55 * t + 2) * n, max(3.5, 0.45 * t + 1.5)), squeeze=False)
-    for ax, (method, acc) in zip(axes[0], methods.items()):
-        a = np.asarray(acc, dtype=np.float64)
-        im = ax.imshow(a, vmin=0, vmax=100, cmap="viridis")
-        ax.set_title(method)
-        ax.set_xticks(range(t), tasks, rotation=60, ha="right", fontsize=7)
-        ax.set_yticks(range(t), [f"S{s + 1}" for s in range(t)], fontsize=7)
-        ax.set_xlabel("evaluated task")
-        ax.set_ylabel("after session")
-        if t <= 12:
-            for s in range(t):
-                for j in range(t):
-                    ax.text(j, s, f"{a[s, j]:.0f}", ha="center", va="center", fontsize=6,
-                            color="white" if a[s, j] < 60 else "black")
-        fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return matrices_png(path, tasks, methods, n_tasks=len(tasks))

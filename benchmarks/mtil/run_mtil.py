@@ -856,14 +856,19 @@ class Runner:
                           "(every --pam-every steps) and weight entries it re-initialised (summed over the alignments); "
                           "\"-\": no hook (nothing to align to before the first task is merged).\n\n"
                           + hook_stats_markdown(self.tasks, result["hook_stats"]))
+            note = ("> **Smoke test.** `--synthetic` runs the MTIL code path on procedural images and a tiny CLIP "
+                    "pre-trained for a moment, to exercise resume, storage and every strategy on a CPU; its accuracies "
+                    "carry no meaning. The CPU run of this protocol on real data is `python -m benchmarks.digits.run_digits` "
+                    "(docs/results.md).\n\n" if self.a.synthetic else "")
             with open(os.path.join(self.out, "results.md"), "w") as f:
-                f.write(f"# MTIL results ({label}{', few-shot' if self.a.few_shot else ''})\n\n{table}")
+                f.write(f"# MTIL results ({label}{', few-shot' if self.a.few_shot else ''})\n\n{note}{table}"
+                        "\n![accuracy matrices](accuracy_heatmap.png)\n")
             with open(os.path.join(self.out, "storage.csv"), "w") as f:
                 f.write(storage_csv(storage, one_model, names))
             with open(os.path.join(self.out, "results.csv"), "w") as f:
                 f.write(csv_text(self.tasks, {names[m]: mat for m, mat in matrices.items()}))
             result["heatmap"] = heatmap_png(os.path.join(self.out, "accuracy_heatmap.png"), self.tasks,
-                                            {names[m]: mat for m, mat in matrices.items() if m != "zeroshot"})
+                                            {names[m]: mat for m, mat in matrices.items()})
         _atomic_json(os.path.join(self.out, "results.json"), result)
         return result
 
