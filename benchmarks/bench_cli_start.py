@@ -75,7 +75,9 @@ def _step(P: int, backend: str, repeat: int) -> float:
     the backend's import and first-call kernel load included)."""
     times = []
     for _ in range(repeat):
-        out = subprocess.run([sys.executable, "-c", _STEP, str(P), backend], env=ENV, check=True, capture_output=True, text=True)
+        out = subprocess.run(
+            [sys.executable, "-c", _STEP, str(P), backend], env=ENV, check=True, capture_output=True, text=True
+        )
         times.append(float(out.stdout.split()[0]))
     return statistics.median(times)
 
@@ -95,8 +97,12 @@ def main() -> None:
             "python -c pass": _wall([py, "-c", "pass"], args.repeat),
             "python -c 'import torch'": _wall([py, "-c", "import torch"], args.repeat),
             "condu-merge --help": _wall([py, "-m", "condu_merge", "--help"], args.repeat),
-            "condu-merge inspect (3 tasks, 0.2M params; sha256 verified)": _wall([py, "-m", "condu_merge", "inspect", store], args.repeat),
-            "condu-merge inspect --no-verify (torch-free view)": _wall([py, "-m", "condu_merge", "inspect", store, "--no-verify"], args.repeat),
+            "condu-merge inspect (3 tasks, 0.2M params; sha256 verified)": _wall(
+                [py, "-m", "condu_merge", "inspect", store], args.repeat
+            ),
+            "condu-merge inspect --no-verify (torch-free view)": _wall(
+                [py, "-m", "condu_merge", "inspect", store, "--no-verify"], args.repeat
+            ),
         }
     print("## CLI start (median wall, fresh processes)\n\n| command | s | x `import torch` |\n|---|---:|---:|")
     t_torch = res["start"]["python -c 'import torch'"]
@@ -109,7 +115,12 @@ def main() -> None:
     except ImportError:
         backends = ["torch"]
     print("\n## backend crossover: two add_task calls in a fresh process (backend load included)\n")
-    print("| params | " + " | ".join(f"{b} s" for b in backends) + " | numba / torch |\n|---:|" + "---:|" * (len(backends) + 1))
+    print(
+        "| params | "
+        + " | ".join(f"{b} s" for b in backends)
+        + " | numba / torch |\n|---:|"
+        + "---:|" * (len(backends) + 1)
+    )
     crossover = None
     for P in [int(x) for x in args.sizes.split(",")]:
         row = {b: _step(P, b, args.repeat) for b in backends}
@@ -119,7 +130,9 @@ def main() -> None:
             crossover = P
         print(f"| {P:,} | " + " | ".join(f"{row[b]:.3f}" for b in backends) + f" | {ratio:.2f} |")
     res["crossover_params"] = crossover
-    print(f"\nnumba is faster from {crossover:,} parameters per process" if crossover else "\nnumba was never faster here")
+    print(
+        f"\nnumba is faster from {crossover:,} parameters per process" if crossover else "\nnumba was never faster here"
+    )
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as fh:

@@ -105,10 +105,14 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--backends", default=None, help="comma list (default: torch and numba where available)")
     ap.add_argument("--no-baseline", action="store_true")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch and numba threads (default: every core). 1 keeps an oversubscribed machine's "
-                         "thread hand-offs out of the comparison: the baseline's thousands of small torch ops "
-                         "each pay one when the cores are shared")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch and numba threads (default: every core). 1 keeps an oversubscribed machine's "
+        "thread hand-offs out of the comparison: the baseline's thousands of small torch ops "
+        "each pay one when the cores are shared",
+    )
     ap.add_argument("--json", default=None, help="write the results here too")
     args = ap.parse_args(argv)
     n, n_params = args.tasks, int(args.params)
@@ -118,14 +122,18 @@ def main(argv=None) -> int:
         import numba
 
         numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-    backends = args.backends.split(",") if args.backends else [b for b in ("torch", "numba") if b in available_backends()]
+    backends = (
+        args.backends.split(",") if args.backends else [b for b in ("torch", "numba") if b in available_backends()]
+    )
     deltas = make_deltas(n, n_params, args.tensors)
     N = sum(t.numel() for t in deltas[0].values())
     mb = (N + 7) // 8  # one mask row
     in_bytes = n * N * 4
-    traffic = {"unify": n * N * 4 + N * 4 + n * mb,  # n deltas in; u and n mask rows out
-               "add_task": 2 * N * 4 + (n - 1) * mb + N * 4 + n * mb,  # u, delta, n-1 rows in; u, n rows out
-               "decouple_many": N * 4 + n * mb + n * N * 4}  # u, n rows in; n experts out
+    traffic = {
+        "unify": n * N * 4 + N * 4 + n * mb,  # n deltas in; u and n mask rows out
+        "add_task": 2 * N * 4 + (n - 1) * mb + N * 4 + n * mb,  # u, delta, n-1 rows in; u, n rows out
+        "decouple_many": N * 4 + n * mb + n * N * 4,
+    }  # u, n rows in; n experts out
     mib = 1 / 2**20
     u0, t0 = unify(deltas[:-1], backend=backends[-1])
     lams = [tr.rescaler for tr in t0]
@@ -139,9 +147,11 @@ def main(argv=None) -> int:
     def base_add():
         return baseline_add_task(u0, bool_masks, lams, deltas[-1])
 
-    steps = {"unify": {be: (lambda be=be: unify(deltas, backend=be)) for be in backends},
-             "add_task": {be: (lambda be=be: add_task(u0, t0, deltas[-1], backend=be)) for be in backends},
-             "decouple_many": {be: (lambda be=be: decouple_many(u_n, t_n, backend=be)) for be in backends}}
+    steps = {
+        "unify": {be: (lambda be=be: unify(deltas, backend=be)) for be in backends},
+        "add_task": {be: (lambda be=be: add_task(u0, t0, deltas[-1], backend=be)) for be in backends},
+        "decouple_many": {be: (lambda be=be: decouple_many(u_n, t_n, backend=be)) for be in backends},
+    }
     if not args.no_baseline:
         steps["unify"]["baseline"] = base_unify
         steps["add_task"]["baseline"] = base_add
@@ -175,8 +185,10 @@ def main(argv=None) -> int:
             mismatch[step + " u"] = sum(int((lu[k] != bu[k]).sum()) for k in lu)
 
     print(f"\n## bench_core: {n} tasks x {n_params / 1e6:.1f}M float32 params in {args.tensors} tensors")
-    print(f"host: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; "
-          f"{threads} thread(s); inputs {in_bytes * mib:.0f} MiB; copy bandwidth {copy_gbs:.1f} GB/s (best of the run); best of {args.repeat}\n")
+    print(
+        f"host: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; "
+        f"{threads} thread(s); inputs {in_bytes * mib:.0f} MiB; copy bandwidth {copy_gbs:.1f} GB/s (best of the run); best of {args.repeat}\n"
+    )
     print("| step | backend | s | x released algorithm | memory floor s | % of copy bandwidth | peak MiB |")
     print("|---|---|---|---|---|---|---|")
     result = []
@@ -184,16 +196,40 @@ def main(argv=None) -> int:
         floor = traffic[step] / (copy_gbs * 1e9)
         base = best.get((step, "baseline"))
         ratio = f"{base / sec:.1f}x" if base and name != "baseline" else "-"
-        print(f"| {step} | {name} | {sec:.3f} | {ratio} | {floor:.3f} | {100 * floor / sec:.0f}% | {peak[step, name] * mib:.0f} |")
-        result.append({"step": step, "backend": name, "seconds": sec, "x_baseline": (base / sec) if base else None,
-                       "floor_s": floor, "copy_fraction": floor / sec, "peak_bytes": peak[step, name]})
+        print(
+            f"| {step} | {name} | {sec:.3f} | {ratio} | {floor:.3f} | {100 * floor / sec:.0f}% | {peak[step, name] * mib:.0f} |"
+        )
+        result.append(
+            {
+                "step": step,
+                "backend": name,
+                "seconds": sec,
+                "x_baseline": (base / sec) if base else None,
+                "floor_s": floor,
+                "copy_fraction": floor / sec,
+                "peak_bytes": peak[step, name],
+            }
+        )
     if mismatch:
-        print(f"\nbits / u elements differing from the released algorithm (elections within rounding of zero): {mismatch}")
+        print(
+            f"\nbits / u elements differing from the released algorithm (elections within rounding of zero): {mismatch}"
+        )
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"params": n_params, "tensors": args.tensors, "tasks": n, "copy_GB_per_s": copy_gbs,
-                       "rows": result, "mismatch": mismatch, "torch": torch.__version__,
-                       "command": " ".join(["python"] + sys.argv)}, fh, indent=2)
+            json.dump(
+                {
+                    "params": n_params,
+                    "tensors": args.tensors,
+                    "tasks": n,
+                    "copy_GB_per_s": copy_gbs,
+                    "rows": result,
+                    "mismatch": mismatch,
+                    "torch": torch.__version__,
+                    "command": " ".join(["python"] + sys.argv),
+                },
+                fh,
+                indent=2,
+            )
     return 0
 
 

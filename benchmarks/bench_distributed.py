@@ -50,10 +50,17 @@ def model_shapes(params: float, d: int = 512) -> dict[str, tuple[int, ...]]:
     per_layer = 12 * d * d + 4 * d
     for i in range(max(1, round((params - 2 * d * d) / per_layer))):
         p = f"layers.{i}."
-        shapes.update({
-            p + "attn.qkv.weight": (3 * d, d), p + "attn.qkv.bias": (3 * d,), p + "attn.proj.weight": (d, d),
-            p + "mlp.fc1.weight": (4 * d, d), p + "mlp.fc2.weight": (d, 4 * d), p + "ln1.weight": (d,), p + "ln2.weight": (d,),
-        })
+        shapes.update(
+            {
+                p + "attn.qkv.weight": (3 * d, d),
+                p + "attn.qkv.bias": (3 * d,),
+                p + "attn.proj.weight": (d, d),
+                p + "mlp.fc1.weight": (4 * d, d),
+                p + "mlp.fc2.weight": (d, 4 * d),
+                p + "ln1.weight": (d,),
+                p + "ln2.weight": (d,),
+            }
+        )
     return shapes
 
 
@@ -112,13 +119,23 @@ def _free_port() -> int:
 
 def run_ranks(world: int, spec: dict) -> tuple[list[list[dict]], float]:
     port = _free_port()
-    env_base = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world),
-                    LOCAL_WORLD_SIZE=str(world), OMP_NUM_THREADS=str(spec["threads"]),
-                    PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env_base = dict(
+        os.environ,
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world),
+        OMP_NUM_THREADS=str(spec["threads"]),
+        PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
     t0 = time.perf_counter()
     procs = [
-        subprocess.Popen([sys.executable, "-c", _RANK_WORKER, json.dumps({**spec, "world": world})],
-                         env=dict(env_base, RANK=str(r), LOCAL_RANK=str(r)), stdout=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", _RANK_WORKER, json.dumps({**spec, "world": world})],
+            env=dict(env_base, RANK=str(r), LOCAL_RANK=str(r)),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         for r in range(world)
     ]
     outs = [p.communicate()[0] for p in procs]
@@ -170,7 +187,10 @@ def main() -> None:
 
             unify_tensor([torch.randn(4096)])  # warm-up, as in the rank workers
             for tag, fn in (
-                ("store", lambda p: Store(p, verify=False).add_task_from_checkpoints(name, base, ft, backend=args.backend)),
+                (
+                    "store",
+                    lambda p: Store(p, verify=False).add_task_from_checkpoints(name, base, ft, backend=args.backend),
+                ),
                 ("dist-1", lambda p: distributed_add_task_from_checkpoints(p, name, base, ft, backend=args.backend)),
             ):
                 best, target = float("inf"), None
@@ -181,38 +201,74 @@ def main() -> None:
                     best = min(best, time.perf_counter() - t0)
                 files = _files(target)
                 reference = reference or files
-                rows.append({"variant": tag, "ranks": 1, "threads_per_rank": cores, "seconds": best, "identical": files == reference})
+                rows.append(
+                    {
+                        "variant": tag,
+                        "ranks": 1,
+                        "threads_per_rank": cores,
+                        "seconds": best,
+                        "identical": files == reference,
+                    }
+                )
         for world in ranks:
-            spec = {"work": work, "prepared": prepared, "name": name, "base": base, "ft": ft, "repeat": args.repeat,
-                    "threads": max(1, cores // world), "device": args.device, "backend": args.backend}
+            spec = {
+                "work": work,
+                "prepared": prepared,
+                "name": name,
+                "base": base,
+                "ft": ft,
+                "repeat": args.repeat,
+                "threads": max(1, cores // world),
+                "device": args.device,
+                "backend": args.backend,
+            }
             per_rank, launch = run_ranks(world, spec)
             best_i = min(range(args.repeat), key=lambda i: max(per_rank[r][i]["seconds"] for r in range(world)))
             secs = max(per_rank[r][best_i]["seconds"] for r in range(world))
             files = _files(per_rank[0][best_i]["store"])
             reference = reference or files
             t0 = per_rank[0][best_i]["timings"]
-            rows.append({
-                "variant": f"dist-{world} ({'gloo' if args.device == 'cpu' else 'nccl'})", "ranks": world,
-                "threads_per_rank": spec["threads"], "seconds": secs, "identical": files == reference,
-                "launch_seconds": launch,
-                "rank0_phases": {k: round(v, 4) for k, v in t0.items()},
-                "bytes_per_rank": [per_rank[r][best_i]["bytes_on_rank"] for r in range(world)],
-            })
+            rows.append(
+                {
+                    "variant": f"dist-{world} ({'gloo' if args.device == 'cpu' else 'nccl'})",
+                    "ranks": world,
+                    "threads_per_rank": spec["threads"],
+                    "seconds": secs,
+                    "identical": files == reference,
+                    "launch_seconds": launch,
+                    "rank0_phases": {k: round(v, 4) for k, v in t0.items()},
+                    "bytes_per_rank": [per_rank[r][best_i]["bytes_on_rank"] for r in range(world)],
+                }
+            )
         base_s = next((r["seconds"] for r in rows if r["variant"] == "store"), rows[0]["seconds"])
-        print(f"add_task of task {args.tasks + 1} onto a {args.tasks}-task store: {n_params / 1e6:.1f}M float32 params, "
-              f"{len(model_shapes(args.params))} tensors, {cores} cores, torch {torch.__version__}, {platform.processor() or platform.machine()}")
+        print(
+            f"add_task of task {args.tasks + 1} onto a {args.tasks}-task store: {n_params / 1e6:.1f}M float32 params, "
+            f"{len(model_shapes(args.params))} tensors, {cores} cores, torch {torch.__version__}, {platform.processor() or platform.machine()}"
+        )
         print("| variant | ranks x threads | time (s) | speed-up vs store | identical files | rank-0 phases (s) |")
         print("|---|---|---|---|---|---|")
         for r in rows:
             ph = r.get("rank0_phases")
             phs = ", ".join(f"{k} {v:.2f}" for k, v in ph.items() if k != "total") if ph else "-"
-            print(f"| {r['variant']} | {r['ranks']} x {r['threads_per_rank']} | {r['seconds']:.3f} | {base_s / r['seconds']:.2f}x | "
-                  f"{'yes' if r['identical'] else 'NO'} | {phs} |")
+            print(
+                f"| {r['variant']} | {r['ranks']} x {r['threads_per_rank']} | {r['seconds']:.3f} | {base_s / r['seconds']:.2f}x | "
+                f"{'yes' if r['identical'] else 'NO'} | {phs} |"
+            )
         if not all(r["identical"] for r in rows):
             raise SystemExit("error: a variant wrote different data files")
         if args.json:
             with open(args.json, "w") as fh:
-                json.dump({"params": n_params, "tasks_before": args.tasks, "cores": cores, "device": args.device, "rows": rows}, fh, indent=1)
+                json.dump(
+                    {
+                        "params": n_params,
+                        "tasks_before": args.tasks,
+                        "cores": cores,
+                        "device": args.device,
+                        "rows": rows,
+                    },
+                    fh,
+                    indent=1,
+                )
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)

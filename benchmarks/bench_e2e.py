@@ -63,7 +63,9 @@ def _write(path: str, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype, ma
         w.close()
 
 
-def make_checkpoints(d: str, shapes: dict[str, tuple[int, ...]], tasks: int, dtype: torch.dtype) -> tuple[str, list[str]]:
+def make_checkpoints(
+    d: str, shapes: dict[str, tuple[int, ...]], tasks: int, dtype: torch.dtype
+) -> tuple[str, list[str]]:
     """A base and ``tasks`` fine-tuned checkpoints (base + 1e-3 noise), written tensor by tensor
     (the base tensor is regenerated from its seed, so memory holds one tensor at a time)."""
     os.makedirs(d, exist_ok=True)
@@ -88,7 +90,10 @@ def start_time(env: dict) -> tuple[float, float]:
     imports (torch, the store, the CLI, the numba kernels with their on-disk cache): the part of
     every add-task that does not depend on the model."""
     out = []
-    for code in ("import torch", "import torch, condu_merge.cli, condu_merge.store; from condu_merge.kernels import _numba_impl"):
+    for code in (
+        "import torch",
+        "import torch, condu_merge.cli, condu_merge.store; from condu_merge.kernels import _numba_impl",
+    ):
         t0 = time.perf_counter()
         subprocess.run([sys.executable, "-c", code], env=env, check=True)
         out.append(time.perf_counter() - t0)
@@ -112,7 +117,20 @@ def run_cli(store: str, base: str, ft: str, name: str, env: dict) -> tuple[float
     The peak comes from GNU ``time`` (``%M``), which starts the command itself: ``ru_maxrss`` of a
     child started straight from this process would include this process's own resident size
     (Linux carries the high-water mark of the address space a child had before ``exec``)."""
-    cmd = [sys.executable, "-m", "condu_merge", "add-task", store, "--base", base, "--finetuned", ft, "--name", name, "-q"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "condu_merge",
+        "add-task",
+        store,
+        "--base",
+        base,
+        "--finetuned",
+        ft,
+        "--name",
+        name,
+        "-q",
+    ]
     rss_file = os.path.join(os.path.dirname(store), ".rss")
     timer = shutil.which("time") or "/usr/bin/time"
     wrapped = [timer, "-f", "%M", "-o", rss_file] + cmd if os.path.exists(timer) else cmd
@@ -157,8 +175,12 @@ def io_floor(inputs: list[str], out_sizes: list[int], out_dir: str) -> float:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--shape", choices=["flat", "llama7b"], default="flat",
-                    help="flat: --params in --tensors equal tensors; llama7b: Llama-2-7B tensors, --layers blocks")
+    ap.add_argument(
+        "--shape",
+        choices=["flat", "llama7b"],
+        default="flat",
+        help="flat: --params in --tensors equal tensors; llama7b: Llama-2-7B tensors, --layers blocks",
+    )
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--params", type=float, default=128e6)
     ap.add_argument("--tensors", type=int, default=64)
@@ -178,10 +200,15 @@ def main(argv=None) -> int:
         shapes = {f"layer{j}.weight": (int(a.params) // a.tensors,) for j in range(a.tensors)}
     base, fts = make_checkpoints(a.dir, shapes, a.tasks, dtype)
     largest = max(math.prod(s) for s in shapes.values()) * torch.empty((), dtype=dtype).element_size()
-    print(f"checkpoints: {a.tasks + 1} x {os.path.getsize(base) / 2**20:.0f} MiB ({a.dtype}, {len(shapes)} tensors, "
-          f"largest {largest / 2**20:.0f} MiB) in {time.perf_counter() - t0:.1f} s", flush=True)
+    print(
+        f"checkpoints: {a.tasks + 1} x {os.path.getsize(base) / 2**20:.0f} MiB ({a.dtype}, {len(shapes)} tensors, "
+        f"largest {largest / 2**20:.0f} MiB) in {time.perf_counter() - t0:.1f} s",
+        flush=True,
+    )
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = (
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.pathsep + env.get("PYTHONPATH", "")
+    )
     store = os.path.join(a.dir, "store")
     # a warm-up process: compiles (or loads) the numba kernels once, outside the timings
     warm = os.path.join(a.dir, "warm")
@@ -205,22 +232,39 @@ def main(argv=None) -> int:
             st = start_time(env)
             best_cli, best_floor, rss = min(best_cli, dt), min(best_floor, fl), max(rss, peak)
             best_start = (min(best_start[0], st[0]), min(best_start[1], st[1]))
-            print(f"  task {t} try {r + 1}: cli {dt:.2f} s, floor {fl:.2f} s, peak RSS {peak / 2**20:.0f} MiB, "
-                  f"start: import torch {st[0]:.2f} s, all imports {st[1]:.2f} s", flush=True)
+            print(
+                f"  task {t} try {r + 1}: cli {dt:.2f} s, floor {fl:.2f} s, peak RSS {peak / 2**20:.0f} MiB, "
+                f"start: import torch {st[0]:.2f} s, all imports {st[1]:.2f} s",
+                flush=True,
+            )
         in_bytes = sum(os.path.getsize(p) for p in inputs)
-        rows.append({"tasks": t, "cli_s": best_cli, "floor_s": best_floor, "ratio": best_cli / best_floor,
-                     "import_torch_s": best_start[0], "imports_s": best_start[1],
-                     "ratio_after_start": (best_cli - best_start[1]) / best_floor,
-                     "peak_rss_MiB": rss / 2**20, "read_MiB": in_bytes / 2**20, "written_MiB": sum(out_sizes) / 2**20})
+        rows.append(
+            {
+                "tasks": t,
+                "cli_s": best_cli,
+                "floor_s": best_floor,
+                "ratio": best_cli / best_floor,
+                "import_torch_s": best_start[0],
+                "imports_s": best_start[1],
+                "ratio_after_start": (best_cli - best_start[1]) / best_floor,
+                "peak_rss_MiB": rss / 2**20,
+                "read_MiB": in_bytes / 2**20,
+                "written_MiB": sum(out_sizes) / 2**20,
+            }
+        )
     print(f"\n`{' '.join(['python'] + sys.argv)}`; {os.cpu_count()} cores, torch {torch.__version__}\n")
     print(f"largest tensor {largest / 2**20:.0f} MiB\n")
-    print("| tasks | add-task s | I/O floor s | ratio | start s (import torch / all imports) | ratio without start "
-          "| peak RSS MiB | read MiB | written MiB |")
+    print(
+        "| tasks | add-task s | I/O floor s | ratio | start s (import torch / all imports) | ratio without start "
+        "| peak RSS MiB | read MiB | written MiB |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['tasks']} | {r['cli_s']:.2f} | {r['floor_s']:.2f} | {r['ratio']:.2f}x | "
-              f"{r['import_torch_s']:.2f} / {r['imports_s']:.2f} | {r['ratio_after_start']:.2f}x | {r['peak_rss_MiB']:.0f} | "
-              f"{r['read_MiB']:.0f} | {r['written_MiB']:.0f} |")
+        print(
+            f"| {r['tasks']} | {r['cli_s']:.2f} | {r['floor_s']:.2f} | {r['ratio']:.2f}x | "
+            f"{r['import_torch_s']:.2f} / {r['imports_s']:.2f} | {r['ratio_after_start']:.2f}x | {r['peak_rss_MiB']:.0f} | "
+            f"{r['read_MiB']:.0f} | {r['written_MiB']:.0f} |"
+        )
     if a.json:
         with open(a.json, "w") as fh:
             json.dump({"argv": sys.argv, "rows": rows}, fh, indent=1)

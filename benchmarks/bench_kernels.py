@@ -26,37 +26,52 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import condu_merge as cm  # noqa: E402
-from benchmarks.baseline import baseline_add_task, baseline_unify  # noqa: E402
-from benchmarks.memory import trim_heap  # noqa: E402
-from condu_merge.kernels import decouple_many  # noqa: E402
-from condu_merge.packing import unpack_mask  # noqa: E402
+import condu_merge as cm
+from benchmarks.baseline import baseline_add_task, baseline_unify
+from benchmarks.memory import trim_heap
+from condu_merge.kernels import decouple_many
+from condu_merge.packing import unpack_mask
 
 
 # ---------------------------------------------------------------------------- shapes
 def _block(prefix: str, w: int) -> dict[str, tuple[int, ...]]:
     return {
-        f"{prefix}.ln_1.weight": (w,), f"{prefix}.ln_1.bias": (w,),
-        f"{prefix}.attn.in_proj_weight": (3 * w, w), f"{prefix}.attn.in_proj_bias": (3 * w,),
-        f"{prefix}.attn.out_proj.weight": (w, w), f"{prefix}.attn.out_proj.bias": (w,),
-        f"{prefix}.ln_2.weight": (w,), f"{prefix}.ln_2.bias": (w,),
-        f"{prefix}.mlp.c_fc.weight": (4 * w, w), f"{prefix}.mlp.c_fc.bias": (4 * w,),
-        f"{prefix}.mlp.c_proj.weight": (w, 4 * w), f"{prefix}.mlp.c_proj.bias": (w,),
+        f"{prefix}.ln_1.weight": (w,),
+        f"{prefix}.ln_1.bias": (w,),
+        f"{prefix}.attn.in_proj_weight": (3 * w, w),
+        f"{prefix}.attn.in_proj_bias": (3 * w,),
+        f"{prefix}.attn.out_proj.weight": (w, w),
+        f"{prefix}.attn.out_proj.bias": (w,),
+        f"{prefix}.ln_2.weight": (w,),
+        f"{prefix}.ln_2.bias": (w,),
+        f"{prefix}.mlp.c_fc.weight": (4 * w, w),
+        f"{prefix}.mlp.c_fc.bias": (4 * w,),
+        f"{prefix}.mlp.c_proj.weight": (w, 4 * w),
+        f"{prefix}.mlp.c_proj.bias": (w,),
     }
 
 
 def vit_b16_shapes() -> dict[str, tuple[int, ...]]:
     """CLIP ViT-B/16 (open_clip layout): 302 tensors, 149,620,737 parameters."""
     s: dict[str, tuple[int, ...]] = {
-        "visual.class_embedding": (768,), "visual.positional_embedding": (197, 768),
-        "visual.proj": (768, 512), "visual.conv1.weight": (768, 3, 16, 16),
-        "visual.ln_pre.weight": (768,), "visual.ln_pre.bias": (768,),
+        "visual.class_embedding": (768,),
+        "visual.positional_embedding": (197, 768),
+        "visual.proj": (768, 512),
+        "visual.conv1.weight": (768, 3, 16, 16),
+        "visual.ln_pre.weight": (768,),
+        "visual.ln_pre.bias": (768,),
     }
     for i in range(12):
         s.update(_block(f"visual.transformer.resblocks.{i}", 768))
     s.update({"visual.ln_post.weight": (768,), "visual.ln_post.bias": (768,)})
-    s.update({"positional_embedding": (77, 512), "text_projection": (512, 512), "logit_scale": (),
-              "token_embedding.weight": (49408, 512)})
+    s.update(
+        {
+            "positional_embedding": (77, 512),
+            "text_projection": (512, 512),
+            "logit_scale": (),
+            "token_embedding.weight": (49408, 512),
+        }
+    )
     for i in range(12):
         s.update(_block(f"transformer.resblocks.{i}", 512))
     s.update({"ln_final.weight": (512,), "ln_final.bias": (512,)})
@@ -69,9 +84,19 @@ def llm_1b_shapes() -> dict[str, tuple[int, ...]]:
     s: dict[str, tuple[int, ...]] = {"embed.weight": (32000, w), "lm_head.weight": (32000, w), "norm.weight": (w,)}
     for i in range(16):
         p = f"layers.{i}"
-        s.update({f"{p}.q": (w, w), f"{p}.k": (w, w), f"{p}.v": (w, w), f"{p}.o": (w, w),
-                  f"{p}.gate": (f, w), f"{p}.up": (f, w), f"{p}.down": (w, f),
-                  f"{p}.n1": (w,), f"{p}.n2": (w,)})
+        s.update(
+            {
+                f"{p}.q": (w, w),
+                f"{p}.k": (w, w),
+                f"{p}.v": (w, w),
+                f"{p}.o": (w, w),
+                f"{p}.gate": (f, w),
+                f"{p}.up": (f, w),
+                f"{p}.down": (w, f),
+                f"{p}.n1": (w,),
+                f"{p}.n2": (w,),
+            }
+        )
     return s
 
 
@@ -79,7 +104,7 @@ def scaled(shapes: dict[str, tuple[int, ...]], scale: float) -> dict[str, tuple[
     """Shrink the first dimension of every tensor by ``scale`` (keeps the tensor count)."""
     if scale >= 1.0:
         return shapes
-    return {k: ((max(1, int(round(s[0] * scale))),) + tuple(s[1:])) if s else s for k, s in shapes.items()}
+    return {k: ((max(1, round(s[0] * scale)),) + tuple(s[1:])) if s else s for k, s in shapes.items()}
 
 
 def numel(shapes) -> int:
@@ -185,14 +210,29 @@ def run_case(label, shapes, n_tasks, dtype, device, backends, repeats, with_base
     N = numel(shapes)
     es = torch.empty((), dtype=dtype).element_size()
     cuda = device == "cuda"
-    deltas = [{k: torch.randn(s, generator=gen).to(dtype).to(device) for k, s in shapes.items()} for _ in range(n_tasks)]
+    deltas = [
+        {k: torch.randn(s, generator=gen).to(dtype).to(device) for k, s in shapes.items()} for _ in range(n_tasks)
+    ]
     rows = []
 
     def row(op, impl, sec, nbytes, extra, base_sec=None):
         gbs = nbytes / sec / 1e9
-        rows.append({"case": label, "op": op, "backend": impl, "tasks": n_tasks, "params": N, "dtype": str(dtype),
-                     "seconds": sec, "bytes": nbytes, "GB_per_s": gbs, "copy_fraction": gbs / copy_gbs,
-                     "speedup_vs_baseline": (base_sec / sec) if base_sec else None, "peak_extra_MiB": extra / 2**20})
+        rows.append(
+            {
+                "case": label,
+                "op": op,
+                "backend": impl,
+                "tasks": n_tasks,
+                "params": N,
+                "dtype": str(dtype),
+                "seconds": sec,
+                "bytes": nbytes,
+                "GB_per_s": gbs,
+                "copy_fraction": gbs / copy_gbs,
+                "speedup_vs_baseline": (base_sec / sec) if base_sec else None,
+                "peak_extra_MiB": extra / 2**20,
+            }
+        )
         print(f"  {op:13s} {impl:8s} {sec:8.3f} s {gbs:7.2f} GB/s  extra {extra / 2**20:8.1f} MiB", flush=True)
 
     # previous session (n-1 tasks) for add_task, made once with the fastest backend
@@ -207,25 +247,29 @@ def run_case(label, shapes, n_tasks, dtype, device, backends, repeats, with_base
         row("add_task", "baseline", base_a, bytes_add(N, n_tasks, es), extra)
         del bool_masks
     for be in backends:
-        sec, extra, _ = timed(lambda: cm.unify(deltas, backend=be), cuda, repeats)
+        sec, extra, _ = timed(lambda be=be: cm.unify(deltas, backend=be), cuda, repeats)
         row("unify", be, sec, bytes_unify(N, n_tasks, es), extra, base_u)
-        sec, extra, res = timed(lambda: cm.add_task(prev_u, prev_t, deltas[-1], backend=be), cuda, repeats)
+        sec, extra, res = timed(lambda be=be: cm.add_task(prev_u, prev_t, deltas[-1], backend=be), cuda, repeats)
         row("add_task", be, sec, bytes_add(N, n_tasks, es), extra, base_a)
         u2, t2 = res
-        sec, extra, _ = timed(lambda: cm.decouple(u2, t2[0], backend=be), cuda, repeats)
+        sec, extra, _ = timed(lambda u2=u2, t2=t2, be=be: cm.decouple(u2, t2[0], backend=be), cuda, repeats)
         row("decouple", be, sec, bytes_decouple(N, 1, es), extra)
-        sec, extra, _ = timed(lambda: decouple_many(u2, t2, backend=be), cuda, repeats)
+        sec, extra, _ = timed(lambda u2=u2, t2=t2, be=be: decouple_many(u2, t2, backend=be), cuda, repeats)
         row(f"decouple_x{len(t2)}", be, sec, bytes_decouple(N, len(t2), es), extra)
     return rows
 
 
 def markdown(rows) -> str:
-    out = ["| case | op | backend | tasks | params | s | GB/s | % copy BW | x baseline | peak extra MiB |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        "| case | op | backend | tasks | params | s | GB/s | % copy BW | x baseline | peak extra MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         sp = f"{r['speedup_vs_baseline']:.1f}" if r["speedup_vs_baseline"] else "-"
-        out.append(f"| {r['case']} | {r['op']} | {r['backend']} | {r['tasks']} | {r['params'] / 1e6:.1f}M | {r['seconds']:.3f} | "
-                   f"{r['GB_per_s']:.2f} | {100 * r['copy_fraction']:.0f}% | {sp} | {r['peak_extra_MiB']:.0f} |")
+        out.append(
+            f"| {r['case']} | {r['op']} | {r['backend']} | {r['tasks']} | {r['params'] / 1e6:.1f}M | {r['seconds']:.3f} | "
+            f"{r['GB_per_s']:.2f} | {100 * r['copy_fraction']:.0f}% | {sp} | {r['peak_extra_MiB']:.0f} |"
+        )
     return "\n".join(out)
 
 
@@ -246,13 +290,22 @@ def main(argv=None) -> int:
     if a.backends:
         backends = a.backends.split(",")
     else:
-        backends = [b for b in ("torch", "numba", "triton") if b in cm.available_backends()
-                    and cm.get_backend(b).supports(dev) and not (b == "triton" and dev.type == "cpu")]
+        backends = [
+            b
+            for b in ("torch", "numba", "triton")
+            if b in cm.available_backends()
+            and cm.get_backend(b).supports(dev)
+            and not (b == "triton" and dev.type == "cpu")
+        ]
     copy_gbs = copy_bandwidth(a.device)
-    print(f"device {a.device}, copy bandwidth {copy_gbs:.2f} GB/s, backends {backends}, torch threads {torch.get_num_threads()}")
+    print(
+        f"device {a.device}, copy bandwidth {copy_gbs:.2f} GB/s, backends {backends}, torch threads {torch.get_num_threads()}"
+    )
     cases = []
     if a.model in ("vit-b16", "both"):
-        cases.append(("vit-b16" + (f" x{a.scale:g}" if a.scale < 1 else ""), scaled(vit_b16_shapes(), a.scale), a.tasks or 11))
+        cases.append(
+            ("vit-b16" + (f" x{a.scale:g}" if a.scale < 1 else ""), scaled(vit_b16_shapes(), a.scale), a.tasks or 11)
+        )
     if a.model in ("1b", "both"):
         cases.append(("1b" + (f" x{a.scale:g}" if a.scale < 1 else ""), scaled(llm_1b_shapes(), a.scale), a.tasks or 4))
     rows = []
@@ -260,10 +313,16 @@ def main(argv=None) -> int:
         print(f"{label}: {len(shapes)} tensors, {numel(shapes) / 1e6:.1f}M params, {n} tasks, {a.dtype}", flush=True)
         rows += run_case(label, shapes, n, dtype, a.device, backends, a.repeats, not a.no_baseline, copy_gbs)
         gc.collect()
-    meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "device": a.device,
-            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "gpu": torch.cuda.get_device_name() if a.device == "cuda" else None, "copy_GB_per_s": copy_gbs,
-            "torch": torch.__version__, "command": " ".join(["python"] + sys.argv)}
+    meta = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "device": a.device,
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "gpu": torch.cuda.get_device_name() if a.device == "cuda" else None,
+        "copy_GB_per_s": copy_gbs,
+        "torch": torch.__version__,
+        "command": " ".join(["python"] + sys.argv),
+    }
     os.makedirs(os.path.dirname(a.json) or ".", exist_ok=True)
     with open(a.json, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)

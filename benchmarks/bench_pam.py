@@ -96,9 +96,15 @@ def run_case(name: str, shapes: dict[str, tuple[int, int]], device: str, repeat:
     t_adam = _timeit(opt.step, repeat, sync)
     resets = hook.resets[-1]
     return {
-        "case": name, "params": n, "tensors": len(glob), "resets": resets,
-        "align_s": t_align, "copy_s": t_copy, "adamw_step_s": t_adam,
-        "align_over_copy": t_align / t_copy, "align_over_adamw": t_align / t_adam,
+        "case": name,
+        "params": n,
+        "tensors": len(glob),
+        "resets": resets,
+        "align_s": t_align,
+        "copy_s": t_copy,
+        "adamw_step_s": t_adam,
+        "align_over_copy": t_align / t_copy,
+        "align_over_adamw": t_align / t_adam,
     }
 
 
@@ -114,12 +120,16 @@ def main(argv=None) -> int:
     rows = []
     for case in a.cases.split(","):
         shapes = lora_shapes(a.rank) if case == "lora" else vit_b16_shapes()
-        rows.append(run_case(f"{case}" + (f" r={a.rank}" if case == "lora" else ""), shapes, a.device, a.repeat, a.seed))
-    print(f"| case | params | resets | align (ms) | copy (ms) | AdamW step (ms) | align / copy | align / AdamW step |")
+        rows.append(
+            run_case(f"{case}" + (f" r={a.rank}" if case == "lora" else ""), shapes, a.device, a.repeat, a.seed)
+        )
+    print("| case | params | resets | align (ms) | copy (ms) | AdamW step (ms) | align / copy | align / AdamW step |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['case']} | {r['params'] / 1e6:.1f}M | {r['resets']:,} | {1e3 * r['align_s']:.1f} | {1e3 * r['copy_s']:.1f} | "
-              f"{1e3 * r['adamw_step_s']:.1f} | {r['align_over_copy']:.2f}x | {r['align_over_adamw']:.2f}x |")
+        print(
+            f"| {r['case']} | {r['params'] / 1e6:.1f}M | {r['resets']:,} | {1e3 * r['align_s']:.1f} | {1e3 * r['copy_s']:.1f} | "
+            f"{1e3 * r['adamw_step_s']:.1f} | {r['align_over_copy']:.2f}x | {r['align_over_adamw']:.2f}x |"
+        )
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"device": a.device, "rows": rows}, f, indent=1)

@@ -83,7 +83,9 @@ def merge(workdir: str, tasks: int, backend: str) -> dict:
     for t in range(tasks):
         t0 = time.perf_counter()
         with Store(store, verify=False) as st:
-            st.add_task_from_checkpoints(f"task{t}", base, os.path.join(workdir, f"task{t}.safetensors"), backend=backend)
+            st.add_task_from_checkpoints(
+                f"task{t}", base, os.path.join(workdir, f"task{t}.safetensors"), backend=backend
+            )
         times.append(time.perf_counter() - t0)
         rss_after_task.append(_rss_mb())
     t0 = time.perf_counter()
@@ -129,7 +131,17 @@ def main() -> None:
     gen = generate(args.workdir, args.model_mb, args.tensor_mb, args.tasks, args.seed)
     os.sync()  # write back the generated checkpoints now, so the merge's fsyncs do not pay for them
     gen_s = time.perf_counter() - t0
-    cmd = [sys.executable, os.path.abspath(__file__), "--_merge", "--workdir", args.workdir, "--tasks", str(args.tasks), "--backend", args.backend]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--_merge",
+        "--workdir",
+        args.workdir,
+        "--tasks",
+        str(args.tasks),
+        "--backend",
+        args.backend,
+    ]
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode != 0:
         sys.exit(f"merge subprocess failed:\n{p.stderr[-4000:]}")

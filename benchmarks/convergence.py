@@ -34,7 +34,7 @@ import warnings
 
 import torch
 
-from condu_merge import ContinualMerger, RESCALER_MODES, RescalerWarning, decouple, unify
+from condu_merge import RESCALER_MODES, ContinualMerger, RescalerWarning, decouple, unify
 
 SCENARIOS = ("iid", "same_sign", "heavy_tailed", "correlated")
 SHAPES = {"layer.weight": (64, 48), "layer.bias": (64,), "head.weight": (16, 64)}
@@ -42,12 +42,16 @@ SHAPES = {"layer.weight": (64, 48), "layer.bias": (64,), "head.weight": (16, 64)
 
 # ----------------------------------------------------------------------------- synthetic deltas
 
+
 def make_deltas(scenario: str, sessions: int, seed: int) -> list[dict[str, torch.Tensor]]:
     """``sessions`` float32 task deltas over :data:`SHAPES` for one scenario (see module doc)."""
     g = torch.Generator().manual_seed(seed)
     signs = {k: torch.where(torch.rand(s, generator=g) > 0.5, 1.0, -1.0) for k, s in SHAPES.items()}
     shared = {k: torch.randn(s, generator=g) for k, s in SHAPES.items()}
-    row_scale = {k: torch.exp(0.75 * torch.randn(s[0], generator=g)).reshape((s[0],) + (1,) * (len(s) - 1)) for k, s in SHAPES.items()}
+    row_scale = {
+        k: torch.exp(0.75 * torch.randn(s[0], generator=g)).reshape((s[0],) + (1,) * (len(s) - 1))
+        for k, s in SHAPES.items()
+    }
 
     def t_noise(shape):
         # Student-t, 2 dof, as z / sqrt(chi2_2 / 2): torch's StudentT.sample takes no generator
@@ -78,6 +82,7 @@ def make_deltas(scenario: str, sessions: int, seed: int) -> list[dict[str, torch
 
 # ----------------------------------------------------------------------------- measurements
 
+
 def _flat(sd: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.cat([v.reshape(-1).to(torch.float64) for v in sd.values()])
 
@@ -104,9 +109,13 @@ def run_setting1(deltas, rescaler: str) -> dict:
             cur = [_flat(m.decouple(n)) for n in m.task_names]
             lam = [float(sum(t.rescaler_for(k) for k in t.names) / len(t.names)) for t in m.triggers]
             res["avg_change"].append(
-                sum((cur[i] - prev[i]).abs().sum().item() / l1[i] for i in range(len(prev))) / len(prev) if prev else None
+                sum((cur[i] - prev[i]).abs().sum().item() / l1[i] for i in range(len(prev))) / len(prev)
+                if prev
+                else None
             )
-            res["cosine"].append([torch.nn.functional.cosine_similarity(cur[i], orig[i], dim=0).item() for i in range(s + 1)])
+            res["cosine"].append(
+                [torch.nn.functional.cosine_similarity(cur[i], orig[i], dim=0).item() for i in range(s + 1)]
+            )
             res["rel_l2"].append([(cur[i] - orig[i]).norm().item() / l2[i] for i in range(s + 1)])
             res["order_inversions"].append(_order_inversions(prev_lam, lam[: len(prev_lam)]) if prev_lam else 0)
             res["mask_density"].append(sum(t.density() for t in m.triggers) / len(m.triggers))
@@ -132,6 +141,7 @@ def run_setting2(deltas, rescaler: str, iters: int) -> list[float]:
 
 # ----------------------------------------------------------------------------- report
 
+
 def _mean(xs):
     xs = [x for x in xs if x is not None]
     return sum(xs) / len(xs) if xs else float("nan")
@@ -139,14 +149,16 @@ def _mean(xs):
 
 def print_table(results: dict, sessions: int) -> None:
     marks = [n for n in (2, 3, 5, 10, 20, 30, 40, 50) if n <= sessions]
-    print(f"\naverage relative change c(n) per session (Corollary F.6 predicts -> 0)")
+    print("\naverage relative change c(n) per session (Corollary F.6 predicts -> 0)")
     print(f"{'scenario':<14}" + "".join(f"{'n=' + str(n):>9}" for n in marks) + f"{'late avg':>10}")
     for sc, r in results.items():
         c = r["setting1"]["avg_change"]
-        late = _mean(c[max(1, sessions - 10):])
+        late = _mean(c[max(1, sessions - 10) :])
         print(f"{sc:<14}" + "".join(f"{c[n - 1]:>9.4f}" for n in marks) + f"{late:>10.4f}")
     print(f"\nreconstruction after {sessions} sessions (all experts) and over the run")
-    print(f"{'scenario':<14}{'mean cos':>9}{'min cos':>9}{'cos(1st)':>9}{'mean rL2':>9}{'max rL2':>9}{'density':>9}{'inversions':>11}{'vanished':>9}{'s2 iters->1e-9':>15}")
+    print(
+        f"{'scenario':<14}{'mean cos':>9}{'min cos':>9}{'cos(1st)':>9}{'mean rL2':>9}{'max rL2':>9}{'density':>9}{'inversions':>11}{'vanished':>9}{'s2 iters->1e-9':>15}"
+    )
     for sc, r in results.items():
         s1 = r["setting1"]
         cos, rl2 = s1["cosine"][-1], s1["rel_l2"][-1]
@@ -224,8 +236,14 @@ def main(argv: list[str] | None = None) -> int:
     png = args.png or os.path.join(args.out, "convergence.png")
     plot(results, png, args.rescaler)
     js = os.path.join(args.out, "convergence.json")
-    meta = {"sessions": args.sessions, "rescaler": args.rescaler, "seed": args.seed, "shapes": {k: list(v) for k, v in SHAPES.items()},
-            "fixed_tasks": args.fixed_tasks, "iters": args.iters}
+    meta = {
+        "sessions": args.sessions,
+        "rescaler": args.rescaler,
+        "seed": args.seed,
+        "shapes": {k: list(v) for k, v in SHAPES.items()},
+        "fixed_tasks": args.fixed_tasks,
+        "iters": args.iters,
+    }
     with open(js, "w") as fh:
         json.dump({"meta": meta, "results": results}, fh)
     print(f"\nwrote {png} ({os.path.getsize(png) // 1024} KiB) and {js}; {time.perf_counter() - t0:.1f}s total")

@@ -45,15 +45,15 @@ _LAZY = {
 __version__ = "0.1.0"
 
 __all__ = [
-    "ContinualMerger",
+    "RESCALER_MODES",
     "ConduError",
+    "ContinualMerger",
     "DtypeMismatchError",
     "DuplicateTaskError",
     "FormatError",
     "KeyMismatchError",
     "MergeInputError",
     "NonFiniteError",
-    "RESCALER_MODES",
     "RescalerWarning",
     "ShapeMismatchError",
     "TaskTrigger",

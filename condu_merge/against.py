@@ -36,7 +36,7 @@ def tensor_group(name: str) -> str:
 
 
 class _Acc:
-    __slots__ = ("dot", "aa", "bb", "diff", "agree", "nonzero")
+    __slots__ = ("aa", "agree", "bb", "diff", "dot", "nonzero")
 
     def __init__(self) -> None:
         self.dot = self.aa = self.bb = self.diff = 0.0
@@ -85,8 +85,9 @@ def _true_deltas(store, task: str, finetuned: str, base: str | None):
     return (lambda k: td.delta(k, torch.float32)), td.close
 
 
-def distance_to_finetuned(store, task: str, finetuned: str | os.PathLike, *, base: str | None = None,
-                          backend: str = "auto") -> dict[str, Any]:
+def distance_to_finetuned(
+    store, task: str, finetuned: str | os.PathLike, *, base: str | None = None, backend: str = "auto"
+) -> dict[str, Any]:
     """``{"task", "finetuned", "total": metrics, "groups": {group: metrics}}`` (see the module docstring)."""
     finetuned = os.fspath(finetuned)
     of, close = _true_deltas(store, task, finetuned, base)
@@ -95,10 +96,16 @@ def distance_to_finetuned(store, task: str, finetuned: str | os.PathLike, *, bas
         for k, dh in store.iter_decouple(task, backend=backend):
             d = of(k)
             if tuple(d.shape) != tuple(dh.shape):
-                raise ValueError(f"{finetuned}: tensor {k!r} has shape {tuple(d.shape)}, the store has {tuple(dh.shape)}")
+                raise ValueError(
+                    f"{finetuned}: tensor {k!r} has shape {tuple(d.shape)}, the store has {tuple(dh.shape)}"
+                )
             total.add(dh, d)
             groups.setdefault(tensor_group(k), _Acc()).add(dh, d)
     finally:
         close()
-    return {"task": task, "finetuned": os.path.abspath(finetuned), "total": total.result(),
-            "groups": {g: a.result() for g, a in groups.items()}}
+    return {
+        "task": task,
+        "finetuned": os.path.abspath(finetuned),
+        "total": total.result(),
+        "groups": {g: a.result() for g, a in groups.items()},
+    }

@@ -26,7 +26,8 @@ import json
 import math
 import os
 import struct
-from typing import Iterable, Iterator, Mapping, Protocol, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Protocol
 
 import torch
 
@@ -98,6 +99,7 @@ class Checkpoint(Protocol):
 
 # ---------------------------------------------------------------------------- safetensors
 
+
 class SafetensorsFile:
     """One safetensors file, read lazily without mmap.
 
@@ -129,7 +131,9 @@ class SafetensorsFile:
             raise FormatError(f"{self.path}: not a safetensors file (only {size} bytes; truncated?)")
         (n,) = struct.unpack("<Q", raw)
         if n > _MAX_HEADER or 8 + n > size:
-            raise FormatError(f"{self.path}: safetensors header length {n} does not fit a {size}-byte file (truncated or not safetensors)")
+            raise FormatError(
+                f"{self.path}: safetensors header length {n} does not fit a {size}-byte file (truncated or not safetensors)"
+            )
         self._header_bytes = self._fh.read(n)
         header = parse_json(self._header_bytes, self.path, "the safetensors header")
         if not isinstance(header, dict):
@@ -141,7 +145,7 @@ class SafetensorsFile:
         self._data_start = 8 + n
         self._size = size
         # running sha256 of what was read, valid while reads go front to back (see sequential_sha256)
-        self._seq: "hashlib._Hash | None" = hashlib.sha256(raw + self._header_bytes)
+        self._seq: hashlib._Hash | None = hashlib.sha256(raw + self._header_bytes)
         self._seq_pos = 8 + n
         self._entries: dict[str, tuple[TensorSpec, int, int]] = {}
         data_len = size - self._data_start
@@ -159,11 +163,16 @@ class SafetensorsFile:
             begin, end = offs
             if any(d < 0 for d in shape):
                 raise FormatError(f"{self.path}: tensor {name!r} has a negative dimension in shape {shape}")
-            if any(d > _MAX_DIM for d in shape) or math.prod(max(d, 1) for d in shape) * dtype_itemsize(dtype) > _MAX_DIM:
+            if (
+                any(d > _MAX_DIM for d in shape)
+                or math.prod(max(d, 1) for d in shape) * dtype_itemsize(dtype) > _MAX_DIM
+            ):
                 raise FormatError(f"{self.path}: tensor {name!r} has an impossible shape {str(list(shape))[:80]}")
             spec = TensorSpec(name, dtype, shape)
             if end - begin != spec.nbytes or begin < 0:
-                raise FormatError(f"{self.path}: tensor {name!r} has {end - begin} bytes of data for shape {shape} {dtype}")
+                raise FormatError(
+                    f"{self.path}: tensor {name!r} has {end - begin} bytes of data for shape {shape} {dtype}"
+                )
             if end > data_len:
                 raise FormatError(
                     f"{self.path}: tensor {name!r} ends at byte {self._data_start + end} but the file has {size} bytes (truncated)"
@@ -215,7 +224,9 @@ class SafetensorsFile:
         with open(self.path, "rb") as fh:
             st = os.fstat(fh.fileno())
             if (st.st_dev, st.st_ino) != self._identity:
-                raise FormatError(f"{self.path}: the file was replaced since it was opened (another writer?); open it again")
+                raise FormatError(
+                    f"{self.path}: the file was replaced since it was opened (another writer?); open it again"
+                )
             fh.seek(offset)
             return fh.readinto(view)
 
@@ -257,7 +268,7 @@ class SafetensorsFile:
     def close(self) -> None:
         self._fh.close()
 
-    def __enter__(self) -> "SafetensorsFile":
+    def __enter__(self) -> SafetensorsFile:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -273,7 +284,9 @@ class ShardedCheckpoint:
         if not isinstance(index, dict) or "weight_map" not in index:
             raise FormatError(f"{self.path}: not a checkpoint index (needs an object with a 'weight_map')")
         weight_map = index["weight_map"]
-        if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+        ):
             raise FormatError(f"{self.path}: 'weight_map' must map tensor names to shard file names")
         folder = os.path.dirname(os.path.abspath(self.path))
         self._map = {}
@@ -448,7 +461,12 @@ def _check_number(value: object, what: str, where: str, *, integer: bool = False
     if integer:
         ok = _is_int(value) and value >= minimum
     else:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= minimum
+        ok = (
+            isinstance(value, (int, float))
+            and not isinstance(value, bool)
+            and math.isfinite(value)
+            and value >= minimum
+        )
     if not ok:
         kind = "an integer" if integer else "a finite number"
         raise CheckpointError(f"{where}: {what} is {repr(value)[:40]}; it must be {kind} >= {minimum:g}")
@@ -507,7 +525,10 @@ class PeftAdapter:
         self._full: dict[str, str] = {}  # base key -> adapter key
         for k in self._ck.keys():
             name = k[len(_PEFT_PREFIX) :] if k.startswith(_PEFT_PREFIX) else k
-            for a_suffix, b_suffix, emb in ((".lora_A.weight", ".lora_B.weight", False), (".lora_embedding_A", ".lora_embedding_B", True)):
+            for a_suffix, b_suffix, emb in (
+                (".lora_A.weight", ".lora_B.weight", False),
+                (".lora_embedding_A", ".lora_embedding_B", True),
+            ):
                 if name.endswith(a_suffix):
                     module = name[: -len(a_suffix)]
                     b_key = k[: -len(a_suffix)] + b_suffix
@@ -515,11 +536,17 @@ class PeftAdapter:
                         raise FormatError(f"{self._ck.path}: {k!r} has no matching {b_key!r}")
                     a_spec, b_spec = self._ck.spec(k), self._ck.spec(b_key)
                     if len(a_spec.shape) != 2:
-                        raise CheckpointError(f"{self._ck.path}: LoRA of {module!r} is not 2-D (convolution LoRA is not supported)")
+                        raise CheckpointError(
+                            f"{self._ck.path}: LoRA of {module!r} is not 2-D (convolution LoRA is not supported)"
+                        )
                     if not (a_spec.dtype.is_floating_point and b_spec.dtype.is_floating_point):
-                        raise DtypeMismatchError(f"{self._ck.path}: LoRA factors of {module!r} are {a_spec.dtype}/{b_spec.dtype}, not floating point")
+                        raise DtypeMismatchError(
+                            f"{self._ck.path}: LoRA factors of {module!r} are {a_spec.dtype}/{b_spec.dtype}, not floating point"
+                        )
                     if a_spec.shape[0] < 1:
-                        raise CheckpointError(f"{self._ck.path}: LoRA of {module!r} has rank 0 ({k!r} is {a_spec.shape})")
+                        raise CheckpointError(
+                            f"{self._ck.path}: LoRA of {module!r} has rank 0 ({k!r} is {a_spec.shape})"
+                        )
                     if len(b_spec.shape) != 2 or b_spec.shape[1] != a_spec.shape[0]:
                         raise ShapeMismatchError(
                             f"{self._ck.path}: {b_key!r} has shape {b_spec.shape}, which does not fit {k!r} {a_spec.shape} "
@@ -532,7 +559,9 @@ class PeftAdapter:
                 if ".lora_" in name:
                     if ".lora_B." in name or name.endswith(".lora_embedding_B"):
                         continue
-                    raise CheckpointError(f"{self._ck.path}: adapter tensor {k!r} is not supported (only LoRA A/B pairs)")
+                    raise CheckpointError(
+                        f"{self._ck.path}: adapter tensor {k!r} is not supported (only LoRA A/B pairs)"
+                    )
                 self._full[name] = k
         self.path_files = self._ck.files() + [cfg_path]
 
@@ -583,7 +612,9 @@ class PeftAdapter:
         if key in self._full:
             w = self._ck.get(self._full[key])
             if tuple(w.shape) != tuple(base.shape):
-                raise ShapeMismatchError(f"{self.path}: {key!r} has shape {tuple(w.shape)}, the base tensor has {tuple(base.shape)}")
+                raise ShapeMismatchError(
+                    f"{self.path}: {key!r} has shape {tuple(w.shape)}, the base tensor has {tuple(base.shape)}"
+                )
             return w.to(wide) - base.to(wide)
         return torch.zeros(base.shape, dtype=wide)
 
@@ -596,6 +627,7 @@ class PeftAdapter:
 
 # ---------------------------------------------------------------------------- dispatch
 
+
 def open_checkpoint(path: str | os.PathLike) -> Checkpoint | PeftAdapter:
     """Open ``path`` with the right lazy reader.
 
@@ -607,14 +639,21 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint | PeftAdapter:
     if os.path.isdir(p):
         if os.path.exists(os.path.join(p, "adapter_config.json")):
             return PeftAdapter(p)
-        for name in ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin"):
+        for name in (
+            "model.safetensors.index.json",
+            "model.safetensors",
+            "pytorch_model.bin.index.json",
+            "pytorch_model.bin",
+        ):
             q = os.path.join(p, name)
             if os.path.exists(q):
                 return open_checkpoint(q)
         singles = [f for f in sorted(os.listdir(p)) if f.endswith(".safetensors")]
         if len(singles) == 1:
             return SafetensorsFile(os.path.join(p, singles[0]))
-        raise CheckpointError(f"{p}: no checkpoint found in this folder (looked for adapter_config.json, model.safetensors[.index.json], pytorch_model.bin[.index.json])")
+        raise CheckpointError(
+            f"{p}: no checkpoint found in this folder (looked for adapter_config.json, model.safetensors[.index.json], pytorch_model.bin[.index.json])"
+        )
     if not os.path.exists(p):
         raise FileNotFoundError(f"{p}: no such checkpoint")
     if p.endswith(".index.json"):
@@ -629,6 +668,7 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint | PeftAdapter:
 
 
 # ---------------------------------------------------------------------------- selection
+
 
 def select_keys(
     keys: Iterable[str], include: Sequence[str] | None = None, exclude: Sequence[str] | None = None
@@ -677,7 +717,9 @@ class TaskDelta:
             have = set(base_keys)
             missing = [k for k in self.finetuned.delta_keys() if k not in have]
             if missing:
-                raise KeyMismatchError(f"{self.finetuned.path}: the adapter changes tensors the base {self.base.path} lacks: {missing[:5]}")
+                raise KeyMismatchError(
+                    f"{self.finetuned.path}: the adapter changes tensors the base {self.base.path} lacks: {missing[:5]}"
+                )
             order = {k: i for i, k in enumerate(base_keys)}
             return sorted(self.finetuned.delta_keys(), key=order.__getitem__)
         ft = set(self.finetuned.keys())
@@ -691,9 +733,13 @@ class TaskDelta:
         """Refuse (naming key and file) a tensor the base or fine-tuned checkpoint lacks or shapes differently."""
         bspec = self.base.spec(key)
         if tuple(bspec.shape) != tuple(shape):
-            raise ShapeMismatchError(f"{self.base.path}: base tensor {key!r} has shape {bspec.shape}, the store has {tuple(shape)}")
+            raise ShapeMismatchError(
+                f"{self.base.path}: base tensor {key!r} has shape {bspec.shape}, the store has {tuple(shape)}"
+            )
         if not bspec.dtype.is_floating_point:
-            raise KeyMismatchError(f"{self.base.path}: tensor {key!r} is {bspec.dtype}, not floating point; it cannot take part")
+            raise KeyMismatchError(
+                f"{self.base.path}: tensor {key!r} is {bspec.dtype}, not floating point; it cannot take part"
+            )
         if isinstance(self.finetuned, PeftAdapter):
             dshape = self.finetuned.delta_shape(key)
             if dshape is not None and tuple(dshape) != tuple(shape):
@@ -705,7 +751,9 @@ class TaskDelta:
             raise KeyMismatchError(f"{self.finetuned.path}: fine-tuned checkpoint lacks tensor {key!r}")
         fspec = self.finetuned.spec(key)
         if tuple(fspec.shape) != tuple(shape):
-            raise ShapeMismatchError(f"{self.finetuned.path}: tensor {key!r} has shape {fspec.shape}, the base has {tuple(shape)}")
+            raise ShapeMismatchError(
+                f"{self.finetuned.path}: tensor {key!r} has shape {fspec.shape}, the base has {tuple(shape)}"
+            )
         if not fspec.dtype.is_floating_point:
             # an integer tensor against a float base is no fine-tuned weight (a cast gone wrong)
             raise DtypeMismatchError(
@@ -750,6 +798,7 @@ class TaskDelta:
 
 
 # ---------------------------------------------------------------------------- identity
+
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     """sha256 of a file, read in 4 MiB blocks."""

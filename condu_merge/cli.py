@@ -45,6 +45,7 @@ def _progress(args: argparse.Namespace) -> bool:
 
 # ---------------------------------------------------------------------------- add-task
 
+
 def _add_task(args: argparse.Namespace) -> int:
     from .distributed import add_task_from_args, launcher_detected, stale_world_size
 
@@ -60,9 +61,19 @@ def _add_task(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     with Store(args.store, verify=False) as st:
         info = add_one(
-            st, args.name, args.base, args.finetuned, rescaler=args.rescaler,
-            include=args.include, exclude=args.exclude, dtype=args.dtype, backend=args.backend, lora=args.lora,
-            lora_init=args.lora_init, check_base=not args.no_check_base, progress=_progress(args),
+            st,
+            args.name,
+            args.base,
+            args.finetuned,
+            rescaler=args.rescaler,
+            include=args.include,
+            exclude=args.exclude,
+            dtype=args.dtype,
+            backend=args.backend,
+            lora=args.lora,
+            lora_init=args.lora_init,
+            check_base=not args.no_check_base,
+            progress=_progress(args),
         )
         left_out, family = info["left_out"], info["family"]
         elapsed = time.perf_counter() - t0
@@ -79,14 +90,19 @@ def _add_task(args: argparse.Namespace) -> int:
             "seconds": elapsed,
         }
     lam = f"{r:.4f}" if isinstance(r, float) else f"per tensor ({len(r)})"
-    lines = [f"added {args.name!r} to {data['store']} ({len(data['tasks'])} tasks, {data['params']:,} params, lambda={lam}) in {elapsed:.2f} s"]
+    lines = [
+        f"added {args.name!r} to {data['store']} ({len(data['tasks'])} tasks, {data['params']:,} params, lambda={lam}) in {elapsed:.2f} s"
+    ]
     if left_out:
-        lines.append(f"  left out by the {family} default (docs/adapters.md): {', '.join(left_out)}; --include to choose yourself")
+        lines.append(
+            f"  left out by the {family} default (docs/adapters.md): {', '.join(left_out)}; --include to choose yourself"
+        )
     _emit(args, data, lines)
     return 0
 
 
 # ---------------------------------------------------------------------------- export
+
 
 def _export(args: argparse.Namespace) -> int:
     from . import export as ex
@@ -95,9 +111,18 @@ def _export(args: argparse.Namespace) -> int:
     if bool(args.all) == bool(args.task):
         raise ValueError("name one task with --task, or export every task with --all")
     t0 = time.perf_counter()
-    kw = dict(fmt=args.format, base=args.base, delta=args.delta, max_shard_size=args.max_shard_size, backend=args.backend,
-              check_base=not args.no_check_base, overwrite=args.force, progress=_progress(args), peft_rank=args.rank,
-              task_type=args.task_type)
+    kw = dict(
+        fmt=args.format,
+        base=args.base,
+        delta=args.delta,
+        max_shard_size=args.max_shard_size,
+        backend=args.backend,
+        check_base=not args.no_check_base,
+        overwrite=args.force,
+        progress=_progress(args),
+        peft_rank=args.rank,
+        task_type=args.task_type,
+    )
     with Store(args.store, verify=not args.no_verify) as st:
         if args.all:
             if not st.exists:
@@ -108,10 +133,16 @@ def _export(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - t0
     lines = []
     for r in reports:
-        what = "delta" if r["delta"] else {"hf": "model folder", "peft": "PEFT adapter", "safetensors": "model"}[r["format"]]
+        what = (
+            "delta"
+            if r["delta"]
+            else {"hf": "model folder", "peft": "PEFT adapter", "safetensors": "model"}[r["format"]]
+        )
         lines.append(f"wrote {what} of {r['task']!r} to {r['output']} ({r['tensors']} tensors, {_mb(r['bytes'])})")
         if r.get("truncation_warning"):
-            lines.append(f"  warning: rank-{r['rank']} truncation error {r['truncation_error']:.3f}; pass a larger --rank")
+            lines.append(
+                f"  warning: rank-{r['rank']} truncation error {r['truncation_error']:.3f}; pass a larger --rank"
+            )
     lines.append(f"done in {elapsed:.2f} s")
     data: Any = reports[0] if not args.all else {"exports": reports}
     data = {**data, "seconds": elapsed}
@@ -120,6 +151,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------- run (recipes)
+
 
 def _run(args: argparse.Namespace) -> int:
     from . import recipe as rc
@@ -152,6 +184,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------- inspect / verify
+
 
 def _inspect_data(st: Any, args: argparse.Namespace) -> tuple[dict[str, Any], bool]:
     """What ``inspect`` reports, from a :class:`~condu_merge.store.Store` or a torch-free
@@ -257,19 +290,25 @@ def _inspect(args: argparse.Namespace) -> int:
         f"  storage: unified delta {_mb(s['unified_bytes'])} + masks {_mb(sum(s['mask_bytes_per_task']))} "
         f"({s['mask_bits_per_param']:.3f} bit/param/task) + prototypes {_mb(s['prototype_bytes'])} + manifest {_mb(s['manifest_bytes'])}"
         f" = {_mb(s['store_bytes'])}",
-        (f"  LoRA factors: {_mb(s['condu_total_bytes'])} vs {s['tasks']} individual adapters: {_mb(s['individual_bytes'])}" if lora else
-         f"  with the base model ({_mb(s['base_bytes'])}): {_mb(s['condu_total_bytes'])} vs {s['tasks']} individual models: {_mb(s['individual_bytes'])}")
+        (
+            f"  LoRA factors: {_mb(s['condu_total_bytes'])} vs {s['tasks']} individual adapters: {_mb(s['individual_bytes'])}"
+            if lora
+            else f"  with the base model ({_mb(s['base_bytes'])}): {_mb(s['condu_total_bytes'])} vs {s['tasks']} individual models: {_mb(s['individual_bytes'])}"
+        )
         + (f" ({s['individual_bytes'] / s['condu_total_bytes']:.1f}x)" if s["condu_total_bytes"] else ""),
         "  (the paper, 11 CLIP ViT-B/16 tasks: base 570.86 + unified 570.86 + masks 196.20 + rescalers 0.75 = 1377.92 MB vs 11 x 570.86 = 6279.46 MB)",
     ]
     if data.get("against"):
+
         def f(x: Any) -> str:
             return "-" if x is None else f"{x:.4f}"
 
         lines.append(f"  decoupled expert vs its fine-tuned checkpoint:  {'rel. L2':>8} {'cosine':>8} {'sign agr.':>9}")
         for a in data["against"]:
             t = a["total"]
-            lines.append(f"  {a['task']:<20} (all tensors)              {f(t['rel_l2']):>8} {f(t['cosine']):>8} {f(t['sign_agreement']):>9}")
+            lines.append(
+                f"  {a['task']:<20} (all tensors)              {f(t['rel_l2']):>8} {f(t['cosine']):>8} {f(t['sign_agreement']):>9}"
+            )
             for g, m in a["groups"].items():
                 lines.append(f"    {g:<44} {f(m['rel_l2']):>8} {f(m['cosine']):>8} {f(m['sign_agreement']):>9}")
     _emit(args, data, lines)
@@ -283,28 +322,51 @@ def _verify(args: argparse.Namespace) -> int:
     with Store(args.store, verify=False) as st:
         st._require()
         rep = st.verify()
-        data = {"store": st.root, "ok": True, "files": rep.files, "bytes": rep.bytes, "tasks": st.task_names, "seconds": time.perf_counter() - t0}
-    _emit(args, data, [f"ok: {rep.files} files, {_mb(rep.bytes)}, {len(data['tasks'])} tasks verified (sha256) in {data['seconds']:.2f} s"])
+        data = {
+            "store": st.root,
+            "ok": True,
+            "files": rep.files,
+            "bytes": rep.bytes,
+            "tasks": st.task_names,
+            "seconds": time.perf_counter() - t0,
+        }
+    _emit(
+        args,
+        data,
+        [
+            f"ok: {rep.files} files, {_mb(rep.bytes)}, {len(data['tasks'])} tasks verified (sha256) in {data['seconds']:.2f} s"
+        ],
+    )
     return 0
 
 
 # ---------------------------------------------------------------------------- demo
+
 
 def _demo(args: argparse.Namespace) -> int:
     """One seed of the digits continual-learning benchmark (FT, every method; docs/results.md), or
     with ``--random-deltas`` the store walk-through on a seeded random model family."""
     if args.random_deltas:
         return _demo_random(args)
-    from .demo.run import BenchConfig, run_benchmark, summary_table
     from .demo import digits
+    from .demo.run import BenchConfig, run_benchmark, summary_table
 
     n = digits.TASKS if args.tasks is None else digits.TASKS[: args.tasks]
     if args.tasks is not None and not 2 <= args.tasks <= len(digits.TASKS):
         raise ValueError(f"--tasks: the digits demo has 2 to {len(digits.TASKS)} task domains, got {args.tasks}")
     quiet = getattr(args, "quiet", False) or getattr(args, "json", False)
-    cfg = BenchConfig(seed=args.seed, mode=args.mode, tasks=tuple(n), rescaler=args.rescaler, workdir=args.keep,
-                      pretrain_steps=args.pretrain_steps, steps=args.steps, test_per_domain=args.test_per_domain or None,
-                      shots=args.shots, top_k=args.top_k)
+    cfg = BenchConfig(
+        seed=args.seed,
+        mode=args.mode,
+        tasks=tuple(n),
+        rescaler=args.rescaler,
+        workdir=args.keep,
+        pretrain_steps=args.pretrain_steps,
+        steps=args.steps,
+        test_per_domain=args.test_per_domain or None,
+        shots=args.shots,
+        top_k=args.top_k,
+    )
     log = None if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     t0 = time.perf_counter()
     res = run_benchmark(cfg, log=log)
@@ -328,7 +390,9 @@ def _demo(args: argparse.Namespace) -> int:
     for name, why in res.get("failed", {}).items():
         lines.append(f"strategy {name} dropped from the run: {why}")
     if args.keep:
-        lines.append(f"files kept in {args.keep} (try: condu-merge inspect {args.keep}/store_{args.mode}_seed{args.seed})")
+        lines.append(
+            f"files kept in {args.keep} (try: condu-merge inspect {args.keep}/store_{args.mode}_seed{args.seed})"
+        )
     _emit(args, res, lines)
     return 0 if all(c["ok"] for c in res["checks"].values()) else 1
 
@@ -362,7 +426,9 @@ def _demo_random(args: argparse.Namespace) -> int:
     with Store(store_dir, verify=False) as st:
         for i in range(n_tasks):
             name = f"task{i + 1}"
-            finetuned = {k: base[k] + 0.01 * (0.5 * shared[k] + torch.randn(s, generator=gen)) for k, s in shapes.items()}
+            finetuned = {
+                k: base[k] + 0.01 * (0.5 * shared[k] + torch.randn(s, generator=gen)) for k, s in shapes.items()
+            }
             deltas[name] = {k: finetuned[k] - base[k] for k in shapes}
             ft = os.path.join(work, f"{name}.safetensors")
             save_file_streaming(finetuned, ft)
@@ -421,6 +487,7 @@ def _demo_random(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------- parser
 
+
 class _Given(argparse.Action):
     """Stores the value and notes that it was given (a store's recorded mode is checked only then)."""
 
@@ -443,29 +510,63 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="condu-merge", description="Continual model merging (ConDU)", parents=[common])
     sub = p.add_subparsers(dest="command", required=True)
 
-    a = sub.add_parser("add-task", parents=[common], help="merge a fine-tuned checkpoint into a store (created on first use)")
+    a = sub.add_parser(
+        "add-task", parents=[common], help="merge a fine-tuned checkpoint into a store (created on first use)"
+    )
     a.add_argument("store")
-    a.add_argument("--base", required=True, help="pretrained checkpoint (safetensors file, sharded index, folder, .pt/.bin)")
+    a.add_argument(
+        "--base", required=True, help="pretrained checkpoint (safetensors file, sharded index, folder, .pt/.bin)"
+    )
     a.add_argument("--finetuned", required=True, help="fine-tuned checkpoint or PEFT LoRA adapter folder")
     a.add_argument("--name", required=True, help="task name (unique in the store)")
-    a.add_argument("--include", action="append", metavar="GLOB", help="tensors taking part (fnmatch on names; repeatable; first task only)")
-    a.add_argument("--exclude", action="append", metavar="GLOB", help="tensors left out (carried unchanged from the base)")
-    a.add_argument("--rescaler", default=None, help="tensor_mean (default) | l1 | per_tensor (fixed by the first task; a later one may only repeat it)")
-    a.add_argument("--dtype", choices=_DTYPES, help="dtype the store keeps u in (fixed by the first task; default: the checkpoint's)")
+    a.add_argument(
+        "--include",
+        action="append",
+        metavar="GLOB",
+        help="tensors taking part (fnmatch on names; repeatable; first task only)",
+    )
+    a.add_argument(
+        "--exclude", action="append", metavar="GLOB", help="tensors left out (carried unchanged from the base)"
+    )
+    a.add_argument(
+        "--rescaler",
+        default=None,
+        help="tensor_mean (default) | l1 | per_tensor (fixed by the first task; a later one may only repeat it)",
+    )
+    a.add_argument(
+        "--dtype",
+        choices=_DTYPES,
+        help="dtype the store keeps u in (fixed by the first task; default: the checkpoint's)",
+    )
     a.add_argument("--backend", default="auto")
     a.add_argument("--no-check-base", action="store_true", help="do not compare the base's sha256 with the store's")
-    a.add_argument("--lora", choices=("factors", "dense"), help="PEFT adapters: merge the A/B factors (default) or dense B A deltas")
-    a.add_argument("--lora-init", metavar="DIR", help="PEFT folder of the adapters' shared initialisation (factors; default: zero)")
+    a.add_argument(
+        "--lora",
+        choices=("factors", "dense"),
+        help="PEFT adapters: merge the A/B factors (default) or dense B A deltas",
+    )
+    a.add_argument(
+        "--lora-init", metavar="DIR", help="PEFT folder of the adapters' shared initialisation (factors; default: zero)"
+    )
     a.set_defaults(func=_add_task)
 
-    e = sub.add_parser("export", parents=[common], help="write a task's expert: a from_pretrained folder, a PEFT adapter or safetensors")
+    e = sub.add_parser(
+        "export",
+        parents=[common],
+        help="write a task's expert: a from_pretrained folder, a PEFT adapter or safetensors",
+    )
     e.add_argument("store")
     e.add_argument("--task", help="the task to export")
     e.add_argument("--all", action="store_true", help="every task, one subfolder each under -o")
-    e.add_argument("-o", "--output", required=True, help="file or folder (an existing folder or a path ending in / is a folder)")
-    e.add_argument("--format", choices=("hf", "peft", "safetensors"),
-                   help="hf: save_pretrained folder; peft: adapter folder; safetensors: one file "
-                   "(default: peft for a LoRA-factor store, hf for a base folder, else safetensors)")
+    e.add_argument(
+        "-o", "--output", required=True, help="file or folder (an existing folder or a path ending in / is a folder)"
+    )
+    e.add_argument(
+        "--format",
+        choices=("hf", "peft", "safetensors"),
+        help="hf: save_pretrained folder; peft: adapter folder; safetensors: one file "
+        "(default: peft for a LoRA-factor store, hf for a base folder, else safetensors)",
+    )
     e.add_argument("--max-shard-size", default="50GB", help="hf: shard above this size (transformers' default 50GB)")
     e.add_argument("--rank", type=int, help="peft from a dense store: LoRA rank (default: the source adapter's)")
     e.add_argument("--task-type", help="peft: task_type to write (default: the source adapter's)")
@@ -477,28 +578,47 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--force", action="store_true", help="replace an existing output file (never one the store reads)")
     e.set_defaults(func=_export)
 
-    r = sub.add_parser("run", parents=[common], help="add a recipe's tasks in order (YAML or JSON), resuming where a run stopped")
+    r = sub.add_parser(
+        "run", parents=[common], help="add a recipe's tasks in order (YAML or JSON), resuming where a run stopped"
+    )
     r.add_argument("recipe", help="recipe file (.yaml/.yml needs PyYAML, else JSON); see condu_merge/recipe.py")
-    r.add_argument("--dry-run", action="store_true", help="print the plan (tasks, tensors, bytes, peak memory and disk); write nothing")
+    r.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the plan (tasks, tensors, bytes, peak memory and disk); write nothing",
+    )
     r.set_defaults(func=_run)
 
-    i = sub.add_parser("inspect", parents=[common], help="tasks, sizes, mask density and overlaps, storage vs individual models")
+    i = sub.add_parser(
+        "inspect", parents=[common], help="tasks, sizes, mask density and overlaps, storage vs individual models"
+    )
     i.add_argument("store")
     i.add_argument("--no-overlaps", action="store_true", help="skip the pairwise mask overlaps (reads every mask)")
-    i.add_argument("--against", nargs="*", metavar="[NAME=]FT",
-                   help="per task: the decoupled expert vs its fine-tuned checkpoint (relative L2, cosine, sign agreement per "
-                   "tensor group); no value: each task's recorded source")
+    i.add_argument(
+        "--against",
+        nargs="*",
+        metavar="[NAME=]FT",
+        help="per task: the decoupled expert vs its fine-tuned checkpoint (relative L2, cosine, sign agreement per "
+        "tensor group); no value: each task's recorded source",
+    )
     i.add_argument("--base", help="--against: the base checkpoint (default: the store's recorded one)")
-    i.add_argument("--no-verify", action="store_true", help="skip the sha256 check of every file (fast; says so in the output)")
+    i.add_argument(
+        "--no-verify", action="store_true", help="skip the sha256 check of every file (fast; says so in the output)"
+    )
     i.set_defaults(func=_inspect)
 
     v = sub.add_parser("verify", parents=[common], help="check every file of a store against its sha256")
     v.add_argument("store")
     v.set_defaults(func=_verify)
 
-    d = sub.add_parser("demo", parents=[common],
-                       help="continual learning on real digits, every strategy side by side (--random-deltas: the store walk-through)")
-    d.add_argument("--tasks", type=int, help="number of task domains (digits: 2-6, default 6; --random-deltas: default 5)")
+    d = sub.add_parser(
+        "demo",
+        parents=[common],
+        help="continual learning on real digits, every strategy side by side (--random-deltas: the store walk-through)",
+    )
+    d.add_argument(
+        "--tasks", type=int, help="number of task domains (digits: 2-6, default 6; --random-deltas: default 5)"
+    )
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--mode", choices=("ft", "lora"), default="ft", help="fine-tune the image tower, or LoRA factors")
     d.add_argument("--pretrain-steps", type=int, default=250, help="pre-training steps of the tiny CLIP")
@@ -507,8 +627,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--shots", type=int, help="few-shot: training images per class and task")
     d.add_argument("--top-k", type=int, default=2, help="experts aggregated for a task-agnostic sample")
     d.add_argument("--rescaler", default="tensor_mean")
-    d.add_argument("--random-deltas", action="store_true",
-                   help="instead: merge random deltas of a seeded model family through a store and decouple them")
+    d.add_argument(
+        "--random-deltas",
+        action="store_true",
+        help="instead: merge random deltas of a seeded model family through a store and decouple them",
+    )
     d.add_argument("--keep", metavar="DIR", help="work in DIR and keep the files (default: a temporary directory)")
     d.set_defaults(func=_demo)
     return p
@@ -531,7 +654,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print("condu-merge: interrupted", file=sys.stderr)
         return 130
-    except (Exception,) as exc:  # noqa: BLE001 -- one clear line for users; --debug for the rest
+    except Exception as exc:
         from .errors import ConduError
 
         if debug:

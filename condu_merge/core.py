@@ -50,6 +50,7 @@ class RescalerWarning(UserWarning):
 
 # ---------------------------------------------------------------------------- validation
 
+
 def _label(names: Sequence[str] | None, i: int) -> str:
     return f"task {names[i]!r}" if names is not None else f"task #{i}"
 
@@ -121,8 +122,14 @@ def _check_key_tensors(key: str, tensors: Sequence[torch.Tensor], labels: Sequen
     """Every task's tensor ``key`` is a float tensor of the first task's shape, dtype and device."""
     _check_float(key, tensors[0], labels[0])
     for t, who in zip(tensors[1:], labels[1:]):
-        _check_like(key, t, tensors[0], who, labels[0],
-                    "mixed dtypes per tensor are refused: cast the deltas to one dtype first")
+        _check_like(
+            key,
+            t,
+            tensors[0],
+            who,
+            labels[0],
+            "mixed dtypes per tensor are refused: cast the deltas to one dtype first",
+        )
 
 
 def _eager(mappings: Sequence[Mapping[str, torch.Tensor]]) -> bool:
@@ -162,7 +169,9 @@ def _validate_against_unified(
     return keys
 
 
-def _check_finite(key: str, result: FlatMergeResult, flats: Sequence[torch.Tensor], rows: Sequence[int], labels: Sequence[str]) -> None:
+def _check_finite(
+    key: str, result: FlatMergeResult, flats: Sequence[torch.Tensor], rows: Sequence[int], labels: Sequence[str]
+) -> None:
     """``num`` is an L1 sum in float64: finite iff the delta is (barring float64 overflow, rechecked)."""
     num = result.num.tolist()
     for row, flat, who in zip(rows, flats, labels):
@@ -175,6 +184,7 @@ def _check_finite(key: str, result: FlatMergeResult, flats: Sequence[torch.Tenso
 
 
 # ---------------------------------------------------------------------------- rescalers
+
 
 def compute_rescalers(
     num: Sequence[Mapping[str, float]],
@@ -229,6 +239,7 @@ def compute_rescalers(
 
 
 # ---------------------------------------------------------------------------- unify / add_task
+
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
     # detach: the merge is not differentiable (masks are discrete), compiled backends cannot read
@@ -409,11 +420,15 @@ def add_task(
             num[i][key] = nums[i]
             den[i][key] = dens[i]
     lams_new = compute_rescalers(num, den, numel, rescaler, names)
-    out = [TaskTrigger(packed[i], dict(shapes), lams_new[i], triggers[i].task if i < t_prev else task_name) for i in range(t_prev + 1)]
+    out = [
+        TaskTrigger(packed[i], dict(shapes), lams_new[i], triggers[i].task if i < t_prev else task_name)
+        for i in range(t_prev + 1)
+    ]
     return new_unified, out
 
 
 # ---------------------------------------------------------------------------- decouple
+
 
 def decouple(
     unified: Mapping[str, torch.Tensor],
@@ -437,7 +452,9 @@ def decouple(
     for key in trigger.names:
         u = unified[key]
         if tuple(u.shape) != tuple(trigger.shapes[key]):
-            raise ShapeMismatchError(f"{who}: tensor {key!r} has shape {tuple(trigger.shapes[key])}, u has {tuple(u.shape)}")
+            raise ShapeMismatchError(
+                f"{who}: tensor {key!r} has shape {tuple(trigger.shapes[key])}, u has {tuple(u.shape)}"
+            )
         b = None
         if base is not None:
             if key not in base:
@@ -448,7 +465,9 @@ def decouple(
             b = _flat(b.to(u.device))
         uf = _flat(u)
         be = resolve_backend(backend, uf.device)
-        out[key] = be.decouple_flat(uf, trigger.packed[key].to(uf.device), trigger.rescaler_for(key), b).reshape(u.shape)
+        out[key] = be.decouple_flat(uf, trigger.packed[key].to(uf.device), trigger.rescaler_for(key), b).reshape(
+            u.shape
+        )
     if base is not None:
         for key, v in base.items():
             if key not in out:
@@ -457,6 +476,7 @@ def decouple(
 
 
 # ---------------------------------------------------------------------------- state-dict helpers
+
 
 def delta_from_state_dicts(
     base: Mapping[str, torch.Tensor],

@@ -49,8 +49,8 @@ import signal
 import sys
 import time
 import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -67,11 +67,11 @@ from .errors import ConduError, DtypeMismatchError
 from .safetensors_writer import DTYPE_TO_ST, ST_TO_DTYPE, TensorSpec, build_header, tensor_bytes
 from .store import (
     CRASH_ENV,
+    KEEP_OPEN_FILES,
     MANIFEST,
     UNIFIED,
     Store,
     StoreLock,
-    KEEP_OPEN_FILES,
     StoreLockedError,
     check_add_args,
     continual_step_tensor,
@@ -114,7 +114,11 @@ def launcher_detected(env: Mapping[str, str] | None = None) -> bool:
         return False
     if world <= 1:
         return False
-    return bool(env.get("TORCHELASTIC_RUN_ID")) or ("LOCAL_RANK" in env and "GROUP_RANK" in env) or env.get(FORCE_ENV) == "1"
+    return (
+        bool(env.get("TORCHELASTIC_RUN_ID"))
+        or ("LOCAL_RANK" in env and "GROUP_RANK" in env)
+        or env.get(FORCE_ENV) == "1"
+    )
 
 
 def stale_world_size(env: Mapping[str, str] | None = None) -> str | None:
@@ -137,6 +141,7 @@ class DistributedMergeError(ConduError, RuntimeError):
 
 
 # ---------------------------------------------------------------------------- sharding
+
 
 def shard_by_bytes(specs: Sequence[TensorSpec], world_size: int) -> list[list[int]]:
     """Assign tensors to ``world_size`` ranks, balancing bytes (greedy longest-processing-time).
@@ -166,6 +171,7 @@ def _assign_files(sizes: Mapping[str, int], world_size: int) -> list[list[str]]:
 
 
 # ---------------------------------------------------------------------------- communication
+
 
 class _Comm:
     """The few collectives we need, over a ``torch.distributed`` group. Objects travel as JSON in
@@ -319,8 +325,9 @@ def _communicator(group=None, timeout_s: float | None = None):
             f"one process (${RENDEZVOUS_TIMEOUT_ENV} sets the wait)"
         ) from None
     store.set_timeout(_dt.timedelta(seconds=timeout))
-    dist.init_process_group("nccl" if use_nccl else "gloo", store=store, rank=rank, world_size=world,
-                            timeout=_dt.timedelta(seconds=timeout))
+    dist.init_process_group(
+        "nccl" if use_nccl else "gloo", store=store, rank=rank, world_size=world, timeout=_dt.timedelta(seconds=timeout)
+    )
     if not _OWN_GROUP:
         atexit.register(_destroy_own_group)
     _OWN_GROUP = True
@@ -333,6 +340,7 @@ def _communicator(group=None, timeout_s: float | None = None):
 
 
 # ---------------------------------------------------------------------------- errors across ranks
+
 
 def _known_error_types() -> dict[str, type]:
     """Exception classes a remote failure is re-raised as (by name), so callers can catch them."""
@@ -349,7 +357,12 @@ def _known_error_types() -> dict[str, type]:
 
 def _describe(exc: BaseException, rank: int) -> dict:
     msg = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
-    return {"rank": rank, "type": type(exc).__name__, "message": msg, "remote": bool(getattr(exc, "_condu_remote", False))}
+    return {
+        "rank": rank,
+        "type": type(exc).__name__,
+        "message": msg,
+        "remote": bool(getattr(exc, "_condu_remote", False)),
+    }
 
 
 def _raise_first(statuses: Sequence[dict | None], me: int, local: BaseException | None) -> None:
@@ -397,6 +410,7 @@ def _on_rank0(comm, phase: str, step: Callable[[], object]) -> object:
 
 
 # ---------------------------------------------------------------------------- file layout
+
 
 def _file_layout(specs: Sequence[TensorSpec], n_tasks: int) -> dict[str, tuple[bytes, dict[str, tuple[int, int]]]]:
     """``{relative path: (header bytes, {tensor: (absolute begin, end)})}`` of one generation's data
@@ -489,6 +503,7 @@ class _SliceWriter:
 
 # ---------------------------------------------------------------------------- plans
 
+
 @dataclass
 class _Plan:
     """What rank 0 decided, broadcast to every rank as JSON."""
@@ -509,7 +524,7 @@ class _Plan:
         return d
 
     @classmethod
-    def from_json(cls, d: dict) -> "_Plan":
+    def from_json(cls, d: dict) -> _Plan:
         d = dict(d)
         d["specs"] = [TensorSpec(n, ST_TO_DTYPE[dt], tuple(sh)) for n, dt, sh in d["specs"]]
         return cls(**d)
@@ -531,6 +546,7 @@ class _Source:
 
 # ---------------------------------------------------------------------------- the distributed step
 
+
 def _merge_device(comm) -> torch.device:
     return comm.device if comm.device.type == "cuda" else torch.device("cpu")
 
@@ -538,7 +554,7 @@ def _merge_device(comm) -> torch.device:
 def _distributed_stream_add(
     root: str,
     name: str,
-    open_source: Callable[[], "_Source"],
+    open_source: Callable[[], _Source],
     *,
     rescaler: str | None,
     backend: str | MergeBackend,
@@ -614,7 +630,9 @@ def _distributed_stream_add(
                 for rel in _assign_files(old_files, world)[rank]:
                     p = os.path.join(st.gen_dir, rel)
                     if sha256_file(p) != st.manifest["files"][rel]["sha256"]:
-                        raise _errors.FormatError(f"{p}: sha256 mismatch: the file is damaged (a byte differs from what was written)")
+                        raise _errors.FormatError(
+                            f"{p}: sha256 mismatch: the file is damaged (a byte differs from what was written)"
+                        )
             timings["verify_old"] = time.perf_counter() - t1
             if not os.path.isdir(gen_dir):
                 raise DistributedMergeError(
@@ -627,20 +645,34 @@ def _distributed_stream_add(
             from tqdm.auto import tqdm
 
             total = sum(math.prod(specs[i].shape) for i in mine)
-            with tqdm(total=total, unit="param", unit_scale=True, desc=f"add {name} [rank {rank}]",
-                      disable=not (progress and rank == 0), leave=False) as bar:
+            with tqdm(
+                total=total,
+                unit="param",
+                unit_scale=True,
+                desc=f"add {name} [rank {rank}]",
+                disable=not (progress and rank == 0),
+                leave=False,
+            ) as bar:
                 for n_done, idx in enumerate(mine):
                     s = specs[idx]
                     if t_prev == 0:
                         res = continual_step_tensor(s, src.delta(s.name, s.dtype), label, backend=backend, device=dev)
                     else:
                         res = continual_step_tensor(
-                            s, src.delta(s.name, s.dtype), label, st.unified_tensor(s.name), st.packed_masks(s.name),
-                            plan.old_lambdas, backend=backend, device=dev,
+                            s,
+                            src.delta(s.name, s.dtype),
+                            label,
+                            st.unified_tensor(s.name),
+                            st.packed_masks(s.name),
+                            plan.old_lambdas,
+                            backend=backend,
+                            device=dev,
                         )
                     u, masks = res.u.cpu(), res.masks.cpu()
                     if u.dtype != s.dtype:
-                        raise DtypeMismatchError(f"{label}: backend returned {u.dtype} for tensor {s.name!r}, the store keeps {s.dtype}")
+                        raise DtypeMismatchError(
+                            f"{label}: backend returned {u.dtype} for tensor {s.name!r}, the store keeps {s.dtype}"
+                        )
                     writer.write(UNIFIED, s.name, u)
                     for i in range(n_tasks):
                         writer.write(mask_file(i), s.name, masks[i])
@@ -665,7 +697,7 @@ def _distributed_stream_add(
         # ---- 4. exact all-reduce of the rescaler sums; the same λ's everywhere
         t2 = time.perf_counter()
         packed = comm.all_reduce_sum(torch.cat([num.reshape(-1), den.reshape(-1)]), "the rescaler all-reduce")
-        num, den = packed[: num.numel()].reshape(num.shape), packed[num.numel():].reshape(den.shape)
+        num, den = packed[: num.numel()].reshape(num.shape), packed[num.numel() :].reshape(den.shape)
         bits = comm.all_reduce_sum(bits, "the mask-bit all-reduce")
         numel = {s.name: math.prod(s.shape) for s in specs}
         nl, dl = num.tolist(), den.tolist()
@@ -690,7 +722,9 @@ def _distributed_stream_add(
                 hashes[rel] = {"sha256": sha256_file(p), "bytes": size}
         except Exception as exc:
             local = exc
-        got = comm.all_gather_json({"error": None if local is None else _describe(local, rank), "hashes": hashes}, "hashing")
+        got = comm.all_gather_json(
+            {"error": None if local is None else _describe(local, rank), "hashes": hashes}, "hashing"
+        )
         _raise_first([g["error"] for g in got], rank, local)
         files: dict[str, dict] = {}
         for g in got:
@@ -703,8 +737,16 @@ def _distributed_stream_add(
         def commit() -> dict:
             nonlocal committed
             m = st._finish_add(
-                gen_dir, {rel: files[rel] for rel in layout}, name=name, mode=plan.mode, specs=specs, lambdas=lambdas,
-                mask_bits=bits.tolist(), source=plan.source, base_identity=plan.base_identity, selection=plan.selection,
+                gen_dir,
+                {rel: files[rel] for rel in layout},
+                name=name,
+                mode=plan.mode,
+                specs=specs,
+                lambdas=lambdas,
+                mask_bits=bits.tolist(),
+                source=plan.source,
+                base_identity=plan.base_identity,
+                selection=plan.selection,
             )
             st._commit(m, plan.new_gen, gen_dir)
             committed = True
@@ -730,7 +772,12 @@ def _distributed_stream_add(
         }
     finally:
         if rank == 0:
-            if not committed and gen_dir is not None and os.path.isdir(gen_dir) and _current_generation(root) != os.path.basename(gen_dir):
+            if (
+                not committed
+                and gen_dir is not None
+                and os.path.isdir(gen_dir)
+                and _current_generation(root) != os.path.basename(gen_dir)
+            ):
                 remove_generation_dir(gen_dir)  # the next writer would remove it anyway
             if lock is not None:
                 lock.release()
@@ -750,6 +797,7 @@ def _current_generation(root: str) -> str | None:
 
 
 # ---------------------------------------------------------------------------- public API
+
 
 def distributed_add_task_from_checkpoints(
     store: str | os.PathLike,
@@ -808,8 +856,13 @@ def distributed_add_task(
 
     with _communicator(group, timeout_s) as comm:
         return _distributed_stream_add(
-            os.fspath(store), name, lambda: _Source(plan, lambda k, dt: delta[k], lambda: None),
-            rescaler=rescaler, backend=backend, progress=progress, comm=comm,
+            os.fspath(store),
+            name,
+            lambda: _Source(plan, lambda k, dt: delta[k], lambda: None),
+            rescaler=rescaler,
+            backend=backend,
+            progress=progress,
+            comm=comm,
         )
 
 
@@ -836,7 +889,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--dtype", choices=_DTYPES)
     a.add_argument("--backend", default="auto")
     a.add_argument("--no-check-base", action="store_true")
-    a.add_argument("--timeout", type=float, default=None, help=f"collective timeout in seconds (default ${TIMEOUT_ENV} or {DEFAULT_TIMEOUT_S:.0f})")
+    a.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help=f"collective timeout in seconds (default ${TIMEOUT_ENV} or {DEFAULT_TIMEOUT_S:.0f})",
+    )
     for q in (p, a):
         q.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS)
         q.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
@@ -850,12 +908,18 @@ def add_task_from_args(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     quiet, as_json = getattr(args, "quiet", False), getattr(args, "json", False)
     out = distributed_add_task_from_checkpoints(
-        args.store, args.name, args.base, args.finetuned,
-        include=args.include, exclude=args.exclude,
+        args.store,
+        args.name,
+        args.base,
+        args.finetuned,
+        include=args.include,
+        exclude=args.exclude,
         dtype=getattr(torch, args.dtype) if args.dtype else None,
-        rescaler=args.rescaler, backend=args.backend,
+        rescaler=args.rescaler,
+        backend=args.backend,
         progress=not quiet and not as_json and sys.stderr.isatty(),
-        check_base=not args.no_check_base, timeout_s=getattr(args, "timeout", None),
+        check_base=not args.no_check_base,
+        timeout_s=getattr(args, "timeout", None),
     )
     out["seconds"] = time.perf_counter() - t0
     if out["rank"] == 0:
@@ -886,7 +950,7 @@ def distributed_add_task_main(argv: list[str] | None = None) -> int:
         return add_task_from_args(args)
     except KeyboardInterrupt:
         return 130
-    except Exception as exc:  # noqa: BLE001 -- one line per rank for users; --debug for tracebacks
+    except Exception as exc:
         if getattr(args, "debug", False):
             raise
         rank = int(os.environ.get("RANK", "0"))

@@ -25,7 +25,8 @@ import json
 import os
 import re
 import shutil
-from typing import Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 __all__ = [
     "DEFAULT_MAX_SHARD_SIZE",
@@ -44,9 +45,37 @@ DEFAULT_MAX_SHARD_SIZE = 50 * 10**9
 """``save_pretrained``'s default ``max_shard_size="50GB"`` (transformers 5; 4.x used 5GB)."""
 
 # files of a model folder that hold weights (never copied into an hf export: ours replace them)
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf", ".tflite", ".index.json")
-_HF_MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+WEIGHT_SUFFIXES = (
+    ".safetensors",
+    ".bin",
+    ".pt",
+    ".pth",
+    ".ckpt",
+    ".h5",
+    ".msgpack",
+    ".onnx",
+    ".gguf",
+    ".tflite",
+    ".index.json",
+)
+_HF_MODEL_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 def parse_size(size: int | str) -> int:
@@ -85,6 +114,7 @@ def plan_shards(sizes: Mapping[str, int], max_shard_size: int) -> list[list[str]
 
 
 # ---------------------------------------------------------------------------- paths
+
 
 def _base_folder(path: str | None, *, beside: bool = True) -> str | None:
     """The save_pretrained folder a base path belongs to: the folder itself, or (``beside``) the
@@ -169,8 +199,10 @@ def _check_target(out: str, store_root: str, overwrite: bool) -> None:
             raise FileExistsError(f"{out}: already exists; pass --force to replace it")
         if os.path.isdir(out) and not empty_dir and not _looks_exported(out):
             # --force replaces an earlier export, never an arbitrary folder (it would be deleted)
-            raise FileExistsError(f"{out}: is a folder that does not hold an export (no model/adapter files, or sub-folders); "
-                                  "name a new path or remove it yourself")
+            raise FileExistsError(
+                f"{out}: is a folder that does not hold an export (no model/adapter files, or sub-folders); "
+                "name a new path or remove it yourself"
+            )
 
 
 def check_export_target(st: Any, out: str, extra_inputs: list[str]) -> None:
@@ -212,7 +244,7 @@ def remove_stale_export_tmp(out: str) -> None:
         for n in os.listdir(folder):
             # ``.OUT.tmp-PID`` (this module's name) or ``OUT.tmp-PID`` (older releases)
             prefix = next((x for x in (f".{name}.tmp-", f"{name}.tmp-") if n.startswith(x)), None)
-            pid = n[len(prefix):] if prefix else ""
+            pid = n[len(prefix) :] if prefix else ""
             p = os.path.join(folder, n)
             if prefix is None or not pid.isdigit() or pid_alive(int(pid)) or os.path.islink(p) or not os.path.isfile(p):
                 continue
@@ -227,14 +259,17 @@ def remove_stale_export_tmp(out: str) -> None:
                 os.unlink(p)
 
 
-
 def _check_not_base(out: str, base: str | None) -> None:
     """An export never replaces its base (nor writes into the base's model folder)."""
     if not base:
         return
     real, b = os.path.realpath(out), os.path.realpath(base)
     folder = b if os.path.isdir(b) else None
-    if real == b or (folder and os.path.commonpath([folder, real]) == folder) or (os.path.isdir(real) and os.path.commonpath([real, b]) == real):
+    if (
+        real == b
+        or (folder and os.path.commonpath([folder, real]) == folder)
+        or (os.path.isdir(real) and os.path.commonpath([real, b]) == real)
+    ):
         raise ValueError(f"{out}: the output would overwrite the base checkpoint {base}; write it elsewhere")
 
 
@@ -266,6 +301,7 @@ def _swap_into_place(tmp: str, out: str) -> None:
 
 
 # ---------------------------------------------------------------------------- tensors
+
 
 def _expert_tensors(store, task: str, base_ck, *, backend: str) -> tuple[list, Iterator[tuple[str, Any]]]:
     """``(specs in the base's order, iterator of (key, expert tensor))``: the stored tensors
@@ -319,7 +355,7 @@ def _write_weights(folder: str, specs, items, meta: Mapping[str, str], max_shard
     for i, names in enumerate(shards):
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         files[fname] = _write_file(os.path.join(folder, fname), [by_name[n] for n in names], items, meta, bar)
-        weight_map.update({n: fname for n in names})
+        weight_map.update(dict.fromkeys(names, fname))
     index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
     with open(os.path.join(folder, "model.safetensors.index.json"), "w", encoding="utf-8") as fh:
         json.dump(index, fh, indent=2, sort_keys=True)
@@ -343,6 +379,7 @@ def _copy_model_files(src: str, dst: str) -> list[str]:
 
 
 # ---------------------------------------------------------------------------- export
+
 
 def export_task(
     store,
@@ -390,16 +427,39 @@ def export_task(
     tmp = os.path.join(parent, f".{os.path.basename(out)}.tmp-{os.getpid()}")
     if os.path.lexists(tmp):
         shutil.rmtree(tmp) if os.path.isdir(tmp) and not os.path.islink(tmp) else os.unlink(tmp)
-    meta = {"format": "pt", "condu-merge-task": task, "condu-merge-store": store.root, "content": "delta" if delta else "model"}
+    meta = {
+        "format": "pt",
+        "condu-merge-task": task,
+        "condu-merge-store": store.root,
+        "content": "delta" if delta else "model",
+    }
     try:
         if fmt == "peft":
             report = _export_peft(store, task, tmp, base=base, rank=peft_rank, task_type=task_type, backend=backend)
         elif fmt == "safetensors":
-            report = _export_file(store, task, tmp, base=base, delta=delta, meta=meta, backend=backend,
-                                  check_base=check_base, progress=progress)
+            report = _export_file(
+                store,
+                task,
+                tmp,
+                base=base,
+                delta=delta,
+                meta=meta,
+                backend=backend,
+                check_base=check_base,
+                progress=progress,
+            )
         else:
-            report = _export_hf(store, task, tmp, base=base, meta=meta, max_shard_size=parse_size(max_shard_size),
-                                backend=backend, check_base=check_base, progress=progress)
+            report = _export_hf(
+                store,
+                task,
+                tmp,
+                base=base,
+                meta=meta,
+                max_shard_size=parse_size(max_shard_size),
+                backend=backend,
+                check_base=check_base,
+                progress=progress,
+            )
         if os.path.isdir(tmp):
             _fsync(tmp)
         _swap_into_place(tmp, out)
@@ -419,7 +479,9 @@ def export_all(store, output_dir: str | os.PathLike, **kw: Any) -> list[dict[str
     for t in store.task_names:
         _check_name(t)
     if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
-        raise FileExistsError(f"{out_dir}: exists and is not a folder; --all writes one subfolder per task into a folder")
+        raise FileExistsError(
+            f"{out_dir}: exists and is not a folder; --all writes one subfolder per task into a folder"
+        )
     os.makedirs(out_dir, exist_ok=True)
     reports = []
     for t in store.task_names:
@@ -496,7 +558,9 @@ def _export_hf(store, task, tmp, *, base, meta, max_shard_size, backend, check_b
             f"{where}: --format hf needs the base as a model folder with config.json (pass --base DIR), "
             "or use --format safetensors"
         )
-    specs, items, close = _source_tensors(store, task, base or folder, delta=False, backend=backend, check_base=check_base)
+    specs, items, close = _source_tensors(
+        store, task, base or folder, delta=False, backend=backend, check_base=check_base
+    )
     os.makedirs(tmp)
     bar = _bar(progress, len(specs), task)
     try:
@@ -507,8 +571,14 @@ def _export_hf(store, task, tmp, *, base, meta, max_shard_size, backend, check_b
         if bar is not None:
             bar.close()
     size = sum(b for _, b in w["files"].values())
-    return {"tensors": len(specs), "bytes": size, "files": sorted(copied + list(w["files"]) + (["model.safetensors.index.json"] if len(w["files"]) > 1 else [])),
-            "copied": copied, "shards": len(w["files"]), "base_folder": folder}
+    return {
+        "tensors": len(specs),
+        "bytes": size,
+        "files": sorted(copied + list(w["files"]) + (["model.safetensors.index.json"] if len(w["files"]) > 1 else [])),
+        "copied": copied,
+        "shards": len(w["files"]),
+        "base_folder": folder,
+    }
 
 
 def _export_peft(store, task, tmp, *, base, rank, task_type, backend) -> dict[str, Any]:

@@ -14,7 +14,7 @@ Integer tensors (``position_ids``, ``num_batches_tracked``) never take part in a
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 __all__ = ["default_left_out", "family_of"]
 

@@ -19,16 +19,17 @@ are ``W + s · B A`` (:func:`expert_weights`).
 from __future__ import annotations
 
 import os
-from typing import Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import torch
 
 from .adapters.lora import (
-    FACTOR_CONFIG_FIELDS,
     CONFIG_NAME,
+    FACTOR_CONFIG_FIELDS,
+    TRUNCATION_WARN,
     WEIGHTS_NAME,
     LoraAdapter,
-    TRUNCATION_WARN,
     LoraCompatibilityError,
     dense_delta,
     export_peft,
@@ -69,7 +70,10 @@ def lora_mode(store) -> str | None:
 
 
 def _zero_init(ad: LoraAdapter) -> LoraAdapter:
-    return LoraAdapter(config=dict(ad.config), factors={m: (torch.zeros_like(a), torch.zeros_like(b)) for m, (a, b) in ad.factors.items()})
+    return LoraAdapter(
+        config=dict(ad.config),
+        factors={m: (torch.zeros_like(a), torch.zeros_like(b)) for m, (a, b) in ad.factors.items()},
+    )
 
 
 def _check_against_base(ad: LoraAdapter, base, where: str) -> dict[str, Any]:
@@ -87,17 +91,24 @@ def _check_against_base(ad: LoraAdapter, base, where: str) -> dict[str, Any]:
         shape = tuple(base.spec(name).shape)
         out_in = (b.shape[0], a.shape[1])
         if a.dim() != 2 or b.dim() != 2:
-            raise ShapeMismatchError(f"{where}: module {m!r} has non-linear LoRA factors (A {tuple(a.shape)}); use --lora dense")
+            raise ShapeMismatchError(
+                f"{where}: module {m!r} has non-linear LoRA factors (A {tuple(a.shape)}); use --lora dense"
+            )
         want = out_in[::-1] if fifo else out_in
         if shape != want:
             hint = " (fan_in_fan_out would fit: the config is wrong)" if shape == want[::-1] else ""
-            raise ShapeMismatchError(f"{where}: module {m!r}: shape mismatch: B A is {want}, the base weight {name!r} is {shape}{hint}")
+            raise ShapeMismatchError(
+                f"{where}: module {m!r}: shape mismatch: B A is {want}, the base weight {name!r} is {shape}{hint}"
+            )
     return cfg
 
 
 def _config_fields(cfg: Mapping[str, Any]) -> dict[str, Any]:
     t = cfg.get("target_modules")
-    return {**{k: cfg.get(k) or None for k in FACTOR_CONFIG_FIELDS}, "target_modules": sorted(t) if isinstance(t, (list, tuple, set)) else t}
+    return {
+        **{k: cfg.get(k) or None for k in FACTOR_CONFIG_FIELDS},
+        "target_modules": sorted(t) if isinstance(t, (list, tuple, set)) else t,
+    }
 
 
 def add_adapter_task(
@@ -121,7 +132,9 @@ def add_adapter_task(
     try:
         ad = LoraAdapter.load(adapter)
     except FormatError as exc:
-        raise FormatError(f"{exc} (a factor-wise store needs plain LoRA A/B factors; --lora dense merges it as full weights)") from None
+        raise FormatError(
+            f"{exc} (a factor-wise store needs plain LoRA A/B factors; --lora dense merges it as full weights)"
+        ) from None
     bck = open_checkpoint(base)
     try:
         if isinstance(bck, PeftAdapter):
@@ -145,16 +158,24 @@ def add_adapter_task(
                         f"{where}: config {k}={b[k]!r} differs from the store's {a[k]!r} (task {prev[0]['name']!r}); factor-wise merge refused"
                     )
             if (src0.get("base") or {}).get("sha256") not in (None, ident["sha256"]):
-                raise ValueError(f"{base}: differs from the base the store's adapters were added against ({src0['base']['path']})")
+                raise ValueError(
+                    f"{base}: differs from the base the store's adapters were added against ({src0['base']['path']})"
+                )
             fp0 = (src0.get("init") or {}).get("fingerprint")
             if fp0 != (init_rec or {}).get("fingerprint"):
                 raise LoraCompatibilityError(
                     f"{where}: initialisation {'(zero)' if init_rec is None else init_rec['path']} differs from the store's "
                     f"{'(zero)' if fp0 is None else src0['init']['path']}; factor-wise deltas need one shared init"
                 )
-        delta = factor_delta(ad, init_ad) if init_ad is not None else {
-            f"{m}.lora_{x}.weight": t for m, (a_, b_) in sorted(ad.factors.items()) for x, t in (("A", a_), ("B", b_))
-        }
+        delta = (
+            factor_delta(ad, init_ad)
+            if init_ad is not None
+            else {
+                f"{m}.lora_{x}.weight": t
+                for m, (a_, b_) in sorted(ad.factors.items())
+                for x, t in (("A", a_), ("B", b_))
+            }
+        )
         if init_ad is None:
             delta = {k: delta[k] for k in sorted(delta)}
     finally:
@@ -177,7 +198,9 @@ def _init_of(store, src: Mapping[str, Any], like: LoraAdapter) -> LoraAdapter:
         return _zero_init(like)
     init = LoraAdapter.load(rec["path"])
     if init.fingerprint() != rec["fingerprint"]:
-        raise FormatError(f"{rec['path']}: this LoRA init changed since the store recorded it (fingerprint {rec['fingerprint'][:12]}…)")
+        raise FormatError(
+            f"{rec['path']}: this LoRA init changed since the store recorded it (fingerprint {rec['fingerprint'][:12]}…)"
+        )
     return init
 
 
@@ -188,8 +211,10 @@ def expert_adapter(store, task: str, *, backend: str = "auto") -> LoraAdapter:
         raise ValueError(f"{store.root}: task {task!r} is not a factor-wise LoRA task")
     delta = dict(store.iter_decouple(task, backend=backend))
     modules = sorted({k[: -len(".lora_A.weight")] for k in delta if k.endswith(".lora_A.weight")})
-    like = LoraAdapter(config=dict(src["adapter_config"]),
-                       factors={m: (delta[f"{m}.lora_A.weight"], delta[f"{m}.lora_B.weight"]) for m in modules})
+    like = LoraAdapter(
+        config=dict(src["adapter_config"]),
+        factors={m: (delta[f"{m}.lora_A.weight"], delta[f"{m}.lora_B.weight"]) for m in modules},
+    )
     init = _init_of(store, src, like)
     ex = factor_expert(init, delta)
     ex.config = dict(src["adapter_config"])
@@ -197,7 +222,9 @@ def expert_adapter(store, task: str, *, backend: str = "auto") -> LoraAdapter:
     return ex
 
 
-def export_adapter(store, task: str, folder: str, *, task_type: str | None = None, backend: str = "auto") -> dict[str, Any]:
+def export_adapter(
+    store, task: str, folder: str, *, task_type: str | None = None, backend: str = "auto"
+) -> dict[str, Any]:
     """Write task ``task``'s decoupled adapter as a PEFT folder (``adapter_config.json`` is the
     source's, ``inference_mode`` on; ``task_type`` overrides the recorded one)."""
     ex = expert_adapter(store, task, backend=backend)
@@ -206,8 +233,13 @@ def export_adapter(store, task: str, folder: str, *, task_type: str | None = Non
         ex.config["task_type"] = task_type
     ex.save(folder)
     size = os.path.getsize(os.path.join(folder, WEIGHTS_NAME))
-    return {"tensors": 2 * len(ex.factors), "bytes": size, "files": [CONFIG_NAME, WEIGHTS_NAME],
-            "task_type": ex.config.get("task_type"), "truncation_error": 0.0}
+    return {
+        "tensors": 2 * len(ex.factors),
+        "bytes": size,
+        "files": [CONFIG_NAME, WEIGHTS_NAME],
+        "task_type": ex.config.get("task_type"),
+        "truncation_error": 0.0,
+    }
 
 
 def expert_weights(store, task: str, base, *, backend: str = "auto") -> tuple[list, Iterator[tuple[str, torch.Tensor]]]:
@@ -226,15 +258,25 @@ def expert_weights(store, task: str, base, *, backend: str = "auto") -> tuple[li
             if s.name in dense:
                 d = dense[s.name]
                 if tuple(d.shape) != tuple(w.shape):
-                    raise ShapeMismatchError(f"{base.path}: {s.name!r} is {tuple(w.shape)}, the adapter's B A is {tuple(d.shape)}")
+                    raise ShapeMismatchError(
+                        f"{base.path}: {s.name!r} is {tuple(w.shape)}, the adapter's B A is {tuple(d.shape)}"
+                    )
                 w = (w.to(torch.promote_types(w.dtype, torch.float32)) + d).to(w.dtype)
             yield s.name, w
 
     return specs, gen()
 
 
-def export_dense_adapter(store, task: str, folder: str, *, rank: int | None = None, task_type: str | None = None,
-                         backend: str = "auto", warn_above: float = TRUNCATION_WARN) -> dict[str, Any]:
+def export_dense_adapter(
+    store,
+    task: str,
+    folder: str,
+    *,
+    rank: int | None = None,
+    task_type: str | None = None,
+    backend: str = "auto",
+    warn_above: float = TRUNCATION_WARN,
+) -> dict[str, Any]:
     """A dense store's expert as a PEFT folder by truncated SVD (:func:`export_peft`): rank,
     ``lora_alpha``, ``fan_in_fan_out``, ``task_type`` and base model from the task's source adapter
     when it still exists (``rank``/``task_type`` override); warns above ``warn_above``."""
@@ -248,15 +290,32 @@ def export_dense_adapter(store, task: str, folder: str, *, rank: int | None = No
             cfg = json.load(fh)
     r = rank or cfg.get("r")
     if not r:
-        raise ValueError(f"task {task!r}: the LoRA rank of a dense export is unknown (its source adapter is gone); pass --rank")
-    delta = {k: v for k, v in store.iter_decouple(task, backend=backend)}
+        raise ValueError(
+            f"task {task!r}: the LoRA rank of a dense export is unknown (its source adapter is gone); pass --rank"
+        )
+    delta = dict(store.iter_decouple(task, backend=backend))
     bad = [k for k, v in delta.items() if v.dim() != 2 or not k.endswith(".weight")]
     if bad:
-        raise ValueError(f"task {task!r}: tensors {bad[:3]} are not 2-D weights; a PEFT export needs a store of LoRA targets")
+        raise ValueError(
+            f"task {task!r}: tensors {bad[:3]} are not 2-D weights; a PEFT export needs a store of LoRA targets"
+        )
     alpha = cfg.get("lora_alpha") if cfg.get("r") == r else None
-    rep = export_peft(delta, folder, int(r), lora_alpha=alpha, base_model_name_or_path=cfg.get("base_model_name_or_path"),
-                      fan_in_fan_out=bool(cfg.get("fan_in_fan_out")), task_type=task_type or cfg.get("task_type"),
-                      warn_above=warn_above)
-    return {"tensors": 2 * len(delta), "bytes": os.path.getsize(os.path.join(folder, WEIGHTS_NAME)),
-            "files": [CONFIG_NAME, WEIGHTS_NAME], "rank": rep.rank, "truncation_error": rep.total,
-            "truncation_warning": rep.total > warn_above, "task_type": task_type or cfg.get("task_type")}
+    rep = export_peft(
+        delta,
+        folder,
+        int(r),
+        lora_alpha=alpha,
+        base_model_name_or_path=cfg.get("base_model_name_or_path"),
+        fan_in_fan_out=bool(cfg.get("fan_in_fan_out")),
+        task_type=task_type or cfg.get("task_type"),
+        warn_above=warn_above,
+    )
+    return {
+        "tensors": 2 * len(delta),
+        "bytes": os.path.getsize(os.path.join(folder, WEIGHTS_NAME)),
+        "files": [CONFIG_NAME, WEIGHTS_NAME],
+        "rank": rep.rank,
+        "truncation_error": rep.total,
+        "truncation_warning": rep.total > warn_above,
+        "task_type": task_type or cfg.get("task_type"),
+    }

@@ -140,7 +140,9 @@ class ContinualMerger:
             st.write_session(self._unified, self._triggers, self.rescaler)
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], *, verify: bool = True, backend: str | MergeBackend = "auto") -> ContinualMerger:
+    def load(
+        cls, path: str | os.PathLike[str], *, verify: bool = True, backend: str | MergeBackend = "auto"
+    ) -> ContinualMerger:
         """Read a store directory into memory; ``verify`` checks every file's sha256 first.
         For lazy access to a large store use :class:`condu_merge.store.Store` directly."""
         from .store import Store

@@ -54,7 +54,7 @@ def unpack_rows(packed: torch.Tensor, n: int) -> torch.Tensor:
     if packed.numel() == 0:
         return torch.zeros(t, n, dtype=torch.bool, device=packed.device)
     words = (packed.to(torch.int64) * _SPREAD) & _SELECT
-    return (words.view(torch.uint8).view(t, -1)[:, :n] != 0)
+    return words.view(torch.uint8).view(t, -1)[:, :n] != 0
 
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -67,7 +67,9 @@ def pack_mask(mask: torch.Tensor) -> torch.Tensor:
     return pack_rows(mask.reshape(1, -1))[0]
 
 
-def unpack_mask(packed: torch.Tensor, numel: int | None = None, shape: tuple[int, ...] | torch.Size | None = None) -> torch.Tensor:
+def unpack_mask(
+    packed: torch.Tensor, numel: int | None = None, shape: tuple[int, ...] | torch.Size | None = None
+) -> torch.Tensor:
     """Inverse of :func:`pack_mask`: a ``torch.bool`` tensor of ``shape`` (or 1-D of ``numel``).
 
     Pad bits beyond ``numel`` are ignored.

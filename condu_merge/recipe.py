@@ -31,8 +31,9 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 __all__ = ["Recipe", "RecipeError", "TaskSpec", "add_one", "load_recipe", "plan", "run_recipe", "source_hash"]
 
@@ -64,7 +65,9 @@ def _parse_text(path: str, text: str) -> Any:
         try:
             import yaml
         except ImportError:
-            raise RecipeError(f"{path}: YAML recipes need PyYAML (pip install 'condu-merge[recipe]'), or write the recipe as JSON") from None
+            raise RecipeError(
+                f"{path}: YAML recipes need PyYAML (pip install 'condu-merge[recipe]'), or write the recipe as JSON"
+            ) from None
         try:
             return yaml.safe_load(text)
         except yaml.YAMLError as exc:
@@ -121,7 +124,12 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     specs, seen = [], set()
     for i, t in enumerate(tasks):
         where = f"{path}: tasks[{i}]"
-        if not isinstance(t, dict) or not isinstance(t.get("name"), str) or not t["name"].strip() or not isinstance(t.get("path"), str):
+        if (
+            not isinstance(t, dict)
+            or not isinstance(t.get("name"), str)
+            or not t["name"].strip()
+            or not isinstance(t.get("path"), str)
+        ):
             raise RecipeError(f"{where}: a task needs a name and a path")
         if t["name"] in seen:
             raise RecipeError(f"{where}: task {t['name']!r} is listed twice")
@@ -146,6 +154,7 @@ def source_hash(path: str) -> str:
 
 
 # ---------------------------------------------------------------------------- one task
+
 
 def _is_adapter(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "adapter_config.json"))
@@ -208,17 +217,32 @@ def _sized_backend(store, base: str, finetuned: str, backend: str) -> str:
     return auto_for_size(backend, numel)
 
 
-def add_one(store, name: str, base: str, finetuned: str, *, rescaler: str | None = None, include: Sequence[str] | None = None,
-            exclude: Sequence[str] | None = None, dtype: str | None = None, backend: str = "auto", lora: str | None = None,
-            lora_init: str | None = None, check_base: bool = True, progress: bool = False,
-            source_extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def add_one(
+    store,
+    name: str,
+    base: str,
+    finetuned: str,
+    *,
+    rescaler: str | None = None,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    dtype: str | None = None,
+    backend: str = "auto",
+    lora: str | None = None,
+    lora_init: str | None = None,
+    check_base: bool = True,
+    progress: bool = False,
+    source_extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """Add one task as ``condu-merge add-task`` does; returns ``{"left_out", "family"}``.
 
     ``rescaler=None`` means the store's mode (``tensor_mean`` for a new store); another mode than
     an existing store's is refused naming both."""
     if store.exists and rescaler is not None and rescaler != store.rescaler:
-        raise ValueError(f"{store.root}: --rescaler {rescaler} given, but this store was created with --rescaler {store.rescaler} "
-                         "(the mode is fixed when a store is created)")
+        raise ValueError(
+            f"{store.root}: --rescaler {rescaler} given, but this store was created with --rescaler {store.rescaler} "
+            "(the mode is fixed when a store is created)"
+        )
     mode = store.rescaler if store.exists else (rescaler or "tensor_mean")
     backend = _sized_backend(store, base, finetuned, backend)
     # how the base was named (a folder stays a folder: export's default format and hf files)
@@ -226,21 +250,39 @@ def add_one(store, name: str, base: str, finetuned: str, *, rescaler: str | None
     if lora_route(store, finetuned, lora, lora_init):
         from . import lora_store
 
-        lora_store.add_adapter_task(store, name, base, finetuned, init=lora_init, rescaler=mode, backend=backend,
-                                    progress=progress, source_extra=source_extra)
+        lora_store.add_adapter_task(
+            store,
+            name,
+            base,
+            finetuned,
+            init=lora_init,
+            rescaler=mode,
+            backend=backend,
+            progress=progress,
+            source_extra=source_extra,
+        )
         return {"left_out": [], "family": "lora"}
     import torch
 
     family, left_out = family_left_out(base, finetuned) if not store.exists and not include else ("", [])
     store.add_task_from_checkpoints(
-        name, base, finetuned, include=include, exclude=list(exclude or []) + left_out or None,
-        dtype=getattr(torch, dtype) if dtype else None, rescaler=mode, backend=backend, progress=progress,
-        check_base=check_base, source_extra=source_extra,
+        name,
+        base,
+        finetuned,
+        include=include,
+        exclude=list(exclude or []) + left_out or None,
+        dtype=getattr(torch, dtype) if dtype else None,
+        rescaler=mode,
+        backend=backend,
+        progress=progress,
+        check_base=check_base,
+        source_extra=source_extra,
     )
     return {"left_out": left_out, "family": family}
 
 
 # ---------------------------------------------------------------------------- plan and run
+
 
 def _status(store, t: TaskSpec) -> tuple[str, str]:
     """``("skip" | "add", source hash)``; a stored task of that name from another source is refused."""
@@ -278,14 +320,19 @@ def plan(recipe: Recipe) -> dict[str, Any]:
                     from .adapters.lora import LoraAdapter
 
                     ad = LoraAdapter.load(t0.path)
-                    specs = [(f"{m}.lora_{x}.weight", t.numel(), t.element_size(), t.element_size())
-                             for m, ab in ad.factors.items() for x, t in zip("AB", ab)]
+                    specs = [
+                        (f"{m}.lora_{x}.weight", t.numel(), t.element_size(), t.element_size())
+                        for m, ab in ad.factors.items()
+                        for x, t in zip("AB", ab)
+                    ]
                 else:
                     td = TaskDelta(base, ft)
                     inc, exc = t0.options.get("include"), list(t0.options.get("exclude") or [])
                     if not inc:
                         exc += family_left_out(recipe.base, t0.path)[1]
-                    keys = select_keys(td.candidate_keys(), inc, exc) if inc else select_keys(td.default_keys(), None, exc)
+                    keys = (
+                        select_keys(td.candidate_keys(), inc, exc) if inc else select_keys(td.default_keys(), None, exc)
+                    )
                     import torch
 
                     want = getattr(torch, t0.options["dtype"]) if t0.options.get("dtype") else None
@@ -306,10 +353,17 @@ def plan(recipe: Recipe) -> dict[str, Any]:
     # one tensor in flight: base and fine-tuned reads, the float32 delta, old and new u, t+1 mask rows
     peak_mem = big[1] * (2 * big[3] + 4 + 2 * big[2]) + 2 * (n_after + 1) * ((big[1] + 7) // 8)
     return {
-        "recipe": recipe.path, "store": recipe.store, "base": recipe.base, "tasks": rows,
-        "tensors": len(specs), "params": params, "bytes_per_task": u_bytes, "store_bytes_after": store_after,
+        "recipe": recipe.path,
+        "store": recipe.store,
+        "base": recipe.base,
+        "tasks": rows,
+        "tensors": len(specs),
+        "params": params,
+        "bytes_per_task": u_bytes,
+        "store_bytes_after": store_after,
         "peak_disk_bytes": store_after + (u_bytes + (n_after - 1) * mask_bytes if n_after > 1 else 0),
-        "peak_memory_bytes": peak_mem, "largest_tensor": big[0],
+        "peak_memory_bytes": peak_mem,
+        "largest_tensor": big[0],
     }
 
 
@@ -330,13 +384,29 @@ def run_recipe(recipe: Recipe, *, progress: bool = False, on_task=None) -> list[
                 if bar is not None:
                     bar.set_description(t.name)
                 action, h = _status(st, t)
-                row = {"name": t.name, "path": t.path, "action": "skipped" if action == "skip" else "added", "sha256": h}
+                row = {
+                    "name": t.name,
+                    "path": t.path,
+                    "action": "skipped" if action == "skip" else "added",
+                    "sha256": h,
+                }
                 if action == "add":
                     o = t.options
-                    info = add_one(st, t.name, recipe.base, t.path, rescaler=o.get("rescaler"), include=o.get("include"),
-                                   exclude=o.get("exclude"), dtype=o.get("dtype"), backend=o.get("backend", "auto"),
-                                   lora=o.get("lora"), lora_init=o.get("lora_init"), check_base=o.get("check_base", True),
-                                   source_extra={"sha256": h})
+                    info = add_one(
+                        st,
+                        t.name,
+                        recipe.base,
+                        t.path,
+                        rescaler=o.get("rescaler"),
+                        include=o.get("include"),
+                        exclude=o.get("exclude"),
+                        dtype=o.get("dtype"),
+                        backend=o.get("backend", "auto"),
+                        lora=o.get("lora"),
+                        lora_init=o.get("lora_init"),
+                        check_base=o.get("check_base", True),
+                        source_extra={"sha256": h},
+                    )
                     row["left_out"] = info["left_out"]
                 rows.append(row)
                 if on_task is not None:

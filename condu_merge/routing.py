@@ -57,8 +57,10 @@ def _n(x: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------- prototypes
 
-def compute_prototypes(image_features: torch.Tensor, labels: torch.Tensor, text_features: torch.Tensor,
-                       *, num_classes: int | None = None) -> dict[str, torch.Tensor]:
+
+def compute_prototypes(
+    image_features: torch.Tensor, labels: torch.Tensor, text_features: torch.Tensor, *, num_classes: int | None = None
+) -> dict[str, torch.Tensor]:
     """Prototypes of one task from pretrained features (see the module docstring for the math).
 
     ``image_features [N, D]`` with integer ``labels [N]`` in ``[0, C)``; ``text_features [C, T, D]``
@@ -93,8 +95,9 @@ def compute_prototypes(image_features: torch.Tensor, labels: torch.Tensor, text_
     return {"prototypes": protos.cpu(), "image_counts": counts.cpu()}
 
 
-def class_text_embeddings(encode_text: Callable[[torch.Tensor], torch.Tensor], prompts: torch.Tensor,
-                          *, batch_size: int = 256) -> torch.Tensor:
+def class_text_embeddings(
+    encode_text: Callable[[torch.Tensor], torch.Tensor], prompts: torch.Tensor, *, batch_size: int = 256
+) -> torch.Tensor:
     """Zero-shot classifier ``[C, D]``: per class, ``n(mean_j n(g(prompt_cj)))``.
 
     ``prompts`` are tokenised, ``[C, T, L]`` (``T`` templates) or ``[C, L]``."""
@@ -103,13 +106,16 @@ def class_text_embeddings(encode_text: Callable[[torch.Tensor], torch.Tensor], p
     c, t, ell = prompts.shape
     flat = prompts.reshape(c * t, ell)
     with torch.no_grad():
-        feats = torch.cat([encode_text(flat[i:i + batch_size]) for i in range(0, flat.shape[0], batch_size)])
+        feats = torch.cat([encode_text(flat[i : i + batch_size]) for i in range(0, flat.shape[0], batch_size)])
     return _n(_n(feats).reshape(c, t, -1).mean(dim=1))
 
 
-def prototypes_from_encoders(encode_image: Callable[[torch.Tensor], torch.Tensor],
-                             encode_text: Callable[[torch.Tensor], torch.Tensor],
-                             batches: Iterable[tuple[torch.Tensor, torch.Tensor]], prompts: torch.Tensor) -> dict[str, torch.Tensor]:
+def prototypes_from_encoders(
+    encode_image: Callable[[torch.Tensor], torch.Tensor],
+    encode_text: Callable[[torch.Tensor], torch.Tensor],
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    prompts: torch.Tensor,
+) -> dict[str, torch.Tensor]:
     """Prototypes of one task with the **pretrained** encoders: ``batches`` yields
     ``(images, labels)``; ``prompts`` are the tokenised class prompts ``[C, T, L]``."""
     feats, labs = [], []
@@ -177,6 +183,7 @@ def load_prototypes(path: str | os.PathLike[str]) -> dict[str, dict[str, torch.T
 
 # ---------------------------------------------------------------------------- routing
 
+
 def _proto_tensor(p: torch.Tensor | Mapping[str, torch.Tensor], task: str) -> torch.Tensor:
     t = p["prototypes"] if isinstance(p, Mapping) else p
     if t.dim() != 2 or t.shape[0] == 0:
@@ -184,7 +191,9 @@ def _proto_tensor(p: torch.Tensor | Mapping[str, torch.Tensor], task: str) -> to
     return t
 
 
-def route_scores(features: torch.Tensor, prototypes: Mapping[str, torch.Tensor | Mapping[str, torch.Tensor]]) -> torch.Tensor:
+def route_scores(
+    features: torch.Tensor, prototypes: Mapping[str, torch.Tensor | Mapping[str, torch.Tensor]]
+) -> torch.Tensor:
     """``scores[i, t] = max_c n(features_i) · n(p_tc)`` over the tasks in ``prototypes`` order.
 
     ``features`` are the pretrained model's image features ``[N, D]``."""
@@ -200,8 +209,9 @@ def route_scores(features: torch.Tensor, prototypes: Mapping[str, torch.Tensor |
     return torch.stack(cols, dim=1)
 
 
-def route(features: torch.Tensor, prototypes: Mapping[str, torch.Tensor | Mapping[str, torch.Tensor]],
-          k: int = DEFAULT_K) -> torch.Tensor:
+def route(
+    features: torch.Tensor, prototypes: Mapping[str, torch.Tensor | Mapping[str, torch.Tensor]], k: int = DEFAULT_K
+) -> torch.Tensor:
     """Selection ``[N, T]`` (bool): for each sample the ``min(k, T)`` tasks of highest
     :func:`route_scores` (weight 1), the rest 0. Ties go to the earlier task."""
     if k < 1:
@@ -216,6 +226,7 @@ def route(features: torch.Tensor, prototypes: Mapping[str, torch.Tensor | Mappin
 
 
 # ---------------------------------------------------------------------------- aggregation
+
 
 class ExpertEncoders(Protocol):
     """What :class:`SemanticAggregator` needs; :class:`condu_merge.adapters.ClipExperts` is one.
@@ -234,8 +245,14 @@ class SemanticAggregator:
     every task with prototypes. Class text embeddings are cached per ``(expert, dataset)``.
     """
 
-    def __init__(self, experts: ExpertEncoders, prototypes: Mapping[str, torch.Tensor | Mapping[str, torch.Tensor]],
-                 *, k: int = DEFAULT_K, include_pretrained: bool = False):
+    def __init__(
+        self,
+        experts: ExpertEncoders,
+        prototypes: Mapping[str, torch.Tensor | Mapping[str, torch.Tensor]],
+        *,
+        k: int = DEFAULT_K,
+        include_pretrained: bool = False,
+    ):
         if k < 1:
             raise ValueError(f"K must be >= 1, got {k}")
         self.experts = experts
@@ -252,8 +269,9 @@ class SemanticAggregator:
         seen = self._prompts_of.get(dataset)
         if seen is prompts:
             return
-        if seen is not None and not (seen.shape == prompts.shape and seen.device == prompts.device
-                                     and torch.equal(seen, prompts)):
+        if seen is not None and not (
+            seen.shape == prompts.shape and seen.device == prompts.device and torch.equal(seen, prompts)
+        ):
             for key in [k for k in self._text_cache if k[1] == dataset]:
                 del self._text_cache[key]
         self._prompts_of[dataset] = prompts
@@ -271,7 +289,9 @@ class SemanticAggregator:
         self._text_cache.clear()
         self._prompts_of.clear()
 
-    def expert_logits(self, task: str | None, images: torch.Tensor, dataset: str, prompts: torch.Tensor) -> torch.Tensor:
+    def expert_logits(
+        self, task: str | None, images: torch.Tensor, dataset: str, prompts: torch.Tensor
+    ) -> torch.Tensor:
         """``100 · n(f_task(x)) @ T_taskᵀ`` for all of ``images``."""
         text = self.text_embeddings(task, dataset, prompts)
         with torch.no_grad():
@@ -284,8 +304,15 @@ class SemanticAggregator:
             feats = self.experts.encode_image(None, images)
         return route(feats, self.prototypes, self.k)
 
-    def logits(self, images: torch.Tensor, dataset: str, prompts: torch.Tensor, *, task: str | None = None,
-               selection: torch.Tensor | None = None) -> torch.Tensor:
+    def logits(
+        self,
+        images: torch.Tensor,
+        dataset: str,
+        prompts: torch.Tensor,
+        *,
+        task: str | None = None,
+        selection: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Class logits ``[N, C]`` of ``images`` for ``dataset`` (tokenised prompts ``[C, T, L]``).
 
         With ``task``, that expert alone. Otherwise route (or use ``selection [N, T]``) and run each

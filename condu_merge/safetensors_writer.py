@@ -17,8 +17,8 @@ import json
 import math
 import os
 import struct
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
 
 import torch
 
@@ -35,7 +35,13 @@ DTYPE_TO_ST: dict[torch.dtype, str] = {
     torch.uint8: "U8",
     torch.bool: "BOOL",
 }
-for _name, _st in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2"), ("uint16", "U16"), ("uint32", "U32"), ("uint64", "U64")):
+for _name, _st in (
+    ("float8_e4m3fn", "F8_E4M3"),
+    ("float8_e5m2", "F8_E5M2"),
+    ("uint16", "U16"),
+    ("uint32", "U32"),
+    ("uint64", "U64"),
+):
     if hasattr(torch, _name):
         DTYPE_TO_ST[getattr(torch, _name)] = _st
 ST_TO_DTYPE: dict[str, torch.dtype] = {v: k for k, v in DTYPE_TO_ST.items()}
@@ -68,7 +74,9 @@ class TensorSpec:
         return math.prod(self.shape) * dtype_itemsize(self.dtype)
 
 
-def build_header(specs: Sequence[TensorSpec], metadata: Mapping[str, str] | None = None) -> tuple[bytes, dict[str, tuple[int, int]]]:
+def build_header(
+    specs: Sequence[TensorSpec], metadata: Mapping[str, str] | None = None
+) -> tuple[bytes, dict[str, tuple[int, int]]]:
     """The header bytes (length prefix + padded JSON) and each tensor's ``(begin, end)`` data offsets.
 
     Tensors are laid out in the order of ``specs``.
@@ -86,7 +94,11 @@ def build_header(specs: Sequence[TensorSpec], metadata: Mapping[str, str] | None
             raise ValueError(f"tensor name {s.name!r} is repeated or reserved")
         end = pos + s.nbytes
         offsets[s.name] = (pos, end)
-        header[s.name] = {"dtype": dtype_to_str(s.dtype), "shape": [int(d) for d in s.shape], "data_offsets": [pos, end]}
+        header[s.name] = {
+            "dtype": dtype_to_str(s.dtype),
+            "shape": [int(d) for d in s.shape],
+            "data_offsets": [pos, end],
+        }
         pos = end
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * ((-(len(raw) + 8)) % _ALIGN)
@@ -166,7 +178,7 @@ class StreamingSafetensorsWriter:
             if os.path.exists(self.path):
                 os.unlink(self.path)
 
-    def __enter__(self) -> "StreamingSafetensorsWriter":
+    def __enter__(self) -> StreamingSafetensorsWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

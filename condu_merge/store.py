@@ -45,8 +45,8 @@ import re
 import shutil
 import signal
 import stat
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -198,8 +198,12 @@ def remove_generation_dir(path: str, files: Sequence[str] | None = None, *, cras
     if not _plain_dir(path):
         return
     if files is None:
-        files = [UNIFIED] + [f"{sub}/{n}" for sub in ("masks", "prototypes") if _plain_dir(os.path.join(path, sub))
-                             for n in os.listdir(os.path.join(path, sub))]
+        files = [UNIFIED] + [
+            f"{sub}/{n}"
+            for sub in ("masks", "prototypes")
+            if _plain_dir(os.path.join(path, sub))
+            for n in os.listdir(os.path.join(path, sub))
+        ]
     first = True
     for rel in files:
         p = os.path.join(path, rel)
@@ -248,7 +252,7 @@ def prepare_store_folder(root: str) -> None:
         )
 
 
-def open_writer_lock(root: str) -> "StoreLock":
+def open_writer_lock(root: str) -> StoreLock:
     """:func:`prepare_store_folder`, then the writer lock (the caller releases it)."""
     prepare_store_folder(root)
     return StoreLock(root).acquire()
@@ -302,14 +306,20 @@ def _check_manifest_structure(m: dict, mpath: str) -> None:
         bad(f"rescaler {repr(m.get('rescaler'))[:40]} is not one of {list(RESCALER_MODES)}")
     base = m.get("base")
     if base is not None and not (
-        isinstance(base, dict) and isinstance(base.get("path"), str) and (base.get("sha256") is None or isinstance(base["sha256"], str))
-        and is_int(base.get("bytes")) and base["bytes"] >= 0
+        isinstance(base, dict)
+        and isinstance(base.get("path"), str)
+        and (base.get("sha256") is None or isinstance(base["sha256"], str))
+        and is_int(base.get("bytes"))
+        and base["bytes"] >= 0
     ):
         bad("base is not {path, sha256, bytes}")
     sel = m.get("selection")
     if sel is not None and not (
         isinstance(sel, dict)
-        and all(isinstance(sel.get(k, []), list) and all(isinstance(g, str) for g in sel.get(k, [])) for k in ("include", "exclude"))
+        and all(
+            isinstance(sel.get(k, []), list) and all(isinstance(g, str) for g in sel.get(k, []))
+            for k in ("include", "exclude")
+        )
     ):
         bad("selection is not {include: [globs], exclude: [globs]}")
 
@@ -359,20 +369,32 @@ def _check_manifest_structure(m: dict, mpath: str) -> None:
             bad(f"task {t['name']!r} is listed twice")
         seen.add(t["name"])
         if t.get("masks") != mask_file(i) or t["masks"] not in files:
-            bad(f"task {t['name']!r}: its mask file {repr(t.get('masks'))[:80]} is not {mask_file(i)!r} among the files")
+            bad(
+                f"task {t['name']!r}: its mask file {repr(t.get('masks'))[:80]} is not {mask_file(i)!r} among the files"
+            )
         if t.get("prototypes") is not None and (t["prototypes"] != _proto_file(i) or t["prototypes"] not in files):
-            bad(f"task {t['name']!r}: its prototypes file {repr(t['prototypes'])[:80]} is not {_proto_file(i)!r} among the files")
+            bad(
+                f"task {t['name']!r}: its prototypes file {repr(t['prototypes'])[:80]} is not {_proto_file(i)!r} among the files"
+            )
         r = t.get("rescaler")
         if m["rescaler"] == "per_tensor":
             ok = isinstance(r, dict) and set(r) == names and all(is_num(x) for x in r.values())
         else:
             ok = is_num(r)
         if not ok:
-            want = "a finite non-negative number per tensor" if m["rescaler"] == "per_tensor" else "a finite non-negative number"
+            want = (
+                "a finite non-negative number per tensor"
+                if m["rescaler"] == "per_tensor"
+                else "a finite non-negative number"
+            )
             bad(f"task {t['name']!r}: rescaler {repr(r)[:80]} is not {want}")
         if not is_int(t.get("mask_bits")) or not 0 <= t["mask_bits"] <= params:
-            bad(f"task {t['name']!r}: mask_bits {repr(t.get('mask_bits'))[:40]} is not a count of set bits (0..{params})")
-        if t.get("source") is not None and not (isinstance(t["source"], dict) and isinstance(t["source"].get("path", ""), str)):
+            bad(
+                f"task {t['name']!r}: mask_bits {repr(t.get('mask_bits'))[:40]} is not a count of set bits (0..{params})"
+            )
+        if t.get("source") is not None and not (
+            isinstance(t["source"], dict) and isinstance(t["source"].get("path", ""), str)
+        ):
             bad(f"task {t['name']!r}: source is not {{path, kind}}")
     owned = {UNIFIED} | {t["masks"] for t in tasks} | {t["prototypes"] for t in tasks if t.get("prototypes")}
     stray = [rel for rel in files if rel not in owned]
@@ -391,6 +413,7 @@ def _proto_file(index: int) -> str:
 
 # ---------------------------------------------------------------------------- lock
 
+
 class StoreLock:
     """Exclusive, non-blocking ``flock`` on ``STORE/.lock``; the second writer gets
     :class:`StoreLockedError` naming the holder's pid. Released on close or process death."""
@@ -399,15 +422,23 @@ class StoreLock:
         self.path = os.path.join(root, LOCK)
         self._fd: int | None = None
 
-    def acquire(self) -> "StoreLock":
+    def acquire(self) -> StoreLock:
         # never follow a planted symlink, never block on a FIFO, and write (truncate) only a plain
         # single-link file holding at most a pid: what a writer of this store leaves
-        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+        flags = (
+            os.O_RDWR
+            | os.O_CREAT
+            | getattr(os, "O_NOFOLLOW", 0)
+            | getattr(os, "O_NONBLOCK", 0)
+            | getattr(os, "O_CLOEXEC", 0)
+        )
         try:
             fd = os.open(self.path, flags, 0o644)
         except OSError as exc:
             if exc.errno in (errno.ELOOP, errno.EMLINK) or os.path.islink(self.path):
-                raise UnsafePathError(f"{self.path}: the store's lock is a symbolic link; refusing to open it (remove it)") from None
+                raise UnsafePathError(
+                    f"{self.path}: the store's lock is a symbolic link; refusing to open it (remove it)"
+                ) from None
             raise _with_path(exc, self.path) from None
         try:
             st = os.fstat(fd)
@@ -415,7 +446,12 @@ class StoreLock:
         except OSError:
             os.close(fd)
             raise
-        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_size > 32 or not content.strip().isdigit() and content.strip():
+        if (
+            not stat.S_ISREG(st.st_mode)
+            or st.st_nlink != 1
+            or st.st_size > 32
+            or (not content.strip().isdigit() and content.strip())
+        ):
             os.close(fd)
             raise UnsafePathError(
                 f"{self.path}: is not a lock file this store created (a link, not a regular file, or foreign content); "
@@ -446,7 +482,7 @@ class StoreLock:
             os.close(self._fd)  # closing drops the flock
             self._fd = None
 
-    def __enter__(self) -> "StoreLock":
+    def __enter__(self) -> StoreLock:
         return self.acquire()
 
     def __exit__(self, *exc: object) -> None:
@@ -454,6 +490,7 @@ class StoreLock:
 
 
 # ---------------------------------------------------------------------------- generation writer
+
 
 def generation_layout(specs: Sequence[TensorSpec], n_tasks: int) -> dict[str, tuple[list[TensorSpec], dict[str, str]]]:
     """``{relative path: (tensor specs in file order, safetensors metadata)}`` of one generation's
@@ -602,7 +639,9 @@ def continual_step_tensor(
     one :func:`~condu_merge.core.add_task_tensor` of ``u``, the earlier tasks' packed masks and
     their λ's at this tensor. ``device``: where the merge runs (inputs are moved there)."""
     if tuple(delta.shape) != tuple(spec.shape):
-        raise ShapeMismatchError(f"{label}: tensor {spec.name!r} has shape {tuple(delta.shape)}, the store has {spec.shape}")
+        raise ShapeMismatchError(
+            f"{label}: tensor {spec.name!r} has shape {tuple(delta.shape)}, the store has {spec.shape}"
+        )
     if delta.dtype != spec.dtype:
         raise DtypeMismatchError(f"{label}: tensor {spec.name!r} is {delta.dtype}, the store keeps {spec.dtype}")
     if device is not None:
@@ -642,6 +681,7 @@ def link_or_copy(src: str, dst: str) -> None:
 
 # ---------------------------------------------------------------------------- the store
 
+
 @dataclass
 class VerifyReport:
     files: int
@@ -679,7 +719,7 @@ class Store:
     def close(self) -> None:
         self._close_files()
 
-    def __enter__(self) -> "Store":
+    def __enter__(self) -> Store:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -745,12 +785,16 @@ class Store:
             if f.keys() != [s.name for s in specs]:
                 raise FormatError(f"{f.path}: its tensors differ from the manifest's")
             if rel in index and f.metadata.get("task_index", str(index[rel])) != str(index[rel]):
-                raise FormatError(f"{f.path}: holds the masks of task #{f.metadata['task_index']}, the manifest puts task #{index[rel]} here")
+                raise FormatError(
+                    f"{f.path}: holds the masks of task #{f.metadata['task_index']}, the manifest puts task #{index[rel]} here"
+                )
             for s in specs:
                 got = f.spec(s.name)
                 want = s if rel == UNIFIED else TensorSpec(s.name, torch.uint8, (packed_nbytes(math.prod(s.shape)),))
                 if got.dtype != want.dtype or tuple(got.shape) != tuple(want.shape):
-                    raise FormatError(f"{f.path}: tensor {s.name!r} is {got.shape} {got.dtype}, the manifest says {want.shape} {want.dtype}")
+                    raise FormatError(
+                        f"{f.path}: tensor {s.name!r} is {got.shape} {got.dtype}, the manifest says {want.shape} {want.dtype}"
+                    )
 
     def reload(self, *, verify: bool | None = None) -> None:
         """Re-read ``manifest.json`` (after another process wrote)."""
@@ -854,7 +898,9 @@ class Store:
             if bck is not None:
                 b = bck.get(s.name)
                 if tuple(b.shape) != tuple(s.shape):
-                    raise ShapeMismatchError(f"{bck.path}: base tensor {s.name!r} has shape {tuple(b.shape)}, the store has {s.shape}")
+                    raise ShapeMismatchError(
+                        f"{bck.path}: base tensor {s.name!r} has shape {tuple(b.shape)}, the store has {s.shape}"
+                    )
                 b = b.reshape(-1)
             be = resolve_backend(backend, u.device)
             yield s.name, be.decouple_flat(u, masks.get(s.name), lam, b).reshape(s.shape)
@@ -1058,13 +1104,20 @@ class Store:
             from tqdm.auto import tqdm
 
             total = sum(math.prod(s.shape) for s in specs)
-            with tqdm(total=total, unit="param", unit_scale=True, desc=f"add {name}", disable=not progress, leave=False) as bar:
+            with tqdm(
+                total=total, unit="param", unit_scale=True, desc=f"add {name}", disable=not progress, leave=False
+            ) as bar:
                 for s in specs:
                     if t_prev == 0:
                         res = continual_step_tensor(s, delta_of(s.name), label, backend=backend)
                     else:
                         res = continual_step_tensor(
-                            s, delta_of(s.name), label, self.unified_tensor(s.name), self.packed_masks(s.name), old_lams,
+                            s,
+                            delta_of(s.name),
+                            label,
+                            self.unified_tensor(s.name),
+                            self.packed_masks(s.name),
+                            old_lams,
                             backend=backend,
                         )
                     writer.write(s.name, res.u, res.masks)
@@ -1080,8 +1133,16 @@ class Store:
                 base_identity = after_read() or base_identity
             lams = compute_rescalers(num, den, numel, mode, names)
             m = self._finish_add(
-                gen_dir, writer.finish(), name=name, mode=mode, specs=specs, lambdas=lams, mask_bits=writer.mask_bits,
-                source=source, base_identity=base_identity, selection=selection,
+                gen_dir,
+                writer.finish(),
+                name=name,
+                mode=mode,
+                specs=specs,
+                lambdas=lams,
+                mask_bits=writer.mask_bits,
+                source=source,
+                base_identity=base_identity,
+                selection=selection,
             )
             _crash_point("write:data")
             self._commit(m, new_gen, gen_dir)
@@ -1130,7 +1191,9 @@ class Store:
         if selection is not None and m.get("selection") is None:
             m["selection"] = selection
         t_prev = len(m["tasks"])
-        m["tasks"].append({"name": name, "masks": mask_file(t_prev), "added": utc_now(), "source": source, "prototypes": None})
+        m["tasks"].append(
+            {"name": name, "masks": mask_file(t_prev), "added": utc_now(), "source": source, "prototypes": None}
+        )
         for i, t in enumerate(m["tasks"]):
             t["rescaler"] = lambdas[i]
             t["mask_bits"] = int(mask_bits[i])
@@ -1146,7 +1209,9 @@ class Store:
             if got is None:
                 got = sha256_file(f.path)
             if got != want:
-                raise FormatError(f"{f.path}: sha256 mismatch: the file is damaged (a byte differs from what was written)")
+                raise FormatError(
+                    f"{f.path}: sha256 mismatch: the file is damaged (a byte differs from what was written)"
+                )
 
     def add_task(
         self,
@@ -1167,8 +1232,15 @@ class Store:
             self._check_rescaler(rescaler)
             specs = self._plan_mapping_task(delta, name)
             self._stream_add(
-                name, lambda k: delta[k], specs, rescaler=rescaler, backend=backend, progress=progress,
-                source=source, base_identity=None, selection=None,
+                name,
+                lambda k: delta[k],
+                specs,
+                rescaler=rescaler,
+                backend=backend,
+                progress=progress,
+                source=source,
+                base_identity=None,
+                selection=None,
             )
 
     def add_task_from_checkpoints(
@@ -1210,12 +1282,21 @@ class Store:
                 source = {**source, **(source_extra or {})}
                 store_dtype = {s.name: s.dtype for s in specs}
                 self._stream_add(
-                    name, lambda k: td.delta(k, store_dtype[k]), specs, rescaler=rescaler, backend=backend,
-                    progress=progress, source=source, base_identity=ident, selection=selection,
+                    name,
+                    lambda k: td.delta(k, store_dtype[k]),
+                    specs,
+                    rescaler=rescaler,
+                    backend=backend,
+                    progress=progress,
+                    source=source,
+                    base_identity=ident,
+                    selection=selection,
                     # a base we opened was read by this merge alone: its running hash is this read's
                     after_read=(
                         lambda: self._base_after_read(td.base, creating, read_hash=isinstance(base, (str, os.PathLike)))
-                    ) if check_base else None,
+                    )
+                    if check_base
+                    else None,
                 )
         finally:
             td.close()
@@ -1266,7 +1347,9 @@ class Store:
             else:
                 keys = select_keys(td.default_keys(), None, exclude)
             if not keys:
-                raise KeyMismatchError(f"{fck.path}: no tensor is selected (include={list(include or [])}, exclude={list(exclude or [])})")
+                raise KeyMismatchError(
+                    f"{fck.path}: no tensor is selected (include={list(include or [])}, exclude={list(exclude or [])})"
+                )
             specs = []
             for k in keys:
                 if not td.is_adapter and k in fck.keys():
@@ -1345,16 +1428,16 @@ class Store:
         files = bck.files()
         same_file = len(files) == 1 and os.path.abspath(files[0]) == rec["path"]
         size = sum(os.path.getsize(f) for f in files)
-        if size != rec["bytes"] or (
-            not size_only and (sha256 or checkpoint_identity(bck)["sha256"]) != rec["sha256"]
-        ):
+        if size != rec["bytes"] or (not size_only and (sha256 or checkpoint_identity(bck)["sha256"]) != rec["sha256"]):
             where = "was modified since" if same_file else "differs from the one"
             raise MergeInputError(
                 f"{bck.path}: this base checkpoint {where} the store was created with ({rec['path']}, sha256 {rec['sha256'][:12]}…); "
                 "deltas against another base cannot be merged"
             )
 
-    def write_session(self, unified: Mapping[str, torch.Tensor], triggers: Sequence[TaskTrigger], rescaler: str) -> None:
+    def write_session(
+        self, unified: Mapping[str, torch.Tensor], triggers: Sequence[TaskTrigger], rescaler: str
+    ) -> None:
         """Replace the store's content with an in-memory session (``ContinualMerger.save``).
         Prototypes of tasks that keep their name and position are carried over."""
         names = [t.task for t in triggers]
@@ -1370,7 +1453,11 @@ class Store:
                 _crash_point("write:start")
                 for s in specs:
                     rows = [tr.packed[s.name].reshape(-1) for tr in triggers]
-                    masks = torch.stack(rows) if rows else torch.empty((0, packed_nbytes(math.prod(s.shape))), dtype=torch.uint8)
+                    masks = (
+                        torch.stack(rows)
+                        if rows
+                        else torch.empty((0, packed_nbytes(math.prod(s.shape))), dtype=torch.uint8)
+                    )
                     writer.write(s.name, unified[s.name].detach(), masks)
                     _crash_point("write:tensor")
                 files = writer.finish()
@@ -1381,8 +1468,15 @@ class Store:
                 old_tasks = self.manifest["tasks"] if self.manifest else []
                 for i, tr in enumerate(triggers):
                     r = tr.rescaler
-                    entry = {"name": tr.task, "masks": mask_file(i), "added": utc_now(), "source": None, "prototypes": None,
-                             "rescaler": dict(r) if isinstance(r, dict) else float(r), "mask_bits": writer.mask_bits[i]}
+                    entry = {
+                        "name": tr.task,
+                        "masks": mask_file(i),
+                        "added": utc_now(),
+                        "source": None,
+                        "prototypes": None,
+                        "rescaler": dict(r) if isinstance(r, dict) else float(r),
+                        "mask_bits": writer.mask_bits[i],
+                    }
                     if i < len(old_tasks) and old_tasks[i]["name"] == tr.task:
                         entry["added"] = old_tasks[i].get("added", entry["added"])
                         entry["source"] = old_tasks[i].get("source")

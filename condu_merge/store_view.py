@@ -19,8 +19,23 @@ from typing import Any
 
 __all__ = ["StoreView", "ViewError"]
 
-_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-             "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+_ITEMSIZE = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "U16": 2,
+    "U32": 4,
+    "U64": 8,
+}
 
 
 class ViewError(Exception):
@@ -73,7 +88,11 @@ class StoreView:
                 raise ViewError(f"{rel}: tensors differ from the manifest's")
             for t in m["tensors"]:
                 e = header[t["name"]]
-                want = (t["dtype"], t["shape"]) if rel == "unified.safetensors" else ("U8", [_packed(math.prod(t["shape"]))])
+                want = (
+                    (t["dtype"], t["shape"])
+                    if rel == "unified.safetensors"
+                    else ("U8", [_packed(math.prod(t["shape"]))])
+                )
                 if (e["dtype"], e["shape"]) != want:
                     raise ViewError(f"{rel}: tensor {t['name']!r} differs from the manifest")
 

@@ -6,8 +6,8 @@ import json
 import math
 import os
 import threading
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
 
 import torch
 
@@ -87,7 +87,7 @@ class TaskTrigger:
             return float(self.rescaler[name])
         return float(self.rescaler)
 
-    def with_task(self, task: str | None) -> "TaskTrigger":
+    def with_task(self, task: str | None) -> TaskTrigger:
         return TaskTrigger(self.packed, self.shapes, self.rescaler, task)
 
     def density(self) -> float:
@@ -104,6 +104,7 @@ class TaskTrigger:
 
 
 # ---------------------------------------------------------------------------- file format
+
 
 def _trigger_key(i: int, name: str) -> str:
     return f"{i}:{name}"
@@ -184,7 +185,9 @@ def load_triggers(path: str | os.PathLike[str]) -> list[TaskTrigger]:
                 resc = t["rescaler"]
                 resc = {k: float(v) for k, v in resc.items()} if isinstance(resc, dict) else float(resc)
             except (AttributeError, KeyError, TypeError, ValueError) as exc:
-                raise FormatError(f"{path}: triggers metadata of task #{i} is damaged ({type(exc).__name__}: {exc})") from exc
+                raise FormatError(
+                    f"{path}: triggers metadata of task #{i} is damaged ({type(exc).__name__}: {exc})"
+                ) from exc
             packed = {}
             for name in order:
                 key = _trigger_key(i, name)

@@ -65,7 +65,7 @@ def tokens(n: int, seed: int = 1) -> torch.Tensor:
     for i in range(n):
         end = 3 + i % (CTX - 4)
         t[i, end] = VOCAB - 1
-        t[i, end + 1:] = 0
+        t[i, end + 1 :] = 0
     return t
 
 
@@ -111,6 +111,7 @@ def base() -> CLIP:
 
 # ---------------------------------------------------------------------------- selection
 
+
 def test_select_names_per_mode(base):
     whole, image, text = (select_names(base, m) for m in ("whole", "image", "text"))
     assert "logit_scale" not in whole
@@ -128,8 +129,12 @@ def test_select_names_per_mode(base):
     assert all(k.startswith(("text_model.", "text_projection.")) for k in select_names(hf, "text"))
 
     # float buffers of the tower take part, integer buffers never
-    sd = {"visual.bn.running_mean": torch.zeros(3), "visual.bn.num_batches_tracked": torch.tensor(4),
-          "visual.conv1.weight": torch.zeros(2), "logit_scale": torch.zeros(())}
+    sd = {
+        "visual.bn.running_mean": torch.zeros(3),
+        "visual.bn.num_batches_tracked": torch.tensor(4),
+        "visual.conv1.weight": torch.zeros(2),
+        "logit_scale": torch.zeros(()),
+    }
     assert select_names(sd, "image") == ["visual.bn.running_mean", "visual.conv1.weight"]
     assert select_names(sd, "text") == []
     with pytest.raises(ValueError, match="mode"):
@@ -138,12 +143,17 @@ def test_select_names_per_mode(base):
 
 # ---------------------------------------------------------------------------- name mapping
 
+
 def test_openclip_to_hf_outputs_match(base):
     hf = tiny_hf_from(base)
     x, t = images(3), tokens(4)
     with torch.no_grad():
-        torch.testing.assert_close(hf.get_image_features(pixel_values=x).pooler_output, base.encode_image(x), atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(hf.get_text_features(input_ids=t).pooler_output, base.encode_text(t), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            hf.get_image_features(pixel_values=x).pooler_output, base.encode_image(x), atol=1e-5, rtol=1e-5
+        )
+        torch.testing.assert_close(
+            hf.get_text_features(input_ids=t).pooler_output, base.encode_text(t), atol=1e-5, rtol=1e-5
+        )
 
 
 def test_hf_to_openclip_outputs_match(base):
@@ -153,8 +163,12 @@ def test_hf_to_openclip_outputs_match(base):
     assert missing == [] and unexpected == []
     x, t = images(3), tokens(4)
     with torch.no_grad():
-        torch.testing.assert_close(oc.encode_image(x), hf.get_image_features(pixel_values=x).pooler_output, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(oc.encode_text(t), hf.get_text_features(input_ids=t).pooler_output, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            oc.encode_image(x), hf.get_image_features(pixel_values=x).pooler_output, atol=1e-5, rtol=1e-5
+        )
+        torch.testing.assert_close(
+            oc.encode_text(t), hf.get_text_features(input_ids=t).pooler_output, atol=1e-5, rtol=1e-5
+        )
     # exact round trip of the names and values, both ways
     sd = base.state_dict()
     back = hf_to_openclip(openclip_to_hf(sd))
@@ -175,6 +189,7 @@ def test_mapping_errors_name_the_key(base):
 
 
 # ---------------------------------------------------------------------------- experts
+
 
 @pytest.mark.parametrize("mode", ["whole", "image", "text"])
 def test_round_trip_single_task_matches_finetuned(base, mode):
@@ -282,8 +297,11 @@ def test_clip_encode_plain_and_with_params(base, flavor):
         torch.testing.assert_close(clip_encode(model, "text", t), base.encode_text(t), atol=1e-5, rtol=1e-5)
     names = [n for n, p in model.named_parameters() if p.dim() == 2][:6]
     g = torch.Generator().manual_seed(43)
-    params = {n: (p.detach() + 0.05 * torch.randn(p.shape, generator=g)).requires_grad_(True)
-              for n, p in model.named_parameters() if n in names}
+    params = {
+        n: (p.detach() + 0.05 * torch.randn(p.shape, generator=g)).requires_grad_(True)
+        for n, p in model.named_parameters()
+        if n in names
+    }
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     for kind, inp in (("image", x), ("text", t)):
         got = clip_encode(model, kind, inp, params)
@@ -319,6 +337,7 @@ def test_experts_transform_hook(base, tmp_path):
 
 
 # ---------------------------------------------------------------------------- review fixes
+
 
 def _two_task_merger(base):
     merger = ContinualMerger()
@@ -362,8 +381,9 @@ def test_functional_forward_refuses_unknown_names_and_shapes(base):
     with pytest.raises(KeyMismatchError, match="c_fc.weights"):
         functional_forward(base, bad, x, tokens(2))
     with pytest.raises(Exception, match="c_fc.weight"):
-        functional_forward(base, {"visual.transformer.resblocks.0.mlp.c_fc.weight": torch.zeros(128, 33)}, x,
-                           method="encode_image")
+        functional_forward(
+            base, {"visual.transformer.resblocks.0.mlp.c_fc.weight": torch.zeros(128, 33)}, x, method="encode_image"
+        )
 
 
 @pytest.mark.parametrize("source", ["merger", "store"])

@@ -17,10 +17,26 @@ VOCAB, CTX = 64, 12
 def _cfg(act="quick_gelu"):
     return transformers.CLIPConfig(
         projection_dim=16,
-        text_config=dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2,
-                         max_position_embeddings=CTX, eos_token_id=VOCAB - 1, bos_token_id=VOCAB - 2, hidden_act=act),
-        vision_config=dict(hidden_size=32, intermediate_size=96, num_attention_heads=4, num_hidden_layers=2, image_size=32,
-                           patch_size=8, hidden_act=act),
+        text_config=dict(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_attention_heads=2,
+            num_hidden_layers=2,
+            max_position_embeddings=CTX,
+            eos_token_id=VOCAB - 1,
+            bos_token_id=VOCAB - 2,
+            hidden_act=act,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=96,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            image_size=32,
+            patch_size=8,
+            hidden_act=act,
+        ),
     )
 
 
@@ -30,7 +46,7 @@ def _tokens(n):
     for i in range(n):
         end = 3 + i % (CTX - 4)
         t[i, end] = VOCAB - 1
-        t[i, end + 1:] = 0
+        t[i, end + 1 :] = 0
     return t
 
 
@@ -43,8 +59,12 @@ def test_same_features_as_the_hf_model(act):
     assert missing == [] and unexpected == []
     x, t = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2)), _tokens(3)
     with torch.no_grad():
-        assert torch.allclose(clip_features(oc.encode_image(x)), clip_features(hf.get_image_features(pixel_values=x)), atol=1e-5)
-        assert torch.allclose(clip_features(oc.encode_text(t)), clip_features(hf.get_text_features(input_ids=t)), atol=1e-5)
+        assert torch.allclose(
+            clip_features(oc.encode_image(x)), clip_features(hf.get_image_features(pixel_values=x)), atol=1e-5
+        )
+        assert torch.allclose(
+            clip_features(oc.encode_text(t)), clip_features(hf.get_text_features(input_ids=t)), atol=1e-5
+        )
 
 
 def test_quick_gelu_matters_and_mismatches_are_refused():
@@ -54,7 +74,9 @@ def test_quick_gelu_matters_and_mismatches_are_refused():
     wrong.load_state_dict(hf_to_openclip(hf.state_dict()), strict=False)
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        assert not torch.allclose(clip_features(wrong.encode_image(x)), clip_features(hf.get_image_features(pixel_values=x)), atol=1e-4)
+        assert not torch.allclose(
+            clip_features(wrong.encode_image(x)), clip_features(hf.get_image_features(pixel_values=x)), atol=1e-4
+        )
     cfg = _cfg()
     cfg.text_config.hidden_act = "gelu"
     with pytest.raises(ClipAdapterError, match="activations"):

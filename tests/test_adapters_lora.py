@@ -29,14 +29,28 @@ VOCAB, CTX = 64, 12
 TARGETS = ["q_proj", "v_proj", "fc1"]
 
 
-def tiny_hf() -> "transformers.CLIPModel":
+def tiny_hf() -> transformers.CLIPModel:
     torch.manual_seed(0)
     cfg = transformers.CLIPConfig(
         projection_dim=16,
-        text_config=dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_attention_heads=2,
-                         num_hidden_layers=2, max_position_embeddings=CTX, eos_token_id=VOCAB - 1, bos_token_id=VOCAB - 2),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2,
-                           image_size=32, patch_size=8),
+        text_config=dict(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_attention_heads=2,
+            num_hidden_layers=2,
+            max_position_embeddings=CTX,
+            eos_token_id=VOCAB - 1,
+            bos_token_id=VOCAB - 2,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_attention_heads=2,
+            num_hidden_layers=2,
+            image_size=32,
+            patch_size=8,
+        ),
     )
     return transformers.CLIPModel(cfg).eval()
 
@@ -147,13 +161,17 @@ def test_factorwise_two_tasks_is_the_core_merge(setup):
 def test_factorwise_refusals(setup, tmp_path):
     init, a = setup["init"], setup["a"]
     # different rank
-    r2 = LoraAdapter(config={**a.config, "r": 2},
-                     factors={m: (A[:2], B[:, :2]) for m, (A, B) in a.factors.items()}, path="r2")
+    r2 = LoraAdapter(
+        config={**a.config, "r": 2}, factors={m: (A[:2], B[:, :2]) for m, (A, B) in a.factors.items()}, path="r2"
+    )
     with pytest.raises(LoraCompatibilityError, match=r"'r2'.*\br=2"):
         factor_delta(r2, init)
     # different targets
-    fewer = LoraAdapter(config={**a.config, "target_modules": ["q_proj"]},
-                        factors={m: f for m, f in a.factors.items() if m.endswith("q_proj")}, path="few")
+    fewer = LoraAdapter(
+        config={**a.config, "target_modules": ["q_proj"]},
+        factors={m: f for m, f in a.factors.items() if m.endswith("q_proj")},
+        path="few",
+    )
     with pytest.raises(LoraCompatibilityError, match="target_modules"):
         factor_delta(fewer, init)
     # recorded initialisation differs
@@ -222,7 +240,9 @@ def test_load_errors_name_the_file(tmp_path):
     with pytest.raises(FormatError, match="not a LoRA"):
         LoraAdapter.load(tmp_path)
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2}))
-    with pytest.raises(FormatError, match=os.path.join(str(tmp_path), "adapter_model.safetensors").replace("\\", "\\\\")):
+    with pytest.raises(
+        FormatError, match=os.path.join(str(tmp_path), "adapter_model.safetensors").replace("\\", "\\\\")
+    ):
         LoraAdapter.load(tmp_path)
 
 
@@ -242,13 +262,22 @@ def test_dense_delta_agrees_with_checkpoint_reader(setup):
 
 # ---------------------------------------------------------------------------- LoRA on a model
 
+
 def test_lora_param_and_module_names():
     from condu_merge.adapters.lora import lora_module_name, lora_param_name
 
-    assert lora_param_name("vision_model.encoder.layers.0.self_attn.q_proj") == "vision_model.encoder.layers.0.self_attn.q_proj.weight"
+    assert (
+        lora_param_name("vision_model.encoder.layers.0.self_attn.q_proj")
+        == "vision_model.encoder.layers.0.self_attn.q_proj.weight"
+    )
     assert lora_param_name("transformer.resblocks.0.attn.in_proj") == "transformer.resblocks.0.attn.in_proj_weight"
     assert lora_param_name("backbone.mixer.in_proj") == "backbone.mixer.in_proj.weight"  # a Linear, not attention
-    for p in ("transformer.resblocks.0.attn.in_proj_weight", "self_attn.in_proj_weight", "mlp.c_fc.weight", "mixer.in_proj.weight"):
+    for p in (
+        "transformer.resblocks.0.attn.in_proj_weight",
+        "self_attn.in_proj_weight",
+        "mlp.c_fc.weight",
+        "mixer.in_proj.weight",
+    ):
         assert lora_param_name(lora_module_name(p)) == p
     with pytest.raises(KeyMismatchError, match="attn.in_proj_bias"):
         lora_module_name("attn.in_proj_bias")
@@ -299,8 +328,10 @@ def test_lora_weights_fused_attention_is_differentiable():
     layer = torch.nn.TransformerEncoderLayer(d_model=32, nhead=2, dim_feedforward=48, dropout=0.0).eval()
     init = init_lora(layer, ["self_attn.in_proj", "linear1"], rank=4, lora_alpha=8, seed=0)
     g = torch.Generator().manual_seed(2)
-    leaf = {m: (a.clone().requires_grad_(True), (0.1 * torch.randn(b.shape, generator=g)).requires_grad_(True))
-            for m, (a, b) in init.factors.items()}
+    leaf = {
+        m: (a.clone().requires_grad_(True), (0.1 * torch.randn(b.shape, generator=g)).requires_grad_(True))
+        for m, (a, b) in init.factors.items()
+    }
     live = LoraAdapter(config=dict(init.config), factors=leaf)
     w = lora_weights(layer, live)
     params = dict(layer.named_parameters())
@@ -329,7 +360,9 @@ def test_lora_weights_match_peft(setup):
     torch.testing.assert_close(fi, ri, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ft, rt, atol=1e-5, rtol=1e-5)
     with pytest.raises(KeyMismatchError, match="nope.weight"):
-        lora_weights(base, LoraAdapter.from_factors({"nope": (torch.zeros(1, 2), torch.zeros(2, 1))}, r=1, lora_alpha=1))
+        lora_weights(
+            base, LoraAdapter.from_factors({"nope": (torch.zeros(1, 2), torch.zeros(2, 1))}, r=1, lora_alpha=1)
+        )
 
 
 def test_lora_transform_experts_from_merger_and_store(setup, tmp_path):
@@ -364,6 +397,7 @@ def test_lora_transform_experts_from_merger_and_store(setup, tmp_path):
 
 # ---------------------------------------------------------------------------- review fixes
 
+
 def test_load_refuses_two_adapter_names_for_one_module(tmp_path):
     """A file holding ``lora_A.default`` and ``lora_A.other`` of one module must not silently keep
     the last one read."""
@@ -385,8 +419,9 @@ def test_load_refuses_two_adapter_names_for_one_module(tmp_path):
 def test_dense_delta_refuses_a_config_rank_that_is_not_the_factors():
     """The scaling uses the config's rank: factors of another rank would be scaled wrongly."""
     g = torch.Generator().manual_seed(0)
-    ad = LoraAdapter.from_factors({"fc": (torch.randn(4, 6, generator=g), torch.randn(5, 4, generator=g))},
-                                  r=4, lora_alpha=8)
+    ad = LoraAdapter.from_factors(
+        {"fc": (torch.randn(4, 6, generator=g), torch.randn(5, 4, generator=g))}, r=4, lora_alpha=8
+    )
     ad.config["r"] = 8  # e.g. a hand-edited config, or a rank_pattern that was dropped
     with pytest.raises(ShapeMismatchError, match="fc"):
         dense_delta(ad)
@@ -408,7 +443,9 @@ def test_export_peft_fan_in_fan_out_loads_on_gpt2_conv1d(tmp_path):
     dw = torch.randn(8, 2, generator=g) @ torch.randn(2, 24, generator=g) * 0.1  # rank 2
     rep = export_peft({"transformer.h.0.attn.c_attn.weight": dw}, tmp_path / "ad", rank=2, fan_in_fan_out=True)
     assert rep.total < 1e-6
-    assert torch.allclose(dense_delta(LoraAdapter.load(tmp_path / "ad"))["transformer.h.0.attn.c_attn.weight"], dw, atol=1e-6)
+    assert torch.allclose(
+        dense_delta(LoraAdapter.load(tmp_path / "ad"))["transformer.h.0.attn.c_attn.weight"], dw, atol=1e-6
+    )
     peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(model), str(tmp_path / "ad")).eval()
     merged = peft_model.merge_and_unload()
     torch.testing.assert_close(merged.transformer.h[0].attn.c_attn.weight, w + dw, atol=1e-6, rtol=1e-5)
@@ -429,7 +466,9 @@ def test_pam_on_a_peft_lora_model(tmp_path):
     cfg = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=40, n_positions=16)
     torch.manual_seed(0)
     base = transformers.GPT2LMHeadModel(cfg)
-    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=4, target_modules=["c_attn"], fan_in_fan_out=True))
+    model = peft.get_peft_model(
+        base, peft.LoraConfig(r=4, lora_alpha=4, target_modules=["c_attn"], fan_in_fan_out=True)
+    )
     params = peft_lora_parameters(model)
     assert sorted(params) == ["transformer.h.0.attn.c_attn.lora_A.weight", "transformer.h.0.attn.c_attn.lora_B.weight"]
     assert all(p.requires_grad for p in params.values())

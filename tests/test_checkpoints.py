@@ -96,7 +96,10 @@ def test_damaged_safetensors_name_the_file(tmp_path):
 
 def test_sharded_checkpoint(tmp_path):
     sd = {f"l{i}.weight": torch.randn(4, 3) for i in range(5)}
-    shards = {"model-00001-of-00002.safetensors": ["l0.weight", "l1.weight"], "model-00002-of-00002.safetensors": ["l2.weight", "l3.weight", "l4.weight"]}
+    shards = {
+        "model-00001-of-00002.safetensors": ["l0.weight", "l1.weight"],
+        "model-00002-of-00002.safetensors": ["l2.weight", "l3.weight", "l4.weight"],
+    }
     for f, keys in shards.items():
         save_file({k: sd[k] for k in keys}, str(tmp_path / f))
     index = {"metadata": {}, "weight_map": {k: f for f, keys in shards.items() for k in keys}}
@@ -134,6 +137,7 @@ def test_select_keys():
 
 
 # ---------------------------------------------------------------------------- merging from checkpoints
+
 
 def _family(n, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -200,7 +204,9 @@ def test_checkpoint_errors_name_key_and_file(tmp_path):
 def test_mixed_precision_checkpoints_cast_to_the_store_dtype(tmp_path):
     base, fts = _family(2)
     save_file(base, str(tmp_path / "base.safetensors"))
-    save_file({k: v.bfloat16() if v.is_floating_point() else v for k, v in fts[0].items()}, str(tmp_path / "a.safetensors"))
+    save_file(
+        {k: v.bfloat16() if v.is_floating_point() else v for k, v in fts[0].items()}, str(tmp_path / "a.safetensors")
+    )
     save_file(fts[1], str(tmp_path / "b.safetensors"))
     st = Store(tmp_path / "s")
     st.add_task_from_checkpoints("a", tmp_path / "base.safetensors", tmp_path / "a.safetensors")
@@ -209,6 +215,7 @@ def test_mixed_precision_checkpoints_cast_to_the_store_dtype(tmp_path):
 
 
 # ---------------------------------------------------------------------------- PEFT
+
 
 def _peft_pair(tmp_path, seed, **cfg_kw):
     from peft import LoraConfig, get_peft_model
@@ -224,7 +231,9 @@ def _peft_pair(tmp_path, seed, **cfg_kw):
     model = Tiny()
     base = {k: v.clone() for k, v in model.state_dict().items()}
     torch.manual_seed(seed)
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["enc", "emb"], modules_to_save=["head"], init_lora_weights=False, **cfg_kw)
+    cfg = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["enc", "emb"], modules_to_save=["head"], init_lora_weights=False, **cfg_kw
+    )
     pm = get_peft_model(model, cfg)
     with torch.no_grad():
         pm.base_model.model.head.modules_to_save["default"].weight.add_(0.05)
@@ -265,6 +274,7 @@ def test_store_from_peft_adapters(tmp_path):
 
 
 # ---------------------------------------------------------------------------- memory
+
 
 def test_streaming_merge_memory_stays_near_one_tensor(tmp_path):
     """A 32 MB model in 2 MB tensors, 2 tasks: peak RSS grows by under half the model's size."""

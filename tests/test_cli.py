@@ -30,7 +30,19 @@ def test_add_inspect_verify_export(tmp_path, capsys):
     store = str(tmp_path / "store")
     m = ContinualMerger()
     for i in range(3):
-        rc = main(["add-task", store, "--base", str(tmp_path / "base.safetensors"), "--finetuned", str(tmp_path / f"ft{i}.safetensors"), "--name", f"t{i}", "--json"])
+        rc = main(
+            [
+                "add-task",
+                store,
+                "--base",
+                str(tmp_path / "base.safetensors"),
+                "--finetuned",
+                str(tmp_path / f"ft{i}.safetensors"),
+                "--name",
+                f"t{i}",
+                "--json",
+            ]
+        )
         assert rc == 0
         out = json.loads(capsys.readouterr().out)
         assert out["tasks"] == [f"t{j}" for j in range(i + 1)]
@@ -62,10 +74,36 @@ def test_user_errors_are_one_line_with_nonzero_exit(tmp_path, capsys):
     assert main(["inspect", store]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("condu-merge: error:") and "no condu-merge store" in err
-    assert main(["add-task", store, "--base", str(tmp_path / "base.safetensors"), "--finetuned", str(tmp_path / "missing.safetensors"), "--name", "a"]) == 1
+    assert (
+        main(
+            [
+                "add-task",
+                store,
+                "--base",
+                str(tmp_path / "base.safetensors"),
+                "--finetuned",
+                str(tmp_path / "missing.safetensors"),
+                "--name",
+                "a",
+            ]
+        )
+        == 1
+    )
     err = capsys.readouterr().err
     assert "missing.safetensors" in err and "Traceback" not in err
-    main(["add-task", store, "--base", str(tmp_path / "base.safetensors"), "--finetuned", str(tmp_path / "ft0.safetensors"), "--name", "a", "-q"])
+    main(
+        [
+            "add-task",
+            store,
+            "--base",
+            str(tmp_path / "base.safetensors"),
+            "--finetuned",
+            str(tmp_path / "ft0.safetensors"),
+            "--name",
+            "a",
+            "-q",
+        ]
+    )
     raw = bytearray(open(tmp_path / "store" / "gen-000001" / "unified.safetensors", "rb").read())
     raw[-1] ^= 4
     open(tmp_path / "store" / "gen-000001" / "unified.safetensors", "wb").write(bytes(raw))
@@ -94,8 +132,9 @@ def test_demo_in_process(capsys):
 
 
 def test_python_m_demo():
-    p = subprocess.run([sys.executable, "-m", "condu_merge", "demo", "--random-deltas"], capture_output=True, text=True,
-                       timeout=120)
+    p = subprocess.run(
+        [sys.executable, "-m", "condu_merge", "demo", "--random-deltas"], capture_output=True, text=True, timeout=120
+    )
     assert p.returncode == 0, p.stderr
     assert "merged 5 tasks" in p.stdout and "rel.L2 err" in p.stdout and "individual models" in p.stdout
 
@@ -113,5 +152,7 @@ def test_add_task_under_torchrun_routes_to_distributed(monkeypatch, tmp_path):
     monkeypatch.setattr(dist, "add_task_from_args", fake)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")  # torchrun's own variable: a real launch
-    rc = cli_mod.main(["add-task", str(tmp_path / "s"), "--base", "b.safetensors", "--finetuned", "f.safetensors", "--name", "t"])
+    rc = cli_mod.main(
+        ["add-task", str(tmp_path / "s"), "--base", "b.safetensors", "--finetuned", "f.safetensors", "--name", "t"]
+    )
     assert rc == 0 and seen == {"store": str(tmp_path / "s"), "name": "t"}

@@ -2,10 +2,10 @@
 
 import math
 from collections.abc import Mapping
-import warnings
 
 import pytest
 import torch
+from reference import ref_decouple, ref_unify
 
 from condu_merge import (
     ContinualMerger,
@@ -15,19 +15,17 @@ from condu_merge import (
     MergeInputError,
     NonFiniteError,
     RescalerWarning,
-    TaskTrigger,
-    pack_mask,
     ShapeMismatchError,
+    TaskTrigger,
     UnknownTaskError,
     add_task,
     apply_delta,
     decouple,
     delta_from_state_dicts,
+    pack_mask,
     unify,
 )
 from condu_merge.backends import TorchBackend
-
-from reference import ref_decouple, ref_lambda, ref_unify
 
 
 def sd(**kw):
@@ -35,6 +33,7 @@ def sd(**kw):
 
 
 # ----------------------------------------------------------------------------- rules by hand
+
 
 def test_hand_example_sign_mask_max():
     d1 = sd(w=[1.0, -2.0, 3.0, 0.0, 1.0])
@@ -111,10 +110,7 @@ def test_vanished_expert_warning_names_task():
 
 
 def test_one_element_and_empty_tensors():
-    ds = [
-        {"one": torch.tensor([v]), "empty": torch.zeros(0), "empty2d": torch.zeros(3, 0)}
-        for v in (1.0, -3.0, 0.5)
-    ]
+    ds = [{"one": torch.tensor([v]), "empty": torch.zeros(0), "empty2d": torch.zeros(3, 0)} for v in (1.0, -3.0, 0.5)]
     with pytest.warns(RescalerWarning):  # tasks 0 and 2 lose their only element
         u, ts = unify(ds)
     assert u["one"].tolist() == [-3.0]
@@ -192,6 +188,7 @@ def test_masks_are_bit_packed():
 
 # ----------------------------------------------------------------------------- continual step
 
+
 def naive_session(unified, triggers, delta, mode):
     """decouple every earlier expert, then unify them with the new delta (the definition)."""
     experts = [decouple(unified, t) for t in triggers]
@@ -266,6 +263,7 @@ def test_zero_rescaler_expert_never_selected_again():
 
 # ----------------------------------------------------------------------------- merger
 
+
 def test_merger_order_names_and_decouple():
     m = ContinualMerger()
     ds = {n: {"w": torch.randn(20)} for n in ("z", "a", "m")}
@@ -293,7 +291,12 @@ def test_merger_errors_leave_state_unchanged():
     bad_inputs = [
         ("a", {"w": torch.randn(8), "v": torch.randn(2, 2)}, DuplicateTaskError, "'a'"),
         ("c", {"w": torch.randn(8)}, KeyMismatchError, r"missing keys \['v'\]"),
-        ("c", {"w": torch.randn(8), "v": torch.randn(2, 2), "x": torch.randn(1)}, KeyMismatchError, r"extra keys \['x'\]"),
+        (
+            "c",
+            {"w": torch.randn(8), "v": torch.randn(2, 2), "x": torch.randn(1)},
+            KeyMismatchError,
+            r"extra keys \['x'\]",
+        ),
         ("c", {"w": torch.randn(9), "v": torch.randn(2, 2)}, ShapeMismatchError, "'w'"),
         ("c", {"w": torch.randn(8).double(), "v": torch.randn(2, 2)}, DtypeMismatchError, "'w'"),
         ("c", {"w": torch.arange(8), "v": torch.randn(2, 2)}, DtypeMismatchError, "non-floating"),
@@ -377,6 +380,7 @@ def test_add_task_expert_rounding_to_zero_is_not_selected():
 
 # ----------------------------------------------------------------------------- review fixes
 
+
 def _two_task_session():
     g = torch.Generator().manual_seed(7)
     d = [{"w": torch.randn(4, 6, generator=g), "b": torch.randn(5, generator=g)} for _ in range(2)]
@@ -388,8 +392,12 @@ def test_add_task_refuses_trigger_of_other_shape(backend):
     """A trigger whose mask was made for a tensor of another size must be refused, naming the key
     and the task (a compiled backend would otherwise read the masks out of bounds)."""
     unified, trigs = _two_task_session()
-    small = TaskTrigger({"w": pack_mask(torch.ones(2, 3, dtype=torch.bool)), "b": trigs[0].packed["b"]},
-                        {"w": (2, 3), "b": (5,)}, 1.0, "a")
+    small = TaskTrigger(
+        {"w": pack_mask(torch.ones(2, 3, dtype=torch.bool)), "b": trigs[0].packed["b"]},
+        {"w": (2, 3), "b": (5,)},
+        1.0,
+        "a",
+    )
     delta = {"w": torch.randn(4, 6), "b": torch.randn(5)}
     with pytest.raises(ShapeMismatchError, match=r"'w'.*'a'|'a'.*'w'"):
         add_task(unified, [small, trigs[1].with_task("b")], delta, backend=backend, task_name="c")
@@ -528,7 +536,7 @@ class _CountingMapping(Mapping):
 
     def __init__(self, data):
         self._data = data
-        self.reads = {k: 0 for k in data}
+        self.reads = dict.fromkeys(data, 0)
 
     def __getitem__(self, k):
         self.reads[k] += 1

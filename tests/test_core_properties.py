@@ -5,12 +5,11 @@ import warnings
 import pytest
 import torch
 from hypothesis import given, strategies as st
+from reference import ref_decouple, ref_unify
 
 from condu_merge import ContinualMerger, add_task, decouple, unify
 from condu_merge.backends import TorchBackend
 from condu_merge.core import RescalerWarning
-
-from reference import ref_decouple, ref_unify
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
 
@@ -92,7 +91,12 @@ def test_add_task_matches_naive_session(deltas, mode):
             for t, m in zip(ts, rm):
                 assert torch.equal(t.mask(k)[~near_zero], m[k][~near_zero])
         if not any(
-            bool((torch.stack([e[k] for e in experts]).sum(0).abs() <= 1e-12 * torch.stack([e[k] for e in experts]).abs().sum(0)).any())
+            bool(
+                (
+                    torch.stack([e[k] for e in experts]).sum(0).abs()
+                    <= 1e-12 * torch.stack([e[k] for e in experts]).abs().sum(0)
+                ).any()
+            )
             for k in u
         ):
             for t, lam in zip(ts, rl):

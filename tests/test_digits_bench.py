@@ -16,10 +16,9 @@ pytest.importorskip("open_clip")
 
 # ---------------------------------------------------------------------------- metrics by hand
 
+
 def test_metrics_hand_computed_3x3():
-    a = [[50.0, 20.0, 10.0],
-         [40.0, 80.0, 30.0],
-         [30.0, 60.0, 90.0]]
+    a = [[50.0, 20.0, 10.0], [40.0, 80.0, 30.0], [30.0, 60.0, 90.0]]
     per = per_task_metrics(a)
     assert per["transfer"] == [None, 20.0, 20.0]  # task 2: A[0][1]; task 3: (10 + 30) / 2
     assert per["average"] == [40.0, 160.0 / 3, 130.0 / 3]
@@ -57,6 +56,7 @@ def test_mean_std():
 
 # ---------------------------------------------------------------------------- data
 
+
 def test_domains_are_distinct_and_splits_disjoint():
     from condu_merge.demo import digits as D
 
@@ -81,13 +81,21 @@ def test_domains_are_distinct_and_splits_disjoint():
 
 # ---------------------------------------------------------------------------- a small real run
 
+
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
     from condu_merge.demo.run import BenchConfig, run_benchmark
 
-    cfg = BenchConfig(tasks=("rot90", "inverted", "zoom_shift"), held_out=("rot270",), pretrain_steps=200, steps=40,
-                      train_per_task=300, test_per_domain=150, strategies=("magmax", "task_arithmetic", "emr"),
-                      workdir=str(tmp_path_factory.mktemp("digits")))
+    cfg = BenchConfig(
+        tasks=("rot90", "inverted", "zoom_shift"),
+        held_out=("rot270",),
+        pretrain_steps=200,
+        steps=40,
+        train_per_task=300,
+        test_per_domain=150,
+        strategies=("magmax", "task_arithmetic", "emr"),
+        workdir=str(tmp_path_factory.mktemp("digits")),
+    )
     return run_benchmark(cfg)
 
 
@@ -143,6 +151,8 @@ def test_plots_small_multiples(tmp_path, small_run):
     assert matrices_png(str(tmp_path / "m.png"), res["domains"], mats, n_tasks=3)
     assert curves_png(str(tmp_path / "c.png"), res["tasks"], {k: [r[:3] for r in v] for k, v in mats.items()})
     vals = {"FT": {res["labels"][m]: {"last": (res["metrics"][m]["last"], 0.0)} for m in res["methods"]}}
-    assert metric_bars_png(str(tmp_path / "b.png"), [res["labels"][m] for m in res["methods"]], [("last", "Last")], vals)
+    assert metric_bars_png(
+        str(tmp_path / "b.png"), [res["labels"][m] for m in res["methods"]], [("last", "Last")], vals
+    )
     for p in ("m.png", "c.png", "b.png"):
         assert (tmp_path / p).stat().st_size > 5000

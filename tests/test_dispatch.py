@@ -58,7 +58,10 @@ def test_triton_on_cpu_needs_the_interpreter():
 def test_every_cpu_backend_gives_the_same_session():
     gen = torch.Generator().manual_seed(2)
     shapes = {"w": (6, 11), "b": (6,), "h": (3, 3)}
-    deltas = [{k: torch.randn(s, generator=gen).to(torch.float16 if k == "h" else torch.float32) for k, s in shapes.items()} for _ in range(4)]
+    deltas = [
+        {k: torch.randn(s, generator=gen).to(torch.float16 if k == "h" else torch.float32) for k, s in shapes.items()}
+        for _ in range(4)
+    ]
     names = [n for n in ("torch", "numba", "auto") if n != "numba" or n in cm.available_backends()]
     results = {}
     for name in names:
@@ -81,9 +84,15 @@ def test_every_cpu_backend_gives_the_same_session():
 @pytest.mark.parametrize("backend", ["torch", "auto"])
 def test_decouple_many_equals_decouple(backend):
     gen = torch.Generator().manual_seed(4)
-    deltas = [{"w": torch.randn(9, 13, generator=gen), "v": torch.randn(20, generator=gen).bfloat16()} for _ in range(5)]
+    deltas = [
+        {"w": torch.randn(9, 13, generator=gen), "v": torch.randn(20, generator=gen).bfloat16()} for _ in range(5)
+    ]
     u, trig = cm.unify(deltas, rescaler="per_tensor")
-    base = {"w": torch.randn(9, 13, generator=gen), "v": torch.randn(20, generator=gen).bfloat16(), "extra": torch.arange(3)}
+    base = {
+        "w": torch.randn(9, 13, generator=gen),
+        "v": torch.randn(20, generator=gen).bfloat16(),
+        "extra": torch.arange(3),
+    }
     for b in (None, base):
         many = decouple_many(u, trig, base=b, backend=backend)
         for t, got in zip(trig, many):

@@ -138,9 +138,15 @@ def _free_port() -> int:
 def _env(rank: int, world: int, port: int, extra: dict | None = None) -> dict:
     env = dict(os.environ)
     env.update(
-        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
-        CONDU_MERGE_DIST_TIMEOUT="60", PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1",
+        CONDU_MERGE_DIST_TIMEOUT="60",
+        PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""),
     )
     env.update(extra or {})
     return env
@@ -151,8 +157,12 @@ def _launch(world: int, argv_of, *, extra_env=None, timeout: float = 80.0) -> li
     port = _free_port()
     procs = [
         subprocess.Popen(
-            argv_of(r), env=_env(r, world, port, (extra_env or {}).get(r)), cwd=ROOT,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            argv_of(r),
+            env=_env(r, world, port, (extra_env or {}).get(r)),
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for r in range(world)
     ]
@@ -173,13 +183,14 @@ def _run_ops(world, store_dir, ckpts, ops, tmp_path, *, extra_env=None):
     spec = {"store": str(store_dir), "base": ckpts["base"], "ops": ops, "out": str(tmp_path)}
     procs = _launch(world, lambda r: [sys.executable, "-c", _WORKER, json.dumps(spec), str(r)], extra_env=extra_env)
     results = []
-    for r, p in enumerate(procs):
+    for r, _p in enumerate(procs):
         path = tmp_path / f"rank{r}.json"
         results.append(json.loads(path.read_text()) if path.exists() else None)
     return procs, results
 
 
 # ---------------------------------------------------------------------------- sharding
+
 
 def test_shard_by_bytes_is_balanced_complete_and_deterministic():
     gen = torch.Generator().manual_seed(0)
@@ -204,6 +215,7 @@ def test_shard_by_bytes_is_balanced_complete_and_deterministic():
 
 
 # ---------------------------------------------------------------------------- in-process (world size 1)
+
 
 def test_world_one_matches_store_and_reports(ckpts, tmp_path):
     _single(tmp_path / "single", ckpts, 3)
@@ -232,6 +244,7 @@ def test_mapping_api_matches_store_add_task(tmp_path):
 
 
 # ---------------------------------------------------------------------------- 2 and 3 ranks
+
 
 @pytest.mark.parametrize(
     "world,kw",
@@ -271,10 +284,28 @@ def test_torchrun_cli_entry(ckpts, tmp_path):
     _single(tmp_path / "dist", ckpts, 1)
     port = _free_port()
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
-        "--master-addr", "127.0.0.1", "--master-port", str(port),
-        "-m", "condu_merge.distributed", "add-task", str(tmp_path / "dist"),
-        "--base", ckpts["base"], "--finetuned", ckpts["ft"][1], "--name", "task1", "--json",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(port),
+        "-m",
+        "condu_merge.distributed",
+        "add-task",
+        str(tmp_path / "dist"),
+        "--base",
+        ckpts["base"],
+        "--finetuned",
+        ckpts["ft"][1],
+        "--name",
+        "task1",
+        "--json",
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     p = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=80)
@@ -292,7 +323,11 @@ def test_killed_rank_leaves_old_state(ckpts, tmp_path):
     before = _manifest(tmp_path / "dist")
     ops = [{"name": "task1", "ft": ckpts["ft"][1]}]
     procs, results = _run_ops(
-        2, tmp_path / "dist", ckpts, ops, tmp_path,
+        2,
+        tmp_path / "dist",
+        ckpts,
+        ops,
+        tmp_path,
         extra_env={1: {CRASH_ENV: "write:tensor", CRASH_RANK_ENV: "1"}},
     )
     assert procs[1].returncode == -9 and results[1] is None
@@ -313,6 +348,7 @@ def test_killed_rank_leaves_old_state(ckpts, tmp_path):
 
 # ---------------------------------------------------------------------------- command line (in-process)
 
+
 def test_cli_namespace_contract_and_errors(ckpts, tmp_path, capsys):
     """``add_task_from_args`` accepts ``condu-merge add-task``'s parsed arguments (the CLI routes
     there under torchrun); the module entry prints one error line and exits 1 on bad input."""
@@ -320,11 +356,24 @@ def test_cli_namespace_contract_and_errors(ckpts, tmp_path, capsys):
     from condu_merge.distributed import add_task_from_args, distributed_add_task_main
 
     store = str(tmp_path / "s")
-    args = build_parser().parse_args(["add-task", store, "--base", ckpts["base"], "--finetuned", ckpts["ft"][0], "--name", "task0", "--json"])
+    args = build_parser().parse_args(
+        ["add-task", store, "--base", ckpts["base"], "--finetuned", ckpts["ft"][0], "--name", "task0", "--json"]
+    )
     assert add_task_from_args(args) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["tasks"] == ["task0"] and out["world_size"] == 1
-    rc = distributed_add_task_main(["add-task", store, "--base", ckpts["base"], "--finetuned", str(tmp_path / "missing.safetensors"), "--name", "x"])
+    rc = distributed_add_task_main(
+        [
+            "add-task",
+            store,
+            "--base",
+            ckpts["base"],
+            "--finetuned",
+            str(tmp_path / "missing.safetensors"),
+            "--name",
+            "x",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 1 and "missing.safetensors" in err and err.startswith("condu-merge: error: [rank 0]")
     _single(tmp_path / "single", ckpts, 1)

@@ -44,8 +44,10 @@ def gpt2(tmp_path_factory):
         m.load_state_dict(ft, strict=False)
         m.save_pretrained(str(root / f"ft{t}"))
         torch.manual_seed(100)
-        pm = peft.get_peft_model(GPT2LMHeadModel.from_pretrained(str(root / "base")),
-                                 peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, task_type="CAUSAL_LM"))
+        pm = peft.get_peft_model(
+            GPT2LMHeadModel.from_pretrained(str(root / "base")),
+            peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, task_type="CAUSAL_LM"),
+        )
         if t == 0:
             pm.save_pretrained(str(root / "init"))
         with torch.no_grad():
@@ -63,11 +65,30 @@ def _ids():
 def test_hf_export_loads_with_from_pretrained_and_equals_base_plus_delta(gpt2, tmp_path, capsys):
     store = str(tmp_path / "store")
     for t in range(2):
-        assert main(["add-task", store, "--base", str(gpt2 / "base"), "--finetuned", str(gpt2 / f"ft{t}"), "--name", f"t{t}", "-q"]) == 0
+        assert (
+            main(
+                [
+                    "add-task",
+                    store,
+                    "--base",
+                    str(gpt2 / "base"),
+                    "--finetuned",
+                    str(gpt2 / f"ft{t}"),
+                    "--name",
+                    f"t{t}",
+                    "-q",
+                ]
+            )
+            == 0
+        )
     out = tmp_path / "exp"
     assert main(["export", store, "--task", "t1", "-o", str(out), "--json"]) == 0  # default hf: the base is a folder
     rep = json.loads(capsys.readouterr().out)
-    assert rep["format"] == "hf" and sorted(os.listdir(out)) == ["config.json", "generation_config.json", "model.safetensors"]
+    assert rep["format"] == "hf" and sorted(os.listdir(out)) == [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+    ]
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         assert f.metadata()["format"] == "pt"
     model = GPT2LMHeadModel.from_pretrained(str(out), local_files_only=True)
@@ -96,15 +117,47 @@ def test_hf_export_loads_with_from_pretrained_and_equals_base_plus_delta(gpt2, t
 def test_safetensors_output_folder_rules_and_all(gpt2, tmp_path, capsys):
     store = str(tmp_path / "store")
     for t in range(2):
-        assert main(["add-task", store, "--base", str(gpt2 / "base" / "model.safetensors"), "--finetuned",
-                     str(gpt2 / f"ft{t}" / "model.safetensors"), "--name", f"t{t}", "-q"]) == 0
+        assert (
+            main(
+                [
+                    "add-task",
+                    store,
+                    "--base",
+                    str(gpt2 / "base" / "model.safetensors"),
+                    "--finetuned",
+                    str(gpt2 / f"ft{t}" / "model.safetensors"),
+                    "--name",
+                    f"t{t}",
+                    "-q",
+                ]
+            )
+            == 0
+        )
     # a trailing slash, or an existing folder, is a folder: the file goes inside, named after the task
-    assert main(["export", store, "--task", "t0", "--format", "safetensors", "-o", str(tmp_path / "new") + "/", "-q"]) == 0
+    assert (
+        main(["export", store, "--task", "t0", "--format", "safetensors", "-o", str(tmp_path / "new") + "/", "-q"]) == 0
+    )
     assert os.listdir(tmp_path / "new") == ["t0.safetensors"]
     os.mkdir(tmp_path / "d")
     assert main(["export", store, "--task", "t0", "--format", "safetensors", "-o", str(tmp_path / "d"), "-q"]) == 0
     assert os.listdir(tmp_path / "d") == ["t0.safetensors"]
-    assert main(["export", store, "--task", "t0", "--format", "safetensors", "-o", str(tmp_path / "d") + "/", "-q", "--force"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                store,
+                "--task",
+                "t0",
+                "--format",
+                "safetensors",
+                "-o",
+                str(tmp_path / "d") + "/",
+                "-q",
+                "--force",
+            ]
+        )
+        == 0
+    )
     with safe_open(str(tmp_path / "d" / "t0.safetensors"), "pt") as f:
         assert f.metadata()["format"] == "pt" and f.metadata()["condu-merge-task"] == "t0"
     assert main(["export", store, "--all", "--format", "hf", "-o", str(tmp_path / "all"), "-q"]) == 0
@@ -142,7 +195,7 @@ def test_plan_shards_equals_huggingface_hub_on_random_sizes():
 
 def _expert_logits(gpt2, store, task):
     """The factor-wise expert by hand: W + s (B_0 + δB)(A_0 + δA) with the zero init."""
-    from condu_merge.adapters.lora import dense_delta, LoraAdapter
+    from condu_merge.adapters.lora import LoraAdapter, dense_delta
 
     with Store(store) as st:
         delta = st.decouple(task)
@@ -161,12 +214,27 @@ def _expert_logits(gpt2, store, task):
 def test_peft_adapters_stay_lora_and_export_loads_in_peft(gpt2, tmp_path, capsys):
     store = str(tmp_path / "store")
     for t in range(3):
-        assert main(["add-task", store, "--base", str(gpt2 / "base"), "--finetuned", str(gpt2 / f"lora{t}"), "--name", f"t{t}", "-q"]) == 0
+        assert (
+            main(
+                [
+                    "add-task",
+                    store,
+                    "--base",
+                    str(gpt2 / "base"),
+                    "--finetuned",
+                    str(gpt2 / f"lora{t}"),
+                    "--name",
+                    f"t{t}",
+                    "-q",
+                ]
+            )
+            == 0
+        )
     assert main(["inspect", store, "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     adapter_bytes = os.path.getsize(gpt2 / "lora0" / "adapter_model.safetensors")
     # u and masks over the factors only: the store is about one adapter, not a model
-    assert all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in [t for t in Store(store).keys])
+    assert all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in list(Store(store).keys))
     assert info["storage"]["unified_bytes"] < 1.2 * adapter_bytes
     assert info["storage"]["individual_bytes"] == 3 * adapter_bytes
     assert main(["export", store, "--task", "t1", "-o", str(tmp_path / "ad"), "--json"]) == 0  # default peft
@@ -199,15 +267,52 @@ def test_factor_store_with_a_shared_init_and_mode_refusals(gpt2, tmp_path, capsy
     store = str(tmp_path / "store")
     init = str(gpt2 / "init")
     for t in range(2):
-        assert main(["add-task", store, "--base", str(gpt2 / "base"), "--finetuned", str(gpt2 / f"lora{t}"), "--name", f"t{t}",
-                     "--lora-init", init, "-q"]) == 0
+        assert (
+            main(
+                [
+                    "add-task",
+                    store,
+                    "--base",
+                    str(gpt2 / "base"),
+                    "--finetuned",
+                    str(gpt2 / f"lora{t}"),
+                    "--name",
+                    f"t{t}",
+                    "--lora-init",
+                    init,
+                    "-q",
+                ]
+            )
+            == 0
+        )
     with Store(store) as st:
         # deltas are relative to the init: task 0 alone decouples to (A_0 - A_init) exactly
         assert st.task_info("t0")["source"]["init"]["path"] == os.path.abspath(init)
-    assert main(["add-task", store, "--base", str(gpt2 / "base"), "--finetuned", str(gpt2 / "lora2"), "--name", "t2", "-q"]) == 1
+    assert (
+        main(
+            ["add-task", store, "--base", str(gpt2 / "base"), "--finetuned", str(gpt2 / "lora2"), "--name", "t2", "-q"]
+        )
+        == 1
+    )
     assert "initialisation" in capsys.readouterr().err
-    assert main(["add-task", store, "--base", str(gpt2 / "base"), "--finetuned", str(gpt2 / "lora2"), "--name", "t2",
-                 "--lora", "dense", "-q"]) == 1
+    assert (
+        main(
+            [
+                "add-task",
+                store,
+                "--base",
+                str(gpt2 / "base"),
+                "--finetuned",
+                str(gpt2 / "lora2"),
+                "--name",
+                "t2",
+                "--lora",
+                "dense",
+                "-q",
+            ]
+        )
+        == 1
+    )
     err = capsys.readouterr().err
     assert "--lora dense" in err and "--lora factors" in err
     assert main(["export", store, "--task", "t1", "-o", str(tmp_path / "ad"), "-q"]) == 0
@@ -218,11 +323,44 @@ def test_factor_store_with_a_shared_init_and_mode_refusals(gpt2, tmp_path, capsy
 def test_dense_lora_store_exports_by_svd_with_detected_fan_in_fan_out(gpt2, tmp_path, capsys):
     store = str(tmp_path / "store")
     for t in range(2):
-        assert main(["add-task", store, "--base", str(gpt2 / "base"), "--finetuned", str(gpt2 / f"lora{t}"), "--name", f"t{t}",
-                     "--lora", "dense", "-q"]) == 0
+        assert (
+            main(
+                [
+                    "add-task",
+                    store,
+                    "--base",
+                    str(gpt2 / "base"),
+                    "--finetuned",
+                    str(gpt2 / f"lora{t}"),
+                    "--name",
+                    f"t{t}",
+                    "--lora",
+                    "dense",
+                    "-q",
+                ]
+            )
+            == 0
+        )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        assert main(["export", store, "--task", "t1", "--format", "peft", "--rank", "1", "-o", str(tmp_path / "ad"), "--json"]) == 0
+        assert (
+            main(
+                [
+                    "export",
+                    store,
+                    "--task",
+                    "t1",
+                    "--format",
+                    "peft",
+                    "--rank",
+                    "1",
+                    "-o",
+                    str(tmp_path / "ad"),
+                    "--json",
+                ]
+            )
+            == 0
+        )
     rep = json.loads(capsys.readouterr().out)
     assert rep["truncation_warning"] is True and rep["truncation_error"] > 0.1
     cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
@@ -246,7 +384,22 @@ def test_export_peft_detects_conv1d_and_warns(tmp_path):
 def test_exports_never_replace_the_base_or_a_foreign_folder(gpt2, tmp_path, capsys):
     store = str(tmp_path / "store")
     base_file = str(gpt2 / "base" / "model.safetensors")
-    assert main(["add-task", store, "--base", base_file, "--finetuned", str(gpt2 / "ft0" / "model.safetensors"), "--name", "t0", "-q"]) == 0
+    assert (
+        main(
+            [
+                "add-task",
+                store,
+                "--base",
+                base_file,
+                "--finetuned",
+                str(gpt2 / "ft0" / "model.safetensors"),
+                "--name",
+                "t0",
+                "-q",
+            ]
+        )
+        == 0
+    )
     # the base was given as a file: the default export is one file
     assert main(["export", store, "--task", "t0", "-o", str(tmp_path / "e.safetensors"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["format"] == "safetensors"
@@ -256,5 +409,23 @@ def test_exports_never_replace_the_base_or_a_foreign_folder(gpt2, tmp_path, caps
     mine = tmp_path / "mine"
     (mine / "sub").mkdir(parents=True)
     (mine / "notes.txt").write_text("keep")
-    assert main(["export", store, "--task", "t0", "--format", "hf", "--base", str(gpt2 / "base"), "-o", str(mine), "--force", "-q"]) == 1
+    assert (
+        main(
+            [
+                "export",
+                store,
+                "--task",
+                "t0",
+                "--format",
+                "hf",
+                "--base",
+                str(gpt2 / "base"),
+                "-o",
+                str(mine),
+                "--force",
+                "-q",
+            ]
+        )
+        == 1
+    )
     assert "does not hold an export" in capsys.readouterr().err and (mine / "notes.txt").read_text() == "keep"

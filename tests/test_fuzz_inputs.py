@@ -18,8 +18,12 @@ import pytest
 import torch
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import (  # noqa: E402
+    HealthCheck,
+    given,
+    settings,
+    strategies as st,
+)
 from safetensors.torch import save_file  # noqa: E402
 
 from condu_merge.checkpoints import SafetensorsFile, TaskDelta, open_checkpoint  # noqa: E402
@@ -57,10 +61,18 @@ def _outcome(fn, where: str) -> None:
 
 # values JSON can hold, the awkward ones included (huge ints, inf/nan floats, deep nesting)
 _scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70), st.floats(allow_nan=True, allow_infinity=True),
-    st.text(max_size=8), st.sampled_from([0, 1, -1, 2**63, 2**64, "abc", "F32", "U8", "(", "(.*.*)*x"]),
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=8),
+    st.sampled_from([0, 1, -1, 2**63, 2**64, "abc", "F32", "U8", "(", "(.*.*)*x"]),
 )
-_json = st.recursive(_scalars, lambda c: st.one_of(st.lists(c, max_size=4), st.dictionaries(st.text(max_size=6), c, max_size=4)), max_leaves=12)
+_json = st.recursive(
+    _scalars,
+    lambda c: st.one_of(st.lists(c, max_size=4), st.dictionaries(st.text(max_size=6), c, max_size=4)),
+    max_leaves=12,
+)
 
 
 def _dumps(obj) -> str:
@@ -74,7 +86,9 @@ _entry = st.fixed_dictionaries(
     {
         "dtype": st.one_of(st.sampled_from(["F32", "F16", "BF16", "U8", "I64", "BOOL", "F8_E4M3", "X9"]), _scalars),
         "shape": st.one_of(st.lists(_dims, max_size=3), _scalars),
-        "data_offsets": st.one_of(st.lists(st.one_of(st.integers(min_value=-4, max_value=200), _scalars), min_size=2, max_size=2), _json),
+        "data_offsets": st.one_of(
+            st.lists(st.one_of(st.integers(min_value=-4, max_value=200), _scalars), min_size=2, max_size=2), _json
+        ),
     }
 )
 _header = st.one_of(
@@ -85,11 +99,16 @@ _header = st.one_of(
 
 
 @FUZZ
-@given(header=_header, data=st.binary(max_size=160), raw=st.one_of(st.none(), st.binary(max_size=40)), depth=st.sampled_from([0, 0, 0, 5000]))
+@given(
+    header=_header,
+    data=st.binary(max_size=160),
+    raw=st.one_of(st.none(), st.binary(max_size=40)),
+    depth=st.sampled_from([0, 0, 0, 5000]),
+)
 def test_fuzz_safetensors_headers(header, data, raw, depth):
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "fuzz.safetensors")
-        text = (raw if raw is not None else ("[" * depth + _dumps(header) + "]" * depth).encode())
+        text = raw if raw is not None else ("[" * depth + _dumps(header) + "]" * depth).encode()
         with open(path, "wb") as fh:
             fh.write(struct.pack("<Q", len(text)) + text + data)
 
@@ -106,13 +125,16 @@ def test_fuzz_safetensors_headers(header, data, raw, depth):
 
 # ---------------------------------------------------------------------------- store manifests
 
+
 @pytest.fixture(scope="module")
 def good_store(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("fuzz") / "st")
     g = torch.Generator().manual_seed(0)
     with Store(root) as s:
         for i in range(2):
-            s.add_task(f"t{i}", {"w": torch.randn(4, 3, generator=g), "b": torch.randn(5, generator=g)}, rescaler="per_tensor")
+            s.add_task(
+                f"t{i}", {"w": torch.randn(4, 3, generator=g), "b": torch.randn(5, generator=g)}, rescaler="per_tensor"
+            )
         s.save_prototypes("t0", {"p": torch.ones(2)})
     return root
 
@@ -174,8 +196,12 @@ _config = st.fixed_dictionaries(
         "peft_type": st.one_of(st.just("LORA"), _scalars),
         "r": st.one_of(st.integers(min_value=-1, max_value=4), _scalars),
         "lora_alpha": st.one_of(st.floats(min_value=-2, max_value=64), _scalars),
-        "alpha_pattern": st.one_of(st.dictionaries(_pattern, st.one_of(st.floats(min_value=0, max_value=32), _scalars), max_size=3), _json),
-        "rank_pattern": st.one_of(st.dictionaries(_pattern, st.one_of(st.integers(min_value=0, max_value=4), _scalars), max_size=3), _json),
+        "alpha_pattern": st.one_of(
+            st.dictionaries(_pattern, st.one_of(st.floats(min_value=0, max_value=32), _scalars), max_size=3), _json
+        ),
+        "rank_pattern": st.one_of(
+            st.dictionaries(_pattern, st.one_of(st.integers(min_value=0, max_value=4), _scalars), max_size=3), _json
+        ),
         "use_rslora": _scalars,
         "fan_in_fan_out": st.booleans(),
         "use_dora": st.one_of(st.just(False), _scalars),
@@ -184,8 +210,12 @@ _config = st.fixed_dictionaries(
 
 
 @FUZZ
-@given(cfg=st.one_of(_config, _json), rank=st.integers(min_value=0, max_value=3), rank_b=st.integers(min_value=0, max_value=3),
-       cols=st.sampled_from([8, 7]))
+@given(
+    cfg=st.one_of(_config, _json),
+    rank=st.integers(min_value=0, max_value=3),
+    rank_b=st.integers(min_value=0, max_value=3),
+    cols=st.sampled_from([8, 7]),
+)
 def test_fuzz_adapter_configs(tmp_path_factory, cfg, rank, rank_b, cols):
     with tempfile.TemporaryDirectory() as d:
         base = os.path.join(d, "base.safetensors")
@@ -193,7 +223,10 @@ def test_fuzz_adapter_configs(tmp_path_factory, cfg, rank, rank_b, cols):
         ad = os.path.join(d, "ad")
         os.makedirs(ad)
         save_file(
-            {"base_model.model.blk.w.lora_A.weight": torch.randn(rank, cols), "base_model.model.blk.w.lora_B.weight": torch.randn(12, rank_b)},
+            {
+                "base_model.model.blk.w.lora_A.weight": torch.randn(rank, cols),
+                "base_model.model.blk.w.lora_B.weight": torch.randn(12, rank_b),
+            },
             os.path.join(ad, "adapter_model.safetensors"),
         )
         with open(os.path.join(ad, "adapter_config.json"), "w") as fh:

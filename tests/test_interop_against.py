@@ -15,7 +15,11 @@ from condu_merge.store import Store
 
 def test_against_matches_a_direct_computation(tmp_path, capsys):
     g = torch.Generator().manual_seed(0)
-    base = {"h.0.w": torch.randn(30, 20, generator=g), "h.1.w": torch.randn(40, generator=g), "embed.weight": torch.randn(8, 4, generator=g)}
+    base = {
+        "h.0.w": torch.randn(30, 20, generator=g),
+        "h.1.w": torch.randn(40, generator=g),
+        "embed.weight": torch.randn(8, 4, generator=g),
+    }
     save_file(base, str(tmp_path / "b.safetensors"))
     fts = []
     for i in range(2):
@@ -23,11 +27,41 @@ def test_against_matches_a_direct_computation(tmp_path, capsys):
         save_file(ft, str(tmp_path / f"f{i}.safetensors"))
         fts.append(ft)
     store = str(tmp_path / "s")
-    assert main(["add-task", store, "--base", str(tmp_path / "b.safetensors"), "--finetuned", str(tmp_path / "f0.safetensors"), "--name", "a", "-q"]) == 0
+    assert (
+        main(
+            [
+                "add-task",
+                store,
+                "--base",
+                str(tmp_path / "b.safetensors"),
+                "--finetuned",
+                str(tmp_path / "f0.safetensors"),
+                "--name",
+                "a",
+                "-q",
+            ]
+        )
+        == 0
+    )
     assert main(["inspect", store, "--against", "--json", "--no-overlaps"]) == 0
     one = json.loads(capsys.readouterr().out)["against"][0]["total"]
     assert one["rel_l2"] < 1e-7 and abs(one["cosine"] - 1) < 1e-12 and one["sign_agreement"] == 1.0  # one task: d̂ = d
-    assert main(["add-task", store, "--base", str(tmp_path / "b.safetensors"), "--finetuned", str(tmp_path / "f1.safetensors"), "--name", "b", "-q"]) == 0
+    assert (
+        main(
+            [
+                "add-task",
+                store,
+                "--base",
+                str(tmp_path / "b.safetensors"),
+                "--finetuned",
+                str(tmp_path / "f1.safetensors"),
+                "--name",
+                "b",
+                "-q",
+            ]
+        )
+        == 0
+    )
     assert main(["inspect", store, "--against", f"b={tmp_path / 'f1.safetensors'}", "--json", "--no-overlaps"]) == 0
     got = json.loads(capsys.readouterr().out)["against"]
     assert [a["task"] for a in got] == ["b"] and sorted(got[0]["groups"]) == ["embed", "h.0", "h.1"]

@@ -57,22 +57,37 @@ def test_view_defers_damaged_stores_to_the_store(tmp_path, capsys):
 
 def test_import_help_and_inspect_load_no_torch(tmp_path):
     st = _store(tmp_path, 2)
-    code = ("import sys; from condu_merge.cli import main; import condu_merge; "
-            f"rc = main(['inspect', {st.root!r}, '--json', '--no-verify']); "
-            "assert rc == 0 and 'torch' not in sys.modules and 'numba' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)[:3]")
+    code = (
+        "import sys; from condu_merge.cli import main; import condu_merge; "
+        f"rc = main(['inspect', {st.root!r}, '--json', '--no-verify']); "
+        "assert rc == 0 and 'torch' not in sys.modules and 'numba' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)[:3]"
+    )
     r = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["tasks"][1]["name"] == "t1"
-    r = subprocess.run([sys.executable, "-c", "import sys, condu_merge; assert 'torch' not in sys.modules; "
-                        "from condu_merge import unify, __all__; assert callable(unify) and 'torch' in sys.modules; "
-                        "assert all(hasattr(condu_merge, n) for n in __all__)"], env=_env(), capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, condu_merge; assert 'torch' not in sys.modules; "
+            "from condu_merge import unify, __all__; assert callable(unify) and 'torch' in sys.modules; "
+            "assert all(hasattr(condu_merge, n) for n in __all__)",
+        ],
+        env=_env(),
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
 
 
 def test_closed_pipe_ends_quietly(tmp_path):
     st = _store(tmp_path, 2)
-    p = subprocess.Popen([sys.executable, "-m", "condu_merge", "inspect", st.root, "--json"], env=_env(),
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "condu_merge", "inspect", st.root, "--json"],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     p.stdout.read(10)
     p.stdout.close()  # what `| head -c 10` does
     err = p.stderr.read().decode()
@@ -84,11 +99,36 @@ def test_failed_first_add_task_leaves_no_store_folder(tmp_path, capsys):
     save_file(base, str(tmp_path / "b.safetensors"))
     save_file({"w": torch.zeros(5, 3)}, str(tmp_path / "f.safetensors"))  # shape mismatch: refused inside the lock
     store = tmp_path / "new_store"
-    rc = main(["add-task", str(store), "--base", str(tmp_path / "b.safetensors"), "--finetuned", str(tmp_path / "f.safetensors"), "--name", "x"])
+    rc = main(
+        [
+            "add-task",
+            str(store),
+            "--base",
+            str(tmp_path / "b.safetensors"),
+            "--finetuned",
+            str(tmp_path / "f.safetensors"),
+            "--name",
+            "x",
+        ]
+    )
     assert rc == 1 and "shape" in capsys.readouterr().err
     assert not store.exists()
     # a folder the user made beforehand stays (only what the failed write created goes)
     store.mkdir()
     (store / "notes.txt").write_text("mine")
-    assert main(["add-task", str(store), "--base", str(tmp_path / "b.safetensors"), "--finetuned", str(tmp_path / "f.safetensors"), "--name", "x"]) == 1
+    assert (
+        main(
+            [
+                "add-task",
+                str(store),
+                "--base",
+                str(tmp_path / "b.safetensors"),
+                "--finetuned",
+                str(tmp_path / "f.safetensors"),
+                "--name",
+                "x",
+            ]
+        )
+        == 1
+    )
     assert sorted(os.listdir(store)) == ["notes.txt"]  # a foreign non-empty folder is refused before any write

@@ -8,11 +8,10 @@ import torch
 
 pytest.importorskip("numba")
 
-import condu_merge as cm  # noqa: E402
-from condu_merge.kernels import decouple_many  # noqa: E402
-from condu_merge.kernels.numba_backend import NumbaBackend  # noqa: E402
-
-from condu_merge.kernels.conformance import DTYPES, REF, assert_same_tensor, check_backend  # noqa: E402
+import condu_merge as cm
+from condu_merge.kernels import decouple_many
+from condu_merge.kernels.conformance import DTYPES, REF, assert_same_tensor, check_backend
+from condu_merge.kernels.numba_backend import NumbaBackend
 
 BE = NumbaBackend(chunk=64)  # many chunks and a ragged last one even on small tensors
 
@@ -82,8 +81,24 @@ def test_f32_to_half_rounding(target):
     rng = np.random.default_rng(0)
     raw = rng.integers(0, 2**32, 400_000, dtype=np.uint64).astype(np.uint32)
     # plus every float32 near the half's rounding edges: ties, subnormals, overflow
-    special = np.array([0x477FEFFF, 0x477FF000, 0x477FF001, 0x33000000, 0x33000001, 0x387FC000, 0x387FE000,
-                        0x7F800000, 0x7F7FFFFF, 0x00000001, 0x80000000, 0x3F808000, 0x3F818000], dtype=np.uint32)
+    special = np.array(
+        [
+            0x477FEFFF,
+            0x477FF000,
+            0x477FF001,
+            0x33000000,
+            0x33000001,
+            0x387FC000,
+            0x387FE000,
+            0x7F800000,
+            0x7F7FFFFF,
+            0x00000001,
+            0x80000000,
+            0x3F808000,
+            0x3F818000,
+        ],
+        dtype=np.uint32,
+    )
     raw = np.concatenate([raw, special, special | 0x80000000])
     x = raw.view(np.float32)
     x = x[np.isfinite(x)]

@@ -24,7 +24,9 @@ from condu_merge.kernels.conformance import DTYPES, check_backend  # noqa: E402
 from condu_merge.kernels.triton_backend import TritonBackend, interpreting  # noqa: E402
 
 INTERP = interpreting()
-needs_interp = pytest.mark.skipif(not INTERP, reason="triton was imported in compiled mode; see test_interpreted_in_subprocess")
+needs_interp = pytest.mark.skipif(
+    not INTERP, reason="triton was imported in compiled mode; see test_interpreted_in_subprocess"
+)
 BE = TritonBackend(block=32)  # several programs and a ragged last block even for tiny tensors
 
 
@@ -70,8 +72,21 @@ def test_interpreted_in_subprocess():
         pytest.skip("interpreted cases ran in this process (or a GPU runs the compiled ones)")
     env = dict(os.environ, TRITON_INTERPRET="1")
     r = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interpreted or default_block or public_api"],
-        env=env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            __file__,
+            "-k",
+            "interpreted or default_block or public_api",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     assert " passed" in r.stdout and " skipped" not in r.stdout, r.stdout[-2000:]  # the cases really ran
@@ -81,7 +96,7 @@ def test_kernels_lower_to_ptx_without_fma():
     """Compile every kernel for sm_90 (no GPU needed: triton ships ptxas) in a clean process:
     catches constructs the interpreter accepts but the compiler rejects, and checks that no
     multiply-add was contracted into an FMA (the numeric contract forbids it)."""
-    code = r'''
+    code = r"""
 import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -104,7 +119,7 @@ for DT, tn in [(tl.float32, "fp32"), (tl.bfloat16, "bf16")]:
          "SOP": "constexpr", "HAS_BASE": "constexpr", "BLOCK": "constexpr"},
          {"DT": DT, "OP": tl.float32, "BDT": DT, "SOP": tl.float32, "HAS_BASE": True, "BLOCK": 1024})
 print("OK")
-'''
+"""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     if r.returncode != 0 and ("ptxas" in r.stderr.lower() and "not found" in r.stderr.lower()):

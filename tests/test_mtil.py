@@ -106,11 +106,27 @@ def _tiny_hf():
     from benchmarks.mtil.model import ClipHandle
 
     torch.manual_seed(0)
-    cfg = CLIPConfig(projection_dim=16,
-                     text_config=dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=1,
-                                      vocab_size=100, max_position_embeddings=16, eos_token_id=99, bos_token_id=98),
-                     vision_config=dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=1,
-                                        image_size=32, patch_size=8))
+    cfg = CLIPConfig(
+        projection_dim=16,
+        text_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_attention_heads=2,
+            num_hidden_layers=1,
+            vocab_size=100,
+            max_position_embeddings=16,
+            eos_token_id=99,
+            bos_token_id=98,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_attention_heads=2,
+            num_hidden_layers=1,
+            image_size=32,
+            patch_size=8,
+        ),
+    )
     return ClipHandle(CLIPModel(cfg).eval(), "hf", lambda t: t, None, None)
 
 
@@ -120,10 +136,17 @@ def test_lora_glue_matches_library_and_swap(flavor, tmp_path):
     pieces as the script uses them: W + s·B A (lora_weights), a functional forward that equals
     swapping the weights in, gradients reaching the factors, and ClipExperts with lora_transform
     applying init + decoupled factor deltas from a store."""
-    from condu_merge.adapters import ClipExperts, factor_delta, init_lora, lora_param_name, lora_transform, lora_weights, swap_params
-    from condu_merge.store import Store
-
     from benchmarks.mtil.model import lora_modules
+    from condu_merge.adapters import (
+        ClipExperts,
+        factor_delta,
+        init_lora,
+        lora_param_name,
+        lora_transform,
+        lora_weights,
+        swap_params,
+    )
+    from condu_merge.store import Store
 
     clip = _tiny_openclip(tmp_path) if flavor == "open_clip" else _tiny_hf()
     mods = lora_modules(clip.model, "whole")
@@ -133,14 +156,26 @@ def test_lora_glue_matches_library_and_swap(flavor, tmp_path):
         assert len(mods) == 4 * 4  # 2 image + 2 text blocks
         assert sum(lora_param_name(m).endswith("attn.in_proj_weight") for m in mods) == 4
     else:
-        assert suffixes == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2"}
+        assert suffixes == {
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.out_proj",
+            "mlp.fc1",
+            "mlp.fc2",
+        }
     assert lora_modules(clip.model, "image") == [m for m in mods if m.startswith(("visual.", "vision_model."))]
     init = init_lora(clip.model, mods, rank=2, lora_alpha=4.0, seed=3)
     assert all(float(b.abs().sum()) == 0 for _, b in init.factors.values())
     g = torch.Generator().manual_seed(1)
-    trained = type(init)(config=dict(init.config), init_fingerprint=init.fingerprint(),
-                         factors={m: (a + 0.1 * torch.randn(a.shape, generator=g), 0.1 * torch.randn(b.shape, generator=g))
-                                  for m, (a, b) in init.factors.items()})
+    trained = type(init)(
+        config=dict(init.config),
+        init_fingerprint=init.fingerprint(),
+        factors={
+            m: (a + 0.1 * torch.randn(a.shape, generator=g), 0.1 * torch.randn(b.shape, generator=g))
+            for m, (a, b) in init.factors.items()
+        },
+    )
     params = dict(clip.model.named_parameters())
     before = {n: p.detach().clone() for n, p in params.items()}
     w = lora_weights(clip.model, trained)
@@ -156,7 +191,9 @@ def test_lora_glue_matches_library_and_swap(flavor, tmp_path):
     assert torch.allclose(clip.encode("image", images, w), ref_img, atol=1e-5)
     assert torch.allclose(clip.encode("text", tokens, w), ref_txt, atol=1e-5)
     assert not torch.allclose(clip.encode("image", images), ref_img, atol=1e-3)  # the LoRA changes something
-    leaf = {m: (a.clone().requires_grad_(True), b.clone().requires_grad_(True)) for m, (a, b) in trained.factors.items()}
+    leaf = {
+        m: (a.clone().requires_grad_(True), b.clone().requires_grad_(True)) for m, (a, b) in trained.factors.items()
+    }
     live = type(init)(config=dict(init.config), factors=leaf)
     clip.encode("image", images, lora_weights(clip.model, live)).sum().backward()
     assert any(float(b.grad.abs().sum()) > 0 for m, (a, b) in leaf.items() if m.startswith(("visual", "vision")))
@@ -173,15 +210,35 @@ def test_lora_glue_matches_library_and_swap(flavor, tmp_path):
 def _run(args, env_extra=None):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="2")
     env.update(env_extra or {})
-    return subprocess.run([sys.executable, "-m", "benchmarks.mtil.run_mtil", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "benchmarks.mtil.run_mtil", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 @pytest.mark.slow
 def test_synthetic_run_killed_and_resumed(tmp_path, capfd):
     out = str(tmp_path / "run")
-    args = ["--synthetic", "--out", out, "--synthetic-tasks", "3", "--synthetic-images", "8",
-            "--synthetic-pretrain-steps", "4", "--iterations", "6", "--num-workers", "0", "--quiet"]
+    args = [
+        "--synthetic",
+        "--out",
+        out,
+        "--synthetic-tasks",
+        "3",
+        "--synthetic-images",
+        "8",
+        "--synthetic-pretrain-steps",
+        "4",
+        "--iterations",
+        "6",
+        "--num-workers",
+        "0",
+        "--quiet",
+    ]
     # 1) killed (SIGKILL) in session 2, after its task was folded into the store, before evaluation
     p = _run(args, {"MTIL_CRASH_AT": "merged:1"})
     assert p.returncode == -9, p.stderr[-3000:]
@@ -237,11 +294,10 @@ def test_synthetic_run_killed_and_resumed(tmp_path, capfd):
 def test_synthetic_lora_run_through_library(tmp_path, monkeypatch):
     """ConDU (LoRA) end to end in-process: factor-wise deltas in the store, the shared init saved as
     a PEFT folder, --include-pretrained reaching the library's SemanticAggregator."""
+    from benchmarks.mtil import run_mtil
     from condu_merge.adapters import LoraAdapter
     from condu_merge.routing import SemanticAggregator
     from condu_merge.store import Store
-
-    from benchmarks.mtil import run_mtil
 
     seen = []
 
@@ -252,9 +308,34 @@ def test_synthetic_lora_run_through_library(tmp_path, monkeypatch):
 
     monkeypatch.setattr(run_mtil, "SemanticAggregator", Recording)
     out = str(tmp_path / "lora")
-    assert run_mtil.main(["--synthetic", "--out", out, "--synthetic-tasks", "2", "--synthetic-images", "8",
-                          "--synthetic-pretrain-steps", "5", "--iterations", "4", "--num-workers", "0", "--quiet",
-                          "--mode", "lora", "--lora-rank", "2", "--top-k", "1", "--include-pretrained"]) == 0
+    assert (
+        run_mtil.main(
+            [
+                "--synthetic",
+                "--out",
+                out,
+                "--synthetic-tasks",
+                "2",
+                "--synthetic-images",
+                "8",
+                "--synthetic-pretrain-steps",
+                "5",
+                "--iterations",
+                "4",
+                "--num-workers",
+                "0",
+                "--quiet",
+                "--mode",
+                "lora",
+                "--lora-rank",
+                "2",
+                "--top-k",
+                "1",
+                "--include-pretrained",
+            ]
+        )
+        == 0
+    )
     assert seen == [(1, True, ["Caltech101"]), (1, True, ["Caltech101", "DTD"])]
     with open(os.path.join(out, "results.json")) as f:
         res = json.load(f)

@@ -25,8 +25,23 @@ from benchmarks.mtil.metrics import summary_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = "zeroshot,condu,continual_ft,pam,magmax,task_arithmetic,ties,emr"
-ARGS = ["--synthetic", "--synthetic-tasks", "3", "--synthetic-images", "8", "--synthetic-pretrain-steps", "4",
-        "--iterations", "6", "--num-workers", "0", "--methods", METHODS, "--pam-every", "3"]
+ARGS = [
+    "--synthetic",
+    "--synthetic-tasks",
+    "3",
+    "--synthetic-images",
+    "8",
+    "--synthetic-pretrain-steps",
+    "4",
+    "--iterations",
+    "6",
+    "--num-workers",
+    "0",
+    "--methods",
+    METHODS,
+    "--pam-every",
+    "3",
+]
 TASKS = ["Caltech101", "DTD", "EuroSAT"]
 
 
@@ -117,13 +132,22 @@ def test_storage_is_exact(full_run):
     st = res["storage"]
     T = 3
     masks = sum(math.ceil(t.numel() / 8) for t in cft.values())
-    expected = {"zeroshot": 0, "continual_ft": one, "pam": one, "magmax": 2 * one, "task_arithmetic": T * one,
-                "emr": T * one, "ties": T * (one + 8), "individual_ft": T * one, "condu": one + T * (masks + 8)}
+    expected = {
+        "zeroshot": 0,
+        "continual_ft": one,
+        "pam": one,
+        "magmax": 2 * one,
+        "task_arithmetic": T * one,
+        "emr": T * one,
+        "ties": T * (one + 8),
+        "individual_ft": T * one,
+        "condu": one + T * (masks + 8),
+    }
     assert {m: e["total"] for m, e in st.items()} == expected
-    for m, e in st.items():
+    for _m, e in st.items():
         assert e["total"] == e["shared_bytes"] + sum(e["per_task_bytes"].values())
         assert isinstance(e["what"], str) and e["what"]
-    assert st["task_arithmetic"]["per_task_bytes"] == {t: one for t in TASKS}
+    assert st["task_arithmetic"]["per_task_bytes"] == dict.fromkeys(TASKS, one)
     assert st["condu"]["shared_bytes"] == one
     # the results.md table
     table = storage_markdown(st, one, {"magmax": "MagMax"})
@@ -170,10 +194,20 @@ def test_magmax_folds_continual_ft_and_pam_runs_its_hook(full_run):
 
 
 def _subprocess(args, crash):
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="2",
-               MTIL_CRASH_AT=crash)
-    return subprocess.run([sys.executable, "-m", "benchmarks.mtil.run_mtil", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    env = dict(
+        os.environ,
+        PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        OMP_NUM_THREADS="2",
+        MTIL_CRASH_AT=crash,
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "benchmarks.mtil.run_mtil", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def _state(out):
@@ -200,7 +234,9 @@ def test_killed_at_delta_and_strategy_steps_and_resumed_gives_the_same_results(f
     p = _subprocess(args, "folded_pam:1")
     assert p.returncode == -9, p.stderr[-3000:]
     st = _state(out)
-    assert [s["task"] for s in st["sessions"]] == ["Caltech101"] and st["pending"]["hook_stats"]["pam"]["alignments"] == 2
+    assert [s["task"] for s in st["sessions"]] == ["Caltech101"] and st["pending"]["hook_stats"]["pam"][
+        "alignments"
+    ] == 2
     assert st["pending"]["delta_sha256"] == run_mtil._file_sha256(os.path.join(deltas, "0001.safetensors"))
     assert sorted(os.listdir(os.path.join(out, "strategies"))) == ["deltas", "magmax.safetensors", "pam.safetensors"]
     # 3) killed between the folds of session 3 (task arithmetic and TIES have EuroSAT, EMR not)
@@ -246,10 +282,15 @@ def test_damaged_or_missing_delta_file_is_refused_by_name(full_run, tmp_path):
         b = f.read(1)
         f.seek(-1, os.SEEK_CUR)
         f.write(bytes([b[0] ^ 0x01]))
-    with pytest.raises(SystemExit, match=rf"{re.escape(path)} is damaged: its sha256 is [0-9a-f]{{64}}, but [0-9a-f]{{64}} was recorded"):
+    with pytest.raises(
+        SystemExit,
+        match=rf"{re.escape(path)} is damaged: its sha256 is [0-9a-f]{{64}}, but [0-9a-f]{{64}} was recorded",
+    ):
         run_mtil.main(argv)
     os.remove(path)
-    with pytest.raises(SystemExit, match=rf"{re.escape(path)} is missing: it is the individual delta of session 2 \('DTD'\)"):
+    with pytest.raises(
+        SystemExit, match=rf"{re.escape(path)} is missing: it is the individual delta of session 2 \('DTD'\)"
+    ):
         run_mtil.main(argv)
     # a run directory of the earlier layout (whole task-arithmetic checkpoints) is refused by name
     shutil.copy2(os.path.join(ref_out, "strategies", "deltas", "0001.safetensors"), path)
@@ -269,10 +310,33 @@ def test_lora_strategies(tmp_path, monkeypatch):
     """--mode lora: the strategies merge the flat LoRA factor dict with θ_0 = the shared init; PAM's
     hook sees the live factor leaves under those names."""
     out = str(tmp_path / "lora")
-    runner, res = _run_capturing(monkeypatch, [
-        "--synthetic", "--out", out, "--synthetic-tasks", "2", "--synthetic-images", "8", "--synthetic-pretrain-steps", "4",
-        "--iterations", "4", "--num-workers", "0", "--quiet", "--mode", "lora", "--lora-rank", "2", "--pam-every", "2",
-        "--methods", "condu,pam,magmax,task_arithmetic"])
+    runner, res = _run_capturing(
+        monkeypatch,
+        [
+            "--synthetic",
+            "--out",
+            out,
+            "--synthetic-tasks",
+            "2",
+            "--synthetic-images",
+            "8",
+            "--synthetic-pretrain-steps",
+            "4",
+            "--iterations",
+            "4",
+            "--num-workers",
+            "0",
+            "--quiet",
+            "--mode",
+            "lora",
+            "--lora-rank",
+            "2",
+            "--pam-every",
+            "2",
+            "--methods",
+            "condu,pam,magmax,task_arithmetic",
+        ],
+    )
     init = runner.lora0
     base = runner.strategy_base()
     assert sorted(base) == sorted(f"{m}.lora_{x}.weight" for m in init.modules for x in "AB")
@@ -281,7 +345,10 @@ def test_lora_strategies(tmp_path, monkeypatch):
     one = sum(t.numel() * t.element_size() for t in base.values())
     assert res["one_model_bytes"] == one
     assert {m: res["storage"][m]["total"] for m in ("pam", "magmax", "task_arithmetic")} == {
-        "pam": one, "magmax": 2 * one, "task_arithmetic": 2 * one}
+        "pam": one,
+        "magmax": 2 * one,
+        "task_arithmetic": 2 * one,
+    }
     assert res["hook_stats"][1]["pam"] == {"steps": 4, "alignments": 2, "resets": res["hook_stats"][1]["pam"]["resets"]}
     assert res["config"]["strategy_options"]["pam"]["align_on"] == "values"
     for m in ("condu", "pam", "magmax", "task_arithmetic"):
@@ -291,10 +358,9 @@ def test_lora_strategies(tmp_path, monkeypatch):
 def test_condu_storage_from_the_store_matches_the_condu_strategy(tmp_path):
     """The script's ConDU storage (read from the store's specs) is the library's ConDU strategy
     accounting on the same deltas, for a scalar and a per-tensor rescaler."""
+    from benchmarks.mtil.continual import condu_store_storage
     from condu_merge.store import Store
     from condu_merge.strategies import get_strategy
-
-    from benchmarks.mtil.continual import condu_store_storage
 
     g = torch.Generator().manual_seed(0)
     shapes = {"a.weight": (13, 7), "b.bias": (5,), "c": (3, 3, 3)}
@@ -309,4 +375,8 @@ def test_condu_storage_from_the_store_matches_the_condu_strategy(tmp_path):
                 strat.end_task(f"t{i}", delta=d)
             got = condu_store_storage(store)
         rep = strat.stored_bytes()
-        assert (got["shared_bytes"], got["per_task_bytes"], got["total"]) == (rep.shared_bytes, rep.per_task_bytes, rep.total)
+        assert (got["shared_bytes"], got["per_task_bytes"], got["total"]) == (
+            rep.shared_bytes,
+            rep.per_task_bytes,
+            rep.total,
+        )

@@ -22,16 +22,26 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _models(tmp_path, n=3):
     g = torch.Generator().manual_seed(0)
-    base = {"a.weight": torch.randn(64, 32, generator=g), "b.bias": torch.randn(32, generator=g), "ids": torch.arange(5)}
+    base = {
+        "a.weight": torch.randn(64, 32, generator=g),
+        "b.bias": torch.randn(32, generator=g),
+        "ids": torch.arange(5),
+    }
     save_file(base, str(tmp_path / "base.safetensors"))
     for i in range(n):
-        save_file({k: v + 0.1 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v for k, v in base.items()},
-                  str(tmp_path / f"ft{i}.safetensors"))
+        save_file(
+            {k: v + 0.1 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v for k, v in base.items()},
+            str(tmp_path / f"ft{i}.safetensors"),
+        )
 
 
 def _recipe(tmp_path, name, store, n=3, fmt="json", **opts):
-    r = {"store": store, "base": "base.safetensors", "options": {"rescaler": "l1", **opts},
-         "tasks": [{"name": f"t{i}", "path": f"ft{i}.safetensors"} for i in range(n)]}
+    r = {
+        "store": store,
+        "base": "base.safetensors",
+        "options": {"rescaler": "l1", **opts},
+        "tasks": [{"name": f"t{i}", "path": f"ft{i}.safetensors"} for i in range(n)],
+    }
     r["tasks"][-1]["backend"] = "torch"  # a per-task option
     p = tmp_path / f"{name}.{fmt}"
     if fmt == "json":
@@ -45,12 +55,20 @@ def _recipe(tmp_path, name, store, n=3, fmt="json", **opts):
 def _state(store):
     with Store(store) as st:  # verify=True: every hash checked
         m = st.manifest
-        return m["rescaler"], {k: v["sha256"] for k, v in m["files"].items()}, [(t["name"], t["rescaler"], t["mask_bits"]) for t in m["tasks"]]
+        return (
+            m["rescaler"],
+            {k: v["sha256"] for k, v in m["files"].items()},
+            [(t["name"], t["rescaler"], t["mask_bits"]) for t in m["tasks"]],
+        )
 
 
 def _run(args, env=None):
-    return subprocess.run([sys.executable, "-m", "condu_merge", *args], env={**os.environ, "PYTHONPATH": ROOT, **(env or {})},
-                          capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "condu_merge", *args],
+        env={**os.environ, "PYTHONPATH": ROOT, **(env or {})},
+        capture_output=True,
+        text=True,
+    )
 
 
 def test_run_killed_and_resumed_equals_an_uninterrupted_run(tmp_path):
@@ -103,13 +121,16 @@ def test_dry_run_plans_without_writing(tmp_path, capsys):
     assert text.count("skip") == 3 and "peak memory" in text and "peak disk" in text
 
 
-@pytest.mark.parametrize("edit, msg", [
-    ({"tasks": []}, "non-empty list"),
-    ({"colour": 1}, "unknown key"),
-    ({"options": {"rescalr": "l1"}}, "unknown option 'rescalr'"),
-    ({"options": {"dtype": "float8"}}, "dtype 'float8'"),
-    ({"tasks": [{"name": "x"}]}, "tasks[0]: a task needs a name and a path"),
-])
+@pytest.mark.parametrize(
+    "edit, msg",
+    [
+        ({"tasks": []}, "non-empty list"),
+        ({"colour": 1}, "unknown key"),
+        ({"options": {"rescalr": "l1"}}, "unknown option 'rescalr'"),
+        ({"options": {"dtype": "float8"}}, "dtype 'float8'"),
+        ({"tasks": [{"name": "x"}]}, "tasks[0]: a task needs a name and a path"),
+    ],
+)
 def test_bad_recipes_are_refused_naming_file_and_key(tmp_path, edit, msg):
     r = {"store": "s", "base": "b", "tasks": [{"name": "x", "path": "p"}], **edit}
     p = tmp_path / "r.json"

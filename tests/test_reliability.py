@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from condu_merge import ContinualMerger
-from condu_merge.checkpoints import PeftAdapter, SafetensorsFile, open_checkpoint
+from condu_merge.checkpoints import SafetensorsFile, open_checkpoint
 from condu_merge.cli import main
 from condu_merge.errors import ConduError, DtypeMismatchError, FormatError
 from condu_merge.store import MANIFEST, Store
@@ -97,6 +97,7 @@ def _tree(path) -> dict:
 
 # ---------------------------------------------------------------------------- 1. the lock
 
+
 @pytest.mark.parametrize("kind", ["symlink", "hardlink", "foreign"])
 def test_a_planted_lock_file_is_refused_and_its_target_untouched(tmp_path, capsys, kind):
     base, fts = _ckpts(tmp_path)
@@ -122,6 +123,7 @@ def test_a_planted_lock_file_is_refused_and_its_target_untouched(tmp_path, capsy
 
 # ---------------------------------------------------------------------------- 2. foreign files
 
+
 def _plant_foreign(store, outside):
     os.makedirs(store / "gen-results")
     (store / "gen-results" / "notes.txt").write_text("notes")
@@ -143,7 +145,11 @@ def test_foreign_files_and_symlinks_survive_add_task_export_and_save(tmp_path, c
     outside = tmp_path / "outside"
     assert _add(store, base, fts[0], "a") == 0
     _plant_foreign(store, outside)
-    foreign = {k: v for k, v in _tree(store).items() if not k.startswith(("gen-00000", "manifest.json", ".lock")) or k.startswith("manifest.json.tmp")}
+    foreign = {
+        k: v
+        for k, v in _tree(store).items()
+        if not k.startswith(("gen-00000", "manifest.json", ".lock")) or k.startswith("manifest.json.tmp")
+    }
     out_before = _tree(outside)
     # a refused task (NaN), a committed one, an export, a save, save_prototypes
     nan = tmp_path / "nan.safetensors"
@@ -201,6 +207,7 @@ def test_a_store_is_not_created_in_a_non_empty_folder(tmp_path, capsys):
 
 # ---------------------------------------------------------------------------- 3. export targets
 
+
 def test_export_refuses_store_base_and_source_paths_and_existing_outputs(tmp_path, capsys):
     base, fts = _ckpts(tmp_path)
     store = tmp_path / "st"
@@ -212,7 +219,14 @@ def test_export_refuses_store_base_and_source_paths_and_existing_outputs(tmp_pat
     ft_bytes = open(fts[0], "rb").read()
     link = tmp_path / "link.safetensors"
     os.symlink(store / MANIFEST, link)
-    for target in (base, fts[0], store / MANIFEST, store / gen / "unified.safetensors", store / "new.safetensors", link):
+    for target in (
+        base,
+        fts[0],
+        store / MANIFEST,
+        store / gen / "unified.safetensors",
+        store / "new.safetensors",
+        link,
+    ):
         for force in ([], ["--force"]):
             assert main(["export", str(store), "--task", "a", "-o", str(target), "-q", *force]) == 1, target
             _err(capsys)
@@ -222,7 +236,9 @@ def test_export_refuses_store_base_and_source_paths_and_existing_outputs(tmp_pat
     d = tmp_path / "shards"
     d.mkdir()
     save_file(load_file(fts[1]), str(d / "model-00001.safetensors"))
-    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "model-00001.safetensors", "b": "model-00001.safetensors"}}))
+    (d / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"w": "model-00001.safetensors", "b": "model-00001.safetensors"}})
+    )
     assert _add(store, base, str(d / "model.safetensors.index.json"), "sharded") == 0
     assert main(["export", str(store), "--task", "a", "-o", str(d / "model-00001.safetensors"), "-q", "--force"]) == 1
     assert "source of task 'sharded'" in _err(capsys)
@@ -237,13 +253,16 @@ def test_export_refuses_store_base_and_source_paths_and_existing_outputs(tmp_pat
 
 # ---------------------------------------------------------------------------- 4. hostile regexes
 
+
 def _adapter(folder, cfg: dict | list | str, A=None, B=None, module="w"):
     os.makedirs(folder, exist_ok=True)
     g = torch.Generator().manual_seed(1)
     A = torch.randn(2, 8, generator=g) if A is None else A
     B = torch.randn(12, 2, generator=g) if B is None else B
-    save_file({f"base_model.model.{module}.lora_A.weight": A, f"base_model.model.{module}.lora_B.weight": B},
-              os.path.join(folder, "adapter_model.safetensors"))
+    save_file(
+        {f"base_model.model.{module}.lora_A.weight": A, f"base_model.model.{module}.lora_B.weight": B},
+        os.path.join(folder, "adapter_model.safetensors"),
+    )
     with open(os.path.join(folder, "adapter_config.json"), "w") as fh:
         fh.write(cfg if isinstance(cfg, str) else json.dumps(cfg))
     return str(folder)
@@ -254,8 +273,11 @@ def test_catastrophic_alpha_pattern_does_not_hang(tmp_path, pat):
     base, _ = _ckpts(tmp_path)
     module = "a" * 40
     save_file({module + ".weight": torch.randn(12, 8)}, base)
-    ad = _adapter(tmp_path / "ad", {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "alpha_pattern": {pat: 16}, "rank_pattern": {pat: 2}},
-                  module=module)
+    ad = _adapter(
+        tmp_path / "ad",
+        {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "alpha_pattern": {pat: 16}, "rank_pattern": {pat: 2}},
+        module=module,
+    )
     with bounded(20):
         try:
             with Store(tmp_path / "st") as st:
@@ -270,7 +292,18 @@ def test_pattern_matching_is_peft_s(tmp_path):
     from condu_merge.checkpoints import peft_pattern_key
 
     pats = ["q", "attn.q", "layers.0.attn.q", r"layers\.\d+\.mlp", "q|v", "^x", "mlp.*", ".*fc", "k"]
-    modules = ["q", "attn.q", "layers.0.attn.q", "layers.12.mlp", "model.v", "xq", "a.mlp.fc", "k.q", "kk", "layers.0.attn.qq"]
+    modules = [
+        "q",
+        "attn.q",
+        "layers.0.attn.q",
+        "layers.12.mlp",
+        "model.v",
+        "xq",
+        "a.mlp.fc",
+        "k.q",
+        "kk",
+        "layers.0.attn.qq",
+    ]
     for m in modules:
         for i in range(len(pats)):
             keys = pats[i:] + pats[:i]
@@ -288,6 +321,7 @@ def test_bad_regex_in_adapter_config_is_named(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------- 5. thousands of tasks
+
 
 def test_five_thousand_tasks_at_a_low_open_file_limit(tmp_path):
     """5,000 tasks under a limit of 128 open files: save, open (hashes verified), add a task,
@@ -343,6 +377,7 @@ def test_five_thousand_tasks_at_a_low_open_file_limit(tmp_path):
 
 # ---------------------------------------------------------------------------- 6. dtype kind
 
+
 def test_integer_finetuned_tensor_against_float_base_is_refused(tmp_path, capsys):
     base, fts = _ckpts(tmp_path)
     bad = tmp_path / "int.safetensors"
@@ -358,6 +393,7 @@ def test_integer_finetuned_tensor_against_float_base_is_refused(tmp_path, capsys
 
 
 # ---------------------------------------------------------------------------- 7. manifest fields
+
 
 @pytest.mark.parametrize(
     "edit",
@@ -388,7 +424,11 @@ def test_manifest_fields_are_validated_even_with_a_recomputed_checksum(tmp_path,
     _rewrite_manifest(store, edit)
     with pytest.raises(FormatError, match="manifest.json"):
         Store(store)
-    for argv in (["verify", str(store)], ["inspect", str(store)], ["export", str(store), "--task", "a", "--delta", "-o", str(tmp_path / "o.safetensors")]):
+    for argv in (
+        ["verify", str(store)],
+        ["inspect", str(store)],
+        ["export", str(store), "--task", "a", "--delta", "-o", str(tmp_path / "o.safetensors")],
+    ):
         assert main(argv) == 1
         assert "manifest.json" in _err(capsys)
 
@@ -404,6 +444,7 @@ def test_per_tensor_rescalers_are_validated(tmp_path):
 
 
 # ---------------------------------------------------------------------------- 8. reads verify
+
 
 def _flip(path, offset=-1):
     with open(path, "r+b") as fh:
@@ -456,6 +497,7 @@ def test_add_task_does_not_commit_over_damaged_prototypes(tmp_path, capsys):
 
 # ---------------------------------------------------------------------------- 9. errors name file and key
 
+
 def _raw_safetensors(path, header: bytes | str, data: bytes = b""):
     if isinstance(header, str):
         header = header.encode()
@@ -472,15 +514,29 @@ def _raw_safetensors(path, header: bytes | str, data: bytes = b""):
         ('{"w":{"dtype":"F32","shape":[' + "9" * 5000 + '],"data_offsets":[0,4]}}', "5000 digits"),
         ('{"w":{"dtype":"F32","shape":["abc"],"data_offsets":[0,4]}}', "'w'"),
         ('{"w":{"dtype":"F32","shape":[true],"data_offsets":[0,4]}}', "'w'"),
-        ('{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"v":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}', "overlap"),
+        (
+            '{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"v":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}',
+            "overlap",
+        ),
         ('{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4.0]}}', "'w'"),
         ('{"w":[1,2]}', "'w'"),
         ('{"__metadata__":[1]}', "metadata"),
         ("[" * 100000 + "]" * 100000, "nested too deeply"),
         ('{"a":' * 50000 + "1" + "}" * 50000, "nested too deeply"),
     ],
-    ids=["huge-dim", "inf-dim", "5000-digits", "str-dim", "bool-dim", "overlap", "float-offset", "entry-list", "metadata-list",
-         "deep-list", "deep-object"],
+    ids=[
+        "huge-dim",
+        "inf-dim",
+        "5000-digits",
+        "str-dim",
+        "bool-dim",
+        "overlap",
+        "float-offset",
+        "entry-list",
+        "metadata-list",
+        "deep-list",
+        "deep-object",
+    ],
 )
 def test_hostile_safetensors_headers_are_one_line_errors(tmp_path, capsys, header, what):
     base, _ = _ckpts(tmp_path)
@@ -538,7 +594,7 @@ def test_bad_index_and_manifest_types_are_named(tmp_path, capsys):
     base, fts = _ckpts(tmp_path)
     d = tmp_path / "shards"
     d.mkdir()
-    (d / "model.safetensors.index.json").write_text('[1, 2]')
+    (d / "model.safetensors.index.json").write_text("[1, 2]")
     assert _add(tmp_path / "st", base, str(d / "model.safetensors.index.json"), "t") == 1
     assert "index.json" in _err(capsys)
     store = tmp_path / "st2"
@@ -579,7 +635,12 @@ def test_fp16_difference_overflow_is_explained(tmp_path, capsys):
     assert _add(tmp_path / "st", str(tmp_path / "b.safetensors"), str(tmp_path / "f.safetensors"), "t") == 1
     err = _err(capsys)
     assert "overflows float16" in err and "--dtype float32" in err and "'w'" in err and "f.safetensors" in err
-    assert _add(tmp_path / "st", str(tmp_path / "b.safetensors"), str(tmp_path / "f.safetensors"), "t", "--dtype", "float32") == 0
+    assert (
+        _add(
+            tmp_path / "st", str(tmp_path / "b.safetensors"), str(tmp_path / "f.safetensors"), "t", "--dtype", "float32"
+        )
+        == 0
+    )
 
 
 def test_a_bin_that_is_really_safetensors_is_read(tmp_path):
@@ -598,13 +659,16 @@ def test_symlinked_shards_are_read_through(tmp_path):
     d = tmp_path / "snap"
     d.mkdir()
     os.symlink(fts[0], d / "model-00001.safetensors")
-    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "model-00001.safetensors", "b": "model-00001.safetensors"}}))
+    (d / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"w": "model-00001.safetensors", "b": "model-00001.safetensors"}})
+    )
     with Store(tmp_path / "st") as st:
         st.add_task_from_checkpoints("t", base, str(d))
         assert st.task_names == ["t"]
 
 
 # ---------------------------------------------------------------------------- 10. minor
+
 
 def _env():
     return dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
@@ -614,8 +678,27 @@ def test_json_into_a_closed_pipe_after_a_commit_is_rc_0(tmp_path):
     base, fts = _ckpts(tmp_path)
     r, w = os.pipe()
     os.close(r)
-    p = subprocess.run([sys.executable, "-m", "condu_merge", "--json", "add-task", str(tmp_path / "st"), "--base", base,
-                        "--finetuned", fts[0], "--name", "t"], stdout=w, stderr=subprocess.PIPE, text=True, env=_env(), timeout=120)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "condu_merge",
+            "--json",
+            "add-task",
+            str(tmp_path / "st"),
+            "--base",
+            base,
+            "--finetuned",
+            fts[0],
+            "--name",
+            "t",
+        ],
+        stdout=w,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+        timeout=120,
+    )
     os.close(w)
     assert p.returncode == 0, p.stderr
     assert "Broken pipe" not in p.stderr and "Traceback" not in p.stderr
@@ -630,19 +713,59 @@ def _free_port() -> int:
 
 def test_stale_distributed_environment_does_not_hang(tmp_path):
     base, fts = _ckpts(tmp_path)
-    env = dict(_env(), WORLD_SIZE="2", RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
-               CONDU_MERGE_RENDEZVOUS_TIMEOUT="3")
+    env = dict(
+        _env(),
+        WORLD_SIZE="2",
+        RANK="0",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(_free_port()),
+        CONDU_MERGE_RENDEZVOUS_TIMEOUT="3",
+    )
     env.pop("TORCHELASTIC_RUN_ID", None)
     env.pop("GROUP_RANK", None)
     t0 = time.time()
-    p = subprocess.run([sys.executable, "-m", "condu_merge", "add-task", str(tmp_path / "st"), "--base", base, "--finetuned", fts[0],
-                        "--name", "t"], capture_output=True, text=True, env=env, timeout=120)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "condu_merge",
+            "add-task",
+            str(tmp_path / "st"),
+            "--base",
+            base,
+            "--finetuned",
+            fts[0],
+            "--name",
+            "t",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert p.returncode == 0, p.stderr
     assert "WORLD_SIZE" in p.stderr  # said once why it runs in one process
     assert Store(tmp_path / "st").task_names == ["t"]
     # the explicit distributed entry point rendezvous, and times out with a clear line
-    p = subprocess.run([sys.executable, "-m", "condu_merge.distributed", "add-task", str(tmp_path / "st"), "--base", base,
-                        "--finetuned", fts[1], "--name", "u"], capture_output=True, text=True, env=env, timeout=120)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "condu_merge.distributed",
+            "add-task",
+            str(tmp_path / "st"),
+            "--base",
+            base,
+            "--finetuned",
+            fts[1],
+            "--name",
+            "u",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert p.returncode == 1
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and "rendezvous" in lines[0] and "127.0.0.1" in lines[0] and "3" in lines[0], p.stderr
@@ -665,7 +788,9 @@ def test_stale_temporary_files_of_dead_writers_are_cleaned(tmp_path):
     dead = _dead_pid()
     out = tmp_path / "a.safetensors"
     # a killed export's leftover (our header) and someone else's file of the same shape of name
-    save_file_streaming({"w": torch.ones(1000)}, f"{out}.tmp-{dead}", {"condu-merge-task": "a", "condu-merge-store": str(store)})
+    save_file_streaming(
+        {"w": torch.ones(1000)}, f"{out}.tmp-{dead}", {"condu-merge-task": "a", "condu-merge-store": str(store)}
+    )
     os.truncate(f"{out}.tmp-{dead}", 200)  # killed mid-write: the header and a part of the data
     (tmp_path / f"other.safetensors.tmp-{dead}").write_text("not ours")
     (store / f"manifest.json.tmp-{dead}").write_text("{}")

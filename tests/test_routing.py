@@ -27,6 +27,7 @@ def n(x):
 
 # ---------------------------------------------------------------------------- prototypes
 
+
 def test_prototypes_follow_the_formula():
     g = torch.Generator().manual_seed(0)
     c, t, d = 4, 3, 8
@@ -57,8 +58,10 @@ def test_prototypes_follow_the_formula():
 
 
 def test_prototypes_file_round_trip(tmp_path):
-    p = {"cars": {"prototypes": torch.randn(3, 4), "image_counts": torch.tensor([1, 0, 2])},
-         "dtd": {"prototypes": torch.randn(2, 4), "image_counts": torch.tensor([5, 5])}}
+    p = {
+        "cars": {"prototypes": torch.randn(3, 4), "image_counts": torch.tensor([1, 0, 2])},
+        "dtd": {"prototypes": torch.randn(2, 4), "image_counts": torch.tensor([5, 5])},
+    }
     save_prototypes(tmp_path / "p.safetensors", p)
     back = load_prototypes(tmp_path / "p.safetensors")
     assert set(back) == set(p)
@@ -71,6 +74,7 @@ def test_prototypes_file_round_trip(tmp_path):
 
 
 # ---------------------------------------------------------------------------- routing
+
 
 def synthetic_tasks(num_tasks=6, classes=3, d=24, seed=0):
     """Each task's prototypes lie near its own random direction; a sample of task t is a noisy
@@ -127,6 +131,7 @@ class FakeExperts:
 
 def reference_logits(experts, sel, tasks, x, prompts, include_pretrained=False):
     """Every expert on every sample, then the mask-weighted mean (the slow, obvious way)."""
+
     def full(t):
         text = n(torch.stack([n(experts.encode_text(t, prompts[c])).mean(0) for c in range(prompts.shape[0])]))
         return 100 * n(experts.encode_image(t, x)) @ text.t()
@@ -169,12 +174,19 @@ def test_class_text_embeddings_average_templates():
     ex = FakeExperts(["a"])
     prompts = torch.randint(0, 50, (4, 2, 3), generator=torch.Generator().manual_seed(2))
     got = class_text_embeddings(lambda t: ex.encode_text("a", t), prompts, batch_size=3)
-    ref = n(torch.stack([(n(ex.encode_text("a", prompts[c, :1])) + n(ex.encode_text("a", prompts[c, 1:]))).squeeze(0) / 2
-                         for c in range(4)]))
+    ref = n(
+        torch.stack(
+            [
+                (n(ex.encode_text("a", prompts[c, :1])) + n(ex.encode_text("a", prompts[c, 1:]))).squeeze(0) / 2
+                for c in range(4)
+            ]
+        )
+    )
     torch.testing.assert_close(got, ref)
 
 
 # ---------------------------------------------------------------------------- real tiny CLIP
+
 
 def test_aggregator_with_clip_experts():
     pytest.importorskip("open_clip")
@@ -226,18 +238,23 @@ def test_store_integration(tmp_path):
         merger.add_task(f"t{i}", d)
         store.add_task(f"t{i}", d)
         with torch.no_grad():
-            protos[f"t{i}"] = compute_prototypes(base.encode_image(images(3, seed=70 + i)), torch.tensor([0, 1, 2]), txt)
+            protos[f"t{i}"] = compute_prototypes(
+                base.encode_image(images(3, seed=70 + i)), torch.tensor([0, 1, 2]), txt
+            )
         store.save_prototypes(f"t{i}", protos[f"t{i}"])
     loaded = prototypes_from_store(store_mod.Store(tmp_path / "s"))
     assert set(loaded) == {"t0", "t1"} and torch.equal(loaded["t1"]["prototypes"], protos["t1"]["prototypes"])
     x = images(4, seed=80)
     with torch.no_grad():
         a = SemanticAggregator(ClipExperts.from_store(copy.deepcopy(base), store), loaded, k=1).logits(x, "ds", prompts)
-        b = SemanticAggregator(ClipExperts.from_merger(copy.deepcopy(base), merger), protos, k=1).logits(x, "ds", prompts)
+        b = SemanticAggregator(ClipExperts.from_merger(copy.deepcopy(base), merger), protos, k=1).logits(
+            x, "ds", prompts
+        )
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------- review fixes
+
 
 def test_text_cache_not_reused_for_other_prompts_under_one_dataset_name():
     """Same dataset name, different class prompts (another class list or templates): the cached
@@ -264,7 +281,7 @@ def test_empty_batch_gives_empty_logits():
     protos, feats, _ = synthetic_tasks()
     agg = SemanticAggregator(FakeExperts(list(protos)), protos, k=2)
     prompts = torch.randint(0, 50, (7, 3, 4), generator=torch.Generator().manual_seed(5))
-    for kw in ({}, {"task": list(protos)[0]}):
+    for kw in ({}, {"task": next(iter(protos))}):
         out = agg.logits(feats[:0], "ds", prompts, **kw)
         assert out.shape == (0, 7)
 

@@ -19,10 +19,7 @@ SHAPES = {"enc.weight": (33, 17), "enc.bias": (5,), "head.weight": (64, 40), "em
 def _deltas(n, shapes=SHAPES, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
     shared = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
-    return [
-        {k: (0.5 * shared[k] + torch.randn(s, generator=g)).to(dtype) for k, s in shapes.items()}
-        for _ in range(n)
-    ]
+    return [{k: (0.5 * shared[k] + torch.randn(s, generator=g)).to(dtype) for k, s in shapes.items()} for _ in range(n)]
 
 
 def _assert_same_session(st: Store, m: ContinualMerger):
@@ -77,7 +74,9 @@ def test_save_load_and_continue_on_disk(tmp_path):
     m.add_task("t3", ds[3])
     m.save(tmp_path / "s")
     _assert_same_session(Store(tmp_path / "s"), m)
-    assert [n for n in os.listdir(tmp_path / "s") if n.startswith("gen-")] == [Store(tmp_path / "s").manifest["generation_dir"]]
+    assert [n for n in os.listdir(tmp_path / "s") if n.startswith("gen-")] == [
+        Store(tmp_path / "s").manifest["generation_dir"]
+    ]
 
 
 def test_masks_cost_one_bit_per_parameter_per_task(tmp_path):
@@ -127,6 +126,7 @@ def test_unknown_task_and_missing_store(tmp_path):
 
 
 # ---------------------------------------------------------------------------- integrity
+
 
 def _store(tmp_path, n=3):
     m = ContinualMerger()
@@ -248,6 +248,7 @@ def test_second_writer_gets_a_clear_error(tmp_path):
 
 
 # ---------------------------------------------------------------------------- prototypes
+
 
 def test_prototypes_are_stored_hashed_and_carried(tmp_path):
     root, st = _store(tmp_path)

@@ -31,7 +31,9 @@ deltas = _ns["deltas"]
 
 # One interpreter imports torch once, then forks a child per case (nothing has started torch's
 # thread pools before the fork); each child sets the crash step and runs its write.
-ZYGOTE = GEN + """
+ZYGOTE = (
+    GEN
+    + """
 import json, os, sys
 from condu_merge import ContinualMerger
 from condu_merge.store import CRASH_ENV, Store
@@ -66,6 +68,7 @@ for pid, root in children.items():
     status[root] = -os.WTERMSIG(st) if os.WIFSIGNALED(st) else os.WEXITSTATUS(st)
 print(json.dumps(status))
 """
+)
 
 BEFORE_SWITCH = ["write:start", "write:tensor", "write:data", "commit:tmp"]
 AFTER_SWITCH = ["commit:switched", "commit:cleanup"]
@@ -110,7 +113,9 @@ def crashed(tmp_path_factory):
     p = subprocess.run([sys.executable, "-c", ZYGOTE, json.dumps(jobs)], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     status = json.loads(p.stdout.strip().splitlines()[-1])
-    return {(op, step): (Path(root), status[root], os.path.exists(root + ".finished"), p.stderr) for op, step, root in jobs}
+    return {
+        (op, step): (Path(root), status[root], os.path.exists(root + ".finished"), p.stderr) for op, step, root in jobs
+    }
 
 
 @pytest.mark.parametrize("op,step", CASES, ids=[f"{o}-{s}" for o, s in CASES])

@@ -21,18 +21,31 @@ from condu_merge.strategies import (
     conflict_mask,
     get_strategy,
     important_signs,
-    sign_agreement,
     top_fraction_threshold,
     trim_threshold,
 )
 
-ALL = ["condu", "pam", "magmax", "task_arithmetic", "ties", "emr", "continual_ft", "opcm", "dop", "tall_masks", "dare_task_arithmetic", "dare_ties"]
+ALL = [
+    "condu",
+    "pam",
+    "magmax",
+    "task_arithmetic",
+    "ties",
+    "emr",
+    "continual_ft",
+    "opcm",
+    "dop",
+    "tall_masks",
+    "dare_task_arithmetic",
+    "dare_ties",
+]
 F64 = torch.float64
 # TIES with this library's earlier rules (⌈kN⌉ kept, an exact-zero sum elects +1, disjoint mean)
 LEGACY_TIES = {"trim_rule": "ceil", "zero_sign": "positive", "merge_func": "mean"}
 
 
 # ---------------------------------------------------------------------------- helpers
+
 
 def rand_state(seed: int, shapes=None, dtype=F64) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
@@ -60,6 +73,7 @@ def assert_close(a: dict, b: dict, atol=1e-12):
 
 
 # ---------------------------------------------------------------------------- float64 references
+
 
 def ref_task_arithmetic(taus, lam):
     return {k: lam * torch.stack([t[k].to(F64) for t in taus]).sum(0) for k in taus[0]}
@@ -129,6 +143,7 @@ def ref_unify(deltas):
 
 
 # ---------------------------------------------------------------------------- registry & protocol
+
 
 def test_registry_lists_every_strategy():
     assert sorted(ALL) == available_strategies()
@@ -208,6 +223,7 @@ def test_dtype_kept_and_no_aliasing(name, dtype):
 
 # ---------------------------------------------------------------------------- merge rules vs float64
 
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_task_arithmetic_matches_reference(seed):
     taus = [rand_state(10 * seed + i) for i in range(4)]
@@ -218,8 +234,10 @@ def test_task_arithmetic_matches_reference(seed):
 
 def test_task_arithmetic_by_hand():
     base = {"w": torch.tensor([1.0, 1.0], dtype=F64)}
-    s = run_deltas(get_strategy("task_arithmetic", base, scale=0.5),
-                   [{"w": torch.tensor([2.0, -4.0], dtype=F64)}, {"w": torch.tensor([4.0, 2.0], dtype=F64)}])
+    s = run_deltas(
+        get_strategy("task_arithmetic", base, scale=0.5),
+        [{"w": torch.tensor([2.0, -4.0], dtype=F64)}, {"w": torch.tensor([4.0, 2.0], dtype=F64)}],
+    )
     assert s.model_for_inference()["w"].tolist() == [4.0, 0.0]
 
 
@@ -229,7 +247,9 @@ def test_task_arithmetic_by_hand():
 def test_ties_matches_reference(scope, density, seed):
     taus = [rand_state(100 * seed + i) for i in range(5)]
     # this library's earlier rules, kept as options (the reference rules: tests/test_strategies_peers.py)
-    s = run_deltas(get_strategy("ties", rand_state(7), density=density, scale=1.3, trim_scope=scope, **LEGACY_TIES), taus)
+    s = run_deltas(
+        get_strategy("ties", rand_state(7), density=density, scale=1.3, trim_scope=scope, **LEGACY_TIES), taus
+    )
     assert_close(merged_delta(s), ref_ties(taus, density, 1.3, scope), atol=1e-12)
 
 
@@ -316,9 +336,19 @@ def test_pam_by_hand_and_merged_start():
 
 def test_pam_rejects_bad_options():
     base = rand_state(0)
-    for kw in ({"align_fraction": 1.5}, {"align_fraction": -0.1}, {"align_every": 0}, {"align_every": 2.5},
-               {"reset_to": "random"}, {"align_on": "grads"}, {"scope": "layer"}, {"reset_optimizer": "adam"},
-               {"merge_coef": 0.0}, {"merge_coef": 1.5}, {"init": "previous"}):
+    for kw in (
+        {"align_fraction": 1.5},
+        {"align_fraction": -0.1},
+        {"align_every": 0},
+        {"align_every": 2.5},
+        {"reset_to": "random"},
+        {"align_on": "grads"},
+        {"scope": "layer"},
+        {"reset_optimizer": "adam"},
+        {"merge_coef": 0.0},
+        {"merge_coef": 1.5},
+        {"init": "previous"},
+    ):
         with pytest.raises(ValueError, match=next(iter(kw))):
             PAM(base, **kw)
 
@@ -337,8 +367,10 @@ def test_emr_matches_reference(seed):
 
 def test_emr_by_hand():
     base = {"w": torch.zeros(2, dtype=F64)}
-    s = run_deltas(get_strategy("emr", base), [{"w": torch.tensor([1.0, -2.0], dtype=F64)},
-                                                {"w": torch.tensor([3.0, 1.0], dtype=F64)}])
+    s = run_deltas(
+        get_strategy("emr", base),
+        [{"w": torch.tensor([1.0, -2.0], dtype=F64)}, {"w": torch.tensor([3.0, 1.0], dtype=F64)}],
+    )
     # s = [+, -]; M1 = [1, 1], M2 = [1, 0]; u = [3, -2]; λ1 = 1.5/2.5, λ2 = 2/1.5
     assert s.model_for_inference()["w"].tolist() == [3.0, -2.0]
     torch.testing.assert_close(s.expert("t0")["w"], torch.tensor([1.8, -1.2], dtype=F64))
@@ -396,14 +428,17 @@ def test_stored_bytes():
 
 # ---------------------------------------------------------------------------- PAM's alignment
 
+
 def ref_important_signs(values, fraction, scope):
     """From the definition: sort magnitudes, keep those >= the ceil(p N)-th largest, drop zeros."""
+
     def keep(flat):
         n = flat.numel()
         k = min(n, math.ceil(fraction * n - 1e-9))
         if k == 0:
             return float("inf")
         return float(torch.sort(flat.abs().double(), descending=True).values[k - 1])
+
     if scope == "global":
         q = keep(torch.cat([v.reshape(-1) for v in values.values()]))
     out = {}
@@ -434,7 +469,11 @@ def test_pam_important_signs_by_hand():
 @pytest.mark.parametrize("fraction", [0.1, 0.5, 0.77, 1.0])
 def test_pam_important_signs_match_reference(scope, fraction):
     g = torch.Generator().manual_seed(3)
-    vals = {"w": torch.randint(-4, 5, (7, 9), generator=g).float(), "v": torch.randn(31, generator=g), "e": torch.zeros(3)}
+    vals = {
+        "w": torch.randint(-4, 5, (7, 9), generator=g).float(),
+        "v": torch.randn(31, generator=g),
+        "e": torch.zeros(3),
+    }
     got, ref = important_signs(vals, fraction, scope), ref_important_signs(vals, fraction, scope)
     for k in vals:
         assert torch.equal(got[k], ref[k]), k
@@ -473,7 +512,11 @@ def test_pam_alignment_resets_optimizer_state_of_reset_entries(opt_name, mode):
     glob = {"w": torch.tensor([3.0, -1.0, 0.5, -5.0])}
     hook = PAMAlignment(glob, fraction=0.5, reset_optimizer=mode)  # important: 0 (+), 3 (-)
     p = {"w": torch.nn.Parameter(torch.tensor([1.0, 1.0, 1.0, -1.0]))}
-    opt = torch.optim.AdamW(p.values(), lr=0.1) if opt_name == "adamw" else torch.optim.SGD(p.values(), lr=0.1, momentum=0.9)
+    opt = (
+        torch.optim.AdamW(p.values(), lr=0.1)
+        if opt_name == "adamw"
+        else torch.optim.SGD(p.values(), lr=0.1, momentum=0.9)
+    )
     (p["w"] * torch.tensor([1.0, 1.0, 1.0, -1.0])).sum().backward()  # w0 goes down: -> conflict at 0
     opt.step()
     with torch.no_grad():
@@ -559,8 +602,12 @@ def test_pam_alignment_trades_plasticity_for_stability_on_a_lora_toy():
         resets = sum(st.hook.resets) if st.hook else 0
         s.end_task("t2", params=p2)
         merged = s.model_for_inference()
-        res[frac] = dict(conflict=probe.conflict_fraction(p2), resets=resets, plastic=_lora_loss(w0, p2, tasks[1]),
-                         stable=_lora_loss(w0, merged, tasks[0]))
+        res[frac] = dict(
+            conflict=probe.conflict_fraction(p2),
+            resets=resets,
+            plastic=_lora_loss(w0, p2, tasks[1]),
+            stable=_lora_loss(w0, merged, tasks[0]),
+        )
     assert res[0.0]["conflict"] > 0.3 and res[0.5]["conflict"] == 0.0 and res[1.0]["conflict"] == 0.0, res
     assert 0 < res[0.5]["resets"] < res[1.0]["resets"], res
     # stability: the merged model forgets task 1 less as p grows ...
@@ -570,6 +617,7 @@ def test_pam_alignment_trades_plasticity_for_stability_on_a_lora_toy():
 
 
 # ---------------------------------------------------------------------------- interchangeable loop
+
 
 class TinyMLP(torch.nn.Module):
     def __init__(self):
@@ -627,7 +675,7 @@ def test_strategies_interchangeable_in_a_continual_loop(name):
     assert strat.task_names == list(tasks)
     final = strat.model_for_inference()
     assert set(final) == set(theta0)
-    for t, data in tasks.items():
+    for t, _data in tasks.items():
         model.load_state_dict(strat.model_for_inference(t))  # loads into the model as is
         model.load_state_dict(strat.expert(t))
     # every strategy learned something: mean loss over the tasks, with the model each strategy
@@ -657,7 +705,9 @@ def test_condu_lora_delta_is_just_a_state_dict():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
-@pytest.mark.parametrize("reset,frame", [("global", "values"), ("zero", "values"), ("global", "task_vector"), ("zero", "task_vector")])
+@pytest.mark.parametrize(
+    "reset,frame", [("global", "values"), ("zero", "values"), ("global", "task_vector"), ("zero", "task_vector")]
+)
 def test_pam_align_matches_a_plain_reference_exactly(dtype, reset, frame):
     """The fast blend (lerp with a 0/1 weight, multiply by the keep mask) equals the plain
     masked assignment bit for bit, including the optimizer's first moments."""

@@ -43,6 +43,7 @@ F64 = torch.float64
 
 # ---------------------------------------------------------------------------- helpers
 
+
 def run(strat, deltas, names=None):
     names = names or [f"t{i}" for i in range(len(deltas))]
     for n, d in zip(names, deltas):
@@ -85,6 +86,7 @@ SHAPES = {"a.w": (4, 5), "a.b": (5,), "z.w": (3, 3)}
 
 
 # ---------------------------------------------------------------------------- TIES
+
 
 def ref_topk_values_mask(M, K):
     """merge_utils.topk_values_mask, float64."""
@@ -201,6 +203,7 @@ def test_ties_tensor_scope_and_legacy_rules_still_available():
 
 # ---------------------------------------------------------------------------- MagMax
 
+
 def ref_merge_max_abs(taus):
     """magmax src/merging/task_vectors.py::merge_max_abs."""
     out = {}
@@ -261,6 +264,7 @@ def test_magmax_old_file_keeps_earlier_rule(tmp_path):
 
 # ---------------------------------------------------------------------------- DARE
 
+
 def test_dare_mask_rule_and_determinism():
     m = dare_mask((1000,), 0.3, seed=0, task="a", key="w")
     g = torch.Generator().manual_seed(dare_seed(0, "a", "w"))
@@ -277,7 +281,10 @@ def test_dare_task_arithmetic_equals_reference(p):
     taus = [int_state(i, shapes) for i in range(3)]
     names = ["x", "y", "z"]
     s = run(DareTaskArithmetic(int_state(9, shapes), sparsity=p, scale=0.3, seed=4), taus, names)
-    want = {k: sum(0.3 * taus[i][k] * dare_mask(taus[i][k].shape, p, 4, n, k) / (1 - p) for i, n in enumerate(names)) for k in shapes}
+    want = {
+        k: sum(0.3 * taus[i][k] * dare_mask(taus[i][k].shape, p, 4, n, k) / (1 - p) for i, n in enumerate(names))
+        for k in shapes
+    }
     close(merged(s), want)
     # folding order does not change any task's drop, and the sum is continual (one model)
     r = run(DareTaskArithmetic(int_state(9, shapes), sparsity=p, scale=0.3, seed=4), taus[::-1], names[::-1])
@@ -312,6 +319,7 @@ def test_dare_load_refuses_other_drop(tmp_path):
 
 
 # ---------------------------------------------------------------------------- OPCM
+
 
 def ref_opcm(base, taus, alpha):
     """fusion_bench OPCMForCLIP.run, with every 2-D tensor as a Linear weight, float64."""
@@ -380,13 +388,16 @@ def test_opcm_projection_by_hand():
     # project_keys=[] adds every task vector unprojected
     s = run(OPCM(base, project_keys=[]), [{"w": S}, {"w": tau}], ["a", "b"])
     acc = S + tau
-    torch.testing.assert_close(s.model_for_inference()["w"], acc * ((S.norm() + tau.norm()) / 2 / acc.norm()), atol=1e-13, rtol=0)
+    torch.testing.assert_close(
+        s.model_for_inference()["w"], acc * ((S.norm() + tau.norm()) / 2 / acc.norm()), atol=1e-13, rtol=0
+    )
     with pytest.raises(ValueError, match="project_keys"):
         OPCM({"b": torch.zeros(3)}, project_keys=["b"])
     assert s.stored_bytes().total == 9 * 8 + 2 * 8
 
 
 # ---------------------------------------------------------------------------- DOP
+
 
 def ref_dop_weight(pre, fts, *, lr, num_steps, mgda, alpha, ema, ema_beta, eps, space):
     """fusion_bench ContinualDOPForCLIP._optimize_weight with autograd and torch.optim.Adam."""
@@ -448,7 +459,8 @@ def ref_dop(base, taus, **kw):
 
 
 @pytest.mark.parametrize(
-    "mgda,ema,space", [(True, True, "uv"), (True, False, "uv"), (False, False, "uv"), (True, True, "u"), (False, False, "v")]
+    "mgda,ema,space",
+    [(True, True, "uv"), (True, False, "uv"), (False, False, "uv"), (True, True, "u"), (False, False, "v")],
 )
 def test_dop_equals_reference_code(mgda, ema, space):
     g = torch.Generator().manual_seed(3)
@@ -457,7 +469,9 @@ def test_dop_equals_reference_code(mgda, ema, space):
     taus = [{k: torch.randn(s, generator=g, dtype=F64) for k, s in shapes.items()} for _ in range(3)]
     kw = dict(lr=0.05, num_steps=40, mgda=mgda, alpha=0.7, ema=ema, ema_beta=0.9, svd_epsilon=0.9, svd_proj_space=space)
     s = run(DOP(base, **kw), taus)
-    ref = ref_dop(base, taus, **{**{k: v for k, v in kw.items() if not k.startswith("svd")}, "eps": 0.9, "space": space})
+    ref = ref_dop(
+        base, taus, **{**{k: v for k, v in kw.items() if not k.startswith("svd")}, "eps": 0.9, "space": space}
+    )
     close(merged(s), ref, atol=1e-9)
     # the optimisation moved W off the plain average
     avg = (taus[0]["l1.w"] + taus[1]["l1.w"]) / 2
@@ -489,11 +503,20 @@ def test_dop_by_hand_and_defaults():
     assert min_norm_2(1.0, 2.0, 5.0) == 0.999 and min_norm_2(5.0, 2.0, 1.0) == 0.001
     assert min_norm_2(1.0, 0.0, 1.0) == 0.5
     d = DOP(base)  # fusion_bench config/method/dop/dop.yaml
-    assert d.opt == {"lr": 1e-4, "num_steps": 200, "mgda": True, "alpha": 0.8, "ema": True, "ema_beta": 0.999,
-                     "svd_epsilon": 0.99999, "svd_proj_space": "uv"}
+    assert d.opt == {
+        "lr": 1e-4,
+        "num_steps": 200,
+        "mgda": True,
+        "alpha": 0.8,
+        "ema": True,
+        "ema_beta": 0.999,
+        "svd_epsilon": 0.99999,
+        "svd_proj_space": "uv",
+    }
 
 
 # ---------------------------------------------------------------------------- TALL masks / consensus
+
 
 def ref_tall(base, taus, lam, k, scale):
     """tall_masks generate_task_masks / construct_consensus_mask on flattened absolute weights."""
@@ -579,6 +602,7 @@ def test_tall_masks_load_refuses_other_lambda_and_checks_masks(tmp_path):
 
 
 # ---------------------------------------------------------------------------- registry
+
 
 def test_new_strategies_registered_with_flags():
     base = {"w": torch.zeros(2, 2)}

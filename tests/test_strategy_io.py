@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from condu_merge.backends import get_backend
 from condu_merge.errors import DtypeMismatchError, FormatError, KeyMismatchError, MergeInputError, ShapeMismatchError
-from condu_merge.strategies import TIES, ConDU, MagMax, StrategyStateError, TaskArithmetic, get_strategy
+from condu_merge.strategies import TIES, ConDU, MagMax, StrategyStateError, get_strategy
 from condu_merge.strategies.base import (
     STRATEGY_FORMAT,
     BaseMismatchError,
@@ -29,11 +29,25 @@ from condu_merge.strategies.base import (
     metadata_sha256,
 )
 
-ALL = ["condu", "magmax", "task_arithmetic", "ties", "emr", "continual_ft", "pam", "opcm", "dop", "tall_masks", "dare_task_arithmetic", "dare_ties"]
+ALL = [
+    "condu",
+    "magmax",
+    "task_arithmetic",
+    "ties",
+    "emr",
+    "continual_ft",
+    "pam",
+    "opcm",
+    "dop",
+    "tall_masks",
+    "dare_task_arithmetic",
+    "dare_ties",
+]
 SHAPES = {"enc.w": (6, 5), "enc.b": (5,), "head.w": (3, 6), "scalar": ()}
 
 
 # ---------------------------------------------------------------------------- helpers
+
 
 def rand_state(seed: int, dtype=torch.float32, scale: float = 1.0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
@@ -98,6 +112,7 @@ def header_len(path) -> int:
 
 
 # ---------------------------------------------------------------------------- round trips
+
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("include_base", [True, False], ids=["with_base", "no_base"])
@@ -223,6 +238,7 @@ def test_verify_false_still_loads(tmp_path):
 
 # ---------------------------------------------------------------------------- bad input
 
+
 @pytest.fixture
 def saved(tmp_path):
     strat = make("condu", torch.float32, 2)
@@ -250,7 +266,7 @@ def test_flipped_header_bytes(tmp_path, saved):
     data = bytearray(path.read_bytes())
     h = header_len(path)
     bad = tmp_path / "flip.st"
-    positions = list(range(0, 8)) + list(range(8, h, 3))
+    positions = list(range(8)) + list(range(8, h, 3))
     for pos in positions:
         for mask in (0x01, 0x20):
             d = bytearray(data)

@@ -17,16 +17,16 @@ dtypes, zeros and ties; all tensors are tiny so the whole file runs in well unde
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import warnings
 
 import pytest
 import torch
-from hypothesis import HealthCheck, event, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, event, given, settings, strategies as st
 
-from condu_merge import ContinualMerger, RESCALER_MODES, RescalerWarning, add_task, decouple, unify
+from condu_merge import RESCALER_MODES, ContinualMerger, RescalerWarning, decouple, unify
 
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # Unit roundoff of each dtype: a rescaled element round(λ·u) is off by at most this relative amount.
@@ -45,6 +45,7 @@ THEORY = settings(max_examples=30, deadline=None, suppress_health_check=[HealthC
 
 # ----------------------------------------------------------------------------- strategies
 
+
 @st.composite
 def delta_sets(draw, min_tasks: int = 1, max_tasks: int = 5, dtypes=DTYPES, allow_empty: bool = True):
     """``n`` task deltas (dicts of 1-3 tensors) sharing shapes and a dtype.
@@ -62,7 +63,7 @@ def delta_sets(draw, min_tasks: int = 1, max_tasks: int = 5, dtypes=DTYPES, allo
     style = draw(st.sampled_from(["ties", "floats", "tiny", "mixed"]))
     ties = st.sampled_from(TIE_VALUES)
     floats = st.floats(-100.0, 100.0, allow_nan=False, allow_infinity=False, width=32)
-    tiny = st.floats(-2.0**-20, 2.0**-20, allow_nan=False, width=32)
+    tiny = st.floats(-(2.0**-20), 2.0**-20, allow_nan=False, width=32)
     elem = {"ties": ties, "floats": floats, "tiny": tiny, "mixed": st.one_of(ties, floats, tiny)}[style]
     out = []
     for _ in range(n):
@@ -76,6 +77,7 @@ def delta_sets(draw, min_tasks: int = 1, max_tasks: int = 5, dtypes=DTYPES, allo
 
 
 # ----------------------------------------------------------------------------- helpers
+
 
 def _flat64(sd: dict[str, torch.Tensor]) -> torch.Tensor:
     """All tensors of a state dict as one float64 vector (key order of the dict)."""
@@ -150,6 +152,7 @@ def _check_sign_properties(originals, experts, prev_experts, u, triggers, prev_t
 
 # ----------------------------------------------------------------------------- Lemma 2 (setting 1)
 
+
 @THEORY
 @given(deltas=delta_sets(min_tasks=1, max_tasks=6), mode=st.sampled_from(RESCALER_MODES))
 def test_lemma2_sign_preservation_continual_merger(deltas, mode):
@@ -176,6 +179,7 @@ def test_lemma2_sign_preservation_naive_route(deltas, mode):
 
 
 # ----------------------------------------------------------------------------- rescaler invariants
+
 
 @THEORY
 @given(deltas=delta_sets(min_tasks=1, max_tasks=6), mode=st.sampled_from(RESCALER_MODES))
@@ -250,6 +254,7 @@ def test_tensor_mean_does_not_keep_total_l1():
 
 # ----------------------------------------------------------------------------- single task / copies
 
+
 @THEORY
 @given(deltas=delta_sets(min_tasks=1, max_tasks=1), mode=st.sampled_from(RESCALER_MODES), copies=st.integers(1, 3))
 def test_single_task_round_trip_exact(deltas, mode, copies):
@@ -274,6 +279,7 @@ def test_single_task_round_trip_exact(deltas, mode, copies):
 
 # ----------------------------------------------------------------------------- Lemma 3 (setting 2)
 
+
 def _iterate_setting2(deltas, mode, iters):
     """Unify once, then ``iters`` times: decouple every expert and unify them again. Returns the
     list of ``(u, triggers, experts)`` per iteration (index 0 = the unify of the originals)."""
@@ -295,9 +301,7 @@ def _order(lams: list[float]) -> list[int]:
 def _order_inverted(before: list[float], after: list[float]) -> bool:
     """Whether some pair of rescalers swaps strict order (ties do not count as a change)."""
     n = len(before)
-    return any(
-        before[a] < before[b] and after[a] > after[b] for a in range(n) for b in range(n) if a != b
-    )
+    return any(before[a] < before[b] and after[a] > after[b] for a in range(n) for b in range(n) if a != b)
 
 
 def _pairwise_overlap(trig) -> bool:
@@ -433,6 +437,7 @@ def test_lemma3_converges_even_when_the_rescaler_order_changes():
 
 # ----------------------------------------------------------------------------- Theorem 1 (setting 1)
 
+
 def _session_changes(deltas: list[dict[str, torch.Tensor]], mode: str = "l1") -> list[float]:
     """``c(n) = (1/(n-1)) Σ_{i<n} ||δ̃_i(n) − δ̃_i(n−1)||_1 / ||δ_i||_1`` for sessions n = 2..T
     (relative, so the scale of the deltas drops out)."""
@@ -446,7 +451,9 @@ def _session_changes(deltas: list[dict[str, torch.Tensor]], mode: str = "l1") ->
             m.add_task(f"t{s}", d)
             cur = {n: _flat64(m.decouple(n)) for n in m.task_names}
             if prev:
-                out.append(sum((cur[n] - prev[n]).abs().sum().item() / norms[i] for i, n in enumerate(prev)) / len(prev))
+                out.append(
+                    sum((cur[n] - prev[n]).abs().sum().item() / norms[i] for i, n in enumerate(prev)) / len(prev)
+                )
             prev = cur
     return out
 
@@ -514,16 +521,16 @@ def test_same_sign_deltas_make_every_expert_parallel_to_u(deltas, mode):
     sign = {k: torch.where(v.to(torch.float64) >= 0, 1.0, -1.0) for k, v in deltas[0].items()}
     fixed = []
     for d in deltas:
-        fixed.append(
-            {k: ((v.to(torch.float64).abs() + 1.0) * sign[k]).to(v.dtype) for k, v in d.items()}
-        )
+        fixed.append({k: ((v.to(torch.float64).abs() + 1.0) * sign[k]).to(v.dtype) for k, v in d.items()})
     for _, m, _w in _run_sessions(fixed, mode):
         for name in m.task_names:
             trig = m.trigger(name)
             e = m.decouple(name)
             for k, uk in m.unified.items():
                 assert bool(trig.mask(k).all())
-                expect = (uk.to(torch.float64 if uk.dtype == torch.float64 else torch.float32) * trig.rescaler_for(k)).to(uk.dtype)
+                expect = (
+                    uk.to(torch.float64 if uk.dtype == torch.float64 else torch.float32) * trig.rescaler_for(k)
+                ).to(uk.dtype)
                 assert torch.equal(e[k], expect)
 
 
@@ -543,18 +550,26 @@ def test_session_changes_match_an_independent_float64_reference():
         u, masks, lams = ref_unify(experts + [d], "l1")
         experts = [ref_decouple(u, masks[i], lams[i]) for i in range(len(masks))]
         if prev:
-            ref.append(sum((_flat64(experts[i]) - _flat64(prev[i])).abs().sum().item() / norms[i] for i in range(len(prev))) / len(prev))
+            ref.append(
+                sum((_flat64(experts[i]) - _flat64(prev[i])).abs().sum().item() / norms[i] for i in range(len(prev)))
+                / len(prev)
+            )
         prev = experts
     assert lib == pytest.approx(ref, rel=1e-9, abs=1e-12)
     # and the main text's "monotonically non-increasing" change does not hold path by path
-    assert any(b > a for a, b in zip(lib, lib[1:]))
+    assert any(b > a for a, b in itertools.pairwise(lib))
 
 
 def test_single_task_round_trip_exact_torch_backend_float64():
     # regression: the torch backend once summed num and den with different reductions, so a
     # single task's float64 λ could be 1 + 2**-52 and decouple(unify([d])) != d
 
-    d = {"w": torch.tensor([0.04623227596282959, -9.795135818421841e-05, 0.0, 0.29189815521240237, 0.5505973052978516], dtype=torch.float64)}
+    d = {
+        "w": torch.tensor(
+            [0.04623227596282959, -9.795135818421841e-05, 0.0, 0.29189815521240237, 0.5505973052978516],
+            dtype=torch.float64,
+        )
+    }
     u, (t,) = unify([d], backend="torch")
     assert t.rescaler == 1.0
     assert torch.equal(decouple(u, t, backend="torch")["w"], d["w"])

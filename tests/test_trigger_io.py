@@ -11,7 +11,10 @@ from condu_merge import FormatError, TaskTrigger, load_triggers, save_triggers, 
 
 def _triggers(mode="tensor_mean"):
     g = torch.Generator().manual_seed(0)
-    ds = [{"layer.0.w": torch.randn(13, 3, generator=g), "b": torch.randn(9, generator=g), "e": torch.zeros(0)} for _ in range(3)]
+    ds = [
+        {"layer.0.w": torch.randn(13, 3, generator=g), "b": torch.randn(9, generator=g), "e": torch.zeros(0)}
+        for _ in range(3)
+    ]
     return unify(ds, rescaler=mode, task_names=["x", "y", "z"])[1]
 
 
@@ -44,7 +47,11 @@ def test_file_holds_packed_uint8_and_no_pickle(tmp_path):
 
 def test_refuses_unknown_version(tmp_path):
     path = tmp_path / "t.safetensors"
-    save_file({"0:w": torch.zeros(1, dtype=torch.uint8)}, str(path), metadata={"format": "condu-merge/triggers", "version": "99", "tasks": "[]"})
+    save_file(
+        {"0:w": torch.zeros(1, dtype=torch.uint8)},
+        str(path),
+        metadata={"format": "condu-merge/triggers", "version": "99", "tasks": "[]"},
+    )
     with pytest.raises(FormatError, match=r"t\.safetensors.*version '99'"):
         load_triggers(path)
 
@@ -69,8 +76,11 @@ def test_refuses_foreign_and_truncated_files(tmp_path):
 
 def test_refuses_wrong_mask_length(tmp_path):
     path = tmp_path / "t.safetensors"
-    meta = {"format": "condu-merge/triggers", "version": "1",
-            "tasks": json.dumps([{"task": "a", "rescaler": 1.0, "shapes": {"w": [20]}, "order": ["w"]}])}
+    meta = {
+        "format": "condu-merge/triggers",
+        "version": "1",
+        "tasks": json.dumps([{"task": "a", "rescaler": 1.0, "shapes": {"w": [20]}, "order": ["w"]}]),
+    }
     save_file({"0:w": torch.zeros(2, dtype=torch.uint8)}, str(path), metadata=meta)
     with pytest.raises(FormatError, match="'w'.*3 bytes"):
         load_triggers(path)
@@ -97,8 +107,11 @@ def test_trigger_validates_itself():
 def test_refuses_damaged_metadata_naming_the_file(tmp_path, tasks):
     """Valid JSON with missing or mistyped fields is a FormatError naming the file, not a KeyError."""
     path = tmp_path / "damaged.safetensors"
-    save_file({"0:w": torch.zeros(1, dtype=torch.uint8)}, str(path),
-              metadata={"format": "condu-merge/triggers", "version": "1", "tasks": tasks})
+    save_file(
+        {"0:w": torch.zeros(1, dtype=torch.uint8)},
+        str(path),
+        metadata={"format": "condu-merge/triggers", "version": "1", "tasks": tasks},
+    )
     with pytest.raises(FormatError, match=r"damaged\.safetensors"):
         load_triggers(path)
 
@@ -118,7 +131,7 @@ def test_saves_numpy_and_torch_scalar_rescalers(tmp_path):
 def test_refuses_set_pad_bits_naming_tensor_and_task(tmp_path):
     """39 elements -> 5 bytes, bit 7 of the last byte is padding: a set pad bit means damage
     (popcount, hence the mask density, would count it)."""
-    from condu_merge.packing import pad_bits_clear, pack_mask
+    from condu_merge.packing import pack_mask, pad_bits_clear
 
     assert pad_bits_clear(pack_mask(torch.ones(39, dtype=torch.bool)), 39)
     assert pad_bits_clear(torch.tensor([0x7F], dtype=torch.uint8), 7)
@@ -149,7 +162,7 @@ def test_threads_saving_the_same_path_never_collide(tmp_path):
         try:
             for _ in range(15):
                 save_triggers(path, ts[: 1 + k % 3])
-        except Exception as exc:  # noqa: BLE001 - recorded and asserted below
+        except Exception as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]

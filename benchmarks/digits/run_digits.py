@@ -21,7 +21,8 @@ import os
 import platform
 import sys
 import time
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -31,8 +32,15 @@ from condu_merge.demo.run import BenchConfig, run_benchmark, summary_table
 from ..mtil.plots import curves_png, matrices_png, metric_bars_png
 
 METRICS = ("average", "last", "transfer", "forgetting", "agnostic_average", "agnostic_last", "held_out")
-HEAD = {"average": "Average", "last": "Last", "transfer": "Transfer", "forgetting": "Forgetting",
-        "agnostic_average": "Task-agnostic Average", "agnostic_last": "Task-agnostic Last", "held_out": "Held-out"}
+HEAD = {
+    "average": "Average",
+    "last": "Last",
+    "transfer": "Transfer",
+    "forgetting": "Forgetting",
+    "agnostic_average": "Task-agnostic Average",
+    "agnostic_last": "Task-agnostic Last",
+    "held_out": "Held-out",
+}
 
 
 def _atomic_json(path: str, obj: Any) -> None:
@@ -49,9 +57,18 @@ def aggregate(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     accuracy matrices (task id and task-agnostic)."""
     first = runs[0]
     methods = [m for m in first["methods"] if all(m in r["metrics"] for r in runs)]
-    out: dict[str, Any] = {"methods": methods, "labels": first["labels"], "metrics": {}, "storage_x": {},
-                           "merge_s": {}, "acc_mean": {}, "agnostic_mean": {}, "seeds": [r["config"]["seed"] for r in runs],
-                           "checks": {}, "wall_s": [r["timings"].get("wall_s", r["timings"]["total_s"]) for r in runs]}
+    out: dict[str, Any] = {
+        "methods": methods,
+        "labels": first["labels"],
+        "metrics": {},
+        "storage_x": {},
+        "merge_s": {},
+        "acc_mean": {},
+        "agnostic_mean": {},
+        "seeds": [r["config"]["seed"] for r in runs],
+        "checks": {},
+        "wall_s": [r["timings"].get("wall_s", r["timings"]["total_s"]) for r in runs],
+    }
     out["failed"] = {f"seed {r['config']['seed']}: {n}": why for r in runs for n, why in r.get("failed", {}).items()}
     for m in methods:
         out["metrics"][m] = {k: mean_std([r["metrics"][m].get(k) for r in runs]) for k in METRICS}
@@ -60,11 +77,15 @@ def aggregate(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         if m in first["acc"]:
             out["acc_mean"][m] = np.nanmean(np.array([r["acc"][m] for r in runs], dtype=float), axis=0).tolist()
         if m in first["agnostic"]:
-            out["agnostic_mean"][m] = np.nanmean(np.array([r["agnostic"][m] for r in runs], dtype=float), axis=0).tolist()
+            out["agnostic_mean"][m] = np.nanmean(
+                np.array([r["agnostic"][m] for r in runs], dtype=float), axis=0
+            ).tolist()
     out["individual_ft"] = np.mean([r["individual_ft"] for r in runs], axis=0).tolist()
     for name in first["checks"]:
-        out["checks"][name] = {"ok": all(r["checks"][name]["ok"] for r in runs),
-                               "detail": "; ".join(f"seed {r['config']['seed']}: {r['checks'][name]['detail']}" for r in runs)}
+        out["checks"][name] = {
+            "ok": all(r["checks"][name]["ok"] for r in runs),
+            "detail": "; ".join(f"seed {r['config']['seed']}: {r['checks'][name]['detail']}" for r in runs),
+        }
     out["zeroshot_plain"] = mean_std([r["zeroshot_plain"] for r in runs])
     return out
 
@@ -95,7 +116,10 @@ def matrix_table(columns: Sequence[str], acc: Sequence[Sequence[float]]) -> str:
 
 
 def _model_words(r: Mapping[str, Any]) -> str:
-    v = (r["config"].get("model") or {}).get("vision_cfg") or {"width": 64, "layers": 2}  # runs before the field: width 64
+    v = (r["config"].get("model") or {}).get("vision_cfg") or {
+        "width": 64,
+        "layers": 2,
+    }  # runs before the field: width 64
     return f"width {v['width']}, {v['layers']} layers"
 
 
@@ -132,23 +156,39 @@ def main(argv: Sequence[str] | None = None) -> int:
                 with open(path) as f:
                     results[mode].append(json.load(f))
                 continue
-            cfg = BenchConfig(seed=seed, mode=mode, pretrain_steps=a.pretrain_steps, steps=a.steps, top_k=a.top_k,
-                              test_per_domain=a.test_per_domain, shots=a.shots if a.few_shot else None,
-                              strategies=tuple(a.strategies.split(",")) if a.strategies else None,
-                              workdir=os.path.join(out, "work"))
+            cfg = BenchConfig(
+                seed=seed,
+                mode=mode,
+                pretrain_steps=a.pretrain_steps,
+                steps=a.steps,
+                top_k=a.top_k,
+                test_per_domain=a.test_per_domain,
+                shots=a.shots if a.few_shot else None,
+                strategies=tuple(a.strategies.split(",")) if a.strategies else None,
+                workdir=os.path.join(out, "work"),
+            )
             t0 = time.perf_counter()
             res = run_benchmark(cfg, log=None if a.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True)))
             res["timings"]["wall_s"] = time.perf_counter() - t0
             _atomic_json(path, res)
             results[mode].append(res)
             if not a.quiet:
-                print(f"\n{mode.upper()} seed {seed} ({res['timings']['wall_s']:.0f} s)\n{summary_table(res)}\n", file=sys.stderr)
+                print(
+                    f"\n{mode.upper()} seed {seed} ({res['timings']['wall_s']:.0f} s)\n{summary_table(res)}\n",
+                    file=sys.stderr,
+                )
     aggs = {m: aggregate(rs) for m, rs in results.items()}
     wall = time.perf_counter() - t_all
-    report = {"modes": modes, "seeds": seeds, "few_shot": a.shots if a.few_shot else None, "aggregate": aggs,
-              "wall_s_this_invocation": wall, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "command": "python -m benchmarks.digits.run_digits " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()}}
+    report = {
+        "modes": modes,
+        "seeds": seeds,
+        "few_shot": a.shots if a.few_shot else None,
+        "aggregate": aggs,
+        "wall_s_this_invocation": wall,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": "python -m benchmarks.digits.run_digits " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()},
+    }
     _atomic_json(os.path.join(out, f"summary{tag}.json"), report)
     docs = os.path.abspath(a.docs) if a.docs else out
     write_report(docs, results, aggs, report, tag)
@@ -161,16 +201,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0 if ok else 1
 
 
-def write_report(docs: str, results: Mapping[str, Sequence[Mapping]], aggs: Mapping[str, Mapping], report: Mapping,
-                 tag: str) -> None:
+def write_report(
+    docs: str, results: Mapping[str, Sequence[Mapping]], aggs: Mapping[str, Mapping], report: Mapping, tag: str
+) -> None:
     """``results{tag}.md`` (for ``--docs docs`` and no few-shot: ``docs/results.md``) and its PNGs."""
     os.makedirs(docs, exist_ok=True)
     first_mode = next(iter(results))
     r0 = results[first_mode][0]
-    tasks, held, domains = r0["tasks"], r0["held_out"], r0["domains"]
+    tasks, _held, domains = r0["tasks"], r0["held_out"], r0["domains"]
     agg0 = aggs[first_mode]
     labels = agg0["labels"]
-    methods = [m for m in agg0["methods"]]
+    methods = list(agg0["methods"])
     pngs: dict[str, str] = {}
     for mode, agg in aggs.items():
         mats = {labels[m]: agg["acc_mean"][m] for m in methods if m in agg["acc_mean"]}
@@ -178,24 +219,50 @@ def write_report(docs: str, results: Mapping[str, Sequence[Mapping]], aggs: Mapp
             if m in ("condu",) or r0["task_aware"].get(m):
                 mats[f"{labels[m]}, task-agnostic"] = agg["agnostic_mean"][m]
         p = f"results{tag}_{mode}_matrices.png"
-        if matrices_png(os.path.join(docs, p), domains, mats, n_tasks=len(tasks),
-                        title=f"{mode.upper()}: accuracy A[s][j] after session s (rows) on domain j (columns), mean of "
-                              f"{len(agg['seeds'])} seeds; colour: learned tasks; grey italic: not learned yet or held-out "
-                              "(right of the red line)"):
+        if matrices_png(
+            os.path.join(docs, p),
+            domains,
+            mats,
+            n_tasks=len(tasks),
+            title=f"{mode.upper()}: accuracy A[s][j] after session s (rows) on domain j (columns), mean of "
+            f"{len(agg['seeds'])} seeds; colour: learned tasks; grey italic: not learned yet or held-out "
+            "(right of the red line)",
+        ):
             pngs[f"{mode}_matrices"] = p
         p = f"results{tag}_{mode}_curves.png"
-        if curves_png(os.path.join(docs, p), tasks, {labels[m]: [row[: len(tasks)] for row in agg["acc_mean"][m]]
-                                                     for m in methods if m in agg["acc_mean"] and m != "zeroshot"},
-                      title=f"{mode.upper()}: accuracy on each task after every session (mean of {len(agg['seeds'])} seeds); "
-                            "a line falling after the dotted mark is forgetting"):
+        if curves_png(
+            os.path.join(docs, p),
+            tasks,
+            {
+                labels[m]: [row[: len(tasks)] for row in agg["acc_mean"][m]]
+                for m in methods
+                if m in agg["acc_mean"] and m != "zeroshot"
+            },
+            title=f"{mode.upper()}: accuracy on each task after every session (mean of {len(agg['seeds'])} seeds); "
+            "a line falling after the dotted mark is forgetting",
+        ):
             pngs[f"{mode}_curves"] = p
-    values = {mode.upper(): {labels[m]: {k: agg["metrics"][m][k] for k in METRICS} | {"storage": agg["storage_x"][m]}
-                             for m in methods} for mode, agg in aggs.items()}
+    values = {
+        mode.upper(): {
+            labels[m]: {k: agg["metrics"][m][k] for k in METRICS} | {"storage": agg["storage_x"][m]} for m in methods
+        }
+        for mode, agg in aggs.items()
+    }
     p = f"results{tag}_bars.png"
-    if metric_bars_png(os.path.join(docs, p), [labels[m] for m in methods],
-                       [("average", "Average %"), ("last", "Last % (task id)"), ("agnostic_last", "Task-agnostic Last %"),
-                        ("transfer", "Transfer %"), ("forgetting", "Forgetting (points)"), ("storage", "Storage (× one model)")],
-                       values, title=f"Digits benchmark, mean ± std over seeds {', '.join(map(str, report['seeds']))}"):
+    if metric_bars_png(
+        os.path.join(docs, p),
+        [labels[m] for m in methods],
+        [
+            ("average", "Average %"),
+            ("last", "Last % (task id)"),
+            ("agnostic_last", "Task-agnostic Last %"),
+            ("transfer", "Transfer %"),
+            ("forgetting", "Forgetting (points)"),
+            ("storage", "Storage (× one model)"),
+        ],
+        values,
+        title=f"Digits benchmark, mean ± std over seeds {', '.join(map(str, report['seeds']))}",
+    ):
         pngs["bars"] = p
     name = f"results{tag}.md"
     few = report["few_shot"]
@@ -215,7 +282,7 @@ def write_report(docs: str, results: Mapping[str, Sequence[Mapping]], aggs: Mapp
         f"{f' ({few} per class)' if few else ' (600 per task)'} and is tested on the whole transformed test pool (539 images).",
         f"- **Model**: a tiny open_clip `CLIP` (ViT 16x16, patch 4, {_model_words(r0)}; 1-layer text tower), pre-trained "
         f"in-process for {r0['config']['pretrain_steps']} steps on the plain domain with class-name captions "
-        "(\"a photo of the digit three.\"), saved as a local safetensors checkpoint and loaded back as θ_0. Zero-shot "
+        '("a photo of the digit three."), saved as a local safetensors checkpoint and loaded back as θ_0. Zero-shot '
         f"accuracy of θ_0 on plain test digits: {_pm(agg0['zeroshot_plain'])} % (chance 10 %).",
         f"- **Protocol**: {len(tasks)} sessions, one per task domain, in this order; experts fine-tuned from θ_0 "
         f"({r0['config']['steps']} AdamW steps, batch 64; FT: the image tower, LoRA: rank-{r0['config']['lora_rank']} "
@@ -226,7 +293,10 @@ def write_report(docs: str, results: Mapping[str, Sequence[Mapping]], aggs: Mapp
         "",
         "| Domain | What | Role |",
         "|---|---|---|",
-        *[f"| {d} | {r0['domain_what'][d]} | {'task ' + str(tasks.index(d) + 1) if d in tasks else 'held out'} |" for d in domains],
+        *[
+            f"| {d} | {r0['domain_what'][d]} | {'task ' + str(tasks.index(d) + 1) if d in tasks else 'held out'} |"
+            for d in domains
+        ],
         "",
         "**Metrics** (from the accuracy matrix `A[s][j]`, task columns): Transfer = mean over `s < j` (before the task is "
         "learned; ConDU and task-aware strategies route those samples), Average = mean over all sessions, Last = after the "
@@ -247,27 +317,47 @@ def write_report(docs: str, results: Mapping[str, Sequence[Mapping]], aggs: Mapp
             lines.append(f"- {mode.upper()} strategy **dropped** ({n}): {why}")
     lines.append("")
     for mode, agg in aggs.items():
-        lines += [f"## {mode.upper()}: mean ± std over seeds {', '.join(map(str, agg['seeds']))}", "", metrics_table(agg), ""]
-        lines += ["Fine-tunings run per seed (nothing trained twice: strategies starting from θ_0 or from continual FT's "
-                  "start without a hook reuse those models): "
-                  + ", ".join(f"{labels[m]} {n}" for m, n in results[mode][0]["trained"].items() if n) + ".", ""]
+        lines += [
+            f"## {mode.upper()}: mean ± std over seeds {', '.join(map(str, agg['seeds']))}",
+            "",
+            metrics_table(agg),
+            "",
+        ]
+        lines += [
+            "Fine-tunings run per seed (nothing trained twice: strategies starting from θ_0 or from continual FT's "
+            "start without a hook reuse those models): "
+            + ", ".join(f"{labels[m]} {n}" for m, n in results[mode][0]["trained"].items() if n)
+            + ".",
+            "",
+        ]
         if f"{mode}_matrices" in pngs:
             lines += [f"![{mode} accuracy matrices]({pngs[f'{mode}_matrices']})", ""]
         if f"{mode}_curves" in pngs:
             lines += [f"![{mode} forgetting curves]({pngs[f'{mode}_curves']})", ""]
     if "bars" in pngs:
         lines += ["## Method × metric", "", f"![method x metric]({pngs['bars']})", ""]
-    lines += ["## Accuracy matrices (mean over seeds)", "",
-              f"Rows: after session S1..S{len(tasks)}; columns: the task domains then the held-out ones.", ""]
+    lines += [
+        "## Accuracy matrices (mean over seeds)",
+        "",
+        f"Rows: after session S1..S{len(tasks)}; columns: the task domains then the held-out ones.",
+        "",
+    ]
     for mode, agg in aggs.items():
         for m in methods:
             if m in agg["acc_mean"]:
-                lines += [f"<details><summary>{mode.upper()} · {labels[m]}</summary>", "", matrix_table(domains, agg["acc_mean"][m])]
+                lines += [
+                    f"<details><summary>{mode.upper()} · {labels[m]}</summary>",
+                    "",
+                    matrix_table(domains, agg["acc_mean"][m]),
+                ]
                 if m in agg["agnostic_mean"] and (m == "condu" or r0["task_aware"].get(m)):
                     lines += ["Task-agnostic:", "", matrix_table(domains, agg["agnostic_mean"][m])]
                 lines += ["</details>", ""]
-        lines += [f"Individual FT ({mode.upper()}), each expert on its task: "
-                  + ", ".join(f"{t} {v:.1f}" for t, v in zip(tasks, agg["individual_ft"])), ""]
+        lines += [
+            f"Individual FT ({mode.upper()}), each expert on its task: "
+            + ", ".join(f"{t} {v:.1f}" for t, v in zip(tasks, agg["individual_ft"])),
+            "",
+        ]
     with open(os.path.join(docs, name), "w") as f:
         f.write("\n".join(lines))
 

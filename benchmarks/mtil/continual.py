@@ -31,11 +31,12 @@ manifest are left out); continual FT = one delta; zero-shot = 0; individual FT =
 
 from __future__ import annotations
 
+import csv
 import inspect
 import io
-import csv
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from condu_merge.packing import packed_nbytes
 from condu_merge.strategies import EMR, PAM, TIES, MagMax, StorageReport, TaskArithmetic
@@ -47,8 +48,14 @@ DELTA_STRATEGIES = ("task_arithmetic", "ties", "emr")  # folded from the individ
 DEFAULT_METHODS = "zeroshot,condu,agnostic,continual_ft"
 STRATEGY_CLASSES = {"pam": PAM, "magmax": MagMax, "task_arithmetic": TaskArithmetic, "ties": TIES, "emr": EMR}
 LABELS = {
-    "zeroshot": "Zero-shot", "continual_ft": "Continual FT", "individual_ft": "Individual FT", "pam": "PAM",
-    "magmax": "MagMax", "task_arithmetic": "Task arithmetic", "ties": "TIES", "emr": "EMR",
+    "zeroshot": "Zero-shot",
+    "continual_ft": "Continual FT",
+    "individual_ft": "Individual FT",
+    "pam": "PAM",
+    "magmax": "MagMax",
+    "task_arithmetic": "Task arithmetic",
+    "ties": "TIES",
+    "emr": "EMR",
 }
 MIB = float(1 << 20)
 
@@ -82,9 +89,13 @@ def strategy_options(names: Sequence[str], args: Any, mode: str) -> dict[str, di
     """Constructor options of each requested strategy from the command line (JSON-able)."""
     pam_align_on = args.pam_align_on or ("values" if mode == "lora" else "task_vector")
     wanted: dict[str, dict[str, Any]] = {
-        "pam": {"align_fraction": args.pam_fraction, "align_every": 100 if args.pam_every is None else args.pam_every,
-                "reset_to": args.pam_reset,
-                "merge_coef": args.pam_merge_coef, "align_on": pam_align_on},
+        "pam": {
+            "align_fraction": args.pam_fraction,
+            "align_every": 100 if args.pam_every is None else args.pam_every,
+            "reset_to": args.pam_reset,
+            "merge_coef": args.pam_merge_coef,
+            "align_on": pam_align_on,
+        },
         "magmax": {"scale": args.magmax_scale},
         "task_arithmetic": {"scale": args.ta_scale},
         "ties": {"density": args.ties_density},
@@ -101,6 +112,7 @@ def runtime_options(name: str, args: Any) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------- storage
+
 
 def storage_entry(shared: int, per_task: Mapping[str, int], what: str) -> dict[str, Any]:
     """One method's storage record (bytes beyond θ_0)."""
@@ -124,16 +136,27 @@ def condu_store_storage(store: Any) -> dict[str, Any]:
     for t in store.task_names:
         r = store.rescaler_of(t)
         per[t] = masks + 8 * (len(r) if isinstance(r, dict) else 1)
-    return storage_entry(shared, per, "unified delta u (one model) + per task a 1-bit mask per element and its rescaler")
+    return storage_entry(
+        shared, per, "unified delta u (one model) + per task a 1-bit mask per element and its rescaler"
+    )
 
 
-def storage_rows(storage: Mapping[str, Mapping[str, Any]], one_model: int, labels: Mapping[str, str]) -> list[list[Any]]:
+def storage_rows(
+    storage: Mapping[str, Mapping[str, Any]], one_model: int, labels: Mapping[str, str]
+) -> list[list[Any]]:
     """``[label, what, total MiB, mean per-task MiB, total / one model]`` per method."""
     rows = []
     for m, e in storage.items():
         per = list(e["per_task_bytes"].values())
-        rows.append([labels.get(m, m), e["what"], e["total"] / MIB, (sum(per) / len(per) / MIB) if per else 0.0,
-                     e["total"] / one_model if one_model else float("nan")])
+        rows.append(
+            [
+                labels.get(m, m),
+                e["what"],
+                e["total"] / MIB,
+                (sum(per) / len(per) / MIB) if per else 0.0,
+                e["total"] / one_model if one_model else float("nan"),
+            ]
+        )
     return rows
 
 
@@ -154,14 +177,27 @@ def storage_csv(storage: Mapping[str, Mapping[str, Any]], one_model: int, labels
     """storage.csv: one line per method, exact bytes."""
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["method", "what", "shared_bytes", "per_task_bytes_total", "total_bytes", "per_task_mib_mean", "x_one_model"])
+    w.writerow(
+        ["method", "what", "shared_bytes", "per_task_bytes_total", "total_bytes", "per_task_mib_mean", "x_one_model"]
+    )
     for (m, e), row in zip(storage.items(), storage_rows(storage, one_model, labels)):
-        w.writerow([labels.get(m, m), e["what"], e["shared_bytes"], sum(e["per_task_bytes"].values()), e["total"],
-                    f"{row[3]:.6f}", f"{row[4]:.6f}"])
+        w.writerow(
+            [
+                labels.get(m, m),
+                e["what"],
+                e["shared_bytes"],
+                sum(e["per_task_bytes"].values()),
+                e["total"],
+                f"{row[3]:.6f}",
+                f"{row[4]:.6f}",
+            ]
+        )
     return buf.getvalue()
 
 
-def hook_stats_markdown(tasks: Sequence[str], hook_stats: Sequence[Mapping[str, Any] | None], method: str = "pam") -> str:
+def hook_stats_markdown(
+    tasks: Sequence[str], hook_stats: Sequence[Mapping[str, Any] | None], method: str = "pam"
+) -> str:
     """The "PAM's alignment hook" table of results.md: per session the optimizer steps the hook
     saw, the alignments it ran and the entries it re-initialised (summed over alignments), from
     ``results.json["hook_stats"]``; "-" where the session had no hook (the first: nothing to

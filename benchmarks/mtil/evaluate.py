@@ -12,8 +12,8 @@ This module only feeds batches through them and counts correct predictions.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -61,7 +61,9 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def image_features(clip: ClipHandle, dataset, cfg: EvalConfig, desc: str = "features") -> tuple[torch.Tensor, torch.Tensor]:
+def image_features(
+    clip: ClipHandle, dataset, cfg: EvalConfig, desc: str = "features"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Unnormalised image features ``[N, D]`` (CPU float32) of the model as it is now, and labels."""
     enc_img, _ = clip.encoders()
     feats, labels = [], []
@@ -92,8 +94,9 @@ def model_accuracy(clip: ClipHandle, ds: MTILDataset, cfg: EvalConfig, desc: str
 
 
 @torch.no_grad()
-def task_prototypes(clip: ClipHandle, ds: MTILDataset, cfg: EvalConfig, *, max_per_class: int | None = None,
-                    seed: int = 0) -> dict[str, torch.Tensor]:
+def task_prototypes(
+    clip: ClipHandle, ds: MTILDataset, cfg: EvalConfig, *, max_per_class: int | None = None, seed: int = 0
+) -> dict[str, torch.Tensor]:
     """Prototypes of ``ds`` with the model as it is now (call it with θ_0), from its training images
     (at most ``max_per_class`` per class, drawn with ``seed``): ``prototypes_from_encoders``."""
     labels = ds.train_labels
@@ -115,8 +118,12 @@ def task_prototypes(clip: ClipHandle, ds: MTILDataset, cfg: EvalConfig, *, max_p
         with autocast(clip, cfg):
             return enc_txt(t).float()
 
-    return prototypes_from_encoders(encode_image, encode_text,
-                                    _batches(ds.train, cfg, idx.tolist(), desc=f"prototypes {ds.name}"), class_prompts(clip, ds))
+    return prototypes_from_encoders(
+        encode_image,
+        encode_text,
+        _batches(ds.train, cfg, idx.tolist(), desc=f"prototypes {ds.name}"),
+        class_prompts(clip, ds),
+    )
 
 
 class AutocastExperts:
@@ -136,8 +143,16 @@ class AutocastExperts:
 
 
 @torch.no_grad()
-def aggregator_accuracy(agg: SemanticAggregator, clip: ClipHandle, ds: MTILDataset, cfg: EvalConfig, *,
-                        task: str | None = None, selection: torch.Tensor | None = None, desc: str = "eval") -> float:
+def aggregator_accuracy(
+    agg: SemanticAggregator,
+    clip: ClipHandle,
+    ds: MTILDataset,
+    cfg: EvalConfig,
+    *,
+    task: str | None = None,
+    selection: torch.Tensor | None = None,
+    desc: str = "eval",
+) -> float:
     """Test accuracy of ``agg.logits``: with ``task``, that expert alone (task id known); otherwise
     aggregated with the routing ``selection [N, T]`` (rows in test-set order; computed once from
     the cached pretrained features with :func:`condu_merge.routing.route`). Wrap the experts in
@@ -149,8 +164,7 @@ def aggregator_accuracy(agg: SemanticAggregator, clip: ClipHandle, ds: MTILDatas
         if task is not None:
             logits = agg.logits(images.to(clip.device), ds.name, prompts, task=task)
         else:
-            logits = agg.logits(images.to(clip.device), ds.name, prompts, selection=selection[seen:seen + n])
+            logits = agg.logits(images.to(clip.device), ds.name, prompts, selection=selection[seen : seen + n])
         correct += int((logits.float().argmax(dim=-1).cpu() == torch.as_tensor(y)).sum())
         seen += n
     return 100.0 * correct / seen if seen else float("nan")
-

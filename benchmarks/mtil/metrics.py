@@ -16,7 +16,7 @@ from __future__ import annotations
 import csv
 import io
 import math
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -71,7 +71,9 @@ def markdown_table(
     lines = [head, sep]
     for name, vals in (rows or {}).items():
         v = [x for x in vals if x is not None]
-        lines.append(f"| | {name} | " + " | ".join(_fmt(x) for x in vals) + f" | {_fmt(float(np.mean(v)) if v else None)} |")
+        lines.append(
+            f"| | {name} | " + " | ".join(_fmt(x) for x in vals) + f" | {_fmt(float(np.mean(v)) if v else None)} |"
+        )
     for metric in metrics:
         for i, (method, acc) in enumerate(methods.items()):
             per = per_task_metrics(acc)[metric]
@@ -90,8 +92,14 @@ def csv_text(tasks: Sequence[str], methods: Mapping[str, Sequence[Sequence[float
     for method, acc in methods.items():
         per, summ = per_task_metrics(acc), summary_metrics(acc)
         for metric in ("transfer", "average", "last"):
-            w.writerow([method, metric, *["" if x is None else f"{x:.4f}" for x in per[metric]],
-                        "" if summ[metric] is None else f"{summ[metric]:.4f}"])
+            w.writerow(
+                [
+                    method,
+                    metric,
+                    *["" if x is None else f"{x:.4f}" for x in per[metric]],
+                    "" if summ[metric] is None else f"{summ[metric]:.4f}",
+                ]
+            )
         for s, row in enumerate(np.asarray(acc, dtype=np.float64)):
             w.writerow([method, f"A[{s + 1}]", *[f"{x:.4f}" for x in row], ""])
     return buf.getvalue()

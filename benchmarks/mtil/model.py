@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Mapping
 
 import torch
 from torch import nn
@@ -67,7 +67,9 @@ def _hf_transforms(size: int):
 
     norm = T.Normalize(OPENAI_MEAN, OPENAI_STD)
     rgb = T.Lambda(lambda im: im.convert("RGB"))
-    test = T.Compose([rgb, T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size), T.ToTensor(), norm])
+    test = T.Compose(
+        [rgb, T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size), T.ToTensor(), norm]
+    )
     return test, test
 
 
@@ -84,7 +86,7 @@ def load_clip(model_name: str, pretrained: str | None, device: str | torch.devic
             local = os.path.isdir(path)
             model = CLIPModel.from_pretrained(path, local_files_only=local)
             tok = CLIPTokenizer.from_pretrained(path, local_files_only=local)
-        except Exception as e:  # noqa: BLE001 - re-raised with the path
+        except Exception as e:
             raise ModelLoadError(f"cannot load Hugging Face CLIP from {path!r}: {e}") from e
         size = int(model.config.vision_config.image_size)
         ctx = int(model.config.text_config.max_position_embeddings)
@@ -100,13 +102,15 @@ def load_clip(model_name: str, pretrained: str | None, device: str | torch.devic
 
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained, device=device)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise ModelLoadError(
             f"cannot load open_clip {model_name!r} with pretrained={pretrained!r}: {e}. Offline, pass a local "
             "checkpoint file (e.g. open_clip_pytorch_model.bin or .safetensors) as --pretrained"
         ) from e
     tok = open_clip.get_tokenizer(model_name)
-    return ClipHandle(model.eval(), clip_flavor(model), lambda texts: tok(texts), preprocess, preprocess, name=model_name)
+    return ClipHandle(
+        model.eval(), clip_flavor(model), lambda texts: tok(texts), preprocess, preprocess, name=model_name
+    )
 
 
 def trainable_params(model: nn.Module, mode: str = "whole") -> list[str]:
@@ -118,8 +122,11 @@ def trainable_params(model: nn.Module, mode: str = "whole") -> list[str]:
 
 # ------------------------------------------------------------------ LoRA targets
 
+
 def lora_modules(model: nn.Module, mode: str = "whole") -> list[str]:
     """LoRA module names of the 2-D attention / MLP projection weights within ``mode``'s towers
     (open_clip's fused ``attn.in_proj_weight`` -> module ``...attn.in_proj``)."""
     params = dict(model.named_parameters())
-    return [lora_module_name(n) for n in trainable_params(model, mode) if params[n].dim() == 2 and _LORA_TARGET_RE.search(n)]
+    return [
+        lora_module_name(n) for n in trainable_params(model, mode) if params[n].dim() == 2 and _LORA_TARGET_RE.search(n)
+    ]

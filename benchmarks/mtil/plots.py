@@ -12,7 +12,7 @@ matplotlib is not installed):
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -30,8 +30,15 @@ def _plt():
     return plt
 
 
-def matrices_png(path: str, columns: Sequence[str], methods: Mapping[str, Sequence[Sequence[float]]], *,
-                 n_tasks: int | None = None, ncols: int = 4, title: str | None = None) -> bool:
+def matrices_png(
+    path: str,
+    columns: Sequence[str],
+    methods: Mapping[str, Sequence[Sequence[float]]],
+    *,
+    n_tasks: int | None = None,
+    ncols: int = 4,
+    title: str | None = None,
+) -> bool:
     """Small multiples of ``methods[label] = A`` (sessions × columns). Cell ``(s, j)`` is *seen*
     when ``j <= s`` and ``j < n_tasks`` (default: every column is a task); seen cells use the
     colour scale, unseen ones grey, so zero-shot transfer and learned accuracy are told apart."""
@@ -46,8 +53,13 @@ def matrices_png(path: str, columns: Sequence[str], methods: Mapping[str, Sequen
     ncols = max(1, min(ncols, n))
     nrows = math.ceil(n / ncols)
     cw, ch = 0.42 * cols + 1.2, 0.36 * max(len(m) for m in methods.values()) + 1.6
-    fig, axes = plt.subplots(nrows, ncols, figsize=(cw * ncols, (ch + 0.9) * nrows + 0.6), squeeze=False,
-                             gridspec_kw={"hspace": 0.85, "wspace": 0.3})  # room for the rotated domain names
+    fig, axes = plt.subplots(
+        nrows,
+        ncols,
+        figsize=(cw * ncols, (ch + 0.9) * nrows + 0.6),
+        squeeze=False,
+        gridspec_kw={"hspace": 0.85, "wspace": 0.3},
+    )  # room for the rotated domain names
     norm = Normalize(0, 100)
     seen_cmap, unseen_cmap = plt.get_cmap("viridis"), plt.get_cmap("Greys")
     for ax in axes.flat[n:]:
@@ -66,8 +78,16 @@ def matrices_png(path: str, columns: Sequence[str], methods: Mapping[str, Sequen
                     rgba[s, j] = seen_cmap(norm(v)) if seen else unseen_cmap(0.15 + 0.5 * norm(v))
                 if np.isfinite(v):
                     dark = seen and v < 60
-                    ax.text(j, s, f"{v:.0f}", ha="center", va="center", fontsize=6.5,
-                            color="white" if dark else "black", style="normal" if seen else "italic")
+                    ax.text(
+                        j,
+                        s,
+                        f"{v:.0f}",
+                        ha="center",
+                        va="center",
+                        fontsize=6.5,
+                        color="white" if dark else "black",
+                        style="normal" if seen else "italic",
+                    )
         ax.imshow(rgba, aspect="auto", interpolation="nearest")
         if nt < cols:
             ax.axvline(nt - 0.5, color="red", lw=1.2)
@@ -76,17 +96,27 @@ def matrices_png(path: str, columns: Sequence[str], methods: Mapping[str, Sequen
         ax.set_yticks(range(rows), [f"S{s + 1}" for s in range(rows)], fontsize=6.5)
     sm = plt.cm.ScalarMappable(norm=norm, cmap=seen_cmap)
     fig.colorbar(sm, ax=axes, fraction=0.015, pad=0.01, label="accuracy % (seen cells)")
-    fig.suptitle(title or ("Accuracy after each session (rows) on each task (columns); colour: learned, "
-                           "grey italic: not learned yet" + (" / held-out (right of the red line)" if nt < cols else "")),
-                 fontsize=9)
+    fig.suptitle(
+        title
+        or (
+            "Accuracy after each session (rows) on each task (columns); colour: learned, "
+            "grey italic: not learned yet" + (" / held-out (right of the red line)" if nt < cols else "")
+        ),
+        fontsize=9,
+    )
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return True
 
 
-def metric_bars_png(path: str, methods: Sequence[str], metrics: Sequence[tuple[str, str]],
-                    values: Mapping[str, Mapping[str, Mapping[str, tuple[float | None, float | None]]]], *,
-                    title: str | None = None) -> bool:
+def metric_bars_png(
+    path: str,
+    methods: Sequence[str],
+    metrics: Sequence[tuple[str, str]],
+    values: Mapping[str, Mapping[str, Mapping[str, tuple[float | None, float | None]]]],
+    *,
+    title: str | None = None,
+) -> bool:
     """``values[setting][method][metric] = (mean, std)``; ``metrics = [(key, axis label)]``.
     One panel per metric, methods top to bottom, one bar per setting (with its std)."""
     plt = _plt()
@@ -94,8 +124,13 @@ def metric_bars_png(path: str, methods: Sequence[str], metrics: Sequence[tuple[s
         return False
     settings = list(values)
     m = len(methods)
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3.3 * len(metrics) + 1.5, 0.32 * m * max(1, len(settings)) + 1.4),
-                             sharey=True, squeeze=False)
+    fig, axes = plt.subplots(
+        1,
+        len(metrics),
+        figsize=(3.3 * len(metrics) + 1.5, 0.32 * m * max(1, len(settings)) + 1.4),
+        sharey=True,
+        squeeze=False,
+    )
     h = 0.8 / max(1, len(settings))
     colors = plt.get_cmap("tab10")
     y = np.arange(m)
@@ -106,11 +141,17 @@ def metric_bars_png(path: str, methods: Sequence[str], metrics: Sequence[tuple[s
             mv = np.array([np.nan if v is None else v for v in mean], dtype=float)
             sv = np.array([0.0 if v is None else v for v in std], dtype=float)
             pos = y - 0.4 + h * (k + 0.5)
-            ax.barh(pos, np.nan_to_num(mv), height=h, xerr=sv, color=colors(k), label=st, capsize=2,
-                    error_kw={"lw": 0.8})
+            ax.barh(
+                pos, np.nan_to_num(mv), height=h, xerr=sv, color=colors(k), label=st, capsize=2, error_kw={"lw": 0.8}
+            )
             for p, v in zip(pos, mv):
-                ax.text((0 if np.isnan(v) else v), p, " -" if np.isnan(v) else f" {v:.1f}" if v < 100 or key != "storage" else f" {v:.0f}",
-                        va="center", fontsize=6)
+                ax.text(
+                    (0 if np.isnan(v) else v),
+                    p,
+                    " -" if np.isnan(v) else f" {v:.1f}" if v < 100 or key != "storage" else f" {v:.0f}",
+                    va="center",
+                    fontsize=6,
+                )
         ax.set_title(lab, fontsize=9)
         ax.grid(axis="x", alpha=0.3)
         ax.tick_params(axis="x", labelsize=7)
@@ -125,8 +166,14 @@ def metric_bars_png(path: str, methods: Sequence[str], metrics: Sequence[tuple[s
     return True
 
 
-def curves_png(path: str, tasks: Sequence[str], methods: Mapping[str, Sequence[Sequence[float]]], *,
-               ncols: int = 3, title: str | None = None) -> bool:
+def curves_png(
+    path: str,
+    tasks: Sequence[str],
+    methods: Mapping[str, Sequence[Sequence[float]]],
+    *,
+    ncols: int = 3,
+    title: str | None = None,
+) -> bool:
     """Per task ``j`` (a panel), ``A[s][j]`` against the session ``s`` for every method, with the
     session that learns the task marked: after it, a falling line is forgetting."""
     plt = _plt()
@@ -142,8 +189,16 @@ def curves_png(path: str, tasks: Sequence[str], methods: Mapping[str, Sequence[S
     for j, (ax, task) in enumerate(zip(axes.flat, tasks)):
         for i, (label, acc) in enumerate(methods.items()):
             a = np.asarray(acc, dtype=np.float64)
-            ax.plot(np.arange(1, a.shape[0] + 1), a[:, j], _STYLES[(i // 10) % 4], marker=".", ms=3, lw=1.1,
-                    color=cmap((2 * i) % 20 + (i // 10) % 2), label=label)
+            ax.plot(
+                np.arange(1, a.shape[0] + 1),
+                a[:, j],
+                _STYLES[(i // 10) % 4],
+                marker=".",
+                ms=3,
+                lw=1.1,
+                color=cmap((2 * i) % 20 + (i // 10) % 2),
+                label=label,
+            )
         ax.axvline(j + 1, color="grey", lw=0.8, ls=":")
         ax.set_title(f"{task} (learned in S{j + 1})", fontsize=8.5)
         ax.set_xticks(range(1, len(tasks) + 1), [f"S{s + 1}" for s in range(len(tasks))], fontsize=7)

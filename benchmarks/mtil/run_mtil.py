@@ -33,11 +33,10 @@ import os
 import platform
 import sys
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
-from .datasets import FT_LR, MTIL_ORDER, ORDERS, MTILDataset, load_mtil_dataset
 from condu_merge.adapters import (
     ClipExperts,
     LoraAdapter,
@@ -49,19 +48,8 @@ from condu_merge.adapters import (
     pretrained_state,
     swap_params,
 )
-from condu_merge.store import fsync_dir
 from condu_merge.routing import SemanticAggregator, prototypes_from_store, route
-
-from .evaluate import (
-    AutocastExperts,
-    EvalConfig,
-    aggregator_accuracy,
-    image_features,
-    model_accuracy,
-    task_prototypes,
-    text_embeddings,
-    zero_shot_accuracy,
-)
+from condu_merge.store import fsync_dir
 from condu_merge.strategies import ContinualStrategy, get_strategy, state_nbytes
 from condu_merge.strategies.base import load_strategy
 
@@ -81,13 +69,33 @@ from .continual import (
     storage_markdown,
     strategy_options,
 )
+from .datasets import FT_LR, MTIL_ORDER, ORDERS, MTILDataset, load_mtil_dataset
+from .evaluate import (
+    AutocastExperts,
+    EvalConfig,
+    aggregator_accuracy,
+    image_features,
+    model_accuracy,
+    task_prototypes,
+    text_embeddings,
+    zero_shot_accuracy,
+)
 from .metrics import csv_text, heatmap_png, markdown_table, summary_metrics
 from .model import ClipHandle, load_clip, lora_modules, trainable_params
 from .train import TrainConfig, finetune_full, finetune_lora, lora_flat_names
 
 LORA_LR: dict[str, float] = {  # the released MTIL_LoRA.sh
-    "Aircraft": 1e-3, "Caltech101": 5e-4, "CIFAR100": 2e-3, "DTD": 2e-3, "EuroSAT": 1.5e-4, "Flowers": 1e-5,
-    "Food": 2e-3, "MNIST": 1e-3, "OxfordPet": 1.5e-4, "StanfordCars": 2e-3, "SUN397": 1.5e-3,
+    "Aircraft": 1e-3,
+    "Caltech101": 5e-4,
+    "CIFAR100": 2e-3,
+    "DTD": 2e-3,
+    "EuroSAT": 1.5e-4,
+    "Flowers": 1e-5,
+    "Food": 2e-3,
+    "MNIST": 1e-3,
+    "OxfordPet": 1.5e-4,
+    "StanfordCars": 2e-3,
+    "SUN397": 1.5e-3,
 }
 STATE_VERSION = 1
 CRASH_ENV = "MTIL_CRASH_AT"  # test hook: "<step>:<session>" kills the process there (SIGKILL)
@@ -118,7 +126,9 @@ def _file_sha256(path: str, chunk: int = 1 << 24) -> str:
     return h.hexdigest()
 
 
-def _atomic_safetensors(path: str, tensors: dict[str, torch.Tensor], meta: dict[str, str], *, digest: bool = False) -> str | None:
+def _atomic_safetensors(
+    path: str, tensors: dict[str, torch.Tensor], meta: dict[str, str], *, digest: bool = False
+) -> str | None:
     """Write ``tensors`` to ``path`` atomically (temporary file, fsync, rename, directory fsync);
     with ``digest``, return the sha256 of the bytes written (read back from the temporary file,
     so it covers exactly what was fsynced)."""
@@ -183,7 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.mtil.run_mtil", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output directory (also the resume checkpoint)")
     p.add_argument("--data-root", help="folder holding the MTIL datasets (see docs/mtil.md)")
-    p.add_argument("--model", default="ViT-B-16", help="open_clip architecture, or hf:<dir or id> for Hugging Face CLIP")
+    p.add_argument(
+        "--model", default="ViT-B-16", help="open_clip architecture, or hf:<dir or id> for Hugging Face CLIP"
+    )
     p.add_argument("--pretrained", default="openai", help="open_clip tag or a local checkpoint file (offline)")
     p.add_argument("--order", default="alphabetical", help="alphabetical | order2 | comma-separated task list")
     p.add_argument("--tasks", help="comma-separated subset of the order to run")
@@ -201,26 +213,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-rank", type=int, default=64)
     p.add_argument("--lora-alpha", type=float, help="default: the rank (scaling 1)")
     p.add_argument("--top-k", type=int, default=5, help="experts aggregated for unseen / task-agnostic samples")
-    p.add_argument("--include-pretrained", action="store_true",
-                   help="add the pretrained model's logits to every aggregation (mean over K + 1), as the released code can")
-    p.add_argument("--expert-cache", type=int,
-                   help="decoupled experts kept on the device during evaluation (default: all of the session's; "
-                        "fewer saves memory but re-decouples experts from the store batch after batch)")
-    p.add_argument("--methods", default=DEFAULT_METHODS,
-                   help=f"comma list of {', '.join(VALID_METHODS)} (individual FT always comes free). "
-                        "task_arithmetic, ties and emr fold the individual task vectors and keep every one of them "
-                        "in host memory (T x one model each; on disk the T deltas once, shared); magmax reuses "
-                        "continual FT's training (run even when continual_ft is not listed); pam trains its own "
-                        "model every session")
+    p.add_argument(
+        "--include-pretrained",
+        action="store_true",
+        help="add the pretrained model's logits to every aggregation (mean over K + 1), as the released code can",
+    )
+    p.add_argument(
+        "--expert-cache",
+        type=int,
+        help="decoupled experts kept on the device during evaluation (default: all of the session's; "
+        "fewer saves memory but re-decouples experts from the store batch after batch)",
+    )
+    p.add_argument(
+        "--methods",
+        default=DEFAULT_METHODS,
+        help=f"comma list of {', '.join(VALID_METHODS)} (individual FT always comes free). "
+        "task_arithmetic, ties and emr fold the individual task vectors and keep every one of them "
+        "in host memory (T x one model each; on disk the T deltas once, shared); magmax reuses "
+        "continual FT's training (run even when continual_ft is not listed); pam trains its own "
+        "model every session",
+    )
     p.add_argument("--rescaler", default="tensor_mean", help="ConDU's (and EMR's) rescaler")
     s = p.add_argument_group("continual strategies (--methods pam,magmax,task_arithmetic,ties,emr)")
-    s.add_argument("--pam-fraction", type=float, default=0.5, help="PAM: important fraction of the global module aligned to")
+    s.add_argument(
+        "--pam-fraction", type=float, default=0.5, help="PAM: important fraction of the global module aligned to"
+    )
     s.add_argument("--pam-every", type=int, help="PAM: align every N optimizer steps (default 100; 5 with --synthetic)")
-    s.add_argument("--pam-reset", choices=("global", "zero"), default="global",
-                   help="PAM: re-initialise conflicting weights to the global module's values or to zero")
+    s.add_argument(
+        "--pam-reset",
+        choices=("global", "zero"),
+        default="global",
+        help="PAM: re-initialise conflicting weights to the global module's values or to zero",
+    )
     s.add_argument("--pam-merge-coef", type=float, default=0.5, help="PAM: G_t = (1 - c) G_{t-1} + c θ_t")
-    s.add_argument("--pam-align-on", choices=("values", "task_vector"),
-                   help="PAM: compare weights (default with --mode lora) or task vectors (default with --mode ft)")
+    s.add_argument(
+        "--pam-align-on",
+        choices=("values", "task_vector"),
+        help="PAM: compare weights (default with --mode lora) or task vectors (default with --mode ft)",
+    )
     s.add_argument("--ta-scale", type=float, default=0.3, help="task arithmetic: θ_0 + λ Σ τ_i")
     s.add_argument("--ties-density", type=float, default=0.2, help="TIES: kept fraction k of each task vector")
     s.add_argument("--magmax-scale", type=float, default=1.0, help="MagMax: θ_0 + λ τ_MM")
@@ -234,7 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-sessions", type=int, help="stop after this many finished sessions (rerun to continue)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     g = p.add_argument_group("synthetic (CPU, no data, no weights)")
-    g.add_argument("--synthetic", action="store_true", help="tiny CLIP + procedural data in the MTIL layout under OUT/synthetic")
+    g.add_argument(
+        "--synthetic", action="store_true", help="tiny CLIP + procedural data in the MTIL layout under OUT/synthetic"
+    )
     g.add_argument("--synthetic-tasks", type=int, default=4)
     g.add_argument("--synthetic-images", type=int, default=40, help="training images per class")
     g.add_argument("--synthetic-pretrain-steps", type=int, default=60)
@@ -249,12 +281,16 @@ def _log(msg: str, quiet: bool) -> None:
 def _versions() -> dict[str, str]:
     import condu_merge
 
-    out = {"python": platform.python_version(), "torch": torch.__version__, "condu_merge": condu_merge.__version__,
-           "platform": platform.platform()}
+    out = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "condu_merge": condu_merge.__version__,
+        "platform": platform.platform(),
+    }
     for mod in ("open_clip", "transformers", "torchvision"):
         try:
             out[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001 - optional
+        except Exception:
             pass
     if torch.cuda.is_available():
         out["gpu"] = torch.cuda.get_device_name(0)
@@ -279,8 +315,12 @@ class Runner:
             from . import synthetic
 
             setup = synthetic.prepare(
-                os.path.join(self.out, "synthetic"), n_tasks=args.synthetic_tasks, n_train=args.synthetic_images,
-                n_test=max(8, args.synthetic_images // 2), pretrain_steps=args.synthetic_pretrain_steps, seed=args.seed,
+                os.path.join(self.out, "synthetic"),
+                n_tasks=args.synthetic_tasks,
+                n_train=args.synthetic_images,
+                n_test=max(8, args.synthetic_images // 2),
+                pretrain_steps=args.synthetic_pretrain_steps,
+                seed=args.seed,
                 progress=not args.quiet,
             )
             self.data_root, model_name, pretrained = setup.data_root, setup.model_name, setup.checkpoint
@@ -291,18 +331,33 @@ class Runner:
                 raise SystemExit("error: --data-root is required (or --synthetic)")
             self.data_root, model_name, pretrained = args.data_root, args.model, args.pretrained
             self.tasks = resolve_order(args.order, args.tasks)
-            self.classnames = {t: None for t in self.tasks}
+            self.classnames = dict.fromkeys(self.tasks)
         self.iterations = args.iterations or (500 if args.few_shot else 1000)
         self.lr_table = dict(LORA_LR if args.mode == "lora" else FT_LR)
         self.lr_table.update(parse_lr_map(args.lr_map))
         self.config = {
-            "tasks": self.tasks, "mode": args.mode, "train_mode": args.train_mode, "few_shot": args.few_shot,
-            "shots": args.shots if args.few_shot else None, "iterations": self.iterations, "batch_size": args.batch_size,
+            "tasks": self.tasks,
+            "mode": args.mode,
+            "train_mode": args.train_mode,
+            "few_shot": args.few_shot,
+            "shots": args.shots if args.few_shot else None,
+            "iterations": self.iterations,
+            "batch_size": args.batch_size,
             "lr": {t: (args.lr if args.lr is not None else self.lr_table.get(t, 1e-5)) for t in self.tasks},
-            "weight_decay": args.weight_decay, "warmup": args.warmup, "label_smoothing": args.label_smoothing,
-            "top_k": args.top_k, "include_pretrained": args.include_pretrained, "rescaler": args.rescaler, "methods": self.methods, "seed": args.seed,
-            "model": model_name, "pretrained": pretrained, "synthetic": args.synthetic,
-            "lora": {"rank": args.lora_rank, "alpha": args.lora_alpha or float(args.lora_rank)} if args.mode == "lora" else None,
+            "weight_decay": args.weight_decay,
+            "warmup": args.warmup,
+            "label_smoothing": args.label_smoothing,
+            "top_k": args.top_k,
+            "include_pretrained": args.include_pretrained,
+            "rescaler": args.rescaler,
+            "methods": self.methods,
+            "seed": args.seed,
+            "model": model_name,
+            "pretrained": pretrained,
+            "synthetic": args.synthetic,
+            "lora": {"rank": args.lora_rank, "alpha": args.lora_alpha or float(args.lora_rank)}
+            if args.mode == "lora"
+            else None,
             "proto_max_per_class": args.proto_max_per_class,
             "strategy_options": strategy_options(self.strategy_names, args, args.mode),
         }
@@ -315,9 +370,15 @@ class Runner:
         self.eval_cfg = EvalConfig(args.eval_batch_size, args.num_workers, not args.no_amp, not args.quiet)
         self.lora0: LoraAdapter | None = self._shared_lora_init() if args.mode == "lora" else None
         self.datasets: list[MTILDataset] = [
-            load_mtil_dataset(t, self.data_root, self.clip.train_transform, self.clip.test_transform,
-                              classnames=self.classnames.get(t), few_shot=args.shots if args.few_shot else 0,
-                              few_shot_seed=args.seed)
+            load_mtil_dataset(
+                t,
+                self.data_root,
+                self.clip.train_transform,
+                self.clip.test_transform,
+                classnames=self.classnames.get(t),
+                few_shot=args.shots if args.few_shot else 0,
+                few_shot_seed=args.seed,
+            )
             for t in self.tasks
         ]
         from condu_merge.store import Store
@@ -334,13 +395,29 @@ class Runner:
         if os.path.exists(path):
             with open(path) as f:
                 old = json.load(f)
-            keys = ("tasks", "mode", "train_mode", "few_shot", "shots", "iterations", "batch_size", "lr", "seed", "model", "lora",
-                    "top_k", "include_pretrained", "methods")
+            keys = (
+                "tasks",
+                "mode",
+                "train_mode",
+                "few_shot",
+                "shots",
+                "iterations",
+                "batch_size",
+                "lr",
+                "seed",
+                "model",
+                "lora",
+                "top_k",
+                "include_pretrained",
+                "methods",
+            )
             diff = [k for k in keys if old.get(k) != self.config.get(k)]
             if old.get("strategy_options", {}) != self.config["strategy_options"]:
                 diff.append("strategy_options")
             if diff:
-                raise SystemExit(f"error: {path} was made with different settings ({', '.join(diff)}); use another --out to start afresh")
+                raise SystemExit(
+                    f"error: {path} was made with different settings ({', '.join(diff)}); use another --out to start afresh"
+                )
         else:
             _atomic_json(path, self.config)
 
@@ -362,8 +439,13 @@ class Runner:
         path = os.path.join(self.out, "lora_init")
         if os.path.isdir(path):
             return LoraAdapter.load(path)
-        init = init_lora(self.clip.model, lora_modules(self.clip.model, self.a.train_mode),
-                         rank=self.a.lora_rank, lora_alpha=self.config["lora"]["alpha"], seed=self.a.seed)
+        init = init_lora(
+            self.clip.model,
+            lora_modules(self.clip.model, self.a.train_mode),
+            rank=self.a.lora_rank,
+            lora_alpha=self.config["lora"]["alpha"],
+            seed=self.a.seed,
+        )
         tmp = f"{path}.tmp{os.getpid()}"
         init.save(tmp)
         os.replace(tmp, path)
@@ -375,13 +457,25 @@ class Runner:
 
     def train_cfg(self, task: str, session: int) -> TrainConfig:
         a = self.a
-        return TrainConfig(self.iterations, a.batch_size, self.config["lr"][task], a.weight_decay, min(a.warmup, self.iterations // 2),
-                           a.label_smoothing, a.num_workers, not a.no_amp, a.seed + session, not a.quiet)
+        return TrainConfig(
+            self.iterations,
+            a.batch_size,
+            self.config["lr"][task],
+            a.weight_decay,
+            min(a.warmup, self.iterations // 2),
+            a.label_smoothing,
+            a.num_workers,
+            not a.no_amp,
+            a.seed + session,
+            not a.quiet,
+        )
 
     def pretrained_feats(self, j: int) -> tuple[torch.Tensor, torch.Tensor]:
         """θ_0's test-set image features and labels of dataset ``j`` (cached: routing and zero-shot)."""
         if j not in self._pre_feats:
-            self._pre_feats[j] = image_features(self.clip, self.datasets[j].test, self.eval_cfg, desc=f"θ0 features {self.tasks[j]}")
+            self._pre_feats[j] = image_features(
+                self.clip, self.datasets[j].test, self.eval_cfg, desc=f"θ0 features {self.tasks[j]}"
+            )
         return self._pre_feats[j]
 
     def lora_accuracy(self, adapter: LoraAdapter, js: Sequence[int], desc: str) -> list[float]:
@@ -389,14 +483,18 @@ class Runner:
         with torch.no_grad():
             weights = lora_weights(self.clip.model, adapter.to(self.clip.device))
         with swap_params(self.clip.model, weights):
-            return [model_accuracy(self.clip, self.datasets[j], self.eval_cfg, f"{desc} on {self.tasks[j]}") for j in js]
+            return [
+                model_accuracy(self.clip, self.datasets[j], self.eval_cfg, f"{desc} on {self.tasks[j]}") for j in js
+            ]
 
     def experts(self, n_tasks: int):
         """The session's decoupled experts read from the store (an ``ExpertEncoders``)."""
         cache = self.a.expert_cache if self.a.expert_cache is not None else n_tasks
         # factor-wise LoRA: expert t is W + s·B_t A_t, (A_t, B_t) = init + δ̃_t
         transform = None if self.lora0 is None else lora_transform(self.lora0, self.clip.model)
-        return ClipExperts.from_store(self.clip.model, self.store, backend=self.a.backend, cache_size=cache, transform=transform)
+        return ClipExperts.from_store(
+            self.clip.model, self.store, backend=self.a.backend, cache_size=cache, transform=transform
+        )
 
     # ------------------------------------------------------------------ the run
     def run(self) -> dict:
@@ -404,7 +502,9 @@ class Runner:
         timings_total = time.perf_counter()
         if "zeroshot" in self.methods and self.state["zeroshot"] is None:
             self.state["zeroshot"] = [
-                zero_shot_accuracy(*self.pretrained_feats(j), text_embeddings(self.clip, self.datasets[j], self.eval_cfg))
+                zero_shot_accuracy(
+                    *self.pretrained_feats(j), text_embeddings(self.clip, self.datasets[j], self.eval_cfg)
+                )
                 for j in range(T)
             ]
             self._save_state()
@@ -453,8 +553,9 @@ class Runner:
                 # store holds only the unified delta): written once, before the store takes the
                 # task, its checksum recorded with the session
                 os.makedirs(self.deltas_dir, exist_ok=True)
-                pending["delta_sha256"] = _atomic_safetensors(self.delta_path(s), delta, {"session": str(s), "task": task},
-                                                              digest=True)
+                pending["delta_sha256"] = _atomic_safetensors(
+                    self.delta_path(s), delta, {"session": str(s), "task": task}, digest=True
+                )
                 _crash_point("delta_written", s)
             self.state["pending"] = pending
             self._save_state()
@@ -467,16 +568,19 @@ class Runner:
                 delta = None
             _crash_point("merged", s)
         if pending is None:
-            raise SystemExit(f"error: the store already holds {task!r} but {self.out}/state.json has no record of its "
-                             "training; the output directory was modified by hand")
+            raise SystemExit(
+                f"error: the store already holds {task!r} but {self.out}/state.json has no record of its "
+                "training; the output directory was modified by hand"
+            )
         tim = dict(pending["timings"])
         # 3. prototypes with θ_0 (idempotent: recomputed if a crash lost them)
         self.reset_model()
         self.store.reload(verify=False)
         if self.store.load_prototypes(task) is None:
             t0 = time.perf_counter()
-            protos = task_prototypes(self.clip, self.datasets[s], self.eval_cfg,
-                                     max_per_class=self.a.proto_max_per_class, seed=self.a.seed)
+            protos = task_prototypes(
+                self.clip, self.datasets[s], self.eval_cfg, max_per_class=self.a.proto_max_per_class, seed=self.a.seed
+            )
             self.store.save_prototypes(task, protos)
             tim["prototypes_s"] = time.perf_counter() - t0
         _crash_point("prototypes", s)
@@ -497,20 +601,35 @@ class Runner:
         if {"condu", "agnostic"} & set(self.methods):
             self.store.reload(verify=False)
             protos = prototypes_from_store(self.store, self.tasks[: s + 1])
-            agg = SemanticAggregator(AutocastExperts(self.experts(s + 1), self.clip, self.eval_cfg), protos,
-                                     k=self.a.top_k, include_pretrained=self.a.include_pretrained)
+            agg = SemanticAggregator(
+                AutocastExperts(self.experts(s + 1), self.clip, self.eval_cfg),
+                protos,
+                k=self.a.top_k,
+                include_pretrained=self.a.include_pretrained,
+            )
             known: dict[int, float] = {}
             if "condu" in self.methods:  # task id known: the task's own expert
                 for j in range(s + 1):
-                    known[j] = aggregator_accuracy(agg, self.clip, self.datasets[j], self.eval_cfg, task=self.tasks[j],
-                                                   desc=f"S{s + 1} expert {self.tasks[j]}")
+                    known[j] = aggregator_accuracy(
+                        agg,
+                        self.clip,
+                        self.datasets[j],
+                        self.eval_cfg,
+                        task=self.tasks[j],
+                        desc=f"S{s + 1} expert {self.tasks[j]}",
+                    )
             # unseen tasks (ConDU) and every task (task-agnostic): routed aggregation; an unseen task's
             # number is the same for both, so it is computed once
             agg_js = range(T) if "agnostic" in self.methods else range(s + 1, T)
             aggregated = {
-                j: aggregator_accuracy(agg, self.clip, self.datasets[j], self.eval_cfg,
-                                       selection=route(self.pretrained_feats(j)[0], protos, self.a.top_k),
-                                       desc=f"S{s + 1} aggregated on {self.tasks[j]}")
+                j: aggregator_accuracy(
+                    agg,
+                    self.clip,
+                    self.datasets[j],
+                    self.eval_cfg,
+                    selection=route(self.pretrained_feats(j)[0], protos, self.a.top_k),
+                    desc=f"S{s + 1} aggregated on {self.tasks[j]}",
+                )
                 for j in agg_js
             }
             if "condu" in self.methods:
@@ -539,7 +658,10 @@ class Runner:
         self.state["pending"] = None
         self._save_state()
         msg = ", ".join(f"{m} {sum(r[: s + 1]) / (s + 1):.1f}" for m, r in rows.items())
-        _log(f"[mtil] session {s + 1} done: individual FT {pending['individual_ft']:.1f}; mean over seen: {msg}", self.quiet)
+        _log(
+            f"[mtil] session {s + 1} done: individual FT {pending['individual_ft']:.1f}; mean over seen: {msg}",
+            self.quiet,
+        )
 
     # ------------------------------------------------------------------ continual FT and the strategies
     @property
@@ -560,8 +682,10 @@ class Runner:
         rec = sessions[s] if s < len(sessions) else self.state.get("pending") or {}
         sha = rec.get("delta_sha256") if rec.get("task") == self.tasks[s] else None
         if not sha:
-            raise SystemExit(f"error: {self.out}/state.json records no checksum of {self.delta_path(s)} (session {s + 1}, "
-                             f"{self.tasks[s]!r}); the output directory was written by an earlier version or modified by hand")
+            raise SystemExit(
+                f"error: {self.out}/state.json records no checksum of {self.delta_path(s)} (session {s + 1}, "
+                f"{self.tasks[s]!r}); the output directory was written by an earlier version or modified by hand"
+            )
         return sha
 
     def read_delta(self, s: int) -> dict[str, torch.Tensor]:
@@ -571,16 +695,21 @@ class Runner:
         want = self._recorded_sha(s)
         what = f"the individual delta of session {s + 1} ({task!r}) that task arithmetic, TIES and EMR are rebuilt from"
         if not os.path.isfile(path):
-            raise SystemExit(f"error: {path} is missing: it is {what}; the output directory was modified by hand "
-                             "(use another --out to start afresh)")
+            raise SystemExit(
+                f"error: {path} is missing: it is {what}; the output directory was modified by hand "
+                "(use another --out to start afresh)"
+            )
         got = _file_sha256(path)
         if got != want:
-            raise SystemExit(f"error: {path} is damaged: its sha256 is {got}, but {want} was recorded in state.json when "
-                             f"it was written; it is {what} (restore it, or use another --out to start afresh)")
+            raise SystemExit(
+                f"error: {path} is damaged: its sha256 is {got}, but {want} was recorded in state.json when "
+                f"it was written; it is {what} (restore it, or use another --out to start afresh)"
+            )
         delta, meta = _load_safetensors(path)
         if meta.get("session") != str(s) or meta.get("task") != task:
-            raise SystemExit(f"error: {path} holds session {meta.get('session')} ({meta.get('task')!r}), "
-                             f"not session {s} ({task!r})")
+            raise SystemExit(
+                f"error: {path} holds session {meta.get('session')} ({meta.get('task')!r}), not session {s} ({task!r})"
+            )
         return delta
 
     def _replay_deltas(self, names: Sequence[str], s: int) -> None:
@@ -589,10 +718,20 @@ class Runner:
         for n in names:
             for old in (self.strategy_path(n), os.path.join(self.strategies_dir, "pending_delta.safetensors")):
                 if os.path.exists(old):
-                    raise SystemExit(f"error: {old} is a checkpoint of an earlier version of this script, which saved "
-                                     f"{n} whole; finish that run with that version, or use another --out")
-        fresh = {n: get_strategy(n, self.strategy_base(), copy_base=False, **self.config["strategy_options"][n],
-                                 **runtime_options(n, self.a)) for n in names}
+                    raise SystemExit(
+                        f"error: {old} is a checkpoint of an earlier version of this script, which saved "
+                        f"{n} whole; finish that run with that version, or use another --out"
+                    )
+        fresh = {
+            n: get_strategy(
+                n,
+                self.strategy_base(),
+                copy_base=False,
+                **self.config["strategy_options"][n],
+                **runtime_options(n, self.a),
+            )
+            for n in names
+        }
         if s:
             _log(f"[mtil] rebuilding {', '.join(names)} from {s} delta file(s) in {self.deltas_dir}", self.quiet)
         for i in range(s):
@@ -611,15 +750,18 @@ class Runner:
 
     def _lora_from_flat(self, flat: dict[str, torch.Tensor]) -> LoraAdapter:
         assert self.lora0 is not None
-        return LoraAdapter(config=dict(self.lora0.config),
-                           factors={m: (flat[a], flat[b]) for m in self.lora0.modules for a, b in [lora_flat_names(m)]})
+        return LoraAdapter(
+            config=dict(self.lora0.config),
+            factors={m: (flat[a], flat[b]) for m in self.lora0.modules for a, b in [lora_flat_names(m)]},
+        )
 
     def strategy_base(self) -> dict[str, torch.Tensor]:
         """θ_0 of what the strategies merge: the trained tensors restricted from ``theta0`` (FT), or
         the shared LoRA init as a flat factor dict (LoRA)."""
         if self._strategy_base is None:
-            self._strategy_base = ({k: self.theta0[k] for k in self.names} if self.lora0 is None
-                                   else self._flat_lora(self.lora0))
+            self._strategy_base = (
+                {k: self.theta0[k] for k in self.names} if self.lora0 is None else self._flat_lora(self.lora0)
+            )
         return self._strategy_base
 
     def strategy_path(self, name: str) -> str:
@@ -631,7 +773,9 @@ class Runner:
         path = self.strategy_path(name)
         strat = self.strats.get(name)
         if strat is None and name in DELTA_STRATEGIES:
-            self._replay_deltas(sorted({name, *self._delta_strategies()} - set(self.strats), key=DELTA_STRATEGIES.index), s)
+            self._replay_deltas(
+                sorted({name, *self._delta_strategies()} - set(self.strats), key=DELTA_STRATEGIES.index), s
+            )
             strat = self.strats[name]
             path = self.deltas_dir
         if strat is None:
@@ -639,12 +783,16 @@ class Runner:
             if os.path.exists(path):  # θ_0 is shared, not copied: no strategy modifies its base
                 strat = load_strategy(path, base=self.strategy_base(), copy_base=False, **rt)
             else:
-                strat = get_strategy(name, self.strategy_base(), copy_base=False, **self.config["strategy_options"][name], **rt)
+                strat = get_strategy(
+                    name, self.strategy_base(), copy_base=False, **self.config["strategy_options"][name], **rt
+                )
             self.strats[name] = strat
         have = strat.task_names
         if have != self.tasks[: len(have)] or not s <= len(have) <= s + 1:
-            raise SystemExit(f"error: {name} from {path} holds tasks {have}; session {s + 1} expects {self.tasks[:s]} "
-                             f"(or with {self.tasks[s] if s < len(self.tasks) else '-'!r}): the output directory was modified by hand")
+            raise SystemExit(
+                f"error: {name} from {path} holds tasks {have}; session {s + 1} expects {self.tasks[:s]} "
+                f"(or with {self.tasks[s] if s < len(self.tasks) else '-'!r}): the output directory was modified by hand"
+            )
         return strat
 
     def _fold(self, name: str, s: int, **kw: dict[str, torch.Tensor]) -> None:
@@ -674,7 +822,9 @@ class Runner:
             _crash_point(f"folded_{name}", s)
         tim["fold_individual_s"] = time.perf_counter() - t0
 
-    def continual_ft_state(self, s: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, dict[str, float]]:
+    def continual_ft_state(
+        self, s: int
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, dict[str, float]]:
         """Continual FT's trained tensors after session ``s`` (keys as the strategies' base), the
         start it trained from (``None`` when the checkpoint already held session ``s``), timings."""
         task = self.tasks[s]
@@ -691,7 +841,9 @@ class Runner:
             assert prev is not None
             return prev, None, tim
         if have_session != s - 1:
-            raise SystemExit(f"error: {path} is at session {have_session + 1}, expected {s} (the output directory was modified by hand)")
+            raise SystemExit(
+                f"error: {path} is at session {have_session + 1}, expected {s} (the output directory was modified by hand)"
+            )
         start = prev if prev is not None else {k: v.clone() for k, v in self.strategy_base().items()}
         self.reset_model()
         t0 = time.perf_counter()
@@ -702,15 +854,18 @@ class Runner:
             sd = self.clip.model.state_dict()
             state = {k: sd[k].detach().to("cpu", copy=True) for k in self.names}
         else:
-            adapter = finetune_lora(self.clip, self.datasets[s], cfg, self._lora_from_flat(start), desc=f"continual FT {task}")
+            adapter = finetune_lora(
+                self.clip, self.datasets[s], cfg, self._lora_from_flat(start), desc=f"continual FT {task}"
+            )
             state = self._flat_lora(adapter)
         self.reset_model()
         _atomic_safetensors(path, state, {"session": str(s), "task": task})
         tim["continual_ft_train_s"] = time.perf_counter() - t0
         return state, start, tim
 
-    def fold_magmax(self, s: int, cft: dict[str, torch.Tensor], cft_start: dict[str, torch.Tensor] | None,
-                    tim: dict[str, float]) -> None:
+    def fold_magmax(
+        self, s: int, cft: dict[str, torch.Tensor], cft_start: dict[str, torch.Tensor] | None, tim: dict[str, float]
+    ) -> None:
         """MagMax = sequential fine-tuning + max-magnitude merge: fold continual FT's trained weights."""
         strat = self.strategy("magmax", s)
         if len(strat) == s + 1:
@@ -742,8 +897,14 @@ class Runner:
             sd = self.clip.model.state_dict()
             trained = {k: sd[k].detach().to("cpu", copy=True) for k in self.names}
         else:
-            adapter = finetune_lora(self.clip, self.datasets[s], cfg, self._lora_from_flat(start.params),
-                                    desc=f"PAM {task}", hook=start.hook)
+            adapter = finetune_lora(
+                self.clip,
+                self.datasets[s],
+                cfg,
+                self._lora_from_flat(start.params),
+                desc=f"PAM {task}",
+                hook=start.hook,
+            )
             trained = self._flat_lora(adapter)
         self.reset_model()
         tim["pam_train_s"] = time.perf_counter() - t0
@@ -758,7 +919,9 @@ class Runner:
         js = list(js)
         if self.lora0 is None:
             with swap_params(self.clip.model, state):
-                return [model_accuracy(self.clip, self.datasets[j], self.eval_cfg, f"{desc} on {self.tasks[j]}") for j in js]
+                return [
+                    model_accuracy(self.clip, self.datasets[j], self.eval_cfg, f"{desc} on {self.tasks[j]}") for j in js
+                ]
         return self.lora_accuracy(self._lora_from_flat(state), js, desc)
 
     def strategy_row(self, name: str, s: int) -> list[float]:
@@ -791,13 +954,20 @@ class Runner:
                 out[m] = storage_entry(0, {}, "nothing beyond θ_0")
             elif m in ("condu", "agnostic"):
                 self.store.reload(verify=False)
-                out[m] = (condu_store_storage(self.store) if self.store.exists and self.store.task_names
-                          else storage_entry(0, {}, "unified delta u + per task a 1-bit mask and its rescaler"))
+                out[m] = (
+                    condu_store_storage(self.store)
+                    if self.store.exists and self.store.task_names
+                    else storage_entry(0, {}, "unified delta u + per task a 1-bit mask and its rescaler")
+                )
             elif m == "continual_ft":
-                out[m] = storage_entry(one if n else 0, {t: 0 for t in done}, "the current model's delta θ_t − θ_0 (one model)")
+                out[m] = storage_entry(
+                    one if n else 0, dict.fromkeys(done, 0), "the current model's delta θ_t − θ_0 (one model)"
+                )
             else:
                 out[m] = report_entry(self.strategy(m, n).stored_bytes())
-        out["individual_ft"] = storage_entry(0, {t: one for t in done}, "every task's fine-tuned delta (one model per task)")
+        out["individual_ft"] = storage_entry(
+            0, dict.fromkeys(done, one), "every task's fine-tuned delta (one model per task)"
+        )
         return out, one
 
     def finish(self, partial: bool) -> dict:
@@ -817,7 +987,7 @@ class Runner:
             "partial": partial,
             "sessions_finished": n,
             "tasks": self.tasks,
-            "accuracy": {m: mat for m, mat in matrices.items()},
+            "accuracy": dict(matrices.items()),
             "individual_ft": indiv,
             "metrics": {},
             "config": self.config,
@@ -832,7 +1002,7 @@ class Runner:
         result["one_model_bytes"] = one_model
         try:
             result["store"]["storage"] = self.store.storage()
-        except Exception:  # noqa: BLE001 - informative only
+        except Exception:
             pass
         if n == T:
             result["metrics"] = {m: summary_metrics(mat) for m, mat in matrices.items()}
@@ -845,30 +1015,45 @@ class Runner:
             rows["Individual FT"] = indiv
             table = markdown_table(self.tasks, display, rows=rows)
             if "agnostic" in matrices:
-                table += ("\nTask-agnostic rows: the Transfer line is reported for completeness; the paper's "
-                          "Table 2 gives only Average and Last for this setting.\n")
-            table += ("\n## Storage\n\nBytes kept beyond the pretrained weights θ_0 after the last session; "
-                      f"\"× one model\" = total / one task delta ({one_model / 2**20:.3f} MiB: the "
-                      f"{'LoRA factors' if self.lora0 is not None else 'trained tensors'}).\n\n"
-                      + storage_markdown(storage, one_model, names))
+                table += (
+                    "\nTask-agnostic rows: the Transfer line is reported for completeness; the paper's "
+                    "Table 2 gives only Average and Last for this setting.\n"
+                )
+            table += (
+                "\n## Storage\n\nBytes kept beyond the pretrained weights θ_0 after the last session; "
+                f'"× one model" = total / one task delta ({one_model / 2**20:.3f} MiB: the '
+                f"{'LoRA factors' if self.lora0 is not None else 'trained tensors'}).\n\n"
+                + storage_markdown(storage, one_model, names)
+            )
             if "pam" in self.methods and result.get("hook_stats"):
-                table += ("\n## PAM's alignment hook\n\nPer session: optimizer steps the hook saw, alignments it ran "
-                          "(every --pam-every steps) and weight entries it re-initialised (summed over the alignments); "
-                          "\"-\": no hook (nothing to align to before the first task is merged).\n\n"
-                          + hook_stats_markdown(self.tasks, result["hook_stats"]))
-            note = ("> **Smoke test.** `--synthetic` runs the MTIL code path on procedural images and a tiny CLIP "
-                    "pre-trained for a moment, to exercise resume, storage and every strategy on a CPU; its accuracies "
-                    "carry no meaning. The CPU run of this protocol on real data is `python -m benchmarks.digits.run_digits` "
-                    "(docs/results.md).\n\n" if self.a.synthetic else "")
+                table += (
+                    "\n## PAM's alignment hook\n\nPer session: optimizer steps the hook saw, alignments it ran "
+                    "(every --pam-every steps) and weight entries it re-initialised (summed over the alignments); "
+                    '"-": no hook (nothing to align to before the first task is merged).\n\n'
+                    + hook_stats_markdown(self.tasks, result["hook_stats"])
+                )
+            note = (
+                "> **Smoke test.** `--synthetic` runs the MTIL code path on procedural images and a tiny CLIP "
+                "pre-trained for a moment, to exercise resume, storage and every strategy on a CPU; its accuracies "
+                "carry no meaning. The CPU run of this protocol on real data is `python -m benchmarks.digits.run_digits` "
+                "(docs/results.md).\n\n"
+                if self.a.synthetic
+                else ""
+            )
             with open(os.path.join(self.out, "results.md"), "w") as f:
-                f.write(f"# MTIL results ({label}{', few-shot' if self.a.few_shot else ''})\n\n{note}{table}"
-                        "\n![accuracy matrices](accuracy_heatmap.png)\n")
+                f.write(
+                    f"# MTIL results ({label}{', few-shot' if self.a.few_shot else ''})\n\n{note}{table}"
+                    "\n![accuracy matrices](accuracy_heatmap.png)\n"
+                )
             with open(os.path.join(self.out, "storage.csv"), "w") as f:
                 f.write(storage_csv(storage, one_model, names))
             with open(os.path.join(self.out, "results.csv"), "w") as f:
                 f.write(csv_text(self.tasks, {names[m]: mat for m, mat in matrices.items()}))
-            result["heatmap"] = heatmap_png(os.path.join(self.out, "accuracy_heatmap.png"), self.tasks,
-                                            {names[m]: mat for m, mat in matrices.items()})
+            result["heatmap"] = heatmap_png(
+                os.path.join(self.out, "accuracy_heatmap.png"),
+                self.tasks,
+                {names[m]: mat for m, mat in matrices.items()},
+            )
         _atomic_json(os.path.join(self.out, "results.json"), result)
         return result
 
@@ -888,7 +1073,11 @@ def hook_stats(hook: object) -> dict[str, int] | None:
 
 
 def resolve_order_synthetic(args: argparse.Namespace, available: Sequence[str]) -> list[str]:
-    seq = resolve_order(args.order, args.tasks) if args.order not in ORDERS else [t for t in ORDERS[args.order] if t in available]
+    seq = (
+        resolve_order(args.order, args.tasks)
+        if args.order not in ORDERS
+        else [t for t in ORDERS[args.order] if t in available]
+    )
     if args.tasks:
         keep = [t.strip() for t in args.tasks.split(",")]
         seq = [t for t in seq if t in keep]

@@ -18,6 +18,7 @@ import json
 import math
 import os
 from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -42,6 +43,7 @@ MODEL_CONFIG = {
 
 
 # ------------------------------------------------------------------ procedural images
+
 
 def _grid(n: int = IMAGE_SIZE) -> tuple[np.ndarray, np.ndarray]:
     y, x = np.mgrid[0:n, 0:n].astype(np.float32) / n
@@ -100,7 +102,9 @@ def draw(domain: str, cls: int, rng: np.random.Generator) -> np.ndarray:
         elif cls == 2:
             m = (y - cy > -r) & (y - cy < r) & (np.abs(x - cx) < (y - cy + r) / 2)
         else:
-            m = ((np.abs(y - cy) < r) & (np.abs(x - cx) < r / 3.5)) | ((np.abs(x - cx) < r) & (np.abs(y - cy) < r / 3.5))
+            m = ((np.abs(y - cy) < r) & (np.abs(x - cx) < r / 3.5)) | (
+                (np.abs(x - cx) < r) & (np.abs(y - cy) < r / 3.5)
+            )
         img[m] = col
     elif domain == "Food":  # a white plate with food-coloured blobs
         img = np.ones((n, n, 3), np.float32) * _palette(rng, (0.45, 0.3, 0.2), 0.05)
@@ -127,6 +131,7 @@ def _save(path: str, img: np.ndarray) -> None:
 
 # ------------------------------------------------------------------ folder layouts
 
+
 def write_dataset(root: str, domain: str, n_train: int, n_test: int, seed: int) -> None:
     """Write ``domain``'s images in its torchvision layout (train and test images per class)."""
     rng = np.random.default_rng(seed)
@@ -138,11 +143,16 @@ def write_dataset(root: str, domain: str, n_train: int, n_test: int, seed: int) 
                 _save(os.path.join(root, "eurosat", "2750", folder, f"{folder}_{i + 1}.jpg"), draw(domain, ci, rng))
     elif domain == "Caltech101":
         # torchvision drops this clutter class; the real archive has it, so the reader expects it
-        _save(os.path.join(root, "caltech101", "101_ObjectCategories", "BACKGROUND_Google", "image_0001.jpg"),
-              rng.random((IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32))
+        _save(
+            os.path.join(root, "caltech101", "101_ObjectCategories", "BACKGROUND_Google", "image_0001.jpg"),
+            rng.random((IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32),
+        )
         for ci, (folder, _) in enumerate(classes):
             for i in range(per_class):
-                _save(os.path.join(root, "caltech101", "101_ObjectCategories", folder, f"image_{i + 1:04d}.jpg"), draw(domain, ci, rng))
+                _save(
+                    os.path.join(root, "caltech101", "101_ObjectCategories", folder, f"image_{i + 1:04d}.jpg"),
+                    draw(domain, ci, rng),
+                )
     elif domain == "DTD":
         base = os.path.join(root, "dtd", "dtd")
         split_lines: dict[str, list[str]] = {"train": [], "val": [], "test": []}
@@ -183,6 +193,7 @@ def _class_index_in_reader(domain: str, ci: int) -> int:
 
 # ------------------------------------------------------------------ tiny CLIP
 
+
 def register_model_config(out_dir: str) -> None:
     """Make ``SYN_MODEL_NAME`` known to open_clip (a JSON config file in ``out_dir``)."""
     import open_clip
@@ -206,8 +217,12 @@ def pretrain_tiny_clip(out_dir: str, steps: int, seed: int, progress: bool = Fal
     torch.manual_seed(seed)
     model, _, preprocess = open_clip.create_model_and_transforms(SYN_MODEL_NAME, pretrained=None)
     tok = open_clip.get_tokenizer(SYN_MODEL_NAME)
-    mean = torch.tensor(model.visual.preprocess_cfg.get("mean", (0.48145466, 0.4578275, 0.40821073)), dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(model.visual.preprocess_cfg.get("std", (0.26862954, 0.26130258, 0.27577711)), dtype=torch.float32).view(1, 3, 1, 1)
+    mean = torch.tensor(
+        model.visual.preprocess_cfg.get("mean", (0.48145466, 0.4578275, 0.40821073)), dtype=torch.float32
+    ).view(1, 3, 1, 1)
+    std = torch.tensor(
+        model.visual.preprocess_cfg.get("std", (0.26862954, 0.26130258, 0.27577711)), dtype=torch.float32
+    ).view(1, 3, 1, 1)
     rng = np.random.default_rng(seed + 1)
     captions = ["a photo of a {}.", "a picture of the {}.", "{}"]
     pairs = [(d, ci) for d in DOMAINS for ci in range(len(DOMAINS[d]))]
@@ -250,8 +265,16 @@ class SyntheticSetup:
     classnames: dict[str, list[str]]
 
 
-def prepare(out_dir: str, *, n_tasks: int = 4, n_train: int = 40, n_test: int = 20, pretrain_steps: int = 60,
-            seed: int = 0, progress: bool = False) -> SyntheticSetup:
+def prepare(
+    out_dir: str,
+    *,
+    n_tasks: int = 4,
+    n_train: int = 40,
+    n_test: int = 20,
+    pretrain_steps: int = 60,
+    seed: int = 0,
+    progress: bool = False,
+) -> SyntheticSetup:
     """Write the synthetic data and the pre-trained tiny CLIP under ``out_dir`` (idempotent: a
     finished preparation, marked by ``READY.json``, is reused as is, so reruns see the same data)."""
     tasks = SYNTHETIC_ORDER[:n_tasks]

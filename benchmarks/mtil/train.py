@@ -17,17 +17,17 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from .datasets import MTILDataset
 from condu_merge.adapters import LoraAdapter, lora_weights
 from condu_merge.strategies import TrainingHook
 
+from .datasets import MTILDataset
 from .model import ClipHandle
 
 
@@ -56,8 +56,13 @@ def cosine_lr(step: int, base_lr: float, warmup: int, total: int) -> float:
 def _batches(ds: MTILDataset, cfg: TrainConfig, seed: int) -> Iterator:
     g = torch.Generator().manual_seed(seed)
     loader = DataLoader(
-        ds.train, batch_size=cfg.batch_size, shuffle=True, generator=g, num_workers=cfg.num_workers,
-        drop_last=len(ds.train) > cfg.batch_size, persistent_workers=cfg.num_workers > 0,
+        ds.train,
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        generator=g,
+        num_workers=cfg.num_workers,
+        drop_last=len(ds.train) > cfg.batch_size,
+        persistent_workers=cfg.num_workers > 0,
     )
     while True:
         yield from loader
@@ -132,8 +137,14 @@ def _steps(
     return {"seconds": time.perf_counter() - t0, "final_loss": loss_v, "iterations": cfg.iterations}
 
 
-def finetune_full(clip: ClipHandle, ds: MTILDataset, cfg: TrainConfig, names: list[str], desc: str = "train",
-                  hook: TrainingHook | None = None) -> dict:
+def finetune_full(
+    clip: ClipHandle,
+    ds: MTILDataset,
+    cfg: TrainConfig,
+    names: list[str],
+    desc: str = "train",
+    hook: TrainingHook | None = None,
+) -> dict:
     """Fine-tune the parameters ``names`` of ``clip.model`` in place from whatever it holds now
     (with a strategy's ``hook``, keyed by those parameter names)."""
     params = dict(clip.model.named_parameters())
@@ -141,8 +152,7 @@ def finetune_full(clip: ClipHandle, ds: MTILDataset, cfg: TrainConfig, names: li
     for n, p in params.items():
         p.requires_grad_(n in wanted)
     try:
-        return _loop(clip, ds, cfg, [params[n] for n in names], lambda: None, desc,
-                     hook, {n: params[n] for n in names})
+        return _loop(clip, ds, cfg, [params[n] for n in names], lambda: None, desc, hook, {n: params[n] for n in names})
     finally:
         for p in params.values():
             p.requires_grad_(False)
@@ -153,8 +163,14 @@ def lora_flat_names(module: str) -> tuple[str, str]:
     return f"{module}.lora_A.weight", f"{module}.lora_B.weight"
 
 
-def finetune_lora(clip: ClipHandle, ds: MTILDataset, cfg: TrainConfig, init: LoraAdapter, desc: str = "train",
-                  hook: TrainingHook | None = None) -> LoraAdapter:
+def finetune_lora(
+    clip: ClipHandle,
+    ds: MTILDataset,
+    cfg: TrainConfig,
+    init: LoraAdapter,
+    desc: str = "train",
+    hook: TrainingHook | None = None,
+) -> LoraAdapter:
     """Train LoRA factors starting from ``init`` (the model stays frozen at θ_0). Returns the trained
     adapter (CPU, ``init``'s config) recording ``init``'s fingerprint, ready for
     :func:`condu_merge.adapters.factor_delta`. A strategy's ``hook`` sees the factor leaves under
@@ -162,11 +178,24 @@ def finetune_lora(clip: ClipHandle, ds: MTILDataset, cfg: TrainConfig, init: Lor
     for p in clip.model.parameters():
         p.requires_grad_(False)
     start = init.to(clip.device)
-    factors = {m: (a.float().clone().requires_grad_(True), b.float().clone().requires_grad_(True))
-               for m, (a, b) in start.factors.items()}
+    factors = {
+        m: (a.float().clone().requires_grad_(True), b.float().clone().requires_grad_(True))
+        for m, (a, b) in start.factors.items()
+    }
     live = LoraAdapter(config=dict(init.config), factors=factors)  # holds the leaves the optimiser updates
     flat = {n: t for m, ab in factors.items() for n, t in zip(lora_flat_names(m), ab)}
-    _loop(clip, ds, cfg, [t for ab in factors.values() for t in ab], lambda: lora_weights(clip.model, live), desc,
-          hook, flat)
-    return LoraAdapter(config=dict(init.config), init_fingerprint=init.fingerprint(),
-                       factors={m: (a.detach().cpu(), b.detach().cpu()) for m, (a, b) in factors.items()})
+    _loop(
+        clip,
+        ds,
+        cfg,
+        [t for ab in factors.values() for t in ab],
+        lambda: lora_weights(clip.model, live),
+        desc,
+        hook,
+        flat,
+    )
+    return LoraAdapter(
+        config=dict(init.config),
+        init_fingerprint=init.fingerprint(),
+        factors={m: (a.detach().cpu(), b.detach().cpu()) for m, (a, b) in factors.items()},
+    )

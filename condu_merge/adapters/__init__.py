@@ -68,6 +68,7 @@ __all__ = [
     "lora_param_name",
     "lora_transform",
     "lora_weights",
+    "open_clip_from_hf_config",
     "openclip_to_hf",
     "peft_lora_parameters",
     "pretrained_state",

@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Mapping, MutableMapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -36,8 +37,8 @@ from ..errors import ConduError, KeyMismatchError, ShapeMismatchError, UnknownTa
 from ..trigger import TaskTrigger
 
 __all__ = [
-    "MODES",
     "EXCLUDED_NAMES",
+    "MODES",
     "ClipExperts",
     "clip_delta",
     "clip_encode",
@@ -70,6 +71,7 @@ class ClipAdapterError(ConduError, ValueError):
 
 # ---------------------------------------------------------------------------- flavours and modes
 
+
 def _keys_of(obj: StateLike | Sequence[str]) -> list[str]:
     if isinstance(obj, nn.Module):
         return list(obj.state_dict().keys())
@@ -81,7 +83,7 @@ def clip_flavor(obj: StateLike | Sequence[str]) -> str:
     keys = _keys_of(obj)
     if any(k.startswith(("vision_model.", "text_model.")) for k in keys):
         return "hf"
-    if any(k.startswith("visual.") or k.startswith(("transformer.", "token_embedding.")) for k in keys):
+    if any(k.startswith(("visual.", "transformer.", "token_embedding.")) for k in keys):
         return "open_clip"
     raise ClipAdapterError(
         "cannot tell the CLIP flavour: expected open_clip names (visual.*, transformer.*) or "
@@ -135,8 +137,9 @@ def pretrained_state(model: StateLike, mode: str = "whole") -> dict[str, torch.T
     return {k: sd[k].detach().clone() for k in select_names(model, mode)}
 
 
-def clip_delta(pretrained: StateLike, finetuned: StateLike, mode: str = "whole",
-               *, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def clip_delta(
+    pretrained: StateLike, finetuned: StateLike, mode: str = "whole", *, dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
     """``θ_t − θ_0`` over the tensors taking part in ``mode`` (names of ``finetuned``'s flavour).
 
     ``pretrained`` may hold only the selected tensors (e.g. from :func:`pretrained_state`).
@@ -189,8 +192,10 @@ _TOP_SAME = {
 }
 # open_clip stores projections as x @ P ([width, embed]); HF as Linear weights ([embed, width])
 _TOP_T = {"text_projection": "text_projection.weight", "visual.proj": "visual_projection.weight"}
-_TOWERS = (("visual.transformer.resblocks.", "vision_model.encoder.layers."),
-           ("transformer.resblocks.", "text_model.encoder.layers."))
+_TOWERS = (
+    ("visual.transformer.resblocks.", "vision_model.encoder.layers."),
+    ("transformer.resblocks.", "text_model.encoder.layers."),
+)
 _OC_BLOCK = re.compile(r"^(visual\.transformer\.resblocks\.|transformer\.resblocks\.)(\d+)\.(.+)$")
 _HF_BLOCK = re.compile(r"^(vision_model\.encoder\.layers\.|text_model\.encoder\.layers\.)(\d+)\.(.+)$")
 _HF_QKV = re.compile(r"^self_attn\.([qkv])_proj\.(weight|bias)$")
@@ -220,7 +225,9 @@ def openclip_to_hf(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
                 continue
             if rest in _BLOCK_QKV:
                 if t.shape[0] % 3:
-                    raise ClipAdapterError(f"open_clip tensor {k!r} has {t.shape[0]} rows, not a multiple of 3 (q, k, v)")
+                    raise ClipAdapterError(
+                        f"open_clip tensor {k!r} has {t.shape[0]} rows, not a multiple of 3 (q, k, v)"
+                    )
                 kind = _BLOCK_QKV[rest]
                 for name, part in zip("qkv", t.chunk(3, dim=0)):
                     out[f"{new_prefix}self_attn.{name}_proj.{kind}"] = part.contiguous()
@@ -376,25 +383,42 @@ def open_clip_from_hf_config(config: Any, **overrides: Any) -> nn.Module:
     v, t = config.vision_config, config.text_config
     acts = {v.hidden_act, t.hidden_act}
     if len(acts) != 1 or not acts <= {"gelu", "quick_gelu"}:
-        raise ClipAdapterError(f"CLIPConfig activations vision={v.hidden_act!r} text={t.hidden_act!r}: open_clip needs one of "
-                               "'gelu' / 'quick_gelu' for both towers")
+        raise ClipAdapterError(
+            f"CLIPConfig activations vision={v.hidden_act!r} text={t.hidden_act!r}: open_clip needs one of "
+            "'gelu' / 'quick_gelu' for both towers"
+        )
     for name, cfg in (("vision", v), ("text", t)):
         if abs(float(cfg.layer_norm_eps) - 1e-5) > 1e-12:
-            raise ClipAdapterError(f"CLIPConfig {name} layer_norm_eps={cfg.layer_norm_eps}: open_clip's LayerNorm uses 1e-5")
+            raise ClipAdapterError(
+                f"CLIPConfig {name} layer_norm_eps={cfg.layer_norm_eps}: open_clip's LayerNorm uses 1e-5"
+            )
         if cfg.hidden_size % cfg.num_attention_heads:
             raise ClipAdapterError(f"CLIPConfig {name}: hidden_size {cfg.hidden_size} is not a multiple of the heads")
     return CLIP(
         embed_dim=int(config.projection_dim),
-        vision_cfg=CLIPVisionCfg(layers=v.num_hidden_layers, width=v.hidden_size, head_width=v.hidden_size // v.num_attention_heads,
-                                 mlp_ratio=v.intermediate_size / v.hidden_size, patch_size=v.patch_size, image_size=v.image_size),
-        text_cfg=CLIPTextCfg(context_length=t.max_position_embeddings, vocab_size=t.vocab_size, width=t.hidden_size,
-                             heads=t.num_attention_heads, layers=t.num_hidden_layers, mlp_ratio=t.intermediate_size / t.hidden_size),
+        vision_cfg=CLIPVisionCfg(
+            layers=v.num_hidden_layers,
+            width=v.hidden_size,
+            head_width=v.hidden_size // v.num_attention_heads,
+            mlp_ratio=v.intermediate_size / v.hidden_size,
+            patch_size=v.patch_size,
+            image_size=v.image_size,
+        ),
+        text_cfg=CLIPTextCfg(
+            context_length=t.max_position_embeddings,
+            vocab_size=t.vocab_size,
+            width=t.hidden_size,
+            heads=t.num_attention_heads,
+            layers=t.num_hidden_layers,
+            mlp_ratio=t.intermediate_size / t.hidden_size,
+        ),
         quick_gelu=acts == {"quick_gelu"},
         **overrides,
     )
 
 
 # ---------------------------------------------------------------------------- applying experts
+
 
 def _resolve(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     mod_name, _, attr = name.rpartition(".")
@@ -438,7 +462,9 @@ def swap_params(model: nn.Module, params: Mapping[str, torch.Tensor]) -> Iterato
         for name, value in params.items():
             cur = _tensor_of(model, name)
             if tuple(value.shape) != tuple(cur.shape):
-                raise ShapeMismatchError(f"tensor {name!r}: model has shape {tuple(cur.shape)}, the expert {tuple(value.shape)}")
+                raise ShapeMismatchError(
+                    f"tensor {name!r}: model has shape {tuple(cur.shape)}, the expert {tuple(value.shape)}"
+                )
             outermost = not hasattr(cur, _PRISTINE_ATTR)
             saved.append((cur, cur.data, outermost))
             if outermost:
@@ -465,8 +491,9 @@ class _Method(nn.Module):
         return getattr(self.inner, self.method)(*args, **kwargs)
 
 
-def functional_forward(model: nn.Module, params: Mapping[str, torch.Tensor], *args: Any,
-                       method: str = "forward", **kwargs: Any) -> Any:
+def functional_forward(
+    model: nn.Module, params: Mapping[str, torch.Tensor], *args: Any, method: str = "forward", **kwargs: Any
+) -> Any:
     """``model.<method>(*args, **kwargs)`` computed with ``params`` in place of the named tensors,
     via :func:`torch.func.functional_call` (the model itself is not modified; others keep theirs).
     Every name must be a parameter or buffer of ``model`` with that shape (``functional_call``
@@ -474,7 +501,9 @@ def functional_forward(model: nn.Module, params: Mapping[str, torch.Tensor], *ar
     for name, value in params.items():
         cur = _tensor_of(model, name)
         if tuple(value.shape) != tuple(cur.shape):
-            raise ShapeMismatchError(f"tensor {name!r}: model has shape {tuple(cur.shape)}, the given value {tuple(value.shape)}")
+            raise ShapeMismatchError(
+                f"tensor {name!r}: model has shape {tuple(cur.shape)}, the given value {tuple(value.shape)}"
+            )
     if method == "forward":
         return torch.func.functional_call(model, dict(params), args, kwargs)
     wrapper = _Method(model, method)
@@ -496,8 +525,9 @@ def clip_features(out: Any) -> torch.Tensor:
 _features = clip_features  # the module's earlier private name
 
 
-def clip_encode(model: nn.Module, kind: str, x: torch.Tensor,
-                params: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+def clip_encode(
+    model: nn.Module, kind: str, x: torch.Tensor, params: Mapping[str, torch.Tensor] | None = None
+) -> torch.Tensor:
     """Unnormalised ``kind="image"`` (pixels) or ``kind="text"`` (token ids ``[N, L]``) features of
     a CLIP model of either flavour. With ``params`` the forward pass runs through
     :func:`functional_forward` with those tensors in place of the model's, so gradients reach
@@ -529,28 +559,55 @@ class ClipExperts:
     tensors, never ``K`` models. Task ``None`` means the pretrained model.
     """
 
-    def __init__(self, model: nn.Module, unified: Mapping[str, torch.Tensor], triggers: Sequence[TaskTrigger],
-                 *, backend: str = "auto", cache_size: int = 1):
+    def __init__(
+        self,
+        model: nn.Module,
+        unified: Mapping[str, torch.Tensor],
+        triggers: Sequence[TaskTrigger],
+        *,
+        backend: str = "auto",
+        cache_size: int = 1,
+    ):
         triggers_by_task = {t.task: t for t in triggers}
         if None in triggers_by_task:
             raise ValueError("every trigger needs a task name to be addressed by ClipExperts")
         tasks = list(triggers_by_task)
-        self._init(model, lambda: tasks, list(unified.keys()),
-                   lambda task: _decouple(unified, triggers_by_task[task], backend=backend), cache_size)
+        self._init(
+            model,
+            lambda: tasks,
+            list(unified.keys()),
+            lambda task: _decouple(unified, triggers_by_task[task], backend=backend),
+            cache_size,
+        )
 
     @classmethod
-    def from_merger(cls, model: nn.Module, merger: Any, *, cache_size: int = 1,
-                    transform: DeltaTransform | None = None) -> "ClipExperts":
+    def from_merger(
+        cls, model: nn.Module, merger: Any, *, cache_size: int = 1, transform: DeltaTransform | None = None
+    ) -> ClipExperts:
         """Experts of an in-memory :class:`~condu_merge.ContinualMerger` (``transform``: as in
         :meth:`from_store`)."""
         self = cls.__new__(cls)
-        self._init(model, lambda: merger.task_names, list(merger.unified.keys()), merger.decouple, cache_size,
-                   transform, version=lambda: merger.generation)
+        self._init(
+            model,
+            lambda: merger.task_names,
+            list(merger.unified.keys()),
+            merger.decouple,
+            cache_size,
+            transform,
+            version=lambda: merger.generation,
+        )
         return self
 
     @classmethod
-    def from_store(cls, model: nn.Module, store: Any, *, backend: str = "auto", cache_size: int = 1,
-                   transform: DeltaTransform | None = None) -> "ClipExperts":
+    def from_store(
+        cls,
+        model: nn.Module,
+        store: Any,
+        *,
+        backend: str = "auto",
+        cache_size: int = 1,
+        transform: DeltaTransform | None = None,
+    ) -> ClipExperts:
         """Experts of a :class:`condu_merge.store.Store`, read lazily (``u`` and one task's masks,
         tensor by tensor) when an expert is first needed.
 
@@ -559,14 +616,27 @@ class ClipExperts:
         weight deltas: e.g. :func:`condu_merge.adapters.lora_transform` turns factor-wise LoRA
         deltas into ``s · B A`` per adapted weight, so expert ``t`` is ``W + s · B_t A_t``."""
         self = cls.__new__(cls)
-        self._init(model, lambda: store.task_names, store.keys,
-                   lambda task: dict(store.iter_decouple(task, backend=backend)), cache_size, transform,
-                   version=lambda: store.generation)
+        self._init(
+            model,
+            lambda: store.task_names,
+            store.keys,
+            lambda task: dict(store.iter_decouple(task, backend=backend)),
+            cache_size,
+            transform,
+            version=lambda: store.generation,
+        )
         return self
 
-    def _init(self, model: nn.Module, tasks_fn: Callable[[], Sequence[str]], names: Sequence[str],
-              decouple_fn: Callable[[str], Mapping[str, torch.Tensor]], cache_size: int,
-              transform: DeltaTransform | None = None, version: Callable[[], object] | None = None) -> None:
+    def _init(
+        self,
+        model: nn.Module,
+        tasks_fn: Callable[[], Sequence[str]],
+        names: Sequence[str],
+        decouple_fn: Callable[[str], Mapping[str, torch.Tensor]],
+        cache_size: int,
+        transform: DeltaTransform | None = None,
+        version: Callable[[], object] | None = None,
+    ) -> None:
         self.model = model
         self.flavor = clip_flavor(model)
         # a merger or store that gains a task changes every expert: the task list and the cache
@@ -648,9 +718,13 @@ class ClipExperts:
             return m.encode_text(tokens)
 
 
-def clip_encoders(model: nn.Module) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
+def clip_encoders(
+    model: nn.Module,
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
     """``(encode_image, encode_text)`` callables of a plain CLIP model of either flavour."""
     if clip_flavor(model) == "hf":
-        return (lambda x: _features(model.get_image_features(pixel_values=x)),
-                lambda t: _features(model.get_text_features(input_ids=t)))
+        return (
+            lambda x: _features(model.get_image_features(pixel_values=x)),
+            lambda t: _features(model.get_text_features(input_ids=t)),
+        )
     return model.encode_image, model.encode_text

@@ -30,8 +30,9 @@ import json
 import math
 import os
 import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -41,13 +42,14 @@ from ..errors import ConduError, FormatError, KeyMismatchError, ShapeMismatchErr
 
 __all__ = [
     "CONFIG_NAME",
-    "WEIGHTS_NAME",
-    "INIT_RECORD_NAME",
-    "ExportReport",
     "FACTOR_CONFIG_FIELDS",
+    "INIT_RECORD_NAME",
     "TRUNCATION_WARN",
+    "WEIGHTS_NAME",
+    "ExportReport",
     "LoraAdapter",
     "LoraCompatibilityError",
+    "TruncationWarning",
     "check_compatible",
     "dense_delta",
     "export_peft",
@@ -59,7 +61,6 @@ __all__ = [
     "lora_transform",
     "lora_weights",
     "record_init",
-    "TruncationWarning",
 ]
 
 CONFIG_NAME = "adapter_config.json"
@@ -69,8 +70,17 @@ _PREFIX = "base_model.model."
 _KEY = re.compile(r"^(?:base_model\.model\.)?(.+)\.(lora_A|lora_B)(?:\.([A-Za-z0-9_\-]+))?\.weight$")
 
 # config fields that must agree for a factor-wise merge (they change what the factors mean)
-FACTOR_CONFIG_FIELDS = ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "fan_in_fan_out",
-                        "init_lora_weights", "use_dora", "lora_bias")
+FACTOR_CONFIG_FIELDS = (
+    "r",
+    "lora_alpha",
+    "use_rslora",
+    "rank_pattern",
+    "alpha_pattern",
+    "fan_in_fan_out",
+    "init_lora_weights",
+    "use_dora",
+    "lora_bias",
+)
 _MUST_MATCH = FACTOR_CONFIG_FIELDS
 TRUNCATION_WARN = 0.1
 """Relative truncation error of :func:`export_peft` above which it warns (:class:`TruncationWarning`)."""
@@ -104,7 +114,7 @@ class LoraAdapter:
 
     # ------------------------------------------------------------------ io
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> "LoraAdapter":
+    def load(cls, path: str | os.PathLike[str]) -> LoraAdapter:
         """Read a PEFT LoRA folder (``adapter_config.json`` + ``adapter_model.safetensors``)."""
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -121,7 +131,9 @@ class LoraAdapter:
         if not isinstance(config, dict):
             raise FormatError(f"{cfg_path}: not a JSON object")
         if str(config.get("peft_type", "")).upper() != "LORA":
-            raise FormatError(f"{cfg_path}: not a LoRA adapter config (peft_type={config.get('peft_type') if isinstance(config, dict) else None!r})")
+            raise FormatError(
+                f"{cfg_path}: not a LoRA adapter config (peft_type={config.get('peft_type') if isinstance(config, dict) else None!r})"
+            )
         check_lora_config(config, cfg_path)
         try:
             tensors = load_file(w_path)
@@ -138,15 +150,27 @@ class LoraAdapter:
         return cls(config=config, factors=_parse_factors(tensors, w_path), path=path, init_fingerprint=init)
 
     @classmethod
-    def from_factors(cls, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], *, r: int, lora_alpha: float,
-                     use_rslora: bool = False, base_model_name_or_path: str | None = None) -> "LoraAdapter":
+    def from_factors(
+        cls,
+        factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+        *,
+        r: int,
+        lora_alpha: float,
+        use_rslora: bool = False,
+        base_model_name_or_path: str | None = None,
+    ) -> LoraAdapter:
         """Wrap factors of any origin: ``factors[module] = (A [r, in], B [out, r])``, module names
         as in the base model (``...q_proj``, without ``.weight``)."""
         for m, (a, b) in factors.items():
             if a.shape[0] != r or b.shape[1] != r:
                 raise ShapeMismatchError(f"module {m!r}: A {tuple(a.shape)} / B {tuple(b.shape)} are not rank {r}")
-        config = _peft_config(sorted(factors), r=r, lora_alpha=lora_alpha, use_rslora=use_rslora,
-                              base_model_name_or_path=base_model_name_or_path)
+        config = _peft_config(
+            sorted(factors),
+            r=r,
+            lora_alpha=lora_alpha,
+            use_rslora=use_rslora,
+            base_model_name_or_path=base_model_name_or_path,
+        )
         return cls(config=config, factors={m: (a, b) for m, (a, b) in factors.items()})
 
     def save(self, path: str | os.PathLike[str]) -> str:
@@ -198,11 +222,17 @@ class LoraAdapter:
     def who(self) -> str:
         return f"adapter {self.path!r}" if self.path else "adapter"
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "LoraAdapter":
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> LoraAdapter:
         """The same adapter (config, path, recorded init) with its factors moved/cast."""
-        return LoraAdapter(config=self.config, path=self.path, init_fingerprint=self.init_fingerprint,
-                           factors={m: (a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype))
-                                    for m, (a, b) in self.factors.items()})
+        return LoraAdapter(
+            config=self.config,
+            path=self.path,
+            init_fingerprint=self.init_fingerprint,
+            factors={
+                m: (a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype))
+                for m, (a, b) in self.factors.items()
+            },
+        )
 
 
 def _parse_factors(tensors: Mapping[str, torch.Tensor], where: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -217,8 +247,10 @@ def _parse_factors(tensors: Mapping[str, torch.Tensor], where: str) -> dict[str,
         slot = parts.setdefault(m.group(1), {})
         if m.group(2) in slot:
             # two adapter names (lora_A.default / lora_A.other) for one module: which one is meant?
-            raise FormatError(f"{where}: module {m.group(1)!r} has more than one {m.group(2)} tensor "
-                              f"(several adapter names in one file); save one adapter per folder")
+            raise FormatError(
+                f"{where}: module {m.group(1)!r} has more than one {m.group(2)} tensor "
+                f"(several adapter names in one file); save one adapter per folder"
+            )
         slot[m.group(2)] = t
     out = {}
     for mod, p in parts.items():
@@ -226,14 +258,23 @@ def _parse_factors(tensors: Mapping[str, torch.Tensor], where: str) -> dict[str,
             raise FormatError(f"{where}: module {mod!r} has {sorted(p)} but needs both lora_A and lora_B")
         a, b = p["lora_A"], p["lora_B"]
         if a.shape[0] != b.shape[1]:
-            raise ShapeMismatchError(f"{where}: module {mod!r}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} disagree on the rank")
+            raise ShapeMismatchError(
+                f"{where}: module {mod!r}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} disagree on the rank"
+            )
         out[mod] = (a, b)
     return out
 
 
-def _peft_config(modules: Sequence[str], *, r: int, lora_alpha: float, use_rslora: bool = False,
-                 base_model_name_or_path: str | None = None, fan_in_fan_out: bool = False,
-                 task_type: str | None = None) -> dict[str, Any]:
+def _peft_config(
+    modules: Sequence[str],
+    *,
+    r: int,
+    lora_alpha: float,
+    use_rslora: bool = False,
+    base_model_name_or_path: str | None = None,
+    fan_in_fan_out: bool = False,
+    task_type: str | None = None,
+) -> dict[str, Any]:
     """A minimal LoRA ``adapter_config.json`` (PEFT fills the rest with its defaults); targets are
     full module names, so exactly those modules get a LoRA."""
     return {
@@ -256,7 +297,7 @@ def _peft_config(modules: Sequence[str], *, r: int, lora_alpha: float, use_rslor
     }
 
 
-def record_init(path: str | os.PathLike[str], init: "LoraAdapter | str") -> str:
+def record_init(path: str | os.PathLike[str], init: LoraAdapter | str) -> str:
     """Write ``condu_lora_init.json`` into an adapter folder: the fingerprint of the shared
     initialisation it was trained from (call it right after training, with the init adapter)."""
     fp = init if isinstance(init, str) else init.fingerprint()
@@ -267,6 +308,7 @@ def record_init(path: str | os.PathLike[str], init: "LoraAdapter | str") -> str:
 
 
 # ---------------------------------------------------------------------------- factor-wise
+
 
 def _targets(cfg: Mapping[str, Any]) -> Any:
     t = cfg.get("target_modules")
@@ -283,7 +325,9 @@ def check_compatible(adapters: Sequence[LoraAdapter], init: LoraAdapter) -> None
         for k in _MUST_MATCH:
             a, b = ad.config.get(k), init.config.get(k)
             if (a or None) != (b or None) and a != b:
-                raise LoraCompatibilityError(f"{who}: config {k}={a!r} differs from the init's {b!r}; factor-wise merge refused")
+                raise LoraCompatibilityError(
+                    f"{who}: config {k}={a!r} differs from the init's {b!r}; factor-wise merge refused"
+                )
         if _targets(ad.config) != _targets(init.config):
             raise LoraCompatibilityError(
                 f"{who}: target_modules {_targets(ad.config)!r} differ from the init's {_targets(init.config)!r}; factor-wise merge refused"
@@ -293,7 +337,9 @@ def check_compatible(adapters: Sequence[LoraAdapter], init: LoraAdapter) -> None
             raise LoraCompatibilityError(f"{who}: base model {ba!r} differs from the init's {bi!r}")
         if set(ad.factors) != set(init.factors):
             missing, extra = sorted(set(init.factors) - set(ad.factors)), sorted(set(ad.factors) - set(init.factors))
-            raise LoraCompatibilityError(f"{who}: LoRA modules differ from the init's (missing {missing[:5]}, extra {extra[:5]})")
+            raise LoraCompatibilityError(
+                f"{who}: LoRA modules differ from the init's (missing {missing[:5]}, extra {extra[:5]})"
+            )
         for m, (a, b) in ad.factors.items():
             a0, b0 = init.factors[m]
             if a.shape != a0.shape or b.shape != b0.shape:
@@ -329,7 +375,9 @@ def factor_expert(init: LoraAdapter, delta: Mapping[str, torch.Tensor]) -> LoraA
     expected = {f"{m}.lora_{x}.weight" for m in init.modules for x in "AB"}
     if set(delta) != expected:
         missing, extra = sorted(expected - set(delta)), sorted(set(delta) - expected)
-        raise KeyMismatchError(f"factor delta does not match the init's modules (missing {missing[:5]}, extra {extra[:5]})")
+        raise KeyMismatchError(
+            f"factor delta does not match the init's modules (missing {missing[:5]}, extra {extra[:5]})"
+        )
     factors = {}
     for m, (a0, b0) in init.factors.items():
         da, db = delta[f"{m}.lora_A.weight"], delta[f"{m}.lora_B.weight"]
@@ -338,6 +386,7 @@ def factor_expert(init: LoraAdapter, delta: Mapping[str, torch.Tensor]) -> LoraA
 
 
 # ---------------------------------------------------------------------------- dense
+
 
 def dense_delta(adapter: LoraAdapter, *, dtype: torch.dtype | None = torch.float32) -> dict[str, torch.Tensor]:
     """``{<module>.weight: s · B A}`` per module (float32 by default). Linear LoRA gives
@@ -354,11 +403,15 @@ def dense_delta(adapter: LoraAdapter, *, dtype: torch.dtype | None = torch.float
         elif a.dim() == 4 and b.dim() == 4 and b.shape[2:] == (1, 1):
             d = (b.flatten(1).to(wide) @ a.flatten(1).to(wide)).reshape(b.shape[0], *a.shape[1:])
         else:
-            raise ShapeMismatchError(f"{adapter.who()}: module {m!r}: unsupported LoRA factor shapes A {tuple(a.shape)}, B {tuple(b.shape)}")
+            raise ShapeMismatchError(
+                f"{adapter.who()}: module {m!r}: unsupported LoRA factor shapes A {tuple(a.shape)}, B {tuple(b.shape)}"
+            )
         if a.shape[0] != adapter.rank(m):
             # the scaling alpha/r reads r from the config: it must be the factors' rank
-            raise ShapeMismatchError(f"{adapter.who()}: module {m!r}: factors have rank {a.shape[0]} but the config "
-                                     f"(r / rank_pattern) says {adapter.rank(m)}; the scaling would be wrong")
+            raise ShapeMismatchError(
+                f"{adapter.who()}: module {m!r}: factors have rank {a.shape[0]} but the config "
+                f"(r / rank_pattern) says {adapter.rank(m)}; the scaling would be wrong"
+            )
         out[f"{m}.weight"] = (d * adapter.scaling(m)).contiguous()
     return out
 
@@ -383,10 +436,18 @@ def _is_conv1d(model: nn.Module, module: str) -> bool:
         raise KeyMismatchError(f"the model has no module {module!r}") from None
 
 
-def export_peft(delta: Mapping[str, torch.Tensor], path: str | os.PathLike[str], rank: int, *,
-                lora_alpha: float | None = None, base_model_name_or_path: str | None = None,
-                fan_in_fan_out: bool | None = None, model: nn.Module | None = None,
-                task_type: str | None = None, warn_above: float | None = TRUNCATION_WARN) -> ExportReport:
+def export_peft(
+    delta: Mapping[str, torch.Tensor],
+    path: str | os.PathLike[str],
+    rank: int,
+    *,
+    lora_alpha: float | None = None,
+    base_model_name_or_path: str | None = None,
+    fan_in_fan_out: bool | None = None,
+    model: nn.Module | None = None,
+    task_type: str | None = None,
+    warn_above: float | None = TRUNCATION_WARN,
+) -> ExportReport:
     """Write a dense expert ``{<module>.weight: ΔW [out, in]}`` as a PEFT LoRA folder of rank ``rank``.
 
     ``fan_in_fan_out=True`` is for modules that store their weight as ``[in, out]`` (GPT-2's
@@ -422,7 +483,9 @@ def export_peft(delta: Mapping[str, torch.Tensor], path: str | os.PathLike[str],
         if not key.endswith(".weight"):
             raise KeyMismatchError(f"dense delta key {key!r} is not a '<module>.weight' name")
         if d.dim() != 2:
-            raise ShapeMismatchError(f"dense delta {key!r} has shape {tuple(d.shape)}; only 2-D (linear) weights export to LoRA")
+            raise ShapeMismatchError(
+                f"dense delta {key!r} has shape {tuple(d.shape)}; only 2-D (linear) weights export to LoRA"
+            )
         module = key[: -len(".weight")]
         w = d.detach().to(torch.float64)
         if fan_in_fan_out:
@@ -434,21 +497,33 @@ def export_peft(delta: Mapping[str, torch.Tensor], path: str | os.PathLike[str],
         a = torch.zeros(rank, w.shape[1], dtype=torch.float64, device=w.device)
         b[:, :k] = u[:, :k] * root
         a[:k] = root[:, None] * vh[:k]
-        r2, t2 = float((s[k:] ** 2).sum()), float((s ** 2).sum())
+        r2, t2 = float((s[k:] ** 2).sum()), float((s**2).sum())
         per_module[module] = math.sqrt(r2 / t2) if t2 > 0 else 0.0
         res2, tot2 = res2 + r2, tot2 + t2
         factors[module] = (a.to(d.dtype).cpu(), b.to(d.dtype).cpu())
-    ad = LoraAdapter(config=_peft_config(sorted(factors), r=rank, lora_alpha=alpha,
-                                         base_model_name_or_path=base_model_name_or_path,
-                                         fan_in_fan_out=fan_in_fan_out, task_type=task_type), factors=factors)
+    ad = LoraAdapter(
+        config=_peft_config(
+            sorted(factors),
+            r=rank,
+            lora_alpha=alpha,
+            base_model_name_or_path=base_model_name_or_path,
+            fan_in_fan_out=fan_in_fan_out,
+            task_type=task_type,
+        ),
+        factors=factors,
+    )
     out = ad.save(path)
     total = math.sqrt(res2 / tot2) if tot2 > 0 else 0.0
     if warn_above is not None and total > warn_above:
         import warnings
 
         worst = max(per_module, key=per_module.__getitem__)
-        warnings.warn(f"export_peft: rank-{rank} truncation error {total:.3f} (relative Frobenius of ΔW) exceeds {warn_above}; "
-                      f"worst module {worst!r}: {per_module[worst]:.3f}; raise the rank", TruncationWarning, stacklevel=2)
+        warnings.warn(
+            f"export_peft: rank-{rank} truncation error {total:.3f} (relative Frobenius of ΔW) exceeds {warn_above}; "
+            f"worst module {worst!r}: {per_module[worst]:.3f}; raise the rank",
+            TruncationWarning,
+            stacklevel=2,
+        )
     return ExportReport(rank=rank, per_module=per_module, total=total, path=out)
 
 
@@ -471,7 +546,9 @@ def peft_lora_parameters(model: nn.Module, adapter_name: str = "default") -> dic
             raise LoraCompatibilityError(f"two parameters of adapter {adapter_name!r} map to {key!r}")
         out[key] = p
     if not out:
-        raise KeyMismatchError(f"the model has no LoRA parameters of adapter {adapter_name!r} (lora_A/lora_B.{adapter_name}.weight)")
+        raise KeyMismatchError(
+            f"the model has no LoRA parameters of adapter {adapter_name!r} (lora_A/lora_B.{adapter_name}.weight)"
+        )
     return out
 
 
@@ -499,8 +576,16 @@ def lora_module_name(param: str) -> str:
     return param[: -len(".weight")]
 
 
-def init_lora(model: nn.Module, modules: Sequence[str], *, rank: int, lora_alpha: float, seed: int,
-              use_rslora: bool = False, base_model_name_or_path: str | None = None) -> LoraAdapter:
+def init_lora(
+    model: nn.Module,
+    modules: Sequence[str],
+    *,
+    rank: int,
+    lora_alpha: float,
+    seed: int,
+    use_rslora: bool = False,
+    base_model_name_or_path: str | None = None,
+) -> LoraAdapter:
     """A shared LoRA initialisation for ``modules`` of ``model``, as PEFT initialises LoRA:
     ``A [r, in]`` Kaiming-uniform with ``a = √5``, i.e. ``U(−b, b)`` with
     ``b = gain · √(3 / in) = √(6 / ((1 + a²) · in)) = 1 / √in``, and ``B [out, r] = 0`` (so the
@@ -524,12 +609,15 @@ def init_lora(model: nn.Module, modules: Sequence[str], *, rank: int, lora_alpha
         if name not in params:
             raise KeyMismatchError(f"LoRA module {m!r}: the model has no parameter {name!r}")
         if params[name].dim() != 2:
-            raise ShapeMismatchError(f"LoRA module {m!r}: parameter {name!r} has shape {tuple(params[name].shape)}, not a 2-D weight")
+            raise ShapeMismatchError(
+                f"LoRA module {m!r}: parameter {name!r} has shape {tuple(params[name].shape)}, not a 2-D weight"
+            )
         out_f, in_f = params[name].shape
         bound = math.sqrt(6.0 / ((1 + 5.0) * in_f))  # kaiming_uniform_(a=√5)
         factors[m] = ((torch.rand(rank, in_f, generator=g) * 2 - 1) * bound, torch.zeros(out_f, rank))
-    return LoraAdapter.from_factors(factors, r=rank, lora_alpha=lora_alpha, use_rslora=use_rslora,
-                                    base_model_name_or_path=base_model_name_or_path)
+    return LoraAdapter.from_factors(
+        factors, r=rank, lora_alpha=lora_alpha, use_rslora=use_rslora, base_model_name_or_path=base_model_name_or_path
+    )
 
 
 def _dense_by_param(adapter: LoraAdapter) -> dict[str, torch.Tensor]:
@@ -556,7 +644,9 @@ def lora_weights(model: nn.Module, adapter: LoraAdapter) -> dict[str, torch.Tens
     return out
 
 
-def lora_transform(init: LoraAdapter, model: nn.Module) -> Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]:
+def lora_transform(
+    init: LoraAdapter, model: nn.Module
+) -> Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]:
     """For :meth:`ClipExperts.from_store(..., transform=...) <condu_merge.adapters.ClipExperts.from_store>`:
     maps a decoupled factor-wise delta ``δ̃_t`` (keys ``<module>.lora_A.weight`` /
     ``...lora_B.weight``) to the full-weight delta ``{param: s · B_t A_t}`` with

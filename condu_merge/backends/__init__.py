@@ -8,7 +8,7 @@ optional dependency (triton, numba) only makes that backend unavailable.
 from __future__ import annotations
 
 import importlib
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -16,10 +16,10 @@ from .base import FlatMergeResult, MergeBackend, opmath_dtype, opmath_scalar
 from .torch_backend import TorchBackend
 
 __all__ = [
+    "AUTO_CPU_MIN_NUMEL",
     "FlatMergeResult",
     "MergeBackend",
     "TorchBackend",
-    "AUTO_CPU_MIN_NUMEL",
     "auto_for_size",
     "available_backends",
     "get_backend",
@@ -47,6 +47,8 @@ AUTO_ORDER: dict[str, list[str]] = {"cuda": ["triton", "torch"], "cpu": ["numba"
 # benchmarks/bench_cli_start.py measured the crossover between 3e5 (torch 2.2x faster) and 1e6
 # (numba 6.7x faster) elements; this is near their geometric mean. Used by the CLI (auto_for_size).
 AUTO_CPU_MIN_NUMEL = 500_000
+"""Below this many elements per job, :func:`auto_for_size` picks torch over numba on the CPU:
+numba's per-process kernel load is not paid back (crossover measured by benchmarks/bench_cli_start.py)."""
 
 
 def auto_for_size(backend: str, numel: int, device_type: str = "cpu") -> str:
@@ -58,7 +60,9 @@ def auto_for_size(backend: str, numel: int, device_type: str = "cpu") -> str:
     return "auto" if _INSTANCES.get("numba") is not None else "torch"
 
 
-def register_backend(name: str, factory: Callable[[], MergeBackend] | str, *, auto_for: dict[str, int] | None = None) -> None:
+def register_backend(
+    name: str, factory: Callable[[], MergeBackend] | str, *, auto_for: dict[str, int] | None = None
+) -> None:
     """Register ``factory`` (a callable or a ``"module:attr"`` string) under ``name``.
 
     ``auto_for`` maps a device type to the position ``name`` takes in that type's auto order.

@@ -8,7 +8,7 @@ temporaries stay around 30 MiB (measured by benchmarks/bench_core.py) whatever t
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -19,16 +19,28 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "CLASSNAMES", "DOMAINS", "HELD_OUT", "IMAGE_SIZE", "MODEL_CONFIG", "TASKS", "TEMPLATES",
-    "Domain", "DigitsData", "build_model", "load_digits_data", "pretrain", "prompts_of", "zero_shot_head",
+    "CLASSNAMES",
+    "DOMAINS",
+    "HELD_OUT",
+    "IMAGE_SIZE",
+    "MODEL_CONFIG",
+    "TASKS",
+    "TEMPLATES",
+    "DigitsData",
+    "Domain",
+    "build_model",
+    "load_digits_data",
+    "pretrain",
+    "prompts_of",
+    "zero_shot_head",
 ]
 
 IMAGE_SIZE = 16
@@ -36,7 +48,14 @@ CLASSNAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "ei
 TEMPLATES = ("a photo of the digit {}.", "a handwritten {}.", "the number {}.")
 MODEL_CONFIG = {  # open_clip CLIP(**MODEL_CONFIG): a ViT of 16 patches of 4x4 pixels, a 1-layer text tower
     "embed_dim": 32,
-    "vision_cfg": {"image_size": IMAGE_SIZE, "layers": 2, "width": 48, "head_width": 24, "patch_size": 4, "mlp_ratio": 2.0},
+    "vision_cfg": {
+        "image_size": IMAGE_SIZE,
+        "layers": 2,
+        "width": 48,
+        "head_width": 24,
+        "patch_size": 4,
+        "mlp_ratio": 2.0,
+    },
     "text_cfg": {"context_length": 12, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
 }
 
@@ -67,7 +86,7 @@ def _patch_shuffle(x: torch.Tensor) -> torch.Tensor:
 
 def _blur_noise(x: torch.Tensor, seed: int) -> torch.Tensor:
     """Gaussian blur (σ ≈ 1.2 px) then additive Gaussian noise (σ = 0.25), drawn per image from ``seed``."""
-    k = torch.tensor([math.exp(-(i * i) / (2 * 1.2 ** 2)) for i in range(-3, 4)])
+    k = torch.tensor([math.exp(-(i * i) / (2 * 1.2**2)) for i in range(-3, 4)])
     k = k / k.sum()
     y = F.conv2d(F.pad(x[:, None], (3, 3, 0, 0), mode="replicate"), k.view(1, 1, 1, 7))
     y = F.conv2d(F.pad(y, (0, 0, 3, 3), mode="replicate"), k.view(1, 1, 7, 1))[:, 0]
@@ -83,7 +102,7 @@ def _zoom_shift(x: torch.Tensor) -> torch.Tensor:
     """The digit shrunk to half size and pushed into the bottom-right corner."""
     small = F.interpolate(x[:, None], size=(IMAGE_SIZE // 2, IMAGE_SIZE // 2), mode="area")[:, 0]
     out = torch.zeros_like(x)
-    out[:, IMAGE_SIZE // 2 - 1: IMAGE_SIZE - 1, IMAGE_SIZE // 2 - 1: IMAGE_SIZE - 1] = small
+    out[:, IMAGE_SIZE // 2 - 1 : IMAGE_SIZE - 1, IMAGE_SIZE // 2 - 1 : IMAGE_SIZE - 1] = small
     return out
 
 
@@ -103,18 +122,21 @@ class Domain:
         return self.fn(x, seed)
 
 
-DOMAINS: dict[str, Domain] = {d.name: d for d in (
-    Domain("plain", lambda x, s: x, "the digits as scanned (pre-training domain)"),
-    Domain("rot90", lambda x, s: _rot90(x), "rotated by 90 degrees"),
-    Domain("inverted", lambda x, s: _invert(x), "white background, dark strokes"),
-    Domain("patches", lambda x, s: _patch_shuffle(x), "the 16 4x4 patches shuffled by one fixed permutation"),
-    Domain("blur_noise", _blur_noise, "Gaussian blur then strong additive noise"),
-    Domain("upside_down", lambda x, s: _upside_down(x), "flipped vertically"),
-    Domain("zoom_shift", lambda x, s: _zoom_shift(x), "half size, pushed into the bottom-right corner"),
-    # held out: never trained on
-    Domain("rot270", lambda x, s: _rot90(_rot90(_rot90(x))), "rotated by 270 degrees (held out)"),
-    Domain("inverted_mirror", lambda x, s: _invert(_mirror(x)), "inverted and mirrored left-right (held out)"),
-)}
+DOMAINS: dict[str, Domain] = {
+    d.name: d
+    for d in (
+        Domain("plain", lambda x, s: x, "the digits as scanned (pre-training domain)"),
+        Domain("rot90", lambda x, s: _rot90(x), "rotated by 90 degrees"),
+        Domain("inverted", lambda x, s: _invert(x), "white background, dark strokes"),
+        Domain("patches", lambda x, s: _patch_shuffle(x), "the 16 4x4 patches shuffled by one fixed permutation"),
+        Domain("blur_noise", _blur_noise, "Gaussian blur then strong additive noise"),
+        Domain("upside_down", lambda x, s: _upside_down(x), "flipped vertically"),
+        Domain("zoom_shift", lambda x, s: _zoom_shift(x), "half size, pushed into the bottom-right corner"),
+        # held out: never trained on
+        Domain("rot270", lambda x, s: _rot90(_rot90(_rot90(x))), "rotated by 270 degrees (held out)"),
+        Domain("inverted_mirror", lambda x, s: _invert(_mirror(x)), "inverted and mirrored left-right (held out)"),
+    )
+}
 TASKS: tuple[str, ...] = ("rot90", "inverted", "patches", "blur_noise", "upside_down", "zoom_shift")
 HELD_OUT: tuple[str, ...] = ("rot270", "inverted_mirror")
 
@@ -142,7 +164,7 @@ def _stratified_split(y: np.ndarray, test_fraction: float, rng: np.random.Genera
     train, test = [], []
     for c in np.unique(y):
         idx = rng.permutation(np.flatnonzero(y == c))
-        k = int(round(len(idx) * test_fraction))
+        k = round(len(idx) * test_fraction)
         test.append(idx[:k])
         train.append(idx[k:])
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
@@ -156,9 +178,15 @@ def _draw(y: np.ndarray, pool: np.ndarray, n: int | None, shots: int | None, rng
     return np.sort(rng.choice(pool, n, replace=False))
 
 
-def load_digits_data(seed: int = 0, *, tasks: tuple[str, ...] = TASKS, held_out: tuple[str, ...] = HELD_OUT,
-                     train_per_task: int | None = 600, test_per_domain: int | None = None,
-                     shots: int | None = None) -> tuple[DigitsData, list[DigitsData], list[DigitsData]]:
+def load_digits_data(
+    seed: int = 0,
+    *,
+    tasks: tuple[str, ...] = TASKS,
+    held_out: tuple[str, ...] = HELD_OUT,
+    train_per_task: int | None = 600,
+    test_per_domain: int | None = None,
+    shots: int | None = None,
+) -> tuple[DigitsData, list[DigitsData], list[DigitsData]]:
     """``(plain, tasks, held_out)`` domains of the digits for ``seed`` (see the module docstring).
 
     ``train_per_task`` training images per task domain (drawn from the training pool with the
@@ -183,8 +211,15 @@ def load_digits_data(seed: int = 0, *, tasks: tuple[str, ...] = TASKS, held_out:
     def make(name: str, train_idx: np.ndarray, k: int, held: bool) -> DigitsData:
         dom = DOMAINS[name]
         dseed = 1000 * seed + 17 * k + 1
-        return DigitsData(name, to_pixels(dom(x[train_idx], dseed)), torch.as_tensor(y[train_idx]),
-                          to_pixels(dom(x[test_pool], dseed + 7)), torch.as_tensor(y[test_pool]), dom.what, held)
+        return DigitsData(
+            name,
+            to_pixels(dom(x[train_idx], dseed)),
+            torch.as_tensor(y[train_idx]),
+            to_pixels(dom(x[test_pool], dseed + 7)),
+            torch.as_tensor(y[test_pool]),
+            dom.what,
+            held,
+        )
 
     plain = make("plain", train_pool, 0, False)
     task_data = []
@@ -196,6 +231,7 @@ def load_digits_data(seed: int = 0, *, tasks: tuple[str, ...] = TASKS, held_out:
 
 
 # ---------------------------------------------------------------------------- model
+
 
 def build_model(seed: int = 0) -> torch.nn.Module:
     """A freshly initialised tiny open_clip ``CLIP`` (:data:`MODEL_CONFIG`), seeded."""
@@ -233,14 +269,22 @@ def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return torch.roll(x, shifts=(dy, dx), dims=(-2, -1))
 
 
-def pretrain(model: torch.nn.Module, plain: DigitsData, prompts: torch.Tensor, *, steps: int = 400,
-             batch_size: int = 128, lr: float = 1e-3, seed: int = 0) -> dict[str, float]:
+def pretrain(
+    model: torch.nn.Module,
+    plain: DigitsData,
+    prompts: torch.Tensor,
+    *,
+    steps: int = 400,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    seed: int = 0,
+) -> dict[str, float]:
     """CLIP-style pre-training on the plain domain: both towers trained with a symmetric
     contrastive loss between each image and a caption of its class (a random template), where
     captions of the same class count as one target (``labels`` define the positives). Returns
     the final loss and the seconds it took."""
     g = torch.Generator().manual_seed(seed)
-    c, t, l = prompts.shape
+    c, t, _l = prompts.shape
     params = [p for n, p in model.named_parameters() if n != "logit_scale"]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
     model.train()
@@ -258,8 +302,10 @@ def pretrain(model: torch.nn.Module, plain: DigitsData, prompts: torch.Tensor, *
         logits = model.logit_scale.exp() * img @ txt.t()  # [B, C]
         loss = F.cross_entropy(logits, y)
         present = torch.unique(y)  # text -> image: each present class's caption picks its images
-        loss = loss + 0.5 * F.cross_entropy(logits.t()[present], (y[None, :] == present[:, None]).float()
-                                            / (y[None, :] == present[:, None]).sum(1, keepdim=True))
+        loss = loss + 0.5 * F.cross_entropy(
+            logits.t()[present],
+            (y[None, :] == present[:, None]).float() / (y[None, :] == present[:, None]).sum(1, keepdim=True),
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         # clipped: without it some seeds' text towers collapse (every caption one embedding, chance accuracy)
@@ -275,8 +321,11 @@ def save_checkpoint(model: torch.nn.Module, path: str) -> None:
     from safetensors.torch import save_file
 
     tmp = f"{path}.tmp{os.getpid()}"
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, tmp,
-              metadata={"format": "pt", "config": "condu_merge.demo.digits.MODEL_CONFIG"})
+    save_file(
+        {k: v.detach().contiguous() for k, v in model.state_dict().items()},
+        tmp,
+        metadata={"format": "pt", "config": "condu_merge.demo.digits.MODEL_CONFIG"},
+    )
     os.replace(tmp, path)
 
 

@@ -17,11 +17,11 @@ they are defined).
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["check_matrix", "per_task_metrics", "summary_metrics", "mean_std"]
+__all__ = ["check_matrix", "mean_std", "per_task_metrics", "summary_metrics"]
 
 
 def check_matrix(acc: Sequence[Sequence[float]]) -> np.ndarray:

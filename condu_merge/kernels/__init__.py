@@ -7,7 +7,7 @@ The backends register themselves lazily in :mod:`condu_merge.backends` as ``"num
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 

@@ -10,7 +10,12 @@ import torch
 from condu_merge.backends.torch_backend import TorchBackend
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
-_INT_VIEW = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+_INT_VIEW = {
+    torch.float32: torch.int32,
+    torch.float64: torch.int64,
+    torch.float16: torch.int16,
+    torch.bfloat16: torch.int16,
+}
 REF = TorchBackend(chunk=48)  # small chunks: the reference itself crosses chunk edges
 
 
@@ -68,9 +73,15 @@ def check_backend(be, dtype: torch.dtype, n: int, N: int, seed: int, style: str 
     assert_same_result(ref, got, f"unify {tag}")
     lams = make_lambdas(n, gen)
     new = make_deltas(1, N, dtype, gen, style)[0].to(device)
-    assert_same_result(REF.add_task_flat(ref.u, ref.masks, lams, new), be.add_task_flat(ref.u, ref.masks, lams, new), f"add_task {tag}")
+    assert_same_result(
+        REF.add_task_flat(ref.u, ref.masks, lams, new), be.add_task_flat(ref.u, ref.masks, lams, new), f"add_task {tag}"
+    )
     other = torch.float32 if dtype != torch.float32 else torch.bfloat16
-    for base in (None, torch.randn(N, generator=gen).to(dtype).to(device), torch.randn(N, generator=gen).to(other).to(device)):
+    for base in (
+        None,
+        torch.randn(N, generator=gen).to(dtype).to(device),
+        torch.randn(N, generator=gen).to(other).to(device),
+    ):
         for r in range(min(n, 3)):
             assert_same_tensor(
                 REF.decouple_flat(ref.u, ref.masks[r], lams[r], base),
@@ -79,4 +90,6 @@ def check_backend(be, dtype: torch.dtype, n: int, N: int, seed: int, style: str 
             )
         many = be.decouple_many_flat(ref.u, ref.masks, lams, base)
         for r in range(n):
-            assert_same_tensor(REF.decouple_flat(ref.u, ref.masks[r], lams[r], base), many[r], f"decouple_many {tag} row {r}")
+            assert_same_tensor(
+                REF.decouple_flat(ref.u, ref.masks[r], lams[r], base), many[r], f"decouple_many {tag} row {r}"
+            )

@@ -10,7 +10,7 @@ directly. Results are bit-exact with :class:`~condu_merge.backends.torch_backend
 from __future__ import annotations
 
 import threading
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -43,7 +43,7 @@ class _Locked:
 
 
 def _impl():
-    from . import _numba_impl  # noqa: PLC0415 - numba is optional: import on first use
+    from . import _numba_impl
 
     return _Locked(_numba_impl)
 
@@ -63,7 +63,7 @@ def _empty(n: int, dtype: torch.dtype, rows: int | None = None) -> tuple[torch.T
 
 
 def _list(arrays: Sequence[np.ndarray]):
-    from numba.typed import List  # noqa: PLC0415
+    from numba.typed import List
 
     out = List()
     for a in arrays:
@@ -87,7 +87,7 @@ class NumbaBackend:
 
     def available(self) -> bool:
         try:
-            import numba  # noqa: F401, PLC0415
+            import numba  # noqa: F401
         except ImportError:
             return False
         return True
@@ -195,7 +195,7 @@ class NumbaBackend:
     ) -> torch.Tensor:
         out = self._decouple_rows(u, packed.reshape(1, -1), [lam], base)
         if out is None:
-            from ..backends.torch_backend import TorchBackend  # noqa: PLC0415
+            from ..backends.torch_backend import TorchBackend
 
             return TorchBackend().decouple_flat(u, packed, lam, base)
         return out[0]
@@ -207,7 +207,7 @@ class NumbaBackend:
         ``base + …`` in ``base``'s dtype; ``u`` is read once per chunk for all ``K``."""
         out = self._decouple_rows(u, packed, lams, base)
         if out is None:
-            from ..backends.torch_backend import TorchBackend  # noqa: PLC0415
+            from ..backends.torch_backend import TorchBackend
 
             tb = TorchBackend()
             return torch.stack([tb.decouple_flat(u, packed[r], lams[r], base) for r in range(packed.shape[0])])

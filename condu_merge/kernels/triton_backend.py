@@ -17,7 +17,7 @@ CUDA pass ``enable_fp_fusion=False`` so ``base + λ·u`` is never contracted int
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -73,7 +73,9 @@ def _pack(bits, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _unify_kernel(ptrs, n, u_ptr, masks_ptr, num_part, den_part, N, B, DT: tl.constexpr, OP: tl.constexpr, BLOCK: tl.constexpr):
+def _unify_kernel(
+    ptrs, n, u_ptr, masks_ptr, num_part, den_part, N, B, DT: tl.constexpr, OP: tl.constexpr, BLOCK: tl.constexpr
+):
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     inb = offs < N
@@ -107,8 +109,21 @@ def _unify_kernel(ptrs, n, u_ptr, masks_ptr, num_part, den_part, N, B, DT: tl.co
 
 @triton.jit
 def _add_task_kernel(
-    u_ptr, masks_ptr, lam_ptr, tp, d_ptr, unew_ptr, mnew_ptr, absu_part, num_new_part, den_part, N, B,
-    DT: tl.constexpr, OP: tl.constexpr, BLOCK: tl.constexpr,
+    u_ptr,
+    masks_ptr,
+    lam_ptr,
+    tp,
+    d_ptr,
+    unew_ptr,
+    mnew_ptr,
+    absu_part,
+    num_new_part,
+    den_part,
+    N,
+    B,
+    DT: tl.constexpr,
+    OP: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
@@ -161,8 +176,20 @@ def _add_task_kernel(
 
 @triton.jit
 def _decouple_kernel(
-    u_ptr, packed_ptr, lam_ptr, K, base_ptr, out_ptr, N, B,
-    DT: tl.constexpr, OP: tl.constexpr, BDT: tl.constexpr, SOP: tl.constexpr, HAS_BASE: tl.constexpr, BLOCK: tl.constexpr,
+    u_ptr,
+    packed_ptr,
+    lam_ptr,
+    K,
+    base_ptr,
+    out_ptr,
+    N,
+    B,
+    DT: tl.constexpr,
+    OP: tl.constexpr,
+    BDT: tl.constexpr,
+    SOP: tl.constexpr,
+    HAS_BASE: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
@@ -188,7 +215,7 @@ def _decouple_kernel(
 
 def interpreting() -> bool:
     """Whether the kernels were built for Triton's CPU interpreter (``TRITON_INTERPRET=1`` at import)."""
-    from triton.runtime.interpreter import InterpretedFunction  # noqa: PLC0415
+    from triton.runtime.interpreter import InterpretedFunction
 
     # triton.language's own jitted helpers must be interpreted too: setting the variable after
     # triton was imported gives interpreted kernels that cannot run
@@ -219,7 +246,11 @@ class TritonBackend:
         if t.dtype not in _TL:
             raise TypeError(f"triton backend: unsupported dtype {t.dtype}")
         if not self.supports(t.device):
-            hint = " (set TRITON_INTERPRET=1 before importing triton to run the kernels on CPU)" if t.device.type == "cpu" else ""
+            hint = (
+                " (set TRITON_INTERPRET=1 before importing triton to run the kernels on CPU)"
+                if t.device.type == "cpu"
+                else ""
+            )
             raise RuntimeError(f"triton backend cannot run on {t.device} tensors here{hint}")
 
     def _block(self) -> int:
@@ -244,8 +275,18 @@ class TritonBackend:
         if N:
             ptrs = torch.tensor([f.data_ptr() for f in flats], dtype=torch.int64, device=dev)
             _unify_kernel[(nb,)](
-                ptrs, n, u, masks, num_part, den_part, N, B,
-                DT=_TL[dtype], OP=_TL[opmath_dtype(dtype)], BLOCK=BLOCK, **self._opts(),
+                ptrs,
+                n,
+                u,
+                masks,
+                num_part,
+                den_part,
+                N,
+                B,
+                DT=_TL[dtype],
+                OP=_TL[opmath_dtype(dtype)],
+                BLOCK=BLOCK,
+                **self._opts(),
             )
         return FlatMergeResult(u, masks, num_part.sum(dim=0), den_part.sum(dim=0))
 
@@ -267,9 +308,22 @@ class TritonBackend:
         den_part = torch.zeros((nb, tp + 1), dtype=torch.float64, device=dev)
         if N:
             _add_task_kernel[(nb,)](
-                u.reshape(-1).contiguous(), masks.contiguous(), lam_op, tp, delta.reshape(-1).contiguous(),
-                u_new, masks_new, absu_part, num_new_part, den_part, N, B,
-                DT=_TL[dtype], OP=_TL[opmath_dtype(dtype)], BLOCK=BLOCK, **self._opts(),
+                u.reshape(-1).contiguous(),
+                masks.contiguous(),
+                lam_op,
+                tp,
+                delta.reshape(-1).contiguous(),
+                u_new,
+                masks_new,
+                absu_part,
+                num_new_part,
+                den_part,
+                N,
+                B,
+                DT=_TL[dtype],
+                OP=_TL[opmath_dtype(dtype)],
+                BLOCK=BLOCK,
+                **self._opts(),
             )
         lam64 = torch.tensor([float(l) for l in lambdas], dtype=torch.float64, device=dev)
         num = torch.cat([lam64 * absu_part[:, :tp].sum(dim=0), num_new_part.sum().reshape(1)])
@@ -291,7 +345,7 @@ class TritonBackend:
             wide = torch.float64 in (dtype, base.dtype)
             if wide and (dtype in (torch.float16, torch.bfloat16) or base.dtype in (torch.float16, torch.bfloat16)):
                 # torch rounds a float64 sum to a half type through float32: leave that to the reference
-                from ..backends.torch_backend import TorchBackend  # noqa: PLC0415
+                from ..backends.torch_backend import TorchBackend
 
                 tb = TorchBackend()
                 return torch.stack([tb.decouple_flat(u, packed[r], lams[r], base) for r in range(K)])
@@ -304,9 +358,21 @@ class TritonBackend:
             uf = u.reshape(-1).contiguous()
             bf = base.reshape(-1).contiguous() if base is not None else uf
             _decouple_kernel[(nb,)](
-                uf, packed.contiguous(), lam_t, K, bf, out, N, packed_nbytes(N),
-                DT=_TL[dtype], OP=_TL[opmath_dtype(dtype)], BDT=_TL[out_dtype], SOP=_TL[sop],
-                HAS_BASE=base is not None, BLOCK=BLOCK, **self._opts(),
+                uf,
+                packed.contiguous(),
+                lam_t,
+                K,
+                bf,
+                out,
+                N,
+                packed_nbytes(N),
+                DT=_TL[dtype],
+                OP=_TL[opmath_dtype(dtype)],
+                BDT=_TL[out_dtype],
+                SOP=_TL[sop],
+                HAS_BASE=base is not None,
+                BLOCK=BLOCK,
+                **self._opts(),
             )
         return out
 
@@ -317,4 +383,4 @@ class TritonBackend:
 
 
 if os.environ.get("CONDU_TRITON_DEBUG"):  # pragma: no cover
-    print("condu_merge.kernels.triton_backend: interpreting =", interpreting())
+    pass

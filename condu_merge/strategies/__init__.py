@@ -27,31 +27,52 @@ from .dop import DOP, dop_merge_matrix
 from .emr import EMR
 from .magmax import MagMax, max_magnitude_update
 from .opcm import OPCM, opcm_project
-from .pam import PAM, PAMAlignment, conflict_mask, important_signs, pam_merge_tensor, sign_agreement, top_fraction_threshold
+from .pam import (
+    PAM,
+    PAMAlignment,
+    conflict_mask,
+    important_signs,
+    pam_merge_tensor,
+    sign_agreement,
+    top_fraction_threshold,
+)
 from .tall_masks import TALLMasks, consensus_mask, tall_mask
 from .task_arithmetic import TaskArithmetic, task_arithmetic_tensor
 from .ties import TIES, density_fraction, disjoint_merge, elected_signs, ties_tensor, trim_threshold
 
-for _cls in (ConDU, PAM, MagMax, TaskArithmetic, TIES, EMR, ContinualFT, OPCM, DOP, TALLMasks, DareTaskArithmetic, DareTIES):
+for _cls in (
+    ConDU,
+    PAM,
+    MagMax,
+    TaskArithmetic,
+    TIES,
+    EMR,
+    ContinualFT,
+    OPCM,
+    DOP,
+    TALLMasks,
+    DareTaskArithmetic,
+    DareTIES,
+):
     register_strategy(_cls.name, _cls)
 del _cls
 
 __all__ = [
+    "DOP",
+    "EMR",
+    "OPCM",
+    "PAM",
+    "TIES",
     "ConDU",
     "ContinualFT",
     "ContinualStrategy",
-    "DOP",
     "DareTIES",
     "DareTaskArithmetic",
-    "EMR",
     "MagMax",
-    "OPCM",
-    "PAM",
     "PAMAlignment",
     "StorageReport",
     "StrategyStateError",
     "TALLMasks",
-    "TIES",
     "TaskArithmetic",
     "TaskStart",
     "TrainingHook",

@@ -89,6 +89,7 @@ def state_nbytes(sd: StateDict) -> int:
 
 # ---------------------------------------------------------------------------- training hooks
 
+
 class TrainingHook:
     """What a strategy asks of the training loop, in a form any torch loop can use.
 
@@ -162,6 +163,7 @@ class StorageReport:
 
 
 # ---------------------------------------------------------------------------- the interface
+
 
 class ContinualStrategy(ABC):
     """A continual strategy over the tensors of ``base`` (θ_0).
@@ -332,11 +334,15 @@ class ContinualStrategy(ABC):
             try:
                 json.dumps(v, allow_nan=False)
             except (TypeError, ValueError) as exc:
-                raise MergeInputError(f"{self.name}: cannot save to {path!r}: option {k}={v!r} is not JSON ({exc})") from None
+                raise MergeInputError(
+                    f"{self.name}: cannot save to {path!r}: option {k}={v!r} is not JSON ({exc})"
+                ) from None
         state = dict(self._state_tensors())
         for k, t in state.items():
             if not isinstance(k, str) or k.startswith("base/") or "/" not in k:
-                raise ValueError(f"{self.name}: state tensor name {k!r} must look like '<kind>/<key>' and not start with 'base/'")
+                raise ValueError(
+                    f"{self.name}: state tensor name {k!r} must look like '<kind>/<key>' and not start with 'base/'"
+                )
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{self.name}: state entry {k!r} is a {type(t).__name__}, not a tensor")
         tensors: dict[str, torch.Tensor] = {}
@@ -363,7 +369,14 @@ class ContinualStrategy(ABC):
         _write_atomic(path, tensors, meta)
 
     @classmethod
-    def load(cls: type[_S], path: str | os.PathLike[str], base: StateDict | None = None, *, verify: bool = True, **overrides: Any) -> _S:
+    def load(
+        cls: type[_S],
+        path: str | os.PathLike[str],
+        base: StateDict | None = None,
+        *,
+        verify: bool = True,
+        **overrides: Any,
+    ) -> _S:
         """Read a strategy saved by :meth:`save`; the file must hold a strategy of this class
         (``ContinualStrategy.load`` accepts any). See :func:`load_strategy`."""
         return _load(path, base, verify=verify, overrides=overrides, expect=None if cls is ContinualStrategy else cls)  # type: ignore[return-value]
@@ -414,8 +427,7 @@ class ContinualStrategy(ABC):
         return self._merged_delta()
 
     @abstractmethod
-    def _storage(self) -> StorageReport:
-        ...
+    def _storage(self) -> StorageReport: ...
 
     # ------------------------------------------------------------------ helpers
     def _require(self, name: str) -> None:
@@ -455,7 +467,9 @@ class ContinualStrategy(ABC):
             bad = ~torch.isfinite(t)
             if bool(bad.any()):
                 idx = int(bad.reshape(-1).nonzero()[0, 0])
-                raise NonFiniteError(f"{self.name}: {who}: tensor {k!r} contains NaN or Inf (first at flat index {idx})")
+                raise NonFiniteError(
+                    f"{self.name}: {who}: tensor {k!r} contains NaN or Inf (first at flat index {idx})"
+                )
 
 
 # ---------------------------------------------------------------------------- registry
@@ -484,8 +498,8 @@ def get_strategy(name: str, base: StateDict, **kw: Any) -> ContinualStrategy:
     return factory(base, **kw)
 
 
-
 # ---------------------------------------------------------------------------- persistence
+
 
 def tensor_sha256(t: torch.Tensor) -> str:
     """sha256 (hex) of a tensor's raw little-endian element bytes (row-major; on CPU)."""
@@ -562,7 +576,9 @@ def _json_field(path: str, meta: Mapping[str, str], field: str, kind: type) -> A
     except json.JSONDecodeError as exc:
         raise FormatError(f"{path}: strategy file metadata {field!r} is not valid JSON ({exc})") from None
     if not isinstance(value, kind):
-        raise FormatError(f"{path}: strategy file metadata {field!r} is a {type(value).__name__}, not a {kind.__name__}")
+        raise FormatError(
+            f"{path}: strategy file metadata {field!r} is a {type(value).__name__}, not a {kind.__name__}"
+        )
     return value
 
 
@@ -579,7 +595,7 @@ def _check_base_against(
     missing = [k for k in want if k not in base]
     extra = [k for k in base if k not in set(want)]
     if missing or extra:
-        first = (f"lacks tensor {missing[0]!r}" if missing else f"has tensor {extra[0]!r} that the file does not")
+        first = f"lacks tensor {missing[0]!r}" if missing else f"has tensor {extra[0]!r} that the file does not"
         raise err_key(f"{path}: {what} {first} ({len(missing)} missing, {len(extra)} extra)")
     for e in fingerprint:
         k = e["key"]
@@ -593,7 +609,9 @@ def _check_base_against(
         if dt != e["dtype"]:
             raise err_dtype(f"{path}: {what}: tensor {k!r} has dtype {dt}, the strategy was saved with {e['dtype']}")
         if [int(d) for d in t.shape] != list(e["shape"]):
-            raise err_shape(f"{path}: {what}: tensor {k!r} has shape {tuple(t.shape)}, the strategy was saved with {tuple(e['shape'])}")
+            raise err_shape(
+                f"{path}: {what}: tensor {k!r} has shape {tuple(t.shape)}, the strategy was saved with {tuple(e['shape'])}"
+            )
         if values and tensor_sha256(t) != e["sha256"]:
             if not given:
                 raise FormatError(f"{path}: tensor 'base/{k}' is damaged (sha256 differs from the saved fingerprint)")
@@ -622,7 +640,9 @@ def _load(
     with fh:
         meta = dict(fh.metadata() or {})
         if meta.get("format") != STRATEGY_FORMAT:
-            raise FormatError(f"{path}: not a condu-merge strategy file (format={meta.get('format')!r}, expected {STRATEGY_FORMAT!r})")
+            raise FormatError(
+                f"{path}: not a condu-merge strategy file (format={meta.get('format')!r}, expected {STRATEGY_FORMAT!r})"
+            )
         if meta.get("version") != str(STRATEGY_VERSION):
             raise FormatError(
                 f"{path}: strategy file format version {meta.get('version')!r} is not supported "
@@ -687,7 +707,9 @@ def _load(
             kw["copy_base"] = False  # fresh tensors, nobody else holds them
         else:
             if isinstance(base, torch.nn.Module):
-                raise MergeInputError(f"{path}: base must be a state dict of tensors, not a module (use module.state_dict())")
+                raise MergeInputError(
+                    f"{path}: base must be a state dict of tensors, not a module (use module.state_dict())"
+                )
             if not isinstance(base, Mapping):
                 raise MergeInputError(f"{path}: base must be a mapping of tensor names to tensors")
             _check_base_against(path, fingerprint, base, given=True)
@@ -721,7 +743,9 @@ def _load(
     return strat
 
 
-def load_strategy(path: str | os.PathLike[str], base: StateDict | None = None, *, verify: bool = True, **overrides: Any) -> ContinualStrategy:
+def load_strategy(
+    path: str | os.PathLike[str], base: StateDict | None = None, *, verify: bool = True, **overrides: Any
+) -> ContinualStrategy:
     """Re-create the strategy saved in ``path`` by :meth:`ContinualStrategy.save` (the class is
     looked up by its registered name).
 

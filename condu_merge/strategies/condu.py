@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import FormatError, MergeInputError
 from ..merger import ContinualMerger
 from ..trigger import TaskTrigger
-from ..errors import FormatError, MergeInputError
 from .base import ContinualStrategy, StorageReport, backend_option, state_nbytes, tensor_nbytes
 
 
@@ -90,9 +90,7 @@ class ConDU(ContinualStrategy):
                 packed[k] = p
             r = {k: float(r[k]) for k in self._base} if isinstance(r, dict) else float(r)
             triggers.append(TaskTrigger(packed, shapes, r, task))  # checks the mask sizes
-        self.merger = ContinualMerger.from_session(
-            unified, triggers, self.merger.rescaler, backend=self.merger.backend
-        )
+        self.merger = ContinualMerger.from_session(unified, triggers, self.merger.rescaler, backend=self.merger.backend)
 
     def _storage(self) -> StorageReport:
         shared = state_nbytes(self.merger.unified) if len(self.merger) else 0

@@ -49,4 +49,4 @@ class ContinualFT(ContinualStrategy):
 
     def _storage(self) -> StorageReport:
         shared = state_nbytes(self._delta) if self._delta is not None else 0
-        return StorageReport(shared, {t: 0 for t in self._tasks}, "the current model's delta θ_t − θ_0 (one model)")
+        return StorageReport(shared, dict.fromkeys(self._tasks, 0), "the current model's delta θ_t − θ_0 (one model)")

@@ -92,7 +92,9 @@ class DareTaskArithmetic(ContinualStrategy):
     def _fold(self, name: str, delta: dict[str, torch.Tensor]) -> None:
         new = {}
         for k, tau in delta.items():
-            d = drop_and_rescale(tau, dare_mask(tau.shape, self.sparsity, self.seed, name, k), self.sparsity, self.rescale)
+            d = drop_and_rescale(
+                tau, dare_mask(tau.shape, self.sparsity, self.seed, name, k), self.sparsity, self.rescale
+            )
             prev = self._sum[k].to(torch.float64) if self._sum is not None else 0.0
             new[k] = (prev + d).to(self._sum_dtype(k))
         self._sum = new
@@ -124,7 +126,9 @@ class DareTaskArithmetic(ContinualStrategy):
 
     def _storage(self) -> StorageReport:
         shared = state_nbytes(self._sum) if self._sum is not None else 0
-        return StorageReport(shared, {t: 0 for t in self._tasks}, "running sum of the dropped, rescaled task vectors (one model)")
+        return StorageReport(
+            shared, dict.fromkeys(self._tasks, 0), "running sum of the dropped, rescaled task vectors (one model)"
+        )
 
 
 class DareTIES(TIES):
@@ -163,7 +167,9 @@ class DareTIES(TIES):
 
     def _fold(self, name: str, delta: dict[str, torch.Tensor]) -> None:
         dropped = {
-            k: drop_and_rescale(tau, dare_mask(tau.shape, self.sparsity, self.seed, name, k), self.sparsity, self.rescale).to(tau.dtype)
+            k: drop_and_rescale(
+                tau, dare_mask(tau.shape, self.sparsity, self.seed, name, k), self.sparsity, self.rescale
+            ).to(tau.dtype)
             for k, tau in delta.items()
         }
         super()._fold(name, dropped)
@@ -185,4 +191,6 @@ class DareTIES(TIES):
 
     def _storage(self) -> StorageReport:
         r = super()._storage()
-        return StorageReport(r.shared_bytes, r.per_task_bytes, "every dropped, rescaled task vector τ̃_i + its trim threshold")
+        return StorageReport(
+            r.shared_bytes, r.per_task_bytes, "every dropped, rescaled task vector τ̃_i + its trim threshold"
+        )

@@ -142,7 +142,10 @@ def dop_merge_matrix(
             n1 = g1 / l1 if l1 != 0.0 else torch.zeros_like(g1)
             gamma = min_norm_2(float((n0 * n0).sum()), float((n0 * n1).sum()), float((n1 * n1).sum()))
             if ema:
-                weights = [ema_beta * weights[0] + (1 - ema_beta) * gamma, ema_beta * weights[1] + (1 - ema_beta) * (1.0 - gamma)]
+                weights = [
+                    ema_beta * weights[0] + (1 - ema_beta) * gamma,
+                    ema_beta * weights[1] + (1 - ema_beta) * (1.0 - gamma),
+                ]
             else:
                 weights = [gamma, 1.0 - gamma]
         W = adam.step(W, weights[0] * g0 + weights[1] * g1)
@@ -187,7 +190,9 @@ class DOP(ContinualStrategy):
                 raise ValueError(f"project_keys: {unknown[0]!r} is not a tensor of base ({len(unknown)} unknown)")
             bad = [k for k in project_keys if self._base[k].dim() != 2]
             if bad:
-                raise ValueError(f"project_keys: tensor {bad[0]!r} is {self._base[bad[0]].dim()}-D; only 2-D weights are optimised")
+                raise ValueError(
+                    f"project_keys: tensor {bad[0]!r} is {self._base[bad[0]].dim()}-D; only 2-D weights are optimised"
+                )
         self.opt = {
             "lr": float(lr),
             "num_steps": int(num_steps),
@@ -234,4 +239,4 @@ class DOP(ContinualStrategy):
 
     def _storage(self) -> StorageReport:
         shared = state_nbytes(self._merged) if self._merged is not None else 0
-        return StorageReport(shared, {t: 0 for t in self._tasks}, "merged task vector (one model)")
+        return StorageReport(shared, dict.fromkeys(self._tasks, 0), "merged task vector (one model)")

@@ -74,4 +74,6 @@ class EMR(ContinualStrategy):
         self._cache = None
 
     def _storage(self) -> StorageReport:
-        return StorageReport(0, {t: state_nbytes(self._deltas[t]) for t in self._tasks}, "every task delta d_i (one model per task)")
+        return StorageReport(
+            0, {t: state_nbytes(self._deltas[t]) for t in self._tasks}, "every task delta d_i (one model per task)"
+        )

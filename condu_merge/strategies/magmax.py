@@ -28,7 +28,6 @@ import torch
 
 from .base import ContinualStrategy, StorageReport, TaskStart, state_nbytes
 
-
 TIE_RULES = ("later", "earlier")
 
 
@@ -99,5 +98,5 @@ class MagMax(ContinualStrategy):
         if self._merged is not None:
             shared = state_nbytes(self._merged) + state_nbytes(self._last)  # type: ignore[arg-type]
         return StorageReport(
-            shared, {t: 0 for t in self._tasks}, "running max-magnitude vector τ_MM + last task vector (two models)"
+            shared, dict.fromkeys(self._tasks, 0), "running max-magnitude vector τ_MM + last task vector (two models)"
         )

@@ -80,7 +80,9 @@ class OPCM(ContinualStrategy):
     def __init__(self, base, *, alpha: float = 0.5, project_keys: list[str] | None = None, copy_base: bool = True):
         super().__init__(base, copy_base=copy_base)
         if not 0.0 <= float(alpha) <= 1.0:
-            raise ValueError(f"alpha (the singular-value share of the projected subspace) must be in [0, 1], got {alpha}")
+            raise ValueError(
+                f"alpha (the singular-value share of the projected subspace) must be in [0, 1], got {alpha}"
+            )
         if project_keys is not None:
             project_keys = list(project_keys)
             unknown = [k for k in project_keys if k not in self._base]
@@ -88,7 +90,9 @@ class OPCM(ContinualStrategy):
                 raise ValueError(f"project_keys: {unknown[0]!r} is not a tensor of base ({len(unknown)} unknown)")
             bad = [k for k in project_keys if self._base[k].dim() != 2]
             if bad:
-                raise ValueError(f"project_keys: tensor {bad[0]!r} is {self._base[bad[0]].dim()}-D; only 2-D weights are projected")
+                raise ValueError(
+                    f"project_keys: tensor {bad[0]!r} is {self._base[bad[0]].dim()}-D; only 2-D weights are projected"
+                )
         self.alpha = float(alpha)
         self.project_keys = project_keys
         self._sum: dict[str, torch.Tensor] | None = None
@@ -150,5 +154,5 @@ class OPCM(ContinualStrategy):
     def _storage(self) -> StorageReport:
         shared = state_nbytes(self._sum) if self._sum is not None else 0
         return StorageReport(
-            shared, {t: 8 for t in self._tasks}, "running projected sum S (one model) + each task vector's norm"
+            shared, dict.fromkeys(self._tasks, 8), "running projected sum S (one model) + each task vector's norm"
         )

@@ -41,7 +41,7 @@ Stores: the global module (one model-sized delta ``G − θ_0``); nothing per ta
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 
@@ -90,6 +90,7 @@ def important_signs(
         raise ValueError(f"unknown scope {scope!r}; choose one of {PAM_SCOPES}")
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"align_fraction must be in [0, 1], got {fraction}")
+
     def g_of(k: str) -> torch.Tensor:
         v = values[k].detach()
         if reference is None:
@@ -383,4 +384,4 @@ class PAM(ContinualStrategy):
 
     def _storage(self) -> StorageReport:
         shared = state_nbytes(self._merged) if self._merged is not None else 0
-        return StorageReport(shared, {t: 0 for t in self._tasks}, "the global module G − θ_0 (one model)")
+        return StorageReport(shared, dict.fromkeys(self._tasks, 0), "the global module G − θ_0 (one model)")

@@ -77,7 +77,9 @@ class TALLMasks(ContinualStrategy):
         if not float(tall_lambda) >= 0.0:
             raise ValueError(f"tall_lambda must be >= 0, got {tall_lambda}")
         if int(consensus_k) != consensus_k or consensus_k < 0:
-            raise ValueError(f"consensus_k (tasks that must keep an element) must be an integer >= 0, got {consensus_k}")
+            raise ValueError(
+                f"consensus_k (tasks that must keep an element) must be an integer >= 0, got {consensus_k}"
+            )
         self.tall_lambda = float(tall_lambda)
         self.consensus_k = int(consensus_k)
         self.scale = float(scale)
@@ -126,7 +128,9 @@ class TALLMasks(ContinualStrategy):
     def _expert_delta(self, name: str) -> dict[str, torch.Tensor]:
         assert self._mtl is not None
         return {
-            k: torch.where(unpack_mask(self._masks[name][k], shape=v.shape), v.to(torch.float64), 0.0).to(self._base[k].dtype)
+            k: torch.where(unpack_mask(self._masks[name][k], shape=v.shape), v.to(torch.float64), 0.0).to(
+                self._base[k].dtype
+            )
             for k, v in self._mtl.items()
         }
 

@@ -59,4 +59,6 @@ class TaskArithmetic(ContinualStrategy):
         self._taus = {t: self._saved_delta(tensors, f"tau/{i}/") for i, t in enumerate(self._tasks)}
 
     def _storage(self) -> StorageReport:
-        return StorageReport(0, {t: state_nbytes(self._taus[t]) for t in self._tasks}, "every task vector τ_i (one model per task)")
+        return StorageReport(
+            0, {t: state_nbytes(self._taus[t]) for t in self._tasks}, "every task vector τ_i (one model per task)"
+        )
