@@ -91,7 +91,7 @@ def distance_to_finetuned(
     """``{"task", "finetuned", "total": metrics, "groups": {group: metrics}}`` (see the module docstring)."""
     finetuned = os.fspath(finetuned)
     of, close = _true_deltas(store, task, finetuned, base)
-    total, groups = _Acc(), {}
+    total, groups = _Acc(), dict[str, _Acc]()
     try:
         for k, dh in store.iter_decouple(task, backend=backend):
             d = of(k)

@@ -205,13 +205,13 @@ class SafetensorsFile:
             raise KeyMismatchError(f"{self.path}: no tensor {key!r}")
         buf = torch.empty(end - begin, dtype=torch.uint8)
         if end > begin:
-            got = self._read_into(memoryview(buf.numpy()), self._data_start + begin)
+            got = self._read_into(buf.numpy().data, self._data_start + begin)
             if got != end - begin:
                 raise FormatError(f"{self.path}: tensor {key!r} is truncated ({got} of {end - begin} bytes)")
             if self._seq is not None:
                 self._hash_to(self._data_start + begin)
                 if self._seq is not None:
-                    self._seq.update(memoryview(buf.numpy()))
+                    self._seq.update(buf.numpy().data)
                     self._seq_pos += end - begin
         if spec.dtype == torch.uint8:
             return buf.reshape(spec.shape)

@@ -169,7 +169,7 @@ def _run(args: argparse.Namespace) -> int:
         _emit(args, p, lines)
         return 0
     t0 = time.perf_counter()
-    lines: list[str] = []
+    lines = []
 
     def report(row: dict) -> None:
         if not getattr(args, "json", False) and not getattr(args, "quiet", False) and not _progress(args):

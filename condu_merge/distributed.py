@@ -345,7 +345,7 @@ def _communicator(group=None, timeout_s: float | None = None):
 def _known_error_types() -> dict[str, type]:
     """Exception classes a remote failure is re-raised as (by name), so callers can catch them."""
     out: dict[str, type] = {}
-    todo = [ConduError]
+    todo: list[type] = [ConduError]
     while todo:
         c = todo.pop()
         out[c.__name__] = c
@@ -380,7 +380,7 @@ def _raise_first(statuses: Sequence[dict | None], me: int, local: BaseException 
         err = cls(text) if cls is not None else DistributedMergeError(f"{text} ({first['type']})")
     except Exception:  # a class whose constructor wants more than a message
         err = DistributedMergeError(f"{text} ({first['type']})")
-    err._condu_remote = True  # type: ignore[attr-defined]
+    err._condu_remote = True
     raise err
 
 

@@ -409,6 +409,7 @@ def export_task(
         from .backends import auto_for_size
 
         backend = auto_for_size(backend, sum(math.prod(s.shape) for s in store.specs))
+    base = os.fspath(base) if base is not None else None
     fmt = fmt or ("safetensors" if delta else default_format(store, task, base))
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {FORMATS}")

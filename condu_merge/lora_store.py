@@ -148,7 +148,11 @@ def add_adapter_task(
             )
         init_ad = LoraAdapter.load(init) if init is not None else None
         ident = checkpoint_identity(bck)
-        init_rec = {"path": os.path.abspath(os.fspath(init)), "fingerprint": init_ad.fingerprint()} if init_ad else None
+        init_rec = (
+            {"path": os.path.abspath(os.fspath(init)), "fingerprint": init_ad.fingerprint()}
+            if init_ad and init is not None
+            else None
+        )
         if prev:
             src0 = prev[0]["source"]
             a, b = _config_fields(src0["adapter_config"]), _config_fields(cfg)

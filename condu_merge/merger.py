@@ -149,7 +149,8 @@ class ContinualMerger:
 
         with Store(path, verify=verify) as st:
             st._require()
-            return st.to_merger(backend=backend)
+            merger: ContinualMerger = st.to_merger(backend=backend)
+            return merger
 
     def __getstate__(self) -> dict[str, Any]:
         # a lock cannot be copied or pickled; copies get their own

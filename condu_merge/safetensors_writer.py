@@ -113,7 +113,7 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     t = t.contiguous().reshape(-1)
     if t.numel() == 0:
         return memoryview(b"")
-    return memoryview(t.view(torch.uint8).numpy())
+    return memoryview(t.view(torch.uint8).numpy().data)
 
 
 class StreamingSafetensorsWriter:

@@ -45,8 +45,9 @@ import re
 import shutil
 import signal
 import stat
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence, Set as AbstractSet
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
 
@@ -87,6 +88,9 @@ from .safetensors_writer import (
     tensor_bytes,
 )
 from .trigger import Rescaler, TaskTrigger
+
+if TYPE_CHECKING:  # merger imports store lazily; annotations only
+    from .merger import ContinualMerger
 
 STORE_FORMAT = "condu-merge/store"
 STORE_VERSION = 1
@@ -138,7 +142,8 @@ def _committed_generation(root: str) -> str | None:
     the switch must not delete the committed state)."""
     try:
         with open(os.path.join(root, MANIFEST), encoding="utf-8") as fh:
-            return json.load(fh).get("generation_dir")
+            gen: str | None = json.load(fh).get("generation_dir")
+            return gen
     except (OSError, ValueError, AttributeError, RecursionError):
         return None
 
@@ -279,19 +284,19 @@ def popcount_bytes(packed: torch.Tensor) -> int:
     if packed.numel() == 0:
         return 0
     arr = packed.contiguous().numpy()
-    return bitarray(buffer=memoryview(arr), endian="little").count(1)
+    return bitarray(buffer=arr.data, endian="little").count(1)
 
 
 _GENERATION_RE = re.compile(r"gen-\d{6,}")
 _STORE_FILE_RE = re.compile(r"(unified|masks/\d{4,}|prototypes/\d{4,})\.safetensors")
 
 
-def _check_manifest_structure(m: dict, mpath: str) -> None:
+def _check_manifest_structure(m: dict[str, Any], mpath: str) -> None:
     """Refuse a manifest whose fields the store would trip over (a hand-edited one whose
     checksum was recomputed, or one written by a buggy tool): wrong types, file names outside
     the generation folder, tasks pointing at files the manifest does not list."""
 
-    def bad(what: str) -> None:
+    def bad(what: str) -> NoReturn:
         raise FormatError(f"{mpath}: damaged store manifest ({what})")
 
     def is_int(x: object) -> bool:
@@ -342,7 +347,7 @@ def _check_manifest_structure(m: dict, mpath: str) -> None:
     tensors = m.get("tensors")
     if not isinstance(tensors, list) or not tensors:
         bad("it lists no tensors")
-    names: set = set()
+    names: set[str] = set()
     for t in tensors:
         ok = (
             isinstance(t, dict)
@@ -361,7 +366,7 @@ def _check_manifest_structure(m: dict, mpath: str) -> None:
     if not isinstance(tasks, list):
         bad("tasks is not a list")
     params = sum(math.prod(t["shape"]) for t in tensors)
-    seen: set = set()
+    seen: set[str] = set()
     for i, t in enumerate(tasks):
         if not isinstance(t, dict) or not isinstance(t.get("name"), str):
             bad(f"task #{i} has no name")
@@ -695,10 +700,10 @@ class Store:
     and that task's masks, tensor by tensor.
     """
 
-    def __init__(self, path: str | os.PathLike, *, verify: bool = True):
+    def __init__(self, path: str | os.PathLike[str], *, verify: bool = True):
         self.root = os.path.abspath(os.fspath(path))
         self.verify_on_load = verify
-        self.manifest: dict | None = None
+        self.manifest: dict[str, Any] | None = None
         self._gen_seen: str | None = None  # generation named by the manifest last read
         self._files: dict[str, SafetensorsFile] = {}
         self._load(verify)
@@ -780,7 +785,7 @@ class Store:
 
     def _check_headers(self) -> None:
         specs = self.specs
-        index = {t["masks"]: i for i, t in enumerate(self.manifest["tasks"])}
+        index = {t["masks"]: i for i, t in enumerate(self._require()["tasks"])}
         for rel, f in self._files.items():
             if f.keys() != [s.name for s in specs]:
                 raise FormatError(f"{f.path}: its tensors differ from the manifest's")
@@ -808,7 +813,7 @@ class Store:
         return VerifyReport(len(self.manifest["files"]), sum(int(i["bytes"]) for i in self.manifest["files"].values()))
 
     # ------------------------------------------------------------------ accessors
-    def _require(self) -> dict:
+    def _require(self) -> dict[str, Any]:
         if self.manifest is None:
             raise FileNotFoundError(f"{self.root}: no condu-merge store here (no {MANIFEST}); add a task first")
         return self.manifest
@@ -847,8 +852,9 @@ class Store:
             raise UnknownTaskError(f"{self.root}: no task {task!r} in this store; tasks: {names}")
         return names.index(task)
 
-    def task_info(self, task: str) -> dict:
-        return self._require()["tasks"][self._task_index(task)]
+    def task_info(self, task: str) -> dict[str, Any]:
+        info: dict[str, Any] = self._require()["tasks"][self._task_index(task)]
+        return info
 
     def rescaler_of(self, task: str) -> Rescaler:
         r = self.task_info(task)["rescaler"]
@@ -920,7 +926,7 @@ class Store:
                 out.setdefault(k, v)
         return out
 
-    def to_merger(self, *, backend: str | MergeBackend = "auto"):
+    def to_merger(self, *, backend: str | MergeBackend = "auto") -> ContinualMerger:
         """An in-memory :class:`~condu_merge.ContinualMerger` holding this session (eager)."""
         from .merger import ContinualMerger
 
@@ -945,7 +951,7 @@ class Store:
             return {k: f.get(k) for k in f.keys()}
 
     def _check_file_hash(self, rel: str, path: str) -> None:
-        if sha256_file(path) != self.manifest["files"][rel]["sha256"]:
+        if sha256_file(path) != self._require()["files"][rel]["sha256"]:
             raise FormatError(f"{path}: sha256 mismatch: the file is damaged (a byte differs from what was written)")
 
     def save_prototypes(self, task: str, tensors: Mapping[str, torch.Tensor]) -> None:
@@ -1007,7 +1013,7 @@ class Store:
         name = f"gen-{max(numbers) + 1:06d}"
         return name, os.path.join(self.root, name)
 
-    def _carry_files(self, gen_dir: str, skip: set[str] = frozenset()) -> dict[str, dict[str, object]]:
+    def _carry_files(self, gen_dir: str, skip: AbstractSet[str] = frozenset()) -> dict[str, dict[str, object]]:
         if self.manifest is None:
             return {}
         files = {}
@@ -1021,7 +1027,7 @@ class Store:
                 fsync_dir(os.path.join(gen_dir, sub))
         return files
 
-    def _commit(self, manifest: dict, gen_name: str, gen_dir: str) -> None:
+    def _commit(self, manifest: dict[str, Any], gen_name: str, gen_dir: str) -> None:
         """The atomic switch: fsynced manifest replaces the old one; then old generations go."""
         manifest["generation_dir"] = gen_name
         manifest["generation"] = int(gen_name[4:])
@@ -1056,7 +1062,7 @@ class Store:
             remove_generation_dir(os.path.join(self.root, old), old_files, crash_step="commit:cleanup")
         self._load(False)  # what we just wrote; hashes were computed while writing
 
-    def _base_manifest(self, rescaler: str, specs: Sequence[TensorSpec]) -> dict:
+    def _base_manifest(self, rescaler: str, specs: Sequence[TensorSpec]) -> dict[str, Any]:
         return {
             "format": STORE_FORMAT,
             "version": STORE_VERSION,
@@ -1078,10 +1084,10 @@ class Store:
         rescaler: str | None,
         backend: str | MergeBackend,
         progress: bool,
-        source: dict | None,
-        base_identity: dict | None,
-        selection: dict | None,
-        after_read: Callable[[], dict | None] | None = None,
+        source: dict[str, Any] | None,
+        base_identity: dict[str, Any] | None,
+        selection: dict[str, Any] | None,
+        after_read: Callable[[], dict[str, Any] | None] | None = None,
     ) -> None:
         """The streaming continual step (caller holds the lock and has reloaded). ``after_read``
         runs once every input was read (the base check on the read's own hash); a dict it
@@ -1159,17 +1165,17 @@ class Store:
     def _finish_add(
         self,
         gen_dir: str,
-        files: Mapping[str, dict],
+        files: Mapping[str, dict[str, Any]],
         *,
         name: str,
         mode: str,
         specs: Sequence[TensorSpec],
         lambdas: Sequence[Rescaler],
         mask_bits: Sequence[int],
-        source: dict | None,
-        base_identity: dict | None,
-        selection: dict | None,
-    ) -> dict:
+        source: dict[str, Any] | None,
+        base_identity: dict[str, Any] | None,
+        selection: dict[str, Any] | None,
+    ) -> dict[str, Any]:
         """Complete a new generation holding ``u`` and every task's masks (``files``: their
         ``{"sha256", "bytes"}`` in layout order) and return its manifest, ready for :meth:`_commit`:
         earlier tasks' prototypes keep their index, so they are carried by hard link; the new
@@ -1181,7 +1187,7 @@ class Store:
             # not read by the merge: check before carrying, so damage is refused, not committed
             self._check_file_hash(rel, os.path.join(self.gen_dir, rel))
             link_or_copy(os.path.join(self.gen_dir, rel), os.path.join(gen_dir, rel))
-            files[rel] = dict(m_old["files"][rel])
+            files[rel] = dict(m_old["files"][rel])  # type: ignore[index]  # protos is empty without m_old
         if protos:
             fsync_dir(os.path.join(gen_dir, "prototypes"))
         fsync_dir(gen_dir)
@@ -1204,7 +1210,7 @@ class Store:
         """The old generation was read front to back while merging; check what was read against the
         manifest, so a damaged store is never merged into a fresh generation with fresh hashes."""
         for rel, f in self._files.items():
-            want = self.manifest["files"][rel]["sha256"]
+            want = self._require()["files"][rel]["sha256"]
             got = f.sequential_sha256()
             if got is None:
                 got = sha256_file(f.path)
@@ -1221,7 +1227,7 @@ class Store:
         rescaler: str | None = None,
         backend: str | MergeBackend = "auto",
         progress: bool = False,
-        source: dict | None = None,
+        source: dict[str, Any] | None = None,
     ) -> None:
         """Fold task ``name`` with ``delta`` (a mapping; lazy mappings are read one key at a time)
         into the store, as a new generation. ``rescaler`` (default ``tensor_mean``) is fixed when
@@ -1246,8 +1252,8 @@ class Store:
     def add_task_from_checkpoints(
         self,
         name: str,
-        base: str | os.PathLike | Checkpoint,
-        finetuned: str | os.PathLike | Checkpoint | PeftAdapter,
+        base: str | os.PathLike[str] | Checkpoint,
+        finetuned: str | os.PathLike[str] | Checkpoint | PeftAdapter,
         *,
         include: Sequence[str] | None = None,
         exclude: Sequence[str] | None = None,
@@ -1334,7 +1340,7 @@ class Store:
         check_base: bool,
         *,
         hash_base: bool = True,
-    ) -> tuple[list[TensorSpec], dict | None, dict, dict]:
+    ) -> tuple[list[TensorSpec], dict[str, Any] | None, dict[str, Any], dict[str, Any]]:
         """The tensors of a checkpoint task -- see :meth:`add_task_from_checkpoints` -- checked
         against ``td``: ``(specs, base identity to record or None, selection, source)``.
         ``hash_base=False``: the base's sha256 is left to :meth:`_base_after_read` (only its size
@@ -1352,8 +1358,8 @@ class Store:
                 )
             specs = []
             for k in keys:
-                if not td.is_adapter and k in fck.keys():
-                    dt = dtype or fck.spec(k).dtype
+                if not td.is_adapter and k in fck.keys():  # type: ignore[union-attr]  # not an adapter: a Checkpoint
+                    dt = dtype or fck.spec(k).dtype  # type: ignore[union-attr]
                 else:
                     dt = dtype or bck.spec(k).dtype
                 specs.append(TensorSpec(k, dt, tuple(bck.spec(k).shape)))
@@ -1366,7 +1372,7 @@ class Store:
                 self._check_base(bck, size_only=not hash_base)
         if td.is_adapter:
             sel = {s.name for s in specs}
-            outside = [k for k in fck.delta_keys() if k not in sel]
+            outside = [k for k in fck.delta_keys() if k not in sel]  # type: ignore[union-attr]  # an adapter
             if outside:
                 raise KeyMismatchError(
                     f"{fck.path}: the adapter changes tensors the store does not hold: {outside[:5]} "
@@ -1386,9 +1392,11 @@ class Store:
                 "was created); drop the option, or start a new store"
             )
 
-    def _check_recorded_options(self, *, include, exclude, dtype) -> None:
+    def _check_recorded_options(
+        self, *, include: Sequence[str] | None, exclude: Sequence[str] | None, dtype: torch.dtype | None
+    ) -> None:
         """Options given again on a later task must equal what the manifest records."""
-        m = self.manifest
+        m = self._require()
         if dtype is not None:
             have = sorted({str(ST_TO_DTYPE[t["dtype"]]).replace("torch.", "") for t in m["tensors"]})
             want = str(dtype).replace("torch.", "")
@@ -1407,7 +1415,7 @@ class Store:
                     "was created); drop the option, or start a new store"
                 )
 
-    def _base_after_read(self, bck: Checkpoint, creating: bool, *, read_hash: bool) -> dict | None:
+    def _base_after_read(self, bck: Checkpoint, creating: bool, *, read_hash: bool) -> dict[str, Any] | None:
         """After the merge read the base: on creation, its identity to record; later, the check
         against the recorded one. The sha256 is the one hashed while the merge read the file
         (:meth:`SafetensorsFile.sequential_sha256`), a separate pass only where there is none."""
@@ -1422,7 +1430,7 @@ class Store:
         return {"path": os.path.abspath(bck.path), "sha256": sha, "bytes": os.path.getsize(bck.path)}
 
     def _check_base(self, bck: Checkpoint, sha256: str | None = None, *, size_only: bool = False) -> None:
-        rec = self.manifest.get("base")
+        rec = self._require().get("base")
         if not rec or rec.get("sha256") is None or not bck.files():
             return
         files = bck.files()
@@ -1484,7 +1492,7 @@ class Store:
                         if rel:
                             self._check_file_hash(rel, os.path.join(self.gen_dir, rel))
                             link_or_copy(os.path.join(self.gen_dir, rel), os.path.join(gen_dir, rel))
-                            files[rel] = dict(self.manifest["files"][rel])
+                            files[rel] = dict(self._require()["files"][rel])
                             entry["prototypes"] = rel
                     m["tasks"].append(entry)
                 if os.path.isdir(os.path.join(gen_dir, "prototypes")):
@@ -1543,7 +1551,7 @@ class Store:
             bas = []
             for t in m["tasks"]:
                 arr = self._files[t["masks"]].get(s.name).numpy()
-                bas.append(bitarray(buffer=memoryview(arr), endian="little") if arr.size else bitarray())
+                bas.append(bitarray(buffer=arr.data, endian="little") if arr.size else bitarray())
             for i in range(n):
                 for j in range(i, n):
                     inter[i][j] += count_and(bas[i], bas[j]) if j != i else bas[i].count(1)
@@ -1574,7 +1582,7 @@ def check_add_args(name: object, rescaler: str | None) -> None:
 
 
 def open_task_delta(
-    base: str | os.PathLike | Checkpoint, finetuned: str | os.PathLike | Checkpoint | PeftAdapter
+    base: str | os.PathLike[str] | Checkpoint, finetuned: str | os.PathLike[str] | Checkpoint | PeftAdapter
 ) -> TaskDelta:
     """``finetuned − base`` per tensor; paths are opened, and closed again if this fails."""
     bck = open_checkpoint(base) if isinstance(base, (str, os.PathLike)) else base

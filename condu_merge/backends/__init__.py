@@ -123,7 +123,7 @@ def resolve_backend(backend: str | MergeBackend, device: torch.device) -> MergeB
             raise ValueError(f"backend {backend!r} does not run on {device.type} tensors")
         return inst
     for name in AUTO_ORDER.get(device.type, ["torch"]):
-        inst = _instance(name)
-        if inst is not None and inst.supports(device):
-            return inst
+        found = _instance(name)
+        if found is not None and found.supports(device):
+            return found
     return get_backend("torch")

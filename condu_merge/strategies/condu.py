@@ -99,4 +99,8 @@ class ConDU(ContinualStrategy):
             masks = sum(tensor_nbytes(p) for p in tr.packed.values())  # uint8, ceil(N/8) bytes each
             resc = 8 * (len(tr.rescaler) if isinstance(tr.rescaler, dict) else 1)
             per[tr.task] = masks + resc
-        return StorageReport(shared, per, "unified delta u (one model) + per task a 1-bit mask and its rescaler")
+        return StorageReport(
+            shared,
+            {str(k): v for k, v in per.items()},
+            "unified delta u (one model) + per task a 1-bit mask and its rescaler",
+        )

@@ -45,6 +45,8 @@ Stores: the merged vector ``τ_m`` (one model): continual.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from .base import ContinualStrategy, StorageReport, state_nbytes
@@ -193,7 +195,7 @@ class DOP(ContinualStrategy):
                 raise ValueError(
                     f"project_keys: tensor {bad[0]!r} is {self._base[bad[0]].dim()}-D; only 2-D weights are optimised"
                 )
-        self.opt = {
+        self.opt: dict[str, Any] = {
             "lr": float(lr),
             "num_steps": int(num_steps),
             "mgda": bool(mgda),

@@ -84,7 +84,7 @@ class TALLMasks(ContinualStrategy):
         self.consensus_k = int(consensus_k)
         self.scale = float(scale)
         self.keep_task_vectors = bool(keep_task_vectors)
-        self.continual = not self.keep_task_vectors
+        self.continual = not self.keep_task_vectors  # type: ignore[misc]  # per instance: depends on keep_task_vectors
         self._mtl: dict[str, torch.Tensor] | None = None
         self._masks: dict[str, dict[str, torch.Tensor]] = {}  # task → key → packed uint8
         self._taus: dict[str, dict[str, torch.Tensor]] = {}
