@@ -97,7 +97,7 @@ def main() -> None:
             "python -c pass": _wall([py, "-c", "pass"], args.repeat),
             "python -c 'import torch'": _wall([py, "-c", "import torch"], args.repeat),
             "condu-merge --help": _wall([py, "-m", "condu_merge", "--help"], args.repeat),
-            "condu-merge inspect (3 tasks, 0.2M params; sha256 verified)": _wall(
+            "condu-merge inspect (3 tasks, 0.2M params; fields and sha256 verified, torch-free)": _wall(
                 [py, "-m", "condu_merge", "inspect", store], args.repeat
             ),
             "condu-merge inspect --no-verify (torch-free view)": _wall(

@@ -256,12 +256,12 @@ def _inspect(args: argparse.Namespace) -> int:
     from .store_view import StoreView, ViewError
 
     data = None
-    if args.no_verify:  # torch-free and fast where the view can answer; the full Store names any problem
-        try:
-            data, lora = _inspect_data(StoreView(args.store), args)
-        except ViewError:
-            data = None
-    if data is None:  # by default every file's sha256 and the manifest's fields are checked first
+    try:  # torch-free and fast where the view can answer (by default after checking every field and
+        # every file's sha256, as verify does); the full Store names any problem it finds
+        data, lora = _inspect_data(StoreView(args.store, verify=not args.no_verify), args)
+    except ViewError:
+        data = None
+    if data is None:
         from .store import Store
 
         with Store(args.store, verify=not args.no_verify) as st:

@@ -29,10 +29,11 @@ from .errors import (
     NonFiniteError,
     ShapeMismatchError,
 )
+from .manifest_check import RESCALER_MODES as _RESCALER_MODES
 from .packing import packed_nbytes
 from .trigger import Rescaler, TaskTrigger
 
-RESCALER_MODES = ("tensor_mean", "l1", "per_tensor")
+RESCALER_MODES = _RESCALER_MODES  # one definition, in the torch-free manifest module
 """Rescaler modes.
 
 * ``"tensor_mean"`` (default; the released code and EMR-Merging):

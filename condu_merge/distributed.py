@@ -64,12 +64,12 @@ from .checkpoints import (
 )
 from .core import compute_rescalers
 from .errors import ConduError, DtypeMismatchError
+from .manifest_check import UNIFIED, mask_file
 from .safetensors_writer import DTYPE_TO_ST, ST_TO_DTYPE, TensorSpec, build_header, tensor_bytes
 from .store import (
     CRASH_ENV,
     KEEP_OPEN_FILES,
     MANIFEST,
-    UNIFIED,
     Store,
     StoreLock,
     StoreLockedError,
@@ -77,7 +77,6 @@ from .store import (
     continual_step_tensor,
     fsync_dir,
     generation_layout,
-    mask_file,
     open_task_delta,
     open_writer_lock,
     popcount_bytes,

@@ -47,7 +47,7 @@ import signal
 import stat
 from collections.abc import Callable, Iterator, Mapping, Sequence, Set as AbstractSet
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -77,6 +77,14 @@ from .errors import (
     UnknownTaskError,
     UnsafePathError,
 )
+from .manifest_check import (
+    GENERATION_RE,
+    STORE_FILE_RE,
+    UNIFIED,
+    check_manifest_structure,
+    mask_file,
+    proto_file,
+)
 from .packing import packed_nbytes
 from .safetensors_writer import (
     DTYPE_TO_ST,
@@ -96,7 +104,6 @@ STORE_FORMAT = "condu-merge/store"
 STORE_VERSION = 1
 MANIFEST = "manifest.json"
 LOCK = ".lock"
-UNIFIED = "unified.safetensors"
 KEEP_OPEN_FILES = 64
 """A store (or a generation being written) with more data files than this opens each file for
 each use instead of holding a descriptor per file: thousands of tasks fit the default limit of
@@ -287,133 +294,12 @@ def popcount_bytes(packed: torch.Tensor) -> int:
     return bitarray(buffer=arr.data, endian="little").count(1)
 
 
-_GENERATION_RE = re.compile(r"gen-\d{6,}")
-_STORE_FILE_RE = re.compile(r"(unified|masks/\d{4,}|prototypes/\d{4,})\.safetensors")
-
-
-def _check_manifest_structure(m: dict[str, Any], mpath: str) -> None:
-    """Refuse a manifest whose fields the store would trip over (a hand-edited one whose
-    checksum was recomputed, or one written by a buggy tool): wrong types, file names outside
-    the generation folder, tasks pointing at files the manifest does not list."""
-
-    def bad(what: str) -> NoReturn:
-        raise FormatError(f"{mpath}: damaged store manifest ({what})")
-
-    def is_int(x: object) -> bool:
-        return isinstance(x, int) and not isinstance(x, bool)
-
-    def is_num(x: object) -> bool:
-        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0
-
-    if not is_int(m.get("generation")) or m["generation"] < 1:
-        bad(f"generation {repr(m.get('generation'))[:40]} is not a positive integer")
-    if m.get("rescaler") not in RESCALER_MODES:
-        bad(f"rescaler {repr(m.get('rescaler'))[:40]} is not one of {list(RESCALER_MODES)}")
-    base = m.get("base")
-    if base is not None and not (
-        isinstance(base, dict)
-        and isinstance(base.get("path"), str)
-        and (base.get("sha256") is None or isinstance(base["sha256"], str))
-        and is_int(base.get("bytes"))
-        and base["bytes"] >= 0
-    ):
-        bad("base is not {path, sha256, bytes}")
-    sel = m.get("selection")
-    if sel is not None and not (
-        isinstance(sel, dict)
-        and all(
-            isinstance(sel.get(k, []), list) and all(isinstance(g, str) for g in sel.get(k, []))
-            for k in ("include", "exclude")
-        )
-    ):
-        bad("selection is not {include: [globs], exclude: [globs]}")
-
-    gd = m.get("generation_dir")
-    if not isinstance(gd, str) or not _GENERATION_RE.fullmatch(gd):
-        bad(f"generation_dir {gd!r} is not a generation folder name")
-    files = m.get("files")
-    if not isinstance(files, dict) or UNIFIED not in files:
-        bad("files does not list the unified delta")
-    for rel, info in files.items():
-        if not isinstance(rel, str) or not _STORE_FILE_RE.fullmatch(rel):
-            bad(f"file name {rel!r} is not a store file")
-        if (
-            not isinstance(info, dict)
-            or not is_int(info.get("bytes"))
-            or info["bytes"] < 0
-            or not isinstance(info.get("sha256"), str)
-        ):
-            bad(f"file entry {rel!r} lacks a byte count or sha256")
-    tensors = m.get("tensors")
-    if not isinstance(tensors, list) or not tensors:
-        bad("it lists no tensors")
-    names: set[str] = set()
-    for t in tensors:
-        ok = (
-            isinstance(t, dict)
-            and isinstance(t.get("name"), str)
-            and t.get("dtype") in ST_TO_DTYPE
-            and isinstance(t.get("shape"), list)
-            and all(is_int(x) and x >= 0 for x in t["shape"])
-            and math.prod(t["shape"]) <= 2**62
-        )
-        if not ok:
-            bad(f"tensor entry {repr(t)[:200]} needs a name, a dtype of {sorted(ST_TO_DTYPE)} and a shape")
-        if t["name"] in names:
-            bad(f"tensor {t['name']!r} is listed twice")
-        names.add(t["name"])
-    tasks = m.get("tasks")
-    if not isinstance(tasks, list):
-        bad("tasks is not a list")
-    params = sum(math.prod(t["shape"]) for t in tensors)
-    seen: set[str] = set()
-    for i, t in enumerate(tasks):
-        if not isinstance(t, dict) or not isinstance(t.get("name"), str):
-            bad(f"task #{i} has no name")
-        if t["name"] in seen:
-            bad(f"task {t['name']!r} is listed twice")
-        seen.add(t["name"])
-        if t.get("masks") != mask_file(i) or t["masks"] not in files:
-            bad(
-                f"task {t['name']!r}: its mask file {repr(t.get('masks'))[:80]} is not {mask_file(i)!r} among the files"
-            )
-        if t.get("prototypes") is not None and (t["prototypes"] != _proto_file(i) or t["prototypes"] not in files):
-            bad(
-                f"task {t['name']!r}: its prototypes file {repr(t['prototypes'])[:80]} is not {_proto_file(i)!r} among the files"
-            )
-        r = t.get("rescaler")
-        if m["rescaler"] == "per_tensor":
-            ok = isinstance(r, dict) and set(r) == names and all(is_num(x) for x in r.values())
-        else:
-            ok = is_num(r)
-        if not ok:
-            want = (
-                "a finite non-negative number per tensor"
-                if m["rescaler"] == "per_tensor"
-                else "a finite non-negative number"
-            )
-            bad(f"task {t['name']!r}: rescaler {repr(r)[:80]} is not {want}")
-        if not is_int(t.get("mask_bits")) or not 0 <= t["mask_bits"] <= params:
-            bad(
-                f"task {t['name']!r}: mask_bits {repr(t.get('mask_bits'))[:40]} is not a count of set bits (0..{params})"
-            )
-        if t.get("source") is not None and not (
-            isinstance(t["source"], dict) and isinstance(t["source"].get("path", ""), str)
-        ):
-            bad(f"task {t['name']!r}: source is not {{path, kind}}")
-    owned = {UNIFIED} | {t["masks"] for t in tasks} | {t["prototypes"] for t in tasks if t.get("prototypes")}
-    stray = [rel for rel in files if rel not in owned]
-    if stray:
-        bad(f"file {stray[0]!r} belongs to no task")
-
-
-def mask_file(index: int) -> str:
-    """Task ``index``'s mask file, relative to its generation directory."""
-    return f"masks/{index:04d}.safetensors"
-
-
-def _proto_file(index: int) -> str:
-    return f"prototypes/{index:04d}.safetensors"
+# the manifest's structure and the store's file names live in a torch-free module, so the CLI's
+# light view (store_view) checks a manifest exactly as the store does
+_GENERATION_RE = GENERATION_RE
+_STORE_FILE_RE = STORE_FILE_RE
+_check_manifest_structure = check_manifest_structure
+_proto_file = proto_file
 
 
 # ---------------------------------------------------------------------------- lock

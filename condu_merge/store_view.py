@@ -2,7 +2,7 @@
 (tasks, storage, mask density and overlaps), answered in a fraction of a second.
 
 It reads ``manifest.json`` (format, version and checksum checked as :class:`~condu_merge.store.Store`
-does), the data files' sizes, and the packed masks' bytes straight from the safetensors files
+does; with ``verify=True`` also every field, and every data file's sha256), the data files' sizes, and the packed masks' bytes straight from the safetensors files
 (popcounts by bitarray). Anything it does not expect raises :class:`ViewError`, and the caller
 falls back to the full :class:`~condu_merge.store.Store` (which names the problem); the numbers
 are the same as :meth:`Store.storage` / :meth:`Store.mask_stats` (a test compares them).
@@ -16,6 +16,8 @@ import math
 import os
 import struct
 from typing import Any
+
+from .manifest_check import check_manifest_structure
 
 __all__ = ["StoreView", "ViewError"]
 
@@ -49,7 +51,7 @@ def _packed(n: int) -> int:
 class StoreView:
     """``manifest``, :meth:`storage` and :meth:`mask_stats` of the store at ``path``."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, *, verify: bool = False):
         self.root = os.path.abspath(os.fspath(path))
         mpath = os.path.join(self.root, "manifest.json")
         try:
@@ -57,8 +59,15 @@ class StoreView:
                 m = json.load(fh)
             body = {k: v for k, v in m.items() if k != "checksum"}
             digest = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-            if m.get("format") != "condu-merge/store" or m.get("version") != 1 or m.get("checksum") != digest:
+            if (
+                m.get("format") != "condu-merge/store"
+                or type(m.get("version")) is not int
+                or m["version"] != 1
+                or m.get("checksum") != digest
+            ):
                 raise ViewError("not a store this view reads")
+            if verify:  # the store's own field checks (a FormatError names the field)
+                check_manifest_structure(m, mpath)
             self.gen = os.path.join(self.root, m["generation_dir"])
             self.params = sum(math.prod(t["shape"]) for t in m["tensors"])
             for rel, info in m["files"].items():
@@ -67,10 +76,22 @@ class StoreView:
             _ = [(t["name"], t["masks"], t["rescaler"], t["mask_bits"]) for t in m["tasks"]]
             self.manifest = m
             self._check_headers()
+            if verify:
+                self._check_hashes()
         except ViewError:
             raise
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             raise ViewError(str(exc)) from None
+
+    def _check_hashes(self) -> None:
+        """Every data file's sha256 against the manifest (a mismatch: the full Store names it)."""
+        for rel, info in self.manifest["files"].items():
+            h = hashlib.sha256()
+            with open(os.path.join(self.gen, rel), "rb") as fh:
+                while block := fh.read(1 << 22):
+                    h.update(block)
+            if h.hexdigest() != info["sha256"]:
+                raise ViewError(f"{rel}: sha256 differs from the manifest")
 
     def _check_headers(self) -> None:
         """Every data file lists the manifest's tensors, in order, with the expected dtype and size."""

@@ -59,7 +59,7 @@ def test_import_help_and_inspect_load_no_torch(tmp_path):
     st = _store(tmp_path, 2)
     code = (
         "import sys; from condu_merge.cli import main; import condu_merge; "
-        f"rc = main(['inspect', {st.root!r}, '--json', '--no-verify']); "
+        f"rc = main(['inspect', {st.root!r}, '--json']); "
         "assert rc == 0 and 'torch' not in sys.modules and 'numba' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)[:3]"
     )
     r = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True)

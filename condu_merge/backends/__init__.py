@@ -42,13 +42,11 @@ _INSTANCES: dict[str, MergeBackend | None] = {}
 AUTO_ORDER: dict[str, list[str]] = {"cuda": ["triton", "torch"], "cpu": ["numba", "torch"]}
 
 
-# Below this many elements in one process's job, "auto" on the CPU runs torch: numba's one-time
-# cost of importing and loading its compiled kernels (~1.6 s) is not paid back by its faster loops.
-# benchmarks/bench_cli_start.py measured the crossover between 3e5 (torch 2.2x faster) and 1e6
-# (numba 6.7x faster) elements; this is near their geometric mean. Used by the CLI (auto_for_size).
-AUTO_CPU_MIN_NUMEL = 500_000
+AUTO_CPU_MIN_NUMEL = 16_000_000
 """Below this many elements per job, :func:`auto_for_size` picks torch over numba on the CPU:
-numba's per-process kernel load is not paid back (crossover measured by benchmarks/bench_cli_start.py)."""
+numba's per-process kernel load (~0.9 s) is not paid back. Measured on the 2-core machine, quiet,
+by ``benchmarks/bench_cli_start.py`` (two add_task calls in a fresh process, numba / torch time):
+4.9 at 3M, 2.0 at 10M, 0.78 at 30M, 0.51 at 60M parameters; the threshold sits between 10M and 30M."""
 
 
 def auto_for_size(backend: str, numel: int, device_type: str = "cpu") -> str:

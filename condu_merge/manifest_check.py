@@ -1,0 +1,168 @@
+"""What a store's ``manifest.json`` may hold, checked without torch.
+
+:func:`check_manifest_structure` refuses a manifest whose fields the store would trip over (a
+hand-edited one whose checksum was recomputed, or one written by a buggy tool): wrong types,
+non-finite or negative rescalers, file names outside the generation folder, tasks pointing at
+files the manifest does not list. :class:`~condu_merge.store.Store` and the CLI's torch-free
+:class:`~condu_merge.store_view.StoreView` both call it, so ``inspect`` checks what ``verify`` does.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, NoReturn
+
+from .errors import FormatError
+
+__all__ = [
+    "GENERATION_RE",
+    "RESCALER_MODES",
+    "SAFETENSORS_DTYPES",
+    "STORE_FILE_RE",
+    "UNIFIED",
+    "check_manifest_structure",
+    "mask_file",
+    "proto_file",
+]
+
+UNIFIED = "unified.safetensors"
+"""The unified delta's file name, relative to a generation directory."""
+
+RESCALER_MODES = ("tensor_mean", "l1", "per_tensor")
+"""The rescaler modes a store (and :func:`condu_merge.core.compute_rescalers`) knows."""
+
+SAFETENSORS_DTYPES = frozenset(
+    {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "I64", "I32", "I16", "I8", "U64", "U32", "U16", "U8", "BOOL"}
+)
+"""safetensors dtype names a store may record (the keys of ``safetensors_writer.ST_TO_DTYPE``;
+a test keeps the two equal)."""
+
+GENERATION_RE = re.compile(r"gen-\d{6,}")
+STORE_FILE_RE = re.compile(r"(unified|masks/\d{4,}|prototypes/\d{4,})\.safetensors")
+
+
+def check_manifest_structure(m: dict[str, Any], mpath: str) -> None:
+    """Refuse a manifest whose fields the store would trip over (a hand-edited one whose
+    checksum was recomputed, or one written by a buggy tool): wrong types, file names outside
+    the generation folder, tasks pointing at files the manifest does not list."""
+
+    def bad(what: str) -> NoReturn:
+        raise FormatError(f"{mpath}: damaged store manifest ({what})")
+
+    def is_int(x: object) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    def is_num(x: object) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0
+
+    if not is_int(m.get("generation")) or m["generation"] < 1:
+        bad(f"generation {repr(m.get('generation'))[:40]} is not a positive integer")
+    if m.get("rescaler") not in RESCALER_MODES:
+        bad(f"rescaler {repr(m.get('rescaler'))[:40]} is not one of {list(RESCALER_MODES)}")
+    base = m.get("base")
+    if base is not None and not (
+        isinstance(base, dict)
+        and isinstance(base.get("path"), str)
+        and (base.get("sha256") is None or isinstance(base["sha256"], str))
+        and is_int(base.get("bytes"))
+        and base["bytes"] >= 0
+    ):
+        bad("base is not {path, sha256, bytes}")
+    sel = m.get("selection")
+    if sel is not None and not (
+        isinstance(sel, dict)
+        and all(
+            isinstance(sel.get(k, []), list) and all(isinstance(g, str) for g in sel.get(k, []))
+            for k in ("include", "exclude")
+        )
+    ):
+        bad("selection is not {include: [globs], exclude: [globs]}")
+
+    gd = m.get("generation_dir")
+    if not isinstance(gd, str) or not GENERATION_RE.fullmatch(gd):
+        bad(f"generation_dir {gd!r} is not a generation folder name")
+    files = m.get("files")
+    if not isinstance(files, dict) or UNIFIED not in files:
+        bad("files does not list the unified delta")
+    for rel, info in files.items():
+        if not isinstance(rel, str) or not STORE_FILE_RE.fullmatch(rel):
+            bad(f"file name {rel!r} is not a store file")
+        if (
+            not isinstance(info, dict)
+            or not is_int(info.get("bytes"))
+            or info["bytes"] < 0
+            or not isinstance(info.get("sha256"), str)
+        ):
+            bad(f"file entry {rel!r} lacks a byte count or sha256")
+    tensors = m.get("tensors")
+    if not isinstance(tensors, list) or not tensors:
+        bad("it lists no tensors")
+    names: set[str] = set()
+    for t in tensors:
+        ok = (
+            isinstance(t, dict)
+            and isinstance(t.get("name"), str)
+            and t.get("dtype") in SAFETENSORS_DTYPES
+            and isinstance(t.get("shape"), list)
+            and all(is_int(x) and x >= 0 for x in t["shape"])
+            and math.prod(t["shape"]) <= 2**62
+        )
+        if not ok:
+            bad(f"tensor entry {repr(t)[:200]} needs a name, a dtype of {sorted(SAFETENSORS_DTYPES)} and a shape")
+        if t["name"] in names:
+            bad(f"tensor {t['name']!r} is listed twice")
+        names.add(t["name"])
+    tasks = m.get("tasks")
+    if not isinstance(tasks, list):
+        bad("tasks is not a list")
+    params = sum(math.prod(t["shape"]) for t in tensors)
+    seen: set[str] = set()
+    for i, t in enumerate(tasks):
+        if not isinstance(t, dict) or not isinstance(t.get("name"), str):
+            bad(f"task #{i} has no name")
+        if t["name"] in seen:
+            bad(f"task {t['name']!r} is listed twice")
+        seen.add(t["name"])
+        if t.get("masks") != mask_file(i) or t["masks"] not in files:
+            bad(
+                f"task {t['name']!r}: its mask file {repr(t.get('masks'))[:80]} is not {mask_file(i)!r} among the files"
+            )
+        if t.get("prototypes") is not None and (t["prototypes"] != proto_file(i) or t["prototypes"] not in files):
+            bad(
+                f"task {t['name']!r}: its prototypes file {repr(t['prototypes'])[:80]} is not {proto_file(i)!r} among the files"
+            )
+        r = t.get("rescaler")
+        if m["rescaler"] == "per_tensor":
+            ok = isinstance(r, dict) and set(r) == names and all(is_num(x) for x in r.values())
+        else:
+            ok = is_num(r)
+        if not ok:
+            want = (
+                "a finite non-negative number per tensor"
+                if m["rescaler"] == "per_tensor"
+                else "a finite non-negative number"
+            )
+            bad(f"task {t['name']!r}: rescaler {repr(r)[:80]} is not {want}")
+        if not is_int(t.get("mask_bits")) or not 0 <= t["mask_bits"] <= params:
+            bad(
+                f"task {t['name']!r}: mask_bits {repr(t.get('mask_bits'))[:40]} is not a count of set bits (0..{params})"
+            )
+        if t.get("source") is not None and not (
+            isinstance(t["source"], dict) and isinstance(t["source"].get("path", ""), str)
+        ):
+            bad(f"task {t['name']!r}: source is not {{path, kind}}")
+    owned = {UNIFIED} | {t["masks"] for t in tasks} | {t["prototypes"] for t in tasks if t.get("prototypes")}
+    stray = [rel for rel in files if rel not in owned]
+    if stray:
+        bad(f"file {stray[0]!r} belongs to no task")
+
+
+def mask_file(index: int) -> str:
+    """Task ``index``'s mask file, relative to its generation directory."""
+    return f"masks/{index:04d}.safetensors"
+
+
+def proto_file(index: int) -> str:
+    """Task ``index``'s prototypes file, relative to its generation directory."""
+    return f"prototypes/{index:04d}.safetensors"
