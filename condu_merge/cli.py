@@ -488,14 +488,6 @@ def _demo_random(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------- parser
 
 
-class _Given(argparse.Action):
-    """Stores the value and notes that it was given (a store's recorded mode is checked only then)."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        setattr(namespace, self.dest, values)
-        setattr(namespace, f"{self.dest}_given", True)
-
-
 def _common() -> argparse.ArgumentParser:
     # SUPPRESS: flags given before or after the subcommand both count, neither overrides the other
     c = argparse.ArgumentParser(add_help=False)

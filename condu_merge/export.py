@@ -186,11 +186,9 @@ def _looks_exported(folder: str) -> bool:
     return bool({"model.safetensors", "model.safetensors.index.json", "adapter_config.json"} & set(names))
 
 
-def _check_target(out: str, store_root: str, overwrite: bool) -> None:
-    root = os.path.realpath(store_root)
-    real = os.path.realpath(out)
-    if real == root or os.path.commonpath([root, real]) == root:
-        raise ValueError(f"{out}: the output is inside the store {store_root}; write it elsewhere")
+def _check_target(out: str, overwrite: bool) -> None:
+    """An existing output is replaced only with ``overwrite``, and only if it is an earlier export
+    (paths inside the store or onto an input are :func:`check_export_target`'s refusal)."""
     if os.path.islink(out):
         raise ValueError(f"{out}: is a symbolic link; name the real path")
     if os.path.lexists(out):
@@ -418,7 +416,7 @@ def export_task(
     out = resolve_output(output, fmt, task)
     check_export_target(store, out, [os.fspath(base)] if base else [])
     remove_stale_export_tmp(out)
-    _check_target(out, store.root, overwrite)
+    _check_target(out, overwrite)
     _check_not_base(out, base or (None if delta else _recorded_base(store, task)))
     parent = os.path.dirname(out)
     if os.fspath(output).endswith(("/", os.sep)) and fmt == "safetensors" and not os.path.lexists(parent):
