@@ -9,8 +9,10 @@ bootstrap:
 demo: bootstrap
 	$(PYTHON) -m condu_merge demo
 
+# the static checks (scripts/check.sh: ruff, mypy, the API reference build), then the suite; both
+# always run, so one run reports every failure, and the status is non-zero if either failed
 test: bootstrap
-	$(PYTHON) -m pytest -q
+	@status=0; PYTHON=$(PYTHON) bash scripts/check.sh || status=1; $(PYTHON) -m pytest -q || status=1; exit $$status
 
 # lint, format, types, API reference (scripts/check.sh); CI runs it before `make test`
 check: bootstrap
