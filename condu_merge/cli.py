@@ -265,7 +265,7 @@ def _inspect(args: argparse.Namespace) -> int:
         from .store import Store
 
         with Store(args.store, verify=not args.no_verify) as st:
-            st._require()
+            st.require()
             data, lora = _inspect_data(st, args)
     data["verified"] = not args.no_verify
     if args.against is not None:
@@ -320,7 +320,7 @@ def _verify(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     with Store(args.store, verify=False) as st:
-        st._require()
+        st.require()
         rep = st.verify()
         data = {
             "store": st.root,

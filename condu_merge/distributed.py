@@ -21,11 +21,11 @@ one task into a :class:`~condu_merge.store.Store` on a filesystem all ranks shar
    a single process's (:func:`~condu_merge.core.compute_rescalers` then runs on identical input).
 5. **hash**: after a barrier (every rank's data fsynced), the new files are hashed, one file per
    rank, and the hashes gathered on rank 0.
-6. **commit** (rank 0): complete the manifest (:meth:`Store._finish_add`) and write it last, with
-   the store's own atomic switch (:meth:`Store._commit`: fsynced temporary manifest,
+6. **commit** (rank 0): complete the manifest (:meth:`Store.complete_manifest`) and write it last, with
+   the store's own atomic switch (:meth:`Store.commit`: fsynced temporary manifest,
    ``os.replace``, fsync of the directory).
 
-Planning (:meth:`Store._plan_checkpoint_task` / :meth:`Store._plan_mapping_task`), the per-tensor
+Planning (:func:`~condu_merge.pipeline.plan_checkpoint_task` / :func:`~condu_merge.pipeline.plan_mapping_task`), the per-tensor
 step (:func:`~condu_merge.store.continual_step_tensor`) and the file layout
 (:func:`~condu_merge.store.generation_layout`) are the store's own, not copies.
 
@@ -65,23 +65,24 @@ from .checkpoints import (
 from .core import compute_rescalers
 from .errors import ConduError, DtypeMismatchError
 from .manifest_check import UNIFIED, mask_file
-from .safetensors_writer import DTYPE_TO_ST, ST_TO_DTYPE, TensorSpec, build_header, tensor_bytes
-from .store import (
+from .pipeline import (
     CRASH_ENV,
     KEEP_OPEN_FILES,
     MANIFEST,
-    Store,
     StoreLock,
     StoreLockedError,
+    TaskPlan,
     check_add_args,
-    continual_step_tensor,
     fsync_dir,
-    generation_layout,
     open_task_delta,
     open_writer_lock,
+    plan_checkpoint_task,
+    plan_mapping_task,
     popcount_bytes,
     remove_generation_dir,
 )
+from .safetensors_writer import DTYPE_TO_ST, ST_TO_DTYPE, TensorSpec, build_header, tensor_bytes
+from .store import Store, continual_step_tensor, generation_layout
 
 CRASH_RANK_ENV = "CONDU_MERGE_CRASH_RANK"
 """Test hook: with :data:`condu_merge.store.CRASH_ENV` set to a step, only this rank kills itself.
@@ -546,6 +547,10 @@ class _Source:
 # ---------------------------------------------------------------------------- the distributed step
 
 
+def _plan_tuple(plan: TaskPlan) -> tuple:
+    return plan.specs, plan.base_identity, plan.selection, plan.source
+
+
 def _merge_device(comm) -> torch.device:
     return comm.device if comm.device.type == "cuda" else torch.device("cpu")
 
@@ -574,12 +579,12 @@ def _distributed_stream_add(
         nonlocal lock, st, src, gen_dir
         lock = open_writer_lock(root)
         st = Store(root, verify=False)
-        st._check_new_task(name)
-        st._check_rescaler(rescaler)
+        st.check_new_task_name(name)
+        st.check_rescaler(rescaler)
         src = open_source()
         specs, ident, selection, source = src.plan(st)
         m_old = st.manifest
-        new_gen, gen_dir = st._new_generation_dir()
+        new_gen, gen_dir = st.new_generation()
         plan = _Plan(
             specs=list(specs),
             names=st.task_names + [name],
@@ -735,7 +740,7 @@ def _distributed_stream_add(
 
         def commit() -> dict:
             nonlocal committed
-            m = st._finish_add(
+            m = st.complete_manifest(
                 gen_dir,
                 {rel: files[rel] for rel in layout},
                 name=name,
@@ -747,7 +752,7 @@ def _distributed_stream_add(
                 base_identity=plan.base_identity,
                 selection=plan.selection,
             )
-            st._commit(m, plan.new_gen, gen_dir)
+            st.commit(m, plan.new_gen, gen_dir)
             committed = True
             return {"generation": st.manifest["generation"]}
 
@@ -827,7 +832,11 @@ def distributed_add_task_from_checkpoints(
 
     def open_source() -> _Source:
         td = open_task_delta(base, finetuned)
-        return _Source(lambda st: st._plan_checkpoint_task(td, include, exclude, dtype, check_base), td.delta, td.close)
+        return _Source(
+            lambda st: _plan_tuple(plan_checkpoint_task(st.root, st.manifest, td, include, exclude, dtype, check_base)),
+            td.delta,
+            td.close,
+        )
 
     with _communicator(group, timeout_s) as comm:
         return _distributed_stream_add(
@@ -851,7 +860,7 @@ def distributed_add_task(
     check_add_args(name, rescaler)
 
     def plan(st: Store):
-        return st._plan_mapping_task(delta, name), None, None, None
+        return plan_mapping_task(st.manifest, delta, name).specs, None, None, None
 
     with _communicator(group, timeout_s) as comm:
         return _distributed_stream_add(

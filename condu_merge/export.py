@@ -235,7 +235,7 @@ def remove_stale_export_tmp(out: str) -> None:
 
     from .checkpoints import parse_json
     from .errors import ConduError
-    from .store import pid_alive
+    from .pipeline import pid_alive
 
     folder, name = os.path.dirname(out), os.path.basename(out)
     with contextlib.suppress(OSError):
@@ -495,6 +495,7 @@ def export_all(store, output_dir: str | os.PathLike, **kw: Any) -> list[dict[str
 
 def _open_base(store, task: str, base, check_base: bool):
     from .checkpoints import PeftAdapter, open_checkpoint
+    from .pipeline import check_base_identity
 
     path = base or _recorded_base(store, task)
     if not path:
@@ -505,7 +506,7 @@ def _open_base(store, task: str, base, check_base: bool):
         raise ValueError(f"{path}: the base must be a full checkpoint, not an adapter")
     if check_base and not _is_lora_store(store):
         try:
-            store._check_base(ck)
+            check_base_identity(store.require(), ck)
         except BaseException:
             ck.close()
             raise

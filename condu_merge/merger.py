@@ -148,9 +148,20 @@ class ContinualMerger:
         from .store import Store
 
         with Store(path, verify=verify) as st:
-            st._require()
-            merger: ContinualMerger = st.to_merger(backend=backend)
-            return merger
+            return cls.from_store(st, backend=backend)
+
+    @classmethod
+    def from_store(cls, store: Any, *, backend: str | MergeBackend = "auto") -> ContinualMerger:
+        """An in-memory session holding an open :class:`~condu_merge.store.Store`'s ``u`` and
+        triggers (eager: the whole session is read)."""
+        if not store.exists:
+            raise FileNotFoundError(f"{store.root}: no condu-merge store here (no manifest.json); add a task first")
+        return cls.from_session(
+            {s.name: store.unified_tensor(s.name) for s in store.specs},
+            [store.trigger(t) for t in store.task_names],
+            store.rescaler,
+            backend=backend,
+        )
 
     def __getstate__(self) -> dict[str, Any]:
         # a lock cannot be copied or pickled; copies get their own

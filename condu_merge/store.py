@@ -24,360 +24,118 @@ computes the continual step with :func:`condu_merge.core.add_task_tensor` and wr
 into the new generation with :class:`GenerationWriter`, so peak memory is one tensor's work
 whatever the model size.
 
-Writer protocol shared with :mod:`condu_merge.distributed` (internal; the caller holds the
-writer lock and has reloaded): :func:`check_add_args`, :func:`open_task_delta`,
-:meth:`Store._plan_mapping_task` / :meth:`Store._plan_checkpoint_task`,
-:meth:`Store._check_new_task`, :meth:`Store._new_generation_dir`, :func:`generation_layout`,
-:func:`continual_step_tensor`, :meth:`Store._finish_add`, :meth:`Store._commit`.
+The generic machinery (writer lock, generation folders, the atomic commit, planning a task
+against the manifest) is :mod:`condu_merge.pipeline`'s, shared with
+:class:`~condu_merge.strategy_store.StrategyStore` (every other strategy) and
+:mod:`condu_merge.distributed`; this module holds what is ConDU's: the layout of ``u`` and the
+masks (:func:`generation_layout`), the per-tensor continual step (:func:`continual_step_tensor`)
+and the manifest's rescalers and mask statistics.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
-import errno
-import fcntl
-import hashlib
 import json
 import math
 import os
-import re
-import shutil
-import signal
-import stat
 from collections.abc import Callable, Iterator, Mapping, Sequence, Set as AbstractSet
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from . import pipeline
 from .backends import FlatMergeResult, MergeBackend, resolve_backend
 from .checkpoints import (
     Checkpoint,
     MemoryCheckpoint,
     PeftAdapter,
     SafetensorsFile,
-    TaskDelta,
-    checkpoint_identity,
-    open_checkpoint,
     parse_json,
-    select_keys,
     sha256_file,
 )
-from .core import RESCALER_MODES, add_task_tensor, compute_rescalers, unify_tensor
+from .core import add_task_tensor, compute_rescalers, unify_tensor
 from .errors import (
-    ConduError,
     DtypeMismatchError,
-    DuplicateTaskError,
     FormatError,
-    KeyMismatchError,
     MergeInputError,
     OptionMismatchError,
     ShapeMismatchError,
     UnknownTaskError,
-    UnsafePathError,
 )
 from .manifest_check import (
-    GENERATION_RE,
-    STORE_FILE_RE,
     UNIFIED,
     check_manifest_structure,
     mask_file,
     proto_file,
 )
 from .packing import packed_nbytes
+from .pipeline import (
+    CRASH_ENV,
+    KEEP_OPEN_FILES,
+    LOCK,
+    MANIFEST,
+    STORE_FORMAT,
+    STORE_VERSION,
+    GenerationWriter as _FileWriter,
+    StoreLock,
+    StoreLockedError,
+    base_after_read,
+    check_add_args,
+    check_new_task,
+    check_read_hashes,
+    check_task_name,
+    commit_manifest,
+    committed_generation,
+    foreign_entries,
+    fsync_dir,
+    link_or_copy,
+    manifest_checksum,
+    new_generation_dir,
+    open_task_delta,
+    open_writer_lock,
+    plan_checkpoint_task,
+    plan_mapping_task,
+    popcount_bytes,
+    prepare_store_folder,
+    remove_generation_dir,
+    tensor_entries,
+    utc_now,
+)
 from .safetensors_writer import (
-    DTYPE_TO_ST,
     ST_TO_DTYPE,
     StreamingSafetensorsWriter,
     TensorSpec,
-    build_header,
     dtype_itemsize,
-    tensor_bytes,
 )
 from .trigger import Rescaler, TaskTrigger
 
-if TYPE_CHECKING:  # merger imports store lazily; annotations only
-    from .merger import ContinualMerger
-
-STORE_FORMAT = "condu-merge/store"
-STORE_VERSION = 1
-MANIFEST = "manifest.json"
-LOCK = ".lock"
-KEEP_OPEN_FILES = 64
-"""A store (or a generation being written) with more data files than this opens each file for
-each use instead of holding a descriptor per file: thousands of tasks fit the default limit of
-1,024 open files."""
-CRASH_ENV = "CONDU_MERGE_CRASH_AT"
-"""Test hook: when set to a step name, the process SIGKILLs itself on reaching that step.
-
-Steps: ``write:start`` (lock taken, nothing written), ``write:tensor`` (first tensor written),
-``write:data`` (every data file written and fsynced, manifest not yet), ``commit:tmp``
-(new manifest fsynced beside the old one), ``commit:switched`` (manifest replaced, old
-generation still there), ``commit:cleanup`` (old generation partly deleted)."""
-
-
-class StoreLockedError(ConduError, RuntimeError):
-    """Another process is writing the store."""
-
-
-def _crash_point(step: str) -> None:
-    if os.environ.get(CRASH_ENV) == step:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def utc_now() -> str:
-    """Now, UTC, ISO 8601 to the second (the manifest's timestamps)."""
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def fsync_dir(path: str) -> None:
-    """Make a directory's entries durable (new, renamed or removed files). A no-op on Windows,
-    where directories cannot be opened for fsync (a rename is durable enough there)."""
-    if os.name == "nt":
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _committed_generation(root: str) -> str | None:
-    """The generation ``manifest.json`` names on disk now (``None`` if none or unreadable): a
-    failed writer removes its new generation only when this is not it (an error or Ctrl-C after
-    the switch must not delete the committed state)."""
-    try:
-        with open(os.path.join(root, MANIFEST), encoding="utf-8") as fh:
-            gen: str | None = json.load(fh).get("generation_dir")
-            return gen
-    except (OSError, ValueError, AttributeError, RecursionError):
-        return None
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process ``pid`` exists (one we may not signal counts as alive)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return True
-    return True
-
-
-def _plain_file(path: str) -> bool:
-    """A regular file, not a symlink (``lstat``)."""
-    try:
-        return stat.S_ISREG(os.lstat(path).st_mode)
-    except OSError:
-        return False
-
-
-def _plain_dir(path: str) -> bool:
-    try:
-        return stat.S_ISDIR(os.lstat(path).st_mode)
-    except OSError:
-        return False
-
-
-def _owned_generation(path: str) -> bool:
-    """Whether ``path`` is a generation folder exactly as a writer of this store leaves it: a real
-    folder (not a symlink) holding only ``unified.safetensors``, ``masks/NNNN.safetensors`` and
-    ``prototypes/NNNN.safetensors`` (regular files) and the ``masks``/``prototypes`` folders. A
-    folder that holds anything else is not ours to delete, whatever its name."""
-    if not _plain_dir(path):
-        return False
-    for n in os.listdir(path):
-        p = os.path.join(path, n)
-        if n in ("masks", "prototypes"):
-            if not _plain_dir(p):
-                return False
-            for m in os.listdir(p):
-                if not _STORE_FILE_RE.fullmatch(f"{n}/{m}") or not _plain_file(os.path.join(p, m)):
-                    return False
-        elif n != UNIFIED or not _plain_file(p):
-            return False
-    return True
-
-
-def remove_generation_dir(path: str, files: Sequence[str] | None = None, *, crash_step: str | None = None) -> None:
-    """Delete a generation this store wrote: its data files (``files``, relative; default every
-    file of the store's name patterns in it), then the folders if that left them empty. Never
-    follows a symlink and never deletes a file of another name: a foreign file keeps its folder."""
-    if not _plain_dir(path):
-        return
-    if files is None:
-        files = [UNIFIED] + [
-            f"{sub}/{n}"
-            for sub in ("masks", "prototypes")
-            if _plain_dir(os.path.join(path, sub))
-            for n in os.listdir(os.path.join(path, sub))
-        ]
-    first = True
-    for rel in files:
-        p = os.path.join(path, rel)
-        if _STORE_FILE_RE.fullmatch(rel) and _plain_file(p) and _plain_dir(os.path.dirname(p)):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(p)
-            if first and crash_step:
-                _crash_point(crash_step)
-            first = False
-    for sub in ("masks", "prototypes", ""):
-        with contextlib.suppress(OSError):  # not empty (a foreign file), or already gone
-            os.rmdir(os.path.join(path, sub) if sub else path)
-
-
-_MANIFEST_TMP_RE = re.compile(re.escape(MANIFEST) + r"\.tmp-(\d+)")
-
-
-def foreign_entries(root: str) -> list[str]:
-    """Names in ``root`` that a store does not create (anything but ``manifest.json``, ``.lock``,
-    ``manifest.json.tmp-PID`` files and generation folders as :func:`_owned_generation` knows them)."""
-    out = []
-    for n in sorted(os.listdir(root)):
-        p = os.path.join(root, n)
-        if n in (MANIFEST, LOCK):
-            continue
-        if _GENERATION_RE.fullmatch(n) and _owned_generation(p):
-            continue
-        if _MANIFEST_TMP_RE.fullmatch(n) and _plain_file(p):
-            continue
-        out.append(n)
-    return out
-
-
-def prepare_store_folder(root: str) -> None:
-    """Before a writer takes the lock: create ``root`` if needed, and refuse to turn a folder that
-    holds other files into a store (its files are not ours, and a later cleanup must never be
-    able to mistake them for a store's)."""
-    os.makedirs(root, exist_ok=True)
-    if os.path.lexists(os.path.join(root, MANIFEST)):
-        return
-    foreign = foreign_entries(root)
-    if foreign:
-        raise UnsafePathError(
-            f"{root}: this folder is not empty and is not a condu-merge store (it holds {foreign[:5]}); "
-            "create the store in a new or empty folder"
-        )
-
-
-def open_writer_lock(root: str) -> StoreLock:
-    """:func:`prepare_store_folder`, then the writer lock (the caller releases it)."""
-    prepare_store_folder(root)
-    return StoreLock(root).acquire()
-
-
-def _with_path(exc: OSError, path: str) -> OSError:
-    """``exc`` naming ``path`` (a failed ``write``, e.g. ENOSPC, names no file by itself)."""
-    if exc.filename is None:
-        new = type(exc)(exc.errno, exc.strerror or str(exc), path)
-        new.__cause__ = exc
-        return new
-    return exc
-
-
-def _manifest_checksum(manifest: Mapping[str, object]) -> str:
-    body = {k: v for k, v in manifest.items() if k != "checksum"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def popcount_bytes(packed: torch.Tensor) -> int:
-    """Set bits of a packed mask, counted by bitarray (no unpacking)."""
-    from bitarray import bitarray
-
-    if packed.numel() == 0:
-        return 0
-    arr = packed.contiguous().numpy()
-    return bitarray(buffer=arr.data, endian="little").count(1)
-
-
-# the manifest's structure and the store's file names live in a torch-free module, so the CLI's
-# light view (store_view) checks a manifest exactly as the store does
-_GENERATION_RE = GENERATION_RE
-_STORE_FILE_RE = STORE_FILE_RE
-_check_manifest_structure = check_manifest_structure
-_proto_file = proto_file
-
-
-# ---------------------------------------------------------------------------- lock
-
-
-class StoreLock:
-    """Exclusive, non-blocking ``flock`` on ``STORE/.lock``; the second writer gets
-    :class:`StoreLockedError` naming the holder's pid. Released on close or process death."""
-
-    def __init__(self, root: str):
-        self.path = os.path.join(root, LOCK)
-        self._fd: int | None = None
-
-    def acquire(self) -> StoreLock:
-        # never follow a planted symlink, never block on a FIFO, and write (truncate) only a plain
-        # single-link file holding at most a pid: what a writer of this store leaves
-        flags = (
-            os.O_RDWR
-            | os.O_CREAT
-            | getattr(os, "O_NOFOLLOW", 0)
-            | getattr(os, "O_NONBLOCK", 0)
-            | getattr(os, "O_CLOEXEC", 0)
-        )
-        try:
-            fd = os.open(self.path, flags, 0o644)
-        except OSError as exc:
-            if exc.errno in (errno.ELOOP, errno.EMLINK) or os.path.islink(self.path):
-                raise UnsafePathError(
-                    f"{self.path}: the store's lock is a symbolic link; refusing to open it (remove it)"
-                ) from None
-            raise _with_path(exc, self.path) from None
-        try:
-            st = os.fstat(fd)
-            content = os.pread(fd, 64, 0) if stat.S_ISREG(st.st_mode) else b""
-        except OSError:
-            os.close(fd)
-            raise
-        if (
-            not stat.S_ISREG(st.st_mode)
-            or st.st_nlink != 1
-            or st.st_size > 32
-            or (not content.strip().isdigit() and content.strip())
-        ):
-            os.close(fd)
-            raise UnsafePathError(
-                f"{self.path}: is not a lock file this store created (a link, not a regular file, or foreign content); "
-                "refusing to write it -- remove it if it is not yours"
-            )
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            holder = ""
-            with contextlib.suppress(OSError, ValueError):
-                holder = os.pread(fd, 64, 0).decode().strip()
-            os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise StoreLockedError(
-                    f"{os.path.dirname(self.path)}: another process{f' (pid {holder})' if holder else ''} is writing this store; "
-                    "try again when it has finished"
-                ) from None
-            raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        self._fd = fd
-        return self
-
-    def release(self) -> None:
-        if self._fd is not None:
-            with contextlib.suppress(OSError):
-                os.ftruncate(self._fd, 0)
-            os.close(self._fd)  # closing drops the flock
-            self._fd = None
-
-    def __enter__(self) -> StoreLock:
-        return self.acquire()
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
+__all__ = [
+    "CRASH_ENV",
+    "KEEP_OPEN_FILES",
+    "LOCK",
+    "MANIFEST",
+    "STORE_FORMAT",
+    "STORE_VERSION",
+    "GenerationWriter",
+    "Store",
+    "StoreLock",
+    "StoreLockedError",
+    "VerifyReport",
+    "check_add_args",
+    "check_task_name",
+    "continual_step_tensor",
+    "foreign_entries",
+    "fsync_dir",
+    "generation_layout",
+    "link_or_copy",
+    "open_task_delta",
+    "open_writer_lock",
+    "popcount_bytes",
+    "prepare_store_folder",
+    "remove_generation_dir",
+    "utc_now",
+]
 
 
 # ---------------------------------------------------------------------------- generation writer
@@ -396,122 +154,42 @@ def generation_layout(specs: Sequence[TensorSpec], n_tasks: int) -> dict[str, tu
     return layout
 
 
-class _ReopeningWriter:
-    """:class:`StreamingSafetensorsWriter`'s interface (header first, tensors in order, sha256
-    while writing) for a generation of more than :data:`KEEP_OPEN_FILES` files: the file is
-    opened for each tensor's append and closed again, so no descriptor is held between passes."""
-
-    def __init__(self, path: str, specs: Sequence[TensorSpec], metadata: Mapping[str, str]):
-        self.path = path
-        self.specs = list(specs)
-        self._next = 0
-        self._hash = hashlib.sha256()
-        self._size = 0
-        head, _ = build_header(self.specs, metadata)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
-        try:
-            self._append(fd, memoryview(head))
-        finally:
-            os.close(fd)
-
-    def _append(self, fd: int, data: memoryview) -> None:
-        while data.nbytes:
-            n = os.write(fd, data)
-            self._hash.update(data[:n])
-            self._size += n
-            data = data[n:]
-
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        spec = self.specs[self._next] if self._next < len(self.specs) else None
-        if spec is None or name != spec.name or tensor.dtype != spec.dtype or tensor.numel() != math.prod(spec.shape):
-            raise ValueError(f"{self.path}: tensor {name!r} is not the next declared one ({spec})")
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | getattr(os, "O_CLOEXEC", 0))
-        try:
-            self._append(fd, tensor_bytes(tensor))
-        finally:
-            os.close(fd)
-        self._next += 1
-
-    def close(self) -> tuple[str, int]:
-        if self._next != len(self.specs):
-            raise ValueError(f"{self.path}: closed with tensors not written")
-        fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        return self._hash.hexdigest(), self._size
-
-    def abort(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
-
 
 class GenerationWriter:
-    """Writes one complete generation, one tensor at a time.
+    """Writes one complete ConDU generation, one tensor at a time.
 
     ``write(key, u, masks)`` appends tensor ``key``'s unified values and its ``t`` mask rows
     (``uint8 [t, ceil(N/8)]``, the layout of :class:`~condu_merge.backends.FlatMergeResult`)
-    in the order of ``specs``; :meth:`finish` fsyncs and returns ``{relative path: {"sha256",
-    "bytes"}}``. Any caller that produces per-tensor merge results (the store's streaming
-    ``add_task``, a distributed merge's gather) writes through this.
+    in the order of ``specs`` (files as :func:`generation_layout`, written by the pipeline's
+    :class:`~condu_merge.pipeline.GenerationWriter`); :meth:`finish` fsyncs and returns
+    ``{relative path: {"sha256", "bytes"}}``.
     """
 
     def __init__(self, gen_dir: str, specs: Sequence[TensorSpec], n_tasks: int):
         self.dir = gen_dir
         self.specs = list(specs)
         self.n_tasks = n_tasks
-        os.makedirs(os.path.join(gen_dir, "masks"), exist_ok=False)
         self.mask_bits = [0] * n_tasks
-        self._writers: dict[str, StreamingSafetensorsWriter | _ReopeningWriter] = {}
-        few = n_tasks + 1 <= KEEP_OPEN_FILES
-        try:
-            for rel, (file_specs, meta) in generation_layout(self.specs, n_tasks).items():
-                path = os.path.join(gen_dir, rel)
-                try:
-                    if few or rel == UNIFIED:
-                        self._writers[rel] = StreamingSafetensorsWriter(path, file_specs, meta)
-                    else:
-                        self._writers[rel] = _ReopeningWriter(path, file_specs, meta)
-                except OSError as exc:
-                    raise _with_path(exc, path) from None
-        except BaseException:
-            self.abort()
-            raise
+        layout = generation_layout(self.specs, n_tasks)
+        self._files = _FileWriter(gen_dir, layout)
+        os.makedirs(os.path.join(gen_dir, "masks"), exist_ok=True)
 
     def write(self, key: str, u: torch.Tensor, masks: torch.Tensor) -> None:
         """Append tensor ``key``: ``u`` (any shape, the declared dtype) and ``masks`` (``[t, B]`` uint8)."""
         if masks.dim() != 2 or masks.shape[0] != self.n_tasks:
             raise ValueError(f"tensor {key!r}: expected {self.n_tasks} mask rows, got {tuple(masks.shape)}")
         masks = masks.cpu()
-        w = self._writers[UNIFIED]
-        try:
-            w.write(key, u.reshape(-1))
-            for i in range(self.n_tasks):
-                row = masks[i]
-                self.mask_bits[i] += popcount_bytes(row)
-                w = self._writers[mask_file(i)]
-                w.write(key, row)
-        except OSError as exc:  # ENOSPC, EIO, EDQUOT: say which file
-            raise _with_path(exc, w.path) from None
+        self._files.write(UNIFIED, key, u)
+        for i in range(self.n_tasks):
+            row = masks[i]
+            self.mask_bits[i] += popcount_bytes(row)
+            self._files.write(mask_file(i), key, row)
 
     def finish(self) -> dict[str, dict[str, object]]:
-        files = {}
-        for rel, w in self._writers.items():
-            try:
-                sha, size = w.close()
-            except OSError as exc:
-                raise _with_path(exc, w.path) from None
-            files[rel] = {"sha256": sha, "bytes": size}
-        fsync_dir(os.path.join(self.dir, "masks"))
-        fsync_dir(self.dir)
-        return files
+        return self._files.finish()
 
     def abort(self) -> None:
-        for w in self._writers.values():
-            with contextlib.suppress(Exception):
-                w.abort()
-        remove_generation_dir(self.dir)
+        self._files.abort()
 
 
 def continual_step_tensor(
@@ -558,16 +236,6 @@ def _write_prototype_file(path: str, tensors: Mapping[str, torch.Tensor], task: 
         sha, size = w.close()
     return {"sha256": sha, "bytes": size}
 
-
-def link_or_copy(src: str, dst: str) -> None:
-    """Hard-link an immutable data file into a new generation (copy where links are impossible)."""
-    os.makedirs(os.path.dirname(dst), exist_ok=True)
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)
-        with open(dst, "rb") as fh:
-            os.fsync(fh.fileno())
 
 
 # ---------------------------------------------------------------------------- the store
@@ -624,7 +292,7 @@ class Store:
                 return self._load_once(verify)
             except (FormatError, FileNotFoundError):
                 seen = self._gen_seen
-                if attempt == 4 or seen is None or _committed_generation(self.root) in (None, seen):
+                if attempt == 4 or seen is None or committed_generation(self.root) in (None, seen):
                     raise
 
     def _load_once(self, verify: bool) -> None:
@@ -644,9 +312,9 @@ class Store:
             raise FormatError(
                 f"{mpath}: store format version {m.get('version')!r} is not supported (this condu-merge reads version {STORE_VERSION})"
             )
-        if m.get("checksum") != _manifest_checksum(m):
+        if m.get("checksum") != manifest_checksum(m):
             raise FormatError(f"{mpath}: manifest checksum mismatch (the manifest was modified or damaged)")
-        _check_manifest_structure(m, mpath)
+        check_manifest_structure(m, mpath)
         self._gen_seen = m.get("generation_dir")
         gen = os.path.join(self.root, m["generation_dir"])
         for rel, info in m["files"].items():
@@ -699,6 +367,10 @@ class Store:
         return VerifyReport(len(self.manifest["files"]), sum(int(i["bytes"]) for i in self.manifest["files"].values()))
 
     # ------------------------------------------------------------------ accessors
+    def require(self) -> dict[str, Any]:
+        """The manifest; ``FileNotFoundError`` naming the folder if there is no store yet."""
+        return self._require()
+
     def _require(self) -> dict[str, Any]:
         if self.manifest is None:
             raise FileNotFoundError(f"{self.root}: no condu-merge store here (no {MANIFEST}); add a task first")
@@ -812,19 +484,6 @@ class Store:
                 out.setdefault(k, v)
         return out
 
-    def to_merger(self, *, backend: str | MergeBackend = "auto") -> ContinualMerger:
-        """An in-memory :class:`~condu_merge.ContinualMerger` holding this session (eager)."""
-        from .merger import ContinualMerger
-
-        if self.manifest is None:
-            return ContinualMerger(self.rescaler or "tensor_mean", backend=backend)
-        return ContinualMerger.from_session(
-            {s.name: self.unified_tensor(s.name) for s in self.specs},
-            [self.trigger(t) for t in self.task_names],
-            self.manifest["rescaler"],
-            backend=backend,
-        )
-
     # ------------------------------------------------------------------ prototypes
     def load_prototypes(self, task: str) -> dict[str, torch.Tensor] | None:
         """The tensors saved with :meth:`save_prototypes` for ``task``, or ``None``."""
@@ -846,24 +505,24 @@ class Store:
         with self._writer_lock():
             self._load(False)
             idx = self._task_index(task)
-            new_gen, gen_dir = self._new_generation_dir()
+            new_gen, gen_dir = self.new_generation()
             try:
                 os.makedirs(gen_dir)
-                _crash_point("write:start")
+                pipeline.crash_point("write:start")
                 m = json.loads(json.dumps(self.manifest))
-                files = self._carry_files(gen_dir, skip={_proto_file(idx)})
-                rel = _proto_file(idx)
+                files = self._carry_files(gen_dir, skip={proto_file(idx)})
+                rel = proto_file(idx)
                 os.makedirs(os.path.join(gen_dir, "prototypes"), exist_ok=True)
                 files[rel] = _write_prototype_file(os.path.join(gen_dir, rel), tensors, task)
-                _crash_point("write:tensor")
+                pipeline.crash_point("write:tensor")
                 fsync_dir(os.path.join(gen_dir, "prototypes"))
                 fsync_dir(gen_dir)
-                _crash_point("write:data")
+                pipeline.crash_point("write:data")
                 m["tasks"][idx]["prototypes"] = rel
                 m["files"] = files
-                self._commit(m, new_gen, gen_dir)
+                self.commit(m, new_gen, gen_dir)
             except BaseException:
-                if _committed_generation(self.root) != new_gen:
+                if committed_generation(self.root) != new_gen:
                     remove_generation_dir(gen_dir)
                 raise
 
@@ -882,22 +541,9 @@ class Store:
                     os.rmdir(self.root)  # only if empty: never a folder with anything else in it
             lock.release()
 
-    def _new_generation_dir(self) -> tuple[str, str]:
+    def new_generation(self) -> tuple[str, str]:
         """Remove leftovers of killed writers (we hold the lock), then name the next generation."""
-        current = self.manifest["generation_dir"] if self.manifest else None
-        numbers = [0]
-        for n in os.listdir(self.root):
-            p = os.path.join(self.root, n)
-            if _GENERATION_RE.fullmatch(n):
-                numbers.append(int(n[4:]))  # a foreign folder of this name is skipped over, never reused
-                if n != current and _owned_generation(p):
-                    remove_generation_dir(p)
-            else:
-                tmp = _MANIFEST_TMP_RE.fullmatch(n)
-                if tmp and _plain_file(p) and not pid_alive(int(tmp.group(1))):
-                    os.unlink(p)
-        name = f"gen-{max(numbers) + 1:06d}"
-        return name, os.path.join(self.root, name)
+        return new_generation_dir(self.root, self.manifest["generation_dir"] if self.manifest else None)
 
     def _carry_files(self, gen_dir: str, skip: AbstractSet[str] = frozenset()) -> dict[str, dict[str, object]]:
         if self.manifest is None:
@@ -913,39 +559,12 @@ class Store:
                 fsync_dir(os.path.join(gen_dir, sub))
         return files
 
-    def _commit(self, manifest: dict[str, Any], gen_name: str, gen_dir: str) -> None:
-        """The atomic switch: fsynced manifest replaces the old one; then old generations go."""
-        manifest["generation_dir"] = gen_name
-        manifest["generation"] = int(gen_name[4:])
-        manifest["updated"] = utc_now()
-        manifest["checksum"] = _manifest_checksum(manifest)
-        mpath = self._manifest_path()
-        tmp = f"{mpath}.tmp-{os.getpid()}"
-        if os.path.lexists(tmp) and not _plain_file(tmp):
-            raise UnsafePathError(f"{tmp}: is not a file this store wrote (a link?); refusing to write through it")
-        try:
-            with open(tmp, "w", encoding="utf-8") as fh:
-                json.dump(manifest, fh, indent=1)
-                fh.flush()
-                os.fsync(fh.fileno())
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise _with_path(exc, tmp) from None
-        # the new generation's entry in STORE (and the temporary manifest) must be durable before
-        # the manifest that names it can be
-        fsync_dir(self.root)
-        _crash_point("commit:tmp")
-        os.replace(tmp, mpath)
-        fsync_dir(self.root)
-        _crash_point("commit:switched")
-        old = self.manifest["generation_dir"] if self.manifest else None
-        old_files = list(self.manifest["files"]) if self.manifest else []
-        self.manifest = None
+    def commit(self, manifest: dict[str, Any], gen_name: str, gen_dir: str) -> None:
+        """The atomic switch (:func:`~condu_merge.pipeline.commit_manifest`), then re-read."""
+        old = self.manifest
         self._close_files()
-        if old and old != gen_name:
-            # only the files the old manifest records; a symlinked generation is left alone
-            remove_generation_dir(os.path.join(self.root, old), old_files, crash_step="commit:cleanup")
+        self.manifest = None
+        commit_manifest(self.root, manifest, gen_name, old)
         self._load(False)  # what we just wrote; hashes were computed while writing
 
     def _base_manifest(self, rescaler: str, specs: Sequence[TensorSpec]) -> dict[str, Any]:
@@ -954,7 +573,7 @@ class Store:
             "version": STORE_VERSION,
             "created": utc_now(),
             "rescaler": rescaler,
-            "tensors": [{"name": s.name, "dtype": DTYPE_TO_ST[s.dtype], "shape": list(s.shape)} for s in specs],
+            "tensors": tensor_entries(specs),
             "tasks": [],
             "base": None,
             "selection": None,
@@ -978,17 +597,17 @@ class Store:
         """The streaming continual step (caller holds the lock and has reloaded). ``after_read``
         runs once every input was read (the base check on the read's own hash); a dict it
         returns is the base identity to record."""
-        self._check_new_task(name)
+        self.check_new_task_name(name)
         m_old = self.manifest
         t_prev = len(m_old["tasks"]) if m_old else 0
         names = self.task_names + [name]
         mode = m_old["rescaler"] if m_old else (rescaler or "tensor_mean")
         label = f"task {name!r}"
-        new_gen, gen_dir = self._new_generation_dir()
+        new_gen, gen_dir = self.new_generation()
         writer = GenerationWriter(gen_dir, specs, t_prev + 1)
         committed = False
         try:
-            _crash_point("write:start")
+            pipeline.crash_point("write:start")
             num: list[dict[str, float]] = [{} for _ in names]
             den: list[dict[str, float]] = [{} for _ in names]
             numel: dict[str, int] = {}
@@ -1018,13 +637,13 @@ class Store:
                         num[i][s.name] = a
                         den[i][s.name] = b
                     del res
-                    _crash_point("write:tensor")
+                    pipeline.crash_point("write:tensor")
                     bar.update(numel[s.name])
             self._check_read_hashes()
             if after_read is not None:
                 base_identity = after_read() or base_identity
             lams = compute_rescalers(num, den, numel, mode, names)
-            m = self._finish_add(
+            m = self.complete_manifest(
                 gen_dir,
                 writer.finish(),
                 name=name,
@@ -1036,19 +655,17 @@ class Store:
                 base_identity=base_identity,
                 selection=selection,
             )
-            _crash_point("write:data")
-            self._commit(m, new_gen, gen_dir)
+            pipeline.crash_point("write:data")
+            self.commit(m, new_gen, gen_dir)
             committed = True
         finally:
-            if not committed and _committed_generation(self.root) != new_gen:
+            if not committed and committed_generation(self.root) != new_gen:
                 writer.abort()
 
-    def _check_new_task(self, name: str) -> None:
-        """Task names are unique within a store."""
-        if name in self.task_names:
-            raise DuplicateTaskError(f"{self.root}: task {name!r} is already in this store; task names are unique")
+    def check_new_task_name(self, name: str) -> None:
+        check_new_task(self.root, self.manifest, name)
 
-    def _finish_add(
+    def complete_manifest(
         self,
         gen_dir: str,
         files: Mapping[str, dict[str, Any]],
@@ -1093,17 +710,8 @@ class Store:
         return m
 
     def _check_read_hashes(self) -> None:
-        """The old generation was read front to back while merging; check what was read against the
-        manifest, so a damaged store is never merged into a fresh generation with fresh hashes."""
-        for rel, f in self._files.items():
-            want = self._require()["files"][rel]["sha256"]
-            got = f.sequential_sha256()
-            if got is None:
-                got = sha256_file(f.path)
-            if got != want:
-                raise FormatError(
-                    f"{f.path}: sha256 mismatch: the file is damaged (a byte differs from what was written)"
-                )
+        if self.manifest is not None:
+            check_read_hashes(self._files, self.manifest)
 
     def add_task(
         self,
@@ -1121,8 +729,8 @@ class Store:
         check_add_args(name, rescaler)
         with self._writer_lock():
             self._load(False)
-            self._check_rescaler(rescaler)
-            specs = self._plan_mapping_task(delta, name)
+            self.check_rescaler(rescaler)
+            specs = plan_mapping_task(self.manifest, delta, name).specs
             self._stream_add(
                 name,
                 lambda k: delta[k],
@@ -1167,11 +775,12 @@ class Store:
             with self._writer_lock():
                 self._load(False)
                 creating = self.manifest is None
-                self._check_rescaler(rescaler)
-                specs, ident, selection, source = self._plan_checkpoint_task(
-                    td, include, exclude, dtype, check_base, hash_base=False
+                self.check_rescaler(rescaler)
+                plan = plan_checkpoint_task(
+                    self.root, self.manifest, td, include, exclude, dtype, check_base, hash_base=False
                 )
-                source = {**source, **(source_extra or {})}
+                specs, ident, selection = plan.specs, plan.base_identity, plan.selection
+                source = {**(plan.source or {}), **(source_extra or {})}
                 store_dtype = {s.name: s.dtype for s in specs}
                 self._stream_add(
                     name,
@@ -1185,7 +794,9 @@ class Store:
                     selection=selection,
                     # a base we opened was read by this merge alone: its running hash is this read's
                     after_read=(
-                        lambda: self._base_after_read(td.base, creating, read_hash=isinstance(base, (str, os.PathLike)))
+                        lambda: base_after_read(
+                            None if creating else self.manifest, td.base, read_hash=isinstance(base, (str, os.PathLike))
+                        )
                     )
                     if check_base
                     else None,
@@ -1194,139 +805,12 @@ class Store:
             td.close()
 
     # ------------------------------------------------------------------ planning a task (caller holds the lock)
-    # Shared with :mod:`condu_merge.distributed`, whose rank 0 plans the same way.
-    def _plan_mapping_task(self, delta: Mapping[str, torch.Tensor], name: str) -> list[TensorSpec]:
-        """The tensors of task ``name`` given as a mapping: on creation, every key of ``delta``
-        (floating point, in its order, dtype and shape); later, exactly the store's keys."""
-        if self.manifest is None:
-            keys = list(delta.keys())
-            if not keys:
-                raise MergeInputError(f"task {name!r} has no tensors")
-            specs = []
-            for k in keys:
-                t = delta[k]
-                if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-                    raise DtypeMismatchError(f"task {name!r}: tensor {k!r} is not a floating-point tensor")
-                specs.append(TensorSpec(k, t.dtype, tuple(t.shape)))
-            return specs
-        specs = self.specs
-        have, want = set(delta.keys()), {s.name for s in specs}
-        if have != want:
-            raise KeyMismatchError(
-                f"task {name!r} does not match the store's tensors: missing {sorted(want - have)[:8]}, extra {sorted(have - want)[:8]}"
-            )
-        return specs
-
-    def _plan_checkpoint_task(
-        self,
-        td: TaskDelta,
-        include: Sequence[str] | None,
-        exclude: Sequence[str] | None,
-        dtype: torch.dtype | None,
-        check_base: bool,
-        *,
-        hash_base: bool = True,
-    ) -> tuple[list[TensorSpec], dict[str, Any] | None, dict[str, Any], dict[str, Any]]:
-        """The tensors of a checkpoint task -- see :meth:`add_task_from_checkpoints` -- checked
-        against ``td``: ``(specs, base identity to record or None, selection, source)``.
-        ``hash_base=False``: the base's sha256 is left to :meth:`_base_after_read` (only its size
-        is checked here), so the merge's own read of the base is the only one."""
-        bck, fck = td.base, td.finetuned
-        ident = None
-        if self.manifest is None:
-            if include:
-                keys = select_keys(td.candidate_keys(), include, exclude)
-            else:
-                keys = select_keys(td.default_keys(), None, exclude)
-            if not keys:
-                raise KeyMismatchError(
-                    f"{fck.path}: no tensor is selected (include={list(include or [])}, exclude={list(exclude or [])})"
-                )
-            specs = []
-            for k in keys:
-                if not td.is_adapter and k in fck.keys():  # type: ignore[union-attr]  # not an adapter: a Checkpoint
-                    dt = dtype or fck.spec(k).dtype  # type: ignore[union-attr]
-                else:
-                    dt = dtype or bck.spec(k).dtype
-                specs.append(TensorSpec(k, dt, tuple(bck.spec(k).shape)))
-            if check_base and bck.files() and hash_base:
-                ident = checkpoint_identity(bck)
-        else:
-            self._check_recorded_options(include=include, exclude=exclude, dtype=dtype)
-            specs = self.specs
-            if check_base:
-                self._check_base(bck, size_only=not hash_base)
-        if td.is_adapter:
-            sel = {s.name for s in specs}
-            outside = [k for k in fck.delta_keys() if k not in sel]  # type: ignore[union-attr]  # an adapter
-            if outside:
-                raise KeyMismatchError(
-                    f"{fck.path}: the adapter changes tensors the store does not hold: {outside[:5]} "
-                    "(create the store with --include patterns that cover them)"
-                )
-        for s in specs:
-            td.check(s.name, s.shape)
-        source = {"path": os.path.abspath(fck.path), "kind": "peft-lora" if td.is_adapter else "checkpoint"}
-        selection = {"include": list(include or []), "exclude": list(exclude or [])}
-        return specs, ident, selection, source
-
-    def _check_rescaler(self, rescaler: str | None) -> None:
+    def check_rescaler(self, rescaler: str | None) -> None:
         """A later task may repeat the store's rescaler mode, not name another."""
         if self.manifest is not None and rescaler is not None and rescaler != self.manifest["rescaler"]:
             raise OptionMismatchError(
                 f"{self.root}: --rescaler {rescaler} differs from the store's {self.manifest['rescaler']} (fixed when the store "
                 "was created); drop the option, or start a new store"
-            )
-
-    def _check_recorded_options(
-        self, *, include: Sequence[str] | None, exclude: Sequence[str] | None, dtype: torch.dtype | None
-    ) -> None:
-        """Options given again on a later task must equal what the manifest records."""
-        m = self._require()
-        if dtype is not None:
-            have = sorted({str(ST_TO_DTYPE[t["dtype"]]).replace("torch.", "") for t in m["tensors"]})
-            want = str(dtype).replace("torch.", "")
-            if have != [want]:
-                raise OptionMismatchError(
-                    f"{self.root}: --dtype {want} differs from the store's {', '.join(have)} (fixed when the store was created); "
-                    "drop the option, or start a new store"
-                )
-        sel = m.get("selection")
-        if sel is None:
-            return
-        for opt, given in (("include", include), ("exclude", exclude)):
-            if given is not None and list(given) != list(sel.get(opt, [])):
-                raise OptionMismatchError(
-                    f"{self.root}: --{opt} {list(given)} differs from the store's {list(sel.get(opt, []))} (fixed when the store "
-                    "was created); drop the option, or start a new store"
-                )
-
-    def _base_after_read(self, bck: Checkpoint, creating: bool, *, read_hash: bool) -> dict[str, Any] | None:
-        """After the merge read the base: on creation, its identity to record; later, the check
-        against the recorded one. The sha256 is the one hashed while the merge read the file
-        (:meth:`SafetensorsFile.sequential_sha256`), a separate pass only where there is none."""
-        sha = bck.sequential_sha256() if read_hash and isinstance(bck, SafetensorsFile) else None
-        if not creating:
-            self._check_base(bck, sha)
-            return None
-        if not bck.files():
-            return None
-        if sha is None:
-            return checkpoint_identity(bck)
-        return {"path": os.path.abspath(bck.path), "sha256": sha, "bytes": os.path.getsize(bck.path)}
-
-    def _check_base(self, bck: Checkpoint, sha256: str | None = None, *, size_only: bool = False) -> None:
-        rec = self._require().get("base")
-        if not rec or rec.get("sha256") is None or not bck.files():
-            return
-        files = bck.files()
-        same_file = len(files) == 1 and os.path.abspath(files[0]) == rec["path"]
-        size = sum(os.path.getsize(f) for f in files)
-        if size != rec["bytes"] or (not size_only and (sha256 or checkpoint_identity(bck)["sha256"]) != rec["sha256"]):
-            where = "was modified since" if same_file else "differs from the one"
-            raise MergeInputError(
-                f"{bck.path}: this base checkpoint {where} the store was created with ({rec['path']}, sha256 {rec['sha256'][:12]}…); "
-                "deltas against another base cannot be merged"
             )
 
     def write_session(
@@ -1340,11 +824,11 @@ class Store:
         with self._writer_lock():
             self._load(False)
             specs = [TensorSpec(k, v.dtype, tuple(v.shape)) for k, v in unified.items()]
-            new_gen, gen_dir = self._new_generation_dir()
+            new_gen, gen_dir = self.new_generation()
             writer = GenerationWriter(gen_dir, specs, len(triggers))
             committed = False
             try:
-                _crash_point("write:start")
+                pipeline.crash_point("write:start")
                 for s in specs:
                     rows = [tr.packed[s.name].reshape(-1) for tr in triggers]
                     masks = (
@@ -1353,7 +837,7 @@ class Store:
                         else torch.empty((0, packed_nbytes(math.prod(s.shape))), dtype=torch.uint8)
                     )
                     writer.write(s.name, unified[s.name].detach(), masks)
-                    _crash_point("write:tensor")
+                    pipeline.crash_point("write:tensor")
                 files = writer.finish()
                 m = self._base_manifest(rescaler, specs)
                 if self.manifest is not None:
@@ -1384,12 +868,12 @@ class Store:
                 if os.path.isdir(os.path.join(gen_dir, "prototypes")):
                     fsync_dir(os.path.join(gen_dir, "prototypes"))
                 fsync_dir(gen_dir)
-                _crash_point("write:data")
+                pipeline.crash_point("write:data")
                 m["files"] = files
-                self._commit(m, new_gen, gen_dir)
+                self.commit(m, new_gen, gen_dir)
                 committed = True
             finally:
-                if not committed and _committed_generation(self.root) != new_gen:
+                if not committed and committed_generation(self.root) != new_gen:
                     writer.abort()
 
     # ------------------------------------------------------------------ reporting
@@ -1453,34 +937,3 @@ class Store:
         }
 
 
-def check_task_name(name: object) -> None:
-    """A task name is a non-empty string."""
-    if not isinstance(name, str) or not name.strip():
-        raise ValueError("a task name must be a non-empty string")
-
-
-def check_add_args(name: object, rescaler: str | None) -> None:
-    """The argument checks every add-task entry point (here and distributed) makes before any I/O
-    (``rescaler=None``: the store's mode, ``tensor_mean`` for a new store)."""
-    check_task_name(name)
-    if rescaler is not None and rescaler not in RESCALER_MODES:
-        raise ValueError(f"unknown rescaler {rescaler!r}; choose one of {RESCALER_MODES}")
-
-
-def open_task_delta(
-    base: str | os.PathLike[str] | Checkpoint, finetuned: str | os.PathLike[str] | Checkpoint | PeftAdapter
-) -> TaskDelta:
-    """``finetuned − base`` per tensor; paths are opened, and closed again if this fails."""
-    bck = open_checkpoint(base) if isinstance(base, (str, os.PathLike)) else base
-    try:
-        fck = open_checkpoint(finetuned) if isinstance(finetuned, (str, os.PathLike)) else finetuned
-    except BaseException:
-        bck.close()
-        raise
-    if isinstance(fck, SafetensorsFile):
-        fck.no_read_hash()  # nothing asks for the fine-tuned file's sha256: do not compute it
-    if isinstance(bck, PeftAdapter):
-        bck.close()
-        fck.close()
-        raise MergeInputError(f"{bck.path}: the base must be a full checkpoint, not an adapter")
-    return TaskDelta(bck, fck)

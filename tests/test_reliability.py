@@ -160,7 +160,7 @@ def test_foreign_files_and_symlinks_survive_add_task_export_and_save(tmp_path, c
     assert main(["export", str(store), "--task", "a", "-o", str(tmp_path / "a.safetensors"), "-q"]) == 0
     with Store(store) as st:
         st.save_prototypes("a", {"p": torch.ones(3)})
-        merger = st.to_merger()
+        merger = ContinualMerger.from_store(st)
     merger.save(store)
     assert _add(store, base, fts[2], "c") == 0
     after = _tree(store)

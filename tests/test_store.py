@@ -217,7 +217,7 @@ _DELETE = object()
 def test_hand_edited_manifest_with_recomputed_checksum_is_refused(tmp_path, path, value, message):
     """A manifest someone edited and re-checksummed must fail with a FormatError naming the
     manifest and the field, never a KeyError/TypeError or a read outside the store."""
-    from condu_merge.store import _manifest_checksum
+    from condu_merge.pipeline import manifest_checksum as _manifest_checksum
 
     root, _ = _store(tmp_path)
     mp = root / MANIFEST
@@ -292,7 +292,7 @@ def test_lazy_decouple_with_base(tmp_path):
 @pytest.mark.parametrize("op", ["add", "proto", "save"])
 def test_interrupt_after_the_switch_keeps_the_new_generation(tmp_path, monkeypatch, step, op):
     """Ctrl-C (or any error) after manifest.json was replaced must not delete the generation it names."""
-    import condu_merge.store as store_mod
+    import condu_merge.pipeline as pipeline_mod
 
     d = _deltas(3)
     st = Store(tmp_path / "s")
@@ -303,7 +303,7 @@ def test_interrupt_after_the_switch_keeps_the_new_generation(tmp_path, monkeypat
         if name == step:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(store_mod, "_crash_point", interrupt)
+    monkeypatch.setattr(pipeline_mod, "crash_point", interrupt)
     with pytest.raises(KeyboardInterrupt):
         if op == "add":
             st.add_task("t2", d[2])

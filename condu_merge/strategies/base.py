@@ -52,6 +52,7 @@ from ..errors import (
     ShapeMismatchError,
     UnknownTaskError,
 )
+from ..pipeline import fsync_dir
 from ..safetensors_writer import (
     ST_TO_DTYPE,
     StreamingSafetensorsWriter,
@@ -59,7 +60,6 @@ from ..safetensors_writer import (
     dtype_to_str,
     tensor_bytes,
 )
-from ..store import fsync_dir
 
 StateDict = Mapping[str, torch.Tensor]
 _S = TypeVar("_S", bound="ContinualStrategy")

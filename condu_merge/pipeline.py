@@ -1,0 +1,774 @@
+"""The one write pipeline every store uses: **plan → fold each tensor → commit**.
+
+A write to a store directory (a ConDU :class:`~condu_merge.store.Store`, a
+:class:`~condu_merge.strategy_store.StrategyStore` of any other strategy, or a distributed
+merge's ranks writing one generation together) goes through the same steps, all here:
+
+1. **plan** (:func:`plan_mapping_task`, :func:`plan_checkpoint_task`): under the writer lock
+   (:func:`open_writer_lock`), the tensors of the task (names, dtypes, shapes), checked against
+   the manifest (same keys, same recorded options, same base checkpoint);
+2. **fold each tensor**: the caller reads one tensor of the task and the current generation's
+   state of that tensor, computes the new state and appends it to the new generation with a
+   :class:`GenerationWriter` (one safetensors file per slot, every file hashed while written);
+3. **commit** (:func:`commit_manifest`): the new generation's files and folder are fsynced, the
+   new ``manifest.json`` is written beside the old one, fsynced, and ``os.replace``\\ d over it;
+   only then are older generations deleted (:func:`remove_generation_dir`, which deletes only
+   files of a store's own names and never follows a symlink).
+
+A process killed at any moment leaves ``manifest.json`` naming either the old or the new
+generation, both complete; leftovers of a killed writer are removed by the next writer
+(:func:`new_generation_dir`). :data:`CRASH_ENV` makes a test process SIGKILL itself at a named
+step, so the tests kill a writer at each of them.
+
+File names inside a generation (:data:`DATA_FILE_RE`): a slot shared by every task is
+``<kind>.safetensors`` (ConDU's ``unified.safetensors``), a per-task slot is
+``<kind>/<task index:04d>.safetensors`` (ConDU's ``masks/0000.safetensors``). The manifest's
+``files`` lists each with its sha256 and size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import errno
+import fcntl
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import stat
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .checkpoints import (
+    Checkpoint,
+    PeftAdapter,
+    SafetensorsFile,
+    TaskDelta,
+    checkpoint_identity,
+    open_checkpoint,
+    select_keys,
+)
+from .errors import (
+    ConduError,
+    DtypeMismatchError,
+    FormatError,
+    KeyMismatchError,
+    MergeInputError,
+    OptionMismatchError,
+    UnsafePathError,
+)
+from .manifest_check import GENERATION_RE, RESCALER_MODES
+from .safetensors_writer import (
+    DTYPE_TO_ST,
+    ST_TO_DTYPE,
+    StreamingSafetensorsWriter,
+    TensorSpec,
+    build_header,
+    tensor_bytes,
+)
+
+DATA_FILE_RE = re.compile(r"[a-z][a-z_]*(/\d{4,})?\.safetensors")
+"""Data files a store writes in a generation: ``<slot>.safetensors`` or ``<slot>/NNNN.safetensors``."""
+SLOT_DIR_RE = re.compile(r"[a-z][a-z_]*")
+
+STORE_FORMAT = "condu-merge/store"
+STORE_VERSION = 1
+MANIFEST = "manifest.json"
+LOCK = ".lock"
+KEEP_OPEN_FILES = 64
+"""A store (or a generation being written) with more data files than this opens each file for
+each use instead of holding a descriptor per file: thousands of tasks fit the default limit of
+1,024 open files."""
+CRASH_ENV = "CONDU_MERGE_CRASH_AT"
+"""Test hook: when set to a step name, the process SIGKILLs itself on reaching that step.
+
+Steps: ``write:start`` (lock taken, nothing written), ``write:tensor`` (first tensor written),
+``write:data`` (every data file written and fsynced, manifest not yet), ``commit:tmp``
+(new manifest fsynced beside the old one), ``commit:switched`` (manifest replaced, old
+generation still there), ``commit:cleanup`` (old generation partly deleted)."""
+
+
+class StoreLockedError(ConduError, RuntimeError):
+    """Another process is writing the store."""
+
+
+def crash_point(step: str) -> None:
+    if os.environ.get(CRASH_ENV) == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def utc_now() -> str:
+    """Now, UTC, ISO 8601 to the second (the manifest's timestamps)."""
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def fsync_dir(path: str) -> None:
+    """Make a directory's entries durable (new, renamed or removed files). A no-op on Windows,
+    where directories cannot be opened for fsync (a rename is durable enough there)."""
+    if os.name == "nt":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def committed_generation(root: str) -> str | None:
+    """The generation ``manifest.json`` names on disk now (``None`` if none or unreadable): a
+    failed writer removes its new generation only when this is not it (an error or Ctrl-C after
+    the switch must not delete the committed state)."""
+    try:
+        with open(os.path.join(root, MANIFEST), encoding="utf-8") as fh:
+            gen: str | None = json.load(fh).get("generation_dir")
+            return gen
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return None
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists (one we may not signal counts as alive)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def plain_file(path: str) -> bool:
+    """A regular file, not a symlink (``lstat``)."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def plain_dir(path: str) -> bool:
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def owned_generation(path: str) -> bool:
+    """Whether ``path`` is a generation folder exactly as a writer of a store leaves it: a real
+    folder (not a symlink) holding only data files named as :data:`DATA_FILE_RE` allows
+    (``unified.safetensors``, ``masks/0000.safetensors``, a strategy's ``sum.safetensors`` or
+    ``tau/0003.safetensors``; regular files) and the folders of the per-task ones. A folder that
+    holds anything else is not ours to delete, whatever its name."""
+    if not plain_dir(path):
+        return False
+    for n in os.listdir(path):
+        p = os.path.join(path, n)
+        if SLOT_DIR_RE.fullmatch(n) and plain_dir(p):
+            for m in os.listdir(p):
+                if not DATA_FILE_RE.fullmatch(f"{n}/{m}") or not plain_file(os.path.join(p, m)):
+                    return False
+        elif not DATA_FILE_RE.fullmatch(n) or not plain_file(p):
+            return False
+    return True
+
+
+def remove_generation_dir(path: str, files: Sequence[str] | None = None, *, crash_step: str | None = None) -> None:
+    """Delete a generation a store wrote: its data files (``files``, relative; default every
+    file of the store's name patterns in it), then the folders if that left them empty. Never
+    follows a symlink and never deletes a file of another name: a foreign file keeps its folder."""
+    if not plain_dir(path):
+        return
+    subs = sorted(n for n in os.listdir(path) if SLOT_DIR_RE.fullmatch(n) and plain_dir(os.path.join(path, n)))
+    if files is None:
+        files = [n for n in sorted(os.listdir(path)) if DATA_FILE_RE.fullmatch(n)]
+        files += [f"{sub}/{n}" for sub in subs for n in sorted(os.listdir(os.path.join(path, sub)))]
+    first = True
+    for rel in files:
+        p = os.path.join(path, rel)
+        if DATA_FILE_RE.fullmatch(rel) and plain_file(p) and plain_dir(os.path.dirname(p)):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(p)
+            if first and crash_step:
+                crash_point(crash_step)
+            first = False
+    for sub in [*subs, *{os.path.dirname(r) for r in files if "/" in r}, ""]:
+        with contextlib.suppress(OSError):  # not empty (a foreign file), or already gone
+            os.rmdir(os.path.join(path, sub) if sub else path)
+
+
+_MANIFEST_TMP_RE = re.compile(re.escape(MANIFEST) + r"\.tmp-(\d+)")
+
+
+def foreign_entries(root: str) -> list[str]:
+    """Names in ``root`` that a store does not create (anything but ``manifest.json``, ``.lock``,
+    ``manifest.json.tmp-PID`` files and generation folders as :func:`owned_generation` knows them)."""
+    out = []
+    for n in sorted(os.listdir(root)):
+        p = os.path.join(root, n)
+        if n in (MANIFEST, LOCK):
+            continue
+        if GENERATION_RE.fullmatch(n) and owned_generation(p):
+            continue
+        if _MANIFEST_TMP_RE.fullmatch(n) and plain_file(p):
+            continue
+        out.append(n)
+    return out
+
+
+def prepare_store_folder(root: str) -> None:
+    """Before a writer takes the lock: create ``root`` if needed, and refuse to turn a folder that
+    holds other files into a store (its files are not ours, and a later cleanup must never be
+    able to mistake them for a store's)."""
+    os.makedirs(root, exist_ok=True)
+    if os.path.lexists(os.path.join(root, MANIFEST)):
+        return
+    foreign = foreign_entries(root)
+    if foreign:
+        raise UnsafePathError(
+            f"{root}: this folder is not empty and is not a condu-merge store (it holds {foreign[:5]}); "
+            "create the store in a new or empty folder"
+        )
+
+
+def open_writer_lock(root: str) -> StoreLock:
+    """:func:`prepare_store_folder`, then the writer lock (the caller releases it)."""
+    prepare_store_folder(root)
+    return StoreLock(root).acquire()
+
+
+def with_path(exc: OSError, path: str) -> OSError:
+    """``exc`` naming ``path`` (a failed ``write``, e.g. ENOSPC, names no file by itself)."""
+    if exc.filename is None:
+        new = type(exc)(exc.errno, exc.strerror or str(exc), path)
+        new.__cause__ = exc
+        return new
+    return exc
+
+
+def manifest_checksum(manifest: Mapping[str, object]) -> str:
+    body = {k: v for k, v in manifest.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def popcount_bytes(packed: torch.Tensor) -> int:
+    """Set bits of a packed mask, counted by bitarray (no unpacking)."""
+    from bitarray import bitarray
+
+    if packed.numel() == 0:
+        return 0
+    arr = packed.contiguous().numpy()
+    return bitarray(buffer=arr.data, endian="little").count(1)
+
+
+
+
+# ---------------------------------------------------------------------------- lock
+
+
+class StoreLock:
+    """Exclusive, non-blocking ``flock`` on ``STORE/.lock``; the second writer gets
+    :class:`StoreLockedError` naming the holder's pid. Released on close or process death."""
+
+    def __init__(self, root: str):
+        self.path = os.path.join(root, LOCK)
+        self._fd: int | None = None
+
+    def acquire(self) -> StoreLock:
+        # never follow a planted symlink, never block on a FIFO, and write (truncate) only a plain
+        # single-link file holding at most a pid: what a writer of this store leaves
+        flags = (
+            os.O_RDWR
+            | os.O_CREAT
+            | getattr(os, "O_NOFOLLOW", 0)
+            | getattr(os, "O_NONBLOCK", 0)
+            | getattr(os, "O_CLOEXEC", 0)
+        )
+        try:
+            fd = os.open(self.path, flags, 0o644)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.EMLINK) or os.path.islink(self.path):
+                raise UnsafePathError(
+                    f"{self.path}: the store's lock is a symbolic link; refusing to open it (remove it)"
+                ) from None
+            raise with_path(exc, self.path) from None
+        try:
+            st = os.fstat(fd)
+            content = os.pread(fd, 64, 0) if stat.S_ISREG(st.st_mode) else b""
+        except OSError:
+            os.close(fd)
+            raise
+        if (
+            not stat.S_ISREG(st.st_mode)
+            or st.st_nlink != 1
+            or st.st_size > 32
+            or (not content.strip().isdigit() and content.strip())
+        ):
+            os.close(fd)
+            raise UnsafePathError(
+                f"{self.path}: is not a lock file this store created (a link, not a regular file, or foreign content); "
+                "refusing to write it -- remove it if it is not yours"
+            )
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = ""
+            with contextlib.suppress(OSError, ValueError):
+                holder = os.pread(fd, 64, 0).decode().strip()
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise StoreLockedError(
+                    f"{os.path.dirname(self.path)}: another process{f' (pid {holder})' if holder else ''} is writing this store; "
+                    "try again when it has finished"
+                ) from None
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, 0)
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None
+
+    def __enter__(self) -> StoreLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+class ReopeningWriter:
+    """:class:`StreamingSafetensorsWriter`'s interface (header first, tensors in order, sha256
+    while writing) for a generation of more than :data:`KEEP_OPEN_FILES` files: the file is
+    opened for each tensor's append and closed again, so no descriptor is held between passes."""
+
+    def __init__(self, path: str, specs: Sequence[TensorSpec], metadata: Mapping[str, str]):
+        self.path = path
+        self.specs = list(specs)
+        self._next = 0
+        self._hash = hashlib.sha256()
+        self._size = 0
+        head, _ = build_header(self.specs, metadata)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+        try:
+            self._append(fd, memoryview(head))
+        finally:
+            os.close(fd)
+
+    def _append(self, fd: int, data: memoryview) -> None:
+        while data.nbytes:
+            n = os.write(fd, data)
+            self._hash.update(data[:n])
+            self._size += n
+            data = data[n:]
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        spec = self.specs[self._next] if self._next < len(self.specs) else None
+        if spec is None or name != spec.name or tensor.dtype != spec.dtype or tensor.numel() != math.prod(spec.shape):
+            raise ValueError(f"{self.path}: tensor {name!r} is not the next declared one ({spec})")
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | getattr(os, "O_CLOEXEC", 0))
+        try:
+            self._append(fd, tensor_bytes(tensor))
+        finally:
+            os.close(fd)
+        self._next += 1
+
+    def close(self) -> tuple[str, int]:
+        if self._next != len(self.specs):
+            raise ValueError(f"{self.path}: closed with tensors not written")
+        fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return self._hash.hexdigest(), self._size
+
+    def abort(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+
+def link_or_copy(src: str, dst: str) -> None:
+    """Hard-link an immutable data file into a new generation (copy where links are impossible)."""
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+        with open(dst, "rb") as fh:
+            os.fsync(fh.fileno())
+
+
+def check_task_name(name: object) -> None:
+    """A task name is a non-empty string."""
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError("a task name must be a non-empty string")
+
+
+def check_add_args(name: object, rescaler: str | None) -> None:
+    """The argument checks every add-task entry point (here and distributed) makes before any I/O
+    (``rescaler=None``: the store's mode, ``tensor_mean`` for a new store)."""
+    check_task_name(name)
+    if rescaler is not None and rescaler not in RESCALER_MODES:
+        raise ValueError(f"unknown rescaler {rescaler!r}; choose one of {RESCALER_MODES}")
+
+
+def open_task_delta(
+    base: str | os.PathLike[str] | Checkpoint, finetuned: str | os.PathLike[str] | Checkpoint | PeftAdapter
+) -> TaskDelta:
+    """``finetuned − base`` per tensor; paths are opened, and closed again if this fails."""
+    bck = open_checkpoint(base) if isinstance(base, (str, os.PathLike)) else base
+    try:
+        fck = open_checkpoint(finetuned) if isinstance(finetuned, (str, os.PathLike)) else finetuned
+    except BaseException:
+        bck.close()
+        raise
+    if isinstance(fck, SafetensorsFile):
+        fck.no_read_hash()  # nothing asks for the fine-tuned file's sha256: do not compute it
+    if isinstance(bck, PeftAdapter):
+        bck.close()
+        fck.close()
+        raise MergeInputError(f"{bck.path}: the base must be a full checkpoint, not an adapter")
+    return TaskDelta(bck, fck)
+
+# ---------------------------------------------------------------------------- generations
+
+
+def new_generation_dir(root: str, current: str | None) -> tuple[str, str]:
+    """Remove leftovers of killed writers (the caller holds the lock): generation folders other
+    than ``current`` that a store wrote, and temporary manifests of dead processes; then name the
+    next generation ``(name, path)``. A foreign folder of a generation's name is skipped over,
+    never reused or deleted."""
+    numbers = [0]
+    for n in os.listdir(root):
+        p = os.path.join(root, n)
+        if GENERATION_RE.fullmatch(n):
+            numbers.append(int(n[4:]))
+            if n != current and owned_generation(p):
+                remove_generation_dir(p)
+        else:
+            tmp = _MANIFEST_TMP_RE.fullmatch(n)
+            if tmp and plain_file(p) and not pid_alive(int(tmp.group(1))):
+                os.unlink(p)
+    name = f"gen-{max(numbers) + 1:06d}"
+    return name, os.path.join(root, name)
+
+
+def commit_manifest(root: str, manifest: dict[str, Any], gen_name: str, old: Mapping[str, Any] | None) -> None:
+    """The atomic switch to generation ``gen_name`` (its files complete and fsynced): the
+    manifest gets its generation, time and checksum, is written to a temporary file beside
+    ``manifest.json``, fsynced, and replaces it; then the old generation's recorded files
+    (``old``: the manifest being replaced) are deleted."""
+    manifest["generation_dir"] = gen_name
+    manifest["generation"] = int(gen_name[4:])
+    manifest["updated"] = utc_now()
+    manifest["checksum"] = manifest_checksum(manifest)
+    mpath = os.path.join(root, MANIFEST)
+    tmp = f"{mpath}.tmp-{os.getpid()}"
+    if os.path.lexists(tmp) and not plain_file(tmp):
+        raise UnsafePathError(f"{tmp}: is not a file this store wrote (a link?); refusing to write through it")
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(manifest, fh, indent=1)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise with_path(exc, tmp) from None
+    # the new generation's entry in STORE (and the temporary manifest) must be durable before
+    # the manifest that names it can be
+    fsync_dir(root)
+    crash_point("commit:tmp")
+    os.replace(tmp, mpath)
+    fsync_dir(root)
+    crash_point("commit:switched")
+    old_gen = old["generation_dir"] if old else None
+    if old_gen and old_gen != gen_name:
+        # only the files the old manifest records; a symlinked generation is left alone
+        remove_generation_dir(os.path.join(root, old_gen), list(old["files"]), crash_step="commit:cleanup")  # type: ignore[index]
+
+
+def abort_generation(root: str, gen_name: str, cleanup: Any = None) -> None:
+    """After a failed write: remove the new generation unless the manifest on disk already names
+    it (an error or Ctrl-C after the switch must not delete the committed state)."""
+    if committed_generation(root) != gen_name:
+        if cleanup is not None:
+            cleanup()
+        else:
+            remove_generation_dir(os.path.join(root, gen_name))
+
+
+class GenerationWriter:
+    """Writes the data files of one new generation, one tensor at a time.
+
+    ``layout``: ``{relative path: (tensor specs in file order, safetensors metadata)}``; every
+    file gets its header first, then :meth:`write` appends tensors in the declared order
+    (hashing them while writing), and :meth:`finish` fsyncs every file and folder and returns
+    ``{relative path: {"sha256", "bytes"}}`` for the manifest. With more files than
+    :data:`KEEP_OPEN_FILES`, each is reopened per append so no descriptor is held between
+    tensors. ``carried``: relative paths the caller hard-links in from the old generation
+    (:func:`link_or_copy`) instead of writing; their folders are fsynced with the rest.
+    """
+
+    def __init__(self, gen_dir: str, layout: Mapping[str, tuple[Sequence[TensorSpec], Mapping[str, str]]]):
+        self.dir = gen_dir
+        os.makedirs(gen_dir, exist_ok=False)
+        self._writers: dict[str, StreamingSafetensorsWriter | ReopeningWriter] = {}
+        self._dirs = {os.path.dirname(rel) for rel in layout if "/" in rel}
+        few = len(layout) <= KEEP_OPEN_FILES
+        try:
+            for sub in sorted(self._dirs):
+                os.makedirs(os.path.join(gen_dir, sub), exist_ok=True)
+            for i, (rel, (specs, meta)) in enumerate(layout.items()):
+                path = os.path.join(gen_dir, rel)
+                try:
+                    if few or i == 0:
+                        self._writers[rel] = StreamingSafetensorsWriter(path, list(specs), dict(meta))
+                    else:
+                        self._writers[rel] = ReopeningWriter(path, list(specs), dict(meta))
+                except OSError as exc:
+                    raise with_path(exc, path) from None
+        except BaseException:
+            self.abort()
+            raise
+
+    def write(self, rel: str, key: str, tensor: torch.Tensor) -> None:
+        """Append tensor ``key`` (contiguous bytes of the declared dtype and size) to file ``rel``."""
+        w = self._writers[rel]
+        try:
+            w.write(key, tensor.reshape(-1))
+        except OSError as exc:  # ENOSPC, EIO, EDQUOT: say which file
+            raise with_path(exc, w.path) from None
+
+    def carry(self, src_gen: str, rel: str) -> None:
+        """Hard-link ``rel`` (an immutable file of the old generation ``src_gen``) in."""
+        link_or_copy(os.path.join(src_gen, rel), os.path.join(self.dir, rel))
+        if "/" in rel:
+            self._dirs.add(os.path.dirname(rel))
+
+    def finish(self) -> dict[str, dict[str, object]]:
+        files: dict[str, dict[str, object]] = {}
+        for rel, w in self._writers.items():
+            try:
+                sha, size = w.close()
+            except OSError as exc:
+                raise with_path(exc, w.path) from None
+            files[rel] = {"sha256": sha, "bytes": size}
+        for sub in sorted(self._dirs):
+            if os.path.isdir(os.path.join(self.dir, sub)):
+                fsync_dir(os.path.join(self.dir, sub))
+        fsync_dir(self.dir)
+        return files
+
+    def abort(self) -> None:
+        for w in self._writers.values():
+            with contextlib.suppress(Exception):
+                w.abort()
+        remove_generation_dir(self.dir)
+
+
+# ---------------------------------------------------------------------------- planning
+
+
+@dataclass
+class TaskPlan:
+    """What a task's write will do, decided under the lock before any data is read: the tensors
+    (in the store's order), the base identity to record (creation) and the selection and source
+    entries of the manifest."""
+
+    specs: list[TensorSpec]
+    base_identity: dict[str, Any] | None = None
+    selection: dict[str, Any] | None = None
+    source: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def manifest_specs(manifest: Mapping[str, Any]) -> list[TensorSpec]:
+    """The tensors a manifest records, in order."""
+    return [TensorSpec(t["name"], ST_TO_DTYPE[t["dtype"]], tuple(t["shape"])) for t in manifest["tensors"]]
+
+
+def tensor_entries(specs: Sequence[TensorSpec]) -> list[dict[str, Any]]:
+    """The manifest's ``tensors`` list for ``specs``."""
+    return [{"name": s.name, "dtype": DTYPE_TO_ST[s.dtype], "shape": list(s.shape)} for s in specs]
+
+
+def plan_mapping_task(manifest: Mapping[str, Any] | None, delta: Mapping[str, torch.Tensor], name: str) -> TaskPlan:
+    """The tensors of task ``name`` given as a mapping: on creation, every key of ``delta``
+    (floating point, in its order, dtype and shape); later, exactly the store's keys."""
+    if manifest is None:
+        keys = list(delta.keys())
+        if not keys:
+            raise MergeInputError(f"task {name!r} has no tensors")
+        specs = []
+        for k in keys:
+            t = delta[k]
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                raise DtypeMismatchError(f"task {name!r}: tensor {k!r} is not a floating-point tensor")
+            specs.append(TensorSpec(k, t.dtype, tuple(t.shape)))
+        return TaskPlan(specs)
+    specs = manifest_specs(manifest)
+    have, want = set(delta.keys()), {s.name for s in specs}
+    if have != want:
+        raise KeyMismatchError(
+            f"task {name!r} does not match the store's tensors: missing {sorted(want - have)[:8]}, extra {sorted(have - want)[:8]}"
+        )
+    return TaskPlan(specs)
+
+
+def plan_checkpoint_task(
+    root: str,
+    manifest: Mapping[str, Any] | None,
+    td: TaskDelta,
+    include: Sequence[str] | None,
+    exclude: Sequence[str] | None,
+    dtype: torch.dtype | None,
+    check_base: bool,
+    *,
+    hash_base: bool = True,
+) -> TaskPlan:
+    """The tensors of a checkpoint task checked against ``td``: on creation the
+    ``include``/``exclude`` selection (fnmatch globs) of the default set (every floating-point
+    tensor, or the adapter's) in ``dtype`` (default: the fine-tuned file's); later the store's
+    tensors, with the recorded options and base checked. ``hash_base=False``: the base's sha256
+    is left to :func:`base_after_read` (only its size is checked here), so the merge's own read
+    of the base is the only one."""
+    bck, fck = td.base, td.finetuned
+    ident = None
+    if manifest is None:
+        if include:
+            keys = select_keys(td.candidate_keys(), include, exclude)
+        else:
+            keys = select_keys(td.default_keys(), None, exclude)
+        if not keys:
+            raise KeyMismatchError(
+                f"{fck.path}: no tensor is selected (include={list(include or [])}, exclude={list(exclude or [])})"
+            )
+        specs = []
+        for k in keys:
+            if not td.is_adapter and k in fck.keys():  # type: ignore[union-attr]  # not an adapter: a Checkpoint
+                dt = dtype or fck.spec(k).dtype  # type: ignore[union-attr]
+            else:
+                dt = dtype or bck.spec(k).dtype
+            specs.append(TensorSpec(k, dt, tuple(bck.spec(k).shape)))
+        if check_base and bck.files() and hash_base:
+            ident = checkpoint_identity(bck)
+    else:
+        check_recorded_options(root, manifest, include=include, exclude=exclude, dtype=dtype)
+        specs = manifest_specs(manifest)
+        if check_base:
+            check_base_identity(manifest, bck, size_only=not hash_base)
+    if td.is_adapter:
+        sel = {s.name for s in specs}
+        outside = [k for k in fck.delta_keys() if k not in sel]  # type: ignore[union-attr]  # an adapter
+        if outside:
+            raise KeyMismatchError(
+                f"{fck.path}: the adapter changes tensors the store does not hold: {outside[:5]} "
+                "(create the store with --include patterns that cover them)"
+            )
+    for s in specs:
+        td.check(s.name, s.shape)
+    source = {"path": os.path.abspath(fck.path), "kind": "peft-lora" if td.is_adapter else "checkpoint"}
+    selection = {"include": list(include or []), "exclude": list(exclude or [])}
+    return TaskPlan(specs, ident, selection, source)
+
+
+def check_recorded_options(
+    root: str,
+    manifest: Mapping[str, Any],
+    *,
+    include: Sequence[str] | None,
+    exclude: Sequence[str] | None,
+    dtype: torch.dtype | None,
+) -> None:
+    """Options given again on a later task must equal what the manifest records."""
+    if dtype is not None:
+        have = sorted({str(ST_TO_DTYPE[t["dtype"]]).replace("torch.", "") for t in manifest["tensors"]})
+        want = str(dtype).replace("torch.", "")
+        if have != [want]:
+            raise OptionMismatchError(
+                f"{root}: --dtype {want} differs from the store's {', '.join(have)} (fixed when the store was created); "
+                "drop the option, or start a new store"
+            )
+    sel = manifest.get("selection")
+    if sel is None:
+        return
+    for opt, given in (("include", include), ("exclude", exclude)):
+        if given is not None and list(given) != list(sel.get(opt, [])):
+            raise OptionMismatchError(
+                f"{root}: --{opt} {list(given)} differs from the store's {list(sel.get(opt, []))} (fixed when the store "
+                "was created); drop the option, or start a new store"
+            )
+
+
+def check_base_identity(
+    manifest: Mapping[str, Any], bck: Checkpoint, sha256: str | None = None, *, size_only: bool = False
+) -> None:
+    """Refuse a base checkpoint that differs from the one the store was created with (its size,
+    and unless ``size_only`` its sha256: ``sha256`` if the caller hashed it while reading)."""
+    rec = manifest.get("base")
+    if not rec or rec.get("sha256") is None or not bck.files():
+        return
+    files = bck.files()
+    same_file = len(files) == 1 and os.path.abspath(files[0]) == rec["path"]
+    size = sum(os.path.getsize(f) for f in files)
+    if size != rec["bytes"] or (not size_only and (sha256 or checkpoint_identity(bck)["sha256"]) != rec["sha256"]):
+        where = "was modified since" if same_file else "differs from the one"
+        raise MergeInputError(
+            f"{bck.path}: this base checkpoint {where} the store was created with ({rec['path']}, sha256 {rec['sha256'][:12]}…); "
+            "deltas against another base cannot be merged"
+        )
+
+
+def base_after_read(
+    manifest: Mapping[str, Any] | None, bck: Checkpoint, *, read_hash: bool
+) -> dict[str, Any] | None:
+    """After the merge read the base: on creation (``manifest is None``), its identity to record;
+    later, the check against the recorded one. The sha256 is the one hashed while the merge read
+    the file (:meth:`SafetensorsFile.sequential_sha256`), a separate pass only where there is none."""
+    sha = bck.sequential_sha256() if read_hash and isinstance(bck, SafetensorsFile) else None
+    if manifest is not None:
+        check_base_identity(manifest, bck, sha)
+        return None
+    if not bck.files():
+        return None
+    if sha is None:
+        return checkpoint_identity(bck)
+    return {"path": os.path.abspath(bck.path), "sha256": sha, "bytes": os.path.getsize(bck.path)}
+
+
+def check_read_hashes(files: Mapping[str, SafetensorsFile], manifest: Mapping[str, Any]) -> None:
+    """The old generation was read front to back while merging; check what was read against the
+    manifest, so a damaged store is never merged into a fresh generation with fresh hashes."""
+    from .checkpoints import sha256_file
+
+    for rel, f in files.items():
+        want = manifest["files"][rel]["sha256"]
+        got = f.sequential_sha256()
+        if got is None:
+            got = sha256_file(f.path)
+        if got != want:
+            raise FormatError(f"{f.path}: sha256 mismatch: the file is damaged (a byte differs from what was written)")
+
+
+def check_new_task(root: str, manifest: Mapping[str, Any] | None, name: str) -> None:
+    """Task names are unique within a store."""
+    from .errors import DuplicateTaskError
+
+    if manifest is not None and name in [t["name"] for t in manifest["tasks"]]:
+        raise DuplicateTaskError(f"{root}: task {name!r} is already in this store; task names are unique")
+
+
+def numel(spec: TensorSpec) -> int:
+    return math.prod(spec.shape)
