@@ -22,6 +22,7 @@ __all__ = [
     "STORE_FILE_RE",
     "UNIFIED",
     "check_manifest_structure",
+    "check_strategy_manifest",
     "mask_file",
     "proto_file",
 ]
@@ -166,3 +167,74 @@ def mask_file(index: int) -> str:
 def proto_file(index: int) -> str:
     """Task ``index``'s prototypes file, relative to its generation directory."""
     return f"prototypes/{index:04d}.safetensors"
+
+
+DATA_FILE_RE = re.compile(r"[a-z][a-z_]*(/\d{4,})?\.safetensors")
+SLOT_KIND_RE = re.compile(r"[a-z][a-z_]*")
+
+
+def check_strategy_manifest(m: dict[str, Any], mpath: str) -> None:
+    """:func:`check_manifest_structure` for a store of another strategy than ConDU (a
+    :class:`~condu_merge.strategy_store.StrategyStore`): method, options, slots, tensors, tasks,
+    and every slot's files listed with a size and sha256."""
+
+    def bad(what: str) -> NoReturn:
+        raise FormatError(f"{mpath}: damaged store manifest ({what})")
+
+    def is_int(x: object) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    if not isinstance(m.get("method"), str) or not SLOT_KIND_RE.fullmatch(m["method"]):
+        bad(f"method {repr(m.get('method'))[:40]} is not a method name")
+    if not isinstance(m.get("options"), dict):
+        bad("options is not an object")
+    if not is_int(m.get("generation")) or m["generation"] < 1:
+        bad(f"generation {repr(m.get('generation'))[:40]} is not a positive integer")
+    gd = m.get("generation_dir")
+    if not isinstance(gd, str) or not GENERATION_RE.fullmatch(gd):
+        bad(f"generation_dir {gd!r} is not a generation folder name")
+    files = m.get("files")
+    if not isinstance(files, dict):
+        bad("files is not an object")
+    for rel, info in files.items():
+        if not isinstance(rel, str) or not DATA_FILE_RE.fullmatch(rel):
+            bad(f"file name {rel!r} is not a store file")
+        if not isinstance(info, dict) or not is_int(info.get("bytes")) or info["bytes"] < 0 or not isinstance(info.get("sha256"), str):
+            bad(f"file entry {rel!r} lacks a byte count or sha256")
+    tensors = m.get("tensors")
+    if not isinstance(tensors, list) or not tensors:
+        bad("it lists no tensors")
+    names: set[str] = set()
+    for t in tensors:
+        if not (
+            isinstance(t, dict)
+            and isinstance(t.get("name"), str)
+            and t.get("dtype") in SAFETENSORS_DTYPES
+            and isinstance(t.get("shape"), list)
+            and all(is_int(x) and x >= 0 for x in t["shape"])
+        ) or t["name"] in names:
+            bad(f"tensor entry {repr(t)[:200]} is malformed or repeated")
+        names.add(t["name"])
+    tasks = m.get("tasks")
+    if not isinstance(tasks, list):
+        bad("tasks is not a list")
+    seen: set[str] = set()
+    for i, t in enumerate(tasks):
+        if not isinstance(t, dict) or not isinstance(t.get("name"), str) or t["name"] in seen:
+            bad(f"task #{i} has no name or repeats one")
+        seen.add(t["name"])
+    slots = m.get("slots")
+    if not isinstance(slots, list) or not slots:
+        bad("it lists no slots")
+    want: set[str] = set()
+    for s in slots:
+        if not isinstance(s, dict) or not isinstance(s.get("kind"), str) or not SLOT_KIND_RE.fullmatch(s["kind"]):
+            bad(f"slot {repr(s)[:80]} has no kind")
+        if s.get("per_task"):
+            want.update(f"{s['kind']}/{i:04d}.safetensors" for i in range(len(tasks)))
+        else:
+            want.add(f"{s['kind']}.safetensors")
+    if want != set(files):
+        bad(f"its files {sorted(set(files) ^ want)[:4]} do not match its slots and tasks")
+    if not isinstance(m.get("meta", {}), dict):
+        bad("meta is not an object")

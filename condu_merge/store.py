@@ -308,6 +308,11 @@ class Store:
             m = parse_json(fh.read(), mpath, "the store manifest")
         if not isinstance(m, dict) or m.get("format") != STORE_FORMAT:
             raise FormatError(f"{mpath}: not a condu-merge store manifest")
+        if m.get("method", "condu") != "condu":
+            raise FormatError(
+                f"{mpath}: this store holds the {m['method']!r} strategy, not ConDU; open it with "
+                "condu_merge.StrategyStore (the CLI does)"
+            )
         if type(m.get("version")) is not int or m.get("version") != STORE_VERSION:
             raise FormatError(
                 f"{mpath}: store format version {m.get('version')!r} is not supported (this condu-merge reads version {STORE_VERSION})"

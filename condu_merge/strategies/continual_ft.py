@@ -11,9 +11,12 @@ Stores: one delta ``θ_t − θ_0`` (the current model), shared.
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import torch
 
 from .base import ContinualStrategy, StorageReport, TaskStart, state_nbytes
+from .rule import Slot, TensorRule, register_rule
 
 
 class ContinualFT(ContinualStrategy):
@@ -50,3 +53,22 @@ class ContinualFT(ContinualStrategy):
     def _storage(self) -> StorageReport:
         shared = state_nbytes(self._delta) if self._delta is not None else 0
         return StorageReport(shared, dict.fromkeys(self._tasks, 0), "the current model's delta θ_t − θ_0 (one model)")
+
+
+class ContinualFTRule(TensorRule):
+    """On disk: the current model's delta (shared); every task's model is it."""
+
+    method = "continual_ft"
+    defaults: ClassVar[dict[str, Any]] = {}
+
+    def slots(self) -> list[Slot]:
+        return [Slot("delta")]
+
+    def fold(self, key, delta, old, task, shape):
+        return {"delta": delta}
+
+    def merged(self, key, reader, meta, ctx):
+        return reader.get("delta", key)
+
+
+register_rule("continual_ft", ContinualFTRule)

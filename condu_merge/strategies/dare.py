@@ -28,12 +28,14 @@ the drop happens as each task is folded in): one model in float32 or wider, cont
 from __future__ import annotations
 
 import hashlib
+from typing import Any, ClassVar
 
 import torch
 
 from ..errors import MergeInputError
 from .base import ContinualStrategy, StorageReport, state_nbytes
-from .ties import TIES
+from .rule import Slot, TensorRule, register_rule, validate_like, wide
+from .ties import TIES, TIESRule
 
 
 def dare_seed(seed: int, task: str, key: str) -> int:
@@ -194,3 +196,62 @@ class DareTIES(TIES):
         return StorageReport(
             r.shared_bytes, r.per_task_bytes, "every dropped, rescaled task vector τ̃_i + its trim threshold"
         )
+
+
+class DareTaskArithmeticRule(TensorRule):
+    """On disk: the running sum of the dropped, rescaled task vectors (shared, float32 or wider)."""
+
+    method = "dare_task_arithmetic"
+    defaults: ClassVar[dict[str, Any]] = {"sparsity": 0.5, "scale": 0.3, "rescale": True, "seed": 0}
+
+    def check_options(self, opts: dict[str, Any]) -> dict[str, Any]:
+        validate_like(DareTaskArithmetic, opts)
+        rescale = bool(opts["rescale"])
+        return {
+            "sparsity": _check_sparsity(opts["sparsity"], rescale),
+            "scale": float(opts["scale"]),
+            "rescale": rescale,
+            "seed": int(opts["seed"]),
+        }
+
+    def slots(self) -> list[Slot]:
+        return [Slot("sum", wide=True)]
+
+    def fold(self, key, delta, old, task, shape):
+        o = self.opts
+        d = drop_and_rescale(delta, dare_mask(delta.shape, o["sparsity"], o["seed"], task.name, key), o["sparsity"], o["rescale"])
+        prev = old.get("sum", key).to(torch.float64) if old is not None else 0.0
+        return {"sum": (prev + d).to(wide(delta.dtype))}
+
+    def merged(self, key, reader, meta, ctx):
+        return (reader.get("sum", key).to(torch.float64) * self.opts["scale"]).to(reader.dtypes[key])
+
+
+class DareTIESRule(TIESRule):
+    """On disk: every dropped, rescaled task vector (per task, frozen); read as TIES."""
+
+    method = "dare_ties"
+    defaults: ClassVar[dict[str, Any]] = {
+        **TIESRule.defaults,
+        "scale": 0.5,
+        "sparsity": 0.5,
+        "rescale": True,
+        "seed": 0,
+    }
+    strategy_cls: ClassVar[Any] = DareTIES
+
+    def check_options(self, opts: dict[str, Any]) -> dict[str, Any]:
+        out = super().check_options(opts)
+        out["rescale"] = bool(opts["rescale"])
+        out["sparsity"] = _check_sparsity(opts["sparsity"], out["rescale"])
+        out["seed"] = int(opts["seed"])
+        return out
+
+    def fold(self, key, delta, old, task, shape):
+        o = self.opts
+        keep = dare_mask(delta.shape, o["sparsity"], o["seed"], task.name, key)
+        return {"tau": drop_and_rescale(delta, keep, o["sparsity"], o["rescale"]).to(delta.dtype)}
+
+
+register_rule("dare_task_arithmetic", DareTaskArithmeticRule)
+register_rule("dare_ties", DareTIESRule)

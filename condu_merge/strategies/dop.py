@@ -45,11 +45,12 @@ Stores: the merged vector ``τ_m`` (one model): continual.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from .base import ContinualStrategy, StorageReport, state_nbytes
+from .rule import Slot, TensorRule, register_rule, validate_like
 
 PROJ_SPACES = ("uv", "u", "v")
 
@@ -242,3 +243,53 @@ class DOP(ContinualStrategy):
     def _storage(self) -> StorageReport:
         shared = state_nbytes(self._merged) if self._merged is not None else 0
         return StorageReport(shared, dict.fromkeys(self._tasks, 0), "merged task vector (one model)")
+
+
+class DOPRule(TensorRule):
+    """On disk: the merged task vector (shared); each 2-D weight folded by :func:`dop_merge_matrix`,
+    every other tensor averaged."""
+
+    method = "dop"
+    defaults: ClassVar[dict[str, Any]] = {
+        "lr": 1e-4,
+        "num_steps": 200,
+        "mgda": True,
+        "alpha": 0.8,
+        "ema": True,
+        "ema_beta": 0.999,
+        "svd_epsilon": 0.99999,
+        "svd_proj_space": "uv",
+        "project_keys": None,
+    }
+
+    def check_options(self, opts: dict[str, Any]) -> dict[str, Any]:
+        validate_like(DOP, opts, skip=("project_keys",))
+        out = dict(opts)
+        out["lr"], out["num_steps"], out["alpha"] = float(opts["lr"]), int(opts["num_steps"]), float(opts["alpha"])
+        out["ema_beta"], out["svd_epsilon"] = float(opts["ema_beta"]), float(opts["svd_epsilon"])
+        out["mgda"], out["ema"] = bool(opts["mgda"]), bool(opts["ema"])
+        if opts["project_keys"] is not None:
+            out["project_keys"] = list(opts["project_keys"])
+        return out
+
+    def slots(self) -> list[Slot]:
+        return [Slot("merged")]
+
+    def _projected(self, key: str, shape: tuple[int, ...]) -> bool:
+        pk = self.opts["project_keys"]
+        return key in pk if pk is not None else len(shape) == 2
+
+    def fold(self, key, delta, old, task, shape):
+        if old is None:
+            return {"merged": delta}
+        w = torch.promote_types(delta.dtype, torch.float32)
+        m, t = old.get("merged", key).reshape(shape).to(w), delta.reshape(shape).to(w)
+        opt = {k: v for k, v in self.opts.items() if k != "project_keys"}
+        out = dop_merge_matrix(m, t, **opt) if self._projected(key, shape) else (m + t) / 2
+        return {"merged": out.to(delta.dtype)}
+
+    def merged(self, key, reader, meta, ctx):
+        return reader.get("merged", key)
+
+
+register_rule("dop", DOPRule)

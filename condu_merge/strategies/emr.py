@@ -14,11 +14,15 @@ cache rebuilt from them.
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import torch
 
-from ..core import RESCALER_MODES, decouple, unify
+from ..backends import resolve_backend
+from ..core import RESCALER_MODES, compute_rescalers, decouple, unify, unify_tensor
 from ..trigger import TaskTrigger
 from .base import ContinualStrategy, StorageReport, backend_option, state_nbytes
+from .rule import Slot, TensorRule, register_rule, validate_like
 
 
 class EMR(ContinualStrategy):
@@ -77,3 +81,54 @@ class EMR(ContinualStrategy):
         return StorageReport(
             0, {t: state_nbytes(self._deltas[t]) for t in self._tasks}, "every task delta d_i (one model per task)"
         )
+
+
+class EMRRule(TensorRule):
+    """On disk: every task delta (per task, frozen). A read unifies them per tensor twice: once
+    for the rescalers' sums over the whole model, once for ``u`` and the masks."""
+
+    method = "emr"
+    continual = False
+    task_aware = True
+    defaults: ClassVar[dict[str, Any]] = {"rescaler": "tensor_mean", "backend": "auto"}
+
+    def check_options(self, opts: dict[str, Any]) -> dict[str, Any]:
+        validate_like(EMR, opts)
+        return {"rescaler": opts["rescaler"], "backend": backend_option(opts["backend"])}
+
+    def slots(self) -> list[Slot]:
+        return [Slot("tau", per_task=True, frozen=True)]
+
+    def fold(self, key, delta, old, task, shape):
+        return {"tau": delta}
+
+    def _unify(self, key, reader):
+        names = reader.names
+        return unify_tensor(
+            [reader.get("tau", key, t) for t in range(reader.tasks)], backend=self.opts["backend"], key=key, labels=names
+        )
+
+    def prepare(self, reader, keys, meta):
+        n = reader.tasks
+        num: list[dict[str, float]] = [{} for _ in range(n)]
+        den: list[dict[str, float]] = [{} for _ in range(n)]
+        numel = {}
+        for k in keys:
+            res = self._unify(k, reader)
+            numel[k] = res.u.numel()
+            for i, (a, b) in enumerate(zip(res.num.tolist(), res.den.tolist())):
+                num[i][k], den[i][k] = a, b
+        return compute_rescalers(num, den, numel, self.opts["rescaler"], reader.names)
+
+    def merged(self, key, reader, meta, ctx):
+        return self._unify(key, reader).u.reshape(reader.shapes[key])
+
+    def expert(self, key, reader, meta, ctx, task):
+        res = self._unify(key, reader)
+        lam = ctx[task]
+        lam = lam[key] if isinstance(lam, dict) else lam
+        be = resolve_backend(self.opts["backend"], res.u.device)
+        return be.decouple_flat(res.u.reshape(-1), res.masks[task], lam, None).reshape(reader.shapes[key])
+
+
+register_rule("emr", EMRRule)

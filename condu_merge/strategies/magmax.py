@@ -24,9 +24,12 @@ model-sized deltas, shared.
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import torch
 
 from .base import ContinualStrategy, StorageReport, TaskStart, state_nbytes
+from .rule import Slot, TensorRule, register_rule, validate_like
 
 TIE_RULES = ("later", "earlier")
 
@@ -100,3 +103,29 @@ class MagMax(ContinualStrategy):
         return StorageReport(
             shared, dict.fromkeys(self._tasks, 0), "running max-magnitude vector τ_MM + last task vector (two models)"
         )
+
+
+class MagMaxRule(TensorRule):
+    """On disk: the running ``τ_MM`` and the last task vector (shared); merged ``λ τ_MM``."""
+
+    method = "magmax"
+    defaults: ClassVar[dict[str, Any]] = {"scale": 0.5, "tie": "later"}
+
+    def check_options(self, opts: dict[str, Any]) -> dict[str, Any]:
+        validate_like(MagMax, opts)
+        return {"scale": float(opts["scale"]), "tie": opts["tie"]}
+
+    def slots(self) -> list[Slot]:
+        return [Slot("merged"), Slot("last")]
+
+    def fold(self, key, delta, old, task, shape):
+        if old is None:
+            return {"merged": delta, "last": delta}
+        return {"merged": max_magnitude_update(old.get("merged", key), delta, self.opts["tie"] == "later"), "last": delta}
+
+    def merged(self, key, reader, meta, ctx):
+        m = reader.get("merged", key)
+        return m if self.opts["scale"] == 1.0 else m * self.opts["scale"]
+
+
+register_rule("magmax", MagMaxRule)

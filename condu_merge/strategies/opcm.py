@@ -40,10 +40,12 @@ norm): continual, O(1) models.
 from __future__ import annotations
 
 import math
+from typing import Any, ClassVar
 
 import torch
 
 from .base import ContinualStrategy, StorageReport, state_nbytes
+from .rule import Slot, TensorRule, register_rule, validate_like, wide
 
 
 def split_rank(s: torch.Tensor, alpha: float) -> int:
@@ -156,3 +158,48 @@ class OPCM(ContinualStrategy):
         return StorageReport(
             shared, dict.fromkeys(self._tasks, 8), "running projected sum S (one model) + each task vector's norm"
         )
+
+
+class OPCMRule(TensorRule):
+    """On disk: the running projected sum ``S`` (shared, float32 or wider) and, in the meta, each
+    task vector's norm; merged ``(n̄ / ‖S‖) S``."""
+
+    method = "opcm"
+    defaults: ClassVar[dict[str, Any]] = {"alpha": 0.5, "project_keys": None}
+
+    def check_options(self, opts: dict[str, Any]) -> dict[str, Any]:
+        validate_like(OPCM, opts, skip=("project_keys",))
+        pk = opts["project_keys"]
+        return {"alpha": float(opts["alpha"]), "project_keys": list(pk) if pk is not None else None}
+
+    def slots(self) -> list[Slot]:
+        return [Slot("sum", wide=True)]
+
+    def _projected(self, key: str, shape: tuple[int, ...]) -> bool:
+        pk = self.opts["project_keys"]
+        return key in pk if pk is not None else len(shape) == 2
+
+    def fold(self, key, delta, old, task, shape):
+        # the task vector's squared norm, summed over tensors in the store's order as OPCM._norm
+        task.stats["sq"] = task.stats.get("sq", 0.0) + float(delta.to(torch.float64).square().sum())
+        if old is None:
+            return {"sum": delta.to(wide(delta.dtype), copy=True)}
+        prev = old.get("sum", key).reshape(shape).to(torch.float64)
+        tau = delta.reshape(shape)
+        step = opcm_project(prev, tau, self.opts["alpha"]) if self._projected(key, shape) else tau.to(torch.float64)
+        return {"sum": (prev + step).to(wide(delta.dtype))}
+
+    def finish_task(self, meta, task):
+        return {**meta, "norms": [*meta.get("norms", []), math.sqrt(task.stats.get("sq", 0.0))]}
+
+    def prepare(self, reader, keys, meta):
+        total = math.sqrt(sum(float(reader.get("sum", k).to(torch.float64).square().sum()) for k in keys))
+        norms = meta["norms"]
+        return sum(norms) / len(norms) / total if total > 0 else 1.0
+
+    def merged(self, key, reader, meta, ctx):
+        s = reader.get("sum", key)
+        return (s.to(torch.float64) * ctx).to(reader.dtypes[key])
+
+
+register_rule("opcm", OPCMRule)

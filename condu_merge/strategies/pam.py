@@ -42,11 +42,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import torch
 
 from ..errors import ShapeMismatchError
 from .base import ContinualStrategy, StorageReport, TaskStart, TrainingHook, state_nbytes
+from .rule import Slot, TensorRule, register_rule, validate_like
 
 PAM_INITS = ("merged", "base")
 PAM_RESETS = ("global", "zero")
@@ -385,3 +387,44 @@ class PAM(ContinualStrategy):
     def _storage(self) -> StorageReport:
         shared = state_nbytes(self._merged) if self._merged is not None else 0
         return StorageReport(shared, dict.fromkeys(self._tasks, 0), "the global module G − θ_0 (one model)")
+
+
+class PAMRule(TensorRule):
+    """On disk: the global module's delta ``G − θ_0`` (shared), folded with ``c_t``. The alignment
+    is a training-time hook (:meth:`PAM.begin_task`); a store folds tasks already trained."""
+
+    method = "pam"
+    defaults: ClassVar[dict[str, Any]] = {
+        "align_fraction": 0.5,
+        "align_every": 100,
+        "reset_to": "global",
+        "align_on": "values",
+        "scope": "tensor",
+        "reset_optimizer": "momentum",
+        "merge_coef": 0.5,
+        "init": "merged",
+    }
+
+    def check_options(self, opts: dict[str, Any]) -> dict[str, Any]:
+        validate_like(PAM, opts)
+        return dict(opts)
+
+    def slots(self) -> list[Slot]:
+        return [Slot("merged")]
+
+    def _coef(self, t: int) -> float:
+        if t <= 1:
+            return 1.0
+        mc = self.opts["merge_coef"]
+        return 1.0 / t if mc is None else float(mc)
+
+    def fold(self, key, delta, old, task, shape):
+        c = self._coef(task.index + 1)
+        prev = old.get("merged", key) if old is not None else torch.zeros_like(delta)
+        return {"merged": pam_merge_tensor(prev, delta, c)}
+
+    def merged(self, key, reader, meta, ctx):
+        return reader.get("merged", key)
+
+
+register_rule("pam", PAMRule)

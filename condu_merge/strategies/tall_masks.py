@@ -35,11 +35,14 @@ its task vector.
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import torch
 
 from ..errors import FormatError, MergeInputError
 from ..packing import pack_mask, pad_bits_clear, unpack_mask
 from .base import ContinualStrategy, StorageReport, state_nbytes, tensor_nbytes
+from .rule import Slot, TensorRule, register_rule, validate_like, wide
 
 
 def tall_mask(tau: torch.Tensor, mtl: torch.Tensor, tall_lambda: float) -> torch.Tensor:
@@ -194,3 +197,63 @@ class TALLMasks(ContinualStrategy):
                 per[t] += state_nbytes(self._taus[t])
         what = "multi-task vector τ_MTL (one model) + per task a 1-bit mask"
         return StorageReport(shared, per, what + (" and its task vector" if self.keep_task_vectors else ""))
+
+
+class TALLMasksRule(TensorRule):
+    """On disk: ``τ_MTL`` (shared, float32 or wider), every task's mask (per task, 1-bit packed,
+    recomputed as ``τ_MTL`` moves) and, with ``keep_task_vectors``, every task vector (frozen)."""
+
+    method = "tall_masks"
+    continual = False
+    task_aware = True
+    defaults: ClassVar[dict[str, Any]] = {"tall_lambda": 0.6, "consensus_k": 2, "scale": 0.3, "keep_task_vectors": True}
+
+    def check_options(self, opts: dict[str, Any]) -> dict[str, Any]:
+        validate_like(TALLMasks, opts)
+        return {
+            "tall_lambda": float(opts["tall_lambda"]),
+            "consensus_k": int(opts["consensus_k"]),
+            "scale": float(opts["scale"]),
+            "keep_task_vectors": bool(opts["keep_task_vectors"]),
+        }
+
+    def slots(self) -> list[Slot]:
+        out = [Slot("mtl", wide=True), Slot("mask", per_task=True, packed=True)]
+        if self.opts["keep_task_vectors"]:
+            out.append(Slot("tau", per_task=True, frozen=True))
+        return out
+
+    def fold(self, key, delta, old, task, shape):
+        lam, keep = self.opts["tall_lambda"], self.opts["keep_task_vectors"]
+        prev_mtl = old.get("mtl", key).reshape(shape).to(torch.float64) if old is not None else None
+        new = (prev_mtl if prev_mtl is not None else 0.0) + delta.reshape(shape).to(torch.float64)
+        masks = []
+        for t in range(task.index):
+            assert old is not None and prev_mtl is not None
+            if keep:
+                prev_tau = old.get("tau", key, t).reshape(shape)
+            else:  # the expert it serves now stands in for its task vector
+                prev_tau = torch.where(unpack_mask(old.get("mask", key, t), shape=shape), prev_mtl, 0.0)
+            masks.append(pack_mask(tall_mask(prev_tau, new, lam)))
+        masks.append(pack_mask(tall_mask(delta.reshape(shape), new, lam)))
+        out: dict[str, Any] = {"mtl": new.to(wide(delta.dtype)), "mask": masks}
+        if keep:
+            out["tau"] = delta
+        return out
+
+    def merged(self, key, reader, meta, ctx):
+        shape = reader.shapes[key]
+        v = reader.get("mtl", key).reshape(shape)
+        c = consensus_mask(
+            [unpack_mask(reader.get("mask", key, t), shape=shape) for t in range(reader.tasks)], self.opts["consensus_k"]
+        )
+        return (torch.where(c, v.to(torch.float64), 0.0) * self.opts["scale"]).to(reader.dtypes[key])
+
+    def expert(self, key, reader, meta, ctx, task):
+        shape = reader.shapes[key]
+        v = reader.get("mtl", key).reshape(shape)
+        m = unpack_mask(reader.get("mask", key, task), shape=shape)
+        return torch.where(m, v.to(torch.float64), 0.0).to(reader.dtypes[key])
+
+
+register_rule("tall_masks", TALLMasksRule)

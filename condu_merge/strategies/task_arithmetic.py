@@ -14,9 +14,12 @@ fine-tuned model θ_0 + τ_i ("Individual FT") and ``λ`` can be changed after t
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import torch
 
 from .base import ContinualStrategy, StorageReport, state_nbytes
+from .rule import Slot, TensorRule, register_rule, validate_like
 
 
 def task_arithmetic_tensor(taus: list[torch.Tensor], scale: float) -> torch.Tensor:
@@ -62,3 +65,30 @@ class TaskArithmetic(ContinualStrategy):
         return StorageReport(
             0, {t: state_nbytes(self._taus[t]) for t in self._tasks}, "every task vector τ_i (one model per task)"
         )
+
+
+class TaskArithmeticRule(TensorRule):
+    """On disk: every task vector ``τ_i`` (per task, frozen); merged ``λ Σ_i τ_i``; expert ``τ_t``."""
+
+    method = "task_arithmetic"
+    continual = False
+    defaults: ClassVar[dict[str, Any]] = {"scale": 0.3}
+
+    def check_options(self, opts: dict[str, Any]) -> dict[str, Any]:
+        validate_like(TaskArithmetic, opts)
+        return {"scale": float(opts["scale"])}
+
+    def slots(self) -> list[Slot]:
+        return [Slot("tau", per_task=True, frozen=True)]
+
+    def fold(self, key, delta, old, task, shape):
+        return {"tau": delta}
+
+    def merged(self, key, reader, meta, ctx):
+        return task_arithmetic_tensor([reader.get("tau", key, i) for i in range(reader.tasks)], self.opts["scale"])
+
+    def expert(self, key, reader, meta, ctx, task):
+        return reader.get("tau", key, task)
+
+
+register_rule("task_arithmetic", TaskArithmeticRule)

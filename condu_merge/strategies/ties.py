@@ -47,10 +47,13 @@ per tensor with ``trim_scope="tensor"``).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar
 
 import torch
 
 from .base import ContinualStrategy, StorageReport, state_nbytes
+from .rule import Slot, TensorRule, register_rule, validate_like
 
 TRIM_SCOPES = ("global", "tensor")
 TRIM_RULES = ("reference", "ceil")
@@ -77,25 +80,56 @@ def merge_func_name(merge_func: str) -> str:
     return f
 
 
+def trim_rank(n: int, density: float, rule: str = "reference") -> int:
+    """The 1-based rank (in ascending order of magnitude) of the trim threshold among ``n``
+    magnitudes: ``max(1, n − int(n·k))`` (``"reference"``) or ``n − ⌈k·n⌉ + 1`` (``"ceil"``)."""
+    k = density_fraction(density)
+    if rule == "reference":
+        return max(1, n - int(n * k))
+    if rule == "ceil":
+        return n - min(n, max(1, math.ceil(k * n - 1e-9))) + 1
+    raise ValueError(f"unknown trim_rule {rule!r}; choose one of {TRIM_RULES}")
+
+
 def trim_threshold(abs_values: torch.Tensor, density: float, rule: str = "reference") -> float:
     """The magnitude ``q`` such that ``|τ| ≥ q`` is the kept set (``+inf`` for an empty tensor).
 
     ``rule="reference"``: the ``(N − int(N·k))``-th smallest (at least the 1st) of
     ``abs_values``; ``rule="ceil"``: the ``⌈k·N⌉``-th largest. ``density`` as in
     :func:`density_fraction`."""
-    k = density_fraction(density)
     n = abs_values.numel()
+    rank = trim_rank(max(n, 1), density, rule)
     if n == 0:
         return float("inf")
     flat = abs_values.reshape(-1)
     flat = flat.to(torch.promote_types(flat.dtype, torch.float32))
-    if rule == "reference":
-        rank = max(1, n - int(n * k))
-    elif rule == "ceil":
-        rank = n - min(n, max(1, math.ceil(k * n - 1e-9))) + 1
-    else:
-        raise ValueError(f"unknown trim_rule {rule!r}; choose one of {TRIM_RULES}")
     return float(flat.kthvalue(rank).values)
+
+
+def kth_smallest_streaming(chunks: Callable[[], Iterable[torch.Tensor]], rank: int, dtype: torch.dtype) -> float:
+    """The ``rank``-th smallest (1-based) of the non-negative finite values that ``chunks()``
+    yields (cast to ``dtype``, float32 or float64), exactly as ``kthvalue`` over their
+    concatenation, without concatenating: a radix select on the IEEE bit patterns (for
+    non-negative floats their order is the integer order), 16 bits per pass over the chunks
+    (2 passes for float32, 4 for float64), holding one chunk and a 65,536-bin histogram."""
+    ibits, width = (torch.int32, 32) if dtype == torch.float32 else (torch.int64, 64)
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"kth_smallest_streaming works in float32 or float64, not {dtype}")
+    prefix, remaining = 0, int(rank)
+    for shift in range(width - 16, -1, -16):
+        hist = torch.zeros(1 << 16, dtype=torch.int64)
+        for c in chunks():
+            b = c.reshape(-1).to(dtype).contiguous().view(ibits).to(torch.int64)
+            if shift + 16 < width:
+                b = b[(b >> (shift + 16)) == prefix]
+            hist += torch.bincount((b >> shift) & 0xFFFF, minlength=1 << 16)
+        cum = hist.cumsum(0)
+        if int(cum[-1]) < remaining:
+            raise ValueError(f"rank {rank} exceeds the {int(cum[-1])} values")
+        digit = int(torch.searchsorted(cum, torch.tensor(remaining, dtype=torch.int64)))
+        remaining -= int(cum[digit - 1]) if digit else 0
+        prefix = (prefix << 16) | digit
+    return float(torch.tensor([prefix], dtype=torch.int64).to(ibits).view(dtype)[0])
 
 
 def elected_signs(trimmed: list[torch.Tensor]) -> torch.Tensor:
@@ -269,3 +303,78 @@ class TIES(ContinualStrategy):
             q = self._thresholds[t]
             per[t] = state_nbytes(self._taus[t]) + 8 * (len(q) if isinstance(q, dict) else 1)
         return StorageReport(0, per, "every task vector τ_i (one model per task) + its trim threshold")
+
+
+class TIESRule(TensorRule):
+    """On disk: every task vector (per task, frozen). A read makes three passes over them: each
+    task's global trim threshold (:func:`kth_smallest_streaming`, exactly the in-memory
+    ``kthvalue``), the majority sign, then the merge, one tensor at a time."""
+
+    method = "ties"
+    continual = False
+    defaults: ClassVar[dict[str, Any]] = {
+        "density": 0.2,
+        "scale": 0.3,
+        "merge_func": "sum",
+        "zero_sign": "majority",
+        "trim_rule": "reference",
+        "trim_scope": "global",
+    }
+    strategy_cls: ClassVar[Any] = TIES
+
+    def check_options(self, opts: dict[str, Any]) -> dict[str, Any]:
+        validate_like(self.strategy_cls, opts)
+        out = dict(opts)
+        out["density"], out["scale"] = float(opts["density"]), float(opts["scale"])
+        out["merge_func"] = merge_func_name(opts["merge_func"])
+        return out
+
+    def slots(self) -> list[Slot]:
+        return [Slot("tau", per_task=True, frozen=True)]
+
+    def fold(self, key, delta, old, task, shape):
+        return {"tau": delta}
+
+    def _threshold(self, q: Any, key: str, tau: torch.Tensor) -> float:
+        return trim_threshold(tau.abs(), self.opts["density"], self.opts["trim_rule"]) if q is None else q
+
+    def _trimmed(self, reader, key: str, t: int, q: Any) -> torch.Tensor:
+        tau = reader.get("tau", key, t)
+        thr = self._threshold(q, key, tau)
+        return torch.where(tau.abs().to(torch.float64) >= thr, tau, torch.zeros_like(tau))
+
+    def prepare(self, reader, keys, meta):
+        o = self.opts
+        thresholds: list[float | None] = [None] * reader.tasks
+        if o["trim_scope"] == "global":
+            w = torch.float32
+            for k in keys:
+                w = torch.promote_types(w, reader.dtypes[k])
+            n = sum(math.prod(reader.shapes[k]) for k in keys)
+            for t in range(reader.tasks):
+                if n == 0:
+                    thresholds[t] = float("inf")
+                    continue
+                rank = trim_rank(n, o["density"], o["trim_rule"])
+                thresholds[t] = kth_smallest_streaming(
+                    lambda t=t: (reader.get("tau", k, t).abs() for k in keys), rank, w
+                )
+        if o["zero_sign"] == "positive":
+            return thresholds, 1.0
+        total = 0.0
+        for k in keys:
+            total += float(elected_signs([self._trimmed(reader, k, t, thresholds[t]) for t in range(reader.tasks)]).sum())
+        majority = float(math.copysign(1.0, total)) if total != 0 else 0.0
+        return thresholds, (majority if o["zero_sign"] == "majority" else -majority)
+
+    def merged(self, key, reader, meta, ctx):
+        thresholds, z = ctx
+        trimmed = [self._trimmed(reader, key, t, thresholds[t]) for t in range(reader.tasks)]
+        m = ties_tensor(trimmed, self.opts["merge_func"], z)
+        return (m * self.opts["scale"]).to(trimmed[0].dtype)
+
+    def expert(self, key, reader, meta, ctx, task):
+        return reader.get("tau", key, task)
+
+
+register_rule("ties", TIESRule)
