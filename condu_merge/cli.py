@@ -46,9 +46,47 @@ def _progress(args: argparse.Namespace) -> bool:
 # ---------------------------------------------------------------------------- add-task
 
 
+def _parse_sets(items: list[str] | None) -> dict[str, Any]:
+    """``--set key=value`` pairs (values parsed as JSON where they parse, else kept as text)."""
+    from .strategies.rule import parse_option_value
+
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set {item!r}: expected key=value (e.g. --set density=0.2)")
+        out[key.strip()] = parse_option_value(value)
+    return out
+
+
+def _store_method(path: str) -> str | None:
+    """The method an existing store records (``None``: no store there yet)."""
+    mpath = os.path.join(path, "manifest.json")
+    if not os.path.isfile(mpath):
+        return None
+    try:
+        with open(mpath, "rb") as fh:
+            m = json.loads(fh.read())
+    except (OSError, ValueError):
+        return "condu"  # the store's own loader names what is wrong
+    return m.get("method", "condu") if isinstance(m, dict) else "condu"
+
+
 def _add_task(args: argparse.Namespace) -> int:
     from .distributed import add_task_from_args, launcher_detected, stale_world_size
 
+    have = _store_method(args.store)
+    method = args.method or have or "condu"
+    if have is not None and method != have:
+        raise ValueError(
+            f"{os.path.abspath(args.store)}: --method {method} differs from the store's {have} "
+            "(fixed when the store was created); drop the option, or start a new store"
+        )
+    sets = _parse_sets(args.set)
+    if method != "condu":
+        return _add_strategy_task(args, method, sets)
+    if sets:
+        raise ValueError(f"--set {sorted(sets)}: ConDU's options are --rescaler and --dtype, not --set")
     if launcher_detected():  # started by torchrun: split the step across ranks
         return add_task_from_args(args)
     stale = stale_world_size()
@@ -101,12 +139,68 @@ def _add_task(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_strategy_task(args: argparse.Namespace, method: str, sets: dict[str, Any]) -> int:
+    """add-task for a store of another strategy than ConDU (:class:`~condu_merge.strategy_store.StrategyStore`)."""
+    import torch
+
+    from .distributed import launcher_detected
+    from .recipe import family_left_out
+    from .strategy_store import StrategyStore
+
+    if launcher_detected():
+        raise ValueError(f"distributed add-task (torchrun) merges ConDU stores only, not --method {method}")
+    for opt in ("rescaler", "lora", "lora_init"):
+        if getattr(args, opt) is not None:
+            raise ValueError(
+                f"--{opt.replace('_', '-')} is ConDU's; for --method {method} give options with --set key=value"
+            )
+    t0 = time.perf_counter()
+    with StrategyStore(args.store, verify=False) as st:
+        family, left_out = (
+            family_left_out(args.base, args.finetuned) if not st.exists and not args.include else ("", [])
+        )
+        st.add_task_from_checkpoints(
+            args.name,
+            args.base,
+            args.finetuned,
+            method=method,
+            options=sets,
+            include=args.include,
+            exclude=list(args.exclude or []) + left_out or None,
+            dtype=getattr(torch, args.dtype) if args.dtype else None,
+            check_base=not args.no_check_base,
+            progress=_progress(args),
+            source_extra={"base_arg": os.path.abspath(args.base)},
+        )
+        elapsed = time.perf_counter() - t0
+        data = {
+            "store": st.root,
+            "method": method,
+            "options": st.options,
+            "task": args.name,
+            "tasks": st.task_names,
+            "params": sum(math.prod(s.shape) for s in st.specs),
+            "left_out": left_out,
+            "storage": st.storage(),
+            "seconds": elapsed,
+        }
+    lines = [
+        f"added {args.name!r} to {data['store']} ({method}, {len(data['tasks'])} tasks, {data['params']:,} params) "
+        f"in {elapsed:.2f} s; the store is {data['storage']['models']:.2f}x one model"
+    ]
+    if left_out:
+        lines.append(
+            f"  left out by the {family} default (docs/adapters.md): {', '.join(left_out)}; --include to choose yourself"
+        )
+    _emit(args, data, lines)
+    return 0
+
+
 # ---------------------------------------------------------------------------- export
 
 
 def _export(args: argparse.Namespace) -> int:
     from . import export as ex
-    from .store import Store
 
     if bool(args.all) == bool(args.task):
         raise ValueError("name one task with --task, or export every task with --all")
@@ -123,7 +217,9 @@ def _export(args: argparse.Namespace) -> int:
         peft_rank=args.rank,
         task_type=args.task_type,
     )
-    with Store(args.store, verify=not args.no_verify) as st:
+    from .strategy_store import open_any_store
+
+    with open_any_store(args.store, verify=not args.no_verify) as st:
         if args.all:
             if not st.exists:
                 raise FileNotFoundError(f"{st.root}: no condu-merge store here (no manifest.json)")
@@ -252,8 +348,63 @@ def _against(args: argparse.Namespace, data: dict[str, Any]) -> list[dict[str, A
         return [distance_to_finetuned(st, n, p, base=args.base, backend="auto") for n, p in pairs]
 
 
+def _inspect_strategy(args: argparse.Namespace) -> int:
+    """inspect for a store of another strategy: what it keeps (its slots) and their bytes."""
+    from .strategy_store import StrategyStore
+
+    if args.against is not None:
+        raise ValueError("--against compares ConDU's decoupled experts; this store holds another method")
+    with StrategyStore(args.store, verify=not args.no_verify) as st:
+        m = st.require()
+        rule = st.rule
+        storage = st.storage()
+        data = {
+            "store": st.root,
+            "generation": st.generation,
+            "method": m["method"],
+            "options": m["options"],
+            "continual": rule.continual,
+            "task_aware": rule.task_aware,
+            "slots": [dict(s.to_json(), bytes=storage["slot_bytes"][s.kind]) for s in rule.slots()],
+            "tensors": len(m["tensors"]),
+            "params": sum(math.prod(s.shape) for s in st.specs),
+            "tasks": [
+                {"name": t["name"], "added": t.get("added"), "source": (t.get("source") or {}).get("path")}
+                for t in m["tasks"]
+            ],
+            "meta": m.get("meta") or {},
+            "base": m.get("base"),
+            "storage": storage,
+            "verified": not args.no_verify,
+        }
+    opts = ", ".join(f"{k}={v}" for k, v in data["options"].items()) or "none"
+    lines = [
+        f"store {data['store']} ({data['method']}, generation {data['generation']}; "
+        + ("every file's sha256 verified)" if data["verified"] else "files not verified: --no-verify)"),
+        f"  options: {opts}",
+        f"  {data['params']:,} parameters in {data['tensors']} tensors; base: {(data['base'] or {}).get('path', 'not recorded')}",
+        f"  tasks: {', '.join(t['name'] for t in data['tasks'])}",
+        f"  keeps ({'continual: O(1) models' if data['continual'] else 'non-continual: grows with the tasks'}):",
+    ]
+    for sl in data["slots"]:
+        what = ("per task" if sl["per_task"] else "shared") + (", 1-bit packed" if sl["packed"] else "")
+        what += ", float32 or wider" if sl["wide"] else ""
+        what += ", written once" if sl["frozen"] else ""
+        lines.append(f"    {sl['kind']:<10} {what:<40} {_mb(sl['bytes']):>12}")
+    s = storage
+    lines.append(
+        f"  storage: {_mb(s['store_bytes'])} = {s['models']:.2f}x one model ({_mb(s['model_bytes'])}); "
+        f"{s['tasks']} individual models: {_mb(s['individual_bytes'])}"
+    )
+    _emit(args, data, lines)
+    return 0
+
+
 def _inspect(args: argparse.Namespace) -> int:
     from .store_view import StoreView, ViewError
+
+    if _store_method(args.store) not in (None, "condu"):
+        return _inspect_strategy(args)
 
     data = None
     try:  # torch-free and fast where the view can answer (by default after checking every field and
@@ -316,26 +467,26 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from .store import Store
+    from .strategy_store import StrategyStore, open_any_store
 
     t0 = time.perf_counter()
-    with Store(args.store, verify=False) as st:
+    with open_any_store(args.store, verify=False) as st:
         st.require()
         rep = st.verify()
+        files = rep if isinstance(st, StrategyStore) else rep.files
+        size = sum(int(f["bytes"]) for f in st.require()["files"].values())
         data = {
             "store": st.root,
             "ok": True,
-            "files": rep.files,
-            "bytes": rep.bytes,
+            "files": files,
+            "bytes": size,
             "tasks": st.task_names,
             "seconds": time.perf_counter() - t0,
         }
     _emit(
         args,
         data,
-        [
-            f"ok: {rep.files} files, {_mb(rep.bytes)}, {len(data['tasks'])} tasks verified (sha256) in {data['seconds']:.2f} s"
-        ],
+        [f"ok: {files} files, {_mb(size)}, {len(data['tasks'])} tasks verified (sha256) in {data['seconds']:.2f} s"],
     )
     return 0
 
@@ -529,6 +680,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype",
         choices=_DTYPES,
         help="dtype the store keeps u in (fixed by the first task; default: the checkpoint's)",
+    )
+    a.add_argument(
+        "--method",
+        help="merging strategy of the store: condu (default for a new store) or any of docs/strategies.md "
+        "(fixed by the first task; a later one may only repeat it)",
+    )
+    a.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="an option of --method (repeatable; e.g. --set density=0.2 --set merge_func=mean); fixed by the first task",
     )
     a.add_argument("--backend", default="auto")
     a.add_argument("--no-check-base", action="store_true", help="do not compare the base's sha256 with the store's")

@@ -199,20 +199,28 @@ def check_strategy_manifest(m: dict[str, Any], mpath: str) -> None:
     for rel, info in files.items():
         if not isinstance(rel, str) or not DATA_FILE_RE.fullmatch(rel):
             bad(f"file name {rel!r} is not a store file")
-        if not isinstance(info, dict) or not is_int(info.get("bytes")) or info["bytes"] < 0 or not isinstance(info.get("sha256"), str):
+        if (
+            not isinstance(info, dict)
+            or not is_int(info.get("bytes"))
+            or info["bytes"] < 0
+            or not isinstance(info.get("sha256"), str)
+        ):
             bad(f"file entry {rel!r} lacks a byte count or sha256")
     tensors = m.get("tensors")
     if not isinstance(tensors, list) or not tensors:
         bad("it lists no tensors")
     names: set[str] = set()
     for t in tensors:
-        if not (
-            isinstance(t, dict)
-            and isinstance(t.get("name"), str)
-            and t.get("dtype") in SAFETENSORS_DTYPES
-            and isinstance(t.get("shape"), list)
-            and all(is_int(x) and x >= 0 for x in t["shape"])
-        ) or t["name"] in names:
+        if (
+            not (
+                isinstance(t, dict)
+                and isinstance(t.get("name"), str)
+                and t.get("dtype") in SAFETENSORS_DTYPES
+                and isinstance(t.get("shape"), list)
+                and all(is_int(x) and x >= 0 for x in t["shape"])
+            )
+            or t["name"] in names
+        ):
             bad(f"tensor entry {repr(t)[:200]} is malformed or repeated")
         names.add(t["name"])
     tasks = m.get("tasks")

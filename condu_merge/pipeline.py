@@ -268,8 +268,6 @@ def popcount_bytes(packed: torch.Tensor) -> int:
     return bitarray(buffer=arr.data, endian="little").count(1)
 
 
-
-
 # ---------------------------------------------------------------------------- lock
 
 
@@ -346,6 +344,7 @@ class StoreLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
 
 class ReopeningWriter:
     """:class:`StreamingSafetensorsWriter`'s interface (header first, tensors in order, sha256
@@ -440,6 +439,7 @@ def open_task_delta(
         fck.close()
         raise MergeInputError(f"{bck.path}: the base must be a full checkpoint, not an adapter")
     return TaskDelta(bck, fck)
+
 
 # ---------------------------------------------------------------------------- generations
 
@@ -731,9 +731,7 @@ def check_base_identity(
         )
 
 
-def base_after_read(
-    manifest: Mapping[str, Any] | None, bck: Checkpoint, *, read_hash: bool
-) -> dict[str, Any] | None:
+def base_after_read(manifest: Mapping[str, Any] | None, bck: Checkpoint, *, read_hash: bool) -> dict[str, Any] | None:
     """After the merge read the base: on creation (``manifest is None``), its identity to record;
     later, the check against the recorded one. The sha256 is the one hashed while the merge read
     the file (:meth:`SafetensorsFile.sequential_sha256`), a separate pass only where there is none."""

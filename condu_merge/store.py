@@ -154,7 +154,6 @@ def generation_layout(specs: Sequence[TensorSpec], n_tasks: int) -> dict[str, tu
     return layout
 
 
-
 class GenerationWriter:
     """Writes one complete ConDU generation, one tensor at a time.
 
@@ -235,7 +234,6 @@ def _write_prototype_file(path: str, tensors: Mapping[str, torch.Tensor], task: 
             w.write(k, v)
         sha, size = w.close()
     return {"sha256": sha, "bytes": size}
-
 
 
 # ---------------------------------------------------------------------------- the store
@@ -940,5 +938,3 @@ class Store:
             "overlap_bits": inter,
             "jaccard": [[(inter[i][j] / union[i][j] if union[i][j] else 0.0) for j in range(n)] for i in range(n)],
         }
-
-

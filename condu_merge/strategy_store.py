@@ -148,8 +148,12 @@ class StrategyStore:
                     got = [f.spec(k) for k in f.keys()]
                 finally:
                     f.close()
-                if [(g.name, g.dtype, tuple(g.shape)) for g in got] != [(w.name, w.dtype, tuple(w.shape)) for w in want]:
-                    raise FormatError(f"{os.path.join(gen, rel)}: its tensors differ from what the manifest's slot {slot.kind!r} holds")
+                if [(g.name, g.dtype, tuple(g.shape)) for g in got] != [
+                    (w.name, w.dtype, tuple(w.shape)) for w in want
+                ]:
+                    raise FormatError(
+                        f"{os.path.join(gen, rel)}: its tensors differ from what the manifest's slot {slot.kind!r} holds"
+                    )
 
     def reload(self, *, verify: bool = False) -> None:
         self._load(verify)
@@ -263,10 +267,14 @@ class StrategyStore:
                 continue
             b = bck.get(k)
             if tuple(b.shape) != tuple(d.shape):
-                raise ShapeMismatchError(f"{bck.path}: base tensor {k!r} has shape {tuple(b.shape)}, the store has {tuple(d.shape)}")
+                raise ShapeMismatchError(
+                    f"{bck.path}: base tensor {k!r} has shape {tuple(b.shape)}, the store has {tuple(d.shape)}"
+                )
             yield k, _absolute(b, d)
 
-    def model(self, task: str | None = None, *, base: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    def model(
+        self, task: str | None = None, *, base: Mapping[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
         """:meth:`iter_decouple` into a dict (base entries the store does not cover unchanged)."""
         out = dict(self.iter_decouple(task, base=base))
         if base is not None:
@@ -358,7 +366,9 @@ class StrategyStore:
                 self._load(False)
                 creating = self.manifest is None
                 rule = self._resolve_rule(method, options)
-                plan = plan_checkpoint_task(self.root, self.manifest, td, include, exclude, dtype, check_base, hash_base=False)
+                plan = plan_checkpoint_task(
+                    self.root, self.manifest, td, include, exclude, dtype, check_base, hash_base=False
+                )
                 plan.source = {**(plan.source or {}), **(source_extra or {})}
                 store_dtype = {s.name: s.dtype for s in plan.specs}
                 read_hash = isinstance(base, (str, os.PathLike))
@@ -369,7 +379,9 @@ class StrategyStore:
                     lambda k: td.delta(k, store_dtype[k]),
                     progress=progress,
                     label=f"task {name!r} ({getattr(td.finetuned, 'path', '?')})",
-                    after_read=(lambda: base_after_read(None if creating else self.manifest, td.base, read_hash=read_hash))
+                    after_read=(
+                        lambda: base_after_read(None if creating else self.manifest, td.base, read_hash=read_hash)
+                    )
                     if check_base
                     else None,
                 )
@@ -420,7 +432,9 @@ class StrategyStore:
             for s in tqdm(specs, desc=f"add {name}", disable=not progress, leave=False):
                 d = delta_of(s.name)
                 if tuple(d.shape) != tuple(s.shape):
-                    raise ShapeMismatchError(f"{label}: tensor {s.name!r} has shape {tuple(d.shape)}, the store has {s.shape}")
+                    raise ShapeMismatchError(
+                        f"{label}: tensor {s.name!r} has shape {tuple(d.shape)}, the store has {s.shape}"
+                    )
                 if d.dtype != s.dtype:
                     raise DtypeMismatchError(f"{label}: tensor {s.name!r} is {d.dtype}, the store keeps {s.dtype}")
                 bad = ~torch.isfinite(d)

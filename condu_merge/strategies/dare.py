@@ -219,7 +219,9 @@ class DareTaskArithmeticRule(TensorRule):
 
     def fold(self, key, delta, old, task, shape):
         o = self.opts
-        d = drop_and_rescale(delta, dare_mask(delta.shape, o["sparsity"], o["seed"], task.name, key), o["sparsity"], o["rescale"])
+        d = drop_and_rescale(
+            delta, dare_mask(delta.shape, o["sparsity"], o["seed"], task.name, key), o["sparsity"], o["rescale"]
+        )
         prev = old.get("sum", key).to(torch.float64) if old is not None else 0.0
         return {"sum": (prev + d).to(wide(delta.dtype))}
 

@@ -105,7 +105,10 @@ class EMRRule(TensorRule):
     def _unify(self, key, reader):
         names = reader.names
         return unify_tensor(
-            [reader.get("tau", key, t) for t in range(reader.tasks)], backend=self.opts["backend"], key=key, labels=names
+            [reader.get("tau", key, t) for t in range(reader.tasks)],
+            backend=self.opts["backend"],
+            key=key,
+            labels=names,
         )
 
     def prepare(self, reader, keys, meta):

@@ -121,7 +121,10 @@ class MagMaxRule(TensorRule):
     def fold(self, key, delta, old, task, shape):
         if old is None:
             return {"merged": delta, "last": delta}
-        return {"merged": max_magnitude_update(old.get("merged", key), delta, self.opts["tie"] == "later"), "last": delta}
+        return {
+            "merged": max_magnitude_update(old.get("merged", key), delta, self.opts["tie"] == "later"),
+            "last": delta,
+        }
 
     def merged(self, key, reader, meta, ctx):
         m = reader.get("merged", key)

@@ -245,7 +245,8 @@ class TALLMasksRule(TensorRule):
         shape = reader.shapes[key]
         v = reader.get("mtl", key).reshape(shape)
         c = consensus_mask(
-            [unpack_mask(reader.get("mask", key, t), shape=shape) for t in range(reader.tasks)], self.opts["consensus_k"]
+            [unpack_mask(reader.get("mask", key, t), shape=shape) for t in range(reader.tasks)],
+            self.opts["consensus_k"],
         )
         return (torch.where(c, v.to(torch.float64), 0.0) * self.opts["scale"]).to(reader.dtypes[key])
 

@@ -363,7 +363,9 @@ class TIESRule(TensorRule):
             return thresholds, 1.0
         total = 0.0
         for k in keys:
-            total += float(elected_signs([self._trimmed(reader, k, t, thresholds[t]) for t in range(reader.tasks)]).sum())
+            total += float(
+                elected_signs([self._trimmed(reader, k, t, thresholds[t]) for t in range(reader.tasks)]).sum()
+            )
         majority = float(math.copysign(1.0, total)) if total != 0 else 0.0
         return thresholds, (majority if o["zero_sign"] == "majority" else -majority)
 
