@@ -36,9 +36,18 @@ from .pam import (
     sign_agreement,
     top_fraction_threshold,
 )
+from .rule import Slot, SlotReader, TensorRule, available_rules, get_rule, register_rule
 from .tall_masks import TALLMasks, consensus_mask, tall_mask
 from .task_arithmetic import TaskArithmetic, task_arithmetic_tensor
-from .ties import TIES, density_fraction, disjoint_merge, elected_signs, ties_tensor, trim_threshold
+from .ties import (
+    TIES,
+    density_fraction,
+    disjoint_merge,
+    elected_signs,
+    kth_smallest_streaming,
+    ties_tensor,
+    trim_threshold,
+)
 
 for _cls in (
     ConDU,
@@ -70,12 +79,16 @@ __all__ = [
     "DareTaskArithmetic",
     "MagMax",
     "PAMAlignment",
+    "Slot",
+    "SlotReader",
     "StorageReport",
     "StrategyStateError",
     "TALLMasks",
     "TaskArithmetic",
     "TaskStart",
+    "TensorRule",
     "TrainingHook",
+    "available_rules",
     "available_strategies",
     "conflict_mask",
     "consensus_mask",
@@ -85,12 +98,15 @@ __all__ = [
     "dop_merge_matrix",
     "drop_and_rescale",
     "elected_signs",
+    "get_rule",
     "get_strategy",
     "important_signs",
+    "kth_smallest_streaming",
     "load_strategy",
     "max_magnitude_update",
     "opcm_project",
     "pam_merge_tensor",
+    "register_rule",
     "register_strategy",
     "sign_agreement",
     "state_nbytes",

@@ -47,7 +47,7 @@ per tensor with ``trim_scope="tensor"``).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -356,9 +356,11 @@ class TIESRule(TensorRule):
                     thresholds[t] = float("inf")
                     continue
                 rank = trim_rank(n, o["density"], o["trim_rule"])
-                thresholds[t] = kth_smallest_streaming(
-                    lambda t=t: (reader.get("tau", k, t).abs() for k in keys), rank, w
-                )
+
+                def magnitudes(t: int = t) -> Iterator[torch.Tensor]:
+                    return (reader.get("tau", k, t).abs() for k in keys)
+
+                thresholds[t] = kth_smallest_streaming(magnitudes, rank, w)
         if o["zero_sign"] == "positive":
             return thresholds, 1.0
         total = 0.0
