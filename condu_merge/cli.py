@@ -67,7 +67,7 @@ def _store_method(path: str) -> str | None:
     try:
         with open(mpath, "rb") as fh:
             m = json.loads(fh.read())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return "condu"  # the store's own loader names what is wrong
     return m.get("method", "condu") if isinstance(m, dict) else "condu"
 

@@ -547,7 +547,7 @@ def open_any_store(path: str | os.PathLike[str], *, verify: bool = True) -> Any:
     mpath = os.path.join(os.fspath(path), MANIFEST)
     method = "condu"
     if os.path.isfile(mpath):
-        with contextlib.suppress(OSError, ValueError, AttributeError):
+        with contextlib.suppress(OSError, ValueError, AttributeError, RecursionError):  # the loader names it
             with open(mpath, "rb") as fh:
                 method = json.loads(fh.read()).get("method", "condu")
     if method != "condu":
