@@ -332,6 +332,7 @@ def plan(recipe: Recipe) -> dict[str, Any]:
     task commits) and an estimate of peak memory (the largest tensor's streaming work)."""
     from .checkpoints import PeftAdapter, TaskDelta, open_checkpoint, select_keys
     from .safetensors_writer import dtype_itemsize
+
     with _open_store(recipe) as st:
         rows = [{"name": t.name, "path": t.path, "action": _status(st, t)[0]} for t in recipe.tasks]
         t0 = recipe.tasks[0]
