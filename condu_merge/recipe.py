@@ -15,6 +15,8 @@ A recipe::
       lora: factors                # PEFT adapters: factors | dense
       lora_init: lora-init/        # factor-wise: the adapters' shared initialisation
       check_base: true
+    method: ties                   # optional: any strategy of the registry (default condu)
+    set: {density: 20}             # that method's options (condu-merge add-task --set)
     tasks:
       - {name: cars, path: ft/cars}
       - {name: dtd, path: ft/dtd, backend: torch}   # per-task options override `options`
@@ -58,6 +60,12 @@ class Recipe:
     store: str
     base: str
     tasks: list[TaskSpec]
+    method: str = "condu"
+    method_options: dict[str, Any] = field(default_factory=dict)
+
+
+CONDU_ONLY = ("rescaler", "lora", "lora_init")
+"""Task options that are ConDU's: refused in a recipe of another ``method`` (its options go in ``set``)."""
 
 
 def _parse_text(path: str, text: str) -> Any:
@@ -106,9 +114,24 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         raw = _parse_text(path, fh.read())
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: a recipe is a mapping with store, base and tasks")
-    unknown = set(raw) - {"store", "base", "tasks", "options"}
+    unknown = set(raw) - {"store", "base", "tasks", "options", "method", "set"}
     if unknown:
-        raise RecipeError(f"{path}: unknown key(s) {sorted(unknown)}; a recipe has store, base, options, tasks")
+        raise RecipeError(
+            f"{path}: unknown key(s) {sorted(unknown)}; a recipe has store, base, options, method, set, tasks"
+        )
+    method = raw.get("method", "condu")
+    sets = raw.get("set") or {}
+    if not isinstance(method, str) or not isinstance(sets, dict):
+        raise RecipeError(f"{path}: 'method' must name a strategy and 'set' be a mapping of its options")
+    if method == "condu" and sets:
+        raise RecipeError(f"{path}: 'set' gives options of another method; ConDU's are rescaler and dtype in options")
+    if method != "condu":
+        from .strategies.rule import get_rule
+
+        try:
+            get_rule(method, **sets)
+        except ValueError as exc:
+            raise RecipeError(f"{path}: {exc}") from None
     for k in ("store", "base"):
         if not isinstance(raw.get(k), str) or not raw[k]:
             raise RecipeError(f"{path}: '{k}' must name a path")
@@ -135,10 +158,15 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
             raise RecipeError(f"{where}: task {t['name']!r} is listed twice")
         seen.add(t["name"])
         opts = {**defaults, **_check_options({k: v for k, v in t.items() if k not in ("name", "path")}, where)}
+        condu_only = sorted(k for k in opts if k in CONDU_ONLY)
+        if method != "condu" and condu_only:
+            raise RecipeError(f"{where}: {condu_only} are ConDU's options; method {method} takes its options in 'set'")
         if "lora_init" in opts:
             opts["lora_init"] = res(opts["lora_init"])
         specs.append(TaskSpec(t["name"], res(t["path"]), opts))
-    return Recipe(path=path, store=res(raw["store"]), base=res(raw["base"]), tasks=specs)
+    return Recipe(
+        path=path, store=res(raw["store"]), base=res(raw["base"]), tasks=specs, method=method, method_options=dict(sets)
+    )
 
 
 def source_hash(path: str) -> str:
@@ -304,9 +332,8 @@ def plan(recipe: Recipe) -> dict[str, Any]:
     task commits) and an estimate of peak memory (the largest tensor's streaming work)."""
     from .checkpoints import PeftAdapter, TaskDelta, open_checkpoint, select_keys
     from .safetensors_writer import dtype_itemsize
-    from .store import Store
 
-    with Store(recipe.store, verify=False) as st:
+    with _open_store(recipe) as st:
         rows = [{"name": t.name, "path": t.path, "action": _status(st, t)[0]} for t in recipe.tasks]
         t0 = recipe.tasks[0]
         if st.exists:
@@ -349,6 +376,21 @@ def plan(recipe: Recipe) -> dict[str, Any]:
     u_bytes = sum(n * isz for _, n, isz, _ in specs)
     mask_bytes = sum((n + 7) // 8 for _, n, _, _ in specs)
     store_after = u_bytes + n_after * mask_bytes
+    peak_disk = store_after + (u_bytes + (n_after - 1) * mask_bytes if n_after > 1 else 0)
+    if recipe.method != "condu":  # the rule's slots: shared ones once, per-task ones per task
+        from .strategies.rule import get_rule
+
+        shared = per_task = rewritten = 0
+        for slot in get_rule(recipe.method, **recipe.method_options).slots():
+            b = sum((n + 7) // 8 if slot.packed else n * (max(isz, 4) if slot.wide else isz) for _, n, isz, _ in specs)
+            if slot.per_task:
+                per_task += b
+                rewritten += 0 if slot.frozen else b
+            else:
+                shared += b
+        store_after = shared + n_after * per_task
+        # while a task commits: the old generation, plus the new one's rewritten files (frozen ones are links)
+        peak_disk = store_after + (shared + (n_after - 1) * rewritten if n_after > 1 else 0)
     big = max(specs, key=lambda s: s[1]) if specs else ("", 0, 0, 0)
     # one tensor in flight: base and fine-tuned reads, the float32 delta, old and new u, t+1 mask rows
     peak_mem = big[1] * (2 * big[3] + 4 + 2 * big[2]) + 2 * (n_after + 1) * ((big[1] + 7) // 8)
@@ -361,17 +403,57 @@ def plan(recipe: Recipe) -> dict[str, Any]:
         "params": params,
         "bytes_per_task": u_bytes,
         "store_bytes_after": store_after,
-        "peak_disk_bytes": store_after + (u_bytes + (n_after - 1) * mask_bytes if n_after > 1 else 0),
+        "peak_disk_bytes": peak_disk,
+        "method": recipe.method,
         "peak_memory_bytes": peak_mem,
         "largest_tensor": big[0],
     }
 
 
+def _open_store(recipe: Recipe) -> Any:
+    """The recipe's store: ConDU's, or a :class:`~condu_merge.strategy_store.StrategyStore` of its
+    ``method`` (an existing store of another method is refused naming both)."""
+    from .store import Store
+    from .strategy_store import StrategyStore, open_any_store
+
+    st = open_any_store(recipe.store, verify=False)
+    have = st.method if isinstance(st, StrategyStore) else ("condu" if st.exists else None)
+    if have is not None and have != recipe.method:
+        st.close()
+        raise RecipeError(
+            f"{recipe.path}: method {recipe.method} differs from the store's {have} ({recipe.store}); "
+            "fix the recipe, or start a new store"
+        )
+    if recipe.method != "condu" and isinstance(st, Store):
+        st.close()
+        st = StrategyStore(recipe.store, verify=False)
+    return st
+
+
+def _add_strategy_task(st: Any, recipe: Recipe, t: TaskSpec, h: str) -> None:
+    import torch
+
+    o = t.options
+    include, exclude = o.get("include"), list(o.get("exclude") or [])
+    if not st.exists and not include:
+        exclude += family_left_out(recipe.base, t.path)[1]
+    st.add_task_from_checkpoints(
+        t.name,
+        recipe.base,
+        t.path,
+        method=recipe.method,
+        options=recipe.method_options,
+        include=include,
+        exclude=exclude or None,
+        dtype=getattr(torch, o["dtype"]) if o.get("dtype") else None,
+        check_base=o.get("check_base", True),
+        source_extra={"sha256": h, "base_arg": os.path.abspath(recipe.base)},
+    )
+
+
 def run_recipe(recipe: Recipe, *, progress: bool = False, on_task=None) -> list[dict[str, Any]]:
     """Add the recipe's tasks in order (skipping those already stored from the same source);
     ``progress``: one bar over the tasks. ``on_task(row)`` is called after each task."""
-    from .store import Store
-
     rows = []
     bar = None
     if progress:
@@ -379,7 +461,7 @@ def run_recipe(recipe: Recipe, *, progress: bool = False, on_task=None) -> list[
 
         bar = tqdm(total=len(recipe.tasks), unit="task", desc="recipe")
     try:
-        with Store(recipe.store, verify=False) as st:
+        with _open_store(recipe) as st:
             for t in recipe.tasks:
                 if bar is not None:
                     bar.set_description(t.name)
@@ -390,7 +472,10 @@ def run_recipe(recipe: Recipe, *, progress: bool = False, on_task=None) -> list[
                     "action": "skipped" if action == "skip" else "added",
                     "sha256": h,
                 }
-                if action == "add":
+                if action == "add" and recipe.method != "condu":
+                    _add_strategy_task(st, recipe, t, h)
+                    row["left_out"] = []
+                elif action == "add":
                     o = t.options
                     info = add_one(
                         st,

@@ -138,3 +138,54 @@ def test_bad_recipes_are_refused_naming_file_and_key(tmp_path, edit, msg):
     with pytest.raises(RecipeError) as e:
         load_recipe(p)
     assert msg in str(e.value) and str(p) in str(e.value)
+
+
+def test_recipe_of_another_method_equals_add_task(tmp_path, capsys):
+    """``method``/``set`` in a recipe store that strategy exactly as ``add-task --method --set``
+    does; a re-run skips every task; a recipe naming another method than the store's, or a ConDU
+    option for another method, is refused naming the file."""
+    from safetensors.torch import load_file
+
+    from condu_merge.strategies import get_strategy
+    from condu_merge.strategy_store import StrategyStore
+
+    _models(tmp_path)
+    r = {
+        "store": "s",
+        "base": "base.safetensors",
+        "method": "ties",
+        "set": {"density": 20, "merge_func": "mean"},
+        "tasks": [{"name": f"t{i}", "path": f"ft{i}.safetensors"} for i in range(3)],
+    }
+    p = tmp_path / "r.json"
+    p.write_text(json.dumps(r))
+    assert main(["run", str(p), "--dry-run", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["method"] == "ties" and [t["action"] for t in plan["tasks"]] == ["add"] * 3
+    assert plan["store_bytes_after"] == 3 * (64 * 32 + 32) * 4  # three float32 task vectors
+    assert main(["run", str(p), "-q"]) == 0
+    assert main(["run", str(p), "--json"]) == 0
+    assert [t["action"] for t in json.loads(capsys.readouterr().out)["tasks"]] == ["skipped"] * 3
+    st = StrategyStore(tmp_path / "s")
+    assert st.method == "ties" and st.options["merge_func"] == "mean" and st.task_names == ["t0", "t1", "t2"]
+    assert sum(st.storage()["slot_bytes"].values()) - plan["store_bytes_after"] < 3 * 1024  # headers only
+    base = load_file(str(tmp_path / "base.safetensors"))
+    floats = {k: v for k, v in base.items() if v.is_floating_point()}
+    ref = get_strategy("ties", floats, density=20, merge_func="mean")
+    for i in range(3):
+        ft = load_file(str(tmp_path / f"ft{i}.safetensors"))
+        ref.begin_task(f"t{i}")
+        ref.end_task(f"t{i}", params={k: ft[k] for k in floats})
+    got = st.model("t1", base=floats)
+    for k in floats:
+        assert torch.equal(got[k], ref.model_for_inference("t1")[k]), k
+    r["method"] = "magmax"
+    p.write_text(json.dumps({**r, "set": {}}))
+    assert main(["run", str(p)]) != 0
+    assert "method magmax differs from the store's ties" in capsys.readouterr().err
+    p.write_text(json.dumps({**r, "set": {"density": 0.2}}))
+    assert main(["run", str(p)]) != 0
+    assert "magmax: unknown option 'density'" in capsys.readouterr().err
+    p.write_text(json.dumps({**r, "method": "ties", "options": {"rescaler": "l1"}}))
+    assert main(["run", str(p)]) != 0
+    assert "['rescaler'] are ConDU's options; method ties takes its options in 'set'" in capsys.readouterr().err
