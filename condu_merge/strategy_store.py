@@ -519,6 +519,93 @@ class StrategyStore:
         m["files"] = files
         return m
 
+    # ------------------------------------------------------------------ in memory <-> on disk
+    @classmethod
+    def from_strategy(
+        cls, strategy: Any, path: str | os.PathLike[str], *, base_identity: dict[str, Any] | None = None
+    ) -> StrategyStore:
+        """Write an in-memory strategy (:class:`~condu_merge.strategies.ContinualStrategy`, e.g. a
+        PAM trained with its alignment hook) as a new store at ``path`` (a new or empty folder),
+        so the CLI can add later tasks to it, export and inspect it. Its state tensors are its
+        rule's slots (:meth:`ContinualStrategy.state`); ``base_identity`` (``{path, sha256,
+        bytes}``) records the base checkpoint for later ``add-task --base`` checks."""
+        rule = get_rule(strategy.name, **strategy.options())
+        tensors, meta = strategy.state()
+        base = strategy.base
+        specs = [TensorSpec(k, v.dtype, tuple(v.shape)) for k, v in base.items()]
+        names = list(strategy.task_names)
+        if not names:
+            raise ValueError(f"{strategy.name}: no task folded in yet; a store starts with its first task")
+        st = cls(path, verify=False)
+        with st._writer_lock():
+            st._load(False)
+            if st.manifest is not None:
+                raise ValueError(f"{st.root}: a store already exists here; write the strategy to a new folder")
+            layout: dict[str, tuple[list[TensorSpec], dict[str, str]]] = {}
+            for slot in rule.slots():
+                file_specs = [TensorSpec(x.name, slot.dtype(x.dtype), slot.shape(x.shape)) for x in specs]
+                meta_f = {"format": STORE_FORMAT, "method": rule.method, "content": slot.kind}
+                for i in range(len(names)) if slot.per_task else [None]:
+                    layout[slot.file(i)] = (file_specs, meta_f if i is None else {**meta_f, "task_index": str(i)})
+            new_gen, gen_dir = new_generation_dir(st.root, None)
+            writer = GenerationWriter(gen_dir, layout)
+            committed = False
+            try:
+                pipeline.crash_point("write:start")
+                for slot in rule.slots():
+                    for i in range(len(names)) if slot.per_task else [None]:
+                        for x in specs:
+                            key = f"{slot.kind}/{x.name}" if i is None else f"{slot.kind}/{i}/{x.name}"
+                            if key not in tensors:
+                                raise ValueError(
+                                    f"{strategy.name}: its state has no {key!r} for the rule's slot {slot.kind!r}"
+                                )
+                            writer.write(slot.file(i), x.name, st._check_out(rule, slot, x, tensors.pop(key)))
+                    pipeline.crash_point("write:tensor")
+                if tensors:
+                    raise ValueError(f"{strategy.name}: state tensors {sorted(tensors)[:3]} have no slot in its rule")
+                files = writer.finish()
+                plan = TaskPlan(specs, base_identity, {"include": [], "exclude": []}, None)
+                m = st._manifest_after(None, rule, plan, names[0], FoldTask(0, names[0]), files, base_identity)
+                m["tasks"] = [{"name": n, "added": utc_now(), "source": {"kind": "in-memory strategy"}} for n in names]
+                m["meta"] = {k: meta[k] for k in rule.meta_keys}
+                pipeline.crash_point("write:data")
+                commit_manifest(st.root, m, new_gen, None)
+                committed = True
+                st._load(False)
+            finally:
+                if not committed and committed_generation(st.root) != new_gen:
+                    writer.abort()
+        return st
+
+    def to_strategy(self, base: Mapping[str, torch.Tensor]) -> Any:
+        """The in-memory strategy holding this store's tasks over ``base`` (θ_0: the tensors the
+        store covers, same shapes), e.g. to train the next task with its hook; the inverse of
+        :meth:`from_strategy`. Reads the whole state into memory."""
+        from .strategies.base import strategy_class
+
+        m = self.require()
+        specs = self.specs
+        missing = [x.name for x in specs if x.name not in base]
+        if missing:
+            raise ValueError(f"{self.root}: base lacks the store's tensors {missing[:5]}")
+        for x in specs:
+            if tuple(base[x.name].shape) != tuple(x.shape):
+                raise ShapeMismatchError(
+                    f"{self.root}: base tensor {x.name!r} has shape {tuple(base[x.name].shape)}, the store has {x.shape}"
+                )
+        sub = {x.name: base[x.name] for x in specs}
+        reader = self.reader()
+        tensors: dict[str, torch.Tensor] = {}
+        for slot in self.rule.slots():
+            for i in range(len(m["tasks"])) if slot.per_task else [None]:
+                for x in specs:
+                    name = f"{slot.kind}/{x.name}" if i is None else f"{slot.kind}/{i}/{x.name}"
+                    tensors[name] = reader.get(slot.kind, x.name, i).reshape(slot.shape(x.shape))
+        cls = strategy_class(m["method"])
+        opts = dict(m["options"])
+        return cls.from_state(sub, self.task_names, tensors, {**opts, **(m.get("meta") or {})}, **opts)
+
     # ------------------------------------------------------------------ reporting
     def storage(self) -> dict[str, Any]:
         """Bytes on disk per slot (shared, and per task) against storing every fine-tuned model."""

@@ -279,3 +279,49 @@ def test_sigkill_at_each_step_leaves_old_or_new(tmp_path, method):
         ref = _in_memory(method, base, [*old, new], {}, ["a", "b", "new"])
         for t in ("a", "new"):
             _assert_equal_models(ref.model_for_inference(t), StrategyStore(root).model(t, base=base), (step, t))
+
+
+@pytest.mark.parametrize("method", available_rules())
+def test_in_memory_strategy_to_store_and_back(tmp_path, method):
+    """``StrategyStore.from_strategy`` writes an in-memory strategy as a store the CLI can go on
+    with; ``to_strategy`` reads it back; both continue bit-identically to never leaving memory."""
+    base, deltas = _family(3)
+    opts = OPTS.get(method, {})
+    names = ["t0", "t1", "t2"]
+    mem = _in_memory(method, base, deltas[:2], opts, names[:2])
+    st = StrategyStore.from_strategy(mem, tmp_path / "s")
+    st.add_task("t2", deltas[2])  # continued on disk
+    ref = _in_memory(method, base, deltas, opts, names)
+    back = StrategyStore(tmp_path / "s", verify=True).to_strategy(base)
+    assert back.task_names == names
+    for task in (None, "t0", "t2"):
+        _assert_equal_models(ref.model_for_inference(task), st.model(task, base=base), (method, "disk", task))
+        _assert_equal_models(ref.model_for_inference(task), back.model_for_inference(task), (method, "back", task))
+    # the one read back trains the next task from the same start and folds it the same way
+    more = _family(4, seed=5)[1][3]
+    for s in (ref, back):
+        start = s.begin_task("t3")
+        s.end_task("t3", delta=more)
+    _assert_equal_models(ref.model_for_inference("t3"), back.model_for_inference("t3"), (method, "t3"))
+    assert start.source in ("base", "previous", "merged")
+    with pytest.raises(ValueError, match="a store already exists here"):
+        StrategyStore.from_strategy(mem, tmp_path / "s")
+
+
+def test_load_strategy_reads_a_cli_store_with_its_recorded_base(tmp_path):
+    from condu_merge.strategies import load_strategy
+
+    base_path, fts = _ckpts(tmp_path, 2)
+    store = str(tmp_path / "store")
+    for i, ft in enumerate(fts):
+        argv = ["add-task", store, "--base", base_path, "--finetuned", ft, "--name", f"t{i}", "-q"]
+        assert main(argv + (["--method", "magmax", "--set", "scale=1.0"] if i == 0 else [])) == 0
+    strat = load_strategy(store)  # θ_0 from the checkpoint the store recorded
+    assert strat.name == "magmax" and strat.scale == 1.0 and strat.task_names == ["t0", "t1"]
+    base = load_file(base_path)
+    ref = _in_memory("magmax", base, [{k: load_file(f)[k] - base[k] for k in base} for f in fts], {"scale": 1.0})
+    _assert_equal_models(ref.model_for_inference(), strat.model_for_inference(), "load_strategy")
+    # training the next task starts where sequential fine-tuning left off (MagMax: the last model)
+    _assert_equal_models(ref.begin_task("t2").params, strat.begin_task("t2").params, "start")
+    with pytest.raises(Exception, match="options are fixed"):
+        load_strategy(store, scale=0.5)

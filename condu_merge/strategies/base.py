@@ -368,6 +368,52 @@ class ContinualStrategy(ABC):
         meta["header_sha256"] = metadata_sha256(meta)
         _write_atomic(path, tensors, meta)
 
+    def to_store(self, path: str | os.PathLike[str]) -> Any:
+        """Write this strategy as a new crash-safe store at ``path`` (see
+        :meth:`condu_merge.strategy_store.StrategyStore.from_strategy`): ``condu-merge add-task``,
+        ``export`` and ``inspect`` go on from it, and :func:`load_strategy` reads it back."""
+        from ..strategy_store import StrategyStore
+
+        return StrategyStore.from_strategy(self, path)
+
+    def options(self) -> dict[str, Any]:
+        """The constructor options (JSON) that re-create this strategy over the same θ_0."""
+        return dict(self._options())
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """``(tensors, meta)``: the state :meth:`save` writes -- tensors named ``<kind>/<key>``
+        or ``<kind>/<task index>/<key>`` (the slots of the strategy's on-disk rule), and the rest
+        as JSON. Refused while a task is open."""
+        if self._open is not None:
+            raise StrategyStateError(
+                f"{self.name}: task {self._open!r} is open; call end_task({self._open!r}, …) first"
+            )
+        return dict(self._state_tensors()), dict(self._state_meta())
+
+    @classmethod
+    def from_state(
+        cls: type[_S],
+        base: StateDict,
+        tasks: list[str],
+        tensors: dict[str, torch.Tensor],
+        meta: dict[str, Any],
+        **options: Any,
+    ) -> _S:
+        """A strategy over ``base`` holding ``tasks`` whose state is ``(tensors, meta)`` as
+        :meth:`state` returns it (e.g. read from a :class:`~condu_merge.strategy_store.StrategyStore`);
+        missing or malformed entries raise :class:`FormatError`."""
+        strat = cls(base, **options)
+        if not all(isinstance(t, str) and t for t in tasks) or len(set(tasks)) != len(tasks):
+            raise FormatError(f"{cls.name}: task names must be unique non-empty strings: {tasks!r}")
+        strat._tasks = list(tasks)
+        try:
+            strat._restore(tensors, meta)
+        except KeyError as exc:
+            raise FormatError(f"{cls.name} state: entry {exc} is missing") from None
+        except (TypeError, ValueError, IndexError, AttributeError) as exc:
+            raise FormatError(f"{cls.name} state is damaged ({type(exc).__name__}: {exc})") from None
+        return strat
+
     @classmethod
     def load(
         cls: type[_S],
@@ -496,6 +542,15 @@ def get_strategy(name: str, base: StateDict, **kw: Any) -> ContinualStrategy:
     except KeyError:
         raise ValueError(f"unknown strategy {name!r}; choose one of {available_strategies()}") from None
     return factory(base, **kw)
+
+
+def strategy_class(name: str) -> type[ContinualStrategy]:
+    """The class registered as ``name`` (``ValueError`` if unknown, or registered as a factory
+    function rather than a :class:`ContinualStrategy` subclass)."""
+    factory = _REGISTRY.get(name)
+    if not (isinstance(factory, type) and issubclass(factory, ContinualStrategy)):
+        raise ValueError(f"no strategy class registered as {name!r}; registered: {available_strategies()}")
+    return factory
 
 
 # ---------------------------------------------------------------------------- persistence
@@ -747,7 +802,8 @@ def load_strategy(
     path: str | os.PathLike[str], base: StateDict | None = None, *, verify: bool = True, **overrides: Any
 ) -> ContinualStrategy:
     """Re-create the strategy saved in ``path`` by :meth:`ContinualStrategy.save` (the class is
-    looked up by its registered name).
+    looked up by its registered name), or the strategy a store directory holds
+    (:meth:`ContinualStrategy.to_store`, ``condu-merge add-task --method``).
 
     ``base``: θ_0; required when the file was saved with ``include_base=False``, optional
     otherwise; either way it must match the saved fingerprint (names, shapes, dtypes and bytes),
@@ -757,4 +813,30 @@ def load_strategy(
     (e.g. ``backend=``, or ``scale=`` of task arithmetic). A damaged, truncated or foreign
     file raises :class:`condu_merge.errors.FormatError` naming the file.
     """
+    if os.path.isdir(path):  # a store (StrategyStore / ContinualStrategy.to_store)
+        return _load_store(os.fspath(path), base, verify=verify, overrides=overrides)
     return _load(path, base, verify=verify, overrides=overrides, expect=None)
+
+
+def _load_store(path: str, base: StateDict | None, *, verify: bool, overrides: Mapping[str, Any]) -> ContinualStrategy:
+    """:func:`load_strategy` of a store directory: θ_0 is ``base`` or the store's recorded base
+    checkpoint (its tensors the store covers); options are the store's (fixed when it was made)."""
+    from ..strategy_store import StrategyStore
+
+    if overrides:
+        raise MergeInputError(f"{path}: a store's options are fixed ({sorted(overrides)} given); load it without them")
+    with StrategyStore(path, verify=verify) as st:
+        if base is None:
+            rec = (st.require().get("base") or {}).get("path")
+            if not rec:
+                raise MergeInputError(f"{path}: the store records no base checkpoint; pass base=")
+            from ..checkpoints import PeftAdapter, open_checkpoint
+
+            ck = open_checkpoint(rec)
+            try:
+                if isinstance(ck, PeftAdapter):
+                    raise MergeInputError(f"{rec}: the recorded base is not a full checkpoint")
+                base = {k: ck.get(k) for k in st.keys}
+            finally:
+                ck.close()
+        return st.to_strategy(base)  # type: ignore[no-any-return]

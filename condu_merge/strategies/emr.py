@@ -97,15 +97,15 @@ class EMRRule(TensorRule):
         return {"rescaler": opts["rescaler"], "backend": backend_option(opts["backend"])}
 
     def slots(self) -> list[Slot]:
-        return [Slot("tau", per_task=True, frozen=True)]
+        return [Slot("delta", per_task=True, frozen=True)]
 
     def fold(self, key, delta, old, task, shape):
-        return {"tau": delta}
+        return {"delta": delta}
 
     def _unify(self, key, reader):
         names = reader.names
         return unify_tensor(
-            [reader.get("tau", key, t) for t in range(reader.tasks)],
+            [reader.get("delta", key, t) for t in range(reader.tasks)],
             backend=self.opts["backend"],
             key=key,
             labels=names,

@@ -166,6 +166,7 @@ class OPCMRule(TensorRule):
 
     method = "opcm"
     defaults: ClassVar[dict[str, Any]] = {"alpha": 0.5, "project_keys": None}
+    meta_keys: ClassVar[tuple[str, ...]] = ("norms",)
 
     def check_options(self, opts: dict[str, Any]) -> dict[str, Any]:
         validate_like(OPCM, opts, skip=("project_keys",))

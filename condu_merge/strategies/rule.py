@@ -148,6 +148,8 @@ class TensorRule(ABC):
     continual: ClassVar[bool] = True
     task_aware: ClassVar[bool] = False
     defaults: ClassVar[dict[str, Any]] = {}
+    meta_keys: ClassVar[tuple[str, ...]] = ()
+    """The keys of the JSON meta :meth:`finish_task` maintains (kept by the store across tasks)."""
 
     def __init__(self, **options: Any):
         unknown = sorted(set(options) - set(self.defaults))

@@ -280,7 +280,10 @@ class TIES(ContinualStrategy):
 
     def _restore(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         self._taus = {t: self._saved_delta(tensors, f"tau/{i}/") for i, t in enumerate(self._tasks)}
-        thresholds = meta["thresholds"]
+        thresholds = meta.get("thresholds")
+        if thresholds is None:  # a store (StrategyStore.to_strategy) keeps none: trim as if just folded
+            self._thresholds = {t: self._thresholds_for(self._taus[t]) for t in self._tasks}
+            return
         if len(thresholds) != len(self._tasks):
             raise ValueError(f"{len(thresholds)} thresholds for {len(self._tasks)} tasks")
         saved_rule = meta.get("trim_rule")
