@@ -770,3 +770,125 @@ def check_new_task(root: str, manifest: Mapping[str, Any] | None, name: str) -> 
 
 def numel(spec: TensorSpec) -> int:
     return math.prod(spec.shape)
+
+
+# ---------------------------------------------------------------------------- the store directory
+
+
+def read_manifest(root: str, method: str | None, version: int) -> dict[str, Any] | None:
+    """``manifest.json`` of the store at ``root`` (``None`` if there is none yet), checked for
+    the store format, its ``method`` (``None``: ConDU's, where the field is absent), the
+    format ``version`` and its checksum; a manifest of another method names the class to use."""
+    from .checkpoints import parse_json
+
+    mpath = os.path.join(root, MANIFEST)
+    if not os.path.exists(mpath):
+        return None
+    with open(mpath, "rb") as fh:
+        m = parse_json(fh.read(), mpath, "the store manifest")
+    if not isinstance(m, dict) or m.get("format") != STORE_FORMAT:
+        raise FormatError(f"{mpath}: not a condu-merge store manifest")
+    have = m.get("method", "condu")
+    if method is None and have != "condu":
+        raise FormatError(
+            f"{mpath}: this store holds the {have!r} strategy, not ConDU; open it with "
+            "condu_merge.strategy_store.StrategyStore (the CLI does)"
+        )
+    if method is not None and have == "condu":
+        raise FormatError(f"{mpath}: this is a ConDU store; open it with condu_merge.store.Store")
+    if type(m.get("version")) is not int or m["version"] != version:
+        raise FormatError(
+            f"{mpath}: store format version {m.get('version')!r} is not supported (this condu-merge reads version {version})"
+        )
+    if m.get("checksum") != manifest_checksum(m):
+        raise FormatError(f"{mpath}: manifest checksum mismatch (the manifest was modified or damaged)")
+    return m
+
+
+def check_generation_files(root: str, manifest: Mapping[str, Any], verify: bool) -> None:
+    """Every file the manifest lists exists with its recorded size (and, with ``verify``, sha256)."""
+    from .checkpoints import sha256_file
+
+    gen = os.path.join(root, manifest["generation_dir"])
+    for rel, info in manifest["files"].items():
+        p = os.path.join(gen, rel)
+        if not os.path.exists(p):
+            raise FormatError(f"{p}: data file is missing from the store")
+        size = os.path.getsize(p)
+        if size != info["bytes"]:
+            raise FormatError(f"{p}: has {size} bytes, the manifest records {info['bytes']} (truncated or damaged)")
+        if verify and sha256_file(p) != info["sha256"]:
+            raise FormatError(f"{p}: sha256 mismatch: the file is damaged (a byte differs from what was written)")
+
+
+class StoreDirectory:
+    """What every store object shares: the folder, its manifest, the open data files, the
+    context manager, the reader's retry and the writer's lock. Subclasses implement
+    :meth:`_load_once` (read and check the manifest and open the files)."""
+
+    def __init__(self, path: str | os.PathLike[str], *, verify: bool = True):
+        self.root = os.path.abspath(os.fspath(path))
+        self.verify_on_load = verify
+        self.manifest: dict[str, Any] | None = None
+        self._gen_seen: str | None = None  # generation named by the manifest last read
+        self._files: dict[str, SafetensorsFile] = {}
+        self._load(verify)
+
+    @property
+    def exists(self) -> bool:
+        return self.manifest is not None
+
+    def _manifest_path(self) -> str:
+        return os.path.join(self.root, MANIFEST)
+
+    def _close_files(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files = {}
+
+    def close(self) -> None:
+        self._close_files()
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def require(self) -> dict[str, Any]:
+        """The manifest; ``FileNotFoundError`` naming the folder if there is no store yet."""
+        if self.manifest is None:
+            raise FileNotFoundError(f"{self.root}: no condu-merge store here (no {MANIFEST}); add a task first")
+        return self.manifest
+
+    def _load_once(self, verify: bool) -> None:
+        raise NotImplementedError
+
+    def _load(self, verify: bool) -> None:
+        # readers never block: a writer may switch manifest.json and delete the generation we
+        # just read about; if the manifest on disk moved on, read again (a few times at most)
+        for attempt in range(5):
+            try:
+                return self._load_once(verify)
+            except (FormatError, FileNotFoundError):
+                seen = self._gen_seen
+                if attempt == 4 or seen is None or committed_generation(self.root) in (None, seen):
+                    raise
+
+    def reload(self, *, verify: bool | None = None) -> None:
+        """Re-read ``manifest.json`` (after another process wrote)."""
+        self._load(self.verify_on_load if verify is None else verify)
+
+    @contextlib.contextmanager
+    def _writer_lock(self) -> Any:
+        created = not os.path.lexists(self.root)
+        lock = open_writer_lock(self.root)
+        try:
+            yield
+        finally:
+            if created and not os.path.exists(self._manifest_path()):
+                # a first write that failed leaves nothing behind: the lock file and the folder we made
+                with contextlib.suppress(OSError):
+                    os.unlink(lock.path)
+                    os.rmdir(self.root)  # only if empty: never a folder with anything else in it
+            lock.release()

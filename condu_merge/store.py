@@ -34,7 +34,6 @@ and the manifest's rescalers and mask statistics.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -51,7 +50,6 @@ from .checkpoints import (
     MemoryCheckpoint,
     PeftAdapter,
     SafetensorsFile,
-    parse_json,
     sha256_file,
 )
 from .core import add_task_tensor, compute_rescalers, unify_tensor
@@ -78,10 +76,12 @@ from .pipeline import (
     STORE_FORMAT,
     STORE_VERSION,
     GenerationWriter as _FileWriter,
+    StoreDirectory,
     StoreLock,
     StoreLockedError,
     base_after_read,
     check_add_args,
+    check_generation_files,
     check_new_task,
     check_read_hashes,
     check_task_name,
@@ -90,7 +90,6 @@ from .pipeline import (
     foreign_entries,
     fsync_dir,
     link_or_copy,
-    manifest_checksum,
     new_generation_dir,
     open_task_delta,
     open_writer_lock,
@@ -98,6 +97,7 @@ from .pipeline import (
     plan_mapping_task,
     popcount_bytes,
     prepare_store_folder,
+    read_manifest,
     remove_generation_dir,
     tensor_entries,
     utc_now,
@@ -245,90 +245,30 @@ class VerifyReport:
     bytes: int
 
 
-class Store:
+class Store(StoreDirectory):
     """A store directory. Opening reads ``manifest.json`` and checks every data file's size and
     header (and, with ``verify=True``, its sha256); a missing manifest is an empty store that the
     first :meth:`add_task` creates. Reads are lazy: :meth:`decouple` of one task reads only ``u``
     and that task's masks, tensor by tensor.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, verify: bool = True):
-        self.root = os.path.abspath(os.fspath(path))
-        self.verify_on_load = verify
-        self.manifest: dict[str, Any] | None = None
-        self._gen_seen: str | None = None  # generation named by the manifest last read
-        self._files: dict[str, SafetensorsFile] = {}
-        self._load(verify)
-
-    # ------------------------------------------------------------------ loading
-    @property
-    def exists(self) -> bool:
-        return self.manifest is not None
-
-    def _manifest_path(self) -> str:
-        return os.path.join(self.root, MANIFEST)
-
-    def _close_files(self) -> None:
-        for f in self._files.values():
-            f.close()
-        self._files = {}
-
-    def close(self) -> None:
-        self._close_files()
-
     def __enter__(self) -> Store:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _load(self, verify: bool) -> None:
-        # readers never block: a writer may switch manifest.json and delete the generation we
-        # just read about; if the manifest on disk moved on, read again (a few times at most)
-        for attempt in range(5):
-            try:
-                return self._load_once(verify)
-            except (FormatError, FileNotFoundError):
-                seen = self._gen_seen
-                if attempt == 4 or seen is None or committed_generation(self.root) in (None, seen):
-                    raise
-
+    # ------------------------------------------------------------------ loading
     def _load_once(self, verify: bool) -> None:
         self._gen_seen = None
         self._close_files()
-        mpath = self._manifest_path()
-        if not os.path.exists(mpath):
-            # no store yet (a first write killed before its switch leaves only a gen-* leftover,
-            # which the next writer removes): an empty store
-            self.manifest = None
+        # no manifest: no store yet (a first write killed before its switch leaves only a gen-*
+        # leftover, which the next writer removes), an empty store
+        m = read_manifest(self.root, None, STORE_VERSION)
+        self.manifest = None
+        if m is None:
             return
-        with open(mpath, "rb") as fh:
-            m = parse_json(fh.read(), mpath, "the store manifest")
-        if not isinstance(m, dict) or m.get("format") != STORE_FORMAT:
-            raise FormatError(f"{mpath}: not a condu-merge store manifest")
-        if m.get("method", "condu") != "condu":
-            raise FormatError(
-                f"{mpath}: this store holds the {m['method']!r} strategy, not ConDU; open it with "
-                "condu_merge.StrategyStore (the CLI does)"
-            )
-        if type(m.get("version")) is not int or m.get("version") != STORE_VERSION:
-            raise FormatError(
-                f"{mpath}: store format version {m.get('version')!r} is not supported (this condu-merge reads version {STORE_VERSION})"
-            )
-        if m.get("checksum") != manifest_checksum(m):
-            raise FormatError(f"{mpath}: manifest checksum mismatch (the manifest was modified or damaged)")
-        check_manifest_structure(m, mpath)
+        check_manifest_structure(m, self._manifest_path())
         self._gen_seen = m.get("generation_dir")
+        check_generation_files(self.root, m, verify)
         gen = os.path.join(self.root, m["generation_dir"])
-        for rel, info in m["files"].items():
-            p = os.path.join(gen, rel)
-            if not os.path.exists(p):
-                raise FormatError(f"{p}: data file is missing from the store")
-            size = os.path.getsize(p)
-            if size != info["bytes"]:
-                raise FormatError(f"{p}: has {size} bytes, the manifest records {info['bytes']} (truncated or damaged)")
-            if verify and sha256_file(p) != info["sha256"]:
-                raise FormatError(f"{p}: sha256 mismatch: the file is damaged (a byte differs from what was written)")
         self.manifest = m
         files = {UNIFIED: None, **{t["masks"]: None for t in m["tasks"]}}
         keep_open = len(files) <= KEEP_OPEN_FILES
@@ -358,10 +298,6 @@ class Store:
                         f"{f.path}: tensor {s.name!r} is {got.shape} {got.dtype}, the manifest says {want.shape} {want.dtype}"
                     )
 
-    def reload(self, *, verify: bool | None = None) -> None:
-        """Re-read ``manifest.json`` (after another process wrote)."""
-        self._load(self.verify_on_load if verify is None else verify)
-
     def verify(self) -> VerifyReport:
         """Check every data file against its recorded size and sha256; :class:`FormatError` naming the first bad file."""
         self._load(True)
@@ -370,14 +306,8 @@ class Store:
         return VerifyReport(len(self.manifest["files"]), sum(int(i["bytes"]) for i in self.manifest["files"].values()))
 
     # ------------------------------------------------------------------ accessors
-    def require(self) -> dict[str, Any]:
-        """The manifest; ``FileNotFoundError`` naming the folder if there is no store yet."""
-        return self._require()
-
     def _require(self) -> dict[str, Any]:
-        if self.manifest is None:
-            raise FileNotFoundError(f"{self.root}: no condu-merge store here (no {MANIFEST}); add a task first")
-        return self.manifest
+        return self.require()
 
     @property
     def gen_dir(self) -> str:
@@ -530,20 +460,6 @@ class Store:
                 raise
 
     # ------------------------------------------------------------------ writing
-    @contextlib.contextmanager
-    def _writer_lock(self) -> Iterator[None]:
-        created = not os.path.lexists(self.root)
-        lock = open_writer_lock(self.root)
-        try:
-            yield
-        finally:
-            if created and not os.path.exists(self._manifest_path()):
-                # a first write that failed leaves nothing behind: the lock file and the folder we made
-                with contextlib.suppress(OSError):
-                    os.unlink(lock.path)
-                    os.rmdir(self.root)  # only if empty: never a folder with anything else in it
-            lock.release()
-
     def new_generation(self) -> tuple[str, str]:
         """Remove leftovers of killed writers (we hold the lock), then name the next generation."""
         return new_generation_dir(self.root, self.manifest["generation_dir"] if self.manifest else None)

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from . import pipeline
-from .checkpoints import Checkpoint, MemoryCheckpoint, PeftAdapter, SafetensorsFile, parse_json, sha256_file
+from .checkpoints import Checkpoint, MemoryCheckpoint, PeftAdapter, SafetensorsFile
 from .errors import (
     DtypeMismatchError,
     FormatError,
@@ -45,20 +45,21 @@ from .pipeline import (
     MANIFEST,
     STORE_FORMAT,
     GenerationWriter,
+    StoreDirectory,
     TaskPlan,
     base_after_read,
+    check_generation_files,
     check_new_task,
     check_read_hashes,
     check_task_name,
     commit_manifest,
     committed_generation,
-    manifest_checksum,
     manifest_specs,
     new_generation_dir,
     open_task_delta,
-    open_writer_lock,
     plan_checkpoint_task,
     plan_mapping_task,
+    read_manifest,
     tensor_entries,
     utc_now,
 )
@@ -77,66 +78,26 @@ def _absolute(base: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     return (base.to(w) + delta.to(device=base.device, dtype=w)).to(base.dtype)
 
 
-class StrategyStore:
+class StrategyStore(StoreDirectory):
     """A store directory holding one strategy's state (see the module docstring). Opening reads
     ``manifest.json`` and checks every file's size and header (and with ``verify`` its sha256);
     a missing manifest is an empty store that the first add creates."""
 
-    def __init__(self, path: str | os.PathLike[str], *, verify: bool = True):
-        self.root = os.path.abspath(os.fspath(path))
-        self.manifest: dict[str, Any] | None = None
-        self._files: dict[str, SafetensorsFile] = {}
-        self._load(verify)
-
-    # ------------------------------------------------------------------ loading
-    @property
-    def exists(self) -> bool:
-        return self.manifest is not None
-
-    def _close_files(self) -> None:
-        for f in self._files.values():
-            f.close()
-        self._files = {}
-
-    def close(self) -> None:
-        self._close_files()
-
     def __enter__(self) -> StrategyStore:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _load(self, verify: bool) -> None:
+    # ------------------------------------------------------------------ loading
+    def _load_once(self, verify: bool) -> None:
+        self._gen_seen = None
         self._close_files()
-        mpath = os.path.join(self.root, MANIFEST)
-        if not os.path.exists(mpath):
-            self.manifest = None
+        m = read_manifest(self.root, "any", STRATEGY_STORE_VERSION)
+        self.manifest = None
+        if m is None:
             return
-        with open(mpath, "rb") as fh:
-            m = parse_json(fh.read(), mpath, "the store manifest")
-        if not isinstance(m, dict) or m.get("format") != STORE_FORMAT:
-            raise FormatError(f"{mpath}: not a condu-merge store manifest")
-        if m.get("method", "condu") == "condu":
-            raise FormatError(f"{mpath}: this is a ConDU store; open it with condu_merge.Store")
-        if type(m.get("version")) is not int or m["version"] != STRATEGY_STORE_VERSION:
-            raise FormatError(
-                f"{mpath}: strategy store format version {m.get('version')!r} is not supported "
-                f"(this condu-merge reads version {STRATEGY_STORE_VERSION})"
-            )
-        if m.get("checksum") != manifest_checksum(m):
-            raise FormatError(f"{mpath}: manifest checksum mismatch (the manifest was modified or damaged)")
-        check_strategy_manifest(m, mpath)
+        check_strategy_manifest(m, self._manifest_path())
+        self._gen_seen = m["generation_dir"]
+        check_generation_files(self.root, m, verify)
         gen = os.path.join(self.root, m["generation_dir"])
-        for rel, info in m["files"].items():
-            p = os.path.join(gen, rel)
-            if not os.path.exists(p):
-                raise FormatError(f"{p}: data file is missing from the store")
-            size = os.path.getsize(p)
-            if size != info["bytes"]:
-                raise FormatError(f"{p}: has {size} bytes, the manifest records {info['bytes']} (truncated or damaged)")
-            if verify and sha256_file(p) != info["sha256"]:
-                raise FormatError(f"{p}: sha256 mismatch: the file is damaged (a byte differs from what was written)")
         self.manifest = m
         rule = self.rule  # the recorded method must be one this version knows, with valid options
         specs = manifest_specs(m)
@@ -155,20 +116,12 @@ class StrategyStore:
                         f"{os.path.join(gen, rel)}: its tensors differ from what the manifest's slot {slot.kind!r} holds"
                     )
 
-    def reload(self, *, verify: bool = False) -> None:
-        self._load(verify)
-
     def verify(self) -> int:
         """Check every data file against its recorded size and sha256; returns the number of files."""
         self._load(True)
         return len(self.manifest["files"]) if self.manifest else 0
 
     # ------------------------------------------------------------------ accessors
-    def require(self) -> dict[str, Any]:
-        if self.manifest is None:
-            raise FileNotFoundError(f"{self.root}: no condu-merge store here (no {MANIFEST}); add a task first")
-        return self.manifest
-
     @property
     def method(self) -> str | None:
         return self.manifest["method"] if self.manifest else None
@@ -283,19 +236,6 @@ class StrategyStore:
         return out
 
     # ------------------------------------------------------------------ writing
-    @contextlib.contextmanager
-    def _writer_lock(self) -> Iterator[None]:
-        created = not os.path.lexists(self.root)
-        lock = open_writer_lock(self.root)
-        try:
-            yield
-        finally:
-            if created and not os.path.exists(os.path.join(self.root, MANIFEST)):
-                with contextlib.suppress(OSError):
-                    os.unlink(lock.path)
-                    os.rmdir(self.root)
-            lock.release()
-
     def _resolve_rule(self, method: str | None, options: Mapping[str, Any] | None) -> TensorRule:
         """The rule of the store (recorded), or of a new one; a given method or options that
         differ from the recorded ones are refused naming both."""

@@ -327,7 +327,7 @@ def test_interrupt_after_the_switch_keeps_the_new_generation(tmp_path, monkeypat
 def test_reader_opening_during_a_commit_retries_the_new_generation(tmp_path, monkeypatch):
     """A reader that read manifest.json just before a writer switched and removed the old
     generation must load the new state, not report a missing file."""
-    import condu_merge.store as store_mod
+    import condu_merge.checkpoints as store_mod  # where the load's sha256 comes from
 
     d = _deltas(2)
     Store(tmp_path / "s").add_task("t0", d[0])
