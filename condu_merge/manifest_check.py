@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 from .errors import FormatError
@@ -43,6 +44,52 @@ GENERATION_RE = re.compile(r"gen-\d{6,}")
 STORE_FILE_RE = re.compile(r"(unified|masks/\d{4,}|prototypes/\d{4,})\.safetensors")
 
 
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_common(m: dict[str, Any], bad: Callable[[str], NoReturn], file_re: re.Pattern[str]) -> set[str]:
+    """The fields every store manifest shares: generation, its folder, the files (names by
+    ``file_re``, each with a size and sha256) and the tensors; returns the tensor names."""
+    if not _is_int(m.get("generation")) or m["generation"] < 1:
+        bad(f"generation {repr(m.get('generation'))[:40]} is not a positive integer")
+    gd = m.get("generation_dir")
+    if not isinstance(gd, str) or not GENERATION_RE.fullmatch(gd):
+        bad(f"generation_dir {gd!r} is not a generation folder name")
+    files = m.get("files")
+    if not isinstance(files, dict):
+        bad("files is not an object")
+    for rel, info in files.items():
+        if not isinstance(rel, str) or not file_re.fullmatch(rel):
+            bad(f"file name {rel!r} is not a store file")
+        if (
+            not isinstance(info, dict)
+            or not _is_int(info.get("bytes"))
+            or info["bytes"] < 0
+            or not isinstance(info.get("sha256"), str)
+        ):
+            bad(f"file entry {rel!r} lacks a byte count or sha256")
+    tensors = m.get("tensors")
+    if not isinstance(tensors, list) or not tensors:
+        bad("it lists no tensors")
+    names: set[str] = set()
+    for t in tensors:
+        ok = (
+            isinstance(t, dict)
+            and isinstance(t.get("name"), str)
+            and t.get("dtype") in SAFETENSORS_DTYPES
+            and isinstance(t.get("shape"), list)
+            and all(_is_int(x) and x >= 0 for x in t["shape"])
+            and math.prod(t["shape"]) <= 2**62
+        )
+        if not ok:
+            bad(f"tensor entry {repr(t)[:200]} needs a name, a dtype of {sorted(SAFETENSORS_DTYPES)} and a shape")
+        if t["name"] in names:
+            bad(f"tensor {t['name']!r} is listed twice")
+        names.add(t["name"])
+    return names
+
+
 def check_manifest_structure(m: dict[str, Any], mpath: str) -> None:
     """Refuse a manifest whose fields the store would trip over (a hand-edited one whose
     checksum was recomputed, or one written by a buggy tool): wrong types, file names outside
@@ -57,8 +104,6 @@ def check_manifest_structure(m: dict[str, Any], mpath: str) -> None:
     def is_num(x: object) -> bool:
         return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0
 
-    if not is_int(m.get("generation")) or m["generation"] < 1:
-        bad(f"generation {repr(m.get('generation'))[:40]} is not a positive integer")
     if m.get("rescaler") not in RESCALER_MODES:
         bad(f"rescaler {repr(m.get('rescaler'))[:40]} is not one of {list(RESCALER_MODES)}")
     base = m.get("base")
@@ -80,40 +125,11 @@ def check_manifest_structure(m: dict[str, Any], mpath: str) -> None:
     ):
         bad("selection is not {include: [globs], exclude: [globs]}")
 
-    gd = m.get("generation_dir")
-    if not isinstance(gd, str) or not GENERATION_RE.fullmatch(gd):
-        bad(f"generation_dir {gd!r} is not a generation folder name")
-    files = m.get("files")
-    if not isinstance(files, dict) or UNIFIED not in files:
+    names = _check_common(m, bad, STORE_FILE_RE)
+    files = m["files"]
+    tensors = m["tensors"]
+    if UNIFIED not in files:
         bad("files does not list the unified delta")
-    for rel, info in files.items():
-        if not isinstance(rel, str) or not STORE_FILE_RE.fullmatch(rel):
-            bad(f"file name {rel!r} is not a store file")
-        if (
-            not isinstance(info, dict)
-            or not is_int(info.get("bytes"))
-            or info["bytes"] < 0
-            or not isinstance(info.get("sha256"), str)
-        ):
-            bad(f"file entry {rel!r} lacks a byte count or sha256")
-    tensors = m.get("tensors")
-    if not isinstance(tensors, list) or not tensors:
-        bad("it lists no tensors")
-    names: set[str] = set()
-    for t in tensors:
-        ok = (
-            isinstance(t, dict)
-            and isinstance(t.get("name"), str)
-            and t.get("dtype") in SAFETENSORS_DTYPES
-            and isinstance(t.get("shape"), list)
-            and all(is_int(x) and x >= 0 for x in t["shape"])
-            and math.prod(t["shape"]) <= 2**62
-        )
-        if not ok:
-            bad(f"tensor entry {repr(t)[:200]} needs a name, a dtype of {sorted(SAFETENSORS_DTYPES)} and a shape")
-        if t["name"] in names:
-            bad(f"tensor {t['name']!r} is listed twice")
-        names.add(t["name"])
     tasks = m.get("tasks")
     if not isinstance(tasks, list):
         bad("tasks is not a list")
@@ -188,41 +204,8 @@ def check_strategy_manifest(m: dict[str, Any], mpath: str) -> None:
         bad(f"method {repr(m.get('method'))[:40]} is not a method name")
     if not isinstance(m.get("options"), dict):
         bad("options is not an object")
-    if not is_int(m.get("generation")) or m["generation"] < 1:
-        bad(f"generation {repr(m.get('generation'))[:40]} is not a positive integer")
-    gd = m.get("generation_dir")
-    if not isinstance(gd, str) or not GENERATION_RE.fullmatch(gd):
-        bad(f"generation_dir {gd!r} is not a generation folder name")
-    files = m.get("files")
-    if not isinstance(files, dict):
-        bad("files is not an object")
-    for rel, info in files.items():
-        if not isinstance(rel, str) or not DATA_FILE_RE.fullmatch(rel):
-            bad(f"file name {rel!r} is not a store file")
-        if (
-            not isinstance(info, dict)
-            or not is_int(info.get("bytes"))
-            or info["bytes"] < 0
-            or not isinstance(info.get("sha256"), str)
-        ):
-            bad(f"file entry {rel!r} lacks a byte count or sha256")
-    tensors = m.get("tensors")
-    if not isinstance(tensors, list) or not tensors:
-        bad("it lists no tensors")
-    names: set[str] = set()
-    for t in tensors:
-        if (
-            not (
-                isinstance(t, dict)
-                and isinstance(t.get("name"), str)
-                and t.get("dtype") in SAFETENSORS_DTYPES
-                and isinstance(t.get("shape"), list)
-                and all(is_int(x) and x >= 0 for x in t["shape"])
-            )
-            or t["name"] in names
-        ):
-            bad(f"tensor entry {repr(t)[:200]} is malformed or repeated")
-        names.add(t["name"])
+    _check_common(m, bad, DATA_FILE_RE)
+    files = m["files"]
     tasks = m.get("tasks")
     if not isinstance(tasks, list):
         bad("tasks is not a list")

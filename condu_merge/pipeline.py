@@ -578,6 +578,34 @@ class GenerationWriter:
         remove_generation_dir(self.dir)
 
 
+class NewGeneration:
+    """One write's new generation, as a context: named (leftovers of killed writers removed),
+    its files written through :attr:`writer`, then :meth:`commit`. Leaving the block without
+    committing removes it, unless the manifest on disk already names it (an error or Ctrl-C
+    after the switch must not delete the committed state)."""
+
+    def __init__(
+        self, root: str, current: str | None, layout: Mapping[str, tuple[Sequence[TensorSpec], Mapping[str, str]]]
+    ):
+        self.root = root
+        self.name, self.dir = new_generation_dir(root, current)
+        self.writer = GenerationWriter(self.dir, layout)
+        self.committed = False
+
+    def commit(self, manifest: dict[str, Any], old: Mapping[str, Any] | None) -> None:
+        """Every data file is complete: fsync them, then the atomic switch (:func:`commit_manifest`)."""
+        crash_point("write:data")
+        commit_manifest(self.root, manifest, self.name, old)
+        self.committed = True
+
+    def __enter__(self) -> NewGeneration:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.committed and committed_generation(self.root) != self.name:
+            self.writer.abort()
+
+
 # ---------------------------------------------------------------------------- planning
 
 

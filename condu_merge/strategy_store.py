@@ -44,7 +44,7 @@ from .pipeline import (
     KEEP_OPEN_FILES,
     MANIFEST,
     STORE_FORMAT,
-    GenerationWriter,
+    NewGeneration,
     StoreDirectory,
     TaskPlan,
     base_after_read,
@@ -52,10 +52,7 @@ from .pipeline import (
     check_new_task,
     check_read_hashes,
     check_task_name,
-    commit_manifest,
-    committed_generation,
     manifest_specs,
-    new_generation_dir,
     open_task_delta,
     plan_checkpoint_task,
     plan_mapping_task,
@@ -358,10 +355,8 @@ class StrategyStore(StoreDirectory):
                         carried.append(slot.file(i))
                     else:
                         layout[slot.file(i)] = (file_specs, {**meta, "task_index": str(i)})
-        new_gen, gen_dir = new_generation_dir(self.root, m_old["generation_dir"] if m_old else None)
-        writer = GenerationWriter(gen_dir, layout)
-        committed = False
-        try:
+        with NewGeneration(self.root, m_old["generation_dir"] if m_old else None, layout) as gen:
+            writer = gen.writer
             pipeline.crash_point("write:start")
             old_reader = self.reader() if m_old else None
             for rel in carried:  # earlier task vectors: immutable, hard-linked with their recorded hash
@@ -404,15 +399,12 @@ class StrategyStore(StoreDirectory):
             for rel in carried:
                 files[rel] = dict(m_old["files"][rel])  # type: ignore[index]  # carried only with m_old
             m = self._manifest_after(m_old, rule, plan, name, task, files, ident)
-            pipeline.crash_point("write:data")
             self._close_files()
             self.manifest = None
-            commit_manifest(self.root, m, new_gen, m_old)
-            committed = True
-            self._load(False)
-        finally:
-            if not committed and committed_generation(self.root) != new_gen:
-                writer.abort()
+            try:
+                gen.commit(m, m_old)
+            finally:
+                self._load(False)  # the new state, or the old one if the switch did not happen
 
     @staticmethod
     def _check_out(rule: TensorRule, slot: Slot, spec: TensorSpec, v: Any) -> torch.Tensor:
@@ -487,10 +479,8 @@ class StrategyStore(StoreDirectory):
                 meta_f = {"format": STORE_FORMAT, "method": rule.method, "content": slot.kind}
                 for i in range(len(names)) if slot.per_task else [None]:
                     layout[slot.file(i)] = (file_specs, meta_f if i is None else {**meta_f, "task_index": str(i)})
-            new_gen, gen_dir = new_generation_dir(st.root, None)
-            writer = GenerationWriter(gen_dir, layout)
-            committed = False
-            try:
+            with NewGeneration(st.root, None, layout) as gen:
+                writer = gen.writer
                 pipeline.crash_point("write:start")
                 for slot in rule.slots():
                     for i in range(len(names)) if slot.per_task else [None]:
@@ -509,13 +499,8 @@ class StrategyStore(StoreDirectory):
                 m = st._manifest_after(None, rule, plan, names[0], FoldTask(0, names[0]), files, base_identity)
                 m["tasks"] = [{"name": n, "added": utc_now(), "source": {"kind": "in-memory strategy"}} for n in names]
                 m["meta"] = {k: meta[k] for k in rule.meta_keys}
-                pipeline.crash_point("write:data")
-                commit_manifest(st.root, m, new_gen, None)
-                committed = True
-                st._load(False)
-            finally:
-                if not committed and committed_generation(st.root) != new_gen:
-                    writer.abort()
+                gen.commit(m, None)
+            st._load(False)
         return st
 
     def to_strategy(self, base: Mapping[str, torch.Tensor]) -> Any:
