@@ -168,17 +168,23 @@ def _ckpts(tmp_path, n=3, seed=0):
     return str(tmp_path / "base.safetensors"), fts
 
 
-@pytest.mark.parametrize(
-    ("method", "sets"),
-    [
-        ("ties", ["density=20", "merge_func=mean", "scale=1.0"]),
-        ("tall_masks", ["tall_lambda=0.4"]),
-        ("opcm", []),
-        ("emr", ["rescaler=l1"]),
-        ("dare_task_arithmetic", ["seed=7"]),
-    ],
-)
-def test_cli_add_task_export_equals_in_memory(tmp_path, capsys, method, sets):
+CLI_SETS = {  # a non-default option for most, to show --set reaches the rule
+    "ties": ["density=20", "merge_func=mean", "scale=1.0"],
+    "dare_ties": ["sparsity=0.3", "zero_sign=minority"],
+    "tall_masks": ["tall_lambda=0.4", "keep_task_vectors=false"],
+    "emr": ["rescaler=l1"],
+    "dare_task_arithmetic": ["seed=7"],
+    "dop": ["num_steps=5", "alpha=0.6"],
+    "magmax": ["tie=earlier"],
+    "pam": ["merge_coef=null"],
+    "task_arithmetic": ["scale=0.5"],
+    "opcm": ["alpha=0.3"],
+}
+
+
+@pytest.mark.parametrize("method", available_rules())
+def test_cli_add_task_export_equals_in_memory(tmp_path, capsys, method):
+    sets = CLI_SETS.get(method, [])
     base_path, fts = _ckpts(tmp_path)
     store = str(tmp_path / "store")
     for i, ft in enumerate(fts):
@@ -197,7 +203,7 @@ def test_cli_add_task_export_equals_in_memory(tmp_path, capsys, method, sets):
     assert main(["inspect", store, "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["method"] == method and [t["name"] for t in data["tasks"]] == ["t0", "t1", "t2"]
-    assert {s["kind"] for s in data["slots"]} == {s.kind for s in get_rule(method).slots()}
+    assert {s["kind"] for s in data["slots"]} == {s.kind for s in get_rule(method, **opts).slots()}
     assert sum(s["bytes"] for s in data["slots"]) == sum(data["storage"]["slot_bytes"].values()) > 0
     assert main(["verify", store, "-q"]) == 0
     # another method, or ConDU-only options, on this store: refused naming both
