@@ -31,6 +31,7 @@ from .errors import (
 )
 from .manifest_check import RESCALER_MODES as _RESCALER_MODES
 from .packing import packed_nbytes
+from .safetensors_writer import TensorSpec
 from .trigger import Rescaler, TaskTrigger
 
 RESCALER_MODES = _RESCALER_MODES  # one definition, in the torch-free manifest module
@@ -299,6 +300,37 @@ def add_task_tensor(
     res = be.add_task_flat(uf, masks, list(lambdas), d)
     _check_finite(key, res, [d], [len(packed_masks)], [label])
     return res
+
+
+def continual_step_tensor(
+    spec: TensorSpec,
+    delta: torch.Tensor,
+    label: str,
+    u: torch.Tensor | None = None,
+    packed_masks: Sequence[torch.Tensor] = (),
+    lambdas: Sequence[Rescaler] = (),
+    *,
+    backend: str | MergeBackend,
+    device: torch.device | None = None,
+) -> FlatMergeResult:
+    """One tensor of a continual step: ``delta`` is checked against ``spec`` (shape and dtype);
+    the first task (``u is None``) is :func:`~condu_merge.core.unify_tensor` of ``[delta]``, a later
+    one :func:`~condu_merge.core.add_task_tensor` of ``u``, the earlier tasks' packed masks and
+    their λ's at this tensor. ``device``: where the merge runs (inputs are moved there)."""
+    if tuple(delta.shape) != tuple(spec.shape):
+        raise ShapeMismatchError(
+            f"{label}: tensor {spec.name!r} has shape {tuple(delta.shape)}, the store has {spec.shape}"
+        )
+    if delta.dtype != spec.dtype:
+        raise DtypeMismatchError(f"{label}: tensor {spec.name!r} is {delta.dtype}, the store keeps {spec.dtype}")
+    if device is not None:
+        delta = delta.to(device)
+    if u is None:
+        return unify_tensor([delta], backend=backend, key=spec.name, labels=[label])
+    if device is not None:
+        u = u.to(device)
+    lams = [lam[spec.name] if isinstance(lam, dict) else lam for lam in lambdas]
+    return add_task_tensor(u, list(packed_masks), lams, delta, backend=backend, key=spec.name, label=label)
 
 
 def unify(

@@ -63,8 +63,8 @@ from .checkpoints import (
     sha256_file,
 )
 from .core import compute_rescalers
-from .errors import ConduError, DtypeMismatchError
-from .manifest_check import UNIFIED, mask_file
+from .errors import ConduError
+from .manifest_check import UNIFIED
 from .pipeline import (
     CRASH_ENV,
     KEEP_OPEN_FILES,
@@ -73,16 +73,18 @@ from .pipeline import (
     StoreLockedError,
     TaskPlan,
     check_add_args,
+    fold_tensors,
     fsync_dir,
     open_task_delta,
     open_writer_lock,
     plan_checkpoint_task,
     plan_mapping_task,
-    popcount_bytes,
     remove_generation_dir,
 )
 from .safetensors_writer import DTYPE_TO_ST, ST_TO_DTYPE, TensorSpec, build_header, tensor_bytes
-from .store import Store, continual_step_tensor, generation_layout
+from .store import Store, generation_layout
+from .strategies.condu import ConDURule
+from .strategies.rule import FoldTask
 
 CRASH_RANK_ENV = "CONDU_MERGE_CRASH_RANK"
 """Test hook: with :data:`condu_merge.store.CRASH_ENV` set to a step, only this rank kills itself.
@@ -644,49 +646,28 @@ def _distributed_stream_add(
                     "the store must be on a filesystem every rank shares, at the same path"
                 )
             writer = _SliceWriter(gen_dir, layout)
-            dev = _merge_device(comm)
-            label = f"task {name!r}"
-            from tqdm.auto import tqdm
-
-            total = sum(math.prod(specs[i].shape) for i in mine)
-            with tqdm(
-                total=total,
-                unit="param",
-                unit_scale=True,
-                desc=f"add {name} [rank {rank}]",
-                disable=not (progress and rank == 0),
-                leave=False,
-            ) as bar:
-                for n_done, idx in enumerate(mine):
-                    s = specs[idx]
-                    if t_prev == 0:
-                        res = continual_step_tensor(s, src.delta(s.name, s.dtype), label, backend=backend, device=dev)
-                    else:
-                        res = continual_step_tensor(
-                            s,
-                            src.delta(s.name, s.dtype),
-                            label,
-                            st.unified_tensor(s.name),
-                            st.packed_masks(s.name),
-                            plan.old_lambdas,
-                            backend=backend,
-                            device=dev,
-                        )
-                    u, masks = res.u.cpu(), res.masks.cpu()
-                    if u.dtype != s.dtype:
-                        raise DtypeMismatchError(
-                            f"{label}: backend returned {u.dtype} for tensor {s.name!r}, the store keeps {s.dtype}"
-                        )
-                    writer.write(UNIFIED, s.name, u)
-                    for i in range(n_tasks):
-                        writer.write(mask_file(i), s.name, masks[i])
-                        bits[i] += popcount_bytes(masks[i])
-                    num[:, idx] = res.num.cpu()
-                    den[:, idx] = res.den.cpu()
-                    del res, u, masks
-                    if n_done == 0:
-                        _crash_point("write:tensor", rank)
-                    bar.update(math.prod(s.shape))
+            rule = ConDURule(rescaler=plan.mode)
+            rule.opts["backend"] = backend
+            rule.device = _merge_device(comm)
+            task = FoldTask(t_prev, name, meta={"rescalers": plan.old_lambdas})
+            dtype_of = {s.name: s.dtype for s in specs}
+            fold_tensors(
+                rule,
+                [specs[i] for i in mine],
+                lambda k: src.delta(k, dtype_of[k]),
+                st.slot_reader() if t_prev else None,
+                task,
+                writer.write,
+                label=f"task {name!r}",
+                progress=progress and rank == 0,
+                crash=lambda step: _crash_point(step, rank),
+            )
+            for idx in mine:
+                k = specs[idx].name
+                num[:, idx] = torch.tensor([task.stats["num"][i][k] for i in range(n_tasks)], dtype=torch.float64)
+                den[:, idx] = torch.tensor([task.stats["den"][i][k] for i in range(n_tasks)], dtype=torch.float64)
+            if mine:
+                bits += torch.tensor(task.stats["bits"], dtype=torch.int64)
             writer.fsync()
             _crash_point("write:data", rank)
         except Exception as exc:

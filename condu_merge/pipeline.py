@@ -592,6 +592,21 @@ class NewGeneration:
         self.writer = GenerationWriter(self.dir, layout)
         self.committed = False
 
+    @classmethod
+    def at(
+        cls,
+        root: str,
+        name: str,
+        gen_dir: str,
+        layout: Mapping[str, tuple[Sequence[TensorSpec], Mapping[str, str]]],
+    ) -> NewGeneration:
+        """A generation already named (``name``, ``gen_dir``) by :func:`new_generation_dir`."""
+        self = cls.__new__(cls)
+        self.root, self.name, self.dir = root, name, gen_dir
+        self.writer = GenerationWriter(gen_dir, layout)
+        self.committed = False
+        return self
+
     def commit(self, manifest: dict[str, Any], old: Mapping[str, Any] | None) -> None:
         """Every data file is complete: fsync them, then the atomic switch (:func:`commit_manifest`)."""
         crash_point("write:data")
@@ -604,6 +619,73 @@ class NewGeneration:
     def __exit__(self, *exc: object) -> None:
         if not self.committed and committed_generation(self.root) != self.name:
             self.writer.abort()
+
+
+def fold_tensors(
+    rule: Any,
+    specs: Sequence[TensorSpec],
+    delta_of: Any,
+    old: Any,
+    task: Any,
+    write: Any,
+    *,
+    label: str,
+    progress: bool = False,
+    crash: Any = None,
+) -> None:
+    """**Fold each tensor**: for every tensor of ``specs`` (in order), read the task's delta
+    (``delta_of(key)``), check its shape, dtype and (unless the rule does) finiteness, compute
+    the tensor's new slots with ``rule.fold`` (a :class:`~condu_merge.strategies.rule.TensorRule`)
+    from the old generation's (``old``, a :class:`~condu_merge.strategies.rule.SlotReader`, or
+    ``None`` for the first task) and hand each to ``write(relative path, key, tensor)``; then the
+    ``write:tensor`` crash point (``crash``: a rank-aware one for distributed writers). Only one
+    tensor's work is in memory at a time."""
+    from .errors import NonFiniteError, ShapeMismatchError
+
+    crash = crash or crash_point
+    slots = rule.slots()
+    t = task.index
+    from tqdm.auto import tqdm
+
+    for s in tqdm(specs, desc=f"add {task.name}", disable=not progress, leave=False):
+        d = delta_of(s.name)
+        if tuple(d.shape) != tuple(s.shape):
+            raise ShapeMismatchError(f"{label}: tensor {s.name!r} has shape {tuple(d.shape)}, the store has {s.shape}")
+        if d.dtype != s.dtype:
+            raise DtypeMismatchError(f"{label}: tensor {s.name!r} is {d.dtype}, the store keeps {s.dtype}")
+        if not rule.checks_finite:
+            bad = ~torch.isfinite(d)
+            if bool(bad.any()):
+                idx = int(bad.reshape(-1).nonzero()[0, 0])
+                raise NonFiniteError(f"{label}: tensor {s.name!r} contains NaN or Inf (first at flat index {idx})")
+        out = rule.fold(s.name, d, old, task, tuple(s.shape))
+        del d
+        for slot in slots:
+            v = out[slot.kind]
+            if not slot.per_task:
+                write(slot.file(), s.name, slot_tensor(rule, slot, s, v))
+            elif slot.frozen:
+                write(slot.file(t), s.name, slot_tensor(rule, slot, s, v))
+            else:
+                if not isinstance(v, list) and not (isinstance(v, torch.Tensor) and v.dim() == 2):
+                    raise RuntimeError(f"{rule.method}: fold returned no rows of {slot.kind!r} for tensor {s.name!r}")
+                if len(v) != t + 1:
+                    raise RuntimeError(f"{rule.method}: fold returned {len(v)} {slot.kind!r} rows, expected {t + 1}")
+                for i in range(t + 1):
+                    write(slot.file(i), s.name, slot_tensor(rule, slot, s, v[i]))
+        del out
+        crash("write:tensor")
+
+
+def slot_tensor(rule: Any, slot: Any, spec: TensorSpec, v: Any) -> torch.Tensor:
+    """``v`` checked to be slot ``slot`` of tensor ``spec`` (dtype and size), on the CPU, contiguous."""
+    want_dtype, want_shape = slot.dtype(spec.dtype), slot.shape(spec.shape)
+    if not isinstance(v, torch.Tensor) or v.dtype != want_dtype or v.numel() != math.prod(want_shape):
+        got = f"{v.dtype} {tuple(v.shape)}" if isinstance(v, torch.Tensor) else type(v).__name__
+        raise RuntimeError(
+            f"{rule.method}: slot {slot.kind!r} of tensor {spec.name!r} is {got}, expected {want_dtype} {want_shape}"
+        )
+    return v.detach().cpu().contiguous()
 
 
 # ---------------------------------------------------------------------------- planning

@@ -44,7 +44,7 @@ from typing import Any
 import torch
 
 from . import pipeline
-from .backends import FlatMergeResult, MergeBackend, resolve_backend
+from .backends import MergeBackend, resolve_backend
 from .checkpoints import (
     Checkpoint,
     MemoryCheckpoint,
@@ -52,9 +52,8 @@ from .checkpoints import (
     SafetensorsFile,
     sha256_file,
 )
-from .core import add_task_tensor, compute_rescalers, unify_tensor
+from .core import continual_step_tensor
 from .errors import (
-    DtypeMismatchError,
     FormatError,
     MergeInputError,
     OptionMismatchError,
@@ -76,6 +75,7 @@ from .pipeline import (
     STORE_FORMAT,
     STORE_VERSION,
     GenerationWriter as _FileWriter,
+    NewGeneration,
     StoreDirectory,
     StoreLock,
     StoreLockedError,
@@ -87,6 +87,7 @@ from .pipeline import (
     check_task_name,
     commit_manifest,
     committed_generation,
+    fold_tensors,
     foreign_entries,
     fsync_dir,
     link_or_copy,
@@ -108,6 +109,8 @@ from .safetensors_writer import (
     TensorSpec,
     dtype_itemsize,
 )
+from .strategies.condu import ConDURule
+from .strategies.rule import FoldTask, SlotReader
 from .trigger import Rescaler, TaskTrigger
 
 __all__ = [
@@ -189,37 +192,6 @@ class GenerationWriter:
 
     def abort(self) -> None:
         self._files.abort()
-
-
-def continual_step_tensor(
-    spec: TensorSpec,
-    delta: torch.Tensor,
-    label: str,
-    u: torch.Tensor | None = None,
-    packed_masks: Sequence[torch.Tensor] = (),
-    lambdas: Sequence[Rescaler] = (),
-    *,
-    backend: str | MergeBackend,
-    device: torch.device | None = None,
-) -> FlatMergeResult:
-    """One tensor of a continual step: ``delta`` is checked against ``spec`` (shape and dtype);
-    the first task (``u is None``) is :func:`~condu_merge.core.unify_tensor` of ``[delta]``, a later
-    one :func:`~condu_merge.core.add_task_tensor` of ``u``, the earlier tasks' packed masks and
-    their λ's at this tensor. ``device``: where the merge runs (inputs are moved there)."""
-    if tuple(delta.shape) != tuple(spec.shape):
-        raise ShapeMismatchError(
-            f"{label}: tensor {spec.name!r} has shape {tuple(delta.shape)}, the store has {spec.shape}"
-        )
-    if delta.dtype != spec.dtype:
-        raise DtypeMismatchError(f"{label}: tensor {spec.name!r} is {delta.dtype}, the store keeps {spec.dtype}")
-    if device is not None:
-        delta = delta.to(device)
-    if u is None:
-        return unify_tensor([delta], backend=backend, key=spec.name, labels=[label])
-    if device is not None:
-        u = u.to(device)
-    lams = [lam[spec.name] if isinstance(lam, dict) else lam for lam in lambdas]
-    return add_task_tensor(u, list(packed_masks), lams, delta, backend=backend, key=spec.name, label=label)
 
 
 def _write_prototype_file(path: str, tensors: Mapping[str, torch.Tensor], task: str) -> dict[str, object]:
@@ -519,67 +491,61 @@ class Store(StoreDirectory):
         self.check_new_task_name(name)
         m_old = self.manifest
         t_prev = len(m_old["tasks"]) if m_old else 0
-        names = self.task_names + [name]
         mode = m_old["rescaler"] if m_old else (rescaler or "tensor_mean")
         label = f"task {name!r}"
+        rule = ConDURule(rescaler=mode)
+        rule.opts["backend"] = backend  # a name or a backend object, used as given (a store does not record it)
         new_gen, gen_dir = self.new_generation()
-        writer = GenerationWriter(gen_dir, specs, t_prev + 1)
-        committed = False
-        try:
+        with NewGeneration.at(self.root, new_gen, gen_dir, generation_layout(specs, t_prev + 1)) as gen:
             pipeline.crash_point("write:start")
-            num: list[dict[str, float]] = [{} for _ in names]
-            den: list[dict[str, float]] = [{} for _ in names]
-            numel: dict[str, int] = {}
-            old_lams = [self.rescaler_of(t) for t in self.task_names]
-            from tqdm.auto import tqdm
-
-            total = sum(math.prod(s.shape) for s in specs)
-            with tqdm(
-                total=total, unit="param", unit_scale=True, desc=f"add {name}", disable=not progress, leave=False
-            ) as bar:
-                for s in specs:
-                    if t_prev == 0:
-                        res = continual_step_tensor(s, delta_of(s.name), label, backend=backend)
-                    else:
-                        res = continual_step_tensor(
-                            s,
-                            delta_of(s.name),
-                            label,
-                            self.unified_tensor(s.name),
-                            self.packed_masks(s.name),
-                            old_lams,
-                            backend=backend,
-                        )
-                    writer.write(s.name, res.u, res.masks)
-                    numel[s.name] = math.prod(s.shape)
-                    for i, (a, b) in enumerate(zip(res.num.tolist(), res.den.tolist())):
-                        num[i][s.name] = a
-                        den[i][s.name] = b
-                    del res
-                    pipeline.crash_point("write:tensor")
-                    bar.update(numel[s.name])
+            task = FoldTask(
+                t_prev,
+                name,
+                meta={"names": self.task_names, "rescalers": [self.rescaler_of(t) for t in self.task_names]},
+            )
+            fold_tensors(
+                rule,
+                specs,
+                delta_of,
+                self.slot_reader() if m_old else None,
+                task,
+                gen.writer.write,
+                label=label,
+                progress=progress,
+            )
             self._check_read_hashes()
             if after_read is not None:
                 base_identity = after_read() or base_identity
-            lams = compute_rescalers(num, den, numel, mode, names)
+            meta = rule.finish_task({"names": self.task_names}, task)
             m = self.complete_manifest(
                 gen_dir,
-                writer.finish(),
+                gen.writer.finish(),
                 name=name,
                 mode=mode,
                 specs=specs,
-                lambdas=lams,
-                mask_bits=writer.mask_bits,
+                lambdas=meta["rescalers"],
+                mask_bits=meta["mask_bits"],
                 source=source,
                 base_identity=base_identity,
                 selection=selection,
             )
-            pipeline.crash_point("write:data")
-            self.commit(m, new_gen, gen_dir)
-            committed = True
-        finally:
-            if not committed and committed_generation(self.root) != new_gen:
-                writer.abort()
+            old = self.manifest
+            self._close_files()
+            self.manifest = None
+            try:
+                gen.commit(m, old)
+            finally:
+                self._load(False)  # the new state, or the old one if the switch did not happen
+
+    def slot_reader(self) -> SlotReader:
+        """The current generation as the ConDU rule's slots (``unified``, ``masks``)."""
+        specs = self.specs
+        return SlotReader(
+            lambda kind, t: self._files[UNIFIED if t is None else mask_file(t)],
+            self.task_names,
+            {x.name: tuple(x.shape) for x in specs},
+            {x.name: x.dtype for x in specs},
+        )
 
     def check_new_task_name(self, name: str) -> None:
         check_new_task(self.root, self.manifest, name)

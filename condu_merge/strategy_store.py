@@ -32,9 +32,7 @@ import torch
 from . import pipeline
 from .checkpoints import Checkpoint, MemoryCheckpoint, PeftAdapter, SafetensorsFile
 from .errors import (
-    DtypeMismatchError,
     FormatError,
-    NonFiniteError,
     OptionMismatchError,
     ShapeMismatchError,
     UnknownTaskError,
@@ -52,11 +50,13 @@ from .pipeline import (
     check_new_task,
     check_read_hashes,
     check_task_name,
+    fold_tensors,
     manifest_specs,
     open_task_delta,
     plan_checkpoint_task,
     plan_mapping_task,
     read_manifest,
+    slot_tensor,
     tensor_entries,
     utc_now,
 )
@@ -361,35 +361,8 @@ class StrategyStore(StoreDirectory):
             old_reader = self.reader() if m_old else None
             for rel in carried:  # earlier task vectors: immutable, hard-linked with their recorded hash
                 writer.carry(self.gen_dir, rel)
-            task = FoldTask(t, name)
-            from tqdm.auto import tqdm
-
-            for s in tqdm(specs, desc=f"add {name}", disable=not progress, leave=False):
-                d = delta_of(s.name)
-                if tuple(d.shape) != tuple(s.shape):
-                    raise ShapeMismatchError(
-                        f"{label}: tensor {s.name!r} has shape {tuple(d.shape)}, the store has {s.shape}"
-                    )
-                if d.dtype != s.dtype:
-                    raise DtypeMismatchError(f"{label}: tensor {s.name!r} is {d.dtype}, the store keeps {s.dtype}")
-                bad = ~torch.isfinite(d)
-                if bool(bad.any()):
-                    idx = int(bad.reshape(-1).nonzero()[0, 0])
-                    raise NonFiniteError(f"{label}: tensor {s.name!r} contains NaN or Inf (first at flat index {idx})")
-                out = rule.fold(s.name, d, old_reader, task, tuple(s.shape))
-                for slot in slots:
-                    v = out[slot.kind]
-                    if not slot.per_task:
-                        writer.write(slot.file(), s.name, self._check_out(rule, slot, s, v))
-                    elif slot.frozen:
-                        writer.write(slot.file(t), s.name, self._check_out(rule, slot, s, v))
-                    else:
-                        if not isinstance(v, list) or len(v) != t + 1:
-                            raise RuntimeError(f"{rule.method}: fold returned no list of {t + 1} {slot.kind!r} tensors")
-                        for i, vi in enumerate(v):
-                            writer.write(slot.file(i), s.name, self._check_out(rule, slot, s, vi))
-                del out
-                pipeline.crash_point("write:tensor")
+            task = FoldTask(t, name, meta=dict(m_old.get("meta") or {}) if m_old else {})
+            fold_tensors(rule, specs, delta_of, old_reader, task, writer.write, label=label, progress=progress)
             if m_old is not None and old_reader is not None:
                 by_kind = {sl.kind: sl for sl in slots}
                 read = {by_kind[k].file(i): self._files[by_kind[k].file(i)] for k, i in old_reader.opened}
@@ -405,16 +378,6 @@ class StrategyStore(StoreDirectory):
                 gen.commit(m, m_old)
             finally:
                 self._load(False)  # the new state, or the old one if the switch did not happen
-
-    @staticmethod
-    def _check_out(rule: TensorRule, slot: Slot, spec: TensorSpec, v: Any) -> torch.Tensor:
-        want_dtype, want_shape = slot.dtype(spec.dtype), slot.shape(spec.shape)
-        if not isinstance(v, torch.Tensor) or v.dtype != want_dtype or v.numel() != math.prod(want_shape):
-            got = f"{v.dtype} {tuple(v.shape)}" if isinstance(v, torch.Tensor) else type(v).__name__
-            raise RuntimeError(
-                f"{rule.method}: slot {slot.kind!r} of tensor {spec.name!r} is {got}, expected {want_dtype} {want_shape}"
-            )
-        return v.detach().cpu().contiguous()
 
     def _manifest_after(
         self,
@@ -490,7 +453,7 @@ class StrategyStore(StoreDirectory):
                                 raise ValueError(
                                     f"{strategy.name}: its state has no {key!r} for the rule's slot {slot.kind!r}"
                                 )
-                            writer.write(slot.file(i), x.name, st._check_out(rule, slot, x, tensors.pop(key)))
+                            writer.write(slot.file(i), x.name, slot_tensor(rule, slot, x, tensors.pop(key)))
                     pipeline.crash_point("write:tensor")
                 if tensors:
                     raise ValueError(f"{strategy.name}: state tensors {sorted(tensors)[:3]} have no slot in its rule")

@@ -19,12 +19,19 @@ per element) and its rescaler (8 bytes, or 8 per tensor in ``per_tensor`` mode).
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import torch
 
+from ..backends import resolve_backend
+from ..core import RESCALER_MODES, compute_rescalers, continual_step_tensor
 from ..errors import FormatError, MergeInputError
 from ..merger import ContinualMerger
+from ..pipeline import popcount_bytes as popcount
+from ..safetensors_writer import TensorSpec
 from ..trigger import TaskTrigger
 from .base import ContinualStrategy, StorageReport, backend_option, state_nbytes, tensor_nbytes
+from .rule import FoldTask, Slot, TensorRule
 
 
 class ConDU(ContinualStrategy):
@@ -104,3 +111,71 @@ class ConDU(ContinualStrategy):
             {str(k): v for k, v in per.items()},
             "unified delta u (one model) + per task a 1-bit mask and its rescaler",
         )
+
+
+class ConDURule(TensorRule):
+    """ConDU on disk: ``unified`` (``u``, shared) and ``masks`` (per task, 1-bit packed, all
+    rewritten each session since the election moves). One tensor's fold is
+    :func:`~condu_merge.core.continual_step_tensor` (``unify_tensor`` of the first task,
+    ``add_task_tensor`` of a later one with the earlier λ's from ``task.meta["rescalers"]``); it
+    gathers the rescaler sums and each mask's set bits in ``task.stats``, and
+    :meth:`finish_task` turns them into every task's λ (:func:`~condu_merge.core.compute_rescalers`).
+    The ConDU :class:`~condu_merge.store.Store` runs it; it is not in the registry of
+    :class:`~condu_merge.strategy_store.StrategyStore` methods (ConDU has its own store)."""
+
+    method = "condu"
+    task_aware = True
+    checks_finite = True  # unify_tensor / add_task_tensor refuse NaN/Inf naming the key and task
+    defaults: ClassVar[dict[str, Any]] = {"rescaler": "tensor_mean", "backend": "auto"}
+    meta_keys: ClassVar[tuple[str, ...]] = ("rescalers", "mask_bits")
+    device: torch.device | None = None
+    """Where the merge runs (inputs are moved there; a distributed rank's GPU); ``None``: in place."""
+
+    def check_options(self, opts: dict[str, Any]) -> dict[str, Any]:
+        if opts["rescaler"] not in RESCALER_MODES:
+            raise ValueError(f"unknown rescaler {opts['rescaler']!r}; choose one of {RESCALER_MODES}")
+        return dict(opts)
+
+    def slots(self) -> list[Slot]:
+        return [Slot("unified"), Slot("masks", per_task=True, packed=True)]
+
+    def fold(self, key, delta, old, task, shape):
+        device = self.device
+        spec = TensorSpec(key, delta.dtype, shape)
+        label = f"task {task.name!r}"
+        be = self.opts["backend"]
+        if old is None:
+            res = continual_step_tensor(spec, delta, label, backend=be, device=device)
+        else:
+            masks = [old.get("masks", key, i) for i in range(task.index)]
+            lams = task.meta["rescalers"]
+            res = continual_step_tensor(
+                spec, delta, label, old.get("unified", key), masks, lams, backend=be, device=device
+            )
+        n = task.index + 1
+        num = task.stats.setdefault("num", [{} for _ in range(n)])
+        den = task.stats.setdefault("den", [{} for _ in range(n)])
+        bits = task.stats.setdefault("bits", [0] * n)
+        task.stats.setdefault("numel", {})[key] = res.u.numel()
+        rows = res.masks.cpu()
+        for i, (a, b) in enumerate(zip(res.num.tolist(), res.den.tolist())):
+            num[i][key], den[i][key] = a, b
+            bits[i] += popcount(rows[i])
+        return {"unified": res.u.cpu(), "masks": rows}
+
+    def finish_task(self, meta: dict[str, Any], task: FoldTask) -> dict[str, Any]:
+        names = [*meta.get("names", []), task.name]
+        lams = compute_rescalers(
+            task.stats["num"], task.stats["den"], task.stats["numel"], self.opts["rescaler"], names
+        )
+        return {**meta, "names": names, "rescalers": lams, "mask_bits": list(task.stats["bits"])}
+
+    def merged(self, key, reader, meta, ctx):
+        return reader.get("unified", key).reshape(reader.shapes[key])
+
+    def expert(self, key, reader, meta, ctx, task):
+        lam = meta["rescalers"][task]
+        lam = lam[key] if isinstance(lam, dict) else lam
+        u = reader.get("unified", key).reshape(-1)
+        be = resolve_backend(self.opts["backend"], u.device)
+        return be.decouple_flat(u, reader.get("masks", key, task), lam, None).reshape(reader.shapes[key])

@@ -125,11 +125,14 @@ class SlotReader:
 @dataclass
 class FoldTask:
     """The task being folded: its 0-based ``index`` (the number of earlier tasks), its ``name``,
-    and ``stats``, scalars a rule sums over the tensors during :meth:`TensorRule.fold`."""
+    ``meta`` (the rule's meta before this task, e.g. the earlier tasks' rescalers) and ``stats``,
+    what a rule gathers over the tensors during :meth:`TensorRule.fold` (a squared norm, or
+    ConDU's per-tensor rescaler sums)."""
 
     index: int
     name: str
-    stats: dict[str, float] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
+    meta: Mapping[str, Any] = field(default_factory=dict)
 
 
 FoldResult = dict[str, "torch.Tensor | list[torch.Tensor]"]
@@ -150,6 +153,8 @@ class TensorRule(ABC):
     defaults: ClassVar[dict[str, Any]] = {}
     meta_keys: ClassVar[tuple[str, ...]] = ()
     """The keys of the JSON meta :meth:`finish_task` maintains (kept by the store across tasks)."""
+    checks_finite: ClassVar[bool] = False
+    """Whether :meth:`fold` itself refuses NaN/Inf (else the driver checks each delta first)."""
 
     def __init__(self, **options: Any):
         unknown = sorted(set(options) - set(self.defaults))
