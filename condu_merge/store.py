@@ -20,16 +20,17 @@ the old or the new generation, both complete. Leftovers of a killed writer are r
 next writer.
 
 Streaming: :meth:`Store.add_task` reads the current ``u`` and masks one tensor at a time,
-computes the continual step with :func:`condu_merge.core.add_task_tensor` and writes the result
-into the new generation with :class:`GenerationWriter`, so peak memory is one tensor's work
-whatever the model size.
+computes the continual step (:func:`condu_merge.core.add_task_tensor`, through
+:class:`~condu_merge.strategies.condu.ConDURule`) and writes the result into the new generation,
+so peak memory is one tensor's work whatever the model size.
 
 The generic machinery (writer lock, generation folders, the atomic commit, planning a task
 against the manifest) is :mod:`condu_merge.pipeline`'s, shared with
 :class:`~condu_merge.strategy_store.StrategyStore` (every other strategy) and
 :mod:`condu_merge.distributed`; this module holds what is ConDU's: the layout of ``u`` and the
-masks (:func:`generation_layout`), the per-tensor continual step (:func:`continual_step_tensor`)
-and the manifest's rescalers and mask statistics.
+masks (:func:`generation_layout`), the manifest's rescalers and mask statistics; one tensor's
+continual step is :class:`~condu_merge.strategies.condu.ConDURule`'s fold, run by
+:func:`~condu_merge.pipeline.fold_tensors` as every other strategy's.
 """
 
 from __future__ import annotations
