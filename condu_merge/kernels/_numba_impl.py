@@ -385,16 +385,29 @@ def _unify_chunk(deltas, kind, u, masks, num_part, den_part, chunk, c, hst, tota
     b0 = s // 8
     nbytes = (C + 7) // 8
     Cp = nbytes * 8
-    # pass 1, task-outer: the election sum in float64 *in task order* per element, and Σ|d_i|
+    # pass 1: the election sum in float64 *in task order* per element, and Σ|d_i|. Up to four
+    # tasks per sweep, added left to right ((t + x0) + x1) + ...: the same additions in the same
+    # order as one task per sweep, with a quarter of the loads and stores of the float64 row.
     for i in range(n):
         x = _convert_row(deltas[i], s, e, kind, hst, i)
-        if i == 0:
-            for k in range(C):
-                total[k] = np.float64(x[k])
-        else:
-            for k in range(C):
-                total[k] += np.float64(x[k])
         num_part[c, i] = _abs_sum(x, C)
+    x0 = _reuse_row(deltas[0], s, e, hst, 0)
+    for k in range(C):
+        total[k] = np.float64(x0[k])
+    i = 1
+    while i + 3 < n:
+        x0 = _reuse_row(deltas[i], s, e, hst, i)
+        x1 = _reuse_row(deltas[i + 1], s, e, hst, i + 1)
+        x2 = _reuse_row(deltas[i + 2], s, e, hst, i + 2)
+        x3 = _reuse_row(deltas[i + 3], s, e, hst, i + 3)
+        for k in range(C):
+            total[k] = (((total[k] + np.float64(x0[k])) + np.float64(x1[k])) + np.float64(x2[k])) + np.float64(x3[k])
+        i += 4
+    while i < n:
+        x0 = _reuse_row(deltas[i], s, e, hst, i)
+        for k in range(C):
+            total[k] += np.float64(x0[k])
+        i += 1
     # the elected sign as an opmath +-1 row: v * sg > 0 is exactly "v has the elected sign"
     # (the product is exact; zeros and NaN never agree), a branch-free compare
     sg[0] = 1.0
@@ -402,23 +415,44 @@ def _unify_chunk(deltas, kind, u, masks, num_part, den_part, chunk, c, hst, tota
     zero = one - one
     for k in range(C):
         sg[k] = one if total[k] > 0.0 else -one
-    # pass 2: agree bytes, running max magnitude, packed mask row
+    # pass 2: agree bytes and the running max magnitude, two tasks per sweep (max is exact and
+    # order-free here: a magnitude that does not agree is +0, never NaN), then the packed rows
+    x0 = _reuse_row(deltas[0], s, e, hst, 0)
+    ag0 = agree[0]
+    for k in range(C):
+        v = x0[k]
+        g = v * sg[k] > zero
+        ag0[k] = g
+        best[k] = abs(v) if g else zero
+    i = 1
+    while i + 1 < n:
+        x0 = _reuse_row(deltas[i], s, e, hst, i)
+        x1 = _reuse_row(deltas[i + 1], s, e, hst, i + 1)
+        ag0 = agree[i]
+        ag1 = agree[i + 1]
+        for k in range(C):
+            v0 = x0[k]
+            v1 = x1[k]
+            sk = sg[k]
+            g0 = v0 * sk > zero
+            g1 = v1 * sk > zero
+            ag0[k] = g0
+            ag1[k] = g1
+            a0 = abs(v0) if g0 else zero
+            a1 = abs(v1) if g1 else zero
+            best[k] = max(best[k], max(a0, a1))
+        i += 2
+    if i < n:
+        x0 = _reuse_row(deltas[i], s, e, hst, i)
+        ag0 = agree[i]
+        for k in range(C):
+            v = x0[k]
+            g = v * sg[k] > zero
+            ag0[k] = g
+            av = abs(v) if g else zero
+            best[k] = max(best[k], av)
     for i in range(n):
-        x = _reuse_row(deltas[i], s, e, hst, i)
         ag = agree[i]
-        if i == 0:
-            for k in range(C):
-                v = x[k]
-                g = v * sg[k] > zero
-                ag[k] = g
-                best[k] = abs(v) if g else zero
-        else:
-            for k in range(C):
-                v = x[k]
-                g = v * sg[k] > zero
-                ag[k] = g
-                av = abs(v) if g else zero
-                best[k] = max(best[k], av)
         for k in range(C, Cp):
             ag[k] = 0  # pad bits of the last byte select nothing
         _pack_row(ag, masks[i, b0 : b0 + nbytes], nbytes)
@@ -493,6 +527,33 @@ def lam_tables(lam_op):
     return sums, maxs
 
 
+@njit(cache=True, inline="always")
+def _step_elem(u, kind, x, d, ak, ls, lm, k, best, bestu, agu, agd, nc):
+    """Element ``k`` of the continual step: sign from ``float64(u)·Λ > -d``, the new ``u``, the
+    agree bytes of ``u`` and ``d``, ``best`` and ``best·[u agrees]`` (for the earlier den's)."""
+    pos = x * ls > -d
+    ad = (d > 0.0) if pos else (d < 0.0)
+    au = (x > 0.0) if pos else (x < 0.0)
+    ab = abs(d)
+    bd = ab if ad else 0.0
+    # λ·|u| rounds monotonically in λ: the largest surviving earlier expert uses max λ
+    sc = _scale(u, ak, lm, kind)
+    bk = sc if (au and sc > bd) else bd
+    best[k] = bk
+    bestu[k] = bk if au else 0.0
+    agu[k] = au
+    agd[k] = ad
+    _store(nc, k, _signed(pos, bk), kind)
+
+
+@njit(cache=True)
+def _step_rows(u, kind, uv, dv, absu, lam_sum, lam_max, best, bestu, agu, agd, nc, C):
+    """The element loop with ``Λ`` and ``max λ`` from rows."""
+    for k in range(C):
+        _step_elem(u, kind, np.float64(uv[k]), np.float64(dv[k]), absu[k], lam_sum[k], lam_max[k], k,
+                   best, bestu, agu, agd, nc)
+
+
 @njit(cache=True)
 def _add_task_chunk(u, kind, masks, lam_op, delta, u_new, masks_new, absu_part, num_new_part, den_part, chunk, c,
                     use_lut, lut_sum, lut_max, hst, absu, lam_sum, lam_max, best, bestu, agu, agd, aub, idx, bits):
@@ -508,24 +569,46 @@ def _add_task_chunk(u, kind, masks, lam_op, delta, u_new, masks_new, absu_part, 
     Cp = nbytes * 8
     uv = _convert_row(u, s, e, kind, hst, 0)
     dv = _convert_row(delta, s, e, kind, hst, 1)
-    for k in range(C):
-        absu[k] = abs(uv[k])
-    # the smallest nonzero |u| of the chunk: if it survives λ_i, every nonzero one does
+    # |u|, and the smallest nonzero |u| of the chunk: if it survives λ_i, every nonzero one does
     # (the rounded product is monotone in |u|), so the survival test drops out for task i
     amin = np.inf
     for k in range(C):
-        a = absu[k]
+        a = abs(uv[k])
+        absu[k] = a
         amin = a if (a > 0.0 and a < amin) else amin
     # the earlier masks bit-transposed, 8 tasks per byte: idx[g, k] bit j = M_{8g+j, k}
     for g in range(G):
         w = idx[g].view(np.uint64)
         jn = min(8, tp - 8 * g)
-        for b in range(nbytes):
-            x = np.uint64(0)
-            for j in range(jn):
-                x |= np.uint64(masks[8 * g + j, b0 + b]) << np.uint64(8 * j)
-            w[b] = _transpose8(x)
-    # Λ_k = Σ_{i: M_ik} λ_i (float64, task order) and the largest surviving λ
+        if jn == 8:  # a full group: the byte gather unrolls
+            m0 = masks[8 * g, b0 : b0 + nbytes]
+            m1 = masks[8 * g + 1, b0 : b0 + nbytes]
+            m2 = masks[8 * g + 2, b0 : b0 + nbytes]
+            m3 = masks[8 * g + 3, b0 : b0 + nbytes]
+            m4 = masks[8 * g + 4, b0 : b0 + nbytes]
+            m5 = masks[8 * g + 5, b0 : b0 + nbytes]
+            m6 = masks[8 * g + 6, b0 : b0 + nbytes]
+            m7 = masks[8 * g + 7, b0 : b0 + nbytes]
+            for b in range(nbytes):
+                x = (
+                    np.uint64(m0[b])
+                    | (np.uint64(m1[b]) << np.uint64(8))
+                    | (np.uint64(m2[b]) << np.uint64(16))
+                    | (np.uint64(m3[b]) << np.uint64(24))
+                    | (np.uint64(m4[b]) << np.uint64(32))
+                    | (np.uint64(m5[b]) << np.uint64(40))
+                    | (np.uint64(m6[b]) << np.uint64(48))
+                    | (np.uint64(m7[b]) << np.uint64(56))
+                )
+                w[b] = _transpose8(x)
+        else:
+            for b in range(nbytes):
+                x = np.uint64(0)
+                for j in range(jn):
+                    x |= np.uint64(masks[8 * g + j, b0 + b]) << np.uint64(8 * j)
+                w[b] = _transpose8(x)
+    # Λ_k = Σ_{i: M_ik} λ_i (float64, task order) and the largest surviving λ: with the tables,
+    # one lookup per 8 tasks (a separate loop: fused into the element loop it ran 2x slower)
     if use_lut:
         i0 = idx[0]
         t0s = lut_sum[0]
@@ -557,22 +640,7 @@ def _add_task_chunk(u, kind, masks, lam_op, delta, u_new, masks_new, absu_part, 
                 m = lam_max[k]
                 lam_max[k] = lm if (on and lm > m) else m
     nc = u_new[s:e]
-    for k in range(C):
-        x = np.float64(uv[k])
-        d = np.float64(dv[k])
-        pos = x * lam_sum[k] > -d
-        ad = (d > 0.0) if pos else (d < 0.0)
-        au = (x > 0.0) if pos else (x < 0.0)
-        ab = abs(d)
-        bd = ab if ad else 0.0
-        # λ·|u| rounds monotonically in λ: the largest surviving earlier expert uses max λ
-        sc = _scale(u, absu[k], lam_max[k], kind)
-        bk = sc if (au and sc > bd) else bd
-        best[k] = bk
-        bestu[k] = bk if au else 0.0
-        agu[k] = au
-        agd[k] = ad
-        _store(nc, k, _signed(pos, bk), kind)
+    _step_rows(u, kind, uv, dv, absu, lam_sum, lam_max, best, bestu, agu, agd, nc, C)
     for k in range(C, Cp):
         agu[k] = 0  # pad bits select nothing (the earlier rows' pad bits are not trusted)
         agd[k] = 0
