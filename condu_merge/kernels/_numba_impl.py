@@ -248,6 +248,27 @@ def _masked_sum(x, m, n):
     return s
 
 
+@njit(cache=True, fastmath={"reassoc"})
+def _add_abs_sum(total, x, n, first):
+    """``total[k] (=|+=) float64(x[k])`` for ``k < n``, returning ``Σ|x[k]|`` (any order).
+
+    ``reassoc`` may reorder the returned sum only: each ``total[k]`` update is a single addition
+    of a loaded value and a converted one (no chain of additions it could regroup), so the
+    caller's per-element election sum keeps its task order bit for bit."""
+    s = 0.0
+    if first:
+        for k in range(n):
+            v = np.float64(x[k])
+            total[k] = v
+            s += abs(v)
+    else:
+        for k in range(n):
+            v = np.float64(x[k])
+            total[k] = total[k] + v
+            s += abs(v)
+    return s
+
+
 # 0/1 bytes b_0..b_7 read as one little-endian uint64 x: (x * _PACK) >> 56 = Σ b_j << j. Each
 # product term lands on its own bit (positions 56 + 8j - 7m are distinct), so nothing carries
 # into the top byte.
@@ -385,29 +406,11 @@ def _unify_chunk(deltas, kind, u, masks, num_part, den_part, chunk, c, hst, tota
     b0 = s // 8
     nbytes = (C + 7) // 8
     Cp = nbytes * 8
-    # pass 1: the election sum in float64 *in task order* per element, and Σ|d_i|. Up to four
-    # tasks per sweep, added left to right ((t + x0) + x1) + ...: the same additions in the same
-    # order as one task per sweep, with a quarter of the loads and stores of the float64 row.
+    # pass 1, task-outer: the election sum in float64 *in task order* per element, and Σ|d_i|,
+    # in one sweep per task (see _add_abs_sum)
     for i in range(n):
         x = _convert_row(deltas[i], s, e, kind, hst, i)
-        num_part[c, i] = _abs_sum(x, C)
-    x0 = _reuse_row(deltas[0], s, e, hst, 0)
-    for k in range(C):
-        total[k] = np.float64(x0[k])
-    i = 1
-    while i + 3 < n:
-        x0 = _reuse_row(deltas[i], s, e, hst, i)
-        x1 = _reuse_row(deltas[i + 1], s, e, hst, i + 1)
-        x2 = _reuse_row(deltas[i + 2], s, e, hst, i + 2)
-        x3 = _reuse_row(deltas[i + 3], s, e, hst, i + 3)
-        for k in range(C):
-            total[k] = (((total[k] + np.float64(x0[k])) + np.float64(x1[k])) + np.float64(x2[k])) + np.float64(x3[k])
-        i += 4
-    while i < n:
-        x0 = _reuse_row(deltas[i], s, e, hst, i)
-        for k in range(C):
-            total[k] += np.float64(x0[k])
-        i += 1
+        num_part[c, i] = _add_abs_sum(total, x, C, i == 0)
     # the elected sign as an opmath +-1 row: v * sg > 0 is exactly "v has the elected sign"
     # (the product is exact; zeros and NaN never agree), a branch-free compare
     sg[0] = 1.0
