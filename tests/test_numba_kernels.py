@@ -93,7 +93,9 @@ def test_lam_opmath_is_opmath_scalar():
     from condu_merge.kernels.numba_backend import _lam_opmath
 
     gen = torch.Generator().manual_seed(5)
-    vals = (torch.randn(2000, generator=gen, dtype=torch.float64) * 10.0 ** torch.randint(-40, 40, (2000,), generator=gen)).tolist()
+    vals = (
+        torch.randn(2000, generator=gen, dtype=torch.float64) * 10.0 ** torch.randint(-40, 40, (2000,), generator=gen)
+    ).tolist()
     vals += [0.0, -0.0, 1.0 / 3.0, 3.4028235677973366e38, 1e39, float("inf"), 2.0**-149, 2.0**-150, 1.5 * 2.0**-149]
     for dt in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         got = _lam_opmath(vals, dt).tolist()

@@ -553,13 +553,40 @@ def _step_elem(u, kind, x, d, ak, ls, lm, k, best, bestu, agu, agd, nc):
 def _step_rows(u, kind, uv, dv, absu, lam_sum, lam_max, best, bestu, agu, agd, nc, C):
     """The element loop with ``Λ`` and ``max λ`` from rows."""
     for k in range(C):
-        _step_elem(u, kind, np.float64(uv[k]), np.float64(dv[k]), absu[k], lam_sum[k], lam_max[k], k,
-                   best, bestu, agu, agd, nc)
+        _step_elem(
+            u, kind, np.float64(uv[k]), np.float64(dv[k]), absu[k], lam_sum[k], lam_max[k], k, best, bestu, agu, agd, nc
+        )
 
 
 @njit(cache=True)
-def _add_task_chunk(u, kind, masks, lam_op, delta, u_new, masks_new, absu_part, num_new_part, den_part, chunk, c,
-                    use_lut, lut_sum, lut_max, hst, absu, lam_sum, lam_max, best, bestu, agu, agd, aub, idx, bits):
+def _add_task_chunk(
+    u,
+    kind,
+    masks,
+    lam_op,
+    delta,
+    u_new,
+    masks_new,
+    absu_part,
+    num_new_part,
+    den_part,
+    chunk,
+    c,
+    use_lut,
+    lut_sum,
+    lut_max,
+    hst,
+    absu,
+    lam_sum,
+    lam_max,
+    best,
+    bestu,
+    agu,
+    agd,
+    aub,
+    idx,
+    bits,
+):
     """Chunk ``c`` of :func:`add_task_kernel` (serial; see :func:`_unify_chunk` for why)."""
     tp = masks.shape[0]
     G = (tp + 7) // 8
@@ -693,8 +720,24 @@ def _add_task_chunk(u, kind, masks, lam_op, delta, u_new, masks_new, absu_part, 
 
 
 @njit(cache=True)
-def _add_task_range(u, kind, masks, lam_op, delta, u_new, masks_new, absu_part, num_new_part, den_part, chunk,
-                    use_lut, lut_sum, lut_max, c0, c1):
+def _add_task_range(
+    u,
+    kind,
+    masks,
+    lam_op,
+    delta,
+    u_new,
+    masks_new,
+    absu_part,
+    num_new_part,
+    den_part,
+    chunk,
+    use_lut,
+    lut_sum,
+    lut_max,
+    c0,
+    c1,
+):
     """Chunks ``c0 .. c1-1`` of :func:`add_task_kernel` with scratch allocated once."""
     tp = masks.shape[0]
     G = (tp + 7) // 8
@@ -710,13 +753,54 @@ def _add_task_range(u, kind, masks, lam_op, delta, u_new, masks_new, absu_part, 
     idx = np.empty((max(G, 1), chunk), np.uint8)
     bits = np.empty(chunk, np.uint8)
     for c in range(c0, c1):
-        _add_task_chunk(u, kind, masks, lam_op, delta, u_new, masks_new, absu_part, num_new_part, den_part, chunk, c,
-                        use_lut, lut_sum, lut_max, hst, absu, lam_sum, lam_max, best, bestu, agu, agd, aub, idx, bits)
+        _add_task_chunk(
+            u,
+            kind,
+            masks,
+            lam_op,
+            delta,
+            u_new,
+            masks_new,
+            absu_part,
+            num_new_part,
+            den_part,
+            chunk,
+            c,
+            use_lut,
+            lut_sum,
+            lut_max,
+            hst,
+            absu,
+            lam_sum,
+            lam_max,
+            best,
+            bestu,
+            agu,
+            agd,
+            aub,
+            idx,
+            bits,
+        )
 
 
 @njit(parallel=True, cache=True)
-def add_task_kernel(u, kind, masks, lam_op, delta, u_new, masks_new, absu_part, num_new_part, den_part, chunk,
-                    ngroups, use_lut, lut_sum, lut_max):
+def add_task_kernel(
+    u,
+    kind,
+    masks,
+    lam_op,
+    delta,
+    u_new,
+    masks_new,
+    absu_part,
+    num_new_part,
+    den_part,
+    chunk,
+    ngroups,
+    use_lut,
+    lut_sum,
+    lut_max,
+):
     """One continual step (see ``TorchBackend.add_task_flat`` for the math). ``lam_op`` holds the
     earlier rescalers rounded to opmath. ``absu_part[c, i] = Σ_{M_ik} |u_k|`` (times λ_i later),
     ``num_new_part[c] = Σ|d|``, ``den_part[c, i]`` for the ``tp + 1`` tasks.
@@ -728,17 +812,64 @@ def add_task_kernel(u, kind, masks, lam_op, delta, u_new, masks_new, absu_part, 
     nchunks = (u.shape[0] + chunk - 1) // chunk
     for g in prange(ngroups):
         c0, c1 = _split(ngroups, nchunks, g)
-        _add_task_range(u, kind, masks, lam_op, delta, u_new, masks_new, absu_part, num_new_part, den_part, chunk,
-                        use_lut, lut_sum, lut_max, c0, c1)
+        _add_task_range(
+            u,
+            kind,
+            masks,
+            lam_op,
+            delta,
+            u_new,
+            masks_new,
+            absu_part,
+            num_new_part,
+            den_part,
+            chunk,
+            use_lut,
+            lut_sum,
+            lut_max,
+            c0,
+            c1,
+        )
 
 
 @njit(cache=True)
-def add_task_kernel_serial(u, kind, masks, lam_op, delta, u_new, masks_new, absu_part, num_new_part, den_part, chunk,
-                           ngroups, use_lut, lut_sum, lut_max):
+def add_task_kernel_serial(
+    u,
+    kind,
+    masks,
+    lam_op,
+    delta,
+    u_new,
+    masks_new,
+    absu_part,
+    num_new_part,
+    den_part,
+    chunk,
+    ngroups,
+    use_lut,
+    lut_sum,
+    lut_max,
+):
     """:func:`add_task_kernel` on the calling thread."""
     nchunks = (u.shape[0] + chunk - 1) // chunk
-    _add_task_range(u, kind, masks, lam_op, delta, u_new, masks_new, absu_part, num_new_part, den_part, chunk,
-                    use_lut, lut_sum, lut_max, 0, nchunks)
+    _add_task_range(
+        u,
+        kind,
+        masks,
+        lam_op,
+        delta,
+        u_new,
+        masks_new,
+        absu_part,
+        num_new_part,
+        den_part,
+        chunk,
+        use_lut,
+        lut_sum,
+        lut_max,
+        0,
+        nchunks,
+    )
 
 
 # ------------------------------------------------------------------ decouple
