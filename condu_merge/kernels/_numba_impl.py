@@ -211,20 +211,6 @@ def _signed(pos, b):
     return b if (pos or b == 0.0) else -b
 
 
-def _stage(a, rows, cols):  # pragma: no cover
-    raise NotImplementedError
-
-
-@overload(_stage, inline="always")
-def _ol_stage(a, rows, cols):
-    """A zeroed ``[rows, cols]`` scratch array in ``a``'s opmath type (float64 for float64 arrays,
-    float32 otherwise): converting into it is exact, and everything done with it afterwards
-    (sign tests, ``abs``, ``max``) is exact in either type."""
-    if a.dtype == types.float64:
-        return lambda a, rows, cols: np.zeros((rows, cols), np.float64)
-    return lambda a, rows, cols: np.zeros((rows, cols), np.float32)
-
-
 # ------------------------------------------------------------------ reductions and bit packing
 # The two sums below carry ``fastmath={"reassoc"}`` (and nothing else: NaN/Inf must survive, they
 # are how non-finite deltas are detected) so LLVM may vectorise them. The numeric contract asks
