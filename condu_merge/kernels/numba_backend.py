@@ -9,13 +9,14 @@ directly. Results are bit-exact with :class:`~condu_merge.backends.torch_backend
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
-from ..backends.base import FlatMergeResult, opmath_dtype, opmath_scalar
+from ..backends.base import FlatMergeResult, opmath_dtype
 from ..packing import packed_nbytes
 
 DEFAULT_CHUNK = 1 << 13  # elements per parallel work item: small enough for L1/L2, a multiple of 8
@@ -62,6 +63,33 @@ def _empty(n: int, dtype: torch.dtype, rows: int | None = None) -> tuple[torch.T
     return t, _np(t)
 
 
+def _lam_opmath(lams: Sequence[float], dtype: torch.dtype) -> np.ndarray:
+    """The rescalers rounded to ``dtype``'s opmath type, as float64: what ``opmath_scalar`` gives
+    (numpy's float64 -> float32 cast rounds to nearest even, as torch's does), without building a
+    torch tensor per rescaler."""
+    lam64 = np.array([float(l) for l in lams], dtype=np.float64).reshape(len(lams))
+    if opmath_dtype(dtype) == torch.float64:
+        return lam64
+    with np.errstate(over="ignore"):  # beyond float32's range rounds to inf, as in torch
+        return lam64.astype(np.float32).astype(np.float64)
+
+
+def _lut_exact(lam_op: Sequence[float]) -> bool:
+    """Whether every float64 partial sum of these opmath λ's is exact, in any order and over any
+    subset, so that table lookups give ``Λ`` bit for bit as the task-order sum: true when all are
+    finite float32 values whose nonzero exponents span at most ``53 - 24 - ceil(log2(count + 1))``
+    bits (every partial sum is then an integer multiple of the smallest ulp, below ``2^53`` ulps)."""
+    if not all(math.isfinite(v) for v in lam_op):
+        return False
+    if any(float(np.float32(v)) != v for v in lam_op):  # float64 tensors: opmath is float64
+        return False
+    nz = [abs(v) for v in lam_op if v != 0]
+    if not nz:
+        return True
+    exps = [math.frexp(v)[1] for v in nz]
+    return (max(exps) - min(exps)) + 24 + math.ceil(math.log2(len(nz) + 1)) <= 53
+
+
 def _list(arrays: Sequence[np.ndarray]):
     from numba.typed import List
 
@@ -99,6 +127,14 @@ class NumbaBackend:
         return (N + self.chunk - 1) // self.chunk
 
     @staticmethod
+    def _ngroups(nchunks: int) -> int:
+        """Runs of consecutive chunks the ``prange`` shares out: a few per thread (a run allocates
+        its scratch once; more runs than threads even out a thread that is descheduled)."""
+        import numba
+
+        return max(1, min(nchunks, 4 * numba.get_num_threads()))
+
+    @staticmethod
     def _kernel(name: str, nchunks: int):
         """The parallel kernel, or its serial twin for a one-chunk tensor (nothing to share out;
         on a busy machine waking the second thread costs more than the chunk)."""
@@ -117,7 +153,9 @@ class NumbaBackend:
         num_part = np.zeros((nc, n), np.float64)
         den_part = np.zeros((nc, n), np.float64)
         if N:
-            self._kernel("unify_kernel", nc)(_list(arrays), kind, u_np, masks.numpy(), num_part, den_part, self.chunk)
+            self._kernel("unify_kernel", nc)(
+                _list(arrays), kind, u_np, masks.numpy(), num_part, den_part, self.chunk, self._ngroups(nc)
+            )
         return FlatMergeResult(u, masks, torch.from_numpy(num_part.sum(axis=0)), torch.from_numpy(den_part.sum(axis=0)))
 
     # ------------------------------------------------------------------ continual step
@@ -127,13 +165,15 @@ class NumbaBackend:
         tp = masks.shape[0]
         N, dtype = u.numel(), u.dtype
         kind = _KIND[dtype]
-        lam_op = np.array([opmath_scalar(l, dtype) for l in lambdas], dtype=np.float64).reshape(tp)
+        lam_op = _lam_opmath(lambdas, dtype)
         u_new, u_new_np = _empty(N, dtype)
         masks_new = torch.empty((tp + 1, packed_nbytes(N)), dtype=torch.uint8)
         nc = self._nchunks(N)
         absu_part = np.zeros((nc, tp), np.float64)
         num_new_part = np.zeros(nc, np.float64)
         den_part = np.zeros((nc, tp + 1), np.float64)
+        use_lut = dtype != torch.float64 and _lut_exact(lam_op.tolist())
+        lut_sum, lut_max = _impl().lam_tables(lam_op) if use_lut else (np.zeros((1, 256)), np.zeros((1, 256)))
         if N:
             self._kernel("add_task_kernel", nc)(
                 _np(u.reshape(-1)),
@@ -147,6 +187,10 @@ class NumbaBackend:
                 num_new_part,
                 den_part,
                 self.chunk,
+                self._ngroups(nc),
+                use_lut,
+                lut_sum,
+                lut_max,
             )
         lam64 = np.array([float(l) for l in lambdas], dtype=np.float64).reshape(tp)
         num = np.empty(tp + 1, np.float64)
@@ -171,12 +215,13 @@ class NumbaBackend:
                 return None  # float64 sum rounded straight to a half type: not replicated here
             if wide and dtype in (torch.float16, torch.bfloat16):
                 return None
-        lam_op = np.array([opmath_scalar(l, dtype) for l in lams], dtype=np.float64).reshape(K)
+        lam_op = _lam_opmath(lams, dtype)
         out, out_np = _empty(N, out_dtype, rows=K)
         if N and K:
             u_np = _np(u.reshape(-1))
             b_np = _np(base.reshape(-1)) if base is not None else u_np
-            self._kernel("decouple_kernel", self._nchunks(N))(
+            nc = self._nchunks(N)
+            self._kernel("decouple_kernel", nc)(
                 u_np,
                 _KIND[dtype],
                 packed.contiguous().numpy(),
@@ -187,6 +232,7 @@ class NumbaBackend:
                 wide,
                 out_np,
                 self.chunk,
+                self._ngroups(nc),
             )
         return out
 
