@@ -31,12 +31,19 @@ import struct
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 from .errors import ConduError, DtypeMismatchError, FormatError, KeyMismatchError, NonFiniteError, ShapeMismatchError
-from .safetensors_writer import HASH_ALGORITHMS as HASH_ALGORITHMS
-from .safetensors_writer import ST_TO_DTYPE, OrderedWorker, TensorSpec, dtype_itemsize, new_hasher
-from .safetensors_writer import blake3_available as blake3_available
+from .safetensors_writer import (
+    HASH_ALGORITHMS as HASH_ALGORITHMS,
+    ST_TO_DTYPE,
+    OrderedWorker,
+    TensorSpec,
+    blake3_available as blake3_available,
+    dtype_itemsize,
+    new_hasher,
+)
 
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
 _MAX_DIM = 2**62  # a dimension (and the product of the non-zero ones) beyond this is no real tensor
@@ -296,6 +303,16 @@ class SafetensorsFile:
                 raise FormatError(f"{self.path}: truncated at byte {self._seq_pos + max(got, 0)} while hashing")
             self._seq.update(view)
             self._seq_pos += n
+
+    def set_hash(self, algo: str, worker: OrderedWorker | None = None) -> None:
+        """Choose the digest :meth:`sequential_digest` gives (and the background ``worker``, or
+        none) before any tensor was read, e.g. once a store's manifest said which digest it records.
+        Raises ``RuntimeError`` after a read (what was read was hashed with the old choice)."""
+        if self._seq is None or self._seq_pos != self._data_start:
+            raise RuntimeError(f"{self.path}: the digest can only be chosen before the first read")
+        seq = new_hasher(algo)
+        seq.update(struct.pack("<Q", len(self._header_bytes)) + self._header_bytes)  # the bytes read at open
+        self.hash_algo, self._seq, self._worker = algo, seq, worker
 
     @property
     def reads_are_private(self) -> bool:
@@ -762,6 +779,9 @@ def select_keys(
 # ---------------------------------------------------------------------------- task deltas
 
 _DELTA_BLOCK = 1 << 22  # elements per block of TaskDelta.delta
+_HALF_BLOCK = 1 << 18  # elements per block of a half-type delta (512 KiB: stays in the L2 cache)
+# float16 / bfloat16 bits of the exponent field: all ones is inf or nan
+_HALF_EXPONENT = {torch.float16: 0x7C00, torch.bfloat16: 0x7F80}
 
 
 def element_ranges(numel: int, max_elements: int) -> Iterator[tuple[int, int]]:
@@ -885,6 +905,8 @@ class TaskDelta:
         own = own and f.dtype == dtype
         if f.dtype == b.dtype == wide == dtype:
             return f.sub_(b) if own else f - b
+        if f.dtype == b.dtype == dtype and dtype in _HALF_EXPONENT and f.device.type == "cpu":
+            return self._half_difference(key, f, b, own)
         # in blocks: no whole-tensor temporaries in the wide type (a bf16 embedding's fp32
         # copies would be 4x the tensor); element-wise, so the values are the same
         d = f if own else torch.empty(f.shape, dtype=dtype, device=f.device)
@@ -902,6 +924,44 @@ class TaskDelta:
                     "--dtype float32"
                 )
         return d
+
+    def _half_difference(self, key: str, f: torch.Tensor, b: torch.Tensor, own: bool) -> torch.Tensor:
+        """``f − b`` of two float16/bfloat16 tensors in their own dtype: torch's CPU kernel computes
+        a half-type subtraction in float32 and rounds once, so the values are those of the wide
+        path (``tests/test_checkpoints_speed.py`` checks it bit for bit), in one pass without
+        float32 temporaries. Blocks of :data:`_HALF_BLOCK` elements go through a cache-sized
+        scratch buffer, checked for overflow there (an all-ones exponent, tested on the bits) before
+        they are stored; the inputs of a block stay intact, so an overflow is told apart from a
+        non-finite input."""
+        d = f if own else torch.empty(f.shape, dtype=f.dtype)
+        df, ff, bf = d.view(-1), f.reshape(-1), b.reshape(-1)
+        n = ff.numel()
+        scratch = torch.empty(min(n, _HALF_BLOCK), dtype=f.dtype)
+        bits = scratch.view(torch.int16).numpy()
+        test = np.empty(bits.shape, dtype=np.int16)
+        mask = _HALF_EXPONENT[f.dtype]
+        for s in range(0, n, _HALF_BLOCK):
+            e = min(s + _HALF_BLOCK, n)
+            k = e - s
+            out = scratch[:k]
+            torch.sub(ff[s:e], bf[s:e], out=out)
+            np.bitwise_and(bits[:k], mask, out=test[:k])
+            if (test[:k] == mask).any():
+                self._check_overflow(key, ff[s:e], bf[s:e], out)
+            df[s:e].copy_(out)
+        return d
+
+    def _check_overflow(self, key: str, f: torch.Tensor, b: torch.Tensor, d: torch.Tensor) -> None:
+        """Refuse a delta that is non-finite where both inputs are finite (it overflowed the dtype)."""
+        wide = f.float() - b.float()
+        bad = ~torch.isfinite(d) & torch.isfinite(wide)
+        if bool(bad.any()):
+            big = float(wide[bad].abs().max())
+            raise NonFiniteError(
+                f"{self.finetuned.path}: the delta of tensor {key!r} (fine-tuned − base, up to {big:.6g} in magnitude) "
+                f"overflows {str(d.dtype).replace('torch.', '')} though both checkpoints are finite; store it wider with "
+                "--dtype float32"
+            )
 
     def close(self) -> None:
         self.base.close()

@@ -352,7 +352,7 @@ class StreamingSafetensorsWriter:
             if self._worker is not None:
                 try:
                     self._worker.drain()
-                except Exception:  # noqa: S110 -- the file is being thrown away
+                except Exception:
                     pass
             self._fh.close()
         finally:
