@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-import hashlib
 import json
 import math
 import os
@@ -34,16 +33,16 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from .errors import ConduError, DtypeMismatchError, FormatError, KeyMismatchError, NonFiniteError, ShapeMismatchError
-from .safetensors_writer import (
+from .digests import (
     HASH_ALGORITHMS as HASH_ALGORITHMS,
-    ST_TO_DTYPE,
     OrderedWorker,
-    TensorSpec,
     blake3_available as blake3_available,
-    dtype_itemsize,
+    file_digest as file_digest,
     new_hasher,
+    record_digest as record_digest,
 )
+from .errors import ConduError, DtypeMismatchError, FormatError, KeyMismatchError, NonFiniteError, ShapeMismatchError
+from .safetensors_writer import ST_TO_DTYPE, TensorSpec, dtype_itemsize
 
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
 _MAX_DIM = 2**62  # a dimension (and the product of the non-zero ones) beyond this is no real tensor
@@ -779,7 +778,9 @@ def select_keys(
 # ---------------------------------------------------------------------------- task deltas
 
 _DELTA_BLOCK = 1 << 22  # elements per block of TaskDelta.delta
-_HALF_BLOCK = 1 << 18  # elements per block of a half-type delta (512 KiB: stays in the L2 cache)
+# elements per block of a half-type delta: few large ops (on a busy 2-core machine each of torch's
+# two-thread ops waits for a descheduled thread: 256K-element blocks ran 3.5x slower than 4M ones)
+_HALF_BLOCK = 1 << 22
 # float16 / bfloat16 bits of the exponent field: all ones is inf or nan
 _HALF_EXPONENT = {torch.float16: 0x7C00, torch.bfloat16: 0x7F80}
 
@@ -928,9 +929,9 @@ class TaskDelta:
     def _half_difference(self, key: str, f: torch.Tensor, b: torch.Tensor, own: bool) -> torch.Tensor:
         """``f − b`` of two float16/bfloat16 tensors in their own dtype: torch's CPU kernel computes
         a half-type subtraction in float32 and rounds once, so the values are those of the wide
-        path (``tests/test_checkpoints_speed.py`` checks it bit for bit), in one pass without
-        float32 temporaries. Blocks of :data:`_HALF_BLOCK` elements go through a cache-sized
-        scratch buffer, checked for overflow there (an all-ones exponent, tested on the bits) before
+        path (``tests/test_checkpoints_io.py`` checks it bit for bit), in one pass without
+        float32 temporaries. Blocks of :data:`_HALF_BLOCK` elements go through one scratch
+        buffer, checked for overflow there (an all-ones exponent, tested on the bits) before
         they are stored; the inputs of a block stay intact, so an overflow is told apart from a
         non-finite input."""
         d = f if own else torch.empty(f.shape, dtype=f.dtype)
@@ -971,50 +972,28 @@ class TaskDelta:
 # ---------------------------------------------------------------------------- identity
 
 
-def file_digest(path: str | os.PathLike, algo: str = "sha256", chunk: int = 1 << 22) -> str:
-    """The ``algo`` digest (see :data:`HASH_ALGORITHMS`) of a file, read in 4 MiB blocks."""
-    h = new_hasher(algo)
-    buf = bytearray(chunk)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as fh:
-        while True:
-            n = fh.readinto(view)
-            if not n:
-                break
-            h.update(view[:n])
-    return h.hexdigest()
-
-
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     """sha256 of a file, read in 4 MiB blocks."""
     return file_digest(path, "sha256", chunk)
 
 
-def record_digest(info: Mapping[str, object], where: str = "file entry") -> tuple[str, str]:
-    """``(algorithm, hex digest)`` of a manifest file record: ``{"bytes", "blake3"}`` or the
-    older ``{"bytes", "sha256"}`` (a record carrying both is checked by its ``blake3``, the faster).
-    Raises :class:`FormatError` naming ``where`` when it carries neither as a string."""
-    for algo in ("blake3", "sha256"):
-        v = info.get(algo)
-        if isinstance(v, str):
-            return algo, v
-    raise FormatError(f"{where}: records no digest (needs 'sha256' or 'blake3')")
-
-
-def checkpoint_identity(ck: Checkpoint | PeftAdapter) -> dict[str, object]:
-    """``{"path", "sha256", "bytes"}``: the sha256 is of the file, or of the sorted
-    ``"name sha256"`` lines of every file for a multi-file checkpoint."""
+def checkpoint_identity(ck: Checkpoint | PeftAdapter, algo: str = "sha256") -> dict[str, object]:
+    """``{"path", algo, "bytes"}`` (``algo``: ``"sha256"``, the default, or ``"blake3"``): the
+    digest of the file, or the same digest of the sorted ``"name digest"`` lines of every file for
+    a multi-file checkpoint."""
     files = ck.files()
     if not files:
-        return {"path": ck.path, "sha256": None, "bytes": 0}
+        return {"path": ck.path, algo: None, "bytes": 0}
     if len(files) == 1:
-        return {"path": os.path.abspath(files[0]), "sha256": sha256_file(files[0]), "bytes": os.path.getsize(files[0])}
-    lines = sorted(f"{os.path.basename(f)} {sha256_file(f)}" for f in files)
-    return {
-        "path": os.path.abspath(ck.path),
-        "sha256": hashlib.sha256("\n".join(lines).encode()).hexdigest(),
-        "bytes": sum(os.path.getsize(f) for f in files),
-    }
+        return {
+            "path": os.path.abspath(files[0]),
+            algo: file_digest(files[0], algo),
+            "bytes": os.path.getsize(files[0]),
+        }
+    lines = sorted(f"{os.path.basename(f)} {file_digest(f, algo)}" for f in files)
+    h = new_hasher(algo)
+    h.update("\n".join(lines).encode())
+    return {"path": os.path.abspath(ck.path), algo: h.hexdigest(), "bytes": sum(os.path.getsize(f) for f in files)}
 
 
 def iter_tensors(ck: Checkpoint, keys: Sequence[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from condu_merge import checkpoints
 from condu_merge.checkpoints import (
     MemoryCheckpoint,
     OrderedWorker,
@@ -218,7 +219,8 @@ def _pair(dtype, n=3000, seed=4):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_delta_is_bit_identical_to_the_float32_reference(tmp_path, dtype):
+def test_half_delta_is_bit_identical_to_the_float32_reference(tmp_path, dtype, monkeypatch):
+    monkeypatch.setattr(checkpoints, "_HALF_BLOCK", 1024)  # several blocks, a short last one
     b, f = _pair(dtype)
     f[:3] = torch.finfo(dtype).max  # exactly at the edge, not beyond: f - b finite here
     b[:3] = torch.finfo(dtype).max / 2
@@ -245,7 +247,8 @@ def test_in_memory_inputs_are_not_overwritten():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_delta_overflow_is_refused_but_an_inf_input_is_passed_on(tmp_path, dtype):
+def test_half_delta_overflow_is_refused_but_an_inf_input_is_passed_on(tmp_path, dtype, monkeypatch):
+    monkeypatch.setattr(checkpoints, "_HALF_BLOCK", 1 << 16)
     big = torch.finfo(dtype).max
     b = torch.zeros(300_000, dtype=dtype)  # more than one block
     f = torch.zeros(300_000, dtype=dtype)
@@ -286,4 +289,16 @@ def test_sharded_get_range(tmp_path):
     )
     ck = ShardedCheckpoint(tmp_path / "model.safetensors.index.json")
     assert torch.equal(ck.get_range("b", 8, 16), torch.arange(8.0, 16.0))
+    ck.close()
+
+
+def test_checkpoint_identity_in_either_digest(tmp_path):
+    from condu_merge.checkpoints import checkpoint_identity, open_checkpoint
+
+    p = tmp_path / "m.safetensors"
+    save_file_streaming(_sd(6), p)
+    ck = open_checkpoint(p)
+    assert checkpoint_identity(ck) == {"path": str(p), "sha256": sha256_file(p), "bytes": p.stat().st_size}
+    pytest.importorskip("blake3")
+    assert checkpoint_identity(ck, "blake3")["blake3"] == file_digest(p, "blake3")
     ck.close()
