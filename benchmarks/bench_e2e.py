@@ -15,7 +15,7 @@ before the step (the best time is kept; the store then moves on with one of them
 markdown table: task count, time, floor, ratio, peak RSS.
 
 ``--variant NAME:VAR=VALUE,...`` (repeatable) runs the CLI once per variant in every try, with
-those environment variables, each variant on its own store, interleaved with the others and the
+those environment variables (``PYTHONPATH=/old/checkout`` runs another version of the code), each variant on its own store, interleaved with the others and the
 floor: a before/after in the same conditions on a shared machine. Without it one variant, ``cli``.
 
     python benchmarks/bench_e2e.py --params 128e6 --tensors 64 --tasks 4 --dir /tmp/e2e
@@ -139,7 +139,16 @@ def run_cli(store: str, base: str, ft: str, name: str, env: dict) -> tuple[float
     timer = shutil.which("time") or "/usr/bin/time"
     wrapped = [timer, "-f", "%M", "-o", rss_file] + cmd if os.path.exists(timer) else cmd
     t0 = time.perf_counter()
-    p = subprocess.run(wrapped, check=False, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # run from the store's folder: ``python -m`` puts the working directory first on sys.path, so a
+    # variant's PYTHONPATH (another checkout of condu_merge) would be shadowed from the repo root
+    p = subprocess.run(
+        wrapped,
+        check=False,
+        env=env,
+        cwd=os.path.dirname(store),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     dt = time.perf_counter() - t0
     if p.returncode != 0:
         raise RuntimeError(f"add-task failed ({p.returncode}): {p.stderr.decode().strip()}")
