@@ -14,6 +14,10 @@ over moving its bytes. Each step is run ``--repeat`` times on a copy of the stor
 before the step (the best time is kept; the store then moves on with one of them). Prints a
 markdown table: task count, time, floor, ratio, peak RSS.
 
+``--variant NAME:VAR=VALUE,...`` (repeatable) runs the CLI once per variant in every try, with
+those environment variables (``PYTHONPATH=/old/checkout`` runs another version of the code), each variant on its own store, interleaved with the others and the
+floor: a before/after in the same conditions on a shared machine. Without it one variant, ``cli``.
+
     python benchmarks/bench_e2e.py --params 128e6 --tensors 64 --tasks 4 --dir /tmp/e2e
 """
 
@@ -135,7 +139,16 @@ def run_cli(store: str, base: str, ft: str, name: str, env: dict) -> tuple[float
     timer = shutil.which("time") or "/usr/bin/time"
     wrapped = [timer, "-f", "%M", "-o", rss_file] + cmd if os.path.exists(timer) else cmd
     t0 = time.perf_counter()
-    p = subprocess.run(wrapped, check=False, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # run from the store's folder: ``python -m`` puts the working directory first on sys.path, so a
+    # variant's PYTHONPATH (another checkout of condu_merge) would be shadowed from the repo root
+    p = subprocess.run(
+        wrapped,
+        check=False,
+        env=env,
+        cwd=os.path.dirname(store),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     dt = time.perf_counter() - t0
     if p.returncode != 0:
         raise RuntimeError(f"add-task failed ({p.returncode}): {p.stderr.decode().strip()}")
@@ -190,6 +203,13 @@ def main(argv=None) -> int:
     ap.add_argument("--dir", default="/tmp/condu_e2e")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints and the store")
     ap.add_argument("--json", default=None)
+    ap.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME:VAR=VALUE,...",
+        help="a CLI variant (environment variables for its process); repeat to interleave several",
+    )
     a = ap.parse_args(argv)
     dtype = getattr(torch, a.dtype)
     shutil.rmtree(a.dir, ignore_errors=True)
@@ -209,59 +229,77 @@ def main(argv=None) -> int:
     env["PYTHONPATH"] = (
         os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.pathsep + env.get("PYTHONPATH", "")
     )
-    store = os.path.join(a.dir, "store")
-    # a warm-up process: compiles (or loads) the numba kernels once, outside the timings
-    warm = os.path.join(a.dir, "warm")
-    run_cli(warm, base, fts[0], "warm", env)
-    shutil.rmtree(warm)
+    variants: dict[str, dict[str, str]] = {}
+    for v in a.variant or ["cli:"]:
+        name, _, assigns = v.partition(":")
+        variants[name] = {**env, **dict(x.split("=", 1) for x in assigns.split(",") if x)}
+    # a warm-up process per variant: compiles (or loads) the numba kernels once, outside the timings
+    for venv in variants.values():
+        warm = os.path.join(a.dir, "warm")
+        run_cli(warm, base, fts[0], "warm", venv)
+        shutil.rmtree(warm)
     rows = []
     for t, ft in enumerate(fts, start=1):
-        snap = store + ".before"  # the store before this step: every try starts from it
-        shutil.rmtree(snap, ignore_errors=True)
-        if os.path.exists(store):
-            shutil.copytree(store, snap, symlinks=True)
-        inputs = [base, ft] + store_files(snap)
-        best_cli, best_floor, rss, best_start = float("inf"), float("inf"), 0, (float("inf"), float("inf"))
+        best: dict[str, tuple[float, int]] = {n: (float("inf"), 0) for n in variants}
+        best_floor, best_start = float("inf"), (float("inf"), float("inf"))
         for r in range(a.repeat):
-            shutil.rmtree(store, ignore_errors=True)
-            if os.path.exists(snap):
-                shutil.copytree(snap, store, symlinks=True)
-            dt, peak = run_cli(store, base, ft, f"task{t}", env)
-            out_sizes = [os.path.getsize(p) for p in store_files(store)]
+            line = []
+            for name, venv in variants.items():
+                store = os.path.join(a.dir, f"store-{name}")
+                snap = store + ".before"  # the store before this step: every try starts from it
+                if r == 0:
+                    shutil.rmtree(snap, ignore_errors=True)
+                    if os.path.exists(store):
+                        shutil.copytree(store, snap, symlinks=True)
+                shutil.rmtree(store, ignore_errors=True)
+                if os.path.exists(snap):
+                    shutil.copytree(snap, store, symlinks=True)
+                dt, peak = run_cli(store, base, ft, f"task{t}", venv)
+                best[name] = (min(best[name][0], dt), max(best[name][1], peak))
+                line.append(f"{name} {dt:.2f} s ({peak / 2**20:.0f} MiB)")
+            first = os.path.join(a.dir, f"store-{next(iter(variants))}")
+            inputs = [base, ft] + store_files(first + ".before")
+            out_sizes = [os.path.getsize(p) for p in store_files(first)]
             fl = io_floor(inputs, out_sizes, os.path.join(a.dir, "floor"))
             st = start_time(env)
-            best_cli, best_floor, rss = min(best_cli, dt), min(best_floor, fl), max(rss, peak)
+            best_floor = min(best_floor, fl)
             best_start = (min(best_start[0], st[0]), min(best_start[1], st[1]))
             print(
-                f"  task {t} try {r + 1}: cli {dt:.2f} s, floor {fl:.2f} s, peak RSS {peak / 2**20:.0f} MiB, "
-                f"start: import torch {st[0]:.2f} s, all imports {st[1]:.2f} s",
+                f"  task {t} try {r + 1}: {', '.join(line)}, floor {fl:.2f} s, "
+                f"start: import torch {st[0]:.2f} s, all imports {st[1]:.2f} s; load {os.getloadavg()[0]:.1f}",
                 flush=True,
             )
         in_bytes = sum(os.path.getsize(p) for p in inputs)
-        rows.append(
-            {
-                "tasks": t,
-                "cli_s": best_cli,
-                "floor_s": best_floor,
-                "ratio": best_cli / best_floor,
-                "import_torch_s": best_start[0],
-                "imports_s": best_start[1],
-                "ratio_after_start": (best_cli - best_start[1]) / best_floor,
-                "peak_rss_MiB": rss / 2**20,
-                "read_MiB": in_bytes / 2**20,
-                "written_MiB": sum(out_sizes) / 2**20,
-            }
-        )
+        for name, (dt, peak) in best.items():
+            rows.append(
+                {
+                    "variant": name,
+                    "tasks": t,
+                    "cli_s": dt,
+                    "floor_s": best_floor,
+                    "ratio": dt / best_floor,
+                    "import_torch_s": best_start[0],
+                    "imports_s": best_start[1],
+                    "ratio_after_start": (dt - best_start[1]) / best_floor,
+                    "peak_rss_MiB": peak / 2**20,
+                    "read_MiB": in_bytes / 2**20,
+                    "written_MiB": sum(out_sizes) / 2**20,
+                }
+            )
     print(f"\n`{' '.join(['python'] + sys.argv)}`; {os.cpu_count()} cores, torch {torch.__version__}\n")
-    print(f"largest tensor {largest / 2**20:.0f} MiB\n")
     print(
-        "| tasks | add-task s | I/O floor s | ratio | start s (import torch / all imports) | ratio without start "
+        f"largest tensor {largest / 2**20:.0f} MiB; target peak RSS 1 GiB + largest = {1024 + largest / 2**20:.0f} MiB\n"
+    )
+    print(
+        "| variant | tasks | add-task s | I/O floor s | ratio | start s (import torch / all imports) | ratio without start "
         "| peak RSS MiB | read MiB | written MiB |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in sorted(
+        rows, key=lambda r: (r["variant"] != next(iter(variants)), list(variants).index(r["variant"]), r["tasks"])
+    ):
         print(
-            f"| {r['tasks']} | {r['cli_s']:.2f} | {r['floor_s']:.2f} | {r['ratio']:.2f}x | "
+            f"| {r['variant']} | {r['tasks']} | {r['cli_s']:.2f} | {r['floor_s']:.2f} | {r['ratio']:.2f}x | "
             f"{r['import_torch_s']:.2f} / {r['imports_s']:.2f} | {r['ratio_after_start']:.2f}x | {r['peak_rss_MiB']:.0f} | "
             f"{r['read_MiB']:.0f} | {r['written_MiB']:.0f} |"
         )

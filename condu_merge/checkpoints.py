@@ -3,8 +3,9 @@
 Readers (all lazy, one tensor in memory at a time):
 
 * :class:`SafetensorsFile` -- one ``.safetensors`` file. The header is parsed here and each tensor
-  is read with ``readinto`` into a fresh buffer (no ``mmap``), so what a merge keeps resident is
-  exactly the tensors it is working on, and a truncated file is reported before any data is used.
+  (or a range of its elements, :meth:`SafetensorsFile.get_range`) is read with ``readinto`` into
+  a fresh buffer (no ``mmap``), so what a merge keeps resident is exactly the tensors it is
+  working on, and a truncated file is reported before any data is used.
 * :class:`ShardedCheckpoint` -- a ``model.safetensors.index.json`` (or ``pytorch_model.bin.index.json``)
   and its shards.
 * :class:`TorchCheckpoint` -- ``.pt``/``.bin``/``.pth`` through ``torch.load(weights_only=True)``
@@ -20,17 +21,26 @@ fine-tuned checkpoint (or adapter) into ``delta(key)``, computed when asked.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
-import hashlib
 import json
 import math
 import os
 import struct
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
+import numpy as np
 import torch
 
+from .digests import (
+    HASH_ALGORITHMS as HASH_ALGORITHMS,
+    OrderedWorker,
+    blake3_available as blake3_available,
+    file_digest as file_digest,
+    new_hasher,
+    record_digest as record_digest,
+)
 from .errors import ConduError, DtypeMismatchError, FormatError, KeyMismatchError, NonFiniteError, ShapeMismatchError
 from .safetensors_writer import ST_TO_DTYPE, TensorSpec, dtype_itemsize
 
@@ -106,10 +116,25 @@ class SafetensorsFile:
     ``get(key)`` costs one ``seek`` + ``readinto`` of that tensor's bytes. Every structural
     problem (bad header, offsets past the end of the file, unknown dtype) raises
     :class:`FormatError` naming the file.
+
+    While reads go front to back, the file's digest (``hash_algo``: ``"sha256"`` or
+    ``"blake3"``) is computed from the bytes read (:meth:`sequential_digest`). ``hash_worker``:
+    an :class:`OrderedWorker` that hashes in the background while the caller computes; a tensor
+    :meth:`get` returns must then not be changed in place until :meth:`sequential_digest` (a
+    change would make the digest differ: a false "damaged", never a damaged file accepted).
     """
 
-    def __init__(self, path: str | os.PathLike, *, keep_open: bool = True):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        keep_open: bool = True,
+        hash_algo: str = "sha256",
+        hash_worker: OrderedWorker | None = None,
+    ):
         self.path = os.fspath(path)
+        self.hash_algo = hash_algo
+        self._worker = hash_worker
         self._fh = open(self.path, "rb")  # FileNotFoundError names the path itself
         try:
             self._parse()
@@ -144,8 +169,9 @@ class SafetensorsFile:
         self.metadata: dict[str, str] = meta
         self._data_start = 8 + n
         self._size = size
-        # running sha256 of what was read, valid while reads go front to back (see sequential_sha256)
-        self._seq: hashlib._Hash | None = hashlib.sha256(raw + self._header_bytes)
+        # running digest of what was read, valid while reads go front to back (see sequential_digest)
+        self._seq: Any = new_hasher(self.hash_algo)
+        self._seq.update(raw + self._header_bytes)
         self._seq_pos = 8 + n
         self._entries: dict[str, tuple[TensorSpec, int, int]] = {}
         data_len = size - self._data_start
@@ -203,19 +229,46 @@ class SafetensorsFile:
         spec, begin, end = self._entries.get(key, (None, 0, 0))
         if spec is None:
             raise KeyMismatchError(f"{self.path}: no tensor {key!r}")
-        buf = torch.empty(end - begin, dtype=torch.uint8)
-        if end > begin:
-            got = self._read_into(buf.numpy().data, self._data_start + begin)
-            if got != end - begin:
-                raise FormatError(f"{self.path}: tensor {key!r} is truncated ({got} of {end - begin} bytes)")
-            if self._seq is not None:
-                self._hash_to(self._data_start + begin)
-                if self._seq is not None:
-                    self._seq.update(buf.numpy().data)
-                    self._seq_pos += end - begin
+        buf = self._read_span(key, begin, end - begin)
         if spec.dtype == torch.uint8:
             return buf.reshape(spec.shape)
         return buf.view(spec.dtype).reshape(spec.shape)
+
+    def get_range(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Elements ``[start, stop)`` of tensor ``key`` flattened (row-major), as a fresh 1-D tensor.
+
+        Reads only those bytes, so a tensor larger than memory can be worked through in pieces;
+        consecutive ranges in file order keep :meth:`sequential_digest` valid."""
+        spec, begin, _ = self._entries.get(key, (None, 0, 0))
+        if spec is None:
+            raise KeyMismatchError(f"{self.path}: no tensor {key!r}")
+        n = math.prod(spec.shape)
+        if not 0 <= start <= stop <= n:
+            raise ValueError(f"{self.path}: range [{start}, {stop}) is outside tensor {key!r} of {n} elements")
+        isz = dtype_itemsize(spec.dtype)
+        buf = self._read_span(key, begin + start * isz, (stop - start) * isz)
+        return buf if spec.dtype == torch.uint8 else buf.view(spec.dtype)
+
+    def _read_span(self, key: str, begin: int, nbytes: int) -> torch.Tensor:
+        """``nbytes`` at data offset ``begin`` into a fresh uint8 tensor, hashed if in order."""
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        if nbytes:
+            got = self._read_into(buf.numpy().data, self._data_start + begin)
+            if got != nbytes:
+                raise FormatError(f"{self.path}: tensor {key!r} is truncated ({got} of {nbytes} bytes)")
+            if self._seq is not None:
+                self._hash_to(self._data_start + begin)
+                if self._seq is not None:
+                    self._update(buf.numpy().data)
+                    self._seq_pos += nbytes
+        return buf
+
+    def _update(self, view: memoryview) -> None:
+        seq = self._seq
+        if self._worker is None:
+            seq.update(view)
+        else:  # the view keeps its tensor alive until hashed
+            self._worker.submit(lambda: seq.update(view), view.nbytes)
 
     def _read_into(self, view: memoryview, offset: int) -> int:
         if self._keep_open:
@@ -238,6 +291,8 @@ class SafetensorsFile:
         if pos < self._seq_pos:
             self._seq = None
             return
+        if self._worker is not None:
+            self._worker.drain()  # the block below is reused: hash it here, after what is queued
         block = bytearray(min(pos - self._seq_pos, 1 << 22))
         while self._seq_pos < pos:
             n = min(pos - self._seq_pos, len(block))
@@ -248,24 +303,51 @@ class SafetensorsFile:
             self._seq.update(view)
             self._seq_pos += n
 
+    def set_hash(self, algo: str, worker: OrderedWorker | None = None) -> None:
+        """Choose the digest :meth:`sequential_digest` gives (and the background ``worker``, or
+        none) before any tensor was read, e.g. once a store's manifest said which digest it records.
+        Raises ``RuntimeError`` after a read (what was read was hashed with the old choice)."""
+        if self._seq is None or self._seq_pos != self._data_start:
+            raise RuntimeError(f"{self.path}: the digest can only be chosen before the first read")
+        seq = new_hasher(algo)
+        seq.update(struct.pack("<Q", len(self._header_bytes)) + self._header_bytes)  # the bytes read at open
+        self.hash_algo, self._seq, self._worker = algo, seq, worker
+
+    @property
+    def reads_are_private(self) -> bool:
+        """Whether a tensor :meth:`get` returns may be changed in place by the caller (no
+        background hash still reads it)."""
+        return self._worker is None or self._seq is None
+
     def no_read_hash(self) -> None:
-        """Stop hashing what :meth:`get` reads (for a file whose sha256 nobody will ask for)."""
+        """Stop hashing what :meth:`get` reads (for a file whose digest nobody will ask for)."""
+        if self._worker is not None:
+            self._worker.drain()
         self._seq = None
 
-    def sequential_sha256(self) -> str | None:
-        """sha256 of the whole file, if :meth:`get` read front to back (bytes it skipped are read
-        and hashed now), else ``None``; also ``None`` after :meth:`no_read_hash`.
+    def sequential_digest(self) -> str | None:
+        """The ``hash_algo`` digest of the whole file, if :meth:`get` read front to back (bytes it
+        skipped are read and hashed now), else ``None``; also ``None`` after :meth:`no_read_hash`.
 
         Lets a streaming reader check a file's integrity while it uses it: each byte is read once."""
         if self._seq is None:
             return None
         self._hash_to(self._size)
+        if self._worker is not None:
+            self._worker.drain()
         return self._seq.hexdigest() if self._seq is not None else None
+
+    def sequential_sha256(self) -> str | None:
+        """:meth:`sequential_digest` when ``hash_algo`` is ``"sha256"``, else ``None``."""
+        return self.sequential_digest() if self.hash_algo == "sha256" else None
 
     def files(self) -> list[str]:
         return [self.path]
 
     def close(self) -> None:
+        if self._worker is not None:
+            with contextlib.suppress(Exception):
+                self._worker.drain()  # no queued hash outlives the file object's use
         self._fh.close()
 
     def __enter__(self) -> SafetensorsFile:
@@ -322,6 +404,10 @@ class ShardedCheckpoint:
 
     def get(self, key: str) -> torch.Tensor:
         return self._shard(key).get(key)
+
+    def get_range(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Elements ``[start, stop)`` of ``key`` flattened (see :func:`read_range`)."""
+        return read_range(self._shard(key), key, start, stop)
 
     def files(self) -> list[str]:
         return [self.path] + sorted(set(self._map.values()))
@@ -692,6 +778,34 @@ def select_keys(
 # ---------------------------------------------------------------------------- task deltas
 
 _DELTA_BLOCK = 1 << 22  # elements per block of TaskDelta.delta
+# elements per block of a half-type delta: few large ops (on a busy 2-core machine each of torch's
+# two-thread ops waits for a descheduled thread: 256K-element blocks ran 3.5x slower than 4M ones)
+_HALF_BLOCK = 1 << 22
+# float16 / bfloat16 bits of the exponent field: all ones is inf or nan
+_HALF_EXPONENT = {torch.float16: 0x7C00, torch.bfloat16: 0x7F80}
+
+
+def element_ranges(numel: int, max_elements: int) -> Iterator[tuple[int, int]]:
+    """Consecutive ``(start, stop)`` ranges covering ``range(numel)``, each at most
+    ``max_elements`` long (rounded down to a multiple of 8, at least 8), every ``start`` a
+    multiple of 8 so that a packed 1-bit mask splits on byte boundaries (bytes
+    ``[start // 8, ceil(stop / 8))``). One range ``(0, 0)`` for an empty tensor."""
+    step = max(8, max_elements - max_elements % 8)
+    if numel == 0:
+        yield 0, 0
+        return
+    for s in range(0, numel, step):
+        yield s, min(s + step, numel)
+
+
+def read_range(ck: Checkpoint, key: str, start: int, stop: int) -> torch.Tensor:
+    """Elements ``[start, stop)`` of ``ck``'s tensor ``key`` flattened, 1-D: read alone from a
+    safetensors file (:meth:`SafetensorsFile.get_range`, also through a sharded index), else a
+    slice of the whole tensor (a view: never change it in place)."""
+    get_range = getattr(ck, "get_range", None)
+    if get_range is not None:
+        return get_range(key, start, stop)
+    return ck.get(key).reshape(-1)[start:stop]
 
 
 class TaskDelta:
@@ -764,33 +878,91 @@ class TaskDelta:
     def delta(self, key: str, dtype: torch.dtype) -> torch.Tensor:
         b = self.base.get(key)
         if isinstance(self.finetuned, PeftAdapter):
-            d = self.finetuned.delta(key, b)
-        else:
-            f = self.finetuned.get(key)
-            wide = torch.promote_types(torch.promote_types(f.dtype, b.dtype), torch.float32)
-            # a tensor just read from a safetensors file is our own buffer: the delta may overwrite
-            # it (any other checkpoint may hand out the caller's own tensor: never in place there)
-            own = isinstance(self.finetuned, SafetensorsFile) and f.dtype == dtype
-            if f.dtype == b.dtype == wide == dtype:
-                return f.sub_(b) if own else f - b
-            # in blocks: no whole-tensor temporaries in the wide type (a bf16 embedding's fp32
-            # copies would be 4x the tensor); element-wise, so the values are the same
-            d = f if own else torch.empty(f.shape, dtype=dtype, device=f.device)
-            df, ff, bf = d.view(-1), f.reshape(-1), b.reshape(-1)
-            narrowing = d.is_floating_point() and torch.finfo(dtype).bits < torch.finfo(wide).bits
-            for s in range(0, ff.numel(), _DELTA_BLOCK):
-                e = s + _DELTA_BLOCK
-                w = ff[s:e].to(wide) - bf[s:e].to(wide)
-                df[s:e] = w
-                if narrowing and not bool(torch.isfinite(df[s:e]).all()) and bool(torch.isfinite(w).all()):
-                    big = float(w.abs().max())
-                    raise NonFiniteError(
-                        f"{self.finetuned.path}: the delta of tensor {key!r} (fine-tuned − base, up to {big:.6g} in magnitude) "
-                        f"overflows {str(dtype).replace('torch.', '')} though both checkpoints are finite; store it wider with "
-                        "--dtype float32"
-                    )
-            return d
-        return d.to(dtype)
+            return self.finetuned.delta(key, b).to(dtype)
+        return self._difference(key, self.finetuned.get(key), b, dtype, self._private_reads())
+
+    def delta_range(self, key: str, dtype: torch.dtype, start: int, stop: int) -> torch.Tensor:
+        """Elements ``[start, stop)`` of ``delta(key, dtype)`` flattened (row-major), 1-D.
+
+        The values are those of :meth:`delta` (element-wise arithmetic); only that range of both
+        checkpoints is read when they are safetensors files (single or sharded), so a tensor is
+        worked through in pieces with one piece in memory. Other checkpoints (``torch.save``
+        files, which are memory-mapped, and in-memory ones) are sliced; an adapter's ``B A``
+        product is computed whole and sliced."""
+        if isinstance(self.finetuned, PeftAdapter):
+            return self.delta(key, dtype).reshape(-1)[start:stop]
+        b = read_range(self.base, key, start, stop)
+        f = read_range(self.finetuned, key, start, stop)
+        return self._difference(key, f, b, dtype, self._private_reads())
+
+    def _private_reads(self) -> bool:
+        # a tensor just read from a safetensors file is our own buffer: the delta may overwrite
+        # it (any other checkpoint may hand out the caller's own tensor: never in place there)
+        return isinstance(self.finetuned, SafetensorsFile) and self.finetuned.reads_are_private
+
+    def _difference(self, key: str, f: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, own: bool) -> torch.Tensor:
+        """``f − b`` in float32 or wider, cast to ``dtype``; in place into ``f`` when ``own``."""
+        wide = torch.promote_types(torch.promote_types(f.dtype, b.dtype), torch.float32)
+        own = own and f.dtype == dtype
+        if f.dtype == b.dtype == wide == dtype:
+            return f.sub_(b) if own else f - b
+        if f.dtype == b.dtype == dtype and dtype in _HALF_EXPONENT and f.device.type == "cpu":
+            return self._half_difference(key, f, b, own)
+        # in blocks: no whole-tensor temporaries in the wide type (a bf16 embedding's fp32
+        # copies would be 4x the tensor); element-wise, so the values are the same
+        d = f if own else torch.empty(f.shape, dtype=dtype, device=f.device)
+        df, ff, bf = d.view(-1), f.reshape(-1), b.reshape(-1)
+        narrowing = d.is_floating_point() and torch.finfo(dtype).bits < torch.finfo(wide).bits
+        for s in range(0, ff.numel(), _DELTA_BLOCK):
+            e = s + _DELTA_BLOCK
+            w = ff[s:e].to(wide) - bf[s:e].to(wide)
+            df[s:e] = w
+            if narrowing and not bool(torch.isfinite(df[s:e]).all()) and bool(torch.isfinite(w).all()):
+                big = float(w.abs().max())
+                raise NonFiniteError(
+                    f"{self.finetuned.path}: the delta of tensor {key!r} (fine-tuned − base, up to {big:.6g} in magnitude) "
+                    f"overflows {str(dtype).replace('torch.', '')} though both checkpoints are finite; store it wider with "
+                    "--dtype float32"
+                )
+        return d
+
+    def _half_difference(self, key: str, f: torch.Tensor, b: torch.Tensor, own: bool) -> torch.Tensor:
+        """``f − b`` of two float16/bfloat16 tensors in their own dtype: torch's CPU kernel computes
+        a half-type subtraction in float32 and rounds once, so the values are those of the wide
+        path (``tests/test_checkpoints_io.py`` checks it bit for bit), in one pass without
+        float32 temporaries. Blocks of :data:`_HALF_BLOCK` elements go through one scratch
+        buffer, checked for overflow there (an all-ones exponent, tested on the bits) before
+        they are stored; the inputs of a block stay intact, so an overflow is told apart from a
+        non-finite input."""
+        d = f if own else torch.empty(f.shape, dtype=f.dtype)
+        df, ff, bf = d.view(-1), f.reshape(-1), b.reshape(-1)
+        n = ff.numel()
+        scratch = torch.empty(min(n, _HALF_BLOCK), dtype=f.dtype)
+        bits = scratch.view(torch.int16).numpy()
+        test = np.empty(bits.shape, dtype=np.int16)
+        mask = _HALF_EXPONENT[f.dtype]
+        for s in range(0, n, _HALF_BLOCK):
+            e = min(s + _HALF_BLOCK, n)
+            k = e - s
+            out = scratch[:k]
+            torch.sub(ff[s:e], bf[s:e], out=out)
+            np.bitwise_and(bits[:k], mask, out=test[:k])
+            if (test[:k] == mask).any():
+                self._check_overflow(key, ff[s:e], bf[s:e], out)
+            df[s:e].copy_(out)
+        return d
+
+    def _check_overflow(self, key: str, f: torch.Tensor, b: torch.Tensor, d: torch.Tensor) -> None:
+        """Refuse a delta that is non-finite where both inputs are finite (it overflowed the dtype)."""
+        wide = f.float() - b.float()
+        bad = ~torch.isfinite(d) & torch.isfinite(wide)
+        if bool(bad.any()):
+            big = float(wide[bad].abs().max())
+            raise NonFiniteError(
+                f"{self.finetuned.path}: the delta of tensor {key!r} (fine-tuned − base, up to {big:.6g} in magnitude) "
+                f"overflows {str(d.dtype).replace('torch.', '')} though both checkpoints are finite; store it wider with "
+                "--dtype float32"
+            )
 
     def close(self) -> None:
         self.base.close()
@@ -802,32 +974,26 @@ class TaskDelta:
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     """sha256 of a file, read in 4 MiB blocks."""
-    h = hashlib.sha256()
-    buf = bytearray(chunk)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as fh:
-        while True:
-            n = fh.readinto(view)
-            if not n:
-                break
-            h.update(view[:n])
-    return h.hexdigest()
+    return file_digest(path, "sha256", chunk)
 
 
-def checkpoint_identity(ck: Checkpoint | PeftAdapter) -> dict[str, object]:
-    """``{"path", "sha256", "bytes"}``: the sha256 is of the file, or of the sorted
-    ``"name sha256"`` lines of every file for a multi-file checkpoint."""
+def checkpoint_identity(ck: Checkpoint | PeftAdapter, algo: str = "sha256") -> dict[str, object]:
+    """``{"path", algo, "bytes"}`` (``algo``: ``"sha256"``, the default, or ``"blake3"``): the
+    digest of the file, or the same digest of the sorted ``"name digest"`` lines of every file for
+    a multi-file checkpoint."""
     files = ck.files()
     if not files:
-        return {"path": ck.path, "sha256": None, "bytes": 0}
+        return {"path": ck.path, algo: None, "bytes": 0}
     if len(files) == 1:
-        return {"path": os.path.abspath(files[0]), "sha256": sha256_file(files[0]), "bytes": os.path.getsize(files[0])}
-    lines = sorted(f"{os.path.basename(f)} {sha256_file(f)}" for f in files)
-    return {
-        "path": os.path.abspath(ck.path),
-        "sha256": hashlib.sha256("\n".join(lines).encode()).hexdigest(),
-        "bytes": sum(os.path.getsize(f) for f in files),
-    }
+        return {
+            "path": os.path.abspath(files[0]),
+            algo: file_digest(files[0], algo),
+            "bytes": os.path.getsize(files[0]),
+        }
+    lines = sorted(f"{os.path.basename(f)} {file_digest(f, algo)}" for f in files)
+    h = new_hasher(algo)
+    h.update("\n".join(lines).encode())
+    return {"path": os.path.abspath(ck.path), algo: h.hexdigest(), "bytes": sum(os.path.getsize(f) for f in files)}
 
 
 def iter_tensors(ck: Checkpoint, keys: Sequence[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:

@@ -1,0 +1,155 @@
+"""File digests for integrity checks, torch-free (``inspect`` and :mod:`condu_merge.manifest_check`
+use them without importing torch): the algorithms a store may record, incremental hashers, whole
+files, manifest records, and :class:`OrderedWorker`, which writes and hashes in the background.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import os
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from .errors import FormatError
+
+#: Digests a file may be recorded under. ``sha256`` is what every store before this version
+#: records; ``blake3`` is as strong (a 256-bit cryptographic hash, 128-bit collision security:
+#: no accidental or deliberate change of a file's bytes is known to keep its digest) and 4x
+#: faster per core here (3.4-3.9 GB/s against sha256's 0.8-0.9 GB/s), so hashing every byte a
+#: continual step reads and writes stops being a large part of the step.
+HASH_ALGORITHMS = ("sha256", "blake3")
+
+
+def new_hasher(algo: str = "sha256") -> Any:
+    """A fresh incremental hash object (``update(buffer)``, ``hexdigest()``) for ``algo``.
+
+    ``blake3`` needs the ``blake3`` package (``pip install blake3``); without it the error says
+    so (a store that records BLAKE3 digests cannot be checked without it)."""
+    if algo == "sha256":
+        return hashlib.sha256()
+    if algo == "blake3":
+        try:
+            from blake3 import blake3
+        except ImportError:
+            raise RuntimeError("the 'blake3' digest needs the blake3 package: pip install blake3") from None
+        return blake3()
+    raise ValueError(f"unknown hash algorithm {algo!r} (known: {', '.join(HASH_ALGORITHMS)})")
+
+
+def blake3_available() -> bool:
+    """Whether the ``blake3`` package can be imported (then :func:`new_hasher` accepts ``"blake3"``)."""
+    try:
+        import blake3  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class OrderedWorker:
+    """One background thread running submitted jobs one at a time, in submission order.
+
+    ``hashlib``'s and ``blake3``'s ``update`` and ``os.write`` release the GIL on large buffers,
+    so a job (write a tensor's bytes and hash them) runs while the submitting thread computes the
+    next tensor. ``submit`` blocks while more than ``max_pending_bytes`` of earlier jobs wait (one
+    job is always accepted, whatever its size), which bounds the memory that waiting buffers hold.
+    The first exception a job raises is raised again, in the submitting thread, by the next
+    :meth:`submit` or by :meth:`drain`; later jobs are skipped. A job must not be changed by the
+    caller until it ran: hand over buffers that nobody writes to any more.
+    """
+
+    def __init__(self, max_pending_bytes: int = 1 << 28):
+        self.max_pending_bytes = max_pending_bytes
+        self._cv = threading.Condition()
+        self._jobs: collections.deque[tuple[Callable[[], object], int]] = collections.deque()
+        self._pending = 0
+        self._error: BaseException | None = None
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="condu-merge-io", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._jobs and not self._closed:
+                    self._cv.wait()
+                if not self._jobs:
+                    return
+                fn, _ = self._jobs[0]
+                skip = self._error is not None
+            try:
+                if not skip:
+                    fn()
+            except BaseException as exc:  # handed to the submitting thread
+                with self._cv:
+                    self._error = exc
+            with self._cv:
+                _, n = self._jobs.popleft()
+                self._pending -= n
+                self._cv.notify_all()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            exc, self._error = self._error, None
+            raise exc
+
+    def submit(self, fn: Callable[[], object], nbytes: int = 0) -> None:
+        """Queue ``fn`` (which holds ``nbytes`` of buffers until it ran)."""
+        with self._cv:
+            if self._closed:
+                raise RuntimeError("OrderedWorker is closed")
+            while self._jobs and self._pending + nbytes > self.max_pending_bytes and self._error is None:
+                self._cv.wait()
+            self._raise()
+            self._jobs.append((fn, nbytes))
+            self._pending += nbytes
+            self._cv.notify_all()
+
+    def drain(self) -> None:
+        """Wait until every queued job ran; raise the first error one of them raised."""
+        with self._cv:
+            while self._jobs:
+                self._cv.wait()
+            self._raise()
+
+    def close(self) -> None:
+        """:meth:`drain` (errors dropped), then stop the thread."""
+        with self._cv:
+            while self._jobs:
+                self._cv.wait()
+            self._error = None
+            self._closed = True
+            self._cv.notify_all()
+        self._thread.join()
+
+    def __enter__(self) -> OrderedWorker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def file_digest(path: str | os.PathLike, algo: str = "sha256", chunk: int = 1 << 22) -> str:
+    """The ``algo`` digest (see :data:`HASH_ALGORITHMS`) of a file, read in 4 MiB blocks."""
+    h = new_hasher(algo)
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as fh:
+        while True:
+            n = fh.readinto(view)
+            if not n:
+                break
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def record_digest(info: Mapping[str, object], where: str = "file entry") -> tuple[str, str]:
+    """``(algorithm, hex digest)`` of a manifest file record: ``{"bytes", "blake3"}`` or the
+    older ``{"bytes", "sha256"}`` (a record carrying both is checked by its ``blake3``, the faster).
+    Raises :class:`FormatError` naming ``where`` when it carries neither as a string."""
+    for algo in ("blake3", "sha256"):
+        v = info.get(algo)
+        if isinstance(v, str):
+            return algo, v
+    raise FormatError(f"{where}: records no digest (needs 'sha256' or 'blake3')")
