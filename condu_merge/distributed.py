@@ -54,7 +54,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import errors as _errors
+from . import errors as _errors, store as store_mod
 from .backends import MergeBackend
 from .checkpoints import (
     Checkpoint,
@@ -460,6 +460,7 @@ class _SliceWriter:
         self.layout = layout
         self.dir = gen_dir
         self.fds: dict[str, int] = {}
+        self._parts: dict[tuple[str, str], int] = {}
         # past KEEP_OPEN_FILES files, each write opens its file (thousands of tasks, 1,024 fds)
         self._keep = len(layout) <= KEEP_OPEN_FILES
         try:
@@ -481,6 +482,26 @@ class _SliceWriter:
         fd = os.open(os.path.join(self.dir, rel), os.O_WRONLY)
         try:
             _pwrite_all(fd, data, begin)
+        finally:
+            os.close(fd)
+
+    def write_part(self, rel: str, key: str, t: torch.Tensor) -> None:
+        """The next consecutive piece of tensor ``key`` in file ``rel`` (pieces in order)."""
+        begin, end = self.layout[rel][1][key]
+        done = self._parts.get((rel, key), 0)
+        data = tensor_bytes(t)
+        if begin + done + data.nbytes > end:
+            raise ValueError(f"{rel}: a piece of tensor {key!r} runs past its slot")
+        self._pwrite(rel, data, begin + done)
+        self._parts[(rel, key)] = done + data.nbytes
+
+    def _pwrite(self, rel: str, data: memoryview, offset: int) -> None:
+        if self._keep:
+            _pwrite_all(self.fds[rel], data, offset)
+            return
+        fd = os.open(os.path.join(self.dir, rel), os.O_WRONLY)
+        try:
+            _pwrite_all(fd, data, offset)
         finally:
             os.close(fd)
 
@@ -544,6 +565,9 @@ class _Source:
     plan: PlanFn
     delta: Callable[[str, torch.dtype], torch.Tensor]
     close: Callable[[], None]
+    delta_range: Callable[[str, torch.dtype, int, int], torch.Tensor] | None = None
+    """Elements ``[start, stop)`` of a delta (checkpoints): large tensors are merged in pieces, as
+    the single-process store merges them, so the bytes and λ's are the same."""
 
 
 # ---------------------------------------------------------------------------- the distributed step
@@ -661,6 +685,9 @@ def _distributed_stream_add(
                 label=f"task {name!r}",
                 progress=progress and rank == 0,
                 crash=lambda step: _crash_point(step, rank),
+                chunk=store_mod.CHUNK_ELEMENTS if src.delta_range is not None else None,
+                delta_range_of=(lambda k, a0, a1: src.delta_range(k, dtype_of[k], a0, a1)) if src.delta_range else None,
+                write_part=writer.write_part,
             )
             for idx in mine:
                 k = specs[idx].name
@@ -817,6 +844,7 @@ def distributed_add_task_from_checkpoints(
             lambda st: _plan_tuple(plan_checkpoint_task(st.root, st.manifest, td, include, exclude, dtype, check_base)),
             td.delta,
             td.close,
+            td.delta_range,
         )
 
     with _communicator(group, timeout_s) as comm:

@@ -382,6 +382,24 @@ class ReopeningWriter:
             os.close(fd)
         self._next += 1
 
+    def write_part(self, name: str, part: torch.Tensor) -> None:
+        """The next consecutive elements of tensor ``name`` (as
+        :meth:`StreamingSafetensorsWriter.write_part`): the same bytes as one :meth:`write`."""
+        spec = self.specs[self._next] if self._next < len(self.specs) else None
+        data = tensor_bytes(part)
+        want = math.prod(spec.shape) * spec.dtype.itemsize if spec is not None else 0
+        filled = getattr(self, "_filled", 0)
+        if spec is None or name != spec.name or part.dtype != spec.dtype or filled + data.nbytes > want:
+            raise ValueError(f"{self.path}: part of {name!r} does not continue the next declared tensor ({spec})")
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | getattr(os, "O_CLOEXEC", 0))
+        try:
+            self._append(fd, data)
+        finally:
+            os.close(fd)
+        self._filled = filled + data.nbytes
+        if self._filled == want:
+            self._next, self._filled = self._next + 1, 0
+
     def close(self) -> tuple[str, int]:
         if self._next != len(self.specs):
             raise ValueError(f"{self.path}: closed with tensors not written")
@@ -551,6 +569,15 @@ class GenerationWriter:
         except OSError as exc:  # ENOSPC, EIO, EDQUOT: say which file
             raise with_path(exc, w.path) from None
 
+    def write_part(self, rel: str, key: str, part: torch.Tensor) -> None:
+        """Append the next consecutive elements of tensor ``key`` to file ``rel`` (a large tensor
+        merged in pieces; the bytes are those of one :meth:`write`)."""
+        w = self._writers[rel]
+        try:
+            w.write_part(key, part.reshape(-1))
+        except OSError as exc:
+            raise with_path(exc, w.path) from None
+
     def carry(self, src_gen: str, rel: str) -> None:
         """Hard-link ``rel`` (an immutable file of the old generation ``src_gen``) in."""
         link_or_copy(os.path.join(src_gen, rel), os.path.join(self.dir, rel))
@@ -632,6 +659,9 @@ def fold_tensors(
     label: str,
     progress: bool = False,
     crash: Any = None,
+    chunk: int | None = None,
+    delta_range_of: Any = None,
+    write_part: Any = None,
 ) -> None:
     """**Fold each tensor**: for every tensor of ``specs`` (in order), read the task's delta
     (``delta_of(key)``), check its shape, dtype and (unless the rule does) finiteness, compute
@@ -639,42 +669,74 @@ def fold_tensors(
     from the old generation's (``old``, a :class:`~condu_merge.strategies.rule.SlotReader`, or
     ``None`` for the first task) and hand each to ``write(relative path, key, tensor)``; then the
     ``write:tensor`` crash point (``crash``: a rank-aware one for distributed writers). Only one
-    tensor's work is in memory at a time."""
-    from .errors import NonFiniteError, ShapeMismatchError
+    tensor's work is in memory at a time; with ``chunk`` (elements), a rule that works element
+    by element (``rule.elementwise``) folds a larger tensor in pieces of at most ``chunk``
+    elements (multiples of 8, so packed masks split on bytes): ``delta_range_of(key, start,
+    stop)`` reads a piece of the delta, ``old.window(start, stop)`` the old slots and
+    ``write_part(rel, key, piece)`` appends the result, so one piece is in memory whatever the
+    tensor's size. The bytes written are those of the whole-tensor fold."""
+    from .errors import ShapeMismatchError
 
     crash = crash or crash_point
     slots = rule.slots()
     t = task.index
     from tqdm.auto import tqdm
 
+    from .checkpoints import element_ranges
+
     for s in tqdm(specs, desc=f"add {task.name}", disable=not progress, leave=False):
+        n = math.prod(s.shape)
+        if chunk is not None and getattr(rule, "elementwise", False) and n > chunk and delta_range_of is not None:
+            for a0, a1 in element_ranges(n, chunk):
+                part = TensorSpec(s.name, s.dtype, (a1 - a0,))
+                d = delta_range_of(s.name, a0, a1)
+                if d.dtype != s.dtype:
+                    raise DtypeMismatchError(f"{label}: tensor {s.name!r} is {d.dtype}, the store keeps {s.dtype}")
+                _check_finite_delta(rule, d, s.name, label, a0)
+                out = rule.fold(s.name, d, old.window(a0, a1) if old is not None else None, task, (a1 - a0,))
+                del d
+                _write_slots(rule, slots, part, out, t, write_part)
+                del out
+            crash("write:tensor")
+            continue
         d = delta_of(s.name)
         if tuple(d.shape) != tuple(s.shape):
             raise ShapeMismatchError(f"{label}: tensor {s.name!r} has shape {tuple(d.shape)}, the store has {s.shape}")
         if d.dtype != s.dtype:
             raise DtypeMismatchError(f"{label}: tensor {s.name!r} is {d.dtype}, the store keeps {s.dtype}")
-        if not rule.checks_finite:
-            bad = ~torch.isfinite(d)
-            if bool(bad.any()):
-                idx = int(bad.reshape(-1).nonzero()[0, 0])
-                raise NonFiniteError(f"{label}: tensor {s.name!r} contains NaN or Inf (first at flat index {idx})")
+        _check_finite_delta(rule, d, s.name, label, 0)
         out = rule.fold(s.name, d, old, task, tuple(s.shape))
         del d
-        for slot in slots:
-            v = out[slot.kind]
-            if not slot.per_task:
-                write(slot.file(), s.name, slot_tensor(rule, slot, s, v))
-            elif slot.frozen:
-                write(slot.file(t), s.name, slot_tensor(rule, slot, s, v))
-            else:
-                if not isinstance(v, list) and not (isinstance(v, torch.Tensor) and v.dim() == 2):
-                    raise RuntimeError(f"{rule.method}: fold returned no rows of {slot.kind!r} for tensor {s.name!r}")
-                if len(v) != t + 1:
-                    raise RuntimeError(f"{rule.method}: fold returned {len(v)} {slot.kind!r} rows, expected {t + 1}")
-                for i in range(t + 1):
-                    write(slot.file(i), s.name, slot_tensor(rule, slot, s, v[i]))
+        _write_slots(rule, slots, s, out, t, write)
         del out
         crash("write:tensor")
+
+
+def _check_finite_delta(rule: Any, d: torch.Tensor, key: str, label: str, offset: int) -> None:
+    from .errors import NonFiniteError
+
+    if not rule.checks_finite:
+        bad = ~torch.isfinite(d)
+        if bool(bad.any()):
+            idx = offset + int(bad.reshape(-1).nonzero()[0, 0])
+            raise NonFiniteError(f"{label}: tensor {key!r} contains NaN or Inf (first at flat index {idx})")
+
+
+def _write_slots(rule: Any, slots: Any, spec: TensorSpec, out: Any, t: int, write: Any) -> None:
+    """Hand every slot of one fold's result (``out``) to ``write(rel, key, tensor)``."""
+    for slot in slots:
+        v = out[slot.kind]
+        if not slot.per_task:
+            write(slot.file(), spec.name, slot_tensor(rule, slot, spec, v))
+        elif slot.frozen:
+            write(slot.file(t), spec.name, slot_tensor(rule, slot, spec, v))
+        else:
+            if not isinstance(v, list) and not (isinstance(v, torch.Tensor) and v.dim() == 2):
+                raise RuntimeError(f"{rule.method}: fold returned no rows of {slot.kind!r} for tensor {spec.name!r}")
+            if len(v) != t + 1:
+                raise RuntimeError(f"{rule.method}: fold returned {len(v)} {slot.kind!r} rows, expected {t + 1}")
+            for i in range(t + 1):
+                write(slot.file(i), spec.name, slot_tensor(rule, slot, spec, v[i]))
 
 
 def slot_tensor(rule: Any, slot: Any, spec: TensorSpec, v: Any) -> torch.Tensor:

@@ -114,7 +114,13 @@ from .strategies.condu import ConDURule
 from .strategies.rule import FoldTask, SlotReader
 from .trigger import Rescaler, TaskTrigger
 
+CHUNK_ELEMENTS = 1 << 22
+"""Tensors of more elements than this are merged in pieces of this size (4M elements: 16 MiB of
+float32), so a continual step's working set stays a few pieces whatever the largest tensor
+(a 7B model's 250 MiB embedding included); see ``benchmarks/bench_e2e.py`` (Scale)."""
+
 __all__ = [
+    "CHUNK_ELEMENTS",
     "CRASH_ENV",
     "KEEP_OPEN_FILES",
     "LOCK",
@@ -485,10 +491,14 @@ class Store(StoreDirectory):
         base_identity: dict[str, Any] | None,
         selection: dict[str, Any] | None,
         after_read: Callable[[], dict[str, Any] | None] | None = None,
+        delta_range_of: Callable[[str, int, int], torch.Tensor] | None = None,
     ) -> None:
         """The streaming continual step (caller holds the lock and has reloaded). ``after_read``
         runs once every input was read (the base check on the read's own hash); a dict it
-        returns is the base identity to record."""
+        returns is the base identity to record. With ``delta_range_of(key, start, stop)`` a
+        tensor of more than :data:`CHUNK_ELEMENTS` elements is merged in pieces of that size, so
+        the working set is a few pieces whatever the largest tensor (the bytes written are the
+        same; its λ sums add the pieces' sums, which can round the last bit differently)."""
         self.check_new_task_name(name)
         m_old = self.manifest
         t_prev = len(m_old["tasks"]) if m_old else 0
@@ -513,6 +523,9 @@ class Store(StoreDirectory):
                 gen.writer.write,
                 label=label,
                 progress=progress,
+                chunk=CHUNK_ELEMENTS if delta_range_of is not None else None,
+                delta_range_of=delta_range_of,
+                write_part=gen.writer.write_part,
             )
             self._check_read_hashes()
             if after_read is not None:
@@ -546,6 +559,7 @@ class Store(StoreDirectory):
             self.task_names,
             {x.name: tuple(x.shape) for x in specs},
             {x.name: x.dtype for x in specs},
+            packed=("masks",),
         )
 
     def check_new_task_name(self, name: str) -> None:
@@ -686,6 +700,7 @@ class Store(StoreDirectory):
                     )
                     if check_base
                     else None,
+                    delta_range_of=lambda k, a0, a1: td.delta_range(k, store_dtype[k], a0, a1),
                 )
         finally:
             td.close()

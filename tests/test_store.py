@@ -345,3 +345,71 @@ def test_reader_opening_during_a_commit_retries_the_new_generation(tmp_path, mon
     monkeypatch.setattr(store_mod, "sha256_file", sha_then_write)
     st = Store(tmp_path / "s")
     assert fired and st.task_names == ["t0", "t1"]
+
+
+def test_a_tensor_larger_than_the_chunk_is_merged_in_pieces_with_the_same_bytes(tmp_path, monkeypatch):
+    """From checkpoints, a tensor of more than CHUNK_ELEMENTS elements is merged in pieces
+    (ranged reads, part writes): u and every mask byte equal the whole-tensor merge's, the λ's
+    agree to rounding, and the store stays loadable and verified."""
+    from safetensors.torch import save_file
+
+    import condu_merge.store as store_mod
+
+    g = torch.Generator().manual_seed(4)
+    base = {
+        "big": torch.randn(1001, 37, generator=g),
+        "small": torch.randn(5, generator=g),
+    }  # 37,037 elements: not a multiple of 8
+    save_file(base, str(tmp_path / "base.safetensors"))
+    for i in range(3):
+        save_file(
+            {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()},
+            str(tmp_path / f"f{i}.safetensors"),
+        )
+    stores = {}
+    for chunk in (1 << 22, 1000):  # whole, and 38 pieces of 1,000 elements (the last 37)
+        monkeypatch.setattr(store_mod, "CHUNK_ELEMENTS", chunk)
+        st = Store(tmp_path / f"s{chunk}")
+        for i in range(3):
+            st.add_task_from_checkpoints(
+                f"t{i}", str(tmp_path / "base.safetensors"), str(tmp_path / f"f{i}.safetensors")
+            )
+        stores[chunk] = Store(tmp_path / f"s{chunk}", verify=True)
+    whole, parts = stores[1 << 22], stores[1000]
+    for k in ("big", "small"):
+        assert torch.equal(whole.unified_tensor(k), parts.unified_tensor(k))
+        for a, b in zip(whole.packed_masks(k), parts.packed_masks(k)):
+            assert torch.equal(a, b)
+    for t in whole.task_names:
+        assert whole.task_info(t)["mask_bits"] == parts.task_info(t)["mask_bits"]
+        assert whole.rescaler_of(t) == pytest.approx(parts.rescaler_of(t), rel=1e-12)
+
+
+def test_distributed_step_merges_large_tensors_in_the_same_pieces(tmp_path, monkeypatch):
+    """The distributed step (here in one process) folds a tensor larger than the chunk in the
+    same pieces as the store, so its files are byte-identical and its λ's equal."""
+    from safetensors.torch import save_file
+
+    import condu_merge.store as store_mod
+    from condu_merge.distributed import distributed_add_task_from_checkpoints
+
+    monkeypatch.setattr(store_mod, "CHUNK_ELEMENTS", 1000)
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    g = torch.Generator().manual_seed(5)
+    base = {"big": torch.randn(9001, generator=g), "w": torch.randn(7, 3, generator=g)}
+    save_file(base, str(tmp_path / "base.safetensors"))
+    for i in range(2):
+        save_file(
+            {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()},
+            str(tmp_path / f"f{i}.safetensors"),
+        )
+    for i in range(2):
+        args = (f"t{i}", str(tmp_path / "base.safetensors"), str(tmp_path / f"f{i}.safetensors"))
+        Store(tmp_path / "single").add_task_from_checkpoints(*args)
+        distributed_add_task_from_checkpoints(tmp_path / "dist", *args)
+    a, b = Store(tmp_path / "single", verify=True), Store(tmp_path / "dist", verify=True)
+    assert {k: v["sha256"] for k, v in a.manifest["files"].items()} == {
+        k: v["sha256"] for k, v in b.manifest["files"].items()
+    }
+    assert [a.rescaler_of(t) for t in a.task_names] == [b.rescaler_of(t) for t in b.task_names]

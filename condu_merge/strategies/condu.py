@@ -126,6 +126,7 @@ class ConDURule(TensorRule):
     method = "condu"
     task_aware = True
     checks_finite = True  # unify_tensor / add_task_tensor refuse NaN/Inf naming the key and task
+    elementwise = True  # the election, masks and u are per element; the λ sums add up over pieces
     defaults: ClassVar[dict[str, Any]] = {"rescaler": "tensor_mean", "backend": "auto"}
     meta_keys: ClassVar[tuple[str, ...]] = ("rescalers", "mask_bits")
     device: torch.device | None = None
@@ -156,10 +157,13 @@ class ConDURule(TensorRule):
         num = task.stats.setdefault("num", [{} for _ in range(n)])
         den = task.stats.setdefault("den", [{} for _ in range(n)])
         bits = task.stats.setdefault("bits", [0] * n)
-        task.stats.setdefault("numel", {})[key] = res.u.numel()
+        numel = task.stats.setdefault("numel", {})
+        numel[key] = numel.get(key, 0) + res.u.numel()
         rows = res.masks.cpu()
         for i, (a, b) in enumerate(zip(res.num.tolist(), res.den.tolist())):
-            num[i][key], den[i][key] = a, b
+            # a tensor folded in pieces adds its pieces' sums (in order); a whole one sets them
+            num[i][key] = num[i].get(key, 0.0) + a
+            den[i][key] = den[i].get(key, 0.0) + b
             bits[i] += popcount(rows[i])
         return {"unified": res.u.cpu(), "masks": rows}
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -101,6 +101,7 @@ class SlotReader:
         names: Sequence[str],
         shapes: Mapping[str, tuple[int, ...]],
         dtypes: Mapping[str, torch.dtype],
+        packed: Iterable[str] = (),
     ):
         self._open = open_slot
         self._cache: dict[tuple[str, int | None], Any] = {}
@@ -108,13 +109,34 @@ class SlotReader:
         self.tasks = len(self.names)
         self.shapes = shapes
         self.dtypes = dtypes
+        self.packed = frozenset(packed)
+        self._range: tuple[int, int] | None = None
 
-    def get(self, kind: str, key: str, task: int | None = None) -> torch.Tensor:
+    def _src(self, kind: str, task: int | None) -> Any:
         src = self._cache.get((kind, task))
         if src is None:
             src = self._cache[(kind, task)] = self._open(kind, task)
+        return src
+
+    def get(self, kind: str, key: str, task: int | None = None) -> torch.Tensor:
+        src = self._src(kind, task)
+        if self._range is not None:
+            a0, a1 = self._range
+            if kind in self.packed:  # 1-bit slots: the bytes of elements [a0, a1); a0 % 8 == 0
+                a0, a1 = a0 // 8, (a1 + 7) // 8
+            part: torch.Tensor = src.get_range(key, a0, a1)
+            return part
         t: torch.Tensor = src.get(key) if hasattr(src, "get") else src[key]
         return t
+
+    def window(self, start: int, stop: int) -> SlotReader:
+        """This reader restricted to elements ``[start, stop)`` of every tensor (flattened), for a
+        rule that folds element by element (``elementwise``) and a tensor folded in pieces;
+        ``start`` is a multiple of 8. It shares the open files."""
+        view = SlotReader(self._open, self.names, self.shapes, self.dtypes, self.packed)
+        view._cache = self._cache
+        view._range = (start, stop)
+        return view
 
     @property
     def opened(self) -> list[tuple[str, int | None]]:
@@ -155,6 +177,10 @@ class TensorRule(ABC):
     """The keys of the JSON meta :meth:`finish_task` maintains (kept by the store across tasks)."""
     checks_finite: ClassVar[bool] = False
     """Whether :meth:`fold` itself refuses NaN/Inf (else the driver checks each delta first)."""
+    elementwise: ClassVar[bool] = False
+    """Whether :meth:`fold` works element by element, so a large tensor may be folded in pieces
+    (:func:`~condu_merge.pipeline.fold_tensors` with ``chunk``); its stats must then add up over
+    the pieces."""
 
     def __init__(self, **options: Any):
         unknown = sorted(set(options) - set(self.defaults))
