@@ -114,10 +114,11 @@ from .strategies.condu import ConDURule
 from .strategies.rule import FoldTask, SlotReader
 from .trigger import Rescaler, TaskTrigger
 
-CHUNK_ELEMENTS = 1 << 22
-"""Tensors of more elements than this are merged in pieces of this size (4M elements: 16 MiB of
-float32), so a continual step's working set stays a few pieces whatever the largest tensor
-(a 7B model's 250 MiB embedding included); see ``benchmarks/bench_e2e.py`` (Scale)."""
+CHUNK_ELEMENTS = int(os.environ.get("CONDU_MERGE_CHUNK_ELEMENTS", 1 << 22))
+"""Tensors of more elements than this are merged in pieces of this size (default 4M elements:
+16 MiB of float32; ``$CONDU_MERGE_CHUNK_ELEMENTS`` sets another), so a continual step's working
+set stays a few pieces whatever the largest tensor (a 7B model's 250 MiB embedding included);
+see ``benchmarks/RESULTS.md`` (Scale)."""
 
 __all__ = [
     "CHUNK_ELEMENTS",
