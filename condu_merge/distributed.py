@@ -476,14 +476,7 @@ class _SliceWriter:
         data = tensor_bytes(t)
         if data.nbytes != end - begin:
             raise ValueError(f"{rel}: tensor {key!r} has {data.nbytes} bytes, its slot {end - begin}")
-        if self._keep:
-            _pwrite_all(self.fds[rel], data, begin)
-            return
-        fd = os.open(os.path.join(self.dir, rel), os.O_WRONLY)
-        try:
-            _pwrite_all(fd, data, begin)
-        finally:
-            os.close(fd)
+        self._pwrite(rel, data, begin)
 
     def write_part(self, rel: str, key: str, t: torch.Tensor) -> None:
         """The next consecutive piece of tensor ``key`` in file ``rel`` (pieces in order)."""
