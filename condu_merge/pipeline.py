@@ -74,6 +74,11 @@ from .safetensors_writer import (
     tensor_bytes,
 )
 
+BACKGROUND_BYTES = int(os.environ.get("CONDU_MERGE_BACKGROUND_BYTES", 1 << 26))
+"""How many bytes of finished tensors may wait for the background writer and hasher of a new
+generation (default 64 MiB; ``0`` or ``$CONDU_MERGE_BACKGROUND_BYTES=0``: write in the folding
+thread). Bounds the memory the overlap costs."""
+
 DATA_FILE_RE = re.compile(r"[a-z][a-z_]*(/\d{4,})?\.safetensors")
 """Data files a store writes in a generation: ``<slot>.safetensors`` or ``<slot>/NNNN.safetensors``."""
 SLOT_DIR_RE = re.compile(r"[a-z][a-z_]*")
@@ -545,6 +550,12 @@ class GenerationWriter:
         self._writers: dict[str, StreamingSafetensorsWriter | ReopeningWriter] = {}
         self._dirs = {os.path.dirname(rel) for rel in layout if "/" in rel}
         few = len(layout) <= KEEP_OPEN_FILES
+        # one background thread writes and hashes the files (in order) while the caller folds
+        # the next tensor: hashlib and os.write release the GIL; what is handed over is never
+        # changed again (fresh kernel outputs and reads), and finish/abort wait for it
+        from .digests import OrderedWorker
+
+        self._worker: OrderedWorker | None = OrderedWorker(BACKGROUND_BYTES) if BACKGROUND_BYTES > 0 else None
         try:
             for sub in sorted(self._dirs):
                 os.makedirs(os.path.join(gen_dir, sub), exist_ok=True)
@@ -552,7 +563,9 @@ class GenerationWriter:
                 path = os.path.join(gen_dir, rel)
                 try:
                     if few or i == 0:
-                        self._writers[rel] = StreamingSafetensorsWriter(path, list(specs), dict(meta))
+                        self._writers[rel] = StreamingSafetensorsWriter(
+                            path, list(specs), dict(meta), worker=self._worker
+                        )
                     else:
                         self._writers[rel] = ReopeningWriter(path, list(specs), dict(meta))
                 except OSError as exc:
@@ -592,16 +605,23 @@ class GenerationWriter:
             except OSError as exc:
                 raise with_path(exc, w.path) from None
             files[rel] = {"sha256": sha, "bytes": size}
+        self._stop_worker()
         for sub in sorted(self._dirs):
             if os.path.isdir(os.path.join(self.dir, sub)):
                 fsync_dir(os.path.join(self.dir, sub))
         fsync_dir(self.dir)
         return files
 
+    def _stop_worker(self) -> None:
+        if self._worker is not None:
+            self._worker.close()
+            self._worker = None
+
     def abort(self) -> None:
         for w in self._writers.values():
             with contextlib.suppress(Exception):
                 w.abort()
+        self._stop_worker()
         remove_generation_dir(self.dir)
 
 
