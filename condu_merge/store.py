@@ -54,6 +54,7 @@ from .checkpoints import (
     sha256_file,
 )
 from .core import continual_step_tensor
+from .digests import OrderedWorker
 from .errors import (
     FormatError,
     MergeInputError,
@@ -508,49 +509,59 @@ class Store(StoreDirectory):
         rule = ConDURule(rescaler=mode)
         rule.opts["backend"] = backend  # a name or a backend object, used as given (a store does not record it)
         new_gen, gen_dir = self.new_generation()
-        with NewGeneration.at(self.root, new_gen, gen_dir, generation_layout(specs, t_prev + 1)) as gen:
-            pipeline.crash_point("write:start")
-            task = FoldTask(
-                t_prev,
-                name,
-                meta={"names": self.task_names, "rescalers": [self.rescaler_of(t) for t in self.task_names]},
-            )
-            fold_tensors(
-                rule,
-                specs,
-                delta_of,
-                self.slot_reader() if m_old else None,
-                task,
-                gen.writer.write,
-                label=label,
-                progress=progress,
-                chunk=CHUNK_ELEMENTS if delta_range_of is not None else None,
-                delta_range_of=delta_range_of,
-                write_part=gen.writer.write_part,
-            )
-            self._check_read_hashes()
-            if after_read is not None:
-                base_identity = after_read() or base_identity
-            meta = rule.finish_task({"names": self.task_names}, task)
-            m = self.complete_manifest(
-                gen_dir,
-                gen.writer.finish(),
-                name=name,
-                mode=mode,
-                specs=specs,
-                lambdas=meta["rescalers"],
-                mask_bits=meta["mask_bits"],
-                source=source,
-                base_identity=base_identity,
-                selection=selection,
-            )
-            old = self.manifest
-            self._close_files()
-            self.manifest = None
-            try:
-                gen.commit(m, old)
-            finally:
-                self._load(False)  # the new state, or the old one if the switch did not happen
+        # the old generation's files are hashed (to check them before the commit) by a background
+        # thread as they are read, while the fold computes; tensors read are never changed in place
+        hasher = OrderedWorker(pipeline.BACKGROUND_BYTES) if m_old and pipeline.BACKGROUND_BYTES > 0 else None
+        if hasher is not None:
+            for f in self._files.values():
+                f.set_hash("sha256", hasher)
+        try:
+            with NewGeneration.at(self.root, new_gen, gen_dir, generation_layout(specs, t_prev + 1)) as gen:
+                pipeline.crash_point("write:start")
+                task = FoldTask(
+                    t_prev,
+                    name,
+                    meta={"names": self.task_names, "rescalers": [self.rescaler_of(t) for t in self.task_names]},
+                )
+                fold_tensors(
+                    rule,
+                    specs,
+                    delta_of,
+                    self.slot_reader() if m_old else None,
+                    task,
+                    gen.writer.write,
+                    label=label,
+                    progress=progress,
+                    chunk=CHUNK_ELEMENTS if delta_range_of is not None else None,
+                    delta_range_of=delta_range_of,
+                    write_part=gen.writer.write_part,
+                )
+                self._check_read_hashes()
+                if after_read is not None:
+                    base_identity = after_read() or base_identity
+                meta = rule.finish_task({"names": self.task_names}, task)
+                m = self.complete_manifest(
+                    gen_dir,
+                    gen.writer.finish(),
+                    name=name,
+                    mode=mode,
+                    specs=specs,
+                    lambdas=meta["rescalers"],
+                    mask_bits=meta["mask_bits"],
+                    source=source,
+                    base_identity=base_identity,
+                    selection=selection,
+                )
+                old = self.manifest
+                self._close_files()
+                self.manifest = None
+                try:
+                    gen.commit(m, old)
+                finally:
+                    self._load(False)  # the new state, or the old one if the switch did not happen
+        finally:
+            if hasher is not None:
+                hasher.close()
 
     def slot_reader(self) -> SlotReader:
         """The current generation as the ConDU rule's slots (``unified``, ``masks``)."""
