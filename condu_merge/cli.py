@@ -59,23 +59,11 @@ def _parse_sets(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
-def _store_method(path: str) -> str | None:
-    """The method an existing store records (``None``: no store there yet)."""
-    mpath = os.path.join(path, "manifest.json")
-    if not os.path.isfile(mpath):
-        return None
-    try:
-        with open(mpath, "rb") as fh:
-            m = json.loads(fh.read())
-    except (OSError, ValueError, RecursionError):
-        return "condu"  # the store's own loader names what is wrong
-    return m.get("method", "condu") if isinstance(m, dict) else "condu"
-
-
 def _add_task(args: argparse.Namespace) -> int:
     from .distributed import add_task_from_args, launcher_detected, stale_world_size
+    from .manifest_check import store_method
 
-    have = _store_method(args.store)
+    have = store_method(args.store)
     method = args.method or have or "condu"
     if have is not None and method != have:
         raise ValueError(
@@ -401,9 +389,10 @@ def _inspect_strategy(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    from .manifest_check import store_method
     from .store_view import StoreView, ViewError
 
-    if _store_method(args.store) not in (None, "condu"):
+    if store_method(args.store) not in (None, "condu"):
         return _inspect_strategy(args)
 
     data = None
@@ -467,14 +456,13 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from .strategy_store import StrategyStore, open_any_store
+    from .strategy_store import open_any_store
 
     t0 = time.perf_counter()
     with open_any_store(args.store, verify=False) as st:
         st.require()
         rep = st.verify()
-        files = rep if isinstance(st, StrategyStore) else rep.files
-        size = sum(int(f["bytes"]) for f in st.require()["files"].values())
+        files, size = rep.files, rep.bytes
         data = {
             "store": st.root,
             "ok": True,

@@ -26,6 +26,7 @@ __all__ = [
     "check_strategy_manifest",
     "mask_file",
     "proto_file",
+    "store_method",
 ]
 
 UNIFIED = "unified.safetensors"
@@ -229,3 +230,22 @@ def check_strategy_manifest(m: dict[str, Any], mpath: str) -> None:
         bad(f"its files {sorted(set(files) ^ want)[:4]} do not match its slots and tasks")
     if not isinstance(m.get("meta", {}), dict):
         bad("meta is not an object")
+
+
+def store_method(root: str) -> str | None:
+    """The method the store at ``root`` records (``"condu"`` for a ConDU store), ``None`` if there
+    is no store there yet. A manifest that cannot be read counts as ConDU's: the store's own loader
+    then names what is wrong with it."""
+    import json
+    import os
+
+    mpath = os.path.join(root, "manifest.json")
+    if not os.path.isfile(mpath):
+        return None
+    try:
+        with open(mpath, "rb") as fh:
+            m = json.loads(fh.read())
+    except (OSError, ValueError, RecursionError):
+        return "condu"
+    method = m.get("method", "condu") if isinstance(m, dict) else "condu"
+    return method if isinstance(method, str) else "condu"

@@ -41,7 +41,7 @@ import shutil
 import signal
 import stat
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -360,6 +360,7 @@ class ReopeningWriter:
         self.path = path
         self.specs = list(specs)
         self._next = 0
+        self._filled = 0  # bytes of specs[_next] written so far (write_part)
         self._hash = hashlib.sha256()
         self._size = 0
         head, _ = build_header(self.specs, metadata)
@@ -393,15 +394,14 @@ class ReopeningWriter:
         spec = self.specs[self._next] if self._next < len(self.specs) else None
         data = tensor_bytes(part)
         want = math.prod(spec.shape) * spec.dtype.itemsize if spec is not None else 0
-        filled = getattr(self, "_filled", 0)
-        if spec is None or name != spec.name or part.dtype != spec.dtype or filled + data.nbytes > want:
+        if spec is None or name != spec.name or part.dtype != spec.dtype or self._filled + data.nbytes > want:
             raise ValueError(f"{self.path}: part of {name!r} does not continue the next declared tensor ({spec})")
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | getattr(os, "O_CLOEXEC", 0))
         try:
             self._append(fd, data)
         finally:
             os.close(fd)
-        self._filled = filled + data.nbytes
+        self._filled += data.nbytes
         if self._filled == want:
             self._next, self._filled = self._next + 1, 0
 
@@ -522,16 +522,6 @@ def commit_manifest(root: str, manifest: dict[str, Any], gen_name: str, old: Map
         remove_generation_dir(os.path.join(root, old_gen), list(old["files"]), crash_step="commit:cleanup")  # type: ignore[index]
 
 
-def abort_generation(root: str, gen_name: str, cleanup: Any = None) -> None:
-    """After a failed write: remove the new generation unless the manifest on disk already names
-    it (an error or Ctrl-C after the switch must not delete the committed state)."""
-    if committed_generation(root) != gen_name:
-        if cleanup is not None:
-            cleanup()
-        else:
-            remove_generation_dir(os.path.join(root, gen_name))
-
-
 class GenerationWriter:
     """Writes the data files of one new generation, one tensor at a time.
 
@@ -638,21 +628,6 @@ class NewGeneration:
         self.name, self.dir = new_generation_dir(root, current)
         self.writer = GenerationWriter(self.dir, layout)
         self.committed = False
-
-    @classmethod
-    def at(
-        cls,
-        root: str,
-        name: str,
-        gen_dir: str,
-        layout: Mapping[str, tuple[Sequence[TensorSpec], Mapping[str, str]]],
-    ) -> NewGeneration:
-        """A generation already named (``name``, ``gen_dir``) by :func:`new_generation_dir`."""
-        self = cls.__new__(cls)
-        self.root, self.name, self.dir = root, name, gen_dir
-        self.writer = GenerationWriter(gen_dir, layout)
-        self.committed = False
-        return self
 
     def commit(self, manifest: dict[str, Any], old: Mapping[str, Any] | None) -> None:
         """Every data file is complete: fsync them, then the atomic switch (:func:`commit_manifest`)."""
@@ -783,7 +758,6 @@ class TaskPlan:
     base_identity: dict[str, Any] | None = None
     selection: dict[str, Any] | None = None
     source: dict[str, Any] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def manifest_specs(manifest: Mapping[str, Any]) -> list[TensorSpec]:
@@ -960,10 +934,6 @@ def check_new_task(root: str, manifest: Mapping[str, Any] | None, name: str) -> 
         raise DuplicateTaskError(f"{root}: task {name!r} is already in this store; task names are unique")
 
 
-def numel(spec: TensorSpec) -> int:
-    return math.prod(spec.shape)
-
-
 # ---------------------------------------------------------------------------- the store directory
 
 
@@ -1011,6 +981,14 @@ def check_generation_files(root: str, manifest: Mapping[str, Any], verify: bool)
             raise FormatError(f"{p}: has {size} bytes, the manifest records {info['bytes']} (truncated or damaged)")
         if verify and sha256_file(p) != info["sha256"]:
             raise FormatError(f"{p}: sha256 mismatch: the file is damaged (a byte differs from what was written)")
+
+
+@dataclass
+class VerifyReport:
+    """What :meth:`verify` checked: the number of data files and their bytes."""
+
+    files: int
+    bytes: int
 
 
 class StoreDirectory:
@@ -1070,6 +1048,13 @@ class StoreDirectory:
     def reload(self, *, verify: bool | None = None) -> None:
         """Re-read ``manifest.json`` (after another process wrote)."""
         self._load(self.verify_on_load if verify is None else verify)
+
+    def verify(self) -> VerifyReport:
+        """Check every data file against its recorded size and sha256; :class:`FormatError` naming the first bad file."""
+        self._load(True)
+        if self.manifest is None:
+            return VerifyReport(0, 0)
+        return VerifyReport(len(self.manifest["files"]), sum(int(i["bytes"]) for i in self.manifest["files"].values()))
 
     @contextlib.contextmanager
     def _writer_lock(self) -> Any:

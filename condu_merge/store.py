@@ -39,7 +39,6 @@ import json
 import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence, Set as AbstractSet
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -81,6 +80,7 @@ from .pipeline import (
     StoreDirectory,
     StoreLock,
     StoreLockedError,
+    VerifyReport,
     base_after_read,
     check_add_args,
     check_generation_files,
@@ -220,12 +220,6 @@ def _write_prototype_file(path: str, tensors: Mapping[str, torch.Tensor], task: 
 # ---------------------------------------------------------------------------- the store
 
 
-@dataclass
-class VerifyReport:
-    files: int
-    bytes: int
-
-
 class Store(StoreDirectory):
     """A store directory. Opening reads ``manifest.json`` and checks every data file's size and
     header (and, with ``verify=True``, its sha256); a missing manifest is an empty store that the
@@ -263,7 +257,7 @@ class Store(StoreDirectory):
 
     def _check_headers(self) -> None:
         specs = self.specs
-        index = {t["masks"]: i for i, t in enumerate(self._require()["tasks"])}
+        index = {t["masks"]: i for i, t in enumerate(self.require()["tasks"])}
         for rel, f in self._files.items():
             if f.keys() != [s.name for s in specs]:
                 raise FormatError(f"{f.path}: its tensors differ from the manifest's")
@@ -279,20 +273,11 @@ class Store(StoreDirectory):
                         f"{f.path}: tensor {s.name!r} is {got.shape} {got.dtype}, the manifest says {want.shape} {want.dtype}"
                     )
 
-    def verify(self) -> VerifyReport:
-        """Check every data file against its recorded size and sha256; :class:`FormatError` naming the first bad file."""
-        self._load(True)
-        if self.manifest is None:
-            return VerifyReport(0, 0)
-        return VerifyReport(len(self.manifest["files"]), sum(int(i["bytes"]) for i in self.manifest["files"].values()))
-
     # ------------------------------------------------------------------ accessors
-    def _require(self) -> dict[str, Any]:
-        return self.require()
 
     @property
     def gen_dir(self) -> str:
-        return os.path.join(self.root, self._require()["generation_dir"])
+        return os.path.join(self.root, self.require()["generation_dir"])
 
     @property
     def task_names(self) -> list[str]:
@@ -311,12 +296,12 @@ class Store(StoreDirectory):
 
     @property
     def specs(self) -> list[TensorSpec]:
-        m = self._require()
+        m = self.require()
         return [TensorSpec(t["name"], ST_TO_DTYPE[t["dtype"]], tuple(t["shape"])) for t in m["tensors"]]
 
     @property
     def keys(self) -> list[str]:
-        return [t["name"] for t in self._require()["tensors"]]
+        return [t["name"] for t in self.require()["tensors"]]
 
     def _task_index(self, task: str) -> int:
         names = self.task_names
@@ -325,7 +310,7 @@ class Store(StoreDirectory):
         return names.index(task)
 
     def task_info(self, task: str) -> dict[str, Any]:
-        info: dict[str, Any] = self._require()["tasks"][self._task_index(task)]
+        info: dict[str, Any] = self.require()["tasks"][self._task_index(task)]
         return info
 
     def rescaler_of(self, task: str) -> Rescaler:
@@ -342,7 +327,7 @@ class Store(StoreDirectory):
 
     def packed_masks(self, key: str) -> list[torch.Tensor]:
         """Every task's packed mask of tensor ``key``, in task order."""
-        return [self._files[t["masks"]].get(key) for t in self._require()["tasks"]]
+        return [self._files[t["masks"]].get(key) for t in self.require()["tasks"]]
 
     def trigger(self, task: str) -> TaskTrigger:
         """Task ``task``'s :class:`TaskTrigger` (its masks read into memory)."""
@@ -410,7 +395,7 @@ class Store(StoreDirectory):
             return {k: f.get(k) for k in f.keys()}
 
     def _check_file_hash(self, rel: str, path: str) -> None:
-        if sha256_file(path) != self._require()["files"][rel]["sha256"]:
+        if sha256_file(path) != self.require()["files"][rel]["sha256"]:
             raise FormatError(f"{path}: sha256 mismatch: the file is damaged (a byte differs from what was written)")
 
     def save_prototypes(self, task: str, tensors: Mapping[str, torch.Tensor]) -> None:
@@ -508,7 +493,6 @@ class Store(StoreDirectory):
         label = f"task {name!r}"
         rule = ConDURule(rescaler=mode)
         rule.opts["backend"] = backend  # a name or a backend object, used as given (a store does not record it)
-        new_gen, gen_dir = self.new_generation()
         # the old generation's files are hashed (to check them before the commit) by a background
         # thread as they are read, while the fold computes; tensors read are never changed in place
         hasher = OrderedWorker(pipeline.BACKGROUND_BYTES) if m_old and pipeline.BACKGROUND_BYTES > 0 else None
@@ -516,7 +500,8 @@ class Store(StoreDirectory):
             for f in self._files.values():
                 f.set_hash("sha256", hasher)
         try:
-            with NewGeneration.at(self.root, new_gen, gen_dir, generation_layout(specs, t_prev + 1)) as gen:
+            current = m_old["generation_dir"] if m_old else None
+            with NewGeneration(self.root, current, generation_layout(specs, t_prev + 1)) as gen:
                 pipeline.crash_point("write:start")
                 task = FoldTask(
                     t_prev,
@@ -541,7 +526,7 @@ class Store(StoreDirectory):
                     base_identity = after_read() or base_identity
                 meta = rule.finish_task({"names": self.task_names}, task)
                 m = self.complete_manifest(
-                    gen_dir,
+                    gen.dir,
                     gen.writer.finish(),
                     name=name,
                     mode=mode,
@@ -775,7 +760,7 @@ class Store(StoreDirectory):
                         if rel:
                             self._check_file_hash(rel, os.path.join(self.gen_dir, rel))
                             link_or_copy(os.path.join(self.gen_dir, rel), os.path.join(gen_dir, rel))
-                            files[rel] = dict(self._require()["files"][rel])
+                            files[rel] = dict(self.require()["files"][rel])
                             entry["prototypes"] = rel
                     m["tasks"].append(entry)
                 if os.path.isdir(os.path.join(gen_dir, "prototypes")):
@@ -792,7 +777,7 @@ class Store(StoreDirectory):
     # ------------------------------------------------------------------ reporting
     def storage(self) -> dict[str, object]:
         """Bytes on disk against storing every fine-tuned model (the paper's Appendix H comparison)."""
-        m = self._require()
+        m = self.require()
         params = sum(math.prod(s.shape) for s in self.specs)
         u_bytes = int(m["files"][UNIFIED]["bytes"])
         u_data = sum(math.prod(s.shape) * dtype_itemsize(s.dtype) for s in self.specs)
@@ -823,7 +808,7 @@ class Store(StoreDirectory):
         from bitarray import bitarray
         from bitarray.util import count_and, count_or
 
-        m = self._require()
+        m = self.require()
         names = self.task_names
         n = len(names)
         inter = [[0] * n for _ in range(n)]

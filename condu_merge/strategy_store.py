@@ -20,7 +20,6 @@ by tensor, which :mod:`condu_merge.export` writes as a checkpoint.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -37,7 +36,7 @@ from .errors import (
     ShapeMismatchError,
     UnknownTaskError,
 )
-from .manifest_check import check_strategy_manifest
+from .manifest_check import check_strategy_manifest, store_method
 from .pipeline import (
     KEEP_OPEN_FILES,
     MANIFEST,
@@ -73,6 +72,28 @@ def _absolute(base: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """θ_0 + delta in θ_0's dtype, summed in float32 or wider (as the in-memory strategies)."""
     w = torch.promote_types(torch.promote_types(base.dtype, delta.dtype), torch.float32)
     return (base.to(w) + delta.to(device=base.device, dtype=w)).to(base.dtype)
+
+
+def _layout(
+    rule: TensorRule, specs: Sequence[TensorSpec], n_tasks: int, *, carry_frozen: bool
+) -> tuple[dict[str, tuple[list[TensorSpec], dict[str, str]]], list[str]]:
+    """``(layout, carried)`` of a generation holding ``n_tasks`` tasks: every slot file's tensor
+    specs and header metadata, and (``carry_frozen``) the frozen per-task files of the earlier
+    tasks, which are hard-linked from the old generation instead of written."""
+    layout: dict[str, tuple[list[TensorSpec], dict[str, str]]] = {}
+    carried: list[str] = []
+    for slot in rule.slots():
+        file_specs = [TensorSpec(s.name, slot.dtype(s.dtype), slot.shape(s.shape)) for s in specs]
+        meta = {"format": STORE_FORMAT, "method": rule.method, "content": slot.kind}
+        if not slot.per_task:
+            layout[slot.file()] = (file_specs, meta)
+            continue
+        for i in range(n_tasks):
+            if carry_frozen and slot.frozen and i < n_tasks - 1:
+                carried.append(slot.file(i))
+            else:
+                layout[slot.file(i)] = (file_specs, {**meta, "task_index": str(i)})
+    return layout, carried
 
 
 class StrategyStore(StoreDirectory):
@@ -112,11 +133,6 @@ class StrategyStore(StoreDirectory):
                     raise FormatError(
                         f"{os.path.join(gen, rel)}: its tensors differ from what the manifest's slot {slot.kind!r} holds"
                     )
-
-    def verify(self) -> int:
-        """Check every data file against its recorded size and sha256; returns the number of files."""
-        self._load(True)
-        return len(self.manifest["files"]) if self.manifest else 0
 
     # ------------------------------------------------------------------ accessors
     @property
@@ -342,19 +358,7 @@ class StrategyStore(StoreDirectory):
         t = len(m_old["tasks"]) if m_old else 0
         specs = plan.specs
         slots = rule.slots()
-        layout: dict[str, tuple[list[TensorSpec], dict[str, str]]] = {}
-        carried: list[str] = []
-        for slot in slots:
-            file_specs = [TensorSpec(s.name, slot.dtype(s.dtype), slot.shape(s.shape)) for s in specs]
-            meta = {"format": STORE_FORMAT, "method": rule.method, "content": slot.kind}
-            if not slot.per_task:
-                layout[slot.file()] = (file_specs, meta)
-            else:
-                for i in range(t + 1):
-                    if slot.frozen and i < t:
-                        carried.append(slot.file(i))
-                    else:
-                        layout[slot.file(i)] = (file_specs, {**meta, "task_index": str(i)})
+        layout, carried = _layout(rule, specs, t + 1, carry_frozen=True)
         with NewGeneration(self.root, m_old["generation_dir"] if m_old else None, layout) as gen:
             writer = gen.writer
             pipeline.crash_point("write:start")
@@ -436,12 +440,7 @@ class StrategyStore(StoreDirectory):
             st._load(False)
             if st.manifest is not None:
                 raise ValueError(f"{st.root}: a store already exists here; write the strategy to a new folder")
-            layout: dict[str, tuple[list[TensorSpec], dict[str, str]]] = {}
-            for slot in rule.slots():
-                file_specs = [TensorSpec(x.name, slot.dtype(x.dtype), slot.shape(x.shape)) for x in specs]
-                meta_f = {"format": STORE_FORMAT, "method": rule.method, "content": slot.kind}
-                for i in range(len(names)) if slot.per_task else [None]:
-                    layout[slot.file(i)] = (file_specs, meta_f if i is None else {**meta_f, "task_index": str(i)})
+            layout, _ = _layout(rule, specs, len(names), carry_frozen=False)
             with NewGeneration(st.root, None, layout) as gen:
                 writer = gen.writer
                 pipeline.crash_point("write:start")
@@ -519,13 +518,7 @@ class StrategyStore(StoreDirectory):
 def open_any_store(path: str | os.PathLike[str], *, verify: bool = True) -> Any:
     """The store at ``path``: a ConDU :class:`~condu_merge.store.Store` (also for a folder with no
     store yet) or a :class:`StrategyStore`, by the method its manifest records."""
-    mpath = os.path.join(os.fspath(path), MANIFEST)
-    method = "condu"
-    if os.path.isfile(mpath):
-        with contextlib.suppress(OSError, ValueError, AttributeError, RecursionError):  # the loader names it
-            with open(mpath, "rb") as fh:
-                method = json.loads(fh.read()).get("method", "condu")
-    if method != "condu":
+    if store_method(os.fspath(path)) not in (None, "condu"):
         return StrategyStore(path, verify=verify)
     from .store import Store
 

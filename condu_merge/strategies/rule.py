@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -226,14 +226,6 @@ class TensorRule(ABC):
         """Tensor ``key`` of task ``task``'s expert delta; default: the merged delta."""
         return self.merged(key, reader, meta, ctx)
 
-    def describe(self) -> str:
-        """What the rule keeps, in words (``inspect``)."""
-        return ", ".join(s.kind + (" per task" if s.per_task else "") for s in self.slots())
-
-    # ------------------------------------------------------------------ helpers
-    def per_task_kinds(self) -> list[Slot]:
-        return [s for s in self.slots() if s.per_task]
-
 
 _RULES: dict[str, Callable[..., TensorRule]] = {}
 
@@ -265,12 +257,6 @@ def parse_option_value(text: str) -> Any:
         return json.loads(text)
     except ValueError:
         return text
-
-
-def iter_stored(reader: SlotReader, kind: str, keys: Sequence[str], task: int | None = None) -> Iterator[torch.Tensor]:
-    """Slot ``kind`` (of task ``task``) of every tensor, one at a time."""
-    for k in keys:
-        yield reader.get(kind, k, task)
 
 
 def validate_like(strategy_cls: Any, opts: Mapping[str, Any], *, skip: Sequence[str] = ()) -> None:
