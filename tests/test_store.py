@@ -150,7 +150,8 @@ def test_flipped_byte_is_refused_naming_the_file(tmp_path, target):
         ContinualMerger.load(root)
     Store(root, verify=False)  # the fast path skips hashes (sizes still match) ...
     st2 = Store(root, verify=False)
-    with pytest.raises(FormatError, match=f"{default_algorithm()} mismatch"):  # ... but a writer reading it still notices
+    # ... but a writer reading it still notices
+    with pytest.raises(FormatError, match=f"{default_algorithm()} mismatch"):
         st2.add_task("t9", _deltas(1, seed=5)[0])
     assert Store(root, verify=False).task_names == ["t0", "t1", "t2"]
 
