@@ -134,7 +134,7 @@ def test_check_record_names_file_algorithm_expected_and_got(tmp_path):
 # ---------------------------------------------------------------------------- blake3 stores
 
 
-def test_blake3_store_round_trip(tmp_path, blake3_env):
+def test_blake3_store_round_trip(tmp_path, blake3_env, capsys):
     m = ContinualMerger()
     st = Store(tmp_path / "s")
     for i, d in enumerate(_deltas(3)):
@@ -155,6 +155,8 @@ def test_blake3_store_round_trip(tmp_path, blake3_env):
     view = StoreView(tmp_path / "s", verify=True)  # the torch-free view reads version 2, checks blake3
     assert view.storage() == st2.storage()
     assert ContinualMerger.load(tmp_path / "s").task_names == ["t0", "t1", "t2"]
+    assert main(["verify", str(tmp_path / "s")]) == 0
+    assert "tasks verified (blake3)" in capsys.readouterr().out
 
 
 def test_base_identity_and_strategy_store_in_blake3(tmp_path, blake3_env):
@@ -276,7 +278,7 @@ def test_store_view_reads_every_store_version():
 # ---------------------------------------------------------------------------- mixed generations
 
 
-def test_generations_mixing_sha256_and_blake3(tmp_path, monkeypatch):
+def test_generations_mixing_sha256_and_blake3(tmp_path, monkeypatch, capsys):
     base, fts = _checkpoints(tmp_path, 5)
     root = tmp_path / "s"
     monkeypatch.setenv(DIGEST_ENV, "sha256")
@@ -295,6 +297,8 @@ def test_generations_mixing_sha256_and_blake3(tmp_path, monkeypatch):
     st = Store(root)  # every file in its own algorithm
     assert st.verify().algorithms == ("blake3", "sha256")
     assert torch.equal(st.load_prototypes("t0")["p"], torch.arange(3.0))
+    assert main(["verify", str(root)]) == 0
+    assert "verified (blake3, sha256)" in capsys.readouterr().out
     from condu_merge.distributed import distributed_add_task_from_checkpoints
 
     distributed_add_task_from_checkpoints(root, "t2", base, fts[2])  # ranks check sha256 and blake3 records
