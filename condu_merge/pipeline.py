@@ -589,9 +589,8 @@ class GenerationWriter:
         hash_algo: str | None = None,
     ):
         self.dir = gen_dir
-        self.hash_algo = (
-            hash_algo or default_algorithm()
-        )  # before any file exists: a bad $CONDU_MERGE_DIGEST writes nothing
+        # chosen before any file exists: a bad $CONDU_MERGE_DIGEST writes nothing
+        self.hash_algo = hash_algo or default_algorithm()
         os.makedirs(gen_dir, exist_ok=False)
         self._writers: dict[str, StreamingSafetensorsWriter | ReopeningWriter] = {}
         self._dirs = {os.path.dirname(rel) for rel in layout if "/" in rel}

@@ -18,7 +18,7 @@ import os
 import struct
 from typing import Any
 
-from .digests import DigestUnavailableError, check_record
+from .digests import DigestUnavailableError, check_record, require_algorithms
 from .errors import FormatError
 from .manifest_check import check_manifest_structure
 
@@ -73,6 +73,10 @@ class StoreView:
                 or m.get("checksum") != digest
             ):
                 raise ViewError("not a store this view reads")
+            try:  # a BLAKE3 store without the package: the full Store says what to install
+                require_algorithms(m, mpath)
+            except DigestUnavailableError as exc:
+                raise ViewError(str(exc)) from None
             if verify:  # the store's own field checks (a FormatError names the field)
                 check_manifest_structure(m, mpath)
             self.gen = os.path.join(self.root, m["generation_dir"])

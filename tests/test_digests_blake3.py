@@ -371,8 +371,9 @@ def test_blake3_store_without_the_package_is_refused_clearly(tmp_path, blake3_en
         StrategyStore(tmp_path / "ties", verify=False)
     assert main(["verify", str(tmp_path / "s")]) == 1
     assert "pip install blake3" in capsys.readouterr().err
-    assert main(["inspect", str(tmp_path / "s")]) == 1
-    assert "pip install blake3" in capsys.readouterr().err
+    for no_verify in ([], ["--no-verify"]):
+        assert main(["inspect", str(tmp_path / "s"), *no_verify]) == 1
+        assert "pip install blake3" in capsys.readouterr().err
     assert (_snapshot(tmp_path / "s"), _snapshot(tmp_path / "ties")) == before  # nothing modified
     # without the package a new store is sha256, version 1, and works
     Store(tmp_path / "new").add_task("t0", _deltas(1)[0])
