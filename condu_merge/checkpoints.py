@@ -37,6 +37,8 @@ from .digests import (
     HASH_ALGORITHMS as HASH_ALGORITHMS,
     OrderedWorker,
     blake3_available as blake3_available,
+    check_record as check_record,
+    default_algorithm as default_algorithm,
     file_digest as file_digest,
     new_hasher,
     record_digest as record_digest,
@@ -325,12 +327,14 @@ class SafetensorsFile:
             self._worker.drain()
         self._seq = None
 
-    def sequential_digest(self) -> str | None:
+    def sequential_digest(self, algo: str | None = None) -> str | None:
         """The ``hash_algo`` digest of the whole file, if :meth:`get` read front to back (bytes it
-        skipped are read and hashed now), else ``None``; also ``None`` after :meth:`no_read_hash`.
+        skipped are read and hashed now), else ``None``; also ``None`` after :meth:`no_read_hash`,
+        and when ``algo`` (the digest a record names) is not the ``hash_algo`` this file was
+        hashed with (choose it with :meth:`set_hash` before reading, so it is).
 
         Lets a streaming reader check a file's integrity while it uses it: each byte is read once."""
-        if self._seq is None:
+        if self._seq is None or (algo is not None and algo != self.hash_algo):
             return None
         self._hash_to(self._size)
         if self._worker is not None:
@@ -338,8 +342,9 @@ class SafetensorsFile:
         return self._seq.hexdigest() if self._seq is not None else None
 
     def sequential_sha256(self) -> str | None:
-        """:meth:`sequential_digest` when ``hash_algo`` is ``"sha256"``, else ``None``."""
-        return self.sequential_digest() if self.hash_algo == "sha256" else None
+        """``sequential_digest("sha256")`` (older name; a store's checks pass the recorded algorithm
+        to :meth:`sequential_digest` instead)."""
+        return self.sequential_digest("sha256")
 
     def files(self) -> list[str]:
         return [self.path]

@@ -368,7 +368,7 @@ def _inspect_strategy(args: argparse.Namespace) -> int:
     opts = ", ".join(f"{k}={v}" for k, v in data["options"].items()) or "none"
     lines = [
         f"store {data['store']} ({data['method']}, generation {data['generation']}; "
-        + ("every file's sha256 verified)" if data["verified"] else "files not verified: --no-verify)"),
+        + ("every file's digest verified)" if data["verified"] else "files not verified: --no-verify)"),
         f"  options: {opts}",
         f"  {data['params']:,} parameters in {data['tensors']} tensors; base: {(data['base'] or {}).get('path', 'not recorded')}",
         f"  tasks: {', '.join(t['name'] for t in data['tasks'])}",
@@ -397,7 +397,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
     data = None
     try:  # torch-free and fast where the view can answer (by default after checking every field and
-        # every file's sha256, as verify does); the full Store names any problem it finds
+        # every file's digest, as verify does); the full Store names any problem it finds
         data, lora = _inspect_data(StoreView(args.store, verify=not args.no_verify), args)
     except ViewError:
         data = None
@@ -413,7 +413,7 @@ def _inspect(args: argparse.Namespace) -> int:
     storage, stats, tasks = data["storage"], data["overlaps"], data["tasks"]
     lines = [
         f"store {data['store']} (generation {data['generation']}, rescaler {data['rescaler']}; "
-        + ("every file's sha256 verified)" if data["verified"] else "files not verified: --no-verify)"),
+        + ("every file's digest verified)" if data["verified"] else "files not verified: --no-verify)"),
         f"  {storage['params']:,} parameters in {data['tensors']} tensors; base: {(data['base'] or {}).get('path', 'not recorded')}",
         f"  {'task':<20} {'lambda':>10} {'density':>8} {'mask bytes':>12}",
     ]
@@ -468,13 +468,16 @@ def _verify(args: argparse.Namespace) -> int:
             "ok": True,
             "files": files,
             "bytes": size,
+            "digests": list(rep.algorithms),
             "tasks": st.task_names,
             "seconds": time.perf_counter() - t0,
         }
     _emit(
         args,
         data,
-        [f"ok: {files} files, {_mb(size)}, {len(data['tasks'])} tasks verified (sha256) in {data['seconds']:.2f} s"],
+        [
+            f"ok: {files} files, {_mb(size)}, {len(data['tasks'])} tasks verified ({', '.join(data['digests']) or 'no files'}) in {data['seconds']:.2f} s"
+        ],
     )
     return 0
 
@@ -681,7 +684,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="an option of --method (repeatable; e.g. --set density=0.2 --set merge_func=mean); fixed by the first task",
     )
     a.add_argument("--backend", default="auto")
-    a.add_argument("--no-check-base", action="store_true", help="do not compare the base's sha256 with the store's")
+    a.add_argument("--no-check-base", action="store_true", help="do not compare the base's digest with the store's")
     a.add_argument(
         "--lora",
         choices=("factors", "dense"),
@@ -715,7 +718,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--delta", action="store_true", help="the delta alone (no base needed)")
     e.add_argument("--base", help="base checkpoint (default: the one recorded in the store)")
     e.add_argument("--backend", default="auto")
-    e.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the store")
+    e.add_argument("--no-verify", action="store_true", help="skip the digest check of the store's files")
     e.add_argument("--no-check-base", action="store_true")
     e.add_argument("--force", action="store_true", help="replace an existing output file (never one the store reads)")
     e.set_defaults(func=_export)
@@ -745,11 +748,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     i.add_argument("--base", help="--against: the base checkpoint (default: the store's recorded one)")
     i.add_argument(
-        "--no-verify", action="store_true", help="skip the sha256 check of every file (fast; says so in the output)"
+        "--no-verify", action="store_true", help="skip the digest check of every file (fast; says so in the output)"
     )
     i.set_defaults(func=_inspect)
 
-    v = sub.add_parser("verify", parents=[common], help="check every file of a store against its sha256")
+    v = sub.add_parser(
+        "verify", parents=[common], help="check every file of a store against its recorded digest (sha256 or blake3)"
+    )
     v.add_argument("store")
     v.set_defaults(func=_verify)
 

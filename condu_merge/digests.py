@@ -12,28 +12,48 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .errors import FormatError
+from .errors import DigestUnavailableError, FormatError
 
-#: Digests a file may be recorded under. ``sha256`` is what every store before this version
-#: records; ``blake3`` is as strong (a 256-bit cryptographic hash, 128-bit collision security:
-#: no accidental or deliberate change of a file's bytes is known to keep its digest) and 4x
-#: faster per core here (3.4-3.9 GB/s against sha256's 0.8-0.9 GB/s), so hashing every byte a
-#: continual step reads and writes stops being a large part of the step.
+#: Digests a store may record a file under. ``sha256`` is what every store before BLAKE3 records
+#: (and what a store writes without the ``blake3`` package, or with ``$CONDU_MERGE_DIGEST=sha256``);
+#: ``blake3`` is the default where the package is installed (:func:`default_algorithm`).
+#:
+#: BLAKE3 is as safe against corruption as sha256: both are 256-bit cryptographic hashes, so an
+#: accidental change of a file's bytes (a flipped bit, a torn or misplaced write) keeps its digest
+#: with the same ~2^-256 probability, and a deliberate change would need a second preimage, for
+#: which no attack better than brute force is known for either (both claim 128-bit collision and
+#: 256-bit second-preimage security). Any change is detected as surely as with sha256.
+#:
+#: It is faster per core, and a continual step hashes every byte it reads (the old generation,
+#: the base) and writes: on this project's AMD EPYC host (2 cores; OpenSSL's sha256 uses the SHA
+#: extensions, blake3 1.0.11 AVX2), one thread, a 512 MiB buffer: sha256 0.342 s (1.57 GB/s),
+#: blake3 0.155 s (3.46 GB/s), 2.2x. ``benchmarks/bench_e2e.py --params 64e6 --tensors 32
+#: --tasks 2 --repeat 1`` with ``CONDU_MERGE_DIGEST=sha256`` / ``blake3`` interleaved (noisy,
+#: one try each): add-task 8.29 / 6.36 s for the first task, 7.24 / 7.43 s for the second.
 HASH_ALGORITHMS = ("sha256", "blake3")
+
+
+DIGEST_ENV = "CONDU_MERGE_DIGEST"
+"""Environment variable choosing the digest a store records for the files it writes (``sha256``
+or ``blake3``); unset or empty: :func:`default_algorithm`'s choice."""
+
+_INSTALL = "pip install blake3 (or pip install 'condu-merge[fast]')"
 
 
 def new_hasher(algo: str = "sha256") -> Any:
     """A fresh incremental hash object (``update(buffer)``, ``hexdigest()``) for ``algo``.
 
-    ``blake3`` needs the ``blake3`` package (``pip install blake3``); without it the error says
-    so (a store that records BLAKE3 digests cannot be checked without it)."""
+    ``blake3`` needs the ``blake3`` package (``pip install blake3``); without it
+    :class:`~condu_merge.errors.DigestUnavailableError` says so (a store that records BLAKE3
+    digests cannot be checked without it). BLAKE3 hashes on the calling thread (single-threaded:
+    the store's own background thread already overlaps hashing with the merge)."""
     if algo == "sha256":
         return hashlib.sha256()
     if algo == "blake3":
         try:
             from blake3 import blake3
         except ImportError:
-            raise RuntimeError("the 'blake3' digest needs the blake3 package: pip install blake3") from None
+            raise DigestUnavailableError(f"the 'blake3' digest needs the blake3 package: {_INSTALL}") from None
         return blake3()
     raise ValueError(f"unknown hash algorithm {algo!r} (known: {', '.join(HASH_ALGORITHMS)})")
 
@@ -45,6 +65,28 @@ def blake3_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def default_algorithm() -> str:
+    """The digest a store records for files it writes now: ``$CONDU_MERGE_DIGEST`` if set
+    (``sha256`` or ``blake3``), else ``"blake3"`` where the package is importable, else
+    ``"sha256"``. Read at each call (each write decides once, at its start).
+
+    Raises :class:`~condu_merge.errors.DigestUnavailableError` naming the variable for a value
+    it does not know, or for ``blake3`` without the package."""
+    v = os.environ.get(DIGEST_ENV, "").strip()
+    if not v:
+        return "blake3" if blake3_available() else "sha256"
+    if v not in HASH_ALGORITHMS:
+        raise DigestUnavailableError(
+            f"${DIGEST_ENV}={v!r} is not a digest condu-merge knows; set it to one of {', '.join(HASH_ALGORITHMS)} "
+            "(or unset it)"
+        )
+    if v == "blake3" and not blake3_available():
+        raise DigestUnavailableError(
+            f"${DIGEST_ENV}=blake3, but the blake3 package is not installed: {_INSTALL}, or set {DIGEST_ENV}=sha256"
+        )
+    return v
 
 
 class OrderedWorker:
@@ -153,3 +195,86 @@ def record_digest(info: Mapping[str, object], where: str = "file entry") -> tupl
         if isinstance(v, str):
             return algo, v
     raise FormatError(f"{where}: records no digest (needs 'sha256' or 'blake3')")
+
+
+def make_record(digest: str, size: int, algo: str) -> dict[str, object]:
+    """A manifest file record: ``{algo: hex digest, "bytes": size}``."""
+    if algo not in HASH_ALGORITHMS:
+        raise ValueError(f"unknown hash algorithm {algo!r} (known: {', '.join(HASH_ALGORITHMS)})")
+    return {algo: digest, "bytes": int(size)}
+
+
+def record_algorithm(info: Mapping[str, object] | None) -> str | None:
+    """The algorithm a record (a file entry or a base identity) names a digest in, ``None`` when it
+    names none (a base with no files records ``{"sha256": None}``). Tolerant of any input."""
+    if not isinstance(info, Mapping):
+        return None
+    for algo in ("blake3", "sha256"):
+        if isinstance(info.get(algo), str):
+            return algo
+    return None
+
+
+def check_record(
+    path: str | os.PathLike,
+    info: Mapping[str, object],
+    *,
+    got: str | None = None,
+    got_algo: str | None = None,
+    data: bytes | bytearray | memoryview | None = None,
+) -> None:
+    """Check a file (or bytes already in memory) against its manifest record: the one helper
+    every check of a store's files goes through.
+
+    The digest is the record's algorithm (:func:`record_digest`). ``got``: the digest a caller
+    computed while reading (in ``got_algo``, default the record's; a digest in another algorithm
+    is ignored and the file read again); ``data``: the file's bytes; neither: the file is read
+    (:func:`file_digest`). A mismatch raises :class:`FormatError` naming the file, the algorithm,
+    the expected and the computed digest; a record in BLAKE3 without the package raises
+    :class:`~condu_merge.errors.DigestUnavailableError` saying to install it."""
+    path = os.fspath(path)
+    algo, want = record_digest(info, path)
+    if got is not None and (got_algo or algo) != algo:
+        got = None
+    if got is None:
+        if data is not None:
+            h = new_hasher(algo)
+            h.update(data)
+            got = h.hexdigest()
+        else:
+            got = file_digest(path, algo)
+    if got != want:
+        raise FormatError(
+            f"{path}: {algo} mismatch: the file is damaged (a byte differs from what was written; "
+            f"the manifest records {algo} {want}, the file has {got})"
+        )
+
+
+def manifest_algorithms(m: Mapping[str, Any]) -> set[str]:
+    """Every digest algorithm a store manifest's records name: its files, its base identity, and
+    the base identities tasks record in their source (LoRA stores). Tolerant of any input (it runs
+    before the manifest's fields are checked)."""
+    recs: list[object] = []
+    files = m.get("files")
+    if isinstance(files, Mapping):
+        recs += list(files.values())
+    recs.append(m.get("base"))
+    tasks = m.get("tasks")
+    for t in tasks if isinstance(tasks, list) else []:
+        if isinstance(t, Mapping) and isinstance(t.get("source"), Mapping):
+            recs.append(t["source"].get("base"))
+    out: set[str] = set()
+    for r in recs:
+        if isinstance(r, Mapping):
+            out.update(a for a in HASH_ALGORITHMS if isinstance(r.get(a), str))
+    return out
+
+
+def require_algorithms(m: Mapping[str, Any], where: str) -> None:
+    """Refuse, before anything is read or written, a manifest recording a digest this process
+    cannot compute (BLAKE3 without the ``blake3`` package), naming ``where`` and the fix."""
+    if "blake3" in manifest_algorithms(m) and not blake3_available():
+        raise DigestUnavailableError(
+            f"{where}: this store records BLAKE3 digests of its files; reading or writing it needs the blake3 "
+            f"package: {_INSTALL}"
+        )

@@ -13,14 +13,15 @@ one task into a :class:`~condu_merge.store.Store` on a filesystem all ranks shar
 3. **merge** (every rank): read only its tensors of the checkpoints and of the current
    generation, run :func:`~condu_merge.core.unify_tensor` / :func:`~condu_merge.core.add_task_tensor`
    (``backend="auto"``), ``pwrite`` ``u`` and the mask rows at their offsets in the shared files,
-   ``fsync``. Meanwhile the current generation's files are checked against their sha256, one
-   file per rank.
+   ``fsync``. Meanwhile the current generation's files are checked against their recorded
+   digests (each in the algorithm its record names), one file per rank.
 4. **reduce**: the rescaler numerators and denominators ``num[i][t]``, ``den[i][t]`` (float64, per
    task ``i`` and tensor ``t``) are all-reduced. Each entry is produced by exactly one rank and is
    zero elsewhere, so the sum is exact and every rank computes the same λ's, bit for bit equal to
    a single process's (:func:`~condu_merge.core.compute_rescalers` then runs on identical input).
 5. **hash**: after a barrier (every rank's data fsynced), the new files are hashed, one file per
-   rank, and the hashes gathered on rank 0.
+   rank, in the digest rank 0 chose when planning (:func:`~condu_merge.digests.default_algorithm`
+   there, so every rank records the same one), and the hashes gathered on rank 0.
 6. **commit** (rank 0): complete the manifest (:meth:`Store.complete_manifest`) and write it last, with
    the store's own atomic switch (:meth:`Store.commit`: fsynced temporary manifest,
    ``os.replace``, fsync of the directory).
@@ -29,7 +30,7 @@ Planning (:func:`~condu_merge.pipeline.plan_checkpoint_task` / :func:`~condu_mer
 step (:func:`~condu_merge.store.continual_step_tensor`) and the file layout
 (:func:`~condu_merge.store.generation_layout`) are the store's own, not copies.
 
-The files are byte-identical to those a single process writes, so the manifest's sha256s match
+The files are byte-identical to those a single process writes, so the manifest's digests match
 and the store loads in one process. A rank that fails (an exception, or killed) never lets rank 0
 commit: every phase ends in a collective that carries each rank's status, a dead rank makes the
 collective fail, and the old manifest -- naming the old, complete generation -- stays in place;
@@ -60,9 +61,9 @@ from .checkpoints import (
     Checkpoint,
     CheckpointError,
     PeftAdapter,
-    sha256_file,
 )
 from .core import compute_rescalers
+from .digests import check_record, default_algorithm, file_digest, make_record
 from .errors import ConduError
 from .manifest_check import UNIFIED
 from .pipeline import (
@@ -166,7 +167,7 @@ def shard_by_bytes(specs: Sequence[TensorSpec], world_size: int) -> list[list[in
 
 
 def _assign_files(sizes: Mapping[str, int], world_size: int) -> list[list[str]]:
-    """Whole files to ranks for hashing (sha256 is sequential within a file), largest first."""
+    """Whole files to ranks for hashing (a digest is sequential within a file), largest first."""
     names = list(sizes)
     specs = [TensorSpec(n, torch.uint8, (int(sizes[n]),)) for n in names]
     return [[names[i] for i in part] for part in shard_by_bytes(specs, world_size)]
@@ -533,6 +534,7 @@ class _Plan:
     base_identity: dict | None
     selection: dict | None
     source: dict | None
+    digest: str = "sha256"  # the algorithm every rank hashes the new files in (rank 0's choice)
 
     def to_json(self) -> dict:
         d = dict(self.__dict__)
@@ -614,6 +616,7 @@ def _distributed_stream_add(
             base_identity=ident,
             selection=selection,
             source=source,
+            digest=default_algorithm(),
         )
         _create_files(gen_dir, _file_layout(plan.specs, len(plan.names)))
         _crash_point("write:start", rank)
@@ -651,11 +654,7 @@ def _distributed_stream_add(
                 old_files = {t["masks"]: int(st.manifest["files"][t["masks"]]["bytes"]) for t in st.manifest["tasks"]}
                 old_files = {UNIFIED: int(st.manifest["files"][UNIFIED]["bytes"]), **old_files}
                 for rel in _assign_files(old_files, world)[rank]:
-                    p = os.path.join(st.gen_dir, rel)
-                    if sha256_file(p) != st.manifest["files"][rel]["sha256"]:
-                        raise _errors.FormatError(
-                            f"{p}: sha256 mismatch: the file is damaged (a byte differs from what was written)"
-                        )
+                    check_record(os.path.join(st.gen_dir, rel), st.manifest["files"][rel])
             timings["verify_old"] = time.perf_counter() - t1
             if not os.path.isdir(gen_dir):
                 raise DistributedMergeError(
@@ -724,7 +723,7 @@ def _distributed_stream_add(
                 size = os.path.getsize(p)
                 if size != sizes[rel]:
                     raise _errors.FormatError(f"{p}: has {size} bytes, expected {sizes[rel]}")
-                hashes[rel] = {"sha256": sha256_file(p), "bytes": size}
+                hashes[rel] = make_record(file_digest(p, plan.digest), size, plan.digest)
         except Exception as exc:
             local = exc
         got = comm.all_gather_json(

@@ -49,3 +49,8 @@ class UnsafePathError(ConduError, ValueError):
 
 class OptionMismatchError(ConduError, ValueError):
     """An option of a later task differs from what the store recorded when it was created."""
+
+
+class DigestUnavailableError(ConduError, RuntimeError):
+    """A digest a store records (or ``$CONDU_MERGE_DIGEST`` asks for) cannot be computed here:
+    BLAKE3 without the ``blake3`` package, or an algorithm this version does not know."""

@@ -38,6 +38,7 @@ from .adapters.lora import (
     lora_param_name,
 )
 from .checkpoints import PeftAdapter, checkpoint_identity, open_checkpoint
+from .digests import default_algorithm, record_algorithm
 from .errors import FormatError, KeyMismatchError, ShapeMismatchError
 
 __all__ = [
@@ -147,7 +148,11 @@ def add_adapter_task(
                 "(pass --lora dense, or use a new store)"
             )
         init_ad = LoraAdapter.load(init) if init is not None else None
-        ident = checkpoint_identity(bck)
+        # the base's identity in the digest the store's first task recorded it in (so they compare),
+        # else in the digest this store writes now
+        base0 = (prev[0].get("source") or {}).get("base") if prev else None
+        algo = record_algorithm(base0) or default_algorithm()
+        ident = checkpoint_identity(bck, algo)
         init_rec = (
             {"path": os.path.abspath(os.fspath(init)), "fingerprint": init_ad.fingerprint()}
             if init_ad and init is not None
@@ -161,7 +166,7 @@ def add_adapter_task(
                     raise LoraCompatibilityError(
                         f"{where}: config {k}={b[k]!r} differs from the store's {a[k]!r} (task {prev[0]['name']!r}); factor-wise merge refused"
                     )
-            if (src0.get("base") or {}).get("sha256") not in (None, ident["sha256"]):
+            if (src0.get("base") or {}).get(algo) not in (None, ident[algo]):
                 raise ValueError(
                     f"{base}: differs from the base the store's adapters were added against ({src0['base']['path']})"
                 )

@@ -14,6 +14,7 @@ import re
 from collections.abc import Callable
 from typing import Any, NoReturn
 
+from .digests import HASH_ALGORITHMS
 from .errors import FormatError
 
 __all__ = [
@@ -51,7 +52,8 @@ def _is_int(x: object) -> bool:
 
 def _check_common(m: dict[str, Any], bad: Callable[[str], NoReturn], file_re: re.Pattern[str]) -> set[str]:
     """The fields every store manifest shares: generation, its folder, the files (names by
-    ``file_re``, each with a size and sha256) and the tensors; returns the tensor names."""
+    ``file_re``, each with a size and a digest: ``sha256`` or ``blake3``) and the tensors;
+    returns the tensor names."""
     if not _is_int(m.get("generation")) or m["generation"] < 1:
         bad(f"generation {repr(m.get('generation'))[:40]} is not a positive integer")
     gd = m.get("generation_dir")
@@ -67,9 +69,9 @@ def _check_common(m: dict[str, Any], bad: Callable[[str], NoReturn], file_re: re
             not isinstance(info, dict)
             or not _is_int(info.get("bytes"))
             or info["bytes"] < 0
-            or not isinstance(info.get("sha256"), str)
+            or not any(isinstance(info.get(a), str) for a in HASH_ALGORITHMS)
         ):
-            bad(f"file entry {rel!r} lacks a byte count or sha256")
+            bad(f"file entry {rel!r} lacks a byte count or a digest ({' or '.join(HASH_ALGORITHMS)})")
     tensors = m.get("tensors")
     if not isinstance(tensors, list) or not tensors:
         bad("it lists no tensors")
@@ -111,11 +113,11 @@ def check_manifest_structure(m: dict[str, Any], mpath: str) -> None:
     if base is not None and not (
         isinstance(base, dict)
         and isinstance(base.get("path"), str)
-        and (base.get("sha256") is None or isinstance(base["sha256"], str))
+        and all(base.get(a) is None or isinstance(base[a], str) for a in HASH_ALGORITHMS)
         and is_int(base.get("bytes"))
         and base["bytes"] >= 0
     ):
-        bad("base is not {path, sha256, bytes}")
+        bad("base is not {path, sha256 or blake3, bytes}")
     sel = m.get("selection")
     if sel is not None and not (
         isinstance(sel, dict)
@@ -193,7 +195,7 @@ SLOT_KIND_RE = re.compile(r"[a-z][a-z_]*")
 def check_strategy_manifest(m: dict[str, Any], mpath: str) -> None:
     """:func:`check_manifest_structure` for a store of another strategy than ConDU (a
     :class:`~condu_merge.strategy_store.StrategyStore`): method, options, slots, tensors, tasks,
-    and every slot's files listed with a size and sha256."""
+    and every slot's files listed with a size and a digest."""
 
     def bad(what: str) -> NoReturn:
         raise FormatError(f"{mpath}: damaged store manifest ({what})")

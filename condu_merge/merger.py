@@ -143,7 +143,7 @@ class ContinualMerger:
     def load(
         cls, path: str | os.PathLike[str], *, verify: bool = True, backend: str | MergeBackend = "auto"
     ) -> ContinualMerger:
-        """Read a store directory into memory; ``verify`` checks every file's sha256 first.
+        """Read a store directory into memory; ``verify`` checks every file's recorded digest first.
         For lazy access to a large store use :class:`condu_merge.store.Store` directly."""
         from .store import Store
 

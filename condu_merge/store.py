@@ -10,7 +10,10 @@ Layout of a store directory::
 
 ``manifest.json`` holds the format version, the rescaler mode, the tensors (name, dtype, shape,
 in order), the tasks in order with their rescalers, the base checkpoint's identity, creation
-times, the sha256 and size of every data file, and a checksum of itself.
+times, the size and digest of every data file (BLAKE3 where the ``blake3`` package is installed,
+else sha256; ``$CONDU_MERGE_DIGEST`` chooses; each record names its algorithm), and a checksum of
+itself. A manifest holding a BLAKE3 record has format version 2, one of sha256 records only
+keeps version 1 (:data:`~condu_merge.pipeline.STORE_VERSIONS`); both are read.
 
 Crash safety: a write (add a task, save a session, save prototypes) builds a complete new
 generation directory beside the current one, fsyncs its files and the directory, then
@@ -50,10 +53,9 @@ from .checkpoints import (
     MemoryCheckpoint,
     PeftAdapter,
     SafetensorsFile,
-    sha256_file,
 )
 from .core import continual_step_tensor
-from .digests import OrderedWorker
+from .digests import OrderedWorker, check_record, default_algorithm, make_record, record_digest
 from .errors import (
     FormatError,
     MergeInputError,
@@ -70,11 +72,14 @@ from .manifest_check import (
 from .packing import packed_nbytes
 from .pipeline import (
     CRASH_ENV,
+    DATA_FILE_VERSION,
     KEEP_OPEN_FILES,
     LOCK,
     MANIFEST,
     STORE_FORMAT,
     STORE_VERSION,
+    STORE_VERSION_SHA256,
+    STORE_VERSIONS,
     GenerationWriter as _FileWriter,
     NewGeneration,
     StoreDirectory,
@@ -92,6 +97,8 @@ from .pipeline import (
     fold_tensors,
     foreign_entries,
     fsync_dir,
+    hash_base_while_reading,
+    hash_reads_as_recorded,
     link_or_copy,
     new_generation_dir,
     open_task_delta,
@@ -129,6 +136,8 @@ __all__ = [
     "MANIFEST",
     "STORE_FORMAT",
     "STORE_VERSION",
+    "STORE_VERSIONS",
+    "STORE_VERSION_SHA256",
     "GenerationWriter",
     "Store",
     "StoreLock",
@@ -158,7 +167,7 @@ def generation_layout(specs: Sequence[TensorSpec], n_tasks: int) -> dict[str, tu
     data files: ``u`` in the deltas' dtypes, then one mask file per task (``uint8``,
     ``ceil(N/8)`` bytes per tensor). Every writer of a generation (:class:`GenerationWriter`, the
     distributed step's shared files) lays files out from this, so their bytes are identical."""
-    meta = {"format": STORE_FORMAT, "version": str(STORE_VERSION)}
+    meta = {"format": STORE_FORMAT, "version": DATA_FILE_VERSION}
     mask_specs = [TensorSpec(s.name, torch.uint8, (packed_nbytes(math.prod(s.shape)),)) for s in specs]
     layout = {UNIFIED: (list(specs), {**meta, "content": "unified"})}
     for i in range(n_tasks):
@@ -173,7 +182,7 @@ class GenerationWriter:
     (``uint8 [t, ceil(N/8)]``, the layout of :class:`~condu_merge.backends.FlatMergeResult`)
     in the order of ``specs`` (files as :func:`generation_layout`, written by the pipeline's
     :class:`~condu_merge.pipeline.GenerationWriter`); :meth:`finish` fsyncs and returns
-    ``{relative path: {"sha256", "bytes"}}``.
+    ``{relative path: {algorithm, "bytes"}}`` (:func:`~condu_merge.digests.default_algorithm`'s).
     """
 
     def __init__(self, gen_dir: str, specs: Sequence[TensorSpec], n_tasks: int):
@@ -209,12 +218,15 @@ def _write_prototype_file(path: str, tensors: Mapping[str, torch.Tensor], task: 
         if not isinstance(v, torch.Tensor):
             raise MergeInputError(f"prototypes of task {task!r}: {k!r} is a {type(v).__name__}, not a tensor")
         specs.append(TensorSpec(k, v.dtype, tuple(v.shape)))
-    w = StreamingSafetensorsWriter(path, specs, {"format": STORE_FORMAT, "content": "prototypes", "task": task})
+    algo = default_algorithm()
+    w = StreamingSafetensorsWriter(
+        path, specs, {"format": STORE_FORMAT, "content": "prototypes", "task": task}, hash_algo=algo
+    )
     with w:
         for k, v in tensors.items():
             w.write(k, v)
-        sha, size = w.close()
-    return {"sha256": sha, "bytes": size}
+        digest, size = w.close()
+    return make_record(digest, size, algo)
 
 
 # ---------------------------------------------------------------------------- the store
@@ -222,7 +234,7 @@ def _write_prototype_file(path: str, tensors: Mapping[str, torch.Tensor], task: 
 
 class Store(StoreDirectory):
     """A store directory. Opening reads ``manifest.json`` and checks every data file's size and
-    header (and, with ``verify=True``, its sha256); a missing manifest is an empty store that the
+    header (and, with ``verify=True``, its digest); a missing manifest is an empty store that the
     first :meth:`add_task` creates. Reads are lazy: :meth:`decouple` of one task reads only ``u``
     and that task's masks, tensor by tensor.
     """
@@ -236,7 +248,7 @@ class Store(StoreDirectory):
         self._close_files()
         # no manifest: no store yet (a first write killed before its switch leaves only a gen-*
         # leftover, which the next writer removes), an empty store
-        m = read_manifest(self.root, None, STORE_VERSION)
+        m = read_manifest(self.root, None, STORE_VERSIONS)
         self.manifest = None
         if m is None:
             return
@@ -249,7 +261,11 @@ class Store(StoreDirectory):
         keep_open = len(files) <= KEEP_OPEN_FILES
         try:
             for rel in files:
-                self._files[rel] = SafetensorsFile(os.path.join(gen, rel), keep_open=keep_open or rel == UNIFIED)
+                self._files[rel] = SafetensorsFile(
+                    os.path.join(gen, rel),
+                    keep_open=keep_open or rel == UNIFIED,
+                    hash_algo=record_digest(m["files"][rel], rel)[0],
+                )
         except BaseException:
             self._close_files()
             raise
@@ -395,8 +411,7 @@ class Store(StoreDirectory):
             return {k: f.get(k) for k in f.keys()}
 
     def _check_file_hash(self, rel: str, path: str) -> None:
-        if sha256_file(path) != self.require()["files"][rel]["sha256"]:
-            raise FormatError(f"{path}: sha256 mismatch: the file is damaged (a byte differs from what was written)")
+        check_record(path, self.require()["files"][rel])
 
     def save_prototypes(self, task: str, tensors: Mapping[str, torch.Tensor]) -> None:
         """Store ``tensors`` (e.g. a task's prototypes) with ``task``, replacing earlier ones, as a new
@@ -455,7 +470,7 @@ class Store(StoreDirectory):
     def _base_manifest(self, rescaler: str, specs: Sequence[TensorSpec]) -> dict[str, Any]:
         return {
             "format": STORE_FORMAT,
-            "version": STORE_VERSION,
+            "version": STORE_VERSION_SHA256,  # the commit sets the version its records need
             "created": utc_now(),
             "rescaler": rescaler,
             "tensors": tensor_entries(specs),
@@ -496,9 +511,8 @@ class Store(StoreDirectory):
         # the old generation's files are hashed (to check them before the commit) by a background
         # thread as they are read, while the fold computes; tensors read are never changed in place
         hasher = OrderedWorker(pipeline.BACKGROUND_BYTES) if m_old and pipeline.BACKGROUND_BYTES > 0 else None
-        if hasher is not None:
-            for f in self._files.values():
-                f.set_hash("sha256", hasher)
+        if m_old:  # each file in the digest its record names, so the check needs no second read
+            hash_reads_as_recorded(self._files, m_old, hasher)
         try:
             current = m_old["generation_dir"] if m_old else None
             with NewGeneration(self.root, current, generation_layout(specs, t_prev + 1)) as gen:
@@ -577,7 +591,7 @@ class Store(StoreDirectory):
         selection: dict[str, Any] | None,
     ) -> dict[str, Any]:
         """Complete a new generation holding ``u`` and every task's masks (``files``: their
-        ``{"sha256", "bytes"}`` in layout order) and return its manifest, ready for :meth:`_commit`:
+        ``{algorithm, "bytes"}`` in layout order) and return its manifest, ready for :meth:`_commit`:
         earlier tasks' prototypes keep their index, so they are carried by hard link; the new
         task's entry is appended; every task gets its λ and mask bit count. Fsyncs ``gen_dir``."""
         m_old = self.manifest
@@ -661,7 +675,7 @@ class Store(StoreDirectory):
         On creation the tensors taking part are the ``include``/``exclude`` selection (fnmatch
         globs) of the default set (every floating-point tensor, or the adapter's); later tasks
         use the store's set, and their deltas are cast to the store's dtype per tensor. With
-        ``check_base``, a base that differs from the store's (sha256) is refused. Options the
+        ``check_base``, a base that differs from the store's (its recorded digest) is refused. Options the
         store records (``rescaler``, ``dtype``, ``include``, ``exclude``) may be repeated on a
         later task; a different value is refused (:class:`OptionMismatchError`, naming both).
         ``source_extra`` is recorded in the task's ``source`` entry (e.g. a recipe's source hash).
@@ -679,6 +693,8 @@ class Store(StoreDirectory):
                 specs, ident, selection = plan.specs, plan.base_identity, plan.selection
                 source = {**(plan.source or {}), **(source_extra or {})}
                 store_dtype = {s.name: s.dtype for s in specs}
+                if check_base and isinstance(base, (str, os.PathLike)):  # a base we opened: its hash is ours to choose
+                    hash_base_while_reading(self.manifest, td.base)
                 self._stream_add(
                     name,
                     lambda k: td.delta(k, store_dtype[k]),

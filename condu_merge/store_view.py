@@ -2,7 +2,8 @@
 (tasks, storage, mask density and overlaps), answered in a fraction of a second.
 
 It reads ``manifest.json`` (format, version and checksum checked as :class:`~condu_merge.store.Store`
-does; with ``verify=True`` also every field, and every data file's sha256), the data files' sizes, and the packed masks' bytes straight from the safetensors files
+does; with ``verify=True`` also every field, and every data file's digest, in the algorithm its
+record names), the data files' sizes, and the packed masks' bytes straight from the safetensors files
 (popcounts by bitarray). Anything it does not expect raises :class:`ViewError`, and the caller
 falls back to the full :class:`~condu_merge.store.Store` (which names the problem); the numbers
 are the same as :meth:`Store.storage` / :meth:`Store.mask_stats` (a test compares them).
@@ -17,7 +18,13 @@ import os
 import struct
 from typing import Any
 
+from .digests import DigestUnavailableError, check_record, require_algorithms
+from .errors import FormatError
 from .manifest_check import check_manifest_structure
+
+_VERSIONS = (1, 2)
+"""The ConDU manifest versions (``condu_merge.pipeline.STORE_VERSIONS``, which imports torch; a
+test keeps the two equal): 1 with sha256 records only, 2 once one is BLAKE3."""
 
 __all__ = ["StoreView", "ViewError"]
 
@@ -62,10 +69,14 @@ class StoreView:
             if (
                 m.get("format") != "condu-merge/store"
                 or type(m.get("version")) is not int
-                or m["version"] != 1
+                or m["version"] not in _VERSIONS
                 or m.get("checksum") != digest
             ):
                 raise ViewError("not a store this view reads")
+            try:  # a BLAKE3 store without the package: the full Store says what to install
+                require_algorithms(m, mpath)
+            except DigestUnavailableError as exc:
+                raise ViewError(str(exc)) from None
             if verify:  # the store's own field checks (a FormatError names the field)
                 check_manifest_structure(m, mpath)
             self.gen = os.path.join(self.root, m["generation_dir"])
@@ -84,14 +95,13 @@ class StoreView:
             raise ViewError(str(exc)) from None
 
     def _check_hashes(self) -> None:
-        """Every data file's sha256 against the manifest (a mismatch: the full Store names it)."""
+        """Every data file's digest against the manifest, in the algorithm its record names (a
+        mismatch, or BLAKE3 without the package: the full Store names it)."""
         for rel, info in self.manifest["files"].items():
-            h = hashlib.sha256()
-            with open(os.path.join(self.gen, rel), "rb") as fh:
-                while block := fh.read(1 << 22):
-                    h.update(block)
-            if h.hexdigest() != info["sha256"]:
-                raise ViewError(f"{rel}: sha256 differs from the manifest")
+            try:
+                check_record(os.path.join(self.gen, rel), info)
+            except (FormatError, DigestUnavailableError) as exc:
+                raise ViewError(str(exc)) from None
 
     def _check_headers(self) -> None:
         """Every data file lists the manifest's tensors, in order, with the expected dtype and size."""

@@ -30,6 +30,7 @@ import torch
 
 from . import pipeline
 from .checkpoints import Checkpoint, MemoryCheckpoint, PeftAdapter, SafetensorsFile
+from .digests import record_digest
 from .errors import (
     FormatError,
     OptionMismatchError,
@@ -41,6 +42,9 @@ from .pipeline import (
     KEEP_OPEN_FILES,
     MANIFEST,
     STORE_FORMAT,
+    STRATEGY_STORE_VERSION,
+    STRATEGY_STORE_VERSION_SHA256,
+    STRATEGY_STORE_VERSIONS,
     NewGeneration,
     StoreDirectory,
     TaskPlan,
@@ -50,6 +54,7 @@ from .pipeline import (
     check_read_hashes,
     check_task_name,
     fold_tensors,
+    hash_base_while_reading,
     manifest_specs,
     open_task_delta,
     plan_checkpoint_task,
@@ -62,10 +67,16 @@ from .pipeline import (
 from .safetensors_writer import TensorSpec
 from .strategies.rule import FoldTask, Slot, SlotReader, TensorRule, get_rule
 
-__all__ = ["STRATEGY_STORE_VERSION", "StrategyStore", "open_any_store"]
+__all__ = [
+    "STRATEGY_STORE_VERSION",
+    "STRATEGY_STORE_VERSIONS",
+    "STRATEGY_STORE_VERSION_SHA256",
+    "StrategyStore",
+    "open_any_store",
+]
 
-STRATEGY_STORE_VERSION = 2
-"""Manifest version of a store of a method other than ConDU (ConDU stores stay version 1)."""
+# Manifest versions of a store of a method other than ConDU (defined in :mod:`condu_merge.pipeline`,
+# whose commit chooses one): 2 while every record is sha256, 3 once one is BLAKE3; both are read.
 
 
 def _absolute(base: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -98,7 +109,7 @@ def _layout(
 
 class StrategyStore(StoreDirectory):
     """A store directory holding one strategy's state (see the module docstring). Opening reads
-    ``manifest.json`` and checks every file's size and header (and with ``verify`` its sha256);
+    ``manifest.json`` and checks every file's size and header (and with ``verify`` its digest);
     a missing manifest is an empty store that the first add creates."""
 
     def __enter__(self) -> StrategyStore:
@@ -108,7 +119,7 @@ class StrategyStore(StoreDirectory):
     def _load_once(self, verify: bool) -> None:
         self._gen_seen = None
         self._close_files()
-        m = read_manifest(self.root, "any", STRATEGY_STORE_VERSION)
+        m = read_manifest(self.root, "any", STRATEGY_STORE_VERSIONS)
         self.manifest = None
         if m is None:
             return
@@ -186,7 +197,12 @@ class StrategyStore(StoreDirectory):
         f = self._files.get(rel)
         if f is None:
             many = len(self.require()["files"]) > KEEP_OPEN_FILES
-            f = self._files[rel] = SafetensorsFile(os.path.join(self.gen_dir, rel), keep_open=not many)
+            m = self.require()
+            f = self._files[rel] = SafetensorsFile(
+                os.path.join(self.gen_dir, rel),
+                keep_open=not many,
+                hash_algo=record_digest(m["files"][rel], rel)[0],  # the check after the merge uses this read
+            )
         return f
 
     def reader(self) -> SlotReader:
@@ -325,6 +341,8 @@ class StrategyStore(StoreDirectory):
                 plan.source = {**(plan.source or {}), **(source_extra or {})}
                 store_dtype = {s.name: s.dtype for s in plan.specs}
                 read_hash = isinstance(base, (str, os.PathLike))
+                if check_base and read_hash:
+                    hash_base_while_reading(self.manifest, td.base)
                 self._stream_add(
                     name,
                     rule,
@@ -396,7 +414,7 @@ class StrategyStore(StoreDirectory):
         if m_old is None:
             m: dict[str, Any] = {
                 "format": STORE_FORMAT,
-                "version": STRATEGY_STORE_VERSION,
+                "version": STRATEGY_STORE_VERSION_SHA256,  # the commit sets the version its records need
                 "method": rule.method,
                 "options": rule.opts,
                 "continual": rule.continual,
@@ -426,8 +444,8 @@ class StrategyStore(StoreDirectory):
         """Write an in-memory strategy (:class:`~condu_merge.strategies.ContinualStrategy`, e.g. a
         PAM trained with its alignment hook) as a new store at ``path`` (a new or empty folder),
         so the CLI can add later tasks to it, export and inspect it. Its state tensors are its
-        rule's slots (:meth:`ContinualStrategy.state`); ``base_identity`` (``{path, sha256,
-        bytes}``) records the base checkpoint for later ``add-task --base`` checks."""
+        rule's slots (:meth:`ContinualStrategy.state`); ``base_identity`` (``{path, sha256 or
+        blake3, bytes}``, e.g. :func:`~condu_merge.checkpoints.checkpoint_identity`) records the base checkpoint for later ``add-task --base`` checks."""
         rule = get_rule(strategy.name, **strategy.options())
         tensors, meta = strategy.state()
         base = strategy.base

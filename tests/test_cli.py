@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from condu_merge import ContinualMerger, delta_from_state_dicts
 from condu_merge.cli import main
+from condu_merge.digests import default_algorithm
 
 
 def _files(tmp_path, n=3):
@@ -109,7 +110,7 @@ def test_user_errors_are_one_line_with_nonzero_exit(tmp_path, capsys):
     open(tmp_path / "store" / "gen-000001" / "unified.safetensors", "wb").write(bytes(raw))
     assert main(["verify", store]) == 1
     err = capsys.readouterr().err
-    assert "unified.safetensors" in err and "sha256" in err and err.count("\n") == 1
+    assert "unified.safetensors" in err and f"{default_algorithm()} mismatch" in err and err.count("\n") == 1
     assert main(["export", store, "--task", "nope", "-o", str(tmp_path / "x.safetensors"), "--no-verify"]) == 1
     assert "'nope'" in capsys.readouterr().err
 

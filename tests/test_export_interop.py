@@ -429,3 +429,25 @@ def test_exports_never_replace_the_base_or_a_foreign_folder(gpt2, tmp_path, caps
         == 1
     )
     assert "does not hold an export" in capsys.readouterr().err and (mine / "notes.txt").read_text() == "keep"
+
+
+def test_factor_store_records_the_base_in_its_first_tasks_digest(gpt2, tmp_path, monkeypatch, capsys):
+    """A LoRA factor store records the base's identity per task; a later task hashes the base in
+    the digest the first task recorded (so they compare), whatever $CONDU_MERGE_DIGEST says now."""
+    pytest.importorskip("blake3")
+    store = str(tmp_path / "store")
+
+    def add(t, base):
+        args = ["add-task", store, "--base", str(base), "--finetuned", str(gpt2 / f"lora{t}"), "--name", f"t{t}"]
+        return main([*args, "--lora-init", str(gpt2 / "init"), "-q"])
+
+    monkeypatch.setenv("CONDU_MERGE_DIGEST", "sha256")
+    assert add(0, gpt2 / "base") == 0
+    monkeypatch.delenv("CONDU_MERGE_DIGEST")  # blake3 from now on
+    assert add(1, gpt2 / "base") == 0
+    with Store(store) as st:
+        b0, b1 = (st.task_info(t)["source"]["base"] for t in ("t0", "t1"))
+        assert set(b0) == set(b1) == {"path", "sha256", "bytes"} and b0["sha256"] == b1["sha256"]
+        assert st.manifest["version"] == 2  # u and the masks are recorded in blake3 now
+    assert add(2, gpt2 / "ft0") == 1  # another base: refused against the sha256 record
+    assert "differs from the base" in capsys.readouterr().err

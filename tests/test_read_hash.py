@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from condu_merge.checkpoints import SafetensorsFile
+from condu_merge.digests import default_algorithm, file_digest
 from condu_merge.errors import MergeInputError
 from condu_merge.safetensors_writer import save_file_streaming
 from condu_merge.store import Store
@@ -49,7 +50,8 @@ def test_store_base_check_uses_the_read(tmp_path):
     root = tmp_path / "store"
     with Store(root) as st:
         st.add_task_from_checkpoints("a", bpath, fts[0])
-        assert st.manifest["base"]["sha256"] == bsha
+        algo = default_algorithm()
+        assert st.manifest["base"][algo] == (bsha if algo == "sha256" else file_digest(bpath, algo))
         assert st.manifest["base"]["path"] == os.path.abspath(bpath)
     before = json.loads((root / "manifest.json").read_text())
     raw = bytearray(bpath.read_bytes())

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from condu_merge.cli import main
+from condu_merge.digests import record_digest
 from condu_merge.recipe import RecipeError, load_recipe
 from condu_merge.store import CRASH_ENV, Store
 
@@ -57,7 +58,7 @@ def _state(store):
         m = st.manifest
         return (
             m["rescaler"],
-            {k: v["sha256"] for k, v in m["files"].items()},
+            {k: record_digest(v) for k, v in m["files"].items()},
             [(t["name"], t["rescaler"], t["mask_bits"]) for t in m["tasks"]],
         )
 

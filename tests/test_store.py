@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from condu_merge import ContinualMerger, FormatError, NonFiniteError
+from condu_merge.digests import default_algorithm, record_digest
 from condu_merge.errors import DuplicateTaskError, KeyMismatchError, UnknownTaskError
 from condu_merge.store import MANIFEST, Store, StoreLock, StoreLockedError
 
@@ -145,11 +146,12 @@ def test_flipped_byte_is_refused_naming_the_file(tmp_path, target):
     open(p, "wb").write(bytes(raw))
     with pytest.raises(FormatError, match=target.replace("/", ".")):
         Store(root)
-    with pytest.raises(FormatError, match="sha256"):
+    with pytest.raises(FormatError, match=f"{default_algorithm()} mismatch"):  # the digest the store records
         ContinualMerger.load(root)
     Store(root, verify=False)  # the fast path skips hashes (sizes still match) ...
     st2 = Store(root, verify=False)
-    with pytest.raises(FormatError, match="sha256"):  # ... but a writer reading it still notices
+    # ... but a writer reading it still notices
+    with pytest.raises(FormatError, match=f"{default_algorithm()} mismatch"):
         st2.add_task("t9", _deltas(1, seed=5)[0])
     assert Store(root, verify=False).task_names == ["t0", "t1", "t2"]
 
@@ -327,22 +329,22 @@ def test_interrupt_after_the_switch_keeps_the_new_generation(tmp_path, monkeypat
 def test_reader_opening_during_a_commit_retries_the_new_generation(tmp_path, monkeypatch):
     """A reader that read manifest.json just before a writer switched and removed the old
     generation must load the new state, not report a missing file."""
-    import condu_merge.checkpoints as store_mod  # where the load's sha256 comes from
+    import condu_merge.digests as store_mod  # where the load's file digests come from (check_record)
 
     d = _deltas(2)
     Store(tmp_path / "s").add_task("t0", d[0])
-    real = store_mod.sha256_file
+    real = store_mod.file_digest
     fired = []
 
-    def sha_then_write(path):
-        out = real(path)
+    def sha_then_write(path, algo="sha256"):
+        out = real(path, algo)
         if not fired:
             fired.append(1)
-            monkeypatch.setattr(store_mod, "sha256_file", real)
+            monkeypatch.setattr(store_mod, "file_digest", real)
             Store(tmp_path / "s", verify=False).add_task("t1", d[1])  # old generation deleted now
         return out
 
-    monkeypatch.setattr(store_mod, "sha256_file", sha_then_write)
+    monkeypatch.setattr(store_mod, "file_digest", sha_then_write)
     st = Store(tmp_path / "s")
     assert fired and st.task_names == ["t0", "t1"]
 
@@ -409,7 +411,7 @@ def test_distributed_step_merges_large_tensors_in_the_same_pieces(tmp_path, monk
         Store(tmp_path / "single").add_task_from_checkpoints(*args)
         distributed_add_task_from_checkpoints(tmp_path / "dist", *args)
     a, b = Store(tmp_path / "single", verify=True), Store(tmp_path / "dist", verify=True)
-    assert {k: v["sha256"] for k, v in a.manifest["files"].items()} == {
-        k: v["sha256"] for k, v in b.manifest["files"].items()
+    assert {k: record_digest(v) for k, v in a.manifest["files"].items()} == {
+        k: record_digest(v) for k, v in b.manifest["files"].items()
     }
     assert [a.rescaler_of(t) for t in a.task_names] == [b.rescaler_of(t) for t in b.task_names]

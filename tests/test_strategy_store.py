@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from condu_merge.cli import main
+from condu_merge.digests import default_algorithm
 from condu_merge.errors import FormatError, NonFiniteError, OptionMismatchError
 from condu_merge.store import Store
 from condu_merge.strategies import get_strategy
@@ -150,9 +151,10 @@ def test_damage_is_found_and_never_carried_into_a_fresh_hash(tmp_path):
     data = bytearray(open(path, "rb").read())
     data[-3] ^= 0x40
     open(path, "wb").write(bytes(data))
-    with pytest.raises(FormatError, match="sha256 mismatch"):
+    algo = default_algorithm()  # the digest the store records
+    with pytest.raises(FormatError, match=f"{algo} mismatch"):
         StrategyStore(tmp_path / "s", verify=True)
-    with pytest.raises(FormatError, match="merged.safetensors: sha256 mismatch"):
+    with pytest.raises(FormatError, match=f"merged.safetensors: {algo} mismatch"):
         StrategyStore(tmp_path / "s", verify=False).add_task("t2", deltas[2])
     assert StrategyStore(tmp_path / "s", verify=False).task_names == ["t0", "t1"]
 
