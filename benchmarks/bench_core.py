@@ -127,7 +127,7 @@ def main(argv=None) -> int:
     ap.add_argument("--params", type=float, default=20e6)
     ap.add_argument("--tensors", type=int, default=100)
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--backends", default=None, help="comma list (default: torch and numba where available)")
+    ap.add_argument("--backends", default=None, help="comma list (default: torch, numba and native where available)")
     ap.add_argument("--no-baseline", action="store_true")
     ap.add_argument(
         "--threads",
@@ -147,7 +147,9 @@ def main(argv=None) -> int:
 
         numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     backends = (
-        args.backends.split(",") if args.backends else [b for b in ("torch", "numba") if b in available_backends()]
+        args.backends.split(",")
+        if args.backends
+        else [b for b in ("torch", "numba", "native") if b in available_backends()]
     )
     deltas = make_deltas(n, n_params, args.tensors)
     N = sum(t.numel() for t in deltas[0].values())

@@ -1,4 +1,4 @@
-"""backend="auto" | "torch" | "numba" | "triton": which backend runs, and same results from each."""
+"""backend="auto" | "torch" | "native" | "numba" | "triton": which backend runs, and same results from each."""
 
 from __future__ import annotations
 
@@ -11,10 +11,23 @@ from condu_merge.backends import get_backend, resolve_backend
 from condu_merge.kernels import decouple_many, decouple_many_flat
 
 
-def test_auto_on_cpu_picks_numba_when_importable():
+def test_auto_on_cpu_picks_the_native_kernels_then_numba():
+    assert B.AUTO_ORDER["cpu"][:2] == ["native", "numba"] and B.AUTO_ORDER["cuda"][0] == "triton"
+    want = "native" if "native" in B.available_backends() else "numba"
+    if want == "numba":
+        pytest.importorskip("numba")
+    assert resolve_backend("auto", torch.device("cpu")).name == want
+
+
+def test_auto_without_the_native_kernels_picks_numba():
     pytest.importorskip("numba")
-    assert resolve_backend("auto", torch.device("cpu")).name == "numba"
-    assert B.AUTO_ORDER["cpu"][0] == "numba" and B.AUTO_ORDER["cuda"][0] == "triton"
+    saved = dict(B._INSTANCES)
+    B._INSTANCES["native"] = None  # as on a machine where the extension was not built
+    try:
+        assert resolve_backend("auto", torch.device("cpu")).name == "numba"
+    finally:
+        B._INSTANCES.clear()
+        B._INSTANCES.update(saved)
 
 
 def test_explicit_names():
@@ -31,7 +44,7 @@ def test_auto_falls_back_to_torch_when_optional_dependency_missing():
     saved = list(B.AUTO_ORDER["cpu"])
     B.register_backend("_broken_fast", broken, auto_for={"cpu": 0})
     try:
-        assert resolve_backend("auto", torch.device("cpu")).name in ("numba", "torch")
+        assert resolve_backend("auto", torch.device("cpu")).name in ("native", "numba", "torch")
         with pytest.raises(RuntimeError, match="not available"):
             get_backend("_broken_fast")
     finally:
@@ -62,7 +75,7 @@ def test_every_cpu_backend_gives_the_same_session():
         {k: torch.randn(s, generator=gen).to(torch.float16 if k == "h" else torch.float32) for k, s in shapes.items()}
         for _ in range(4)
     ]
-    names = [n for n in ("torch", "numba", "auto") if n != "numba" or n in cm.available_backends()]
+    names = [n for n in ("torch", "numba", "native", "auto") if n in ("torch", "auto") or n in cm.available_backends()]
     results = {}
     for name in names:
         u, trig = cm.unify(deltas[:3], backend=name)
@@ -106,10 +119,12 @@ def test_decouple_many_equals_decouple(backend):
         decouple_many_flat(u["w"].reshape(-1), torch.stack([trig[0].packed["w"]]), [1.0, 2.0])
 
 
-@pytest.mark.parametrize("backend", ["torch", "numba"])
+@pytest.mark.parametrize("backend", ["torch", "numba", "native"])
 def test_decouple_many_names_the_task_and_reads_grad_inputs(backend):
     """A shape mismatch names the trigger's task; a base that requires grad (live parameters)
     is read detached on every backend, as decouple does."""
+    if backend not in cm.available_backends():
+        pytest.skip(f"{backend} not available here")
     gen = torch.Generator().manual_seed(5)
     u, trig = cm.unify([{"w": torch.randn(4, 6, generator=gen)} for _ in range(2)], task_names=["cars", "dtd"])
     bad = cm.TaskTrigger(dict(trig[1].packed), {"w": (6, 4)}, 1.0, "dtd")

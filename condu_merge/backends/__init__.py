@@ -33,13 +33,14 @@ __all__ = [
 _FACTORIES: dict[str, Callable[[], MergeBackend] | str] = {
     "torch": TorchBackend,
     # optional fused kernels (condu_merge.kernels): imported on first use only
+    "native": "condu_merge.kernels.native_backend:NativeBackend",
     "numba": "condu_merge.kernels.numba_backend:NumbaBackend",
     "triton": "condu_merge.kernels.triton_backend:TritonBackend",
 }
 _INSTANCES: dict[str, MergeBackend | None] = {}
 
 # What "auto" tries, in order, per device type; the first available one that supports the device wins.
-AUTO_ORDER: dict[str, list[str]] = {"cuda": ["triton", "torch"], "cpu": ["numba", "torch"]}
+AUTO_ORDER: dict[str, list[str]] = {"cuda": ["triton", "torch"], "cpu": ["native", "numba", "torch"]}
 
 
 AUTO_CPU_MIN_NUMEL = 16_000_000

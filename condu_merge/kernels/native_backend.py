@@ -1,0 +1,238 @@
+"""Native CPU backend: the float32 kernels in ``_native.c`` (AVX2), called through ctypes.
+
+Why a C kernel beside numba: per element and task, unify needs a float64 task-order sum, a
+sign test, a max and one mask bit. numba's loops over ``[chunk]`` rows spend most of their time
+storing and reloading those rows and packing bytes into bits; the C loop keeps the 8 lanes of
+every task in registers, packs a mask byte with one ``movemask`` and accumulates the L1 sums in
+float32 blocks (see the error bound in ``_native.c``), which brings unify to the memory floor
+on the 2-core machine (see ``docs/kernels.md`` and ``benchmarks/RESULTS.md``).
+
+What it does not take -- other dtypes, more than 64 tasks in one unify, a non-AVX2 CPU, and
+for now the continual step -- goes to the numba backend (or torch), with the same bits: every
+backend meets one numeric contract (:mod:`condu_merge.backends.base`).
+
+The library is the extension module ``condu_merge.kernels._native`` built by ``setup.py``
+(optional: without a compiler the package installs without it and this backend is unavailable).
+ctypes releases the GIL for the call; the C code runs its own threads.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from ..backends.base import FlatMergeResult, MergeBackend
+from ..packing import packed_nbytes
+
+DEFAULT_CHUNK = 1 << 16  # elements per work item handed to a thread: a multiple of 8
+MAX_UNIFY_TASKS = 64  # CM_MAXT in _native.c
+MAX_EARLIER_TASKS = 64  # the same bound on add_task's earlier tasks
+_ABI = 1
+
+_P = ctypes.c_void_p
+_I = ctypes.c_int
+_L = ctypes.c_int64
+
+
+def _load() -> ctypes.CDLL | None:
+    """The kernel library, or ``None`` when the extension is not built or the CPU lacks AVX2."""
+    try:
+        from . import _native  # type: ignore[attr-defined]  # a C extension without stubs
+    except ImportError:
+        return None
+    lib = ctypes.CDLL(_native.__file__)
+    lib.cm_abi.restype = _I
+    lib.cm_have_avx2.restype = _I
+    if lib.cm_abi() != _ABI or not lib.cm_have_avx2():
+        return None
+    lib.cm_unify_f32.restype = _I
+    lib.cm_unify_f32.argtypes = [_P, _I, _L, _P, _P, _L, _P, _P, _L, _I]
+    lib.cm_add_task_f32.restype = _I
+    lib.cm_add_task_f32.argtypes = [_P, _P, _L, _I, _P, _P, _P, _P, _L, _P, _P, _P, _L, _L, _I]
+    lib.cm_decouple_f32.restype = _I
+    lib.cm_decouple_f32.argtypes = [_P, _P, _L, _P, _I, _P, _P, _L, _L, _I]
+    return lib
+
+
+_LIB: list[ctypes.CDLL | None] = []
+
+
+def _lib() -> ctypes.CDLL | None:
+    if not _LIB:
+        _LIB.append(_load())
+    return _LIB[0]
+
+
+def _flat32(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1).contiguous()
+
+
+class NativeBackend:
+    """float32 kernels in C (``condu_merge.kernels._native``); everything else is delegated."""
+
+    name = "native"
+
+    def __init__(self, chunk: int = DEFAULT_CHUNK, threads: int | None = None):
+        if chunk <= 0 or chunk % 8:
+            raise ValueError("chunk must be a positive multiple of 8")
+        self.chunk = chunk
+        self.threads = threads
+
+    def available(self) -> bool:
+        return _lib() is not None
+
+    def supports(self, device: torch.device) -> bool:
+        return torch.device(device).type == "cpu"
+
+    def _nthreads(self) -> int:
+        return max(1, self.threads if self.threads is not None else torch.get_num_threads())
+
+    @staticmethod
+    def _fallback() -> MergeBackend:
+        """Where a job the C kernels do not take goes: what ``auto`` picks without this backend
+        (numba where installed, else torch)."""
+        from ..backends import AUTO_ORDER, _instance, get_backend
+
+        for name in AUTO_ORDER.get("cpu", []):
+            if name != NativeBackend.name:
+                found = _instance(name)
+                if found is not None and found.supports(torch.device("cpu")):
+                    return found
+        return get_backend("torch")
+
+    # ------------------------------------------------------------------ unify
+    def unify_flat(self, deltas: Sequence[torch.Tensor]) -> FlatMergeResult:
+        n = len(deltas)
+        first = deltas[0]
+        N = first.numel()
+        lib = _lib()
+        if lib is None or first.dtype != torch.float32 or not 1 <= n <= MAX_UNIFY_TASKS:
+            return self._fallback().unify_flat(deltas)
+        rows = [_flat32(d) for d in deltas]  # kept alive for the call
+        ptrs = np.array([r.data_ptr() for r in rows], dtype=np.uintp)
+        nb = packed_nbytes(N)
+        u = torch.empty(N, dtype=torch.float32)
+        masks = torch.empty((n, nb), dtype=torch.uint8)
+        nc = max(1, -(-N // self.chunk))
+        num_part = np.zeros((nc, n), np.float64)
+        den_part = np.zeros((nc, n), np.float64)
+        if N:
+            rc = lib.cm_unify_f32(
+                ptrs.ctypes.data,
+                n,
+                N,
+                u.data_ptr(),
+                masks.data_ptr(),
+                nb,
+                num_part.ctypes.data,
+                den_part.ctypes.data,
+                self.chunk,
+                self._nthreads(),
+            )
+            if rc != 0:
+                raise RuntimeError(f"native unify rejected its arguments (n={n}, N={N})")
+        return FlatMergeResult(u, masks, torch.from_numpy(num_part.sum(axis=0)), torch.from_numpy(den_part.sum(axis=0)))
+
+    # ------------------------------------------------------------------ continual step
+    def add_task_flat(
+        self, u: torch.Tensor, masks: torch.Tensor, lambdas: Sequence[float], delta: torch.Tensor
+    ) -> FlatMergeResult:
+        tp = masks.shape[0]
+        N = u.numel()
+        lib = _lib()
+        if lib is None or u.dtype != torch.float32 or tp > MAX_EARLIER_TASKS:
+            return self._fallback().add_task_flat(u, masks, lambdas, delta)
+        from .numba_backend import _lam_opmath  # torch-free helper; does not import numba
+
+        lam_op = np.ascontiguousarray(_lam_opmath(lambdas, torch.float32), dtype=np.float64)
+        uf, df = _flat32(u), _flat32(delta)
+        old = masks.contiguous()
+        nb = packed_nbytes(N)
+        u_new = torch.empty(N, dtype=torch.float32)
+        masks_new = torch.empty((tp + 1, nb), dtype=torch.uint8)
+        nc = max(1, -(-N // self.chunk))
+        absu_part = np.zeros((nc, max(tp, 1)), np.float64)
+        num_new_part = np.zeros(nc, np.float64)
+        den_part = np.zeros((nc, tp + 1), np.float64)
+        if N:
+            rc = lib.cm_add_task_f32(
+                uf.data_ptr(),
+                old.data_ptr(),
+                old.shape[1] if tp else nb,
+                tp,
+                lam_op.ctypes.data,
+                df.data_ptr(),
+                u_new.data_ptr(),
+                masks_new.data_ptr(),
+                nb,
+                absu_part.ctypes.data,
+                num_new_part.ctypes.data,
+                den_part.ctypes.data,
+                N,
+                self.chunk,
+                self._nthreads(),
+            )
+            if rc != 0:
+                raise RuntimeError(f"native add_task rejected its arguments (tp={tp}, N={N})")
+        lam64 = np.array([float(l) for l in lambdas], dtype=np.float64).reshape(tp)
+        num = np.empty(tp + 1, np.float64)
+        num[:tp] = lam64 * absu_part[:, :tp].sum(axis=0)  # λ_i · Σ M_ik |u_k|, exact up to summation order
+        num[tp] = num_new_part.sum()
+        return FlatMergeResult(u_new, masks_new, torch.from_numpy(num), torch.from_numpy(den_part.sum(axis=0)))
+
+    # ------------------------------------------------------------------ decouple
+    def _decouple_rows(
+        self, u: torch.Tensor, packed: torch.Tensor, lams: Sequence[float], base: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        lib = _lib()
+        if lib is None or u.dtype != torch.float32 or (base is not None and base.dtype != torch.float32):
+            return None
+        from .numba_backend import _lam_opmath  # torch-free helper; does not import numba
+
+        N = u.numel()
+        K = packed.shape[0]
+        uf = _flat32(u)
+        pk = packed.contiguous()
+        bf = _flat32(base) if base is not None else None
+        lam32 = _lam_opmath(lams, torch.float32).astype(np.float32)
+        out = torch.empty((K, N), dtype=torch.float32)
+        if N and K:
+            rc = lib.cm_decouple_f32(
+                uf.data_ptr(),
+                pk.data_ptr(),
+                pk.shape[1],
+                lam32.ctypes.data,
+                K,
+                bf.data_ptr() if bf is not None else None,
+                out.data_ptr(),
+                N,
+                self.chunk,
+                self._nthreads(),
+            )
+            if rc != 0:
+                raise RuntimeError(f"native decouple rejected its arguments (K={K}, N={N})")
+        return out
+
+    def decouple_flat(
+        self, u: torch.Tensor, packed: torch.Tensor, lam: float, base: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        out = self._decouple_rows(u, packed.reshape(1, -1), [lam], base)
+        if out is None:
+            return self._fallback().decouple_flat(u, packed, lam, base)
+        return out[0]
+
+    def decouple_many_flat(
+        self, u: torch.Tensor, packed: torch.Tensor, lams: Sequence[float], base: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``K`` experts at once (``packed`` ``uint8 [K, B]``); ``u`` is read once per chunk."""
+        out = self._decouple_rows(u, packed, lams, base)
+        if out is None:
+            fb = self._fallback()
+            many = getattr(fb, "decouple_many_flat", None)
+            if many is not None:
+                return many(u, packed, lams, base)
+            return torch.stack([fb.decouple_flat(u, packed[r], lams[r], base) for r in range(packed.shape[0])])
+        return out

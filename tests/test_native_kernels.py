@@ -1,0 +1,244 @@
+"""The native (C, AVX2) backend against the torch reference: bit-exact masks and u, sums to 1e-6.
+
+float32 runs in ``_native.c``; every other dtype, more than 64 tasks and a CPU without AVX2 are
+delegated, and must give the same bits too."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import condu_merge as cm
+from condu_merge.kernels import decouple_many
+from condu_merge.kernels.conformance import DTYPES, REF, assert_same_result, assert_same_tensor, check_backend
+from condu_merge.kernels.native_backend import MAX_EARLIER_TASKS, MAX_UNIFY_TASKS, NativeBackend
+
+
+def _cpu_has_avx2() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return " avx2" in f.read()
+    except OSError:
+        return False
+
+
+def test_built_where_it_can_be():
+    """On x86-64 Linux with a C compiler and AVX2 the install must have built the extension: a
+    broken build would otherwise only show up as a slower run."""
+    if platform.machine() not in ("x86_64", "AMD64") or shutil.which("cc") is None or not _cpu_has_avx2():
+        pytest.skip("not a machine the native kernels target")
+    assert NativeBackend().available(), "condu_merge.kernels._native is not built: pip install -e . rebuilds it"
+
+
+if not NativeBackend().available():
+    pytest.skip("native kernels not built here", allow_module_level=True)
+
+BE = NativeBackend(chunk=64)  # many chunks and a ragged last one even on small tensors
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n,N", [(1, 1), (2, 7), (3, 8), (5, 65), (11, 1000), (12, 523), (64, 130)])
+def test_native_matches_torch(dtype, n, N):
+    check_backend(BE, dtype, n, N, seed=n * 1000 + N)
+
+
+@pytest.mark.parametrize("style", ["ties", "tiny"])
+@pytest.mark.parametrize("chunk", [8, 64, 1 << 16])
+def test_ties_zeros_underflow(style, chunk):
+    check_backend(NativeBackend(chunk=chunk), torch.float32, 6, 333, seed=7, style=style)
+
+
+@pytest.mark.parametrize("chunk", [8, 64, 4096])
+@pytest.mark.parametrize("n", [1, 12])
+def test_chunk_edges(chunk, n):
+    for N in (chunk - 1, chunk, chunk + 1, 3 * chunk + 5):
+        check_backend(NativeBackend(chunk=chunk), torch.float32, n, N, seed=N * 31 + n)
+
+
+def test_default_chunk_several_threads():
+    check_backend(NativeBackend(threads=3), torch.float32, 4, 3 * (1 << 16) + 13, seed=3)
+
+
+def test_results_do_not_depend_on_threads():
+    """Each chunk writes its own partial sums: 1 thread and 3 give the same sums bit for bit."""
+    gen = torch.Generator().manual_seed(5)
+    ds = [torch.randn(50_001, generator=gen) for _ in range(5)]
+    one, three = NativeBackend(chunk=512, threads=1), NativeBackend(chunk=512, threads=3)
+    a, b = one.unify_flat(ds), three.unify_flat(ds)
+    assert torch.equal(a.num, b.num) and torch.equal(a.den, b.den) and torch.equal(a.masks, b.masks)
+    lams = [0.7, 1.3, 0.2, 2.0, 1.0 / 3.0]
+    a2, b2 = one.add_task_flat(a.u, a.masks, lams, ds[0]), three.add_task_flat(a.u, a.masks, lams, ds[0])
+    assert torch.equal(a2.num, b2.num) and torch.equal(a2.den, b2.den) and torch.equal(a2.u, b2.u)
+
+
+@pytest.mark.parametrize("n", [MAX_UNIFY_TASKS, MAX_UNIFY_TASKS + 1])
+def test_task_count_limits(n):
+    """64 tasks run natively, 65 are delegated: both must match the reference."""
+    check_backend(BE, torch.float32, n, 77, seed=n)
+
+
+def test_many_earlier_tasks_delegated():
+    gen = torch.Generator().manual_seed(2)
+    tp = MAX_EARLIER_TASKS + 1
+    ds = [torch.randn(90, generator=gen) for _ in range(tp)]
+    ref = REF.unify_flat(ds)
+    lams = (torch.rand(tp, generator=gen, dtype=torch.float64) + 0.1).tolist()
+    new = torch.randn(90, generator=gen)
+    assert_same_result(
+        REF.add_task_flat(ref.u, ref.masks, lams, new), BE.add_task_flat(ref.u, ref.masks, lams, new), "tp=65"
+    )
+
+
+def test_lambdas_whose_sums_round():
+    """Λ = Σ λ_i over set bits must be the float64 task-order sum even where partial sums round."""
+    gen = torch.Generator().manual_seed(1)
+    lams = [2.0**-50, 2.0**10, 3.0, 2.0**-50, 1.0 / 3.0, 0.0, 2.0**10 + 1.0, 5e-30, 7.0]
+    N = 301
+    for style in ("mixed", "ties"):
+        from condu_merge.kernels.conformance import make_deltas
+
+        ds = make_deltas(len(lams), N, torch.float32, gen, style)
+        ref = REF.unify_flat(ds)
+        new = make_deltas(1, N, torch.float32, gen, style)[0]
+        assert_same_result(
+            REF.add_task_flat(ref.u, ref.masks, lams, new), BE.add_task_flat(ref.u, ref.masks, lams, new), style
+        )
+
+
+def test_negative_and_huge_lambdas():
+    gen = torch.Generator().manual_seed(4)
+    ds = [torch.randn(200, generator=gen) for _ in range(4)]
+    ref = REF.unify_flat(ds)
+    new = torch.randn(200, generator=gen)
+    for lams in ([-0.5, 1.0, 2.0, 0.3], [1e30, 1.0, 0.5, 2.0], [0.0, 0.0, 0.0, 0.0]):
+        assert_same_result(
+            REF.add_task_flat(ref.u, ref.masks, lams, new), BE.add_task_flat(ref.u, ref.masks, lams, new), str(lams)
+        )
+        for r in range(4):
+            assert_same_tensor(
+                REF.decouple_flat(ref.u, ref.masks[r], lams[r]), BE.decouple_flat(ref.u, ref.masks[r], lams[r]), "dec"
+            )
+
+
+def test_add_task_ignores_pad_bits():
+    gen = torch.Generator().manual_seed(11)
+    N = 64 + 5
+    ds = [torch.randn(N, generator=gen) for _ in range(4)]
+    ref = REF.unify_flat(ds)
+    dirty = ref.masks.clone()
+    dirty[:, -1] |= 0xE0  # bits 5..7 of the last byte lie past element N-1
+    new = torch.randn(N, generator=gen)
+    lams = [0.5, 1.25, 2.0, 1.0 / 3.0]
+    got = BE.add_task_flat(ref.u, dirty, lams, new)
+    want = REF.add_task_flat(ref.u, ref.masks, lams, new)
+    assert_same_tensor(want.u, got.u, "u")
+    assert torch.equal(want.masks, got.masks)
+    assert int((got.masks[:, -1] & 0xE0).sum()) == 0
+
+
+def test_earlier_expert_rounding_to_zero():
+    """λ·u rounding to 0 in float32 drops the bit (subnormal u), in the SIMD body and the tail."""
+    tiny = 2.0**-149
+    mult = torch.tensor([1.0, 1.0, 2.0, 3.0, 1.0, 1.0, 2.0, 5.0, 1.0, 1.0, 3.0] * 3, dtype=torch.float64)
+    u = (mult * tiny).to(torch.float32)
+    N = u.numel()
+    masks = torch.full((3, (N + 7) // 8), 0xFF, dtype=torch.uint8)
+    delta = torch.zeros(N)
+    for lams in ([0.25, 0.5, 0.5000001], [0.4999, 0.75, 1.0], [0.1, 0.3, 0.2], [0.25, 0.25, 0.25]):
+        want = REF.add_task_flat(u, masks, lams, delta)
+        got = BE.add_task_flat(u, masks, lams, delta)
+        assert_same_tensor(want.u, got.u, f"u {lams}")
+        assert torch.equal(want.masks, got.masks), lams
+    assert not torch.equal(REF.add_task_flat(u, masks, [0.25] * 3, delta).masks[:3, :-1], masks[:, :-1])
+
+
+def test_sums_near_float32_overflow():
+    """Values near FLT_MAX: the L1 sums are float64 from the first addition, so they stay finite
+    (a float32 partial sum, a tempting shortcut for the SIMD loop, would overflow here)."""
+    big = float(np.finfo(np.float32).max) / 2
+    gen = torch.Generator().manual_seed(9)
+    ds = [(torch.rand(1000, generator=gen) + 0.5) * big for _ in range(3)]
+    ds[1][::3] *= -1
+    ref, got = REF.unify_flat(ds), BE.unify_flat(ds)
+    assert torch.isfinite(got.num).all() and torch.isfinite(got.den).all()
+    assert_same_result(ref, got, "unify near FLT_MAX")
+    lams = [1.0, 0.5, 0.75]  # no product overflows: only the float32 partial sums would
+    new = (torch.rand(1000, generator=gen) + 0.5) * big
+    want, res = REF.add_task_flat(ref.u, ref.masks, lams, new), BE.add_task_flat(ref.u, ref.masks, lams, new)
+    assert torch.isfinite(res.num).all() and torch.isfinite(res.den).all()
+    assert_same_result(want, res, "add_task near FLT_MAX")
+
+
+def test_nan_and_inf_propagate_to_the_sums():
+    """A NaN or Inf delta must reach num (that is how the core reports non-finite input)."""
+    ds = [torch.ones(100), torch.ones(100)]
+    ds[1][37] = float("nan")
+    assert torch.isnan(BE.unify_flat(ds).num[1])
+    ds[1][37] = float("inf")
+    assert torch.isinf(BE.unify_flat(ds).num[1])
+    d = [{"w": torch.ones(10)}, {"w": torch.ones(10)}]
+    d[1]["w"][3] = float("nan")
+    with pytest.raises(cm.NonFiniteError, match="'w'"):
+        cm.unify(d, backend="native")
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_public_api_native_equals_torch():
+    gen = torch.Generator().manual_seed(0)
+    shapes = {"a.weight": (17, 9), "a.bias": (17,), "b": (3, 5, 7), "c": (1,), "h": (40,)}
+    deltas = [{k: torch.randn(s, generator=gen) for k, s in shapes.items()} for _ in range(5)]
+    for d in deltas:
+        d["h"] = d["h"].to(torch.bfloat16)  # a delegated dtype in the same model
+    for mode in ("tensor_mean", "l1", "per_tensor"):
+        u_ref, t_ref = cm.unify(deltas[:4], rescaler=mode, backend="torch")
+        u_nv, t_nv = cm.unify(deltas[:4], rescaler=mode, backend="native")
+        for k in shapes:
+            assert_same_tensor(u_ref[k], u_nv[k], f"unify {k}")
+            for a, b in zip(t_ref, t_nv):
+                assert torch.equal(a.packed[k], b.packed[k])
+                assert a.rescaler_for(k) == pytest.approx(b.rescaler_for(k), rel=1e-9)
+        u2_ref, t2_ref = cm.add_task(u_ref, t_ref, deltas[4], rescaler=mode, backend="torch")
+        u2_nv, t2_nv = cm.add_task(u_ref, t_ref, deltas[4], rescaler=mode, backend="native")
+        for k in shapes:
+            assert_same_tensor(u2_ref[k], u2_nv[k], f"add_task {k}")
+        many = decouple_many(u2_ref, t2_ref, backend="native")
+        for tr, got in zip(t2_ref, many):
+            ref = cm.decouple(u2_ref, tr, backend="torch")
+            one = cm.decouple(u2_ref, tr, backend="native")
+            for k in shapes:
+                assert_same_tensor(ref[k], got[k], f"decouple_many {k}")
+                assert_same_tensor(ref[k], one[k], f"decouple {k}")
+
+
+def test_auto_prefers_native_on_the_cpu():
+    from condu_merge.backends import resolve_backend
+
+    assert resolve_backend("auto", torch.device("cpu")).name == "native"
+
+
+@pytest.mark.skipif(os.cpu_count() == 1, reason="needs two cores to overlap")
+def test_gil_is_released_during_a_call():
+    """Two Python threads calling the kernel at once both finish with correct results (ctypes
+    drops the GIL; the C code keeps no global state)."""
+    import threading
+
+    gen = torch.Generator().manual_seed(3)
+    ds = [torch.randn(200_003, generator=gen) for _ in range(6)]
+    want = REF.unify_flat(ds)
+    got: list = [None, None]
+
+    def run(i):
+        got[i] = NativeBackend(chunk=4096, threads=2).unify_flat(ds)
+
+    th = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in th:
+        t.start()
+    for t in th:
+        t.join()
+    for g in got:
+        assert_same_result(want, g, "concurrent")
