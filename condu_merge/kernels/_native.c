@@ -28,28 +28,11 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
 
 #define CM_ABI 1
 #define CM_MAXT 64 /* tasks per unify call (more go to another backend) */
 
 int cm_abi(void) { return CM_ABI; }
-
-/* Ask for transparent huge pages on the whole 2 MiB pages inside a freshly allocated output
- * buffer (ours: the caller allocated it for this call). Where THP is in "madvise" mode, its
- * first touch then costs one fault per 2 MiB instead of per 4 KiB: measured, a 900 MB
- * decouple_many output went from 0.33 s to 0.18-0.21 s on the 2-core machine. Advice only:
- * any error is ignored and nothing else changes. */
-static __attribute__((unused)) void cm_hugepage(void *p, int64_t bytes) {
-#ifdef MADV_HUGEPAGE
-    const uintptr_t H = (uintptr_t)1 << 21;
-    uintptr_t lo = ((uintptr_t)p + H - 1) & ~(H - 1), hi = ((uintptr_t)p + (uintptr_t)bytes) & ~(H - 1);
-    if (bytes > 0 && hi > lo) (void)madvise((void *)lo, hi - lo, MADV_HUGEPAGE);
-#else
-    (void)p;
-    (void)bytes;
-#endif
-}
 
 /* ---------------------------------------------------------------- a tiny fork-join runner */
 typedef void (*cm_chunk_fn)(void *args, int64_t c);
@@ -503,7 +486,6 @@ int cm_unify_f32(const float *const *d, int n, int64_t N, float *u, uint8_t *mas
                  double *num_part, double *den_part, int64_t chunk, int nthreads) {
     if (n < 1 || n > CM_MAXT || N < 0 || chunk <= 0 || chunk % 8 || mstride < (N + 7) / 8) return -1;
     if (N == 0) return 0;
-    cm_hugepage(u, N * 4);
     cm_unify_args a = {d, n, N, chunk, mstride, u, masks, num_part, den_part};
     cm_run(cm_unify_chunk, &a, (N + chunk - 1) / chunk, nthreads);
     return 0;
@@ -531,7 +513,6 @@ int cm_decouple_f32(const float *u, const uint8_t *packed, int64_t pstride, cons
                     const float *base, float *out, int64_t N, int64_t chunk, int nthreads) {
     if (K < 0 || N < 0 || chunk <= 0 || chunk % 8 || pstride < (N + 7) / 8) return -1;
     if (N == 0 || K == 0) return 0;
-    cm_hugepage(out, (int64_t)K * N * 4);
     cm_decouple_args a = {u, packed, pstride, lams, K, base, out, N, chunk};
     cm_run(cm_decouple_chunk, &a, (N + chunk - 1) / chunk, nthreads);
     return 0;
@@ -572,7 +553,6 @@ int cm_add_task_f32(const float *u, const uint8_t *masks, int64_t mstride, int t
         lam32[i] = (float)lam[i];
         lampos[i] = lam[i] > 0.0 ? (float)lam[i] : 0.0f;
     }
-    cm_hugepage(u_new, N * 4);
     cm_add_task_args a = {u, delta, lam32, lampos, masks, lam, tp, mstride, nstride, N, chunk, u_new, masks_new,
                           absu_part, num_new_part, den_part};
     cm_run(cm_add_task_chunk, &a, (N + chunk - 1) / chunk, nthreads);
