@@ -34,6 +34,8 @@ import time
 
 import torch
 
+from condu_merge.backends import available_backends
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _BUF = 1 << 24
@@ -89,15 +91,18 @@ def make_checkpoints(
     return bpath, fts
 
 
-def start_time(env: dict) -> tuple[float, float]:
+def start_time(env: dict, dtype: str = "float32") -> tuple[float, float]:
     """Seconds of a process that only imports torch, and of one that imports what add-task
-    imports (torch, the store, the CLI, the numba kernels with their on-disk cache): the part of
-    every add-task that does not depend on the model."""
+    imports (torch, the store, the CLI, and the kernels that run: the native library for float32
+    where it is built, else the numba kernels with their on-disk cache): the part of every
+    add-task that does not depend on the model."""
+    kernels = (
+        "from condu_merge.kernels import native_backend as nb; assert nb._lib() is not None"
+        if dtype == "float32" and "native" in available_backends()
+        else "from condu_merge.kernels import _numba_impl"
+    )
     out = []
-    for code in (
-        "import torch",
-        "import torch, condu_merge.cli, condu_merge.store; from condu_merge.kernels import _numba_impl",
-    ):
+    for code in ("import torch", "import torch, condu_merge.cli, condu_merge.store; " + kernels):
         t0 = time.perf_counter()
         subprocess.run([sys.executable, "-c", code], env=env, check=True)
         out.append(time.perf_counter() - t0)
@@ -261,7 +266,7 @@ def main(argv=None) -> int:
             inputs = [base, ft] + store_files(first + ".before")
             out_sizes = [os.path.getsize(p) for p in store_files(first)]
             fl = io_floor(inputs, out_sizes, os.path.join(a.dir, "floor"))
-            st = start_time(env)
+            st = start_time(env, a.dtype)
             best_floor = min(best_floor, fl)
             best_start = (min(best_start[0], st[0]), min(best_start[1], st[1]))
             print(
