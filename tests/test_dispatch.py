@@ -76,26 +76,33 @@ def test_every_cpu_backend_gives_the_same_session():
         for _ in range(4)
     ]
     names = [n for n in ("torch", "numba", "native", "auto") if n in ("torch", "auto") or n in cm.available_backends()]
+    for mode in ("tensor_mean", "l1", "per_tensor"):
+        _same_session_on_every_backend(deltas, shapes, names, mode)
+
+
+def _same_session_on_every_backend(deltas, shapes, names, mode):
     results = {}
     for name in names:
-        u, trig = cm.unify(deltas[:3], backend=name)
-        u2, trig2 = cm.add_task(u, trig, deltas[3], backend=name)
+        u, trig = cm.unify(deltas[:3], backend=name, rescaler=mode)
+        u2, trig2 = cm.add_task(u, trig, deltas[3], backend=name, rescaler=mode)
         experts = [cm.decouple(u2, t, backend=name) for t in trig2]
         results[name] = (u2, trig2, experts)
     ref_u, ref_t, ref_e = results["torch"]
     for name, (u2, trig2, experts) in results.items():
         for k in shapes:
-            assert torch.equal(u2[k], ref_u[k]), (name, k)
+            assert torch.equal(u2[k], ref_u[k]), (name, mode, k)
             for a, b in zip(trig2, ref_t):
-                assert torch.equal(a.packed[k], b.packed[k]), (name, k)
+                assert torch.equal(a.packed[k], b.packed[k]), (name, mode, k)
                 assert a.rescaler_for(k) == pytest.approx(b.rescaler_for(k), rel=1e-6)
             for a, b in zip(experts, ref_e):
-                assert torch.equal(a[k], b[k]), (name, k)
+                assert torch.equal(a[k], b[k]), (name, mode, k)
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
-@pytest.mark.parametrize("backend", ["torch", "auto"])
+@pytest.mark.parametrize("backend", ["torch", "native", "auto"])
 def test_decouple_many_equals_decouple(backend):
+    if backend not in ("torch", "auto") and backend not in cm.available_backends():
+        pytest.skip(f"{backend} not available here")
     gen = torch.Generator().manual_seed(4)
     deltas = [
         {"w": torch.randn(9, 13, generator=gen), "v": torch.randn(20, generator=gen).bfloat16()} for _ in range(5)

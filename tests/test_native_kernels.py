@@ -14,7 +14,6 @@ import pytest
 import torch
 
 import condu_merge as cm
-from condu_merge.kernels import decouple_many
 from condu_merge.kernels.conformance import DTYPES, REF, assert_same_result, assert_same_tensor, check_backend
 from condu_merge.kernels.native_backend import MAX_EARLIER_TASKS, MAX_UNIFY_TASKS, NativeBackend
 
@@ -187,32 +186,7 @@ def test_nan_and_inf_propagate_to_the_sums():
         cm.unify(d, backend="native")
 
 
-@pytest.mark.filterwarnings("ignore::UserWarning")
-def test_public_api_native_equals_torch():
-    gen = torch.Generator().manual_seed(0)
-    shapes = {"a.weight": (17, 9), "a.bias": (17,), "b": (3, 5, 7), "c": (1,), "h": (40,)}
-    deltas = [{k: torch.randn(s, generator=gen) for k, s in shapes.items()} for _ in range(5)]
-    for d in deltas:
-        d["h"] = d["h"].to(torch.bfloat16)  # a delegated dtype in the same model
-    for mode in ("tensor_mean", "l1", "per_tensor"):
-        u_ref, t_ref = cm.unify(deltas[:4], rescaler=mode, backend="torch")
-        u_nv, t_nv = cm.unify(deltas[:4], rescaler=mode, backend="native")
-        for k in shapes:
-            assert_same_tensor(u_ref[k], u_nv[k], f"unify {k}")
-            for a, b in zip(t_ref, t_nv):
-                assert torch.equal(a.packed[k], b.packed[k])
-                assert a.rescaler_for(k) == pytest.approx(b.rescaler_for(k), rel=1e-9)
-        u2_ref, t2_ref = cm.add_task(u_ref, t_ref, deltas[4], rescaler=mode, backend="torch")
-        u2_nv, t2_nv = cm.add_task(u_ref, t_ref, deltas[4], rescaler=mode, backend="native")
-        for k in shapes:
-            assert_same_tensor(u2_ref[k], u2_nv[k], f"add_task {k}")
-        many = decouple_many(u2_ref, t2_ref, backend="native")
-        for tr, got in zip(t2_ref, many):
-            ref = cm.decouple(u2_ref, tr, backend="torch")
-            one = cm.decouple(u2_ref, tr, backend="native")
-            for k in shapes:
-                assert_same_tensor(ref[k], got[k], f"decouple_many {k}")
-                assert_same_tensor(ref[k], one[k], f"decouple {k}")
+# the public API on every CPU backend, native included: tests/test_dispatch.py
 
 
 def test_auto_prefers_native_on_the_cpu():

@@ -26,6 +26,7 @@ import torch
 
 from ..backends.base import FlatMergeResult, MergeBackend
 from ..packing import packed_nbytes
+from ._rows import RowsDecoupler
 
 DEFAULT_CHUNK = 1 << 16  # elements per work item handed to a thread: a multiple of 8
 MAX_UNIFY_TASKS = 64  # CM_MAXT in _native.c
@@ -70,7 +71,7 @@ def _flat32(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1).contiguous()
 
 
-class NativeBackend:
+class NativeBackend(RowsDecoupler):
     """float32 kernels in C (``condu_merge.kernels._native``); everything else is delegated."""
 
     name = "native"
@@ -216,23 +217,5 @@ class NativeBackend:
                 raise RuntimeError(f"native decouple rejected its arguments (K={K}, N={N})")
         return out
 
-    def decouple_flat(
-        self, u: torch.Tensor, packed: torch.Tensor, lam: float, base: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        out = self._decouple_rows(u, packed.reshape(1, -1), [lam], base)
-        if out is None:
-            return self._fallback().decouple_flat(u, packed, lam, base)
-        return out[0]
-
-    def decouple_many_flat(
-        self, u: torch.Tensor, packed: torch.Tensor, lams: Sequence[float], base: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """``K`` experts at once (``packed`` ``uint8 [K, B]``); ``u`` is read once per chunk."""
-        out = self._decouple_rows(u, packed, lams, base)
-        if out is None:
-            fb = self._fallback()
-            many = getattr(fb, "decouple_many_flat", None)
-            if many is not None:
-                return many(u, packed, lams, base)
-            return torch.stack([fb.decouple_flat(u, packed[r], lams[r], base) for r in range(packed.shape[0])])
-        return out
+    def _decouple_fallback(self) -> MergeBackend:
+        return self._fallback()

@@ -18,6 +18,7 @@ import torch
 
 from ..backends.base import FlatMergeResult, opmath_dtype
 from ..packing import packed_nbytes
+from ._rows import RowsDecoupler
 
 DEFAULT_CHUNK = 1 << 13  # elements per parallel work item: small enough for L1/L2, a multiple of 8
 
@@ -99,7 +100,7 @@ def _list(arrays: Sequence[np.ndarray]):
     return out
 
 
-class NumbaBackend:
+class NumbaBackend(RowsDecoupler):
     """Fused CPU kernels compiled by numba (``pip install condu-merge[fast]``).
 
     Handles float32, float64, float16 and bfloat16 CPU tensors; ``decouple`` with a ``base``
@@ -234,27 +235,4 @@ class NumbaBackend:
                 self.chunk,
                 self._ngroups(nc),
             )
-        return out
-
-    def decouple_flat(
-        self, u: torch.Tensor, packed: torch.Tensor, lam: float, base: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        out = self._decouple_rows(u, packed.reshape(1, -1), [lam], base)
-        if out is None:
-            from ..backends.torch_backend import TorchBackend
-
-            return TorchBackend().decouple_flat(u, packed, lam, base)
-        return out[0]
-
-    def decouple_many_flat(
-        self, u: torch.Tensor, packed: torch.Tensor, lams: Sequence[float], base: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """``K`` experts at once: ``out[r] = λ_r · M_r ⊙ u`` (``packed`` ``uint8 [K, B]``), or
-        ``base + …`` in ``base``'s dtype; ``u`` is read once per chunk for all ``K``."""
-        out = self._decouple_rows(u, packed, lams, base)
-        if out is None:
-            from ..backends.torch_backend import TorchBackend
-
-            tb = TorchBackend()
-            return torch.stack([tb.decouple_flat(u, packed[r], lams[r], base) for r in range(packed.shape[0])])
         return out
