@@ -168,9 +168,22 @@ def test_default_chunk_edges_unify(dtype):
     check_backend(be, dtype, 3, 2 * be.chunk + 13, seed=5)
 
 
+def _fused_backend(name: str):
+    if name == "numba":
+        return BE
+    from condu_merge.kernels.native_backend import NativeBackend
+
+    be = NativeBackend(chunk=64)
+    if not be.available():
+        pytest.skip("native kernels not built here")
+    return be
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_add_task_ignores_pad_bits(dtype):
+@pytest.mark.parametrize("backend", ["numba", "native"])
+def test_add_task_ignores_pad_bits(dtype, backend):
     """Set pad bits in the last mask byte must neither change the result nor reach the new masks."""
+    BE = _fused_backend(backend)
     gen = torch.Generator().manual_seed(11)
     N = 64 + 5  # 3 pad bits in the last byte of each chunk-of-64 row tail
     ds = [torch.randn(N, generator=gen).to(dtype) for _ in range(4)]

@@ -124,20 +124,7 @@ def test_negative_and_huge_lambdas():
             )
 
 
-def test_add_task_ignores_pad_bits():
-    gen = torch.Generator().manual_seed(11)
-    N = 64 + 5
-    ds = [torch.randn(N, generator=gen) for _ in range(4)]
-    ref = REF.unify_flat(ds)
-    dirty = ref.masks.clone()
-    dirty[:, -1] |= 0xE0  # bits 5..7 of the last byte lie past element N-1
-    new = torch.randn(N, generator=gen)
-    lams = [0.5, 1.25, 2.0, 1.0 / 3.0]
-    got = BE.add_task_flat(ref.u, dirty, lams, new)
-    want = REF.add_task_flat(ref.u, ref.masks, lams, new)
-    assert_same_tensor(want.u, got.u, "u")
-    assert torch.equal(want.masks, got.masks)
-    assert int((got.masks[:, -1] & 0xE0).sum()) == 0
+# pad bits of the earlier masks: tests/test_kernels_cpu.py::test_add_task_ignores_pad_bits
 
 
 def test_earlier_expert_rounding_to_zero():
@@ -216,3 +203,35 @@ def test_gil_is_released_during_a_call():
         t.join()
     for g in got:
         assert_same_result(want, g, "concurrent")
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_kernels_run_in_a_forked_child():
+    """The C code keeps a thread pool; a child of fork() has none of its threads and must start
+    its own, not wait on the parent's forever. (The child compares with numpy: torch's own
+    OpenMP pool, used by earlier tests in this process, is not usable after fork.)"""
+    import time
+
+    gen = torch.Generator().manual_seed(8)
+    ds = [torch.randn(100_003, generator=gen) for _ in range(4)]
+    be = NativeBackend(chunk=4096, threads=2)
+    want = be.unify_flat(ds)  # the pool exists in the parent now
+    pid = os.fork()
+    if pid == 0:  # the child: exit status 0 iff the same result came back
+        ok = False
+        try:
+            got = NativeBackend(chunk=4096, threads=2).unify_flat(ds)
+            ok = np.array_equal(got.u.numpy(), want.u.numpy()) and np.array_equal(got.masks.numpy(), want.masks.numpy())
+        finally:
+            os._exit(0 if ok else 1)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child hung in the native kernel")
+    assert os.waitstatus_to_exitcode(status) == 0

@@ -53,8 +53,54 @@ static void *cm_worker(void *p) {
     }
 }
 
-/* Run fn(args, c) for every c < nchunks on up to nthreads threads (the caller is one). Which
- * thread runs a chunk never changes a result: every chunk writes its own outputs and partials. */
+/* A persistent pool: threads started on first use wait for the next job, so a call does not
+ * pay pthread_create (an mmap of a stack, which takes the address-space lock that page faults
+ * of the fresh outputs also need). One job at a time; a caller that finds the pool busy (another
+ * Python thread inside a kernel) starts its own threads as before. */
+#define CM_POOL 64
+static pthread_mutex_t cm_pool_busy = PTHREAD_MUTEX_INITIALIZER;
+static pthread_mutex_t cm_pool_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t cm_pool_go = PTHREAD_COND_INITIALIZER, cm_pool_done = PTHREAD_COND_INITIALIZER;
+static cm_job *cm_pool_job;
+static long cm_pool_gen;
+static int cm_pool_size, cm_pool_want, cm_pool_left;
+
+static void *cm_pool_main(void *p) {
+    long seen = 0;
+    int id = (int)(intptr_t)p;
+    for (;;) {
+        pthread_mutex_lock(&cm_pool_mu);
+        while (cm_pool_gen == seen) pthread_cond_wait(&cm_pool_go, &cm_pool_mu);
+        seen = cm_pool_gen;
+        cm_job *job = id < cm_pool_want ? cm_pool_job : NULL;
+        pthread_mutex_unlock(&cm_pool_mu);
+        if (job) {
+            cm_worker(job);
+            pthread_mutex_lock(&cm_pool_mu);
+            if (--cm_pool_left == 0) pthread_cond_signal(&cm_pool_done);
+            pthread_mutex_unlock(&cm_pool_mu);
+        }
+    }
+    return NULL;
+}
+
+/* In a child of fork() only the forking thread exists: forget the pool (its threads and any
+ * lock a parent thread held at the fork) so the child starts a new one. */
+static void cm_pool_forget(void) {
+    pthread_mutex_t m = PTHREAD_MUTEX_INITIALIZER;
+    pthread_cond_t c = PTHREAD_COND_INITIALIZER;
+    cm_pool_busy = m;
+    cm_pool_mu = m;
+    cm_pool_go = c;
+    cm_pool_done = c;
+    cm_pool_job = NULL;
+    cm_pool_gen = 0;
+    cm_pool_size = cm_pool_want = cm_pool_left = 0;
+}
+
+static pthread_once_t cm_pool_once = PTHREAD_ONCE_INIT;
+static void cm_pool_init(void) { pthread_atfork(NULL, NULL, cm_pool_forget); }
+
 static void cm_run(cm_chunk_fn fn, void *args, int64_t nchunks, int nthreads) {
     cm_job job;
     job.fn = fn;
@@ -62,8 +108,35 @@ static void cm_run(cm_chunk_fn fn, void *args, int64_t nchunks, int nthreads) {
     job.nchunks = nchunks;
     atomic_init(&job.next, 0);
     if (nthreads > nchunks) nthreads = (int)nchunks;
-    if (nthreads > 256) nthreads = 256;
-    pthread_t tid[256];
+    if (nthreads > CM_POOL + 1) nthreads = CM_POOL + 1;
+    if (nthreads <= 1) {
+        cm_worker(&job);
+        return;
+    }
+    pthread_once(&cm_pool_once, cm_pool_init);
+    if (pthread_mutex_trylock(&cm_pool_busy) == 0) {
+        while (cm_pool_size < nthreads - 1) {
+            pthread_t t;
+            if (pthread_create(&t, NULL, cm_pool_main, (void *)(intptr_t)cm_pool_size) != 0) break;
+            pthread_detach(t);
+            cm_pool_size++;
+        }
+        int helpers = nthreads - 1 < cm_pool_size ? nthreads - 1 : cm_pool_size;
+        pthread_mutex_lock(&cm_pool_mu);
+        cm_pool_job = &job;
+        cm_pool_want = helpers;
+        cm_pool_left = helpers;
+        cm_pool_gen++;
+        pthread_cond_broadcast(&cm_pool_go);
+        pthread_mutex_unlock(&cm_pool_mu);
+        cm_worker(&job);
+        pthread_mutex_lock(&cm_pool_mu);
+        while (cm_pool_left > 0) pthread_cond_wait(&cm_pool_done, &cm_pool_mu);
+        pthread_mutex_unlock(&cm_pool_mu);
+        pthread_mutex_unlock(&cm_pool_busy);
+        return;
+    }
+    pthread_t tid[CM_POOL];
     int started = 0;
     for (int t = 1; t < nthreads; t++) {
         if (pthread_create(&tid[started], NULL, cm_worker, &job) != 0) break; /* fewer threads */

@@ -13,7 +13,8 @@ backend meets one numeric contract (:mod:`condu_merge.backends.base`).
 
 The library is the extension module ``condu_merge.kernels._native`` built by ``setup.py``
 (optional: without a compiler the package installs without it and this backend is unavailable).
-ctypes releases the GIL for the call; the C code runs its own threads.
+ctypes releases the GIL for the call; the C code runs its own threads (a persistent pool, rebuilt
+after ``fork``).
 """
 
 from __future__ import annotations
