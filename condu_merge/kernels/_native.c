@@ -373,14 +373,6 @@ static void cm_decouple_range(const float *u, const uint8_t *packed, int64_t pst
 }
 
 
-/* One mask byte -> 2 x 4 lanes of 64-bit all-ones where its bit is set (low, high nibble). */
-static inline void cm_expand64(uint8_t b, __m256d *lo, __m256d *hi) {
-    const __m256i sl = _mm256_setr_epi64x(1, 2, 4, 8), sh = _mm256_setr_epi64x(16, 32, 64, 128);
-    __m256i v = _mm256_set1_epi64x(b);
-    *lo = _mm256_castsi256_pd(_mm256_cmpeq_epi64(_mm256_and_si256(v, sl), sl));
-    *hi = _mm256_castsi256_pd(_mm256_cmpeq_epi64(_mm256_and_si256(v, sh), sh));
-}
-
 /* Per-task constants of one continual step, broadcast once per range. */
 typedef struct {
     __m256d lamd[CM_MAXT];

@@ -2,14 +2,13 @@
 
 Why a C kernel beside numba: per element and task, unify needs a float64 task-order sum, a
 sign test, a max and one mask bit. numba's loops over ``[chunk]`` rows spend most of their time
-storing and reloading those rows and packing bytes into bits; the C loop keeps the 8 lanes of
-every task in registers, packs a mask byte with one ``movemask`` and accumulates the L1 sums in
-float32 blocks (see the error bound in ``_native.c``), which brings unify to the memory floor
-on the 2-core machine (see ``docs/kernels.md`` and ``benchmarks/RESULTS.md``).
+storing and reloading those rows and packing bytes into bits; the C loop keeps two 8-lane
+blocks of every task in registers, packs a mask byte with one ``movemask`` and keeps the L1 sums
+in float64 lanes (see ``_native.c``, ``docs/kernels.md`` and ``benchmarks/RESULTS.md``).
 
-What it does not take -- other dtypes, more than 64 tasks in one unify, a non-AVX2 CPU, and
-for now the continual step -- goes to the numba backend (or torch), with the same bits: every
-backend meets one numeric contract (:mod:`condu_merge.backends.base`).
+What it does not take -- other dtypes, more than 64 tasks, a non-AVX2 CPU -- goes to the numba
+backend (or torch), with the same bits: every backend meets one numeric contract
+(:mod:`condu_merge.backends.base`).
 
 The library is the extension module ``condu_merge.kernels._native`` built by ``setup.py``
 (optional: without a compiler the package installs without it and this backend is unavailable).
