@@ -790,6 +790,19 @@ _HALF_BLOCK = 1 << 22
 _HALF_EXPONENT = {torch.float16: 0x7C00, torch.bfloat16: 0x7F80}
 
 
+def _subtract(f: torch.Tensor, b: torch.Tensor, own: bool) -> torch.Tensor:
+    """``f − b`` (same dtype), into ``f`` when ``own``. On the CPU through numpy: one thread,
+    the same IEEE rounding as torch's kernel (bit for bit), but no OpenMP team, whose barrier
+    waits for a descheduled worker while the merge's I/O threads and kernel pool hold the cores
+    (6x slower on 2 cores in ``condu-merge add-task``; docs/kernels.md)."""
+    if f.device.type != "cpu" or b.device.type != "cpu" or f.requires_grad or b.requires_grad or f.shape != b.shape:
+        return f.sub_(b) if own else f - b
+    out = f if own else torch.empty(f.shape, dtype=f.dtype)
+    with np.errstate(all="ignore"):  # as torch: an overflow is an inf, refused later with the tensor's name
+        np.subtract(f.numpy(), b.numpy(), out=out.numpy())
+    return out
+
+
 def element_ranges(numel: int, max_elements: int) -> Iterator[tuple[int, int]]:
     """Consecutive ``(start, stop)`` ranges covering ``range(numel)``, each at most
     ``max_elements`` long (rounded down to a multiple of 8, at least 8), every ``start`` a
@@ -910,7 +923,7 @@ class TaskDelta:
         wide = torch.promote_types(torch.promote_types(f.dtype, b.dtype), torch.float32)
         own = own and f.dtype == dtype
         if f.dtype == b.dtype == wide == dtype:
-            return f.sub_(b) if own else f - b
+            return _subtract(f, b, own)
         if f.dtype == b.dtype == dtype and dtype in _HALF_EXPONENT and f.device.type == "cpu":
             return self._half_difference(key, f, b, own)
         # in blocks: no whole-tensor temporaries in the wide type (a bf16 embedding's fp32

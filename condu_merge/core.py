@@ -30,7 +30,7 @@ from .errors import (
     ShapeMismatchError,
 )
 from .manifest_check import RESCALER_MODES as _RESCALER_MODES
-from .packing import packed_nbytes
+from .packing import packed_nbytes, stack_rows
 from .safetensors_writer import TensorSpec
 from .trigger import Rescaler, TaskTrigger
 
@@ -295,7 +295,7 @@ def add_task_tensor(
                 f"tensor {key!r}: earlier mask #{i} is {tuple(m.shape)} {m.dtype}, expected 1-D uint8 of "
                 f"{nbytes} bytes for {uf.numel()} elements"
             )
-    masks = torch.stack([m.to(uf.device) for m in packed_masks])
+    masks = stack_rows(packed_masks, uf.device)
     be = resolve_backend(backend, uf.device)
     res = be.add_task_flat(uf, masks, list(lambdas), d)
     _check_finite(key, res, [d], [len(packed_masks)], [label])

@@ -69,7 +69,7 @@ from .manifest_check import (
     mask_file,
     proto_file,
 )
-from .packing import packed_nbytes
+from .packing import packed_nbytes, stack_rows
 from .pipeline import (
     CRASH_ENV,
     DATA_FILE_VERSION,
@@ -746,7 +746,7 @@ class Store(StoreDirectory):
                 for s in specs:
                     rows = [tr.packed[s.name].reshape(-1) for tr in triggers]
                     masks = (
-                        torch.stack(rows)
+                        stack_rows(rows)
                         if rows
                         else torch.empty((0, packed_nbytes(math.prod(s.shape))), dtype=torch.uint8)
                     )

@@ -239,6 +239,26 @@ def test_half_delta_is_bit_identical_to_the_float32_reference(tmp_path, dtype, m
     td.close()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_full_delta_is_bit_identical_to_torch_sub(tmp_path, dtype):
+    # the CPU subtraction runs in numpy (no OpenMP team); its bits must be torch's, signed zeros,
+    # subnormals and overflow to inf included
+    b, f = _pair(dtype)
+    info = torch.finfo(dtype)
+    f[:4] = torch.tensor([0.0, -0.0, info.tiny / 4, info.max], dtype=dtype)
+    b[:4] = torch.tensor([-0.0, -0.0, -info.tiny / 8, -info.max], dtype=dtype)
+    ref = f - b
+    ibits = torch.int32 if dtype == torch.float32 else torch.int64
+    save_file_streaming({"w": b}, tmp_path / "b.safetensors")
+    save_file_streaming({"w": f}, tmp_path / "f.safetensors")
+    td = TaskDelta(SafetensorsFile(tmp_path / "b.safetensors"), SafetensorsFile(tmp_path / "f.safetensors"))
+    assert torch.equal(td.delta("w", dtype).view(ibits), ref.view(ibits))
+    td.close()
+    f0 = f.clone()
+    got = TaskDelta(MemoryCheckpoint({"w": b}), MemoryCheckpoint({"w": f})).delta("w", dtype)
+    assert torch.equal(got.view(ibits), ref.view(ibits)) and torch.equal(f.view(ibits), f0.view(ibits))
+
+
 def test_in_memory_inputs_are_not_overwritten():
     b, f = _pair(torch.bfloat16)
     f0 = f.clone()

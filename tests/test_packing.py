@@ -43,3 +43,29 @@ def test_errors():
         unpack_mask(torch.zeros(3, dtype=torch.uint8), 9)
     with pytest.raises(ValueError):
         unpack_mask(torch.zeros(2, dtype=torch.uint8), numel=9, shape=(2, 2))
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.bool, torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("k", [1, 3])
+def test_stack_rows_equals_torch_stack(dtype, k):
+    from condu_merge.packing import stack_rows
+
+    g = torch.Generator().manual_seed(k)
+    rows = [torch.randint(0, 256, (37,), generator=g).to(dtype) for _ in range(k)]
+    got = stack_rows(rows)
+    ref = torch.stack(rows)
+    assert got.dtype == ref.dtype and got.shape == ref.shape and torch.equal(got, ref)
+    got[0].zero_() if dtype != torch.bool else got[0].fill_(False)  # a copy: the rows are untouched
+    assert torch.equal(rows[0], ref[0])
+
+
+def test_stack_rows_refuses_what_torch_stack_refuses():
+    from condu_merge.packing import stack_rows
+
+    with pytest.raises((RuntimeError, ValueError)):
+        stack_rows([torch.zeros(3, dtype=torch.uint8), torch.zeros(4, dtype=torch.uint8)])
+    with pytest.raises(RuntimeError):
+        stack_rows([])
+    # mixed dtypes go to torch.stack (its promotion), not numpy's
+    mixed = stack_rows([torch.ones(2, dtype=torch.uint8), torch.ones(2, dtype=torch.float32)])
+    assert torch.equal(mixed, torch.stack([torch.ones(2, dtype=torch.uint8), torch.ones(2, dtype=torch.float32)]))

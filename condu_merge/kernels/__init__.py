@@ -13,6 +13,7 @@ import torch
 
 from ..backends import MergeBackend, resolve_backend
 from ..errors import KeyMismatchError, ShapeMismatchError
+from ..packing import stack_rows
 from ..trigger import TaskTrigger
 
 __all__ = ["decouple_many", "decouple_many_flat"]
@@ -78,7 +79,7 @@ def decouple_many(
                 raise ShapeMismatchError(f"base tensor {key!r} has shape {tuple(base[key].shape)}, u has {shape}")
             # detached, as in condu_merge.decouple: compiled backends cannot read a tensor that requires grad
             b = base[key].detach().to(u.device).reshape(-1)
-        packed = torch.stack([tr.packed[key].to(u.device) for tr in triggers])
+        packed = stack_rows([tr.packed[key] for tr in triggers], u.device)
         lams = [tr.rescaler_for(key) for tr in triggers]
         rows = decouple_many_flat(u.detach().reshape(-1), packed, lams, b, backend=backend)
         for r in range(K):
