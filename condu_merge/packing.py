@@ -130,4 +130,3 @@ def stack_rows(rows: Sequence[torch.Tensor], device: torch.device | None = None)
     ):
         return torch.from_numpy(np.stack([r.numpy() for r in rows]))
     return torch.stack([r.to(dev) for r in rows])
-
