@@ -75,6 +75,32 @@ def test_results_do_not_depend_on_threads():
     assert torch.equal(a2.num, b2.num) and torch.equal(a2.den, b2.den) and torch.equal(a2.u, b2.u)
 
 
+def test_default_work_items_split_mid_sized_tensors_without_thread_dependence():
+    """A 200K-element tensor is cut into >= 16 items of whole 512-element blocks (not 4 of
+    65,536), and the sums still do not depend on the thread count."""
+    be = NativeBackend()
+    for n in (1, 4095, 4096, 65_536, 200_003, 10_000_000):
+        c = be._chunk_for(n)
+        assert c % 8 == 0 and c <= be.chunk and (c >= 4096 or c == be.chunk)
+        assert -(-n // c) >= min(16, -(-n // 4096)) or c == be.chunk
+    assert be._chunk_for(200_003) == 12_800 and be._chunk_for(10_000_000) == be.chunk
+    assert NativeBackend(chunk=512)._chunk_for(200_003) == 512  # an explicit chunk stays the upper bound
+    gen = torch.Generator().manual_seed(11)
+    ds = [torch.randn(200_003, generator=gen) for _ in range(4)]
+    outs = [NativeBackend(threads=t).unify_flat(ds) for t in (1, 2, 3)]
+    lams = [0.7, 1.3, 0.2, 2.0]
+    steps = [NativeBackend(threads=t).add_task_flat(outs[0].u, outs[0].masks, lams, ds[1]) for t in (1, 2, 3)]
+    for r in outs[1:]:
+        assert torch.equal(r.num, outs[0].num) and torch.equal(r.den, outs[0].den) and torch.equal(r.u, outs[0].u)
+    for r in steps[1:]:
+        assert (
+            torch.equal(r.num, steps[0].num)
+            and torch.equal(r.den, steps[0].den)
+            and torch.equal(r.masks, steps[0].masks)
+        )
+    check_backend(NativeBackend(threads=2), torch.float32, 4, 70_001, seed=12)  # 16 items of 4,608
+
+
 @pytest.mark.parametrize("n", [MAX_UNIFY_TASKS, MAX_UNIFY_TASKS + 1])
 def test_task_count_limits(n):
     """64 tasks run natively, 65 are delegated: both must match the reference."""
