@@ -115,18 +115,20 @@ def pad_bits_clear(packed: torch.Tensor, numel: int) -> bool:
     return int(packed.reshape(-1)[-1]) >> rem == 0
 
 
-def stack_rows(rows: Sequence[torch.Tensor], device: torch.device | None = None) -> torch.Tensor:
-    """``torch.stack([r.to(device) for r in rows])``. When every row is a CPU tensor of one
-    numpy-supported dtype (packed masks: ``uint8``) and ``device`` is the CPU, numpy makes the
-    copy in this thread: torch's would wake its OpenMP team, which then spins on every core for
-    a while, and the compiled kernel that runs next competes with it for the cores (on 2 cores
-    the native ``decouple_many`` ran 1.5x slower; docs/kernels.md)."""
-    dev = torch.device("cpu") if device is None else torch.device(device)
+def stack_rows(rows: Sequence[torch.Tensor], device: torch.device | str | None = None) -> torch.Tensor:
+    """``torch.stack(rows)``, on ``device`` when given (else where the rows are). When every row
+    is a CPU tensor of one numpy-supported dtype (packed masks: ``uint8``) and the result stays on
+    the CPU, numpy makes the copy in this thread: torch's would wake its OpenMP team, which then
+    spins on every core for a while, and the compiled kernel that runs next competes with it for
+    the cores (on 2 cores the native ``decouple_many`` ran 1.5x slower; docs/kernels.md)."""
+    on_cpu = all(r.device.type == "cpu" for r in rows)
+    dev = None if device is None else torch.device(device)
     if (
         rows
-        and dev.type == "cpu"
-        and all(r.device.type == "cpu" and r.dtype == rows[0].dtype and not r.requires_grad for r in rows)
+        and on_cpu
+        and (dev is None or dev.type == "cpu")
+        and all(r.dtype == rows[0].dtype and not r.requires_grad for r in rows)
         and rows[0].dtype in (torch.uint8, torch.bool, torch.float32, torch.float64)
     ):
         return torch.from_numpy(np.stack([r.numpy() for r in rows]))
-    return torch.stack([r.to(dev) for r in rows])
+    return torch.stack(list(rows) if dev is None else [r.to(dev) for r in rows])

@@ -69,3 +69,13 @@ def test_stack_rows_refuses_what_torch_stack_refuses():
     # mixed dtypes go to torch.stack (its promotion), not numpy's
     mixed = stack_rows([torch.ones(2, dtype=torch.uint8), torch.ones(2, dtype=torch.float32)])
     assert torch.equal(mixed, torch.stack([torch.ones(2, dtype=torch.uint8), torch.ones(2, dtype=torch.float32)]))
+
+
+def test_stack_rows_keeps_or_moves_the_device():
+    from condu_merge.packing import stack_rows
+
+    rows = [torch.arange(4, dtype=torch.uint8), torch.arange(4, dtype=torch.uint8)]
+    assert stack_rows(rows).device.type == "cpu" and stack_rows(rows, "cpu").device.type == "cpu"
+    meta = [torch.empty(4, dtype=torch.uint8, device="meta")] * 2
+    assert stack_rows(meta).device.type == "meta"  # rows elsewhere stay there, as torch.stack keeps them
+    assert stack_rows(rows, torch.device("meta")).device.type == "meta"  # and move where asked
