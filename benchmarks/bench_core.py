@@ -2,7 +2,7 @@
 every CPU backend, against the released code's algorithm and the copy bandwidth, in one run.
 
 In one run: ``unify`` of N tasks, ``add_task`` as the N-th task (on top of a session of N-1) and
-``decouple_many`` of the N experts, on a synthetic state dict of P float32 parameters in T
+``decouple_many`` of the N experts, on a synthetic state dict of P float32 (``--dtype``) parameters in T
 tensors. The baseline is ``benchmarks/baseline.py``, a faithful port of the released ConDU code
 (stack per tensor, one pass per task, bool masks, every earlier expert materialised). The
 memory floor of a step is its minimal traffic (each input byte read once, each output byte
@@ -72,7 +72,7 @@ def measure(fn, repeat: int):
     return out, best, peak
 
 
-def make_deltas(n_tasks: int, n_params: int, n_tensors: int, seed: int = 0):
+def make_deltas(n_tasks: int, n_params: int, n_tensors: int, seed: int = 0, dtype: torch.dtype = torch.float32):
     g = torch.Generator().manual_seed(seed)
     per = n_params // n_tensors
     sizes = [per] * n_tensors
@@ -83,7 +83,7 @@ def make_deltas(n_tasks: int, n_params: int, n_tensors: int, seed: int = 0):
         for j, s in enumerate(sizes):
             x = torch.randn(s, generator=g) * 1e-3
             x[torch.rand(s, generator=g) < 0.05] = 0  # some exact zeros, as in real deltas
-            d[f"layer{j}.weight"] = x
+            d[f"layer{j}.weight"] = x.to(dtype)
         deltas.append(d)
     return deltas
 
@@ -137,6 +137,7 @@ def main(argv=None) -> int:
         "thread hand-offs out of the comparison: the baseline's thousands of small torch ops "
         "each pay one when the cores are shared",
     )
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="the deltas' dtype")
     ap.add_argument("--json", default=None, help="write the results here too")
     args = ap.parse_args(argv)
     n, n_params = args.tasks, int(args.params)
@@ -151,16 +152,18 @@ def main(argv=None) -> int:
         if args.backends
         else [b for b in ("torch", "numba", "native") if b in available_backends()]
     )
-    deltas = make_deltas(n, n_params, args.tensors)
+    dtype = getattr(torch, args.dtype)
+    deltas = make_deltas(n, n_params, args.tensors, dtype=dtype)
     N = sum(t.numel() for t in deltas[0].values())
     mb = (N + 7) // 8  # one mask row
-    in_bytes = n * N * 4
+    es = torch.empty((), dtype=dtype).element_size()
+    in_bytes = n * N * es
     traffic = {
-        "unify": n * N * 4 + N * 4 + n * mb,  # n deltas in; u and n mask rows out
-        "add_task": 2 * N * 4 + (n - 1) * mb + N * 4 + n * mb,  # u, delta, n-1 rows in; u, n rows out
-        "decouple_many": N * 4 + n * mb + n * N * 4,
+        "unify": n * N * es + N * es + n * mb,  # n deltas in; u and n mask rows out
+        "add_task": 2 * N * es + (n - 1) * mb + N * es + n * mb,  # u, delta, n-1 rows in; u, n rows out
+        "decouple_many": N * es + n * mb + n * N * es,
     }  # u, n rows in; n experts out
-    out_bytes = {"unify": N * 4 + n * mb, "add_task": N * 4 + n * mb, "decouple_many": n * N * 4}
+    out_bytes = {"unify": N * es + n * mb, "add_task": N * es + n * mb, "decouple_many": n * N * es}
     mib = 1 / 2**20
     u0, t0 = unify(deltas[:-1], backend=backends[-1])
     lams = [tr.rescaler for tr in t0]
@@ -213,7 +216,7 @@ def main(argv=None) -> int:
             mismatch[step] = sum(int((lt[i].mask(k) != bm[i][k]).sum()) for i in range(n) for k in lu)
             mismatch[step + " u"] = sum(int((lu[k] != bu[k]).sum()) for k in lu)
 
-    print(f"\n## bench_core: {n} tasks x {n_params / 1e6:.1f}M float32 params in {args.tensors} tensors")
+    print(f"\n## bench_core: {n} tasks x {n_params / 1e6:.1f}M {args.dtype} params in {args.tensors} tensors")
     print(
         f"host: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; "
         f"{threads} thread(s); inputs {in_bytes * mib:.0f} MiB; copy bandwidth {copy_gbs:.1f} GB/s (best of the run); "

@@ -1,7 +1,7 @@
 """The native (C, AVX2) backend against the torch reference: bit-exact masks and u, sums to 1e-6.
 
-float32 runs in ``_native.c``; every other dtype, more than 64 tasks and a CPU without AVX2 are
-delegated, and must give the same bits too."""
+float32, float16 and bfloat16 run in ``_native.c``; float64, more than 64 tasks, a base of
+another dtype and a CPU without AVX2 are delegated, and must give the same bits too."""
 
 from __future__ import annotations
 
@@ -38,6 +38,92 @@ if not NativeBackend().available():
     pytest.skip("native kernels not built here", allow_module_level=True)
 
 BE = NativeBackend(chunk=64)  # many chunks and a ragged last one even on small tensors
+NATIVE_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+class _NoFallback(NativeBackend):
+    """The native backend with delegation turned into an error: what it is asked runs in C."""
+
+    @staticmethod
+    def _fallback():
+        raise AssertionError("delegated to another backend")
+
+
+@pytest.mark.parametrize("dtype", NATIVE_DTYPES, ids=str)
+@pytest.mark.parametrize("N", [5, 1000, 70_001])
+def test_half_types_run_natively(dtype, N):
+    """float16 and bfloat16 are merged by the C kernels themselves (no delegation), bit-exact
+    with the reference, with a base of their own dtype too; thread count changes nothing."""
+    be = _NoFallback(threads=2)
+    check_backend_native = [(4, N), (11, N)]
+    for n, size in check_backend_native:
+        gen = torch.Generator().manual_seed(n + size)
+        from condu_merge.kernels.conformance import make_deltas, make_lambdas
+
+        ds = make_deltas(n, size, dtype, gen, "mixed")
+        ref, got = REF.unify_flat(ds), be.unify_flat(ds)
+        assert got.u.dtype == dtype
+        assert_same_result(ref, got, f"unify {dtype}")
+        lams = make_lambdas(n, gen)
+        new = make_deltas(1, size, dtype, gen, "mixed")[0]
+        step = be.add_task_flat(ref.u, ref.masks, lams, new)
+        assert_same_result(REF.add_task_flat(ref.u, ref.masks, lams, new), step, f"add_task {dtype}")
+        one = _NoFallback(threads=1).add_task_flat(ref.u, ref.masks, lams, new)
+        assert torch.equal(one.num, step.num) and torch.equal(one.den, step.den) and torch.equal(one.masks, step.masks)
+        base = torch.randn(size, generator=gen).to(dtype)
+        many = be.decouple_many_flat(ref.u, ref.masks, lams, base)
+        for r in range(n):
+            want = REF.decouple_flat(ref.u, ref.masks[r], lams[r], base)
+            assert_same_tensor(want, many[r], f"decouple {dtype} row {r}")
+            assert_same_tensor(
+                REF.decouple_flat(ref.u, ref.masks[r], lams[r]),
+                be.decouple_flat(ref.u, ref.masks[r], lams[r]),
+                "no base",
+            )
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_expert_rounding_to_zero_and_overflow(dtype):
+    """λ·|u| that rounds to 0 in the half type (but not in float32) drops the earlier bit; a
+    product beyond float16's range rounds to inf, as in torch. SIMD body and tail both."""
+    be = _NoFallback(chunk=64)
+    info = torch.finfo(dtype)
+    tiny = 2.0**-133 if dtype == torch.bfloat16 else 2.0**-24  # the smallest subnormal
+    mult = torch.tensor([1.0, 1.0, 2.0, 3.0, 1.0, 1.0, 2.0, 5.0, 1.0, 1.0, 3.0] * 3, dtype=torch.float64)
+    u = (mult * tiny).to(dtype)
+    assert bool((u > 0).all())
+    N = u.numel()
+    masks = torch.full((3, (N + 7) // 8), 0xFF, dtype=torch.uint8)
+    delta = torch.zeros(N, dtype=dtype)
+    for lams in ([0.25, 0.5, 0.5000001], [0.4999, 0.75, 1.0], [0.1, 0.3, 0.2], [0.25, 0.25, 0.25]):
+        want, got = REF.add_task_flat(u, masks, lams, delta), be.add_task_flat(u, masks, lams, delta)
+        assert_same_result(want, got, f"{dtype} {lams}")
+    # rounding to 0 happened: at least one earlier bit was dropped
+    assert not torch.equal(REF.add_task_flat(u, masks, [0.25] * 3, delta).masks[:3, :-1], masks[:, :-1])
+    big = torch.full((N,), float(info.max) / 2, dtype=dtype)
+    big[::2] *= -1
+    for lams in ([4.0, 1.0, 3.0], [1e30, 0.5, 2.0]):
+        want, got = REF.add_task_flat(big, masks, lams, delta), be.add_task_flat(big, masks, lams, delta)
+        assert_same_tensor(want.u, got.u, f"{dtype} overflow {lams}")
+        assert torch.equal(want.masks, got.masks)
+        for r in range(3):
+            assert_same_tensor(
+                REF.decouple_flat(big, masks[r], lams[r]), be.decouple_flat(big, masks[r], lams[r]), "dec"
+            )
+
+
+def test_other_dtypes_and_mixed_bases_are_delegated():
+    gen = torch.Generator().manual_seed(6)
+    u = torch.randn(100, generator=gen, dtype=torch.bfloat16)
+    m = torch.randint(0, 256, (2, 13), dtype=torch.uint8, generator=gen)
+    for base in (torch.randn(100, generator=gen), torch.randn(100, generator=gen, dtype=torch.float16)):
+        with pytest.raises(AssertionError, match="delegated"):
+            _NoFallback().decouple_many_flat(u, m, [0.5, 2.0], base)
+        assert_same_tensor(
+            REF.decouple_flat(u, m[1], 2.0, base), BE.decouple_many_flat(u, m, [0.5, 2.0], base)[1], "mixed"
+        )
+    with pytest.raises(AssertionError, match="delegated"):
+        _NoFallback().unify_flat([torch.randn(9, dtype=torch.float64)])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -46,10 +132,11 @@ def test_native_matches_torch(dtype, n, N):
     check_backend(BE, dtype, n, N, seed=n * 1000 + N)
 
 
+@pytest.mark.parametrize("dtype", NATIVE_DTYPES, ids=str)
 @pytest.mark.parametrize("style", ["ties", "tiny"])
 @pytest.mark.parametrize("chunk", [8, 64, 1 << 16])
-def test_ties_zeros_underflow(style, chunk):
-    check_backend(NativeBackend(chunk=chunk), torch.float32, 6, 333, seed=7, style=style)
+def test_ties_zeros_underflow(style, chunk, dtype):
+    check_backend(NativeBackend(chunk=chunk), dtype, 6, 333, seed=7, style=style)
 
 
 @pytest.mark.parametrize("chunk", [8, 64, 4096])

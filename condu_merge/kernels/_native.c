@@ -29,7 +29,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define CM_ABI 1
+#define CM_ABI 2
 #define CM_MAXT 64 /* tasks per unify call (more go to another backend) */
 
 int cm_abi(void) { return CM_ABI; }
@@ -146,29 +146,128 @@ static void cm_run(cm_chunk_fn fn, void *args, int64_t nchunks, int nthreads) {
     for (int t = 0; t < started; t++) pthread_join(tid[t], NULL);
 }
 
-/* ---------------------------------------------------------------- scalar pieces (any CPU) */
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+
+int cm_have_avx2(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+}
+
+#pragma GCC push_options
+#pragma GCC target("avx2,f16c")
+
+/* ---------------------------------------------------------------- element types
+ * kind: CM_F32, CM_F16 (IEEE binary16) or CM_BF16. Half types are widened to float32 on load
+ * (exact) and every computation runs in float32/float64 as for float32 tensors (the contract's
+ * opmath); a rescaled value lambda * |u| is rounded to the tensor's dtype (round to nearest even,
+ * as torch rounds), and "lambda |u| does not round to zero" is a float32 compare against the
+ * largest float32 that rounds to +0 (cm_cut). What is stored is on the dtype's grid already
+ * (an input value, or a value rounded here), so the narrowing store is exact. */
+#define CM_F32 0
+#define CM_F16 1
+#define CM_BF16 2
+
+static inline __attribute__((always_inline)) __m256 cm_ld8(const void *p, int64_t k, const int kind) {
+    if (kind == CM_F32) return _mm256_loadu_ps((const float *)p + k);
+    __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)p + k));
+    if (kind == CM_F16) return _mm256_cvtph_ps(h);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+/* x rounded to the dtype's grid (nearest even; bf16: a NaN becomes 0x7FC0 as in torch), as float32 */
+static inline __attribute__((always_inline)) __m256 cm_round8(__m256 x, const int kind) {
+    if (kind == CM_F32) return x;
+    if (kind == CM_F16) return _mm256_cvtph_ps(_mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    __m256i b = _mm256_castps_si256(x);
+    __m256i odd = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_add_epi32(b, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), odd));
+    r = _mm256_and_si256(r, _mm256_set1_epi32((int)0xffff0000u));
+    return _mm256_blendv_ps(_mm256_castsi256_ps(r), _mm256_castsi256_ps(_mm256_set1_epi32(0x7fc00000)),
+                            _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+}
+
+/* store 8 values already on the dtype's grid */
+static inline __attribute__((always_inline)) void cm_st8(void *p, int64_t k, __m256 x, const int kind) {
+    if (kind == CM_F32) {
+        _mm256_storeu_ps((float *)p + k, x);
+        return;
+    }
+    __m128i h;
+    if (kind == CM_F16) {
+        h = _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    } else {
+        __m256i b = _mm256_srli_epi32(_mm256_castps_si256(x), 16);
+        h = _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
+    }
+    _mm_storeu_si128((__m128i *)((uint16_t *)p + k), h);
+}
+
+static inline float cm_ld1(const void *p, int64_t k, int kind) {
+    if (kind == CM_F32) return ((const float *)p)[k];
+    uint16_t h = ((const uint16_t *)p)[k];
+    if (kind == CM_F16) return _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h)));
+    uint32_t w = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &w, 4);
+    return f;
+}
+
+static inline float cm_round1(float x, int kind) {
+    if (kind == CM_F32) return x;
+    return _mm256_cvtss_f32(cm_round8(_mm256_set1_ps(x), kind));
+}
+
+static inline void cm_st1(void *p, int64_t k, float x, int kind) {
+    if (kind == CM_F32) {
+        ((float *)p)[k] = x;
+        return;
+    }
+    if (kind == CM_F16) {
+        ((uint16_t *)p)[k] = (uint16_t)_mm_extract_epi16(_mm_cvtps_ph(_mm_set_ss(x), _MM_FROUND_TO_NEAREST_INT), 0);
+        return;
+    }
+    uint32_t w;
+    memcpy(&w, &x, 4);
+    ((uint16_t *)p)[k] = (uint16_t)(w >> 16);
+}
+
+/* the largest float32 that rounds to +0 in the dtype (a tie that goes to even 0): a product
+ * lambda |u| >= 0 rounds to a nonzero value iff it is > this */
+static inline float cm_cut(int kind) {
+    if (kind == CM_F16) return 0x1p-25f;
+    if (kind == CM_BF16) {
+        uint32_t w = 0x8000u;
+        float f;
+        memcpy(&f, &w, 4);
+        return f;
+    }
+    return 0.0f;
+}
+
+/* ---------------------------------------------------------------- scalar pieces (the last partial byte) */
 /* Elements [k, e) of unify, e - k < 8, one mask byte per task at byte k / 8. */
-static void cm_unify_tail(const float *const *d, int n, int64_t k, int64_t e, float *u, uint8_t *masks,
-                          int64_t mstride, double *num, double *den) {
+static void cm_unify_tail(const void *const *d, int n, int64_t k, int64_t e, void *u, uint8_t *masks,
+                          int64_t mstride, double *num, double *den, int kind) {
     uint8_t bits[CM_MAXT] = {0};
     for (int64_t j = 0; k + j < e; j++) {
         int64_t q = k + j;
         double tot = 0.0;
         for (int i = 0; i < n; i++) {
-            double v = (double)d[i][q];
+            double v = (double)cm_ld1(d[i], q, kind);
             tot = i ? tot + v : v;
             num[i] += fabs(v);
         }
         float sg = tot > 0.0 ? 1.0f : -1.0f, best = 0.0f;
         uint8_t ag[CM_MAXT];
         for (int i = 0; i < n; i++) {
-            float v = d[i][q];
+            float v = cm_ld1(d[i], q, kind);
             ag[i] = v * sg > 0.0f;
             float a = ag[i] ? fabsf(v) : 0.0f;
             best = a > best ? a : best;
             bits[i] |= (uint8_t)(ag[i] << j);
         }
-        u[q] = best != 0.0f ? best * sg : best;
+        cm_st1(u, q, best != 0.0f ? best * sg : best, kind); /* on the grid: one of the inputs */
         for (int i = 0; i < n; i++) den[i] += ag[i] ? (double)best : 0.0;
     }
     for (int i = 0; i < n; i++) masks[(int64_t)i * mstride + (k >> 3)] = bits[i];
@@ -178,7 +277,7 @@ static void cm_unify_tail(const float *const *d, int n, int64_t k, int64_t e, fl
  * as numba's _step_elem for float32. Returns the bits: 1 = d agrees, 2 = u agrees; writes the
  * element of u_new and best (float32) and each earlier task's new bit into nb[i]. */
 static int cm_step_elem(float x, float d, const uint8_t *old, int tp, const double *lam, const float *lam32,
-                        const float *lampos, float *unew, float *best, uint8_t *nb) {
+                        const float *lampos, float *unew, float *best, uint8_t *nb, int kind) {
     double ls = 0.0;
     float lm = 0.0f;
     for (int i = 0; i < tp; i++) {
@@ -192,49 +291,41 @@ static int cm_step_elem(float x, float d, const uint8_t *old, int tp, const doub
     int pos = (double)x * ls > -(double)d;
     int ad = pos ? d > 0.0f : d < 0.0f;
     int au = pos ? x > 0.0f : x < 0.0f;
-    float ax = fabsf(x), bd = ad ? fabsf(d) : 0.0f, sc = ax * lm;
+    float ax = fabsf(x), bd = ad ? fabsf(d) : 0.0f, sc = cm_round1(ax * lm, kind);
     float bk = (au && sc > bd) ? sc : bd;
     *best = bk;
     *unew = (pos || bk == 0.0f) ? bk : -bk;
-    for (int i = 0; i < tp; i++) nb[i] = old[i] && au && lam[i] > 0.0 && ax * lam32[i] > 0.0f;
+    const float cut = cm_cut(kind);
+    for (int i = 0; i < tp; i++) nb[i] = old[i] && au && lam[i] > 0.0 && ax * lam32[i] > cut;
     return ad | (au << 1);
 }
 
 /* Elements [k, e) (e - k < 8) of the continual step: the last, partial mask byte. */
-static void cm_add_task_tail(const float *u, const uint8_t *masks, int64_t mstride, int tp, const double *lam,
-                             const float *lam32, const float *lampos, const float *delta, float *u_new,
+static void cm_add_task_tail(const void *u, const uint8_t *masks, int64_t mstride, int tp, const double *lam,
+                             const float *lam32, const float *lampos, const void *delta, void *u_new,
                              uint8_t *masks_new, int64_t nstride, double *absu, double *num_new, double *den,
-                             int64_t k, int64_t e) {
+                             int64_t k, int64_t e, int kind) {
     uint8_t newb[CM_MAXT + 1] = {0};
     for (int64_t j = 0; k + j < e; j++) {
         int64_t q = k + j;
         uint8_t old[CM_MAXT], nb[CM_MAXT];
         for (int i = 0; i < tp; i++) old[i] = (masks[(int64_t)i * mstride + (q >> 3)] >> (q & 7)) & 1;
-        float bk;
-        int f = cm_step_elem(u[q], delta[q], old, tp, lam, lam32, lampos, &u_new[q], &bk, nb);
-        double ax = fabs((double)u[q]);
+        float bk, un, x = cm_ld1(u, q, kind), dq = cm_ld1(delta, q, kind);
+        int f = cm_step_elem(x, dq, old, tp, lam, lam32, lampos, &un, &bk, nb, kind);
+        cm_st1(u_new, q, un, kind);
+        double ax = fabs((double)x);
         for (int i = 0; i < tp; i++) {
             if (old[i]) absu[i] += ax;
             if (nb[i]) den[i] += (double)bk;
             newb[i] |= (uint8_t)(nb[i] << j);
         }
-        *num_new += fabs((double)delta[q]);
+        *num_new += fabs((double)dq);
         if (f & 1) den[tp] += (double)bk;
         newb[tp] |= (uint8_t)((f & 1) << j);
     }
     for (int i = 0; i <= tp; i++) masks_new[(int64_t)i * nstride + (k >> 3)] = newb[i];
 }
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-
-int cm_have_avx2(void) {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2");
-}
-
-#pragma GCC push_options
-#pragma GCC target("avx2")
 
 static inline double cm_hsum(const __m256d a[2]) {
     double t[4];
@@ -264,10 +355,10 @@ static inline void cm_acc(__m256d acc[2], __m256d a0, __m256d a1, __m256d m0, __
 /* U consecutive 8-element blocks of unify from element k. U = 2 gives the out-of-order core two
  * independent chains of task-order float64 adds to overlap (one block alone waits on its n-long
  * chain). nacc / dacc: each task's float64 L1 sums, 2 x 4 lanes. */
-static inline __attribute__((always_inline)) void cm_unify_blocks(const float *const *d, int n, int64_t k, float *u,
+static inline __attribute__((always_inline)) void cm_unify_blocks(const void *const *d, int n, int64_t k, void *u,
                                                                    uint8_t *masks, int64_t mstride,
                                                                    __m256d (*nacc)[2], __m256d (*dacc)[2],
-                                                                   const int U) {
+                                                                   const int U, const int kind) {
     const __m256d absd = _mm256_castsi256_pd(_mm256_set1_epi64x(0x7fffffffffffffffLL));
     const __m256 absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     const __m256 one = _mm256_set1_ps(1.0f), mone = _mm256_set1_ps(-1.0f), zero = _mm256_setzero_ps();
@@ -276,14 +367,14 @@ static inline __attribute__((always_inline)) void cm_unify_blocks(const float *c
     __m256 sg[2], best[2], agv[CM_MAXT][2];
     /* the election sum, float64 in task order, and each task's sum |d| from the same widening */
     for (int j = 0; j < U; j++) {
-        cm_widen(_mm256_loadu_ps(d[0] + k + 8 * j), &t0[j], &t1[j]);
+        cm_widen(cm_ld8(d[0], k + 8 * j, kind), &t0[j], &t1[j]);
         nacc[0][0] = _mm256_add_pd(nacc[0][0], _mm256_and_pd(t0[j], absd));
         nacc[0][1] = _mm256_add_pd(nacc[0][1], _mm256_and_pd(t1[j], absd));
     }
     for (int i = 1; i < n; i++) {
         for (int j = 0; j < U; j++) {
             __m256d a0, a1;
-            cm_widen(_mm256_loadu_ps(d[i] + k + 8 * j), &a0, &a1);
+            cm_widen(cm_ld8(d[i], k + 8 * j, kind), &a0, &a1);
             t0[j] = _mm256_add_pd(t0[j], a0);
             t1[j] = _mm256_add_pd(t1[j], a1);
             nacc[i][0] = _mm256_add_pd(nacc[i][0], _mm256_and_pd(a0, absd));
@@ -302,7 +393,7 @@ static inline __attribute__((always_inline)) void cm_unify_blocks(const float *c
     for (int i = 0; i < n; i++) {
         uint8_t *mb = masks + (int64_t)i * mstride + (k >> 3);
         for (int j = 0; j < U; j++) {
-            __m256 x = _mm256_loadu_ps(d[i] + k + 8 * j);
+            __m256 x = cm_ld8(d[i], k + 8 * j, kind);
             __m256 g = _mm256_cmp_ps(_mm256_mul_ps(x, sg[j]), zero, _CMP_GT_OQ);
             agv[i][j] = g;
             mb[j] = (uint8_t)_mm256_movemask_ps(g);
@@ -312,7 +403,7 @@ static inline __attribute__((always_inline)) void cm_unify_blocks(const float *c
     for (int j = 0; j < U; j++) {
         /* best * sg is exact; where best is +0 (nothing agrees) the AND keeps +0, never -0 */
         __m256 nz = _mm256_cmp_ps(best[j], zero, _CMP_NEQ_UQ);
-        _mm256_storeu_ps(u + k + 8 * j, _mm256_and_ps(_mm256_mul_ps(best[j], sg[j]), nz));
+        cm_st8(u, k + 8 * j, _mm256_and_ps(_mm256_mul_ps(best[j], sg[j]), nz), kind);
         __m256d b0, b1;
         cm_widen(best[j], &b0, &b1);
         for (int i = 0; i < n; i++) {
@@ -324,21 +415,33 @@ static inline __attribute__((always_inline)) void cm_unify_blocks(const float *c
 }
 
 /* Unify elements [s, e) (s a multiple of 8), writing u, the mask bytes and num/den of the range. */
-static void cm_unify_range(const float *const *d, int n, int64_t s, int64_t e, float *u, uint8_t *masks,
-                           int64_t mstride, double *num, double *den) {
+static inline __attribute__((always_inline)) void cm_unify_range_k(const void *const *d, int n, int64_t s, int64_t e,
+                                                                    void *u, uint8_t *masks, int64_t mstride,
+                                                                    double *num, double *den, const int kind) {
     __m256d nacc[CM_MAXT][2], dacc[CM_MAXT][2];
     for (int i = 0; i < n; i++) nacc[i][0] = nacc[i][1] = dacc[i][0] = dacc[i][1] = _mm256_setzero_pd();
     int64_t k = s;
-    for (; k + 16 <= e; k += 16) cm_unify_blocks(d, n, k, u, masks, mstride, nacc, dacc, 2);
+    for (; k + 16 <= e; k += 16) cm_unify_blocks(d, n, k, u, masks, mstride, nacc, dacc, 2, kind);
     if (k + 8 <= e) {
-        cm_unify_blocks(d, n, k, u, masks, mstride, nacc, dacc, 1);
+        cm_unify_blocks(d, n, k, u, masks, mstride, nacc, dacc, 1, kind);
         k += 8;
     }
     for (int i = 0; i < n; i++) {
         num[i] = cm_hsum(nacc[i]);
         den[i] = cm_hsum(dacc[i]);
     }
-    if (k < e) cm_unify_tail(d, n, k, e, u, masks, mstride, num, den);
+    if (k < e) cm_unify_tail(d, n, k, e, u, masks, mstride, num, den, kind);
+}
+
+/* one copy of the loop per element type, the type a constant inside each */
+static void cm_unify_range(const void *const *d, int n, int64_t s, int64_t e, void *u, uint8_t *masks,
+                           int64_t mstride, double *num, double *den, int kind) {
+    if (kind == CM_BF16)
+        cm_unify_range_k(d, n, s, e, u, masks, mstride, num, den, CM_BF16);
+    else if (kind == CM_F16)
+        cm_unify_range_k(d, n, s, e, u, masks, mstride, num, den, CM_F16);
+    else
+        cm_unify_range_k(d, n, s, e, u, masks, mstride, num, den, CM_F32);
 }
 
 /* One mask byte -> 8 lanes of all-ones where its bit is set. */
@@ -348,28 +451,44 @@ static inline __m256 cm_expand(uint8_t b) {
     return _mm256_castsi256_ps(_mm256_cmpeq_epi32(v, sel));
 }
 
-/* Rows r of decouple over elements [s, e) (s a multiple of 8). */
-static void cm_decouple_range(const float *u, const uint8_t *packed, int64_t pstride, const float *lams, int K,
-                              const float *base, float *out, int64_t N, int64_t s, int64_t e) {
+/* Rows r of decouple over elements [s, e) (s a multiple of 8): out = round(u * lam) where the
+ * bit is set, +0.0 elsewhere, plus base (same dtype) and rounded again when given. */
+static inline __attribute__((always_inline)) void cm_decouple_range_k(const void *u, const uint8_t *packed,
+                                                                       int64_t pstride, const float *lams, int K,
+                                                                       const void *base, void *out, int64_t N,
+                                                                       int64_t s, int64_t e, const int kind) {
+    const int64_t esz = kind == CM_F32 ? 4 : 2;
     for (int r = 0; r < K; r++) {
         const uint8_t *p = packed + (int64_t)r * pstride;
-        float *o = out + (int64_t)r * N;
+        void *o = (char *)out + (int64_t)r * N * esz;
         __m256 lam = _mm256_set1_ps(lams[r]);
         int64_t k = s;
         if (base) {
             for (; k + 8 <= e; k += 8) {
-                __m256 v = _mm256_and_ps(_mm256_mul_ps(_mm256_loadu_ps(u + k), lam), cm_expand(p[k >> 3]));
-                _mm256_storeu_ps(o + k, _mm256_add_ps(_mm256_loadu_ps(base + k), v));
+                __m256 v = _mm256_and_ps(cm_round8(_mm256_mul_ps(cm_ld8(u, k, kind), lam), kind), cm_expand(p[k >> 3]));
+                cm_st8(o, k, cm_round8(_mm256_add_ps(cm_ld8(base, k, kind), v), kind), kind);
             }
         } else {
             for (; k + 8 <= e; k += 8)
-                _mm256_storeu_ps(o + k, _mm256_and_ps(_mm256_mul_ps(_mm256_loadu_ps(u + k), lam), cm_expand(p[k >> 3])));
+                cm_st8(o, k,
+                       _mm256_and_ps(cm_round8(_mm256_mul_ps(cm_ld8(u, k, kind), lam), kind), cm_expand(p[k >> 3])),
+                       kind);
         }
         for (; k < e; k++) {
-            float v = ((p[k >> 3] >> (k & 7)) & 1) ? u[k] * lams[r] : 0.0f;
-            o[k] = base ? base[k] + v : v;
+            float v = ((p[k >> 3] >> (k & 7)) & 1) ? cm_round1(cm_ld1(u, k, kind) * lams[r], kind) : 0.0f;
+            cm_st1(o, k, base ? cm_round1(cm_ld1(base, k, kind) + v, kind) : v, kind);
         }
     }
+}
+
+static void cm_decouple_range(const void *u, const uint8_t *packed, int64_t pstride, const float *lams, int K,
+                              const void *base, void *out, int64_t N, int64_t s, int64_t e, int kind) {
+    if (kind == CM_BF16)
+        cm_decouple_range_k(u, packed, pstride, lams, K, base, out, N, s, e, CM_BF16);
+    else if (kind == CM_F16)
+        cm_decouple_range_k(u, packed, pstride, lams, K, base, out, N, s, e, CM_F16);
+    else
+        cm_decouple_range_k(u, packed, pstride, lams, K, base, out, N, s, e, CM_F32);
 }
 
 
@@ -386,16 +505,17 @@ typedef struct {
  * (float32 lanes) or of its qword (float64 lanes); blendv and movemask read only that bit.
  * aacc[i]: sum over old bits of |u|; dacc[i]: sum over new bits of best; dacc[tp] and nacc for
  * the new task. */
-static inline __attribute__((always_inline)) void cm_step_blocks(const float *u, const uint8_t *masks, int64_t mstride,
-                                                                  int tp, const cm_step_consts *C, const float *delta,
-                                                                  float *u_new, uint8_t *masks_new, int64_t nstride,
+static inline __attribute__((always_inline)) void cm_step_blocks(const void *u, const uint8_t *masks, int64_t mstride,
+                                                                  int tp, const cm_step_consts *C, const void *delta,
+                                                                  void *u_new, uint8_t *masks_new, int64_t nstride,
                                                                   __m256d (*aacc)[2], __m256d (*dacc)[2],
-                                                                  __m256d *nacc, int64_t k, const int U) {
+                                                                  __m256d *nacc, int64_t k, const int U,
+                                                                  const int kind) {
     const __m256 absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     const __m256 sgnm = _mm256_castsi256_ps(_mm256_set1_epi32((int)0x80000000u));
     const __m256d sgnd = _mm256_castsi256_pd(_mm256_set1_epi64x((long long)0x8000000000000000ull));
     const __m256d absd = _mm256_castsi256_pd(_mm256_set1_epi64x(0x7fffffffffffffffLL));
-    const __m256 zero = _mm256_setzero_ps();
+    const __m256 zero = _mm256_setzero_ps(), cutv = _mm256_set1_ps(cm_cut(kind));
     const __m256d zd = _mm256_setzero_pd();
     const __m256i pick = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
     const __m256i sh32[2] = {_mm256_setr_epi32(31, 30, 29, 28, 27, 26, 25, 24),
@@ -427,7 +547,7 @@ static inline __attribute__((always_inline)) void cm_step_blocks(const float *u,
     __m256 au[2], ax[2], bk[2];
     __m256d ax0[2], ax1[2], bu0[2], bu1[2];
     for (int j = 0; j < U; j++) {
-        __m256 x = _mm256_loadu_ps(u + k + 8 * j), dv = _mm256_loadu_ps(delta + k + 8 * j);
+        __m256 x = cm_ld8(u, k + 8 * j, kind), dv = cm_ld8(delta, k + 8 * j, kind);
         __m256d x0, x1, d0, d1;
         cm_widen(x, &x0, &x1);
         cm_widen(dv, &d0, &d1);
@@ -440,11 +560,11 @@ static inline __attribute__((always_inline)) void cm_step_blocks(const float *u,
         au[j] = _mm256_blendv_ps(_mm256_cmp_ps(x, zero, _CMP_LT_OQ), _mm256_cmp_ps(x, zero, _CMP_GT_OQ), pos);
         ax[j] = _mm256_and_ps(x, absm);
         __m256 bd = _mm256_and_ps(_mm256_and_ps(dv, absm), ad);
-        __m256 sc = _mm256_mul_ps(ax[j], lm[j]);
+        __m256 sc = cm_round8(_mm256_mul_ps(ax[j], lm[j]), kind); /* the largest earlier expert, in the dtype */
         bk[j] = _mm256_blendv_ps(bd, sc, _mm256_and_ps(au[j], _mm256_cmp_ps(sc, bd, _CMP_GT_OQ)));
         /* -bk where the sign is negative and bk != 0 (never -0.0) */
         __m256 neg = _mm256_andnot_ps(pos, _mm256_cmp_ps(bk[j], zero, _CMP_NEQ_UQ));
-        _mm256_storeu_ps(u_new + k + 8 * j, _mm256_xor_ps(bk[j], _mm256_and_ps(neg, sgnm)));
+        cm_st8(u_new, k + 8 * j, _mm256_xor_ps(bk[j], _mm256_and_ps(neg, sgnm)), kind);
         masks_new[(int64_t)tp * nstride + b + j] = (uint8_t)_mm256_movemask_ps(ad);
         nacc[0] = _mm256_add_pd(nacc[0], _mm256_and_pd(d0, absd));
         nacc[1] = _mm256_add_pd(nacc[1], _mm256_and_pd(d1, absd));
@@ -465,7 +585,7 @@ static inline __attribute__((always_inline)) void cm_step_blocks(const float *u,
             aacc[i][1] = _mm256_add_pd(aacc[i][1], _mm256_blendv_pd(zd, ax1[j], mhi_));
             if (C->live[i]) {
                 __m256 oa = _mm256_and_ps(_mm256_castsi256_ps(mv[i][j]), au[j]);
-                __m256 sv = _mm256_cmp_ps(_mm256_mul_ps(ax[j], C->lamf[i]), zero, _CMP_GT_OQ);
+                __m256 sv = _mm256_cmp_ps(_mm256_mul_ps(ax[j], C->lamf[i]), cutv, _CMP_GT_OQ);
                 __m256 nb = _mm256_and_ps(oa, sv);
                 int nbits = _mm256_movemask_ps(nb);
                 masks_new[(int64_t)i * nstride + b + j] = (uint8_t)nbits;
@@ -492,10 +612,10 @@ static inline __attribute__((always_inline)) void cm_step_blocks(const float *u,
  * max is exact), the elected sign from float64(u) * Lambda > -float64(d), then the rest in
  * float32, which is exact here: compares, |.|, the float32 product |u| * max lam that the
  * reference rounds to float32 too, and the sign flip. */
-static void cm_add_task_range(const float *u, const uint8_t *masks, int64_t mstride, int tp, const double *lam,
-                              const float *lam32, const float *lampos, const float *delta, float *u_new,
-                              uint8_t *masks_new, int64_t nstride, double *absu, double *num_new, double *den,
-                              int64_t s, int64_t e) {
+static inline __attribute__((always_inline)) void cm_add_task_range_k(
+    const void *u, const uint8_t *masks, int64_t mstride, int tp, const double *lam, const float *lam32,
+    const float *lampos, const void *delta, void *u_new, uint8_t *masks_new, int64_t nstride, double *absu,
+    double *num_new, double *den, int64_t s, int64_t e, const int kind) {
     cm_step_consts C;
     __m256d aacc[CM_MAXT][2], dacc[CM_MAXT + 1][2], nacc[2];
     for (int i = 0; i <= tp; i++) {
@@ -511,9 +631,9 @@ static void cm_add_task_range(const float *u, const uint8_t *masks, int64_t mstr
     nacc[0] = nacc[1] = _mm256_setzero_pd();
     int64_t k = s;
     for (; k + 16 <= e; k += 16)
-        cm_step_blocks(u, masks, mstride, tp, &C, delta, u_new, masks_new, nstride, aacc, dacc, nacc, k, 2);
+        cm_step_blocks(u, masks, mstride, tp, &C, delta, u_new, masks_new, nstride, aacc, dacc, nacc, k, 2, kind);
     if (k + 8 <= e) {
-        cm_step_blocks(u, masks, mstride, tp, &C, delta, u_new, masks_new, nstride, aacc, dacc, nacc, k, 1);
+        cm_step_blocks(u, masks, mstride, tp, &C, delta, u_new, masks_new, nstride, aacc, dacc, nacc, k, 1, kind);
         k += 8;
     }
     for (int i = 0; i <= tp; i++) {
@@ -523,17 +643,34 @@ static void cm_add_task_range(const float *u, const uint8_t *masks, int64_t mstr
     *num_new = cm_hsum(nacc);
     if (k < e)
         cm_add_task_tail(u, masks, mstride, tp, lam, lam32, lampos, delta, u_new, masks_new, nstride, absu, num_new,
-                         den, k, e);
+                         den, k, e, kind);
+}
+
+static void cm_add_task_range(const void *u, const uint8_t *masks, int64_t mstride, int tp, const double *lam,
+                              const float *lam32, const float *lampos, const void *delta, void *u_new,
+                              uint8_t *masks_new, int64_t nstride, double *absu, double *num_new, double *den,
+                              int64_t s, int64_t e, int kind) {
+    if (kind == CM_BF16)
+        cm_add_task_range_k(u, masks, mstride, tp, lam, lam32, lampos, delta, u_new, masks_new, nstride, absu, num_new,
+                            den, s, e, CM_BF16);
+    else if (kind == CM_F16)
+        cm_add_task_range_k(u, masks, mstride, tp, lam, lam32, lampos, delta, u_new, masks_new, nstride, absu, num_new,
+                            den, s, e, CM_F16);
+    else
+        cm_add_task_range_k(u, masks, mstride, tp, lam, lam32, lampos, delta, u_new, masks_new, nstride, absu, num_new,
+                            den, s, e, CM_F32);
 }
 
 #pragma GCC pop_options
 
-/* ---------------------------------------------------------------- entry points */
+/* ---------------------------------------------------------------- entry points
+ * kind (last argument): CM_F32, CM_F16 or CM_BF16, the dtype of every tensor argument (u, the
+ * deltas, base, the outputs); masks are uint8, sums float64, lambdas as described. */
 typedef struct {
-    const float *const *d;
-    int n;
+    const void *const *d;
+    int n, kind;
     int64_t N, chunk, mstride;
-    float *u;
+    void *u;
     uint8_t *masks;
     double *num_part, *den_part;
 } cm_unify_args;
@@ -541,56 +678,60 @@ typedef struct {
 static void cm_unify_chunk(void *p, int64_t c) {
     cm_unify_args *a = (cm_unify_args *)p;
     int64_t s = c * a->chunk, e = s + a->chunk < a->N ? s + a->chunk : a->N;
-    cm_unify_range(a->d, a->n, s, e, a->u, a->masks, a->mstride, a->num_part + c * a->n, a->den_part + c * a->n);
+    cm_unify_range(a->d, a->n, s, e, a->u, a->masks, a->mstride, a->num_part + c * a->n, a->den_part + c * a->n,
+                   a->kind);
 }
 
-/* unify n (<= CM_MAXT) float32 rows of N elements: u [N], masks [n, mstride], per-chunk sums
+static int cm_kind_ok(int kind) { return kind == CM_F32 || kind == CM_F16 || kind == CM_BF16; }
+
+/* unify n (<= CM_MAXT) rows of N elements: u [N], masks [n, mstride], per-chunk sums
  * num_part / den_part [ceil(N / chunk), n]; chunk a positive multiple of 8. Returns 0, or -1
  * for arguments it does not take. */
-int cm_unify_f32(const float *const *d, int n, int64_t N, float *u, uint8_t *masks, int64_t mstride,
-                 double *num_part, double *den_part, int64_t chunk, int nthreads) {
-    if (n < 1 || n > CM_MAXT || N < 0 || chunk <= 0 || chunk % 8 || mstride < (N + 7) / 8) return -1;
+int cm_unify(const void *const *d, int n, int64_t N, void *u, uint8_t *masks, int64_t mstride, double *num_part,
+             double *den_part, int64_t chunk, int nthreads, int kind) {
+    if (n < 1 || n > CM_MAXT || N < 0 || chunk <= 0 || chunk % 8 || mstride < (N + 7) / 8 || !cm_kind_ok(kind))
+        return -1;
     if (N == 0) return 0;
-    cm_unify_args a = {d, n, N, chunk, mstride, u, masks, num_part, den_part};
+    cm_unify_args a = {d, n, kind, N, chunk, mstride, u, masks, num_part, den_part};
     cm_run(cm_unify_chunk, &a, (N + chunk - 1) / chunk, nthreads);
     return 0;
 }
 
 typedef struct {
-    const float *u;
+    const void *u;
     const uint8_t *packed;
     int64_t pstride;
     const float *lams;
-    int K;
-    const float *base;
-    float *out;
+    int K, kind;
+    const void *base;
+    void *out;
     int64_t N, chunk;
 } cm_decouple_args;
 
 static void cm_decouple_chunk(void *p, int64_t c) {
     cm_decouple_args *a = (cm_decouple_args *)p;
     int64_t s = c * a->chunk, e = s + a->chunk < a->N ? s + a->chunk : a->N;
-    cm_decouple_range(a->u, a->packed, a->pstride, a->lams, a->K, a->base, a->out, a->N, s, e);
+    cm_decouple_range(a->u, a->packed, a->pstride, a->lams, a->K, a->base, a->out, a->N, s, e, a->kind);
 }
 
-/* out[r] = lam_r * M_r (.) u (+ base), float32, out [K, N]; base may be NULL. */
-int cm_decouple_f32(const float *u, const uint8_t *packed, int64_t pstride, const float *lams, int K,
-                    const float *base, float *out, int64_t N, int64_t chunk, int nthreads) {
-    if (K < 0 || N < 0 || chunk <= 0 || chunk % 8 || pstride < (N + 7) / 8) return -1;
+/* out[r] = lam_r * M_r (.) u (+ base), out [K, N]; base may be NULL. */
+int cm_decouple(const void *u, const uint8_t *packed, int64_t pstride, const float *lams, int K, const void *base,
+                void *out, int64_t N, int64_t chunk, int nthreads, int kind) {
+    if (K < 0 || N < 0 || chunk <= 0 || chunk % 8 || pstride < (N + 7) / 8 || !cm_kind_ok(kind)) return -1;
     if (N == 0 || K == 0) return 0;
-    cm_decouple_args a = {u, packed, pstride, lams, K, base, out, N, chunk};
+    cm_decouple_args a = {u, packed, pstride, lams, K, kind, base, out, N, chunk};
     cm_run(cm_decouple_chunk, &a, (N + chunk - 1) / chunk, nthreads);
     return 0;
 }
 
-
 typedef struct {
-    const float *u, *delta, *lam32, *lampos;
+    const void *u, *delta;
+    const float *lam32, *lampos;
     const uint8_t *masks;
     const double *lam;
-    int tp;
+    int tp, kind;
     int64_t mstride, nstride, N, chunk;
-    float *u_new;
+    void *u_new;
     uint8_t *masks_new;
     double *absu_part, *num_new_part, *den_part;
 } cm_add_task_args;
@@ -600,17 +741,17 @@ static void cm_add_task_chunk(void *p, int64_t c) {
     int64_t s = c * a->chunk, e = s + a->chunk < a->N ? s + a->chunk : a->N;
     cm_add_task_range(a->u, a->masks, a->mstride, a->tp, a->lam, a->lam32, a->lampos, a->delta, a->u_new,
                       a->masks_new, a->nstride, a->absu_part + c * a->tp, a->num_new_part + c,
-                      a->den_part + c * (a->tp + 1), s, e);
+                      a->den_part + c * (a->tp + 1), s, e, a->kind);
 }
 
-/* One continual step on N float32 elements with tp (<= CM_MAXT) earlier tasks: masks [tp, mstride]
- * in, masks_new [tp + 1, nstride] out; lam holds the opmath (float32-rounded) rescalers as
- * float64. Per chunk c: absu_part[c, i] = sum over old bits of |u|, num_new_part[c] = sum |d|,
+/* One continual step on N elements with tp (<= CM_MAXT) earlier tasks: masks [tp, mstride] in,
+ * masks_new [tp + 1, nstride] out; lam holds the opmath (float32-rounded) rescalers as float64.
+ * Per chunk c: absu_part[c, i] = sum over old bits of |u|, num_new_part[c] = sum |d|,
  * den_part[c, 0..tp]. */
-int cm_add_task_f32(const float *u, const uint8_t *masks, int64_t mstride, int tp, const double *lam,
-                    const float *delta, float *u_new, uint8_t *masks_new, int64_t nstride, double *absu_part,
-                    double *num_new_part, double *den_part, int64_t N, int64_t chunk, int nthreads) {
-    if (tp < 0 || tp > CM_MAXT || N < 0 || chunk <= 0 || chunk % 8) return -1;
+int cm_add_task(const void *u, const uint8_t *masks, int64_t mstride, int tp, const double *lam, const void *delta,
+                void *u_new, uint8_t *masks_new, int64_t nstride, double *absu_part, double *num_new_part,
+                double *den_part, int64_t N, int64_t chunk, int nthreads, int kind) {
+    if (tp < 0 || tp > CM_MAXT || N < 0 || chunk <= 0 || chunk % 8 || !cm_kind_ok(kind)) return -1;
     if (mstride < (N + 7) / 8 || nstride < (N + 7) / 8) return -1;
     if (N == 0) return 0;
     float lam32[CM_MAXT + 1], lampos[CM_MAXT + 1];
@@ -618,25 +759,25 @@ int cm_add_task_f32(const float *u, const uint8_t *masks, int64_t mstride, int t
         lam32[i] = (float)lam[i];
         lampos[i] = lam[i] > 0.0 ? (float)lam[i] : 0.0f;
     }
-    cm_add_task_args a = {u, delta, lam32, lampos, masks, lam, tp, mstride, nstride, N, chunk, u_new, masks_new,
-                          absu_part, num_new_part, den_part};
+    cm_add_task_args a = {u,  delta, lam32,   lampos,    masks,     lam,       tp,           kind,     mstride,
+                          nstride, N, chunk, u_new, masks_new, absu_part, num_new_part, den_part};
     cm_run(cm_add_task_chunk, &a, (N + chunk - 1) / chunk, nthreads);
     return 0;
 }
 
 #else /* not x86-64: the module builds, the backend reports itself unavailable */
 int cm_have_avx2(void) { return 0; }
-int cm_unify_f32(const float *const *d, int n, int64_t N, float *u, uint8_t *masks, int64_t mstride,
-                 double *num_part, double *den_part, int64_t chunk, int nthreads) {
+int cm_unify(const void *const *d, int n, int64_t N, void *u, uint8_t *masks, int64_t mstride, double *num_part,
+             double *den_part, int64_t chunk, int nthreads, int kind) {
     return -1;
 }
-int cm_decouple_f32(const float *u, const uint8_t *packed, int64_t pstride, const float *lams, int K,
-                    const float *base, float *out, int64_t N, int64_t chunk, int nthreads) {
+int cm_decouple(const void *u, const uint8_t *packed, int64_t pstride, const float *lams, int K, const void *base,
+                void *out, int64_t N, int64_t chunk, int nthreads, int kind) {
     return -1;
 }
-int cm_add_task_f32(const float *u, const uint8_t *masks, int64_t mstride, int tp, const double *lam,
-                    const float *delta, float *u_new, uint8_t *masks_new, int64_t nstride, double *absu_part,
-                    double *num_new_part, double *den_part, int64_t N, int64_t chunk, int nthreads) {
+int cm_add_task(const void *u, const uint8_t *masks, int64_t mstride, int tp, const double *lam, const void *delta,
+                void *u_new, uint8_t *masks_new, int64_t nstride, double *absu_part, double *num_new_part,
+                double *den_part, int64_t N, int64_t chunk, int nthreads, int kind) {
     return -1;
 }
 #endif

@@ -1,4 +1,4 @@
-"""Native CPU backend: the float32 kernels in ``_native.c`` (AVX2), called through ctypes.
+"""Native CPU backend: the float32, float16 and bfloat16 kernels in ``_native.c`` (AVX2), via ctypes.
 
 Why a C kernel beside numba: per element and task, unify needs a float64 task-order sum, a
 sign test, a max and one mask bit. numba's loops over ``[chunk]`` rows spend most of their time
@@ -6,7 +6,12 @@ storing and reloading those rows and packing bytes into bits; the C loop keeps t
 blocks of every task in registers, packs a mask byte with one ``movemask`` and keeps the L1 sums
 in float64 lanes (see ``_native.c``, ``docs/kernels.md`` and ``benchmarks/RESULTS.md``).
 
-What it does not take -- other dtypes, more than 64 tasks, a non-AVX2 CPU -- goes to the numba
+Half types are widened to float32 as they are loaded and every computation runs as for float32
+(the contract's opmath); a rescaled value is rounded to the tensor's dtype (nearest even, as in
+torch) before it is compared or stored.
+
+What it does not take -- float64, more than 64 tasks, a base of another dtype in decouple, a CPU
+without AVX2 and F16C -- goes to the numba
 backend (or torch), with the same bits: every backend meets one numeric contract
 (:mod:`condu_merge.backends.base`).
 
@@ -32,7 +37,7 @@ DEFAULT_CHUNK = 1 << 16  # elements per work item handed to a thread: a multiple
 MIN_PIECES = 16  # a tensor large enough is cut into at least this many work items
 MAX_UNIFY_TASKS = 64  # CM_MAXT in _native.c
 MAX_EARLIER_TASKS = 64  # the same bound on add_task's earlier tasks
-_ABI = 1
+_ABI = 2
 
 _P = ctypes.c_void_p
 _I = ctypes.c_int
@@ -50,12 +55,12 @@ def _load() -> ctypes.CDLL | None:
     lib.cm_have_avx2.restype = _I
     if lib.cm_abi() != _ABI or not lib.cm_have_avx2():
         return None
-    lib.cm_unify_f32.restype = _I
-    lib.cm_unify_f32.argtypes = [_P, _I, _L, _P, _P, _L, _P, _P, _L, _I]
-    lib.cm_add_task_f32.restype = _I
-    lib.cm_add_task_f32.argtypes = [_P, _P, _L, _I, _P, _P, _P, _P, _L, _P, _P, _P, _L, _L, _I]
-    lib.cm_decouple_f32.restype = _I
-    lib.cm_decouple_f32.argtypes = [_P, _P, _L, _P, _I, _P, _P, _L, _L, _I]
+    lib.cm_unify.restype = _I
+    lib.cm_unify.argtypes = [_P, _I, _L, _P, _P, _L, _P, _P, _L, _I, _I]
+    lib.cm_add_task.restype = _I
+    lib.cm_add_task.argtypes = [_P, _P, _L, _I, _P, _P, _P, _P, _L, _P, _P, _P, _L, _L, _I, _I]
+    lib.cm_decouple.restype = _I
+    lib.cm_decouple.argtypes = [_P, _P, _L, _P, _I, _P, _P, _L, _L, _I, _I]
     return lib
 
 
@@ -68,12 +73,16 @@ def _lib() -> ctypes.CDLL | None:
     return _LIB[0]
 
 
-def _flat32(t: torch.Tensor) -> torch.Tensor:
+# the element types of _native.c (CM_F32, CM_F16, CM_BF16)
+_KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1).contiguous()
 
 
 class NativeBackend(RowsDecoupler):
-    """float32 kernels in C (``condu_merge.kernels._native``); everything else is delegated."""
+    """float32, float16 and bfloat16 kernels in C (``condu_merge.kernels._native``); everything else is delegated."""
 
     name = "native"
 
@@ -121,19 +130,20 @@ class NativeBackend(RowsDecoupler):
         first = deltas[0]
         N = first.numel()
         lib = _lib()
-        if lib is None or first.dtype != torch.float32 or not 1 <= n <= MAX_UNIFY_TASKS:
+        kind = _KIND.get(first.dtype)
+        if lib is None or kind is None or not 1 <= n <= MAX_UNIFY_TASKS or any(d.dtype != first.dtype for d in deltas):
             return self._fallback().unify_flat(deltas)
-        rows = [_flat32(d) for d in deltas]  # kept alive for the call
+        rows = [_flat(d) for d in deltas]  # kept alive for the call
         ptrs = np.array([r.data_ptr() for r in rows], dtype=np.uintp)
         nb = packed_nbytes(N)
-        u = torch.empty(N, dtype=torch.float32)
+        u = torch.empty(N, dtype=first.dtype)
         masks = torch.empty((n, nb), dtype=torch.uint8)
         chunk = self._chunk_for(N)
         nc = max(1, -(-N // chunk))
         num_part = np.zeros((nc, n), np.float64)
         den_part = np.zeros((nc, n), np.float64)
         if N:
-            rc = lib.cm_unify_f32(
+            rc = lib.cm_unify(
                 ptrs.ctypes.data,
                 n,
                 N,
@@ -144,6 +154,7 @@ class NativeBackend(RowsDecoupler):
                 den_part.ctypes.data,
                 chunk,
                 self._nthreads(),
+                kind,
             )
             if rc != 0:
                 raise RuntimeError(f"native unify rejected its arguments (n={n}, N={N})")
@@ -156,15 +167,16 @@ class NativeBackend(RowsDecoupler):
         tp = masks.shape[0]
         N = u.numel()
         lib = _lib()
-        if lib is None or u.dtype != torch.float32 or tp > MAX_EARLIER_TASKS:
+        kind = _KIND.get(u.dtype)
+        if lib is None or kind is None or delta.dtype != u.dtype or tp > MAX_EARLIER_TASKS:
             return self._fallback().add_task_flat(u, masks, lambdas, delta)
         from .numba_backend import _lam_opmath  # torch-free helper; does not import numba
 
         lam_op = np.ascontiguousarray(_lam_opmath(lambdas, torch.float32), dtype=np.float64)
-        uf, df = _flat32(u), _flat32(delta)
+        uf, df = _flat(u), _flat(delta)
         old = masks.contiguous()
         nb = packed_nbytes(N)
-        u_new = torch.empty(N, dtype=torch.float32)
+        u_new = torch.empty(N, dtype=u.dtype)
         masks_new = torch.empty((tp + 1, nb), dtype=torch.uint8)
         chunk = self._chunk_for(N)
         nc = max(1, -(-N // chunk))
@@ -172,7 +184,7 @@ class NativeBackend(RowsDecoupler):
         num_new_part = np.zeros(nc, np.float64)
         den_part = np.zeros((nc, tp + 1), np.float64)
         if N:
-            rc = lib.cm_add_task_f32(
+            rc = lib.cm_add_task(
                 uf.data_ptr(),
                 old.data_ptr(),
                 old.shape[1] if tp else nb,
@@ -188,6 +200,7 @@ class NativeBackend(RowsDecoupler):
                 N,
                 chunk,
                 self._nthreads(),
+                kind,
             )
             if rc != 0:
                 raise RuntimeError(f"native add_task rejected its arguments (tp={tp}, N={N})")
@@ -202,20 +215,21 @@ class NativeBackend(RowsDecoupler):
         self, u: torch.Tensor, packed: torch.Tensor, lams: Sequence[float], base: torch.Tensor | None
     ) -> torch.Tensor | None:
         lib = _lib()
-        if lib is None or u.dtype != torch.float32 or (base is not None and base.dtype != torch.float32):
+        kind = _KIND.get(u.dtype)
+        if lib is None or kind is None or (base is not None and base.dtype != u.dtype):
             return None
         from .numba_backend import _lam_opmath  # torch-free helper; does not import numba
 
         N = u.numel()
         K = packed.shape[0]
-        uf = _flat32(u)
+        uf = _flat(u)
         pk = packed.contiguous()
-        bf = _flat32(base) if base is not None else None
+        bf = _flat(base) if base is not None else None
         lam32 = _lam_opmath(lams, torch.float32).astype(np.float32)
-        out = torch.empty((K, N), dtype=torch.float32)
+        out = torch.empty((K, N), dtype=u.dtype)
         chunk = self._chunk_for(N)
         if N and K:
-            rc = lib.cm_decouple_f32(
+            rc = lib.cm_decouple(
                 uf.data_ptr(),
                 pk.data_ptr(),
                 pk.shape[1],
@@ -226,6 +240,7 @@ class NativeBackend(RowsDecoupler):
                 N,
                 chunk,
                 self._nthreads(),
+                kind,
             )
             if rc != 0:
                 raise RuntimeError(f"native decouple rejected its arguments (K={K}, N={N})")
