@@ -93,12 +93,12 @@ def make_checkpoints(
 
 def start_time(env: dict, dtype: str = "float32") -> tuple[float, float]:
     """Seconds of a process that only imports torch, and of one that imports what add-task
-    imports (torch, the store, the CLI, and the kernels that run: the native library for float32
-    where it is built, else the numba kernels with their on-disk cache): the part of every
+    imports (torch, the store, the CLI, and the kernels that run: the native library for float32,
+    float16 and bfloat16 where it is built, else the numba kernels with their on-disk cache): the part of every
     add-task that does not depend on the model."""
     kernels = (
         "from condu_merge.kernels import native_backend as nb; assert nb._lib() is not None"
-        if dtype == "float32" and "native" in available_backends()
+        if dtype in ("float32", "float16", "bfloat16") and "native" in available_backends()
         else "from condu_merge.kernels import _numba_impl"
     )
     out = []

@@ -798,9 +798,18 @@ def _subtract(f: torch.Tensor, b: torch.Tensor, own: bool) -> torch.Tensor:
     if f.device.type != "cpu" or b.device.type != "cpu" or f.requires_grad or b.requires_grad or f.shape != b.shape:
         return f.sub_(b) if own else f - b
     out = f if own else torch.empty(f.shape, dtype=f.dtype)
-    with np.errstate(all="ignore"):  # as torch: an overflow is an inf, refused later with the tensor's name
-        np.subtract(f.numpy(), b.numpy(), out=out.numpy())
+    if _native_subtract(f, b, out) is None:  # the same bits on the kernels' threads, where built
+        with np.errstate(all="ignore"):  # as torch: an overflow is an inf, refused later with the tensor's name
+            np.subtract(f.numpy(), b.numpy(), out=out.numpy())
     return out
+
+
+def _native_subtract(f: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> tuple[int, float] | None:
+    if f.dtype == torch.float64 or not (f.is_contiguous() and b.is_contiguous()):
+        return None
+    from .kernels.native_backend import subtract
+
+    return subtract(f, b, out)
 
 
 def element_ranges(numel: int, max_elements: int) -> Iterator[tuple[int, int]]:
@@ -953,6 +962,11 @@ class TaskDelta:
         they are stored; the inputs of a block stay intact, so an overflow is told apart from a
         non-finite input."""
         d = f if own else torch.empty(f.shape, dtype=f.dtype)
+        done = _native_subtract(f, b, d)
+        if done is not None:  # one pass on the kernels' threads, the same bits; overflow counted there
+            if done[0]:
+                raise self._overflow_error(key, done[1], f.dtype)
+            return d
         df, ff, bf = d.view(-1), f.reshape(-1), b.reshape(-1)
         n = ff.numel()
         scratch = torch.empty(min(n, _HALF_BLOCK), dtype=f.dtype)
@@ -975,12 +989,14 @@ class TaskDelta:
         wide = f.float() - b.float()
         bad = ~torch.isfinite(d) & torch.isfinite(wide)
         if bool(bad.any()):
-            big = float(wide[bad].abs().max())
-            raise NonFiniteError(
-                f"{self.finetuned.path}: the delta of tensor {key!r} (fine-tuned − base, up to {big:.6g} in magnitude) "
-                f"overflows {str(d.dtype).replace('torch.', '')} though both checkpoints are finite; store it wider with "
-                "--dtype float32"
-            )
+            raise self._overflow_error(key, float(wide[bad].abs().max()), d.dtype)
+
+    def _overflow_error(self, key: str, big: float, dtype: torch.dtype) -> NonFiniteError:
+        return NonFiniteError(
+            f"{self.finetuned.path}: the delta of tensor {key!r} (fine-tuned − base, up to {big:.6g} in magnitude) "
+            f"overflows {str(dtype).replace('torch.', '')} though both checkpoints are finite; store it wider with "
+            "--dtype float32"
+        )
 
     def close(self) -> None:
         self.base.close()

@@ -218,8 +218,22 @@ def _pair(dtype, n=3000, seed=4):
     return b, f.to(dtype)
 
 
+@pytest.fixture(params=["native", "torch blocks"])
+def delta_path(request, monkeypatch):
+    """Both ways a delta is computed: the native kernel where built, and torch in blocks."""
+    if request.param != "native":
+        monkeypatch.setattr(checkpoints, "_native_subtract", lambda f, b, out: None)
+    else:
+        from condu_merge.kernels.native_backend import subtract
+
+        x = torch.ones(9, dtype=torch.bfloat16)
+        if subtract(x, x, x.clone()) is None:
+            pytest.skip("the native kernels are not built here")
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_delta_is_bit_identical_to_the_float32_reference(tmp_path, dtype, monkeypatch):
+def test_half_delta_is_bit_identical_to_the_float32_reference(tmp_path, dtype, monkeypatch, delta_path):
     monkeypatch.setattr(checkpoints, "_HALF_BLOCK", 1024)  # several blocks, a short last one
     b, f = _pair(dtype)
     f[:3] = torch.finfo(dtype).max  # exactly at the edge, not beyond: f - b finite here
@@ -240,7 +254,7 @@ def test_half_delta_is_bit_identical_to_the_float32_reference(tmp_path, dtype, m
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_full_delta_is_bit_identical_to_torch_sub(tmp_path, dtype):
+def test_full_delta_is_bit_identical_to_torch_sub(tmp_path, dtype, delta_path):
     # the CPU subtraction runs in numpy (no OpenMP team); its bits must be torch's, signed zeros,
     # subnormals and overflow to inf included
     b, f = _pair(dtype)
@@ -267,7 +281,7 @@ def test_in_memory_inputs_are_not_overwritten():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_delta_overflow_is_refused_but_an_inf_input_is_passed_on(tmp_path, dtype, monkeypatch):
+def test_half_delta_overflow_is_refused_but_an_inf_input_is_passed_on(tmp_path, dtype, monkeypatch, delta_path):
     monkeypatch.setattr(checkpoints, "_HALF_BLOCK", 1 << 16)
     big = torch.finfo(dtype).max
     b = torch.zeros(300_000, dtype=dtype)  # more than one block

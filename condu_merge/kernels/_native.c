@@ -1,4 +1,5 @@
-/* Native CPU kernels behind condu_merge.kernels.native_backend (float32, x86-64 with AVX2).
+/* Native CPU kernels behind condu_merge.kernels.native_backend (float32, float16, bfloat16;
+ * x86-64 with AVX2 and F16C).
  *
  * Loaded through ctypes from this extension module's own file; the Python module object only
  * exists so that setuptools builds and installs the shared library like any extension, and so
@@ -661,6 +662,59 @@ static void cm_add_task_range(const void *u, const uint8_t *masks, int64_t mstri
                             den, s, e, CM_F32);
 }
 
+/* ---------------------------------------------------------------- the delta f - b
+ * out = round(float32(f) - float32(b)) in the element type (what torch's half subtraction gives:
+ * the float32 difference rounded once); out may be f. Counts the elements whose result is not
+ * finite while the float32 difference is (the difference overflowed the dtype) and keeps their
+ * largest |difference|, so the caller can refuse them without the inputs. */
+static inline __attribute__((always_inline)) void cm_sub_range_k(const void *f, const void *b, void *out, int64_t s,
+                                                                  int64_t e, int64_t *nbad, float *big,
+                                                                  const int kind) {
+    const __m256 absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    const __m256 inf = _mm256_castsi256_ps(_mm256_set1_epi32(0x7f800000));
+    __m256 bigv = _mm256_setzero_ps();
+    int64_t cnt = 0, k = s;
+    for (; k + 8 <= e; k += 8) {
+        __m256 w = _mm256_sub_ps(cm_ld8(f, k, kind), cm_ld8(b, k, kind));
+        __m256 r = cm_round8(w, kind);
+        cm_st8(out, k, r, kind);
+        if (kind != CM_F32) {
+            __m256 aw = _mm256_and_ps(w, absm);
+            __m256 bad = _mm256_andnot_ps(_mm256_cmp_ps(_mm256_and_ps(r, absm), inf, _CMP_LT_OQ),
+                                          _mm256_cmp_ps(aw, inf, _CMP_LT_OQ));
+            int m = _mm256_movemask_ps(bad);
+            if (__builtin_expect(m != 0, 0)) {
+                cnt += __builtin_popcount((unsigned)m);
+                bigv = _mm256_max_ps(bigv, _mm256_and_ps(aw, bad));
+            }
+        }
+    }
+    float t[8];
+    _mm256_storeu_ps(t, bigv);
+    float mx = 0.0f;
+    for (int j = 0; j < 8; j++) mx = t[j] > mx ? t[j] : mx;
+    for (; k < e; k++) {
+        float w = cm_ld1(f, k, kind) - cm_ld1(b, k, kind), r = cm_round1(w, kind);
+        cm_st1(out, k, r, kind);
+        if (kind != CM_F32 && !isfinite(r) && isfinite(w)) {
+            cnt++;
+            mx = fabsf(w) > mx ? fabsf(w) : mx;
+        }
+    }
+    *nbad = cnt;
+    *big = mx;
+}
+
+static void cm_sub_range(const void *f, const void *b, void *out, int64_t s, int64_t e, int64_t *nbad, float *big,
+                         int kind) {
+    if (kind == CM_BF16)
+        cm_sub_range_k(f, b, out, s, e, nbad, big, CM_BF16);
+    else if (kind == CM_F16)
+        cm_sub_range_k(f, b, out, s, e, nbad, big, CM_F16);
+    else
+        cm_sub_range_k(f, b, out, s, e, nbad, big, CM_F32);
+}
+
 #pragma GCC pop_options
 
 /* ---------------------------------------------------------------- entry points
@@ -765,8 +819,37 @@ int cm_add_task(const void *u, const uint8_t *masks, int64_t mstride, int tp, co
     return 0;
 }
 
+typedef struct {
+    const void *f, *b;
+    void *out;
+    int kind;
+    int64_t N, chunk;
+    int64_t *nbad;
+    float *big;
+} cm_sub_args;
+
+static void cm_sub_chunk(void *p, int64_t c) {
+    cm_sub_args *a = (cm_sub_args *)p;
+    int64_t s = c * a->chunk, e = s + a->chunk < a->N ? s + a->chunk : a->N;
+    cm_sub_range(a->f, a->b, a->out, s, e, a->nbad + c, a->big + c, a->kind);
+}
+
+/* out = f - b over N elements (see cm_sub_range); nbad / big [ceil(N / chunk)] per chunk. */
+int cm_sub(const void *f, const void *b, void *out, int64_t N, int64_t *nbad, float *big, int64_t chunk, int nthreads,
+           int kind) {
+    if (N < 0 || chunk <= 0 || chunk % 8 || !cm_kind_ok(kind)) return -1;
+    if (N == 0) return 0;
+    cm_sub_args a = {f, b, out, kind, N, chunk, nbad, big};
+    cm_run(cm_sub_chunk, &a, (N + chunk - 1) / chunk, nthreads);
+    return 0;
+}
+
 #else /* not x86-64: the module builds, the backend reports itself unavailable */
 int cm_have_avx2(void) { return 0; }
+int cm_sub(const void *f, const void *b, void *out, int64_t N, int64_t *nbad, float *big, int64_t chunk, int nthreads,
+           int kind) {
+    return -1;
+}
 int cm_unify(const void *const *d, int n, int64_t N, void *u, uint8_t *masks, int64_t mstride, double *num_part,
              double *den_part, int64_t chunk, int nthreads, int kind) {
     return -1;

@@ -61,6 +61,8 @@ def _load() -> ctypes.CDLL | None:
     lib.cm_add_task.argtypes = [_P, _P, _L, _I, _P, _P, _P, _P, _L, _P, _P, _P, _L, _L, _I, _I]
     lib.cm_decouple.restype = _I
     lib.cm_decouple.argtypes = [_P, _P, _L, _P, _I, _P, _P, _L, _L, _I, _I]
+    lib.cm_sub.restype = _I
+    lib.cm_sub.argtypes = [_P, _P, _P, _L, _P, _P, _L, _I, _I]
     return lib
 
 
@@ -79,6 +81,46 @@ _KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1).contiguous()
+
+
+def subtract(f: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> tuple[int, float] | None:
+    """``out = f − b`` for contiguous CPU tensors of one dtype (float32, float16, bfloat16; ``out``
+    may be ``f``): the float32 difference rounded once to the dtype, as torch's subtraction gives
+    it, on the kernels' threads. Returns how many elements overflowed the dtype (not finite where
+    the float32 difference is) and their largest ``|f − b|``, or ``None`` when the native library
+    does not take these tensors (then nothing was written)."""
+    lib = _lib()
+    kind = _KIND.get(f.dtype)
+    ok = (
+        lib is not None
+        and kind is not None
+        and f.dtype == b.dtype == out.dtype
+        and f.numel() == b.numel() == out.numel()
+        and all(t.device.type == "cpu" and t.is_contiguous() and not t.requires_grad for t in (f, b, out))
+    )
+    if not ok or lib is None:
+        return None
+    N = f.numel()
+    be = NativeBackend()
+    chunk = be._chunk_for(N)
+    nc = max(1, -(-N // chunk))
+    nbad = np.zeros(nc, np.int64)
+    big = np.zeros(nc, np.float32)
+    if N:
+        rc = lib.cm_sub(
+            f.data_ptr(),
+            b.data_ptr(),
+            out.data_ptr(),
+            N,
+            nbad.ctypes.data,
+            big.ctypes.data,
+            chunk,
+            be._nthreads(),
+            kind,
+        )
+        if rc != 0:
+            raise RuntimeError(f"native subtract rejected its arguments (N={N})")
+    return int(nbad.sum()), float(big.max())
 
 
 class NativeBackend(RowsDecoupler):
