@@ -30,7 +30,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define CM_ABI 2
+#define CM_ABI 3
 #define CM_MAXT 64 /* tasks per unify call (more go to another backend) */
 
 int cm_abi(void) { return CM_ABI; }
@@ -452,13 +452,16 @@ static inline __m256 cm_expand(uint8_t b) {
     return _mm256_castsi256_ps(_mm256_cmpeq_epi32(v, sel));
 }
 
-/* Rows r of decouple over elements [s, e) (s a multiple of 8): out = round(u * lam) where the
- * bit is set, +0.0 elsewhere, plus base (same dtype) and rounded again when given. */
+/* Rows r of decouple over elements [s, e) (s a multiple of 8): out = round(u * lam) in u's type
+ * (kind) where the bit is set, +0.0 elsewhere; with a base (of type bkind, which is then the
+ * output's), out = round(float32(base) + that), rounded to bkind: torch's `base + expert`. */
 static inline __attribute__((always_inline)) void cm_decouple_range_k(const void *u, const uint8_t *packed,
                                                                        int64_t pstride, const float *lams, int K,
                                                                        const void *base, void *out, int64_t N,
-                                                                       int64_t s, int64_t e, const int kind) {
-    const int64_t esz = kind == CM_F32 ? 4 : 2;
+                                                                       int64_t s, int64_t e, const int kind,
+                                                                       const int bkind) {
+    const int okind = base ? bkind : kind;
+    const int64_t esz = okind == CM_F32 ? 4 : 2;
     for (int r = 0; r < K; r++) {
         const uint8_t *p = packed + (int64_t)r * pstride;
         void *o = (char *)out + (int64_t)r * N * esz;
@@ -467,7 +470,7 @@ static inline __attribute__((always_inline)) void cm_decouple_range_k(const void
         if (base) {
             for (; k + 8 <= e; k += 8) {
                 __m256 v = _mm256_and_ps(cm_round8(_mm256_mul_ps(cm_ld8(u, k, kind), lam), kind), cm_expand(p[k >> 3]));
-                cm_st8(o, k, cm_round8(_mm256_add_ps(cm_ld8(base, k, kind), v), kind), kind);
+                cm_st8(o, k, cm_round8(_mm256_add_ps(cm_ld8(base, k, bkind), v), bkind), bkind);
             }
         } else {
             for (; k + 8 <= e; k += 8)
@@ -477,20 +480,36 @@ static inline __attribute__((always_inline)) void cm_decouple_range_k(const void
         }
         for (; k < e; k++) {
             float v = ((p[k >> 3] >> (k & 7)) & 1) ? cm_round1(cm_ld1(u, k, kind) * lams[r], kind) : 0.0f;
-            cm_st1(o, k, base ? cm_round1(cm_ld1(base, k, kind) + v, kind) : v, kind);
+            if (base)
+                cm_st1(o, k, cm_round1(cm_ld1(base, k, bkind) + v, bkind), bkind);
+            else
+                cm_st1(o, k, v, kind);
         }
     }
 }
 
+/* one copy per (u type, base type) pair, both constants inside it */
+#define CM_DEC(K_, B_) cm_decouple_range_k(u, packed, pstride, lams, K, base, out, N, s, e, K_, B_)
+#define CM_DEC_B(K_)                                                                                                   \
+    do {                                                                                                               \
+        if (bkind == CM_BF16)                                                                                          \
+            CM_DEC(K_, CM_BF16);                                                                                       \
+        else if (bkind == CM_F16)                                                                                      \
+            CM_DEC(K_, CM_F16);                                                                                        \
+        else                                                                                                           \
+            CM_DEC(K_, CM_F32);                                                                                        \
+    } while (0)
 static void cm_decouple_range(const void *u, const uint8_t *packed, int64_t pstride, const float *lams, int K,
-                              const void *base, void *out, int64_t N, int64_t s, int64_t e, int kind) {
+                              const void *base, void *out, int64_t N, int64_t s, int64_t e, int kind, int bkind) {
     if (kind == CM_BF16)
-        cm_decouple_range_k(u, packed, pstride, lams, K, base, out, N, s, e, CM_BF16);
+        CM_DEC_B(CM_BF16);
     else if (kind == CM_F16)
-        cm_decouple_range_k(u, packed, pstride, lams, K, base, out, N, s, e, CM_F16);
+        CM_DEC_B(CM_F16);
     else
-        cm_decouple_range_k(u, packed, pstride, lams, K, base, out, N, s, e, CM_F32);
+        CM_DEC_B(CM_F32);
 }
+#undef CM_DEC_B
+#undef CM_DEC
 
 
 /* Per-task constants of one continual step, broadcast once per range. */
@@ -756,7 +775,7 @@ typedef struct {
     const uint8_t *packed;
     int64_t pstride;
     const float *lams;
-    int K, kind;
+    int K, kind, bkind;
     const void *base;
     void *out;
     int64_t N, chunk;
@@ -765,15 +784,17 @@ typedef struct {
 static void cm_decouple_chunk(void *p, int64_t c) {
     cm_decouple_args *a = (cm_decouple_args *)p;
     int64_t s = c * a->chunk, e = s + a->chunk < a->N ? s + a->chunk : a->N;
-    cm_decouple_range(a->u, a->packed, a->pstride, a->lams, a->K, a->base, a->out, a->N, s, e, a->kind);
+    cm_decouple_range(a->u, a->packed, a->pstride, a->lams, a->K, a->base, a->out, a->N, s, e, a->kind, a->bkind);
 }
 
-/* out[r] = lam_r * M_r (.) u (+ base), out [K, N]; base may be NULL. */
+/* out[r] = lam_r * M_r (.) u (+ base), out [K, N] in base's type (bkind) when base is given, else
+ * in u's; base may be NULL (bkind is then ignored). */
 int cm_decouple(const void *u, const uint8_t *packed, int64_t pstride, const float *lams, int K, const void *base,
-                void *out, int64_t N, int64_t chunk, int nthreads, int kind) {
+                void *out, int64_t N, int64_t chunk, int nthreads, int kind, int bkind) {
     if (K < 0 || N < 0 || chunk <= 0 || chunk % 8 || pstride < (N + 7) / 8 || !cm_kind_ok(kind)) return -1;
+    if (base && !cm_kind_ok(bkind)) return -1;
     if (N == 0 || K == 0) return 0;
-    cm_decouple_args a = {u, packed, pstride, lams, K, kind, base, out, N, chunk};
+    cm_decouple_args a = {u, packed, pstride, lams, K, kind, bkind, base, out, N, chunk};
     cm_run(cm_decouple_chunk, &a, (N + chunk - 1) / chunk, nthreads);
     return 0;
 }
@@ -855,7 +876,7 @@ int cm_unify(const void *const *d, int n, int64_t N, void *u, uint8_t *masks, in
     return -1;
 }
 int cm_decouple(const void *u, const uint8_t *packed, int64_t pstride, const float *lams, int K, const void *base,
-                void *out, int64_t N, int64_t chunk, int nthreads, int kind) {
+                void *out, int64_t N, int64_t chunk, int nthreads, int kind, int bkind) {
     return -1;
 }
 int cm_add_task(const void *u, const uint8_t *masks, int64_t mstride, int tp, const double *lam, const void *delta,

@@ -10,8 +10,8 @@ Half types are widened to float32 as they are loaded and every computation runs 
 (the contract's opmath); a rescaled value is rounded to the tensor's dtype (nearest even, as in
 torch) before it is compared or stored.
 
-What it does not take -- float64, more than 64 tasks, a base of another dtype in decouple, a CPU
-without AVX2 and F16C -- goes to the numba
+What it does not take -- float64 (a float64 base included), more than 64 tasks, a CPU without AVX2
+and F16C -- goes to the numba
 backend (or torch), with the same bits: every backend meets one numeric contract
 (:mod:`condu_merge.backends.base`).
 
@@ -37,7 +37,7 @@ DEFAULT_CHUNK = 1 << 16  # elements per work item handed to a thread: a multiple
 MIN_PIECES = 16  # a tensor large enough is cut into at least this many work items
 MAX_UNIFY_TASKS = 64  # CM_MAXT in _native.c
 MAX_EARLIER_TASKS = 64  # the same bound on add_task's earlier tasks
-_ABI = 2
+_ABI = 3
 
 _P = ctypes.c_void_p
 _I = ctypes.c_int
@@ -60,7 +60,7 @@ def _load() -> ctypes.CDLL | None:
     lib.cm_add_task.restype = _I
     lib.cm_add_task.argtypes = [_P, _P, _L, _I, _P, _P, _P, _P, _L, _P, _P, _P, _L, _L, _I, _I]
     lib.cm_decouple.restype = _I
-    lib.cm_decouple.argtypes = [_P, _P, _L, _P, _I, _P, _P, _L, _L, _I, _I]
+    lib.cm_decouple.argtypes = [_P, _P, _L, _P, _I, _P, _P, _L, _L, _I, _I, _I]
     lib.cm_sub.restype = _I
     lib.cm_sub.argtypes = [_P, _P, _P, _L, _P, _P, _L, _I, _I]
     return lib
@@ -258,7 +258,8 @@ class NativeBackend(RowsDecoupler):
     ) -> torch.Tensor | None:
         lib = _lib()
         kind = _KIND.get(u.dtype)
-        if lib is None or kind is None or (base is not None and base.dtype != u.dtype):
+        bkind = _KIND.get(base.dtype) if base is not None else 0
+        if lib is None or kind is None or bkind is None:
             return None
         from .numba_backend import _lam_opmath  # torch-free helper; does not import numba
 
@@ -268,7 +269,7 @@ class NativeBackend(RowsDecoupler):
         pk = packed.contiguous()
         bf = _flat(base) if base is not None else None
         lam32 = _lam_opmath(lams, torch.float32).astype(np.float32)
-        out = torch.empty((K, N), dtype=u.dtype)
+        out = torch.empty((K, N), dtype=u.dtype if base is None else base.dtype)
         chunk = self._chunk_for(N)
         if N and K:
             rc = lib.cm_decouple(
@@ -283,6 +284,7 @@ class NativeBackend(RowsDecoupler):
                 chunk,
                 self._nthreads(),
                 kind,
+                bkind,
             )
             if rc != 0:
                 raise RuntimeError(f"native decouple rejected its arguments (K={K}, N={N})")
