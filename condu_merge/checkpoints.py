@@ -791,10 +791,11 @@ _HALF_EXPONENT = {torch.float16: 0x7C00, torch.bfloat16: 0x7F80}
 
 
 def _subtract(f: torch.Tensor, b: torch.Tensor, own: bool) -> torch.Tensor:
-    """``f − b`` (same dtype), into ``f`` when ``own``. On the CPU through numpy: one thread,
-    the same IEEE rounding as torch's kernel (bit for bit), but no OpenMP team, whose barrier
-    waits for a descheduled worker while the merge's I/O threads and kernel pool hold the cores
-    (6x slower on 2 cores in ``condu-merge add-task``; docs/kernels.md)."""
+    """``f − b`` (same dtype), into ``f`` when ``own``. On the CPU through the native kernel
+    (float32, where built: its own threads) or numpy (one thread): the same IEEE rounding as
+    torch's kernel, bit for bit, but no OpenMP team, whose barrier waits for a descheduled
+    worker while the merge's I/O threads and kernel pool hold the cores (6x slower on 2 cores in
+    ``condu-merge add-task``; docs/kernels.md)."""
     if f.device.type != "cpu" or b.device.type != "cpu" or f.requires_grad or b.requires_grad or f.shape != b.shape:
         return f.sub_(b) if own else f - b
     out = f if own else torch.empty(f.shape, dtype=f.dtype)
@@ -960,7 +961,8 @@ class TaskDelta:
         float32 temporaries. Blocks of :data:`_HALF_BLOCK` elements go through one scratch
         buffer, checked for overflow there (an all-ones exponent, tested on the bits) before
         they are stored; the inputs of a block stay intact, so an overflow is told apart from a
-        non-finite input."""
+        non-finite input. Where the native kernels are built, one pass of ``cm_sub`` does the same
+        (it counts the overflowed elements itself, before its output replaces the inputs)."""
         d = f if own else torch.empty(f.shape, dtype=f.dtype)
         done = _native_subtract(f, b, d)
         if done is not None:  # one pass on the kernels' threads, the same bits; overflow counted there

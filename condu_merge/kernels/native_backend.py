@@ -11,9 +11,8 @@ Half types are widened to float32 as they are loaded and every computation runs 
 torch) before it is compared or stored.
 
 What it does not take -- float64 (a float64 base included), more than 64 tasks, a CPU without AVX2
-and F16C -- goes to the numba
-backend (or torch), with the same bits: every backend meets one numeric contract
-(:mod:`condu_merge.backends.base`).
+and F16C -- goes to the numba backend (or torch), with the same bits: every backend meets one
+numeric contract (:mod:`condu_merge.backends.base`).
 
 The library is the extension module ``condu_merge.kernels._native`` built by ``setup.py``
 (optional: without a compiler the package installs without it and this backend is unavailable).
