@@ -45,7 +45,7 @@ import re
 import shutil
 import signal
 import stat
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -939,15 +939,30 @@ def base_algorithm(manifest: Mapping[str, Any] | None) -> str:
     return record_algorithm((manifest or {}).get("base")) or default_algorithm()
 
 
-def hash_base_while_reading(manifest: Mapping[str, Any] | None, bck: Checkpoint) -> None:
+def hash_base_while_reading(manifest: Mapping[str, Any] | None, bck: Checkpoint, worker: Any = None) -> None:
     """Before the merge reads the base: make its running hash (:meth:`SafetensorsFile.set_hash`)
     the algorithm :func:`base_after_read` will check or record, so the merge's read is the only
-    one (a base already read keeps its hash; :func:`base_after_read` then reads it again)."""
+    one (a base already read keeps its hash; :func:`base_after_read` then reads it again). With
+    ``worker`` (an :class:`~condu_merge.digests.OrderedWorker`, see :func:`background_hasher`)
+    the hash runs there, off the merging thread: the base's buffers are only read by the merge."""
     if isinstance(bck, SafetensorsFile):
         algo = base_algorithm(manifest)
-        if bck.hash_algo != algo:
+        if bck.hash_algo != algo or worker is not None:
             with contextlib.suppress(RuntimeError):
-                bck.set_hash(algo)
+                bck.set_hash(algo, worker)
+
+
+@contextlib.contextmanager
+def background_hasher() -> Iterator[Any]:
+    """An :class:`~condu_merge.digests.OrderedWorker` for one input's running hash, closed at
+    the end (``None`` when background work is off: ``BACKGROUND_BYTES = 0``)."""
+    from .digests import OrderedWorker
+
+    if BACKGROUND_BYTES <= 0:
+        yield None
+        return
+    with OrderedWorker(BACKGROUND_BYTES) as worker:
+        yield worker
 
 
 def check_base_identity(

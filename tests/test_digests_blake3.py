@@ -391,3 +391,39 @@ def test_a_manifest_entry_without_any_digest_is_refused(tmp_path, blake3_env):
     del m["files"]["unified.safetensors"]["blake3"]
     with pytest.raises(FormatError, match="unified.safetensors.*lacks a byte count or a digest"):
         check_manifest_structure(m, "m.json")
+
+
+def test_the_base_is_hashed_off_the_merging_thread(tmp_path, blake3_env):
+    """add-task's read of the base is hashed by a background worker (the merge thread only
+    reads), and the digest it records and checks is still the file's."""
+    import contextlib
+
+    import condu_merge.pipeline as pipeline
+
+    base, fts = _checkpoints(tmp_path, 2)
+    seen: list[int] = []
+    real = pipeline.background_hasher
+
+    @contextlib.contextmanager
+    def spy():
+        with real() as worker:
+            assert worker is not None
+            submit = worker.submit
+
+            def counted(fn, nbytes=0):
+                seen.append(nbytes)
+                submit(fn, nbytes)
+
+            worker.submit = counted
+            yield worker
+
+    blake3_env.setattr(pipeline, "background_hasher", spy)
+    st = Store(tmp_path / "s")
+    st.add_task_from_checkpoints("a", base, fts[0])
+    first = sum(seen)
+    st.add_task_from_checkpoints("b", base, fts[1])  # checked against the record, from the worker's hash
+    assert first > 0.9 * os.path.getsize(base) and sum(seen) > 1.8 * os.path.getsize(base)
+    assert _manifest(tmp_path / "s")["base"]["blake3"] == file_digest(base, "blake3")
+    ss = StrategyStore(tmp_path / "ties")
+    ss.add_task_from_checkpoints("a", base, fts[0], method="ties")
+    assert sum(seen) > 2.7 * os.path.getsize(base)
