@@ -1,7 +1,7 @@
 # The two quick-start commands. Each installs what it needs first (idempotent, fast when done).
 PYTHON ?= python3
 
-.PHONY: demo test bootstrap check fix docs
+.PHONY: demo test bootstrap check fix docs gpu-wheels
 
 bootstrap:
 	PYTHON=$(PYTHON) bash scripts/bootstrap.sh
@@ -25,3 +25,8 @@ fix: bootstrap
 # the API reference site in site/ (`$(PYTHON) -m mkdocs serve` to preview while editing)
 docs: bootstrap
 	NO_MKDOCS_2_WARNING=1 $(PYTHON) -m mkdocs build --strict
+
+# the wheels a lent CUDA machine's image lacks (no registry there), for benchmarks/gpu_check.sh
+gpu-wheels:
+	$(PYTHON) -m pip download -q --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+		--platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 -d .gpu_wheels bitarray blake3
