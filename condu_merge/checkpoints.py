@@ -806,9 +806,7 @@ def _subtract(f: torch.Tensor, b: torch.Tensor, own: bool) -> torch.Tensor:
 
 
 def _native_subtract(f: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> tuple[int, float] | None:
-    if f.dtype == torch.float64 or not (f.is_contiguous() and b.is_contiguous()):
-        return None
-    from .kernels.native_backend import subtract
+    from .kernels.native_backend import subtract  # imported late: the kernels load only when merging
 
     return subtract(f, b, out)
 

@@ -953,12 +953,13 @@ def hash_base_while_reading(manifest: Mapping[str, Any] | None, bck: Checkpoint,
 
 
 @contextlib.contextmanager
-def background_hasher() -> Iterator[Any]:
+def background_hasher(wanted: bool = True) -> Iterator[Any]:
     """An :class:`~condu_merge.digests.OrderedWorker` for one input's running hash, closed at
-    the end (``None`` when background work is off: ``BACKGROUND_BYTES = 0``)."""
+    the end (``None``, and no thread, when not ``wanted`` or background work is off:
+    ``BACKGROUND_BYTES = 0``)."""
     from .digests import OrderedWorker
 
-    if BACKGROUND_BYTES <= 0:
+    if not wanted or BACKGROUND_BYTES <= 0:
         yield None
         return
     with OrderedWorker(BACKGROUND_BYTES) as worker:

@@ -683,7 +683,10 @@ class Store(StoreDirectory):
         check_add_args(name, rescaler)
         td = open_task_delta(base, finetuned)
         try:
-            with self._writer_lock(), pipeline.background_hasher() as base_hasher:
+            hashing = check_base and isinstance(
+                base, (str, os.PathLike)
+            )  # a base we opened: its hash is ours to choose
+            with self._writer_lock(), pipeline.background_hasher(hashing) as base_hasher:
                 self._load(False)
                 creating = self.manifest is None
                 self.check_rescaler(rescaler)
@@ -693,7 +696,7 @@ class Store(StoreDirectory):
                 specs, ident, selection = plan.specs, plan.base_identity, plan.selection
                 source = {**(plan.source or {}), **(source_extra or {})}
                 store_dtype = {s.name: s.dtype for s in specs}
-                if check_base and isinstance(base, (str, os.PathLike)):  # a base we opened: its hash is ours to choose
+                if hashing:
                     hash_base_while_reading(self.manifest, td.base, base_hasher)
                 self._stream_add(
                     name,

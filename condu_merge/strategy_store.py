@@ -331,7 +331,8 @@ class StrategyStore(StoreDirectory):
         check_task_name(name)
         td = open_task_delta(base, finetuned)
         try:
-            with self._writer_lock(), pipeline.background_hasher() as base_hasher:
+            read_hash = isinstance(base, (str, os.PathLike))
+            with self._writer_lock(), pipeline.background_hasher(check_base and read_hash) as base_hasher:
                 self._load(False)
                 creating = self.manifest is None
                 rule = self._resolve_rule(method, options)
@@ -340,7 +341,6 @@ class StrategyStore(StoreDirectory):
                 )
                 plan.source = {**(plan.source or {}), **(source_extra or {})}
                 store_dtype = {s.name: s.dtype for s in plan.specs}
-                read_hash = isinstance(base, (str, os.PathLike))
                 if check_base and read_hash:
                     hash_base_while_reading(self.manifest, td.base, base_hasher)
                 self._stream_add(

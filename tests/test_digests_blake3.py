@@ -405,8 +405,8 @@ def test_the_base_is_hashed_off_the_merging_thread(tmp_path, blake3_env):
     real = pipeline.background_hasher
 
     @contextlib.contextmanager
-    def spy():
-        with real() as worker:
+    def spy(wanted=True):
+        with real(wanted) as worker:
             assert worker is not None
             submit = worker.submit
 

@@ -246,6 +246,18 @@ static inline float cm_cut(int kind) {
     return 0.0f;
 }
 
+/* CM_BY_KIND(kind, CALL): CALL(CM_BF16), CALL(CM_F16) or CALL(CM_F32) by the runtime kind, so each
+ * loop is compiled once per element type with the type a constant inside it. */
+#define CM_BY_KIND(kind, CALL)                                                                                         \
+    do {                                                                                                               \
+        if ((kind) == CM_BF16)                                                                                         \
+            CALL(CM_BF16);                                                                                             \
+        else if ((kind) == CM_F16)                                                                                     \
+            CALL(CM_F16);                                                                                              \
+        else                                                                                                           \
+            CALL(CM_F32);                                                                                              \
+    } while (0)
+
 /* ---------------------------------------------------------------- scalar pieces (the last partial byte) */
 /* Elements [k, e) of unify, e - k < 8, one mask byte per task at byte k / 8. */
 static void cm_unify_tail(const void *const *d, int n, int64_t k, int64_t e, void *u, uint8_t *masks,
@@ -437,12 +449,9 @@ static inline __attribute__((always_inline)) void cm_unify_range_k(const void *c
 /* one copy of the loop per element type, the type a constant inside each */
 static void cm_unify_range(const void *const *d, int n, int64_t s, int64_t e, void *u, uint8_t *masks,
                            int64_t mstride, double *num, double *den, int kind) {
-    if (kind == CM_BF16)
-        cm_unify_range_k(d, n, s, e, u, masks, mstride, num, den, CM_BF16);
-    else if (kind == CM_F16)
-        cm_unify_range_k(d, n, s, e, u, masks, mstride, num, den, CM_F16);
-    else
-        cm_unify_range_k(d, n, s, e, u, masks, mstride, num, den, CM_F32);
+#define CM_UNIFY(K_) cm_unify_range_k(d, n, s, e, u, masks, mstride, num, den, K_)
+    CM_BY_KIND(kind, CM_UNIFY);
+#undef CM_UNIFY
 }
 
 /* One mask byte -> 8 lanes of all-ones where its bit is set. */
@@ -489,27 +498,23 @@ static inline __attribute__((always_inline)) void cm_decouple_range_k(const void
 }
 
 /* one copy per (u type, base type) pair, both constants inside it */
-#define CM_DEC(K_, B_) cm_decouple_range_k(u, packed, pstride, lams, K, base, out, N, s, e, K_, B_)
-#define CM_DEC_B(K_)                                                                                                   \
-    do {                                                                                                               \
-        if (bkind == CM_BF16)                                                                                          \
-            CM_DEC(K_, CM_BF16);                                                                                       \
-        else if (bkind == CM_F16)                                                                                      \
-            CM_DEC(K_, CM_F16);                                                                                        \
-        else                                                                                                           \
-            CM_DEC(K_, CM_F32);                                                                                        \
-    } while (0)
 static void cm_decouple_range(const void *u, const uint8_t *packed, int64_t pstride, const float *lams, int K,
                               const void *base, void *out, int64_t N, int64_t s, int64_t e, int kind, int bkind) {
+#define CM_DEC(K_, B_) cm_decouple_range_k(u, packed, pstride, lams, K, base, out, N, s, e, K_, B_)
+#define CM_DEC_BF16(B_) CM_DEC(CM_BF16, B_)
+#define CM_DEC_F16(B_) CM_DEC(CM_F16, B_)
+#define CM_DEC_F32(B_) CM_DEC(CM_F32, B_)
     if (kind == CM_BF16)
-        CM_DEC_B(CM_BF16);
+        CM_BY_KIND(bkind, CM_DEC_BF16);
     else if (kind == CM_F16)
-        CM_DEC_B(CM_F16);
+        CM_BY_KIND(bkind, CM_DEC_F16);
     else
-        CM_DEC_B(CM_F32);
-}
-#undef CM_DEC_B
+        CM_BY_KIND(bkind, CM_DEC_F32);
+#undef CM_DEC_F32
+#undef CM_DEC_F16
+#undef CM_DEC_BF16
 #undef CM_DEC
+}
 
 
 /* Per-task constants of one continual step, broadcast once per range. */
@@ -670,15 +675,11 @@ static void cm_add_task_range(const void *u, const uint8_t *masks, int64_t mstri
                               const float *lam32, const float *lampos, const void *delta, void *u_new,
                               uint8_t *masks_new, int64_t nstride, double *absu, double *num_new, double *den,
                               int64_t s, int64_t e, int kind) {
-    if (kind == CM_BF16)
-        cm_add_task_range_k(u, masks, mstride, tp, lam, lam32, lampos, delta, u_new, masks_new, nstride, absu, num_new,
-                            den, s, e, CM_BF16);
-    else if (kind == CM_F16)
-        cm_add_task_range_k(u, masks, mstride, tp, lam, lam32, lampos, delta, u_new, masks_new, nstride, absu, num_new,
-                            den, s, e, CM_F16);
-    else
-        cm_add_task_range_k(u, masks, mstride, tp, lam, lam32, lampos, delta, u_new, masks_new, nstride, absu, num_new,
-                            den, s, e, CM_F32);
+#define CM_STEP(K_)                                                                                                    \
+    cm_add_task_range_k(u, masks, mstride, tp, lam, lam32, lampos, delta, u_new, masks_new, nstride, absu, num_new,  \
+                        den, s, e, K_)
+    CM_BY_KIND(kind, CM_STEP);
+#undef CM_STEP
 }
 
 /* ---------------------------------------------------------------- the delta f - b
@@ -726,12 +727,9 @@ static inline __attribute__((always_inline)) void cm_sub_range_k(const void *f, 
 
 static void cm_sub_range(const void *f, const void *b, void *out, int64_t s, int64_t e, int64_t *nbad, float *big,
                          int kind) {
-    if (kind == CM_BF16)
-        cm_sub_range_k(f, b, out, s, e, nbad, big, CM_BF16);
-    else if (kind == CM_F16)
-        cm_sub_range_k(f, b, out, s, e, nbad, big, CM_F16);
-    else
-        cm_sub_range_k(f, b, out, s, e, nbad, big, CM_F32);
+#define CM_SUB(K_) cm_sub_range_k(f, b, out, s, e, nbad, big, K_)
+    CM_BY_KIND(kind, CM_SUB);
+#undef CM_SUB
 }
 
 #pragma GCC pop_options

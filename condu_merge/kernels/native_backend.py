@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -82,6 +83,12 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1).contiguous()
 
 
+def _call(fn: Any, what: str, detail: str, *args: object) -> None:
+    """Call a kernel entry point; its -1 (arguments it does not take) becomes an error naming ``what``."""
+    if fn(*args) != 0:
+        raise RuntimeError(f"native {what} rejected its arguments ({detail})")
+
+
 def subtract(f: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> tuple[int, float] | None:
     """``out = f − b`` for contiguous CPU tensors of one dtype (float32, float16, bfloat16; ``out``
     may be ``f``): the float32 difference rounded once to the dtype, as torch's subtraction gives
@@ -90,23 +97,24 @@ def subtract(f: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> tuple[int, 
     does not take these tensors (then nothing was written)."""
     lib = _lib()
     kind = _KIND.get(f.dtype)
-    ok = (
-        lib is not None
-        and kind is not None
-        and f.dtype == b.dtype == out.dtype
-        and f.numel() == b.numel() == out.numel()
-        and all(t.device.type == "cpu" and t.is_contiguous() and not t.requires_grad for t in (f, b, out))
-    )
-    if not ok or lib is None:
+    if (
+        lib is None
+        or kind is None
+        or not f.dtype == b.dtype == out.dtype
+        or not f.numel() == b.numel() == out.numel()
+        or not all(t.device.type == "cpu" and t.is_contiguous() and not t.requires_grad for t in (f, b, out))
+    ):
         return None
     N = f.numel()
     be = NativeBackend()
-    chunk = be._chunk_for(N)
-    nc = max(1, -(-N // chunk))
+    chunk, nc = be._work_items(N)
     nbad = np.zeros(nc, np.int64)
     big = np.zeros(nc, np.float32)
     if N:
-        rc = lib.cm_sub(
+        _call(
+            lib.cm_sub,
+            "subtract",
+            f"N={N}",
             f.data_ptr(),
             b.data_ptr(),
             out.data_ptr(),
@@ -117,8 +125,6 @@ def subtract(f: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> tuple[int, 
             be._nthreads(),
             kind,
         )
-        if rc != 0:
-            raise RuntimeError(f"native subtract rejected its arguments (N={N})")
     return int(nbad.sum()), float(big.max())
 
 
@@ -148,6 +154,11 @@ class NativeBackend(RowsDecoupler):
         piece = -(-N // MIN_PIECES)
         piece = -(-piece // 512) * 512  # whole cache lines of mask bytes per item
         return min(self.chunk, max(piece, 4096))
+
+    def _work_items(self, N: int) -> tuple[int, int]:
+        """``(_chunk_for(N), the number of items)``: the per-item partial sums are sized by it."""
+        chunk = self._chunk_for(N)
+        return chunk, max(1, -(-N // chunk))
 
     def _nthreads(self) -> int:
         return max(1, self.threads if self.threads is not None else torch.get_num_threads())
@@ -179,12 +190,14 @@ class NativeBackend(RowsDecoupler):
         nb = packed_nbytes(N)
         u = torch.empty(N, dtype=first.dtype)
         masks = torch.empty((n, nb), dtype=torch.uint8)
-        chunk = self._chunk_for(N)
-        nc = max(1, -(-N // chunk))
+        chunk, nc = self._work_items(N)
         num_part = np.zeros((nc, n), np.float64)
         den_part = np.zeros((nc, n), np.float64)
         if N:
-            rc = lib.cm_unify(
+            _call(
+                lib.cm_unify,
+                "unify",
+                f"n={n}, N={N}",
                 ptrs.ctypes.data,
                 n,
                 N,
@@ -197,8 +210,6 @@ class NativeBackend(RowsDecoupler):
                 self._nthreads(),
                 kind,
             )
-            if rc != 0:
-                raise RuntimeError(f"native unify rejected its arguments (n={n}, N={N})")
         return FlatMergeResult(u, masks, torch.from_numpy(num_part.sum(axis=0)), torch.from_numpy(den_part.sum(axis=0)))
 
     # ------------------------------------------------------------------ continual step
@@ -219,13 +230,15 @@ class NativeBackend(RowsDecoupler):
         nb = packed_nbytes(N)
         u_new = torch.empty(N, dtype=u.dtype)
         masks_new = torch.empty((tp + 1, nb), dtype=torch.uint8)
-        chunk = self._chunk_for(N)
-        nc = max(1, -(-N // chunk))
+        chunk, nc = self._work_items(N)
         absu_part = np.zeros((nc, max(tp, 1)), np.float64)
         num_new_part = np.zeros(nc, np.float64)
         den_part = np.zeros((nc, tp + 1), np.float64)
         if N:
-            rc = lib.cm_add_task(
+            _call(
+                lib.cm_add_task,
+                "add_task",
+                f"tp={tp}, N={N}",
                 uf.data_ptr(),
                 old.data_ptr(),
                 old.shape[1] if tp else nb,
@@ -243,8 +256,6 @@ class NativeBackend(RowsDecoupler):
                 self._nthreads(),
                 kind,
             )
-            if rc != 0:
-                raise RuntimeError(f"native add_task rejected its arguments (tp={tp}, N={N})")
         lam64 = np.array([float(l) for l in lambdas], dtype=np.float64).reshape(tp)
         num = np.empty(tp + 1, np.float64)
         num[:tp] = lam64 * absu_part[:, :tp].sum(axis=0)  # λ_i · Σ M_ik |u_k|, exact up to summation order
@@ -269,9 +280,12 @@ class NativeBackend(RowsDecoupler):
         bf = _flat(base) if base is not None else None
         lam32 = _lam_opmath(lams, torch.float32).astype(np.float32)
         out = torch.empty((K, N), dtype=u.dtype if base is None else base.dtype)
-        chunk = self._chunk_for(N)
+        chunk, _ = self._work_items(N)
         if N and K:
-            rc = lib.cm_decouple(
+            _call(
+                lib.cm_decouple,
+                "decouple",
+                f"K={K}, N={N}",
                 uf.data_ptr(),
                 pk.data_ptr(),
                 pk.shape[1],
@@ -285,8 +299,6 @@ class NativeBackend(RowsDecoupler):
                 kind,
                 bkind,
             )
-            if rc != 0:
-                raise RuntimeError(f"native decouple rejected its arguments (K={K}, N={N})")
         return out
 
     def _decouple_fallback(self) -> MergeBackend:
