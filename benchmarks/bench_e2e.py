@@ -93,16 +93,19 @@ def make_checkpoints(
 
 def start_time(env: dict, dtype: str = "float32") -> tuple[float, float]:
     """Seconds of a process that only imports torch, and of one that imports what add-task
-    imports (torch, the store, the CLI, and the kernels that run: the native library for float32,
-    float16 and bfloat16 where it is built, else the numba kernels with their on-disk cache): the part of every
-    add-task that does not depend on the model."""
-    kernels = (
-        "from condu_merge.kernels import native_backend as nb; assert nb._lib() is not None"
-        if dtype in ("float32", "float16", "bfloat16") and "native" in available_backends()
-        else "from condu_merge.kernels import _numba_impl"
-    )
+    imports: for float32, float16 and bfloat16 where the native kernels are built, the store, the
+    CLI and the kernels without torch (the torch-free fold, ``condu_merge.native_fold``); else
+    torch too, and the numba kernels with their on-disk cache. The part of every add-task that
+    does not depend on the model."""
+    if dtype in ("float32", "float16", "bfloat16") and "native" in available_backends():
+        imports = (
+            "import condu_merge.cli, condu_merge.store, condu_merge.native_fold; "
+            "from condu_merge.kernels import native_backend as nb; assert nb._lib() is not None"
+        )
+    else:
+        imports = "import torch, condu_merge.cli, condu_merge.store; from condu_merge.kernels import _numba_impl"
     out = []
-    for code in ("import torch", "import torch, condu_merge.cli, condu_merge.store; " + kernels):
+    for code in ("import torch", imports):
         t0 = time.perf_counter()
         subprocess.run([sys.executable, "-c", code], env=env, check=True)
         out.append(time.perf_counter() - t0)
@@ -296,7 +299,7 @@ def main(argv=None) -> int:
         f"largest tensor {largest / 2**20:.0f} MiB; target peak RSS 1 GiB + largest = {1024 + largest / 2**20:.0f} MiB\n"
     )
     print(
-        "| variant | tasks | add-task s | I/O floor s | ratio | start s (import torch / all imports) | ratio without start "
+        "| variant | tasks | add-task s | I/O floor s | ratio | start s (import torch / add-task's imports) | ratio without start "
         "| peak RSS MiB | read MiB | written MiB |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")

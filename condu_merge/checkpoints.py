@@ -28,10 +28,14 @@ import math
 import os
 import struct
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
+else:  # imported on first use: see condu_merge._lazy
+    from ._lazy import torch
 
 from .digests import (
     HASH_ALGORITHMS as HASH_ALGORITHMS,
@@ -44,7 +48,7 @@ from .digests import (
     record_digest as record_digest,
 )
 from .errors import ConduError, DtypeMismatchError, FormatError, KeyMismatchError, NonFiniteError, ShapeMismatchError
-from .safetensors_writer import ST_TO_DTYPE, TensorSpec, dtype_itemsize
+from .safetensors_writer import DTYPE_TO_ST, ST_ITEMSIZE, ST_TORCH_NAMES, TensorSpec, dtype_itemsize
 
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
 _MAX_DIM = 2**62  # a dimension (and the product of the non-zero ones) beyond this is no real tensor
@@ -110,6 +114,12 @@ class Checkpoint(Protocol):
 
 
 # ---------------------------------------------------------------------------- safetensors
+
+
+def _bytes_tensor(buf: np.ndarray) -> torch.Tensor:
+    """A uint8 array's tensor (its memory): an empty one is made fresh, since numpy gives an
+    empty array a stride torch cannot view as another dtype."""
+    return torch.from_numpy(buf) if buf.size else torch.empty(0, dtype=torch.uint8)
 
 
 class SafetensorsFile:
@@ -181,13 +191,13 @@ class SafetensorsFile:
             if not isinstance(e, dict):
                 raise FormatError(f"{self.path}: header entry of tensor {name!r} is not an object")
             dt, shape, offs = e.get("dtype"), e.get("shape"), e.get("data_offsets")
-            if not isinstance(dt, str) or dt not in ST_TO_DTYPE:
+            if not isinstance(dt, str) or dt not in ST_ITEMSIZE:
                 raise FormatError(f"{self.path}: tensor {name!r} has an unsupported dtype {str(dt)[:40]!r}")
             if not isinstance(shape, list) or not all(_is_int(d) for d in shape):
                 raise FormatError(f"{self.path}: tensor {name!r}: shape {str(shape)[:80]} is not a list of integers")
             if not isinstance(offs, list) or len(offs) != 2 or not all(_is_int(x) for x in offs):
                 raise FormatError(f"{self.path}: tensor {name!r}: data_offsets {str(offs)[:80]} is not two integers")
-            dtype, shape = ST_TO_DTYPE[dt], tuple(shape)
+            dtype, shape = dt, tuple(shape)  # the safetensors name: no torch needed to plan
             begin, end = offs
             if any(d < 0 for d in shape):
                 raise FormatError(f"{self.path}: tensor {name!r} has a negative dimension in shape {shape}")
@@ -199,7 +209,7 @@ class SafetensorsFile:
             spec = TensorSpec(name, dtype, shape)
             if end - begin != spec.nbytes or begin < 0:
                 raise FormatError(
-                    f"{self.path}: tensor {name!r} has {end - begin} bytes of data for shape {shape} {dtype}"
+                    f"{self.path}: tensor {name!r} has {end - begin} bytes of data for shape {shape} {ST_TORCH_NAMES[dt]}"
                 )
             if end > data_len:
                 raise FormatError(
@@ -228,11 +238,9 @@ class SafetensorsFile:
 
     def get(self, key: str) -> torch.Tensor:
         """Tensor ``key`` as a fresh CPU tensor (owned memory, not a view of the file)."""
-        spec, begin, end = self._entries.get(key, (None, 0, 0))
-        if spec is None:
-            raise KeyMismatchError(f"{self.path}: no tensor {key!r}")
-        buf = self._read_span(key, begin, end - begin)
-        if spec.dtype == torch.uint8:
+        spec = self.spec(key)
+        buf = _bytes_tensor(self.get_bytes(key))
+        if spec.st == "U8":
             return buf.reshape(spec.shape)
         return buf.view(spec.dtype).reshape(spec.shape)
 
@@ -241,27 +249,43 @@ class SafetensorsFile:
 
         Reads only those bytes, so a tensor larger than memory can be worked through in pieces;
         consecutive ranges in file order keep :meth:`sequential_digest` valid."""
+        spec = self.spec(key)
+        buf = _bytes_tensor(self.get_bytes(key, start, stop))
+        return buf if spec.st == "U8" else buf.view(spec.dtype)
+
+    def get_bytes(
+        self, key: str, start: int = 0, stop: int | None = None, *, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """The bytes of elements ``[start, stop)`` (default: all) of tensor ``key`` as a fresh
+        ``uint8`` array: :meth:`get` and :meth:`get_range` without torch (the dtype is
+        :meth:`spec`'s ``st``), hashed as they are. ``out``: a contiguous ``uint8`` array of that
+        many bytes to read into instead (e.g. one row of a stack), returned; with a background
+        hash it must not be changed afterwards, as a returned buffer."""
         spec, begin, _ = self._entries.get(key, (None, 0, 0))
         if spec is None:
             raise KeyMismatchError(f"{self.path}: no tensor {key!r}")
         n = math.prod(spec.shape)
+        stop = n if stop is None else stop
         if not 0 <= start <= stop <= n:
             raise ValueError(f"{self.path}: range [{start}, {stop}) is outside tensor {key!r} of {n} elements")
-        isz = dtype_itemsize(spec.dtype)
-        buf = self._read_span(key, begin + start * isz, (stop - start) * isz)
-        return buf if spec.dtype == torch.uint8 else buf.view(spec.dtype)
+        isz = ST_ITEMSIZE[spec.st]
+        nbytes = (stop - start) * isz
+        if out is not None and (out.dtype != np.uint8 or out.nbytes != nbytes or not out.flags.c_contiguous):
+            raise ValueError(f"{self.path}: tensor {key!r}: out must be contiguous uint8 of {nbytes} bytes")
+        got = self._read_span(key, begin + start * isz, nbytes, out)
+        return got if out is None else out
 
-    def _read_span(self, key: str, begin: int, nbytes: int) -> torch.Tensor:
-        """``nbytes`` at data offset ``begin`` into a fresh uint8 tensor, hashed if in order."""
-        buf = torch.empty(nbytes, dtype=torch.uint8)
+    def _read_span(self, key: str, begin: int, nbytes: int, out: np.ndarray | None = None) -> np.ndarray:
+        """``nbytes`` at data offset ``begin`` into a fresh uint8 array (or ``out``), hashed if in order."""
+        buf = np.empty(nbytes, dtype=np.uint8) if out is None else out.reshape(-1)
         if nbytes:
-            got = self._read_into(buf.numpy().data, self._data_start + begin)
+            got = self._read_into(buf.data, self._data_start + begin)
             if got != nbytes:
                 raise FormatError(f"{self.path}: tensor {key!r} is truncated ({got} of {nbytes} bytes)")
             if self._seq is not None:
                 self._hash_to(self._data_start + begin)
                 if self._seq is not None:
-                    self._update(buf.numpy().data)
+                    self._update(buf.data)
                     self._seq_pos += nbytes
         return buf
 
@@ -787,7 +811,7 @@ _DELTA_BLOCK = 1 << 22  # elements per block of TaskDelta.delta
 # two-thread ops waits for a descheduled thread: 256K-element blocks ran 3.5x slower than 4M ones)
 _HALF_BLOCK = 1 << 22
 # float16 / bfloat16 bits of the exponent field: all ones is inf or nan
-_HALF_EXPONENT = {torch.float16: 0x7C00, torch.bfloat16: 0x7F80}
+_HALF_EXPONENT = {"F16": 0x7C00, "BF16": 0x7F80}  # the all-ones exponent: Inf or NaN
 
 
 def _subtract(f: torch.Tensor, b: torch.Tensor, own: bool) -> torch.Tensor:
@@ -863,11 +887,11 @@ class TaskDelta:
             order = {k: i for i, k in enumerate(base_keys)}
             return sorted(self.finetuned.delta_keys(), key=order.__getitem__)
         ft = set(self.finetuned.keys())
-        return [k for k in base_keys if k in ft and self.base.spec(k).dtype.is_floating_point]
+        return [k for k in base_keys if k in ft and self.base.spec(k).is_floating_point]
 
     def candidate_keys(self) -> list[str]:
         """Every name a selection may pick from (the base's floating-point tensors)."""
-        return [k for k in self.base.keys() if self.base.spec(k).dtype.is_floating_point]
+        return [k for k in self.base.keys() if self.base.spec(k).is_floating_point]
 
     def check(self, key: str, shape: tuple[int, ...]) -> None:
         """Refuse (naming key and file) a tensor the base or fine-tuned checkpoint lacks or shapes differently."""
@@ -876,7 +900,7 @@ class TaskDelta:
             raise ShapeMismatchError(
                 f"{self.base.path}: base tensor {key!r} has shape {bspec.shape}, the store has {tuple(shape)}"
             )
-        if not bspec.dtype.is_floating_point:
+        if not bspec.is_floating_point:
             raise KeyMismatchError(
                 f"{self.base.path}: tensor {key!r} is {bspec.dtype}, not floating point; it cannot take part"
             )
@@ -894,7 +918,7 @@ class TaskDelta:
             raise ShapeMismatchError(
                 f"{self.finetuned.path}: tensor {key!r} has shape {fspec.shape}, the base has {tuple(shape)}"
             )
-        if not fspec.dtype.is_floating_point:
+        if not fspec.is_floating_point:
             # an integer tensor against a float base is no fine-tuned weight (a cast gone wrong)
             raise DtypeMismatchError(
                 f"{self.finetuned.path}: tensor {key!r} is {fspec.dtype} but {bspec.dtype} in the base {self.base.path}; "
@@ -932,7 +956,7 @@ class TaskDelta:
         own = own and f.dtype == dtype
         if f.dtype == b.dtype == wide == dtype:
             return _subtract(f, b, own)
-        if f.dtype == b.dtype == dtype and dtype in _HALF_EXPONENT and f.device.type == "cpu":
+        if f.dtype == b.dtype == dtype and DTYPE_TO_ST.get(dtype) in _HALF_EXPONENT and f.device.type == "cpu":
             return self._half_difference(key, f, b, own)
         # in blocks: no whole-tensor temporaries in the wide type (a bf16 embedding's fp32
         # copies would be 4x the tensor); element-wise, so the values are the same
@@ -972,7 +996,7 @@ class TaskDelta:
         scratch = torch.empty(min(n, _HALF_BLOCK), dtype=f.dtype)
         bits = scratch.view(torch.int16).numpy()
         test = np.empty(bits.shape, dtype=np.int16)
-        mask = _HALF_EXPONENT[f.dtype]
+        mask = _HALF_EXPONENT[DTYPE_TO_ST[f.dtype]]
         for s in range(0, n, _HALF_BLOCK):
             e = min(s + _HALF_BLOCK, n)
             k = e - s
@@ -991,7 +1015,7 @@ class TaskDelta:
         if bool(bad.any()):
             raise self._overflow_error(key, float(wide[bad].abs().max()), d.dtype)
 
-    def _overflow_error(self, key: str, big: float, dtype: torch.dtype) -> NonFiniteError:
+    def _overflow_error(self, key: str, big: float, dtype: torch.dtype | str) -> NonFiniteError:
         return NonFiniteError(
             f"{self.finetuned.path}: the delta of tensor {key!r} (fine-tuned − base, up to {big:.6g} in magnitude) "
             f"overflows {str(dtype).replace('torch.', '')} though both checkpoints are finite; store it wider with "

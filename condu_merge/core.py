@@ -17,8 +17,12 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
+else:  # imported on first use: see condu_merge._lazy
+    from ._lazy import torch
 
 from .backends import FlatMergeResult, MergeBackend, resolve_backend
 from .errors import (

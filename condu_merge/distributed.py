@@ -52,8 +52,12 @@ import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
+else:  # imported on first use: see condu_merge._lazy
+    from ._lazy import torch
 
 from . import errors as _errors, store as store_mod
 from .backends import MergeBackend
@@ -82,7 +86,7 @@ from .pipeline import (
     plan_mapping_task,
     remove_generation_dir,
 )
-from .safetensors_writer import DTYPE_TO_ST, ST_TO_DTYPE, TensorSpec, build_header, tensor_bytes
+from .safetensors_writer import TensorSpec, build_header, tensor_bytes
 from .store import Store, generation_layout
 from .strategies.condu import ConDURule
 from .strategies.rule import FoldTask
@@ -250,8 +254,11 @@ class _LocalComm:
 
     rank = 0
     world_size = 1
-    device = torch.device("cpu")
     backend = "none"
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
 
     def all_reduce_sum(self, t: torch.Tensor, phase: str) -> torch.Tensor:
         return t
@@ -538,13 +545,13 @@ class _Plan:
 
     def to_json(self) -> dict:
         d = dict(self.__dict__)
-        d["specs"] = [[s.name, DTYPE_TO_ST[s.dtype], list(s.shape)] for s in self.specs]
+        d["specs"] = [[s.name, s.st, list(s.shape)] for s in self.specs]
         return d
 
     @classmethod
     def from_json(cls, d: dict) -> _Plan:
         d = dict(d)
-        d["specs"] = [TensorSpec(n, ST_TO_DTYPE[dt], tuple(sh)) for n, dt, sh in d["specs"]]
+        d["specs"] = [TensorSpec(n, dt, tuple(sh)) for n, dt, sh in d["specs"]]
         return cls(**d)
 
 

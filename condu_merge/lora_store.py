@@ -20,9 +20,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
+else:  # imported on first use: see condu_merge._lazy
+    from ._lazy import torch
 
 from .adapters.lora import (
     CONFIG_NAME,
@@ -40,6 +43,7 @@ from .adapters.lora import (
 from .checkpoints import PeftAdapter, checkpoint_identity, open_checkpoint
 from .digests import default_algorithm, record_algorithm
 from .errors import FormatError, KeyMismatchError, ShapeMismatchError
+from .manifest_check import LORA_FACTORS_KIND as KIND, LORA_MODES, is_lora_store, lora_mode
 
 __all__ = [
     "KIND",
@@ -52,22 +56,6 @@ __all__ = [
     "is_lora_store",
     "lora_mode",
 ]
-
-KIND = "peft-lora-factors"
-LORA_MODES = ("factors", "dense")
-
-
-def is_lora_store(store) -> bool:
-    """Whether ``store`` holds LoRA factors (its first task's source is a factor-wise adapter)."""
-    tasks = store.manifest["tasks"] if store.manifest else []
-    return bool(tasks) and (tasks[0].get("source") or {}).get("kind") == KIND
-
-
-def lora_mode(store) -> str | None:
-    """``"factors"``, ``"dense"`` or ``None`` (an empty store)."""
-    if not store.manifest:
-        return None
-    return "factors" if is_lora_store(store) else "dense"
 
 
 def _zero_init(ad: LoraAdapter) -> LoraAdapter:

@@ -251,3 +251,23 @@ def store_method(root: str) -> str | None:
         return "condu"
     method = m.get("method", "condu") if isinstance(m, dict) else "condu"
     return method if isinstance(method, str) else "condu"
+
+
+# ---------------------------------------------------------------------------- LoRA factor stores
+
+LORA_FACTORS_KIND = "peft-lora-factors"
+"""A task ``source`` kind: the task's PEFT adapter was merged factor by factor (:mod:`condu_merge.lora_store`)."""
+LORA_MODES = ("factors", "dense")
+
+
+def is_lora_store(store: Any) -> bool:
+    """Whether ``store`` holds LoRA factors (its first task's source is a factor-wise adapter)."""
+    tasks = store.manifest["tasks"] if store.manifest else []
+    return bool(tasks) and (tasks[0].get("source") or {}).get("kind") == LORA_FACTORS_KIND
+
+
+def lora_mode(store: Any) -> str | None:
+    """``"factors"``, ``"dense"`` or ``None`` (an empty store)."""
+    if not store.manifest:
+        return None
+    return "factors" if is_lora_store(store) else "dense"

@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
+else:  # imported on first use: see condu_merge._lazy
+    from ._lazy import torch
 
 from .backends import MergeBackend
 from .core import RESCALER_MODES, add_task as _add_task, decouple as _decouple

@@ -9,9 +9,14 @@ The pad bits of the last byte are zero.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
+else:  # imported on first use: see condu_merge._lazy
+    from ._lazy import torch
 
 _SHIFTS_CACHE: dict[torch.device, torch.Tensor] = {}
 

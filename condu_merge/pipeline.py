@@ -47,9 +47,14 @@ import signal
 import stat
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+else:  # imported on first use: see condu_merge._lazy
+    from ._lazy import torch
 
 from .checkpoints import (
     Checkpoint,
@@ -74,16 +79,18 @@ from .errors import (
     FormatError,
     KeyMismatchError,
     MergeInputError,
+    NonFiniteError,
     OptionMismatchError,
     UnsafePathError,
 )
 from .manifest_check import GENERATION_RE, RESCALER_MODES
 from .safetensors_writer import (
-    DTYPE_TO_ST,
-    ST_TO_DTYPE,
+    ST_TORCH_NAMES,
     StreamingSafetensorsWriter,
     TensorSpec,
     build_header,
+    numel_of,
+    same_dtype,
     tensor_bytes,
 )
 
@@ -302,13 +309,13 @@ def manifest_version(manifest: Mapping[str, Any]) -> int:
     return STRATEGY_STORE_VERSION if blake3 else STRATEGY_STORE_VERSION_SHA256
 
 
-def popcount_bytes(packed: torch.Tensor) -> int:
-    """Set bits of a packed mask, counted by bitarray (no unpacking)."""
+def popcount_bytes(packed: torch.Tensor | np.ndarray) -> int:
+    """Set bits of a packed mask (a uint8 tensor or array), counted by bitarray (no unpacking)."""
     from bitarray import bitarray
 
-    if packed.numel() == 0:
+    arr = np.ascontiguousarray(packed) if isinstance(packed, np.ndarray) else packed.contiguous().numpy()
+    if arr.size == 0:
         return 0
-    arr = packed.contiguous().numpy()
     return bitarray(buffer=arr.data, endian="little").count(1)
 
 
@@ -424,7 +431,12 @@ class ReopeningWriter:
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         spec = self.specs[self._next] if self._next < len(self.specs) else None
-        if spec is None or name != spec.name or tensor.dtype != spec.dtype or tensor.numel() != math.prod(spec.shape):
+        if (
+            spec is None
+            or name != spec.name
+            or not same_dtype(spec, tensor)
+            or numel_of(tensor) != math.prod(spec.shape)
+        ):
             raise ValueError(f"{self.path}: tensor {name!r} is not the next declared one ({spec})")
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | getattr(os, "O_CLOEXEC", 0))
         try:
@@ -438,8 +450,8 @@ class ReopeningWriter:
         :meth:`StreamingSafetensorsWriter.write_part`): the same bytes as one :meth:`write`."""
         spec = self.specs[self._next] if self._next < len(self.specs) else None
         data = tensor_bytes(part)
-        want = math.prod(spec.shape) * spec.dtype.itemsize if spec is not None else 0
-        if spec is None or name != spec.name or part.dtype != spec.dtype or self._filled + data.nbytes > want:
+        want = spec.nbytes if spec is not None else 0
+        if spec is None or name != spec.name or not same_dtype(spec, part) or self._filled + data.nbytes > want:
             raise ValueError(f"{self.path}: part of {name!r} does not continue the next declared tensor ({spec})")
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | getattr(os, "O_CLOEXEC", 0))
         try:
@@ -743,7 +755,12 @@ def fold_tensors(
                 if d.dtype != s.dtype:
                     raise DtypeMismatchError(f"{label}: tensor {s.name!r} is {d.dtype}, the store keeps {s.dtype}")
                 _check_finite_delta(rule, d, s.name, label, a0)
-                out = rule.fold(s.name, d, old.window(a0, a1) if old is not None else None, task, (a1 - a0,))
+                try:
+                    out = rule.fold(s.name, d, old.window(a0, a1) if old is not None else None, task, (a1 - a0,))
+                except NonFiniteError:
+                    # a rule that checks itself names the index in the piece: name it in the tensor
+                    _check_finite_delta(None, d, s.name, label, a0)
+                    raise
                 del d
                 _write_slots(rule, slots, part, out, t, write_part)
                 del out
@@ -763,9 +780,9 @@ def fold_tensors(
 
 
 def _check_finite_delta(rule: Any, d: torch.Tensor, key: str, label: str, offset: int) -> None:
-    from .errors import NonFiniteError
-
-    if not rule.checks_finite:
+    """Refuse a delta with NaN or Inf, naming its first flat index (``offset`` + its index in
+    ``d``, a piece); skipped for a ``rule`` that checks itself (``rule=None``: always checked)."""
+    if rule is None or not rule.checks_finite:
         bad = ~torch.isfinite(d)
         if bool(bad.any()):
             idx = offset + int(bad.reshape(-1).nonzero()[0, 0])
@@ -817,12 +834,12 @@ class TaskPlan:
 
 def manifest_specs(manifest: Mapping[str, Any]) -> list[TensorSpec]:
     """The tensors a manifest records, in order."""
-    return [TensorSpec(t["name"], ST_TO_DTYPE[t["dtype"]], tuple(t["shape"])) for t in manifest["tensors"]]
+    return [TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in manifest["tensors"]]
 
 
 def tensor_entries(specs: Sequence[TensorSpec]) -> list[dict[str, Any]]:
     """The manifest's ``tensors`` list for ``specs``."""
-    return [{"name": s.name, "dtype": DTYPE_TO_ST[s.dtype], "shape": list(s.shape)} for s in specs]
+    return [{"name": s.name, "dtype": s.st, "shape": list(s.shape)} for s in specs]
 
 
 def plan_mapping_task(manifest: Mapping[str, Any] | None, delta: Mapping[str, torch.Tensor], name: str) -> TaskPlan:
@@ -879,9 +896,9 @@ def plan_checkpoint_task(
         specs = []
         for k in keys:
             if not td.is_adapter and k in fck.keys():  # type: ignore[union-attr]  # not an adapter: a Checkpoint
-                dt = dtype or fck.spec(k).dtype  # type: ignore[union-attr]
+                dt = dtype or fck.spec(k).st  # type: ignore[union-attr]
             else:
-                dt = dtype or bck.spec(k).dtype
+                dt = dtype or bck.spec(k).st
             specs.append(TensorSpec(k, dt, tuple(bck.spec(k).shape)))
         if check_base and bck.files() and hash_base:
             ident = checkpoint_identity(bck, default_algorithm())
@@ -915,7 +932,7 @@ def check_recorded_options(
 ) -> None:
     """Options given again on a later task must equal what the manifest records."""
     if dtype is not None:
-        have = sorted({str(ST_TO_DTYPE[t["dtype"]]).replace("torch.", "") for t in manifest["tensors"]})
+        have = sorted({ST_TORCH_NAMES[t["dtype"]] for t in manifest["tensors"]})
         want = str(dtype).replace("torch.", "")
         if have != [want]:
             raise OptionMismatchError(

@@ -191,10 +191,10 @@ def _is_adapter(path: str) -> bool:
 def lora_route(store, finetuned: str, lora: str | None, lora_init: str | None) -> bool:
     """Whether ``finetuned`` goes in factor-wise: PEFT adapters do unless ``lora="dense"`` or the
     store is dense; a mode that contradicts the store's is refused naming both."""
-    from . import lora_store
+    from .manifest_check import lora_mode
 
     adapter = _is_adapter(finetuned)
-    have = lora_store.lora_mode(store) if store.exists else None
+    have = lora_mode(store) if store.exists else None
     want = lora or (have if have else ("factors" if adapter else "dense"))
     if lora and have and lora != have and (adapter or have == "factors"):
         raise ValueError(f"{store.root}: --lora {lora} given, but this store was created with --lora {have}")
@@ -217,7 +217,7 @@ def family_left_out(base: str, finetuned: str) -> tuple[str, list[str]]:
     try:
         if isinstance(ck, PeftAdapter):
             return "", []
-        keys = [k for k in ck.keys() if ck.spec(k).dtype.is_floating_point]
+        keys = [k for k in ck.keys() if ck.spec(k).is_floating_point]
     finally:
         ck.close()
     return default_left_out(keys)
@@ -239,10 +239,19 @@ def _sized_backend(store, base: str, finetuned: str, backend: str) -> str:
 
         ck = open_checkpoint(base)
         try:
-            numel = sum(math.prod(ck.spec(k).shape) for k in ck.keys() if ck.spec(k).dtype.is_floating_point)
+            numel = sum(math.prod(ck.spec(k).shape) for k in ck.keys() if ck.spec(k).is_floating_point)
         finally:
             ck.close()
     return auto_for_size(backend, numel)
+
+
+def _torch_dtype(name: str | None) -> Any:
+    """``--dtype``'s torch dtype (torch is imported only when one is given)."""
+    if not name:
+        return None
+    import torch
+
+    return getattr(torch, name)
 
 
 def add_one(
@@ -290,8 +299,6 @@ def add_one(
             source_extra=source_extra,
         )
         return {"left_out": [], "family": "lora"}
-    import torch
-
     family, left_out = family_left_out(base, finetuned) if not store.exists and not include else ("", [])
     store.add_task_from_checkpoints(
         name,
@@ -299,7 +306,7 @@ def add_one(
         finetuned,
         include=include,
         exclude=list(exclude or []) + left_out or None,
-        dtype=getattr(torch, dtype) if dtype else None,
+        dtype=_torch_dtype(dtype),
         rescaler=mode,
         backend=backend,
         progress=progress,

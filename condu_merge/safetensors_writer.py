@@ -20,9 +20,14 @@ import math
 import os
 import struct
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+else:  # imported on first use: see condu_merge._lazy
+    from ._lazy import torch
 
 from .digests import (
     HASH_ALGORITHMS as HASH_ALGORITHMS,
@@ -31,29 +36,77 @@ from .digests import (
     new_hasher as new_hasher,
 )
 
-# torch dtype <-> safetensors dtype string
-DTYPE_TO_ST: dict[torch.dtype, str] = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
+# safetensors dtype names and their item sizes: what a header says, without torch
+ST_ITEMSIZE: dict[str, int] = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "U16": 2,
+    "U32": 4,
+    "U64": 8,
 }
-for _name, _st in (
-    ("float8_e4m3fn", "F8_E4M3"),
-    ("float8_e5m2", "F8_E5M2"),
-    ("uint16", "U16"),
-    ("uint32", "U32"),
-    ("uint64", "U64"),
-):
-    if hasattr(torch, _name):
-        DTYPE_TO_ST[getattr(torch, _name)] = _st
-ST_TO_DTYPE: dict[str, torch.dtype] = {v: k for k, v in DTYPE_TO_ST.items()}
+ST_FLOATING = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
+ST_TORCH_NAMES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "U16": "uint16",
+    "U32": "uint32",
+    "U64": "uint64",
+}
+
+
+class _DtypeTable(Mapping):
+    """``DTYPE_TO_ST`` / ``ST_TO_DTYPE``: built (importing torch) on first use, so that a module
+    importing the tables stays torch-free until a torch dtype is needed."""
+
+    def __init__(self, to_st: bool):
+        self._to_st = to_st
+        self._d: dict | None = None
+
+    def _table(self) -> dict:
+        if self._d is None:
+            pairs = {
+                getattr(torch, name): st for st, name in ST_TORCH_NAMES.items() if hasattr(torch, name)
+            }  # older torch lacks some of the small types
+            self._d = pairs if self._to_st else {v: k for k, v in pairs.items()}
+        return self._d
+
+    def __getitem__(self, key):
+        return self._table()[key]
+
+    def __iter__(self):
+        return iter(self._table())
+
+    def __len__(self) -> int:
+        return len(self._table())
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._table()
+
+
+DTYPE_TO_ST: Mapping[torch.dtype, str] = _DtypeTable(True)
+"""torch dtype -> safetensors dtype name."""
+ST_TO_DTYPE: Mapping[str, torch.dtype] = _DtypeTable(False)
+"""safetensors dtype name -> torch dtype."""
 
 _ALIGN = 8  # safetensors pads the header so the data starts 8-byte aligned
 
@@ -61,29 +114,70 @@ _ALIGN = 8  # safetensors pads the header so the data starts 8-byte aligned
 # ---------------------------------------------------------------------------- dtypes and layout
 
 
-def dtype_to_str(dtype: torch.dtype) -> str:
-    """The safetensors name of ``dtype`` (``"F32"``, ``"BF16"``, ``"U8"``, …)."""
+def dtype_to_str(dtype: torch.dtype | str) -> str:
+    """The safetensors name of ``dtype`` (``"F32"``, ``"BF16"``, ``"U8"``, …); a name is returned as is."""
+    if isinstance(dtype, str):
+        if dtype not in ST_ITEMSIZE:
+            raise TypeError(f"{dtype!r} is not a safetensors dtype")
+        return dtype
     try:
         return DTYPE_TO_ST[dtype]
     except KeyError:
         raise TypeError(f"dtype {dtype} cannot be stored in safetensors") from None
 
 
-def dtype_itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+def dtype_itemsize(dtype: torch.dtype | str) -> int:
+    """Bytes per element of a torch dtype or a safetensors dtype name."""
+    if isinstance(dtype, str):
+        return ST_ITEMSIZE[dtype]
+    return int(dtype.itemsize)
 
 
-@dataclass(frozen=True)
 class TensorSpec:
-    """What the header needs to know about one tensor before its data exists."""
+    """What the header needs to know about one tensor before its data exists: name, dtype,
+    shape. ``dtype`` may be given as a torch dtype or a safetensors name (``"F32"``); specs read
+    from a header or a manifest keep the name (:attr:`st`), so planning a store write needs no
+    torch, and :attr:`dtype` gives the torch dtype when asked. Specs compare by name, safetensors
+    dtype and shape."""
 
-    name: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
+    __slots__ = ("_dtype", "name", "shape", "st")
+
+    def __init__(self, name: str, dtype: torch.dtype | str, shape: tuple[int, ...]):
+        self.name = name
+        self.st = dtype_to_str(dtype)
+        self.shape = tuple(shape)
+        self._dtype = None if isinstance(dtype, str) else dtype
+
+    @property
+    def dtype(self) -> torch.dtype:
+        if self._dtype is None:
+            self._dtype = ST_TO_DTYPE[self.st]
+        return self._dtype
+
+    @property
+    def is_floating_point(self) -> bool:
+        return self.st in ST_FLOATING
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * dtype_itemsize(self.dtype)
+        return math.prod(self.shape) * ST_ITEMSIZE[self.st]
+
+    def _key(self) -> tuple[str, str, tuple[int, ...]]:
+        return (self.name, self.st, self.shape)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, TensorSpec) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __setattr__(self, attr: str, value: object) -> None:
+        if attr != "_dtype" and hasattr(self, attr):
+            raise AttributeError(f"TensorSpec is immutable: cannot set {attr!r}")
+        object.__setattr__(self, attr, value)
+
+    def __repr__(self) -> str:
+        return f"TensorSpec(name={self.name!r}, dtype={self.st}, shape={self.shape})"
 
 
 def build_header(
@@ -107,7 +201,7 @@ def build_header(
         end = pos + s.nbytes
         offsets[s.name] = (pos, end)
         header[s.name] = {
-            "dtype": dtype_to_str(s.dtype),
+            "dtype": s.st,
             "shape": [int(d) for d in s.shape],
             "data_offsets": [pos, end],
         }
@@ -117,8 +211,10 @@ def build_header(
     return struct.pack("<Q", len(raw)) + raw, offsets
 
 
-def tensor_bytes(t: torch.Tensor) -> memoryview:
-    """A zero-copy little-endian byte view of a contiguous CPU tensor (copies only if needed)."""
+def tensor_bytes(t: torch.Tensor | np.ndarray) -> memoryview:
+    """A zero-copy little-endian byte view of a contiguous CPU tensor or numpy array (copies only if needed)."""
+    if isinstance(t, np.ndarray):
+        return np.ascontiguousarray(t).reshape(-1).view(np.uint8).data if t.size else memoryview(b"")
     t = t.detach()
     if t.device.type != "cpu":
         t = t.cpu()
@@ -126,6 +222,18 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     if t.numel() == 0:
         return memoryview(b"")
     return memoryview(t.view(torch.uint8).numpy().data)
+
+
+def same_dtype(spec: TensorSpec, x: torch.Tensor | np.ndarray) -> bool:
+    """Whether ``x`` holds elements of ``spec``'s dtype: a tensor of that dtype, or a numpy array
+    of that element width (the raw elements; bfloat16 as 16-bit integers)."""
+    if isinstance(x, np.ndarray):
+        return x.dtype.itemsize == ST_ITEMSIZE[spec.st]
+    return bool(x.dtype == spec.dtype)
+
+
+def numel_of(x: torch.Tensor | np.ndarray) -> int:
+    return int(x.size) if isinstance(x, np.ndarray) else x.numel()
 
 
 class StreamingSafetensorsWriter:
@@ -189,7 +297,7 @@ class StreamingSafetensorsWriter:
         spec = self.specs[self._next]
         if name != spec.name:
             raise ValueError(f"{self.path}: expected tensor {spec.name!r} next, got {name!r}")
-        if self._filled or tensor.dtype != spec.dtype or tensor.numel() != math.prod(spec.shape):
+        if self._filled or not same_dtype(spec, tensor) or numel_of(tensor) != math.prod(spec.shape):
             raise ValueError(
                 f"{self.path}: tensor {name!r} is {tuple(tensor.shape)} {tensor.dtype}, "
                 f"declared {spec.shape} {spec.dtype}" + (" (and partly written already)" if self._filled else "")
@@ -209,9 +317,9 @@ class StreamingSafetensorsWriter:
         if name != spec.name:
             raise ValueError(f"{self.path}: expected tensor {spec.name!r} next, got {name!r}")
         data = tensor_bytes(part)
-        if part.dtype != spec.dtype or self._filled + data.nbytes > spec.nbytes:
+        if not same_dtype(spec, part) or self._filled + data.nbytes > spec.nbytes:
             raise ValueError(
-                f"{self.path}: part of tensor {name!r} ({part.numel()} {part.dtype}) does not fit its remaining "
+                f"{self.path}: part of tensor {name!r} ({numel_of(part)} {part.dtype}) does not fit its remaining "
                 f"{(spec.nbytes - self._filled) // dtype_itemsize(spec.dtype)} elements of {spec.dtype}"
             )
         self._submit(data)

@@ -42,9 +42,12 @@ import json
 import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence, Set as AbstractSet
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
+else:  # imported on first use: see condu_merge._lazy
+    from ._lazy import torch
 
 from . import pipeline
 from .backends import MergeBackend, resolve_backend
@@ -53,6 +56,7 @@ from .checkpoints import (
     MemoryCheckpoint,
     PeftAdapter,
     SafetensorsFile,
+    TaskDelta,
 )
 from .core import continual_step_tensor
 from .digests import OrderedWorker, check_record, default_algorithm, make_record, record_digest
@@ -113,7 +117,7 @@ from .pipeline import (
     utc_now,
 )
 from .safetensors_writer import (
-    ST_TO_DTYPE,
+    ST_TORCH_NAMES,
     StreamingSafetensorsWriter,
     TensorSpec,
     dtype_itemsize,
@@ -168,7 +172,7 @@ def generation_layout(specs: Sequence[TensorSpec], n_tasks: int) -> dict[str, tu
     ``ceil(N/8)`` bytes per tensor). Every writer of a generation (:class:`GenerationWriter`, the
     distributed step's shared files) lays files out from this, so their bytes are identical."""
     meta = {"format": STORE_FORMAT, "version": DATA_FILE_VERSION}
-    mask_specs = [TensorSpec(s.name, torch.uint8, (packed_nbytes(math.prod(s.shape)),)) for s in specs]
+    mask_specs = [TensorSpec(s.name, "U8", (packed_nbytes(math.prod(s.shape)),)) for s in specs]
     layout = {UNIFIED: (list(specs), {**meta, "content": "unified"})}
     for i in range(n_tasks):
         layout[mask_file(i)] = (mask_specs, {**meta, "content": "masks", "task_index": str(i)})
@@ -232,6 +236,16 @@ def _write_prototype_file(path: str, tensors: Mapping[str, torch.Tensor], task: 
 # ---------------------------------------------------------------------------- the store
 
 
+class _DtypeOf:
+    """``{tensor name: the store's torch dtype}``, looked up on use (so a torch-free fold never asks)."""
+
+    def __init__(self, specs: Sequence[TensorSpec]):
+        self._specs = {s.name: s for s in specs}
+
+    def __getitem__(self, key: str) -> torch.dtype:
+        return self._specs[key].dtype
+
+
 class Store(StoreDirectory):
     """A store directory. Opening reads ``manifest.json`` and checks every data file's size and
     header (and, with ``verify=True``, its digest); a missing manifest is an empty store that the
@@ -283,10 +297,11 @@ class Store(StoreDirectory):
                 )
             for s in specs:
                 got = f.spec(s.name)
-                want = s if rel == UNIFIED else TensorSpec(s.name, torch.uint8, (packed_nbytes(math.prod(s.shape)),))
-                if got.dtype != want.dtype or tuple(got.shape) != tuple(want.shape):
+                want = s if rel == UNIFIED else TensorSpec(s.name, "U8", (packed_nbytes(math.prod(s.shape)),))
+                if got.st != want.st or tuple(got.shape) != tuple(want.shape):
                     raise FormatError(
-                        f"{f.path}: tensor {s.name!r} is {got.shape} {got.dtype}, the manifest says {want.shape} {want.dtype}"
+                        f"{f.path}: tensor {s.name!r} is {got.shape} torch.{ST_TORCH_NAMES[got.st]}, "
+                        f"the manifest says {want.shape} torch.{ST_TORCH_NAMES[want.st]}"
                     )
 
     # ------------------------------------------------------------------ accessors
@@ -313,7 +328,7 @@ class Store(StoreDirectory):
     @property
     def specs(self) -> list[TensorSpec]:
         m = self.require()
-        return [TensorSpec(t["name"], ST_TO_DTYPE[t["dtype"]], tuple(t["shape"])) for t in m["tensors"]]
+        return [TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in m["tensors"]]
 
     @property
     def keys(self) -> list[str]:
@@ -494,13 +509,16 @@ class Store(StoreDirectory):
         selection: dict[str, Any] | None,
         after_read: Callable[[], dict[str, Any] | None] | None = None,
         delta_range_of: Callable[[str, int, int], torch.Tensor] | None = None,
+        native_td: TaskDelta | None = None,
     ) -> None:
         """The streaming continual step (caller holds the lock and has reloaded). ``after_read``
         runs once every input was read (the base check on the read's own hash); a dict it
         returns is the base identity to record. With ``delta_range_of(key, start, stop)`` a
         tensor of more than :data:`CHUNK_ELEMENTS` elements is merged in pieces of that size, so
         the working set is a few pieces whatever the largest tensor (the bytes written are the
-        same; its λ sums add the pieces' sums, which can round the last bit differently)."""
+        same; its λ sums add the pieces' sums, which can round the last bit differently). With
+        ``native_td`` (a task :func:`~condu_merge.native_fold.unsupported` accepts) the tensors
+        are folded by :class:`~condu_merge.native_fold.NativeFold` from its files, without torch."""
         self.check_new_task_name(name)
         m_old = self.manifest
         t_prev = len(m_old["tasks"]) if m_old else 0
@@ -522,19 +540,27 @@ class Store(StoreDirectory):
                     name,
                     meta={"names": self.task_names, "rescalers": [self.rescaler_of(t) for t in self.task_names]},
                 )
-                fold_tensors(
-                    rule,
-                    specs,
-                    delta_of,
-                    self.slot_reader() if m_old else None,
-                    task,
-                    gen.writer.write,
-                    label=label,
-                    progress=progress,
-                    chunk=CHUNK_ELEMENTS if delta_range_of is not None else None,
-                    delta_range_of=delta_range_of,
-                    write_part=gen.writer.write_part,
-                )
+                if native_td is not None:
+                    from .native_fold import NativeFold
+
+                    fold = NativeFold(
+                        native_td, self._files if m_old else None, rule, label, CHUNK_ELEMENTS, pipeline.crash_point
+                    )
+                    fold(specs, task, gen.writer, progress)
+                else:
+                    fold_tensors(
+                        rule,
+                        specs,
+                        delta_of,
+                        self.slot_reader() if m_old else None,
+                        task,
+                        gen.writer.write,
+                        label=label,
+                        progress=progress,
+                        chunk=CHUNK_ELEMENTS if delta_range_of is not None else None,
+                        delta_range_of=delta_range_of,
+                        write_part=gen.writer.write_part,
+                    )
                 self._check_read_hashes()
                 if after_read is not None:
                     base_identity = after_read() or base_identity
@@ -695,9 +721,12 @@ class Store(StoreDirectory):
                 )
                 specs, ident, selection = plan.specs, plan.base_identity, plan.selection
                 source = {**(plan.source or {}), **(source_extra or {})}
-                store_dtype = {s.name: s.dtype for s in specs}
+                store_dtype = _DtypeOf(specs)
                 if hashing:
                     hash_base_while_reading(self.manifest, td.base, base_hasher)
+                from .native_fold import unsupported
+
+                native = unsupported(backend, td, specs, len(self.task_names)) is None
                 self._stream_add(
                     name,
                     lambda k: td.delta(k, store_dtype[k]),
@@ -717,6 +746,7 @@ class Store(StoreDirectory):
                     if check_base
                     else None,
                     delta_range_of=lambda k, a0, a1: td.delta_range(k, store_dtype[k], a0, a1),
+                    native_td=td if native else None,
                 )
         finally:
             td.close()

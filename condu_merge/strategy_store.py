@@ -24,9 +24,12 @@ import json
 import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
+else:  # imported on first use: see condu_merge._lazy
+    from ._lazy import torch
 
 from . import pipeline
 from .checkpoints import Checkpoint, MemoryCheckpoint, PeftAdapter, SafetensorsFile

@@ -8,8 +8,12 @@ import os
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
+else:  # imported on first use: see condu_merge._lazy
+    from ._lazy import torch
 
 from .errors import FormatError
 from .packing import packed_nbytes, pad_bits_clear, popcount, unpack_mask

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
+else:  # imported on first use: see condu_merge._lazy
+    from .._lazy import torch
 
 from .base import FlatMergeResult, MergeBackend, opmath_dtype, opmath_scalar
 from .torch_backend import TorchBackend
@@ -53,10 +57,14 @@ by ``benchmarks/bench_cli_start.py`` (two add_task calls in a fresh process, num
 def auto_for_size(backend: str, numel: int, device_type: str = "cpu") -> str:
     """The backend name to run a job of ``numel`` elements with: ``backend`` itself unless it is
     ``"auto"`` on the CPU for a job smaller than :data:`AUTO_CPU_MIN_NUMEL` while numba is not
-    loaded yet, which gives ``"torch"`` (the same bits: every backend meets one numeric contract)."""
+    loaded yet and the native kernels are not built, which gives ``"torch"`` (the same bits: every
+    backend meets one numeric contract). The native kernels load in milliseconds, so ``auto``
+    keeps them for any size."""
     if backend != "auto" or device_type != "cpu" or numel >= AUTO_CPU_MIN_NUMEL:
         return backend
-    return "auto" if _INSTANCES.get("numba") is not None else "torch"
+    if _INSTANCES.get("numba") is not None or _instance("native") is not None:
+        return "auto"
+    return "torch"
 
 
 def register_backend(

@@ -8,8 +8,12 @@ The backends register themselves lazily in :mod:`condu_merge.backends` as ``"num
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
+else:  # imported on first use: see condu_merge._lazy
+    from .._lazy import torch
 
 from ..backends import MergeBackend, resolve_backend
 from ..errors import KeyMismatchError, ShapeMismatchError

@@ -4,8 +4,12 @@ and may decline a dtype mix (shared by the numba and native backends)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
+else:  # imported on first use: see condu_merge._lazy
+    from .._lazy import torch
 
 from ..backends.base import MergeBackend
 

@@ -5,7 +5,12 @@ Used by the test suite and usable for any third-party backend: ``check_backend(M
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+else:  # imported on first use: see condu_merge._lazy
+    from .._lazy import torch
 
 from condu_merge.backends.torch_backend import TorchBackend
 

@@ -35,10 +35,13 @@ import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
-import torch
-from torch.utils.hooks import RemovableHandle
+if TYPE_CHECKING:
+    import torch
+    from torch.utils.hooks import RemovableHandle
+else:  # imported on first use: see condu_merge._lazy
+    from .._lazy import torch
 
 from ..core import check_same_keys
 from ..errors import (
@@ -54,14 +57,14 @@ from ..errors import (
 )
 from ..pipeline import fsync_dir
 from ..safetensors_writer import (
-    ST_TO_DTYPE,
+    ST_ITEMSIZE,
     StreamingSafetensorsWriter,
     TensorSpec,
     dtype_to_str,
     tensor_bytes,
 )
 
-StateDict = Mapping[str, torch.Tensor]
+StateDict = Mapping[str, "torch.Tensor"]
 _S = TypeVar("_S", bound="ContinualStrategy")
 
 STRATEGY_FORMAT = "condu-merge-strategy"
@@ -724,7 +727,7 @@ def _load(
         try:
             fp_keys = [e["key"] for e in fingerprint]
             for e in fingerprint:
-                if e["dtype"] not in ST_TO_DTYPE or not isinstance(e["sha256"], str):
+                if e["dtype"] not in ST_ITEMSIZE or not isinstance(e["sha256"], str):
                     raise ValueError(e)
                 [int(d) for d in e["shape"]]
         except (KeyError, TypeError, ValueError) as exc:

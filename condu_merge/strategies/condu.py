@@ -19,9 +19,12 @@ per element) and its rescaler (8 bytes, or 8 per tensor in ``per_tensor`` mode).
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
+if TYPE_CHECKING:
+    import torch
+else:  # imported on first use: see condu_merge._lazy
+    from .._lazy import torch
 
 from ..backends import resolve_backend
 from ..core import RESCALER_MODES, compute_rescalers, continual_step_tensor
@@ -153,19 +156,25 @@ class ConDURule(TensorRule):
             res = continual_step_tensor(
                 spec, delta, label, old.get("unified", key), masks, lams, backend=be, device=device
             )
-        n = task.index + 1
-        num = task.stats.setdefault("num", [{} for _ in range(n)])
-        den = task.stats.setdefault("den", [{} for _ in range(n)])
-        bits = task.stats.setdefault("bits", [0] * n)
-        numel = task.stats.setdefault("numel", {})
-        numel[key] = numel.get(key, 0) + res.u.numel()
         rows = res.masks.cpu()
-        for i, (a, b) in enumerate(zip(res.num.tolist(), res.den.tolist())):
-            # a tensor folded in pieces adds its pieces' sums (in order); a whole one sets them
-            num[i][key] = num[i].get(key, 0.0) + a
-            den[i][key] = den[i].get(key, 0.0) + b
-            bits[i] += popcount(rows[i])
+        self.record(task, key, res.u.numel(), res.num.tolist(), res.den.tolist(), rows)
         return {"unified": res.u.cpu(), "masks": rows}
+
+    @staticmethod
+    def record(task: FoldTask, key: str, numel: int, num: list[float], den: list[float], rows: Any) -> None:
+        """Gather one tensor's (or piece's) step in ``task.stats``: its element count, every
+        task's L1 sums ``num``/``den`` and the set bits of each mask row (``rows``: ``uint8
+        [t, B]``, a tensor or an array). A tensor folded in pieces adds its pieces' sums in order."""
+        n = task.index + 1
+        nums = task.stats.setdefault("num", [{} for _ in range(n)])
+        dens = task.stats.setdefault("den", [{} for _ in range(n)])
+        bits = task.stats.setdefault("bits", [0] * n)
+        counts = task.stats.setdefault("numel", {})
+        counts[key] = counts.get(key, 0) + numel
+        for i, (a, b) in enumerate(zip(num, den)):
+            nums[i][key] = nums[i].get(key, 0.0) + a
+            dens[i][key] = dens[i].get(key, 0.0) + b
+            bits[i] += popcount(rows[i])
 
     def finish_task(self, meta: dict[str, Any], task: FoldTask) -> dict[str, Any]:
         names = [*meta.get("names", []), task.name]

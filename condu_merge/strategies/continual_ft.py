@@ -11,9 +11,12 @@ Stores: one delta ``θ_t − θ_0`` (the current model), shared.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
+if TYPE_CHECKING:
+    import torch
+else:  # imported on first use: see condu_merge._lazy
+    from .._lazy import torch
 
 from .base import ContinualStrategy, StorageReport, TaskStart, state_nbytes
 from .rule import Slot, TensorRule, register_rule

@@ -28,9 +28,12 @@ the drop happens as each task is folded in): one model in float32 or wider, cont
 from __future__ import annotations
 
 import hashlib
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
+if TYPE_CHECKING:
+    import torch
+else:  # imported on first use: see condu_merge._lazy
+    from .._lazy import torch
 
 from ..errors import MergeInputError
 from .base import ContinualStrategy, StorageReport, state_nbytes

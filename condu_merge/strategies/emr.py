@@ -14,9 +14,12 @@ cache rebuilt from them.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
+if TYPE_CHECKING:
+    import torch
+else:  # imported on first use: see condu_merge._lazy
+    from .._lazy import torch
 
 from ..backends import resolve_backend
 from ..core import RESCALER_MODES, compute_rescalers, decouple, unify, unify_tensor

@@ -42,9 +42,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
+if TYPE_CHECKING:
+    import torch
+else:  # imported on first use: see condu_merge._lazy
+    from .._lazy import torch
 
 from ..errors import ShapeMismatchError
 from .base import ContinualStrategy, StorageReport, TaskStart, TrainingHook, state_nbytes
@@ -236,9 +239,12 @@ class PAMAlignment(TrainingHook):
         )
         return bad / n
 
-    @torch.no_grad()
     def align(self, params: Mapping[str, torch.Tensor], optimizer: torch.optim.Optimizer | None = None) -> int:
         """Re-initialise the conflicting entries of ``params`` in place now; returns how many."""
+        with torch.no_grad():
+            return self._align(params, optimizer)
+
+    def _align(self, params: Mapping[str, torch.Tensor], optimizer: torch.optim.Optimizer | None) -> int:
         self._check(params)
         total = 0
         for k in self._signs:

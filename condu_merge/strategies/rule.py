@@ -29,9 +29,12 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
+if TYPE_CHECKING:
+    import torch
+else:  # imported on first use: see condu_merge._lazy
+    from .._lazy import torch
 
 from ..packing import packed_nbytes
 

@@ -35,9 +35,12 @@ its task vector.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
+if TYPE_CHECKING:
+    import torch
+else:  # imported on first use: see condu_merge._lazy
+    from .._lazy import torch
 
 from ..errors import FormatError, MergeInputError
 from ..packing import pack_mask, pad_bits_clear, unpack_mask

@@ -14,9 +14,12 @@ fine-tuned model θ_0 + τ_i ("Individual FT") and ``λ`` can be changed after t
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
+if TYPE_CHECKING:
+    import torch
+else:  # imported on first use: see condu_merge._lazy
+    from .._lazy import torch
 
 from .base import ContinualStrategy, StorageReport, state_nbytes
 from .rule import Slot, TensorRule, register_rule, validate_like

@@ -48,9 +48,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
+if TYPE_CHECKING:
+    import torch
+else:  # imported on first use: see condu_merge._lazy
+    from .._lazy import torch
 
 from .base import ContinualStrategy, StorageReport, state_nbytes
 from .rule import Slot, TensorRule, register_rule, validate_like
