@@ -12,7 +12,10 @@ in ``--tensors`` tensors are written to ``--dir``; then for task ``t = 1..T``
 Both read from the page cache (the files were just written), so the ratio is what the CLI costs
 over moving its bytes. Each step is run ``--repeat`` times on a copy of the store as it was
 before the step (the best time is kept; the store then moves on with one of them). Prints a
-markdown table: task count, time, floor, ratio, peak RSS.
+markdown table: task count, time, floor, ratio (best time over best floor), the median over the
+tries of each try's time over the floor measured right after it (on a VM whose page-cache
+writes and fsyncs vary 4x from one second to the next, the pairing keeps both in the same
+conditions), peak RSS.
 
 ``--variant NAME:VAR=VALUE,...`` (repeatable) runs the CLI once per variant in every try, with
 those environment variables (``PYTHONPATH=/old/checkout`` runs another version of the code), each variant on its own store, interleaved with the others and the
@@ -28,6 +31,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -249,9 +253,11 @@ def main(argv=None) -> int:
     rows = []
     for t, ft in enumerate(fts, start=1):
         best: dict[str, tuple[float, int]] = {n: (float("inf"), 0) for n in variants}
+        paired: dict[str, list[float]] = {n: [] for n in variants}  # each try's time over its own floor
         best_floor, best_start = float("inf"), (float("inf"), float("inf"))
         for r in range(a.repeat):
             line = []
+            tries: dict[str, float] = {}
             for name, venv in variants.items():
                 store = os.path.join(a.dir, f"store-{name}")
                 snap = store + ".before"  # the store before this step: every try starts from it
@@ -263,12 +269,15 @@ def main(argv=None) -> int:
                 if os.path.exists(snap):
                     shutil.copytree(snap, store, symlinks=True)
                 dt, peak = run_cli(store, base, ft, f"task{t}", venv)
+                tries[name] = dt
                 best[name] = (min(best[name][0], dt), max(best[name][1], peak))
                 line.append(f"{name} {dt:.2f} s ({peak / 2**20:.0f} MiB)")
             first = os.path.join(a.dir, f"store-{next(iter(variants))}")
             inputs = [base, ft] + store_files(first + ".before")
             out_sizes = [os.path.getsize(p) for p in store_files(first)]
             fl = io_floor(inputs, out_sizes, os.path.join(a.dir, "floor"))
+            for name in variants:
+                paired[name].append(tries[name] / fl)
             st = start_time(env, a.dtype)
             best_floor = min(best_floor, fl)
             best_start = (min(best_start[0], st[0]), min(best_start[1], st[1]))
@@ -286,6 +295,7 @@ def main(argv=None) -> int:
                     "cli_s": dt,
                     "floor_s": best_floor,
                     "ratio": dt / best_floor,
+                    "paired_ratio": statistics.median(paired[name]),
                     "import_torch_s": best_start[0],
                     "imports_s": best_start[1],
                     "ratio_after_start": (dt - best_start[1]) / best_floor,
@@ -299,15 +309,15 @@ def main(argv=None) -> int:
         f"largest tensor {largest / 2**20:.0f} MiB; target peak RSS 1 GiB + largest = {1024 + largest / 2**20:.0f} MiB\n"
     )
     print(
-        "| variant | tasks | add-task s | I/O floor s | ratio | start s (import torch / add-task's imports) | ratio without start "
-        "| peak RSS MiB | read MiB | written MiB |"
+        "| variant | tasks | add-task s | I/O floor s | ratio | median paired ratio | start s (import torch / add-task's imports) "
+        "| ratio without start | peak RSS MiB | read MiB | written MiB |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in sorted(
         rows, key=lambda r: (r["variant"] != next(iter(variants)), list(variants).index(r["variant"]), r["tasks"])
     ):
         print(
-            f"| {r['variant']} | {r['tasks']} | {r['cli_s']:.2f} | {r['floor_s']:.2f} | {r['ratio']:.2f}x | "
+            f"| {r['variant']} | {r['tasks']} | {r['cli_s']:.2f} | {r['floor_s']:.2f} | {r['ratio']:.2f}x | {r['paired_ratio']:.2f}x | "
             f"{r['import_torch_s']:.2f} / {r['imports_s']:.2f} | {r['ratio_after_start']:.2f}x | {r['peak_rss_MiB']:.0f} | "
             f"{r['read_MiB']:.0f} | {r['written_MiB']:.0f} |"
         )
