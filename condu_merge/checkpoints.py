@@ -411,6 +411,20 @@ class ShardedCheckpoint:
             if not os.path.exists(shard):
                 raise FileNotFoundError(f"{self.path}: shard {os.path.basename(shard)} is missing")
         self._open: dict[str, Checkpoint] = {}
+        self._hash_reads = True
+
+    @property
+    def all_safetensors(self) -> bool:
+        """Whether every shard is a safetensors file (read by :class:`SafetensorsFile`)."""
+        return all(f.endswith(".safetensors") or looks_like_safetensors(f) for f in set(self._map.values()))
+
+    def no_read_hash(self) -> None:
+        """Shards opened from now on (and those open) do not hash what they read (a fine-tuned
+        checkpoint: nothing asks for its digest)."""
+        self._hash_reads = False
+        for ck in self._open.values():
+            if isinstance(ck, SafetensorsFile):
+                ck.no_read_hash()
 
     def _shard(self, key: str) -> Checkpoint:
         try:
@@ -422,6 +436,8 @@ class ShardedCheckpoint:
             ck = SafetensorsFile(f) if f.endswith(".safetensors") or looks_like_safetensors(f) else TorchCheckpoint(f)
             if key not in ck.keys():
                 raise FormatError(f"{self.path}: the index puts {key!r} in {os.path.basename(f)}, which lacks it")
+            if not self._hash_reads and isinstance(ck, SafetensorsFile):
+                ck.no_read_hash()
             self._open[f] = ck
         return ck
 
@@ -437,6 +453,13 @@ class ShardedCheckpoint:
     def get_range(self, key: str, start: int, stop: int) -> torch.Tensor:
         """Elements ``[start, stop)`` of ``key`` flattened (see :func:`read_range`)."""
         return read_range(self._shard(key), key, start, stop)
+
+    def get_bytes(self, key: str, start: int = 0, stop: int | None = None, *, out: np.ndarray | None = None) -> np.ndarray:
+        """:meth:`SafetensorsFile.get_bytes` of the shard holding ``key`` (safetensors shards only)."""
+        ck = self._shard(key)
+        if not isinstance(ck, SafetensorsFile):
+            raise TypeError(f"{self.path}: tensor {key!r} is in {ck.files()[0]}, not a safetensors shard")
+        return ck.get_bytes(key, start, stop, out=out)
 
     def files(self) -> list[str]:
         return [self.path] + sorted(set(self._map.values()))

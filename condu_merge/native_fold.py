@@ -2,16 +2,16 @@
 
 ``import torch`` costs 1.5-2 s and about 600 MiB of resident memory on a 2-core machine, more than
 the whole fold of a 512 MiB checkpoint (``benchmarks/RESULTS.md``, end to end). When a task comes
-from safetensors files (the base and the fine-tuned checkpoint, single files), every tensor
-taking part is float32, float16 or bfloat16 in both checkpoints and in the store, and the native
-kernels are built, :meth:`~condu_merge.store.Store.add_task_from_checkpoints` folds the task
+from safetensors files (the base and the fine-tuned checkpoint, single files or indexes of
+safetensors shards), every tensor taking part is float32, float16 or bfloat16 in both
+checkpoints and in the store, and the native kernels are built, :meth:`~condu_merge.store.Store.add_task_from_checkpoints` folds the task
 here: the bytes are read into numpy buffers (:meth:`~condu_merge.checkpoints.SafetensorsFile.get_bytes`,
 hashed as before), the delta is the native ``cm_sub`` and the step the native ``cm_unify`` /
 ``cm_add_task`` on those buffers, and the results go to the same writers. Nothing else changes:
 the plan, the checks, the hashes, the manifest and the commit are the store's own, and the bytes
 written are those of the torch fold (``tests/test_native_fold.py`` compares both bit for bit,
 tensors folded in pieces included). Every other job (another backend, PEFT adapters, ``.bin``
-files, sharded checkpoints, a cast to the store's dtype, float64) takes the torch path.
+files, a cast to the store's dtype, float64) takes the torch path.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any, cast
 
 import numpy as np
 
-from .checkpoints import SafetensorsFile, TaskDelta, element_ranges
+from .checkpoints import SafetensorsFile, ShardedCheckpoint, TaskDelta, element_ranges
 from .errors import NonFiniteError
 from .manifest_check import UNIFIED, mask_file
 from .safetensors_writer import ST_TORCH_NAMES, TensorSpec
@@ -47,8 +47,9 @@ def unsupported(backend: object, td: TaskDelta, specs: Sequence[TensorSpec], ear
         return "the native kernels are not built"
     if earlier > nb.MAX_EARLIER_TASKS:
         return f"more than {nb.MAX_EARLIER_TASKS} earlier tasks"
-    if type(td.base) is not SafetensorsFile or type(td.finetuned) is not SafetensorsFile:
-        return "the checkpoints are not single safetensors files"
+    for ck in (td.base, td.finetuned):
+        if not (type(ck) is SafetensorsFile or (type(ck) is ShardedCheckpoint and ck.all_safetensors)):
+            return f"{ck.path} is not a safetensors file or an index of safetensors shards"
     for s in specs:
         if s.st not in nb.ST_KIND:
             return f"tensor {s.name!r} is {ST_TORCH_NAMES[s.st]}"
@@ -79,9 +80,9 @@ class NativeFold:
 
     def __init__(self, td: TaskDelta, files: Any, rule: Any, label: str, chunk: int, crash: Any):
         self.td = td
-        # unsupported() took only single safetensors files
-        self.base = cast(SafetensorsFile, td.base)
-        self.finetuned = cast(SafetensorsFile, td.finetuned)
+        # unsupported() took only safetensors files and indexes of them
+        self.base = cast("SafetensorsFile | ShardedCheckpoint", td.base)
+        self.finetuned = cast("SafetensorsFile | ShardedCheckpoint", td.finetuned)
         self.files = files
         self.rule = rule
         self.label = label

@@ -60,6 +60,7 @@ from .checkpoints import (
     Checkpoint,
     PeftAdapter,
     SafetensorsFile,
+    ShardedCheckpoint,
     TaskDelta,
     checkpoint_identity,
     open_checkpoint,
@@ -512,7 +513,7 @@ def open_task_delta(
     except BaseException:
         bck.close()
         raise
-    if isinstance(fck, SafetensorsFile):
+    if isinstance(fck, (SafetensorsFile, ShardedCheckpoint)):
         fck.no_read_hash()  # nothing asks for the fine-tuned file's digest: do not compute it
     if isinstance(bck, PeftAdapter):
         bck.close()

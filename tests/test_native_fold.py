@@ -103,6 +103,47 @@ def test_native_fold_writes_the_torch_folds_bytes(tmp_path, monkeypatch, dtypes,
     assert Store(a.root).verify().files > 0
 
 
+def _shard(path, folder):
+    """``path`` rewritten as a two-shard checkpoint with its ``model.safetensors.index.json``."""
+    sd = SafetensorsFileDict(path)
+    folder.mkdir()
+    keys = list(sd)
+    parts = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    for name, ks in parts.items():
+        save_file({k: sd[k] for k in ks}, str(folder / name))
+    index = {"metadata": {}, "weight_map": {k: name for name, ks in parts.items() for k in ks}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    return folder / "model.safetensors.index.json"
+
+
+def test_sharded_checkpoints_take_the_native_fold_with_the_same_bytes(tmp_path, monkeypatch):
+    base, fts = _checkpoints(tmp_path, {"emb.weight": torch.bfloat16}, tasks=2)
+    sbase = _shard(base, tmp_path / "base")
+    sfts = [_shard(f, tmp_path / f"ft{i}") for i, f in enumerate(fts)]
+    a = _build(tmp_path / "native", sbase, sfts, monkeypatch, True)
+    b = _build(tmp_path / "torch", sbase, sfts, monkeypatch, False)
+    assert _files(a.root) == _files(b.root)
+    assert _scrub(a.manifest) == _scrub(b.manifest)
+    # the same tensors as single files (the store keeps the index's order: compare per tensor)
+    c = _build(tmp_path / "single", base, fts, monkeypatch, True)
+    assert sorted(a.keys) == sorted(c.keys)
+    for k in a.keys:
+        assert torch.equal(a.unified_tensor(k), c.unified_tensor(k))
+        assert all(torch.equal(a.packed_mask(t, k), c.packed_mask(t, k)) for t in a.task_names)
+    # a shard that is not safetensors sends the task to the torch fold
+    shard2 = tmp_path / "ft0" / "model-00002-of-00002.safetensors"
+    torch.save(SafetensorsFileDict(shard2), tmp_path / "ft0" / "model-00002-of-00002.bin")
+    shard2.unlink()
+    idx = json.loads(sfts[0].read_text())
+    idx["weight_map"] = {k: v.replace(".safetensors", ".bin") if v.startswith("model-00002") else v for k, v in idx["weight_map"].items()}
+    sfts[0].write_text(json.dumps(idx))
+    td = open_task_delta(sbase, sfts[0])
+    try:
+        assert "not a safetensors file" in native_fold.unsupported("auto", td, [TensorSpec("blk.1.w", "F32", (300,))], 0)
+    finally:
+        td.close()
+
+
 def test_the_cli_add_task_runs_without_torch(tmp_path):
     base, fts = _checkpoints(tmp_path, {"emb.weight": torch.bfloat16}, tasks=2)
     root = tmp_path / "store"
