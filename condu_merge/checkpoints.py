@@ -454,7 +454,9 @@ class ShardedCheckpoint:
         """Elements ``[start, stop)`` of ``key`` flattened (see :func:`read_range`)."""
         return read_range(self._shard(key), key, start, stop)
 
-    def get_bytes(self, key: str, start: int = 0, stop: int | None = None, *, out: np.ndarray | None = None) -> np.ndarray:
+    def get_bytes(
+        self, key: str, start: int = 0, stop: int | None = None, *, out: np.ndarray | None = None
+    ) -> np.ndarray:
         """:meth:`SafetensorsFile.get_bytes` of the shard holding ``key`` (safetensors shards only)."""
         ck = self._shard(key)
         if not isinstance(ck, SafetensorsFile):

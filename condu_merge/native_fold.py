@@ -47,13 +47,16 @@ def unsupported(backend: object, td: TaskDelta, specs: Sequence[TensorSpec], ear
         return "the native kernels are not built"
     if earlier > nb.MAX_EARLIER_TASKS:
         return f"more than {nb.MAX_EARLIER_TASKS} earlier tasks"
+    files: list[SafetensorsFile | ShardedCheckpoint] = []
     for ck in (td.base, td.finetuned):
-        if not (type(ck) is SafetensorsFile or (type(ck) is ShardedCheckpoint and ck.all_safetensors)):
-            return f"{ck.path} is not a safetensors file or an index of safetensors shards"
+        if not (isinstance(ck, SafetensorsFile) or (isinstance(ck, ShardedCheckpoint) and ck.all_safetensors)):
+            return f"{getattr(ck, 'path', ck)} is not a safetensors file or an index of safetensors shards"
+        files.append(ck)
+    base, finetuned = files
     for s in specs:
         if s.st not in nb.ST_KIND:
             return f"tensor {s.name!r} is {ST_TORCH_NAMES[s.st]}"
-        if td.base.spec(s.name).st != s.st or td.finetuned.spec(s.name).st != s.st:
+        if base.spec(s.name).st != s.st or finetuned.spec(s.name).st != s.st:
             return f"tensor {s.name!r} is cast to the store's dtype"
     return None
 

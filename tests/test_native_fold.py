@@ -135,11 +135,15 @@ def test_sharded_checkpoints_take_the_native_fold_with_the_same_bytes(tmp_path, 
     torch.save(SafetensorsFileDict(shard2), tmp_path / "ft0" / "model-00002-of-00002.bin")
     shard2.unlink()
     idx = json.loads(sfts[0].read_text())
-    idx["weight_map"] = {k: v.replace(".safetensors", ".bin") if v.startswith("model-00002") else v for k, v in idx["weight_map"].items()}
+    idx["weight_map"] = {
+        k: v.replace(".safetensors", ".bin") if v.startswith("model-00002") else v for k, v in idx["weight_map"].items()
+    }
     sfts[0].write_text(json.dumps(idx))
     td = open_task_delta(sbase, sfts[0])
     try:
-        assert "not a safetensors file" in native_fold.unsupported("auto", td, [TensorSpec("blk.1.w", "F32", (300,))], 0)
+        assert "not a safetensors file" in native_fold.unsupported(
+            "auto", td, [TensorSpec("blk.1.w", "F32", (300,))], 0
+        )
     finally:
         td.close()
 
