@@ -245,6 +245,14 @@ def main(argv=None) -> int:
     for v in a.variant or ["cli:"]:
         name, _, assigns = v.partition(":")
         variants[name] = {**env, **dict(x.split("=", 1) for x in assigns.split(",") if x)}
+    # bytecode for every variant's checkout, as a pip install writes it: with $PYTHONDONTWRITEBYTECODE
+    # (set on the machines this ran on) an editable checkout is otherwise compiled at every start
+    for venv in variants.values():
+        for root in [p for p in venv.get("PYTHONPATH", "").split(os.pathsep) if p]:
+            if os.path.isdir(os.path.join(root, "condu_merge")):
+                subprocess.run(
+                    [sys.executable, "-m", "compileall", "-q", os.path.join(root, "condu_merge")], check=True
+                )
     # a warm-up process per variant: compiles (or loads) the numba kernels once, outside the timings
     for venv in variants.values():
         warm = os.path.join(a.dir, "warm")

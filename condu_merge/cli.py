@@ -784,6 +784,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def entry() -> int:
+    """The ``condu-merge`` program (``python -m condu_merge`` too): :func:`main` in a process of its own.
+
+    numpy's OpenBLAS starts a thread per core when numpy is imported, and the thread spins for a
+    while waiting for work (28% of one core over a 0.5 s sleep after ``import numpy`` here). The
+    command does no numpy linear algebra, and on a 2-core machine that thread takes a core from
+    the merge's kernels and I/O threads; so unless the environment says otherwise, the process's
+    OpenBLAS gets one thread (torch's BLAS is its own and unaffected)."""
+    if "numpy" not in sys.modules:
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    return main()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     debug = getattr(args, "debug", False)

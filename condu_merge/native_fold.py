@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from collections.abc import Sequence
 from typing import Any, cast
 
@@ -26,10 +27,13 @@ import numpy as np
 from .checkpoints import SafetensorsFile, ShardedCheckpoint, TaskDelta, element_ranges
 from .errors import NonFiniteError
 from .manifest_check import UNIFIED, mask_file
-from .safetensors_writer import ST_TORCH_NAMES, TensorSpec
+from .safetensors_writer import ST_ITEMSIZE, ST_TORCH_NAMES, TensorSpec
 
 NATIVE_FOLD_ENV = "CONDU_MERGE_NATIVE_FOLD"
 """``0`` turns the torch-free fold off (every task then takes the torch path; for comparisons)."""
+
+POOL_BYTES = 1 << 28
+"""At most this many bytes of free read and result buffers are kept for reuse (256 MiB)."""
 
 _EXPONENT = {"F16": (np.uint16, 0x7C00), "BF16": (np.uint16, 0x7F80)}  # all ones: Inf or NaN
 
@@ -59,6 +63,55 @@ def unsupported(backend: object, td: TaskDelta, specs: Sequence[TensorSpec], ear
         if base.spec(s.name).st != s.st or finetuned.spec(s.name).st != s.st:
             return f"tensor {s.name!r} is cast to the store's dtype"
     return None
+
+
+class BufferPool:
+    """Byte buffers the fold reuses for its reads and results, so that each tensor's bytes land
+    in memory the process already touched (a fresh buffer is page-faulted and zeroed by the
+    kernel: on the 2-core VM of ``benchmarks/RESULTS.md`` the kernel's page clearing was 11% of
+    an ``add-task``'s CPU time, and first touches of memory the host took back are slower still).
+
+    :meth:`take` hands out a view of a free buffer. A buffer is free again once nothing refers to
+    it: the view the fold holds, and the memoryviews the background hashers and writers hold
+    until their job ran (``sys.getrefcount``), so no buffer is reused while a worker reads it.
+    Past ``limit`` bytes in all, free buffers are dropped (smallest first); those in use are
+    bounded by the workers' queues."""
+
+    _IDLE_REFS = 3  # the pool's list, the loop variable, getrefcount's argument
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._bufs: list[np.ndarray] = []
+
+    def _fitting(self, nbytes: int) -> np.ndarray | None:
+        """The smallest free buffer of at least ``nbytes`` (a function of its own: a loop variable
+        left in :meth:`take`'s frame would keep the last buffer busy through :meth:`_trim`)."""
+        best = None
+        for buf in self._bufs:
+            if buf.nbytes >= nbytes and sys.getrefcount(buf) == self._IDLE_REFS:
+                if best is None or buf.nbytes < best.nbytes:
+                    best = buf
+        return best
+
+    def take(self, nbytes: int) -> np.ndarray:
+        best = self._fitting(nbytes)
+        if best is None:
+            best = np.empty(max(nbytes, 1), np.uint8)
+            self._bufs.append(best)
+            self._trim()
+        return best[:nbytes]
+
+    def _trim(self) -> None:
+        total = sum(b.nbytes for b in self._bufs)
+        if total <= self.limit:
+            return
+        keep = []
+        for buf in sorted(self._bufs, key=lambda b: b.nbytes):
+            if total > self.limit and sys.getrefcount(buf) == self._IDLE_REFS + 1:  # + the sorted list
+                total -= buf.nbytes
+            else:
+                keep.append(buf)
+        self._bufs = keep
 
 
 def _non_finite_index(d: np.ndarray, st: str) -> int | None:
@@ -91,13 +144,17 @@ class NativeFold:
         self.label = label
         self.chunk = chunk
         self.crash = crash
+        self.pool = BufferPool(POOL_BYTES)
 
     def __call__(self, specs: Sequence[TensorSpec], task: Any, writer: Any, progress: bool = False) -> None:
-        from tqdm.auto import tqdm
-
         t = task.index
         lams = task.meta.get("rescalers", [])
-        for s in tqdm(specs, desc=f"add {task.name}", disable=not progress, leave=False):
+        items: Any = specs
+        if progress:  # tqdm takes 30 ms to import: only for a bar
+            from tqdm.auto import tqdm
+
+            items = tqdm(specs, desc=f"add {task.name}", leave=False)
+        for s in items:
             n = math.prod(s.shape)
             lam = [v[s.name] if isinstance(v, dict) else v for v in lams]
             if n > self.chunk:
@@ -111,21 +168,23 @@ class NativeFold:
         from .kernels import native_backend as nb
 
         key, st = s.name, s.st
-        f = self.finetuned.get_bytes(key, a0, a1)  # our own buffer: the delta goes into it
-        b = self.base.get_bytes(key, a0, a1)  # may be hashed in the background: only read
+        take = self.pool.take
+        nbytes = (a1 - a0) * ST_ITEMSIZE[st]
+        f = self.finetuned.get_bytes(key, a0, a1, out=take(nbytes))  # not hashed: the delta goes into it
+        b = self.base.get_bytes(key, a0, a1, out=take(nbytes))  # may be hashed in the background: only read
         nbad, big = nb.subtract_arrays(f, b, f, st)
         del b
         if nbad:
             raise self.td._overflow_error(key, big, ST_TORCH_NAMES[st])
         if t == 0:
-            u, masks, num, den = nb.unify_one_array(f, st)
+            u, masks, num, den = nb.unify_one_array(f, st, take)
         else:
-            u_old = self.files[UNIFIED].get_bytes(key, a0, a1)
+            u_old = self.files[UNIFIED].get_bytes(key, a0, a1, out=take(nbytes))
             m0, m1 = a0 // 8, (a1 + 7) // 8
-            old = np.empty((t, m1 - m0), np.uint8)
+            old = take(t * (m1 - m0)).reshape(t, m1 - m0)
             for i in range(t):
                 self.files[mask_file(i)].get_bytes(key, m0, m1, out=old[i])
-            u, masks, num, den = nb.add_task_arrays(u_old, old, lam, f, st)
+            u, masks, num, den = nb.add_task_arrays(u_old, old, lam, f, st, take)
             del u_old, old
         if not math.isfinite(float(num[t])):
             idx = _non_finite_index(f, st)

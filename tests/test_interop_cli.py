@@ -83,6 +83,22 @@ def test_import_help_and_inspect_load_no_torch(tmp_path):
     assert r.returncode == 0, r.stderr
 
 
+def test_the_program_gives_openblas_one_thread_unless_told(tmp_path):
+    st = _store(tmp_path, 1)
+    code = (
+        "import os, sys; from condu_merge.cli import entry; "
+        f"sys.argv = ['condu-merge', 'inspect', {st.root!r}, '--json']; rc = entry(); "
+        "import numpy; assert rc == 0; print(os.environ['OPENBLAS_NUM_THREADS'], file=sys.stderr)"
+    )
+    for preset, want in ((None, "1"), ("3", "3")):
+        env = _env()
+        env.pop("OPENBLAS_NUM_THREADS", None)
+        if preset:
+            env["OPENBLAS_NUM_THREADS"] = preset
+        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+        assert r.returncode == 0 and r.stderr.strip().splitlines()[-1] == want, r.stderr
+
+
 def test_closed_pipe_ends_quietly(tmp_path):
     st = _store(tmp_path, 2)
     p = subprocess.Popen(

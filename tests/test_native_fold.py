@@ -269,3 +269,26 @@ def test_a_native_fold_killed_leaves_a_loadable_store(tmp_path, step, state):
     st = Store(root)
     assert st.task_names[-1] == "t2" and st.verify().files > 0
     assert sorted(p.name for p in root.iterdir() if p.name.startswith("gen-")) == [st.manifest["generation_dir"]]
+
+
+def _addr(x: np.ndarray) -> int:
+    return int(x.__array_interface__["data"][0])  # keeps no reference to x (x.ctypes would)
+
+
+def test_the_buffer_pool_reuses_a_buffer_only_once_nothing_refers_to_it():
+    pool = native_fold.BufferPool(limit=3000)
+    a = pool.take(1000)
+    addr_a = _addr(a)
+    held = memoryview(a[10:20])  # as a background hash job holds the bytes it was handed
+    del a
+    b = pool.take(1000)
+    addr_b = _addr(b)
+    assert addr_b != addr_a  # a's buffer is still referred to
+    del b
+    c = pool.take(600)
+    assert _addr(c) == addr_b and c.nbytes == 600  # b's is free: reused
+    del c, held
+    d = pool.take(1000)
+    assert _addr(d) in (addr_a, addr_b) and len(pool._bufs) == 2
+    e = pool.take(2500)  # none fits: a new one; over the limit, the free buffer goes, those in use stay
+    assert sorted(_addr(x) for x in pool._bufs) == sorted([_addr(d), _addr(e)])

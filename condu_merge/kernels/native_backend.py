@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -265,21 +265,33 @@ def subtract_arrays(f: np.ndarray, b: np.ndarray, out: np.ndarray, st: str) -> t
     return _subtract_ptrs(lib, f.ctypes.data, b.ctypes.data, out.ctypes.data, N, kind, NativeBackend())
 
 
-def unify_one_array(delta: np.ndarray, st: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _fresh(nbytes: int) -> np.ndarray:
+    return np.empty(nbytes, np.uint8)
+
+
+def unify_one_array(
+    delta: np.ndarray, st: str, alloc: Callable[[int], np.ndarray] = _fresh
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The first task of a store on one tensor (``unify`` of one delta, ``N`` elements of ``st``):
-    returns ``(u, masks [1, ceil(N/8)] uint8, num, den)`` as :meth:`NativeBackend.unify_flat`."""
+    returns ``(u, masks [1, ceil(N/8)] uint8, num, den)`` as :meth:`NativeBackend.unify_flat`.
+    ``alloc(nbytes)``: where the results go (a contiguous ``uint8`` array of that size)."""
     lib = _require_lib()
     N = delta.nbytes // ST_ITEMSIZE[st]
     kind = _check_arrays("unify", N, st, delta)
-    u = np.empty(N, NUMPY_OF_ST[st])
-    masks = np.empty((1, packed_nbytes(N)), np.uint8)
+    u = alloc(N * ST_ITEMSIZE[st]).view(NUMPY_OF_ST[st])
+    masks = alloc(packed_nbytes(N)).reshape(1, packed_nbytes(N))
     ptrs = np.array([delta.ctypes.data], dtype=np.uintp)
     num, den = _unify_ptrs(lib, ptrs, 1, N, u.ctypes.data, masks.ctypes.data, kind, NativeBackend())
     return u, masks, num, den
 
 
 def add_task_arrays(
-    u: np.ndarray, masks: np.ndarray, lambdas: Sequence[float], delta: np.ndarray, st: str
+    u: np.ndarray,
+    masks: np.ndarray,
+    lambdas: Sequence[float],
+    delta: np.ndarray,
+    st: str,
+    alloc: Callable[[int], np.ndarray] = _fresh,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """:meth:`NativeBackend.add_task_flat` on arrays: ``u`` and ``delta`` of ``N`` elements of
     ``st``, ``masks`` the earlier tasks' packed rows ``uint8 [t, ceil(N/8)]`` (at most
@@ -293,8 +305,8 @@ def add_task_arrays(
         raise ValueError(f"native add_task: masks must be contiguous uint8 [t, {nb}], got {masks.dtype} {masks.shape}")
     if not 1 <= tp <= MAX_EARLIER_TASKS or len(lambdas) != tp:
         raise ValueError(f"native add_task: {tp} earlier tasks with {len(lambdas)} rescalers (1..{MAX_EARLIER_TASKS})")
-    u_new = np.empty(N, NUMPY_OF_ST[st])
-    masks_new = np.empty((tp + 1, nb), np.uint8)
+    u_new = alloc(N * ST_ITEMSIZE[st]).view(NUMPY_OF_ST[st])
+    masks_new = alloc((tp + 1) * nb).reshape(tp + 1, nb)
     num, den = _add_task_ptrs(
         lib,
         u.ctypes.data,
