@@ -120,7 +120,7 @@ def test_sharded_checkpoints_take_the_native_fold_with_the_same_bytes(tmp_path, 
     base, fts = _checkpoints(tmp_path, {"emb.weight": torch.bfloat16}, tasks=2)
     sbase = _shard(base, tmp_path / "base")
     sfts = [_shard(f, tmp_path / f"ft{i}") for i, f in enumerate(fts)]
-    a = _build(tmp_path / "native", sbase, sfts, monkeypatch, True)
+    a = _build(tmp_path / "native", sbase, sfts, monkeypatch, True, progress=True)  # with a bar too
     b = _build(tmp_path / "torch", sbase, sfts, monkeypatch, False)
     assert _files(a.root) == _files(b.root)
     assert _scrub(a.manifest) == _scrub(b.manifest)
