@@ -292,3 +292,16 @@ def test_the_buffer_pool_reuses_a_buffer_only_once_nothing_refers_to_it():
     assert _addr(d) in (addr_a, addr_b) and len(pool._bufs) == 2
     e = pool.take(2500)  # none fits: a new one; over the limit, the free buffer goes, those in use stay
     assert sorted(_addr(x) for x in pool._bufs) == sorted([_addr(d), _addr(e)])
+
+
+def test_torch_is_imported_on_first_use_and_then_bound_directly():
+    code = (
+        "import sys, condu_merge.store as st, condu_merge.core as core, condu_merge._lazy as lazy; "
+        "assert 'torch' not in sys.modules and st.torch is lazy.torch and core.torch is lazy.torch; "
+        "z = st.torch.zeros(3); import torch; "
+        "assert st.torch is torch and core.torch is torch and z.tolist() == [0.0, 0.0, 0.0]; "
+        "assert lazy.torch.ones(1).item() == 1.0"  # a later access through the stand-in still works
+    )
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
