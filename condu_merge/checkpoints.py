@@ -27,7 +27,7 @@ import json
 import math
 import os
 import struct
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -185,6 +185,7 @@ class SafetensorsFile:
         self._seq: Any = new_hasher(self.hash_algo)
         self._seq.update(raw + self._header_bytes)
         self._seq_pos = 8 + n
+        self._read_any = False  # whether a tensor's bytes were read (set_hash is refused after)
         self._entries: dict[str, tuple[TensorSpec, int, int]] = {}
         data_len = size - self._data_start
         for name, e in header.items():
@@ -279,6 +280,7 @@ class SafetensorsFile:
         """``nbytes`` at data offset ``begin`` into a fresh uint8 array (or ``out``), hashed if in order."""
         buf = np.empty(nbytes, dtype=np.uint8) if out is None else out.reshape(-1)
         if nbytes:
+            self._read_any = True
             got = self._read_into(buf.data, self._data_start + begin)
             if got != nbytes:
                 raise FormatError(f"{self.path}: tensor {key!r} is truncated ({got} of {nbytes} bytes)")
@@ -333,7 +335,7 @@ class SafetensorsFile:
         """Choose the digest :meth:`sequential_digest` gives (and the background ``worker``, or
         none) before any tensor was read, e.g. once a store's manifest said which digest it records.
         Raises ``RuntimeError`` after a read (what was read was hashed with the old choice)."""
-        if self._seq is None or self._seq_pos != self._data_start:
+        if self._read_any or self._seq_pos != self._data_start:
             raise RuntimeError(f"{self.path}: the digest can only be chosen before the first read")
         seq = new_hasher(algo)
         seq.update(struct.pack("<Q", len(self._header_bytes)) + self._header_bytes)  # the bytes read at open
@@ -412,6 +414,10 @@ class ShardedCheckpoint:
                 raise FileNotFoundError(f"{self.path}: shard {os.path.basename(shard)} is missing")
         self._open: dict[str, Checkpoint] = {}
         self._hash_reads = True
+        # what the shards hash while read (set_hash): by default nothing, since a sharded
+        # checkpoint's identity is a digest over its files (checkpoint_identity), not one stream
+        self._hash_algo: str | None = None
+        self._hash_worker: OrderedWorker | None = None
 
     @property
     def all_safetensors(self) -> bool:
@@ -422,9 +428,30 @@ class ShardedCheckpoint:
         """Shards opened from now on (and those open) do not hash what they read (a fine-tuned
         checkpoint: nothing asks for its digest)."""
         self._hash_reads = False
+        self._hash_algo = None
         for ck in self._open.values():
             if isinstance(ck, SafetensorsFile):
                 ck.no_read_hash()
+
+    def set_hash(self, algo: str, worker: OrderedWorker | None = None) -> None:
+        """Hash every safetensors shard in ``algo`` while it is read (on ``worker`` if given), so
+        that :meth:`identity_from_reads` needs no second pass over the shards read front to back.
+        Before any tensor was read (a shard read already raises ``RuntimeError``)."""
+        self._hash_reads, self._hash_algo, self._hash_worker = True, algo, worker
+        for ck in self._open.values():
+            if isinstance(ck, SafetensorsFile):
+                ck.set_hash(algo, worker)
+
+    def identity_from_reads(self, algo: str) -> dict[str, object]:
+        """:func:`checkpoint_identity` in ``algo``, each shard's digest taken from its read where
+        it was hashed front to back in ``algo`` (:meth:`set_hash`), else from the file."""
+
+        def digest(path: str) -> str:
+            ck = self._open.get(path)
+            got = ck.sequential_digest(algo) if isinstance(ck, SafetensorsFile) else None
+            return got if got is not None else file_digest(path, algo)
+
+        return checkpoint_identity(self, algo, digest)
 
     def _shard(self, key: str) -> Checkpoint:
         try:
@@ -436,8 +463,11 @@ class ShardedCheckpoint:
             ck = SafetensorsFile(f) if f.endswith(".safetensors") or looks_like_safetensors(f) else TorchCheckpoint(f)
             if key not in ck.keys():
                 raise FormatError(f"{self.path}: the index puts {key!r} in {os.path.basename(f)}, which lacks it")
-            if not self._hash_reads and isinstance(ck, SafetensorsFile):
-                ck.no_read_hash()
+            if isinstance(ck, SafetensorsFile):
+                if self._hash_algo is not None:
+                    ck.set_hash(self._hash_algo, self._hash_worker)
+                else:  # see __init__: nothing asks for a shard's own running digest
+                    ck.no_read_hash()
             self._open[f] = ck
         return ck
 
@@ -1060,20 +1090,23 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return file_digest(path, "sha256", chunk)
 
 
-def checkpoint_identity(ck: Checkpoint | PeftAdapter, algo: str = "sha256") -> dict[str, object]:
+def checkpoint_identity(
+    ck: Checkpoint | PeftAdapter, algo: str = "sha256", digest: Callable[[str], str] | None = None
+) -> dict[str, object]:
     """``{"path", algo, "bytes"}`` (``algo``: ``"sha256"``, the default, or ``"blake3"``): the
     digest of the file, or the same digest of the sorted ``"name digest"`` lines of every file for
-    a multi-file checkpoint."""
+    a multi-file checkpoint. ``digest(path)``: a file's digest in ``algo`` (default: read it)."""
+    digest = digest or (lambda f: file_digest(f, algo))
     files = ck.files()
     if not files:
         return {"path": ck.path, algo: None, "bytes": 0}
     if len(files) == 1:
         return {
             "path": os.path.abspath(files[0]),
-            algo: file_digest(files[0], algo),
+            algo: digest(files[0]),
             "bytes": os.path.getsize(files[0]),
         }
-    lines = sorted(f"{os.path.basename(f)} {file_digest(f, algo)}" for f in files)
+    lines = sorted(f"{os.path.basename(f)} {digest(f)}" for f in files)
     h = new_hasher(algo)
     h.update("\n".join(lines).encode())
     return {"path": os.path.abspath(ck.path), algo: h.hexdigest(), "bytes": sum(os.path.getsize(f) for f in files)}

@@ -968,6 +968,9 @@ def hash_base_while_reading(manifest: Mapping[str, Any] | None, bck: Checkpoint,
         if bck.hash_algo != algo or worker is not None:
             with contextlib.suppress(RuntimeError):
                 bck.set_hash(algo, worker)
+    elif isinstance(bck, ShardedCheckpoint):  # each shard hashed as read; the identity combines them
+        with contextlib.suppress(RuntimeError):
+            bck.set_hash(base_algorithm(manifest), worker)
 
 
 @contextlib.contextmanager
@@ -1021,6 +1024,11 @@ def base_after_read(manifest: Mapping[str, Any] | None, bck: Checkpoint, *, read
     separate pass only where there is none."""
     algo = base_algorithm(manifest)
     digest = bck.sequential_digest(algo) if read_hash and isinstance(bck, SafetensorsFile) else None
+    if read_hash and isinstance(bck, ShardedCheckpoint):
+        ident = bck.identity_from_reads(algo)  # shards not read front to back are hashed again here
+        if manifest is None:
+            return ident
+        digest = ident[algo]  # type: ignore[assignment]
     if manifest is not None:
         check_base_identity(manifest, bck, digest, digest_algo=algo)
         return None

@@ -305,3 +305,49 @@ def test_torch_is_imported_on_first_use_and_then_bound_directly():
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def _ordered_shards(path, folder):
+    """``path`` as two safetensors shards written in the index's order (so reading the index's
+    tensors in turn reads each shard front to back)."""
+    sd = SafetensorsFileDict(path)
+    folder.mkdir()
+    keys = list(sd)
+    parts = {"model-00001-of-00002.safetensors": keys[:3], "model-00002-of-00002.safetensors": keys[3:]}
+    for name, ks in parts.items():
+        specs = [TensorSpec(k, sd[k].dtype, tuple(sd[k].shape)) for k in ks]
+        with StreamingSafetensorsWriter(folder / name, specs) as w:
+            for k in ks:
+                w.write(k, sd[k])
+            w.close()
+    index = {"metadata": {}, "weight_map": {k: name for name, ks in parts.items() for k in ks}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    return folder / "model.safetensors.index.json"
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])
+def test_a_sharded_base_is_hashed_from_the_merges_own_read(tmp_path, monkeypatch, native):
+    from condu_merge import checkpoints
+    from condu_merge.checkpoints import ShardedCheckpoint, checkpoint_identity
+    from condu_merge.errors import MergeInputError
+
+    base, fts = _checkpoints(tmp_path, {"emb.weight": torch.bfloat16}, tasks=3)
+    sbase = _ordered_shards(base, tmp_path / "base")
+    hashed = []
+    real = checkpoints.file_digest
+    monkeypatch.setattr(checkpoints, "file_digest", lambda p, algo="sha256", *a: hashed.append(p) or real(p, algo, *a))
+    st = _build(tmp_path / "store", sbase, fts[:2], monkeypatch, native)
+    # the shards were hashed as the merge read them: a second pass only over the small index file
+    assert {os.path.basename(p) for p in hashed} == {"model.safetensors.index.json"}
+    rec = st.manifest["base"]
+    algo = next(k for k in rec if k not in ("path", "bytes"))
+    ck = ShardedCheckpoint(sbase)
+    assert rec == checkpoint_identity(ck, algo)  # the same identity as hashing every file
+    ck.close()
+    shard = tmp_path / "base" / "model-00002-of-00002.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 1  # one bit of the last tensor: same size, another digest
+    shard.write_bytes(bytes(data))
+    with pytest.raises(MergeInputError, match="differs from the one|was modified"):
+        st.add_task_from_checkpoints("t2", sbase, fts[2])
+    assert st.task_names == ["t0", "t1"]
