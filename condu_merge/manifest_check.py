@@ -36,9 +36,26 @@ UNIFIED = "unified.safetensors"
 RESCALER_MODES = ("tensor_mean", "l1", "per_tensor")
 """The rescaler modes a store (and :func:`condu_merge.core.compute_rescalers`) knows."""
 
-SAFETENSORS_DTYPES = frozenset(
-    {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "I64", "I32", "I16", "I8", "U64", "U32", "U16", "U8", "BOOL"}
-)
+ST_ITEMSIZE: dict[str, int] = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "U16": 2,
+    "U32": 4,
+    "U64": 8,
+}
+"""safetensors dtype names and their item sizes: what a header says, with no torch or numpy (the
+store's light view reads them too)."""
+SAFETENSORS_DTYPES = frozenset(ST_ITEMSIZE)
 """safetensors dtype names a store may record (the keys of ``safetensors_writer.ST_TO_DTYPE``;
 a test keeps the two equal)."""
 

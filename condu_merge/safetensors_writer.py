@@ -35,25 +35,8 @@ from .digests import (
     blake3_available as blake3_available,
     new_hasher as new_hasher,
 )
+from .manifest_check import ST_ITEMSIZE as ST_ITEMSIZE
 
-# safetensors dtype names and their item sizes: what a header says, without torch
-ST_ITEMSIZE: dict[str, int] = {
-    "F64": 8,
-    "F32": 4,
-    "F16": 2,
-    "BF16": 2,
-    "I64": 8,
-    "I32": 4,
-    "I16": 2,
-    "I8": 1,
-    "U8": 1,
-    "BOOL": 1,
-    "F8_E4M3": 1,
-    "F8_E5M2": 1,
-    "U16": 2,
-    "U32": 4,
-    "U64": 8,
-}
 ST_FLOATING = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
 ST_TORCH_NAMES = {
     "F64": "float64",

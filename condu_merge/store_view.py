@@ -20,31 +20,13 @@ from typing import Any
 
 from .digests import DigestUnavailableError, check_record, require_algorithms
 from .errors import FormatError
-from .manifest_check import check_manifest_structure
+from .manifest_check import ST_ITEMSIZE as _ITEMSIZE, check_manifest_structure
 
 _VERSIONS = (1, 2)
-"""The ConDU manifest versions (``condu_merge.pipeline.STORE_VERSIONS``, which imports torch; a
-test keeps the two equal): 1 with sha256 records only, 2 once one is BLAKE3."""
+"""The ConDU manifest versions (``condu_merge.pipeline.STORE_VERSIONS``, whose module imports
+numpy; a test keeps the two equal): 1 with sha256 records only, 2 once one is BLAKE3."""
 
 __all__ = ["StoreView", "ViewError"]
-
-_ITEMSIZE = {
-    "F64": 8,
-    "F32": 4,
-    "F16": 2,
-    "BF16": 2,
-    "I64": 8,
-    "I32": 4,
-    "I16": 2,
-    "I8": 1,
-    "U8": 1,
-    "BOOL": 1,
-    "F8_E4M3": 1,
-    "F8_E5M2": 1,
-    "U16": 2,
-    "U32": 4,
-    "U64": 8,
-}
 
 
 class ViewError(Exception):
