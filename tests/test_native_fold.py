@@ -351,3 +351,38 @@ def test_a_sharded_base_is_hashed_from_the_merges_own_read(tmp_path, monkeypatch
     with pytest.raises(MergeInputError, match="differs from the one|was modified"):
         st.add_task_from_checkpoints("t2", sbase, fts[2])
     assert st.task_names == ["t0", "t1"]
+
+
+def test_many_tasks_reopened_files_and_the_64_task_bound(tmp_path, monkeypatch):
+    """Past 64 data files a generation's files are reopened per append (ReopeningWriter) and its
+    readers too; past 64 earlier tasks the native kernels stop and the torch fold goes on."""
+    from condu_merge.pipeline import KEEP_OPEN_FILES
+
+    base, fts = _checkpoints(tmp_path, {"blk.0.w": torch.float16}, tasks=nb.MAX_EARLIER_TASKS + 2, scale=0.05)
+    calls = []
+    real = native_fold.NativeFold.__call__
+    monkeypatch.setattr(native_fold.NativeFold, "__call__", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    root = tmp_path / "store"
+    st = Store(root)
+    for t, ft in enumerate(fts[:-3]):
+        st.add_task_from_checkpoints(f"t{t}", base, ft)
+    assert len(calls) == len(fts) - 3
+    snap = tmp_path / "snap"
+    import shutil
+
+    shutil.copytree(root, snap)
+    stores = {}
+    for native in (True, False):
+        monkeypatch.setenv(native_fold.NATIVE_FOLD_ENV, "1" if native else "0")
+        r = tmp_path / f"s{native}"
+        shutil.copytree(snap, r)
+        calls.clear()
+        s = Store(r)
+        for t in range(len(fts) - 3, len(fts)):
+            s.add_task_from_checkpoints(f"t{t}", base, fts[t])
+        # tasks 64 and 65 (63 and 64 earlier) natively; task 66 (65 earlier) in the torch fold
+        assert len(calls) == (2 if native else 0)
+        stores[native] = s
+    assert len(stores[True].task_names) + 1 > KEEP_OPEN_FILES  # u + a mask file per task
+    assert _files(stores[True].root) == _files(stores[False].root)
+    assert Store(stores[True].root).verify().files == len(fts) + 1
