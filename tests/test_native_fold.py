@@ -361,7 +361,9 @@ def test_many_tasks_reopened_files_and_the_64_task_bound(tmp_path, monkeypatch):
     base, fts = _checkpoints(tmp_path, {"blk.0.w": torch.float16}, tasks=nb.MAX_EARLIER_TASKS + 2, scale=0.05)
     calls = []
     real = native_fold.NativeFold.__call__
-    monkeypatch.setattr(native_fold.NativeFold, "__call__", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    monkeypatch.setattr(
+        native_fold.NativeFold, "__call__", lambda self, *a, **k: calls.append(1) or real(self, *a, **k)
+    )
     root = tmp_path / "store"
     st = Store(root)
     for t, ft in enumerate(fts[:-3]):
