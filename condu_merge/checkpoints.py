@@ -413,7 +413,6 @@ class ShardedCheckpoint:
             if not os.path.exists(shard):
                 raise FileNotFoundError(f"{self.path}: shard {os.path.basename(shard)} is missing")
         self._open: dict[str, Checkpoint] = {}
-        self._hash_reads = True
         # what the shards hash while read (set_hash): by default nothing, since a sharded
         # checkpoint's identity is a digest over its files (checkpoint_identity), not one stream
         self._hash_algo: str | None = None
@@ -427,7 +426,6 @@ class ShardedCheckpoint:
     def no_read_hash(self) -> None:
         """Shards opened from now on (and those open) do not hash what they read (a fine-tuned
         checkpoint: nothing asks for its digest)."""
-        self._hash_reads = False
         self._hash_algo = None
         for ck in self._open.values():
             if isinstance(ck, SafetensorsFile):
@@ -437,7 +435,7 @@ class ShardedCheckpoint:
         """Hash every safetensors shard in ``algo`` while it is read (on ``worker`` if given), so
         that :meth:`identity_from_reads` needs no second pass over the shards read front to back.
         Before any tensor was read (a shard read already raises ``RuntimeError``)."""
-        self._hash_reads, self._hash_algo, self._hash_worker = True, algo, worker
+        self._hash_algo, self._hash_worker = algo, worker
         for ck in self._open.values():
             if isinstance(ck, SafetensorsFile):
                 ck.set_hash(algo, worker)
@@ -866,7 +864,7 @@ _DELTA_BLOCK = 1 << 22  # elements per block of TaskDelta.delta
 # two-thread ops waits for a descheduled thread: 256K-element blocks ran 3.5x slower than 4M ones)
 _HALF_BLOCK = 1 << 22
 # float16 / bfloat16 bits of the exponent field: all ones is inf or nan
-_HALF_EXPONENT = {"F16": 0x7C00, "BF16": 0x7F80}  # the all-ones exponent: Inf or NaN
+HALF_EXPONENT = {"F16": 0x7C00, "BF16": 0x7F80}  # the all-ones exponent: Inf or NaN
 
 
 def _subtract(f: torch.Tensor, b: torch.Tensor, own: bool) -> torch.Tensor:
@@ -1011,7 +1009,7 @@ class TaskDelta:
         own = own and f.dtype == dtype
         if f.dtype == b.dtype == wide == dtype:
             return _subtract(f, b, own)
-        if f.dtype == b.dtype == dtype and DTYPE_TO_ST.get(dtype) in _HALF_EXPONENT and f.device.type == "cpu":
+        if f.dtype == b.dtype == dtype and DTYPE_TO_ST.get(dtype) in HALF_EXPONENT and f.device.type == "cpu":
             return self._half_difference(key, f, b, own)
         # in blocks: no whole-tensor temporaries in the wide type (a bf16 embedding's fp32
         # copies would be 4x the tensor); element-wise, so the values are the same
@@ -1051,7 +1049,7 @@ class TaskDelta:
         scratch = torch.empty(min(n, _HALF_BLOCK), dtype=f.dtype)
         bits = scratch.view(torch.int16).numpy()
         test = np.empty(bits.shape, dtype=np.int16)
-        mask = _HALF_EXPONENT[DTYPE_TO_ST[f.dtype]]
+        mask = HALF_EXPONENT[DTYPE_TO_ST[f.dtype]]
         for s in range(0, n, _HALF_BLOCK):
             e = min(s + _HALF_BLOCK, n)
             k = e - s

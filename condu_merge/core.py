@@ -185,8 +185,8 @@ def _check_finite(
             bad = ~torch.isfinite(flat)
             if bool(bad.any()):
                 idx = int(bad.nonzero()[0, 0])
-                raise NonFiniteError(f"{who}: tensor {key!r} contains NaN or Inf (first at flat index {idx})")
-            raise NonFiniteError(f"{who}: the L1 norm of tensor {key!r} overflows float64")
+                raise NonFiniteError.at(who, key, idx)
+            raise NonFiniteError.norm_overflow(who, key)
 
 
 # ---------------------------------------------------------------------------- rescalers

@@ -26,6 +26,16 @@ class DtypeMismatchError(MergeInputError):
 class NonFiniteError(MergeInputError):
     """A delta holds NaN or Inf."""
 
+    @classmethod
+    def at(cls, who: str, key: str, index: int) -> NonFiniteError:
+        """The error for tensor ``key`` of ``who`` (a task label), its first NaN or Inf at flat ``index``."""
+        return cls(f"{who}: tensor {key!r} contains NaN or Inf (first at flat index {index})")
+
+    @classmethod
+    def norm_overflow(cls, who: str, key: str) -> NonFiniteError:
+        """The error for a finite tensor whose float64 L1 norm overflows."""
+        return cls(f"{who}: the L1 norm of tensor {key!r} overflows float64")
+
 
 class DuplicateTaskError(ConduError, ValueError):
     """A task name is already used in the session."""

@@ -24,7 +24,7 @@ from typing import Any, cast
 
 import numpy as np
 
-from .checkpoints import SafetensorsFile, ShardedCheckpoint, TaskDelta, element_ranges
+from .checkpoints import HALF_EXPONENT, SafetensorsFile, ShardedCheckpoint, TaskDelta, element_ranges
 from .errors import NonFiniteError
 from .manifest_check import UNIFIED, mask_file
 from .safetensors_writer import ST_ITEMSIZE, ST_TORCH_NAMES, TensorSpec
@@ -34,8 +34,6 @@ NATIVE_FOLD_ENV = "CONDU_MERGE_NATIVE_FOLD"
 
 POOL_BYTES = 1 << 28
 """At most this many bytes of free read and result buffers are kept for reuse (256 MiB)."""
-
-_EXPONENT = {"F16": (np.uint16, 0x7C00), "BF16": (np.uint16, 0x7F80)}  # all ones: Inf or NaN
 
 
 def unsupported(backend: object, td: TaskDelta, specs: Sequence[TensorSpec], earlier: int) -> str | None:
@@ -119,8 +117,8 @@ def _non_finite_index(d: np.ndarray, st: str) -> int | None:
     if st == "F32":
         bad = ~np.isfinite(d.view(np.float32))
     else:
-        kind, exp = _EXPONENT[st]
-        bad = (d.view(kind) & exp) == exp
+        exp = HALF_EXPONENT[st]
+        bad = (d.view(np.uint16) & exp) == exp
     hit = np.flatnonzero(bad)
     return int(hit[0]) if hit.size else None
 
@@ -189,10 +187,8 @@ class NativeFold:
         if not math.isfinite(float(num[t])):
             idx = _non_finite_index(f, st)
             if idx is not None:
-                raise NonFiniteError(
-                    f"{self.label}: tensor {key!r} contains NaN or Inf (first at flat index {a0 + idx})"
-                )
-            raise NonFiniteError(f"{self.label}: the L1 norm of tensor {key!r} overflows float64")
+                raise NonFiniteError.at(self.label, key, a0 + idx)
+            raise NonFiniteError.norm_overflow(self.label, key)
         del f
         self.rule.record(task, key, a1 - a0, num.tolist(), den.tolist(), masks)
         write(UNIFIED, key, u)

@@ -787,7 +787,7 @@ def _check_finite_delta(rule: Any, d: torch.Tensor, key: str, label: str, offset
         bad = ~torch.isfinite(d)
         if bool(bad.any()):
             idx = offset + int(bad.reshape(-1).nonzero()[0, 0])
-            raise NonFiniteError(f"{label}: tensor {key!r} contains NaN or Inf (first at flat index {idx})")
+            raise NonFiniteError.at(label, key, idx)
 
 
 def _write_slots(rule: Any, slots: Any, spec: TensorSpec, out: Any, t: int, write: Any) -> None:

@@ -104,6 +104,7 @@ from .pipeline import (
     hash_base_while_reading,
     hash_reads_as_recorded,
     link_or_copy,
+    manifest_specs,
     new_generation_dir,
     open_task_delta,
     open_writer_lock,
@@ -236,16 +237,6 @@ def _write_prototype_file(path: str, tensors: Mapping[str, torch.Tensor], task: 
 # ---------------------------------------------------------------------------- the store
 
 
-class _DtypeOf:
-    """``{tensor name: the store's torch dtype}``, looked up on use (so a torch-free fold never asks)."""
-
-    def __init__(self, specs: Sequence[TensorSpec]):
-        self._specs = {s.name: s for s in specs}
-
-    def __getitem__(self, key: str) -> torch.dtype:
-        return self._specs[key].dtype
-
-
 class Store(StoreDirectory):
     """A store directory. Opening reads ``manifest.json`` and checks every data file's size and
     header (and, with ``verify=True``, its digest); a missing manifest is an empty store that the
@@ -327,8 +318,7 @@ class Store(StoreDirectory):
 
     @property
     def specs(self) -> list[TensorSpec]:
-        m = self.require()
-        return [TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in m["tensors"]]
+        return manifest_specs(self.require())
 
     @property
     def keys(self) -> list[str]:
@@ -721,7 +711,7 @@ class Store(StoreDirectory):
                 )
                 specs, ident, selection = plan.specs, plan.base_identity, plan.selection
                 source = {**(plan.source or {}), **(source_extra or {})}
-                store_dtype = _DtypeOf(specs)
+                spec_of = {s.name: s for s in specs}  # the store's dtype of each tensor, asked on use
                 if hashing:
                     hash_base_while_reading(self.manifest, td.base, base_hasher)
                 from .native_fold import unsupported
@@ -729,7 +719,7 @@ class Store(StoreDirectory):
                 native = unsupported(backend, td, specs, len(self.task_names)) is None
                 self._stream_add(
                     name,
-                    lambda k: td.delta(k, store_dtype[k]),
+                    lambda k: td.delta(k, spec_of[k].dtype),
                     specs,
                     rescaler=rescaler,
                     backend=backend,
@@ -745,7 +735,7 @@ class Store(StoreDirectory):
                     )
                     if check_base
                     else None,
-                    delta_range_of=lambda k, a0, a1: td.delta_range(k, store_dtype[k], a0, a1),
+                    delta_range_of=lambda k, a0, a1: td.delta_range(k, spec_of[k].dtype, a0, a1),
                     native_td=td if native else None,
                 )
         finally:

@@ -24,6 +24,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
+import numpy as np
+
 if TYPE_CHECKING:
     import torch
 else:  # imported on first use: see condu_merge._lazy
@@ -51,6 +53,15 @@ def opmath_scalar(value: float, dtype: torch.dtype) -> float:
     if opmath_dtype(dtype) == torch.float64:
         return float(value)
     return float(torch.tensor(value, dtype=torch.float32).item())
+
+
+def lambdas_f32(lambdas: Sequence[float]) -> np.ndarray:
+    """The rescalers rounded to float32, the opmath of float32, float16 and bfloat16 tensors, held
+    in float64: what :func:`opmath_scalar` gives each (numpy's float64 -> float32 cast rounds to
+    nearest even, as torch's does), without torch."""
+    lam64 = np.array([float(v) for v in lambdas], dtype=np.float64).reshape(len(lambdas))
+    with np.errstate(over="ignore"):  # beyond float32's range rounds to inf, as in torch
+        return lam64.astype(np.float32).astype(np.float64)
 
 
 @runtime_checkable

@@ -35,7 +35,7 @@ else:  # imported on first use: see condu_merge._lazy
     from .._lazy import torch
 
 from .._lazy import loaded
-from ..backends.base import FlatMergeResult, MergeBackend
+from ..backends.base import FlatMergeResult, MergeBackend, lambdas_f32
 from ..packing import packed_nbytes
 from ..safetensors_writer import DTYPE_TO_ST, ST_ITEMSIZE
 from ._rows import RowsDecoupler
@@ -102,14 +102,6 @@ def default_threads() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):
         return max(1, os.cpu_count() or 1)
-
-
-def lambdas_f32(lambdas: Sequence[float]) -> np.ndarray:
-    """The rescalers as the float32 opmath of float32, float16 and bfloat16 tensors, held in
-    float64 (as :func:`~condu_merge.kernels.numba_backend._lam_opmath` gives them)."""
-    lam64 = np.array([float(v) for v in lambdas], dtype=np.float64).reshape(len(lambdas))
-    with np.errstate(over="ignore"):  # beyond float32's range rounds to inf, as in torch
-        return lam64.astype(np.float32).astype(np.float64)
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -188,7 +180,7 @@ def _add_task_ptrs(
 ) -> tuple[np.ndarray, np.ndarray]:
     """``cm_add_task`` (``tp`` earlier mask rows at ``old``, ``old_stride`` bytes apart) into
     ``u_new`` and ``masks_new`` (``[tp + 1, ceil(N/8)]``); returns ``(num, den)`` in float64."""
-    lam_op = np.ascontiguousarray(lambdas_f32(lambdas), dtype=np.float64)
+    lam_op = lambdas_f32(lambdas)
     nb = packed_nbytes(N)
     chunk, nc = be._work_items(N)
     absu_part = np.zeros((nc, max(tp, 1)), np.float64)

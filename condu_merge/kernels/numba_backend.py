@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 else:  # imported on first use: see condu_merge._lazy
     from .._lazy import torch
 
-from ..backends.base import FlatMergeResult, opmath_dtype
+from ..backends.base import FlatMergeResult, lambdas_f32, opmath_dtype
 from ..packing import packed_nbytes
 from ._rows import RowsDecoupler
 
@@ -73,11 +73,9 @@ def _lam_opmath(lams: Sequence[float], dtype: torch.dtype) -> np.ndarray:
     """The rescalers rounded to ``dtype``'s opmath type, as float64: what ``opmath_scalar`` gives
     (numpy's float64 -> float32 cast rounds to nearest even, as torch's does), without building a
     torch tensor per rescaler."""
-    lam64 = np.array([float(l) for l in lams], dtype=np.float64).reshape(len(lams))
     if opmath_dtype(dtype) == torch.float64:
-        return lam64
-    with np.errstate(over="ignore"):  # beyond float32's range rounds to inf, as in torch
-        return lam64.astype(np.float32).astype(np.float64)
+        return np.array([float(v) for v in lams], dtype=np.float64).reshape(len(lams))
+    return lambdas_f32(lams)
 
 
 def _lut_exact(lam_op: Sequence[float]) -> bool:

@@ -516,9 +516,7 @@ class ContinualStrategy(ABC):
             bad = ~torch.isfinite(t)
             if bool(bad.any()):
                 idx = int(bad.reshape(-1).nonzero()[0, 0])
-                raise NonFiniteError(
-                    f"{self.name}: {who}: tensor {k!r} contains NaN or Inf (first at flat index {idx})"
-                )
+                raise NonFiniteError.at(f"{self.name}: {who}", k, idx)
 
 
 # ---------------------------------------------------------------------------- registry
