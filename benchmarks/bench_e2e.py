@@ -65,21 +65,48 @@ def llama7b_shapes(layers: int) -> dict[str, tuple[int, ...]]:
     return s
 
 
-def _write(path: str, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype, make) -> None:
-    """A safetensors file tensor by tensor (``make(name, shape)`` gives each): one tensor in memory."""
+def _write(path: str, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype, make, shards: int = 1) -> str:
+    """A safetensors file tensor by tensor (``make(name, shape)`` gives each): one tensor in
+    memory. ``shards > 1``: a folder ``path`` minus its suffix holding that many shards (the
+    tensors in order, split evenly) and a ``model.safetensors.index.json``, whose path is returned."""
     from condu_merge.safetensors_writer import StreamingSafetensorsWriter, TensorSpec
 
-    with StreamingSafetensorsWriter(path, [TensorSpec(k, dtype, s) for k, s in shapes.items()]) as w:
-        for k, s in shapes.items():
-            w.write(k, make(k, s).to(dtype))
-        w.close()
+    keys = list(shapes)
+    if shards > 1:
+        folder = path.removesuffix(".safetensors")
+        os.makedirs(folder, exist_ok=True)
+        per = -(-len(keys) // shards)
+        parts = {f"model-{i + 1:05d}-of-{shards:05d}.safetensors": keys[i * per : (i + 1) * per] for i in range(shards)}
+    else:
+        folder, parts = os.path.dirname(path), {os.path.basename(path): keys}
+    for name, ks in parts.items():
+        with StreamingSafetensorsWriter(os.path.join(folder, name), [TensorSpec(k, dtype, shapes[k]) for k in ks]) as w:
+            for k in ks:
+                w.write(k, make(k, shapes[k]).to(dtype))
+            w.close()
+    if shards <= 1:
+        return path
+    index = os.path.join(folder, "model.safetensors.index.json")
+    with open(index, "w") as fh:
+        json.dump({"metadata": {}, "weight_map": {k: name for name, ks in parts.items() for k in ks}}, fh)
+    return index
+
+
+def checkpoint_files(path: str) -> list[str]:
+    """The files of a checkpoint ``_write`` made: the file, or the index and its shards."""
+    if not path.endswith(".index.json"):
+        return [path]
+    with open(path) as fh:
+        names = sorted(set(json.load(fh)["weight_map"].values()))
+    return [path] + [os.path.join(os.path.dirname(path), n) for n in names]
 
 
 def make_checkpoints(
-    d: str, shapes: dict[str, tuple[int, ...]], tasks: int, dtype: torch.dtype
+    d: str, shapes: dict[str, tuple[int, ...]], tasks: int, dtype: torch.dtype, shards: int = 1
 ) -> tuple[str, list[str]]:
     """A base and ``tasks`` fine-tuned checkpoints (base + 1e-3 noise), written tensor by tensor
-    (the base tensor is regenerated from its seed, so memory holds one tensor at a time)."""
+    (the base tensor is regenerated from its seed, so memory holds one tensor at a time); each in
+    ``shards`` safetensors shards with an index when ``shards > 1``."""
     os.makedirs(d, exist_ok=True)
     seeds = {k: i for i, k in enumerate(shapes)}
 
@@ -87,13 +114,16 @@ def make_checkpoints(
         return torch.randn(s, generator=torch.Generator().manual_seed(seeds[k]))
 
     bpath = os.path.join(d, "base.safetensors")
-    _write(bpath, shapes, dtype, base_t)
+    bpath = _write(bpath, shapes, dtype, base_t, shards)
     fts = []
     for t in range(tasks):
         g = torch.Generator().manual_seed(1000 + t)
         p = os.path.join(d, f"ft{t}.safetensors")
-        _write(p, shapes, dtype, lambda k, s, g=g: base_t(k, s).to(dtype).float() + 1e-3 * torch.randn(s, generator=g))
-        fts.append(p)
+
+        def make(k, s, g=g):
+            return base_t(k, s).to(dtype).float() + 1e-3 * torch.randn(s, generator=g)
+
+        fts.append(_write(p, shapes, dtype, make, shards))
     return bpath, fts
 
 
@@ -212,6 +242,9 @@ def main(argv=None) -> int:
     ap.add_argument("--params", type=float, default=128e6)
     ap.add_argument("--tensors", type=int, default=64)
     ap.add_argument("--tasks", type=int, default=4)
+    ap.add_argument(
+        "--shards", type=int, default=1, help="write every checkpoint as this many safetensors shards + index"
+    )
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--dir", default="/tmp/condu_e2e")
@@ -232,10 +265,10 @@ def main(argv=None) -> int:
         shapes = llama7b_shapes(a.layers)
     else:
         shapes = {f"layer{j}.weight": (int(a.params) // a.tensors,) for j in range(a.tensors)}
-    base, fts = make_checkpoints(a.dir, shapes, a.tasks, dtype)
+    base, fts = make_checkpoints(a.dir, shapes, a.tasks, dtype, a.shards)
     largest = max(math.prod(s) for s in shapes.values()) * torch.empty((), dtype=dtype).element_size()
     print(
-        f"checkpoints: {a.tasks + 1} x {os.path.getsize(base) / 2**20:.0f} MiB ({a.dtype}, {len(shapes)} tensors, "
+        f"checkpoints: {a.tasks + 1} x {sum(os.path.getsize(f) for f in checkpoint_files(base)) / 2**20:.0f} MiB ({a.dtype}, {len(shapes)} tensors, "
         f"largest {largest / 2**20:.0f} MiB) in {time.perf_counter() - t0:.1f} s",
         flush=True,
     )
@@ -274,7 +307,8 @@ def main(argv=None) -> int:
             # freed still mapped (this VM hands freed memory back to its host after a while)
             floor_first = r % 2 == 1 and bool(out_sizes)
             if floor_first:
-                fl = io_floor([base, ft] + store_files(first + ".before"), out_sizes, os.path.join(a.dir, "floor"))
+                ins = checkpoint_files(base) + checkpoint_files(ft) + store_files(first + ".before")
+                fl = io_floor(ins, out_sizes, os.path.join(a.dir, "floor"))
             for name, venv in variants.items():
                 store = os.path.join(a.dir, f"store-{name}")
                 snap = store + ".before"  # the store before this step: every try starts from it
@@ -290,7 +324,7 @@ def main(argv=None) -> int:
                 tries[name] = dt
                 best[name] = (min(best[name][0], dt), max(best[name][1], peak))
                 line.append(f"{name} {dt:.2f} s ({peak / 2**20:.0f} MiB)")
-            inputs = [base, ft] + store_files(first + ".before")
+            inputs = checkpoint_files(base) + checkpoint_files(ft) + store_files(first + ".before")
             out_sizes = [os.path.getsize(p) for p in store_files(first)]
             if not floor_first:
                 os.sync()
